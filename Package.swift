@@ -1,0 +1,71 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "RingFence",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "SharedMemory", targets: ["SharedMemory"]),
+        .library(name: "Virtqueue", targets: ["Virtqueue"]),
+        .executable(name: "ringfence", targets: ["RingFenceCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+    ],
+    targets: [
+        .target(
+            name: "CRingFence",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .target(
+            name: "SharedMemory",
+            dependencies: [
+                "CRingFence",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "Virtqueue",
+            dependencies: [
+                "SharedMemory",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "RingFenceCLI",
+            dependencies: [
+                "SharedMemory",
+                "Virtqueue",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "SharedMemoryTests",
+            dependencies: ["SharedMemory", "CRingFence"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtqueueTests",
+            dependencies: [
+                "Virtqueue", "SharedMemory",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            swiftSettings: strict
+        ),
+    ]
+)

@@ -1,0 +1,55 @@
+// Thin wrappers over Linux calls Swift's Glibc module does not expose.
+// Policy lives in Swift; this file only makes system calls reachable.
+// The implementation is compiled with _GNU_SOURCE; this header never defines it.
+#ifndef CRINGFENCE_H
+#define CRINGFENCE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// memfd + seals
+int rf_memfd_create(const char *name, unsigned int flags);
+int rf_add_seals(int fd, int seals);
+int rf_get_seals(int fd);
+extern const unsigned int RF_MFD_CLOEXEC;
+extern const unsigned int RF_MFD_ALLOW_SEALING;
+extern const int RF_F_SEAL_SEAL;
+extern const int RF_F_SEAL_SHRINK;
+extern const int RF_F_SEAL_GROW;
+extern const int RF_F_SEAL_WRITE;
+
+// eventfd
+int rf_eventfd(unsigned int initval, int flags);
+extern const int RF_EFD_NONBLOCK;
+extern const int RF_EFD_CLOEXEC;
+
+/// Sends `len` bytes and `nfds` descriptors (SCM_RIGHTS) with MSG_NOSIGNAL.
+/// Returns bytes sent or -1 (errno set).
+ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/// Receives up to `len` bytes and at most `maxfds` descriptors with MSG_CMSG_CLOEXEC.
+/// Descriptors beyond `maxfds`, or arriving in unexpected control messages, are closed
+/// here and counted in `*stray`. `*truncated` is set when the kernel reported MSG_CTRUNC
+/// (the descriptors it did deliver are still returned so the caller can close them).
+/// Returns bytes received (0 = peer closed) or -1 (errno set).
+ssize_t rf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds,
+                         int *nfds, int *stray, int *truncated);
+
+/// accept4(SOCK_CLOEXEC).
+int rf_accept_cloexec(int sock);
+
+/// Pins the calling thread to one CPU (0-based). Returns 0 or an errno value.
+int rf_pin_thread(int cpu);
+
+/// Current thread id (for logs).
+int rf_gettid(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

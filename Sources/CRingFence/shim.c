@@ -1,0 +1,115 @@
+// Compiled with _GNU_SOURCE (Package.swift cSettings); see CRingFence.h.
+#include "CRingFence.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+const unsigned int RF_MFD_CLOEXEC = MFD_CLOEXEC;
+const unsigned int RF_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
+const int RF_F_SEAL_SEAL = F_SEAL_SEAL;
+const int RF_F_SEAL_SHRINK = F_SEAL_SHRINK;
+const int RF_F_SEAL_GROW = F_SEAL_GROW;
+const int RF_F_SEAL_WRITE = F_SEAL_WRITE;
+const int RF_EFD_NONBLOCK = EFD_NONBLOCK;
+const int RF_EFD_CLOEXEC = EFD_CLOEXEC;
+
+int rf_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+int rf_add_seals(int fd, int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
+int rf_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+int rf_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+int rf_gettid(void) { return (int)syscall(SYS_gettid); }
+
+#define RF_MAX_FDS 16
+
+ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > RF_MAX_FDS) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * RF_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    if (nfds > 0) {
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n;
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+ssize_t rf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds,
+                         int *nfds, int *stray, int *truncated) {
+    *nfds = 0;
+    *stray = 0;
+    *truncated = 0;
+    if (maxfds < 0) maxfds = 0;
+    if (maxfds > RF_MAX_FDS) maxfds = RF_MAX_FDS;
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    // Always offer room for the maximum so surplus descriptors arrive (and get closed)
+    // instead of being silently dropped by the kernel with MSG_CTRUNC.
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * RF_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    ssize_t n;
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        if (c->cmsg_len < CMSG_LEN(0)) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *data = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, data + i, sizeof(int));
+            if (*nfds < maxfds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd);
+                (*stray)++;
+            }
+        }
+    }
+    return n;
+}
+
+int rf_pin_thread(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+int rf_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }

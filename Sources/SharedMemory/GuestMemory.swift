@@ -1,0 +1,137 @@
+/// One region of memory shared by the driver, as the device sees it.
+///
+/// `guestAddress` is the address descriptors use; `userAddress` is the
+/// "frontend virtual address" vhost-user uses for ring addresses. Both are synthetic
+/// when we are the driver (rule R7): neither reveals where anything lives in our process.
+public struct GuestRegion: Sendable {
+    public let guestAddress: UInt64
+    public let userAddress: UInt64
+    public let size: UInt64
+    /// The local mapping backing this region (kept alive by the region).
+    public let mapping: SharedRegion
+
+    public init(guestAddress: UInt64, userAddress: UInt64, mapping: SharedRegion) {
+        self.guestAddress = guestAddress
+        self.userAddress = userAddress
+        self.size = UInt64(mapping.size)
+        self.mapping = mapping
+    }
+
+    var guestEnd: UInt64 { guestAddress &+ size }  // checked non-overflowing at insertion
+    var userEnd: UInt64 { userAddress &+ size }
+}
+
+/// Why an address the other side gave us cannot be used.
+public enum TranslationError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// `address + length` wraps past 2^64.
+    case overflow(address: UInt64, length: UInt64)
+    /// No single region holds `[address, address+length)` (gap, out of range, or straddling).
+    case unmapped(address: UInt64, length: UInt64)
+
+    public var description: String {
+        switch self {
+        case .overflow(let a, let l):
+            return "address 0x\(String(a, radix: 16)) + length \(l) overflows 64 bits"
+        case .unmapped(let a, let l):
+            return "range 0x\(String(a, radix: 16))+\(l) is not inside one shared region"
+        }
+    }
+}
+
+/// Why a region table is refused.
+public enum RegionTableError: Error, Equatable, Sendable, CustomStringConvertible {
+    case tooManyRegions(count: Int, limit: Int)
+    case overlap(guestAddress: UInt64)
+    case overflow(guestAddress: UInt64, size: UInt64)
+    case emptyRegion(guestAddress: UInt64)
+
+    public var description: String {
+        switch self {
+        case .tooManyRegions(let c, let l): return "\(c) memory regions exceed the limit of \(l)"
+        case .overlap(let a): return "memory region at 0x\(String(a, radix: 16)) overlaps another"
+        case .overflow(let a, let s): return "memory region 0x\(String(a, radix: 16))+\(s) wraps 2^64"
+        case .emptyRegion(let a): return "memory region at 0x\(String(a, radix: 16)) is empty"
+        }
+    }
+}
+
+/// The table of shared regions, and the one checked way to turn a foreign address into
+/// a pointer (`vm-memory`'s discipline): no code indexes shared memory with an address
+/// the peer supplied except through `translate`.
+public struct GuestMemory: Sendable {
+    public static let maximumRegions = 8
+
+    /// Sorted by guest address, non-overlapping in both address spaces.
+    public private(set) var regions: [GuestRegion]
+
+    public init() { regions = [] }
+
+    public init(_ regions: [GuestRegion]) throws(RegionTableError) {
+        self.regions = []
+        for r in regions { try add(r) }
+    }
+
+    public mutating func add(_ region: GuestRegion) throws(RegionTableError) {
+        guard regions.count < Self.maximumRegions else {
+            throw .tooManyRegions(count: regions.count + 1, limit: Self.maximumRegions)
+        }
+        guard region.size > 0 else { throw .emptyRegion(guestAddress: region.guestAddress) }
+        guard !region.guestAddress.addingReportingOverflow(region.size).overflow,
+            !region.userAddress.addingReportingOverflow(region.size).overflow
+        else { throw .overflow(guestAddress: region.guestAddress, size: region.size) }
+        for r in regions {
+            let guestOverlap = region.guestAddress < r.guestEnd && r.guestAddress < region.guestEnd
+            let userOverlap = region.userAddress < r.userEnd && r.userAddress < region.userEnd
+            if guestOverlap || userOverlap { throw .overlap(guestAddress: region.guestAddress) }
+        }
+        regions.append(region)
+        regions.sort { $0.guestAddress < $1.guestAddress }
+    }
+
+    /// Removes the region that starts at `guestAddress` with `size`; returns whether found.
+    @discardableResult
+    public mutating func remove(guestAddress: UInt64, size: UInt64) -> Bool {
+        guard let i = regions.firstIndex(where: { $0.guestAddress == guestAddress && $0.size == size })
+        else { return false }
+        regions.remove(at: i)
+        return true
+    }
+
+    /// Checked translation of a guest-physical range to local memory.
+    /// `length == 0` still requires `address` to lie inside a region.
+    @inline(__always)
+    public func translate(_ address: UInt64, length: UInt64) throws(TranslationError)
+        -> UnsafeMutableRawBufferPointer
+    {
+        let (end, overflow) = address.addingReportingOverflow(length)
+        guard !overflow else { throw .overflow(address: address, length: length) }
+        for r in regions where address >= r.guestAddress && address < r.guestEnd {
+            guard end <= r.guestEnd else { break }
+            let offset = Int(address - r.guestAddress)
+            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(length))
+        }
+        throw .unmapped(address: address, length: length)
+    }
+
+    /// Translates a vhost-user "user" (frontend virtual) address, used for ring addresses.
+    public func translateUser(_ address: UInt64, length: UInt64) throws(TranslationError)
+        -> UnsafeMutableRawBufferPointer
+    {
+        let (end, overflow) = address.addingReportingOverflow(length)
+        guard !overflow else { throw .overflow(address: address, length: length) }
+        for r in regions where address >= r.userAddress && address < r.userEnd {
+            guard end <= r.userEnd else { break }
+            let offset = Int(address - r.userAddress)
+            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(length))
+        }
+        throw .unmapped(address: address, length: length)
+    }
+
+    /// Converts a user address to the guest address of the same byte.
+    public func guestAddress(ofUser address: UInt64) -> UInt64? {
+        for r in regions where address >= r.userAddress && address < r.userEnd {
+            return r.guestAddress + (address - r.userAddress)
+        }
+        return nil
+    }
+}

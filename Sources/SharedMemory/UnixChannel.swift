@@ -1,0 +1,206 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+internal import CRingFence
+
+/// A connected `AF_UNIX` stream socket that carries bytes and file descriptors.
+///
+/// Sends use MSG_NOSIGNAL (a dead peer is an error, never SIGPIPE — rule R4). Receives use
+/// MSG_CMSG_CLOEXEC; descriptors beyond what the caller accepts are closed, MSG_CTRUNC is
+/// an error, and every receive has a deadline (rule R5).
+public final class UnixChannel: @unchecked Sendable {
+    public let fileDescriptor: Int32
+    public static let maximumDescriptors = 16
+
+    public enum Error: Swift.Error, Equatable, CustomStringConvertible {
+        case system(SystemError)
+        case closed
+        case timedOut
+        case controlTruncated
+        case pathTooLong(String)
+
+        public var description: String {
+            switch self {
+            case .system(let e): return e.description
+            case .closed: return "peer closed the connection"
+            case .timedOut: return "timed out waiting for the peer"
+            case .controlTruncated: return "ancillary data truncated (MSG_CTRUNC)"
+            case .pathTooLong(let p): return "socket path too long: \(p)"
+            }
+        }
+    }
+
+    public init(adopting fd: Int32) { fileDescriptor = fd }
+
+    deinit { closeDescriptor(fileDescriptor) }
+
+    /// A connected pair (for a child process or an in-process peer).
+    public static func pair() throws(Error) -> (UnixChannel, UnixChannel) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0
+        else { throw .system(.current("socketpair")) }
+        return (UnixChannel(adopting: fds[0]), UnixChannel(adopting: fds[1]))
+    }
+
+    /// Connects to a listening socket at `path`.
+    public static func connect(path: String) throws(Error) -> UnixChannel {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .system(.current("socket")) }
+        do throws(Error) {
+            try withSocketAddress(path) { (addr, len) throws(Error) in
+                while Glibc.connect(fd, addr, len) != 0 {
+                    if errno == EINTR { continue }
+                    throw .system(.current("connect(\(path))"))
+                }
+            }
+        } catch {
+            closeDescriptor(fd)
+            throw error
+        }
+        return UnixChannel(adopting: fd)
+    }
+
+    /// Sends all of `bytes` with `descriptors` attached to the first chunk.
+    public func send(_ bytes: UnsafeRawBufferPointer, descriptors: [Int32] = []) throws(Error) {
+        var sent = 0
+        var fds = descriptors
+        while sent < bytes.count || (bytes.count == 0 && sent == 0 && !fds.isEmpty) {
+            let n = fds.withUnsafeBufferPointer { fdp in
+                rf_send_with_fds(
+                    fileDescriptor, bytes.baseAddress.map { $0 + sent }, bytes.count - sent,
+                    fdp.baseAddress, Int32(fdp.count))
+            }
+            if n < 0 {
+                if errno == EAGAIN { continue }
+                if errno == EPIPE || errno == ECONNRESET { throw .closed }
+                throw .system(.current("sendmsg"))
+            }
+            fds = []
+            sent += n
+            if bytes.count == 0 { break }
+        }
+    }
+
+    public func send(_ bytes: [UInt8], descriptors: [Int32] = []) throws(Error) {
+        let result = bytes.withUnsafeBytes { b in
+            Result { () throws(Error) in try send(b, descriptors: descriptors) }
+        }
+        try result.get()
+    }
+
+    /// Waits until readable or the deadline passes.
+    public func waitReadable(until deadline: Deadline) throws(Error) {
+        while true {
+            var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, deadline.pollTimeoutMilliseconds)
+            if r > 0 { return }
+            if r == 0 { throw .timedOut }
+            if errno != EINTR { throw .system(.current("poll")) }
+        }
+    }
+
+    /// Receives exactly `buffer.count` bytes. Descriptors that arrive with them (up to
+    /// `maxDescriptors`) are returned; the caller owns them. Surplus ones are closed.
+    public func receive(
+        exactly buffer: UnsafeMutableRawBufferPointer, maxDescriptors: Int, until deadline: Deadline
+    ) throws(Error) -> [Int32] {
+        var got = 0
+        var descriptors: [Int32] = []
+        do throws(Error) {
+            while got < buffer.count {
+                try waitReadable(until: deadline)
+                let limit = max(0, min(maxDescriptors - descriptors.count, Self.maximumDescriptors))
+                var fds = [Int32](repeating: -1, count: Self.maximumDescriptors)
+                var nfds: Int32 = 0
+                var stray: Int32 = 0
+                var truncated: Int32 = 0
+                let n = fds.withUnsafeMutableBufferPointer { fdp in
+                    rf_recv_with_fds(
+                        fileDescriptor, buffer.baseAddress! + got, buffer.count - got,
+                        fdp.baseAddress, Int32(limit), &nfds, &stray, &truncated)
+                }
+                if n < 0 {
+                    if errno == EAGAIN { continue }
+                    if errno == ECONNRESET { throw Error.closed }
+                    throw Error.system(.current("recvmsg"))
+                }
+                descriptors.append(contentsOf: fds.prefix(Int(nfds)))
+                if truncated != 0 { throw Error.controlTruncated }
+                if n == 0 { throw Error.closed }
+                got += n
+            }
+        } catch {
+            for fd in descriptors { closeDescriptor(fd) }
+            throw error
+        }
+        return descriptors
+    }
+
+    /// Half-closes both directions (wakes a peer blocked on us).
+    public func shutdown() { _ = Glibc.shutdown(fileDescriptor, Int32(SHUT_RDWR)) }
+}
+
+/// A listening `AF_UNIX` socket at a path; removes the path on close.
+public final class UnixListener: @unchecked Sendable {
+    public let fileDescriptor: Int32
+    public let path: String
+
+    public init(path: String, backlog: Int32 = 4) throws(UnixChannel.Error) {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .system(.current("socket")) }
+        unlink(path)
+        do throws(UnixChannel.Error) {
+            try withSocketAddress(path) { (addr, len) throws(UnixChannel.Error) in
+                guard bind(fd, addr, len) == 0 else { throw .system(.current("bind(\(path))")) }
+            }
+            guard listen(fd, backlog) == 0 else { throw UnixChannel.Error.system(.current("listen")) }
+        } catch {
+            closeDescriptor(fd)
+            throw error
+        }
+        self.fileDescriptor = fd
+        self.path = path
+    }
+
+    /// Accepts one connection, waiting at most until `deadline`.
+    public func accept(until deadline: Deadline) throws(UnixChannel.Error) -> UnixChannel {
+        while true {
+            var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, deadline.pollTimeoutMilliseconds)
+            if r == 0 { throw .timedOut }
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw .system(.current("poll"))
+            }
+            let fd = rf_accept_cloexec(fileDescriptor)
+            if fd >= 0 { return UnixChannel(adopting: fd) }
+            if errno == EINTR || errno == EAGAIN || errno == ECONNABORTED { continue }
+            throw .system(.current("accept4"))
+        }
+    }
+
+    deinit {
+        closeDescriptor(fileDescriptor)
+        unlink(path)
+    }
+}
+
+private func withSocketAddress(
+    _ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) throws(UnixChannel.Error) -> Void
+) throws(UnixChannel.Error) {
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+    guard bytes.count < capacity else { throw .pathTooLong(path) }
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    let len = socklen_t(MemoryLayout<sockaddr_un>.size)
+    try withUnsafePointer(to: &addr) { (p) throws(UnixChannel.Error) in
+        try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sp) throws(UnixChannel.Error) in
+            try body(sp, len)
+        }
+    }
+}

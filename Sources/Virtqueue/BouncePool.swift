@@ -1,0 +1,153 @@
+/// A slice of the bounce pool: the only place request data and headers are shared.
+public struct BounceSlice: Sendable, Equatable {
+    /// Offset from the start of the pool.
+    public let offset: Int
+    /// Bytes requested. The rest of the last granule is zero and stays zero.
+    public let length: Int
+    let granules: Int
+}
+
+/// swiotlb-like bounce buffers inside the sealed shared region (rule R7).
+///
+/// The driver copies data in before posting and copies out only the validated length
+/// after completion; private buffers are never shared. Freed slices are zeroed, so a
+/// later request never exposes an earlier one's bytes (no stale-data leak). A granule is
+/// 64 bytes (a cache line, so two requests never share a line); the padding after a
+/// slice's `length` is always zero, so nothing but the caller's bytes is exposed.
+///
+/// Not thread-safe: one pool per queue.
+public final class BouncePool {
+    public static let granule = 64
+
+    public let base: UnsafeMutableRawPointer
+    public let guestAddress: UInt64
+    public let size: Int
+    let granuleCount: Int
+    var bitmap: [UInt64]
+    var hint = 0
+    public private(set) var bytesInUse = 0
+
+    /// `base` must be zeroed memory of `size` bytes inside the shared region that the
+    /// device sees at `guestAddress`.
+    public init(base: UnsafeMutableRawPointer, guestAddress: UInt64, size: Int) {
+        self.base = base
+        self.guestAddress = guestAddress
+        self.granuleCount = size / Self.granule
+        self.size = granuleCount * Self.granule
+        bitmap = Array(repeating: 0, count: (granuleCount + 63) / 64)
+        // Granules past the end are permanently "used".
+        let tail = granuleCount % 64
+        if tail != 0 { bitmap[bitmap.count - 1] = ~((UInt64(1) << UInt64(tail)) - 1) }
+    }
+
+    /// Allocates `length` bytes (>= 1), or nil if the pool has no run that large.
+    public func allocate(_ length: Int) -> BounceSlice? {
+        guard length > 0, length <= size else { return nil }
+        let n = (length + Self.granule - 1) / Self.granule
+        let start = findRun(n, from: hint, to: granuleCount) ?? findRun(n, from: 0, to: hint)
+        guard let start else { return nil }
+        setBits(start, n, used: true)
+        hint = start + n == granuleCount ? 0 : start + n
+        bytesInUse += n * Self.granule
+        return BounceSlice(offset: start * Self.granule, length: length, granules: n)
+    }
+
+    /// Zeroes and frees a slice.
+    public func free(_ slice: BounceSlice) {
+        let bytes = slice.granules * Self.granule
+        (base + slice.offset).initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        setBits(slice.offset / Self.granule, slice.granules, used: false)
+        bytesInUse -= bytes
+    }
+
+    /// The address the device uses for `slice` (+ `offset` bytes).
+    @inline(__always)
+    public func guestAddress(of slice: BounceSlice, offset: Int = 0) -> UInt64 {
+        guestAddress &+ UInt64(slice.offset + offset)
+    }
+
+    /// A segment for the device covering `slice` (or a part of it).
+    @inline(__always)
+    public func segment(_ slice: BounceSlice, offset: Int = 0, length: Int? = nil, deviceWritable: Bool) -> Segment {
+        let len = min(length ?? (slice.length - offset), slice.length - offset)
+        return Segment(
+            address: guestAddress(of: slice, offset: offset), length: UInt32(clamping: len),
+            deviceWritable: deviceWritable)
+    }
+
+    /// Copies private bytes into the slice at `offset` (clamped to the slice).
+    @inline(__always)
+    public func copyIn(_ slice: BounceSlice, at offset: Int = 0, from source: UnsafeRawBufferPointer) {
+        guard offset >= 0, offset < slice.length, let src = source.baseAddress else { return }
+        let count = min(source.count, slice.length - offset)
+        (base + slice.offset + offset).copyMemory(from: src, byteCount: count)
+    }
+
+    /// Stores a little-endian integer into the slice (request headers). Write-only (R1).
+    @inline(__always)
+    public func store<T: FixedWidthInteger>(_ value: T, in slice: BounceSlice, at offset: Int) {
+        guard offset >= 0, offset + MemoryLayout<T>.size <= slice.length else { return }
+        (base + slice.offset + offset).storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    /// Copies out at most `validatedLength` bytes from `offset` (clamped to the slice and
+    /// to the destination). Returns the count copied. One copy: the bytes are fetched once.
+    @inline(__always)
+    @discardableResult
+    public func copyOut(
+        _ slice: BounceSlice, at offset: Int = 0, validatedLength: Int, to destination: UnsafeMutableRawBufferPointer
+    ) -> Int {
+        guard offset >= 0, offset < slice.length, let dst = destination.baseAddress else { return 0 }
+        let count = max(0, min(validatedLength, slice.length - offset, destination.count))
+        dst.copyMemory(from: base + slice.offset + offset, byteCount: count)
+        return count
+    }
+
+    /// Loads one byte the device wrote (a status byte), once.
+    @inline(__always)
+    public func loadByte(_ slice: BounceSlice, at offset: Int) -> UInt8? {
+        guard offset >= 0, offset < slice.length else { return nil }
+        return (base + slice.offset + offset).load(as: UInt8.self)
+    }
+
+    // MARK: bitmap
+
+    /// First run of `n` free granules starting in `[from, to)`.
+    func findRun(_ n: Int, from: Int, to: Int) -> Int? {
+        var i = from
+        while i < to && i + n <= granuleCount {
+            // Skip used granules.
+            let usedRun = (~(bitmap[i >> 6] >> UInt64(i & 63))).trailingZeroBitCount
+            if usedRun > 0 {
+                i += min(usedRun, 64 - (i & 63))
+                continue
+            }
+            // Measure the free run at i.
+            var length = 0
+            var j = i
+            while length < n && j < granuleCount {
+                let bits = bitmap[j >> 6] >> UInt64(j & 63)
+                let room = 64 - (j & 63)
+                let free = bits == 0 ? room : min(bits.trailingZeroBitCount, room)
+                length += free
+                j += free
+                if free < room { break }
+            }
+            if length >= n { return i }
+            i = j
+        }
+        return nil
+    }
+
+    func setBits(_ start: Int, _ n: Int, used: Bool) {
+        var i = start
+        let end = start + n
+        while i < end {
+            let bit = i & 63
+            let count = min(64 - bit, end - i)
+            let mask = count == 64 ? ~UInt64(0) : ((UInt64(1) << UInt64(count)) - 1) << UInt64(bit)
+            if used { bitmap[i >> 6] |= mask } else { bitmap[i >> 6] &= ~mask }
+            i += count
+        }
+    }
+}

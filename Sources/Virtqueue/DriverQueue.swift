@@ -1,0 +1,363 @@
+import SharedMemory
+
+/// A validated completion: the device finished the request posted with `token`, and
+/// claims to have written `length` bytes, which is at most what the request offered.
+public struct Completion: Sendable, Equatable {
+    public let token: UInt64
+    public let head: UInt16
+    public let length: UInt32
+}
+
+/// Why a request could not be posted. Not a device fault, except `.broken`.
+public enum SubmitError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The queue was broken by a device violation (R6); reset or reconnect to recover.
+    case broken(Violation)
+    /// Not enough free descriptors now; poll completions and retry.
+    case full
+    case emptyChain
+    /// More segments than the queue (or the indirect table) can carry.
+    case tooManySegments(Int)
+
+    public var description: String {
+        switch self {
+        case .broken(let v): return "queue broken: \(v)"
+        case .full: return "queue full"
+        case .emptyChain: return "a request needs at least one segment"
+        case .tooManySegments(let n): return "\(n) segments do not fit the queue"
+        }
+    }
+}
+
+/// Local view of a ring the driver placed in its own shared region.
+public struct DriverRingMemory: @unchecked Sendable {
+    public let queueSize: UInt16
+    public let descriptors: UnsafeMutableRawPointer
+    public let avail: UnsafeMutableRawPointer
+    public let used: UnsafeMutableRawPointer
+    /// Indirect tables: `queueSize` tables of `indirectTableEntries` descriptors each,
+    /// one per possible head (so a table is free exactly when its head is).
+    public let indirect: UnsafeMutableRawPointer?
+    public let indirectGuestAddress: UInt64
+    public let indirectTableEntries: Int
+
+    public init(
+        queueSize: UInt16, descriptors: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer,
+        used: UnsafeMutableRawPointer, indirect: UnsafeMutableRawPointer? = nil,
+        indirectGuestAddress: UInt64 = 0, indirectTableEntries: Int = 0
+    ) {
+        self.queueSize = queueSize
+        self.descriptors = descriptors
+        self.avail = avail
+        self.used = used
+        self.indirect = indirect
+        self.indirectGuestAddress = indirectGuestAddress
+        self.indirectTableEntries = indirectTableEntries
+    }
+}
+
+/// The hardened driver side of a split virtqueue ("do not read from descriptor ring").
+///
+/// - R1: every descriptor, free-list link and avail entry lives in private shadow state;
+///   shared memory is only written. Chains are freed by walking the shadow.
+/// - R2: used.idx is loaded once per batch, each used element once.
+/// - R3: the index delta is bounded by the in-flight count, the id must be an in-flight
+///   head, the length at most the chain's device-writable bytes.
+/// - R6: the first violation makes the queue `broken` until `reset()`.
+///
+/// Not thread-safe: one owner at a time (one queue per thread, as in Linux).
+public final class DriverQueue {
+    struct ShadowDescriptor {
+        var address: UInt64 = 0
+        var length: UInt32 = 0
+        var flags: UInt16 = 0
+        /// Next descriptor of the chain while in flight, next free one while free.
+        var next: UInt16 = 0
+    }
+
+    struct InFlight {
+        var token: UInt64 = 0
+        var writable: UInt64 = 0
+        /// Descriptors the chain occupies in the main table (1 when indirect).
+        var descriptorCount: UInt16 = 0
+        var active = false
+    }
+
+    public let memory: DriverRingMemory
+    public let features: RingFeatures
+    public let queueSize: UInt16
+    let mask: UInt16
+
+    var shadow: [ShadowDescriptor]
+    var inFlight: [InFlight]
+    var freeHead: UInt16 = 0
+    public private(set) var freeCount: Int
+    public private(set) var inFlightCount = 0
+
+    /// Private copy of avail.idx (never read back from the ring).
+    var availIndex: UInt16 = 0
+    /// avail.idx as last published to the device.
+    var publishedIndex: UInt16 = 0
+    /// Private copy of avail.flags.
+    var availFlags: UInt16 = 0
+    /// Next used element to consume.
+    public private(set) var lastUsed: UInt16 = 0
+    /// used.idx as loaded at the start of the current batch.
+    var usedSnapshot: UInt16 = 0
+
+    public private(set) var violation: Violation?
+    public var isBroken: Bool { violation != nil }
+
+    /// Segments above which a request goes through an indirect table (if negotiated).
+    public var indirectThreshold = 1
+
+    /// Takes over a ring whose memory was zeroed (a fresh region or `reset()`).
+    public init(memory: DriverRingMemory, features: RingFeatures) {
+        self.memory = memory
+        self.features = features
+        self.queueSize = memory.queueSize
+        self.mask = memory.queueSize &- 1
+        let n = Int(memory.queueSize)
+        shadow = Array(repeating: ShadowDescriptor(), count: n)
+        inFlight = Array(repeating: InFlight(), count: n)
+        freeCount = n
+        for i in 0..<n { shadow[i].next = UInt16(truncatingIfNeeded: i + 1) }
+    }
+
+    /// Forgets everything and zeroes the shared ring, as after a device reset.
+    public func reset() {
+        let n = Int(queueSize)
+        memory.descriptors.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.descriptorTableSize(n))
+        memory.avail.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.availRingSize(n))
+        memory.used.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.usedRingSize(n))
+        for i in 0..<n {
+            shadow[i] = ShadowDescriptor(address: 0, length: 0, flags: 0, next: UInt16(truncatingIfNeeded: i + 1))
+            inFlight[i] = InFlight()
+        }
+        freeHead = 0
+        freeCount = n
+        inFlightCount = 0
+        availIndex = 0
+        publishedIndex = 0
+        availFlags = 0
+        lastUsed = 0
+        usedSnapshot = 0
+        violation = nil
+    }
+
+    // MARK: posting
+
+    /// Posts one request (not yet visible to the device: call `publish()` once per batch).
+    /// Device-readable segments must precede device-writable ones. Returns the head.
+    @discardableResult
+    public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16 {
+        if let violation { throw .broken(violation) }
+        let count = segments.count
+        guard count > 0 else { throw .emptyChain }
+        let useIndirect =
+            features.indirectDescriptors && memory.indirect != nil && count > indirectThreshold
+            && count <= memory.indirectTableEntries
+        let needed = useIndirect ? 1 : count
+        guard needed <= Int(queueSize) else { throw .tooManySegments(count) }
+        guard needed <= freeCount else { throw .full }
+
+        let head = freeHead
+        var writable: UInt64 = 0
+        if useIndirect, let table = memory.indirect {
+            let tableOffset = Int(head) * memory.indirectTableEntries * SplitLayout.descriptorSize
+            let base = table + tableOffset
+            for i in 0..<count {
+                let s = segments[i]
+                var flags: UInt16 = i + 1 < count ? SplitLayout.flagNext : 0
+                if s.deviceWritable {
+                    flags |= SplitLayout.flagWrite
+                    writable &+= UInt64(s.length)
+                }
+                Self.writeDescriptor(
+                    base + i * SplitLayout.descriptorSize, address: s.address, length: s.length,
+                    flags: flags, next: UInt16(truncatingIfNeeded: i + 1))
+            }
+            let address = memory.indirectGuestAddress &+ UInt64(tableOffset)
+            let length = UInt32(count * SplitLayout.descriptorSize)
+            let nextFree = shadow[Int(head)].next
+            setDescriptor(head, address: address, length: length, flags: SplitLayout.flagIndirect, next: nextFree)
+            freeHead = nextFree
+        } else {
+            var index = head
+            for i in 0..<count {
+                let s = segments[i]
+                let nextFree = shadow[Int(index)].next
+                var flags: UInt16 = i + 1 < count ? SplitLayout.flagNext : 0
+                if s.deviceWritable {
+                    flags |= SplitLayout.flagWrite
+                    writable &+= UInt64(s.length)
+                }
+                // The chain link is the next free descriptor, which is also where the
+                // free list continues: one private array serves both (Linux's desc_extra).
+                setDescriptor(index, address: s.address, length: s.length, flags: flags, next: nextFree)
+                if i + 1 < count { index = nextFree }
+                freeHead = nextFree
+            }
+        }
+        freeCount -= needed
+        inFlight[Int(head)] = InFlight(
+            token: token, writable: writable, descriptorCount: UInt16(needed), active: true)
+        inFlightCount += 1
+
+        SharedAccess.store16(
+            memory.avail + SplitLayout.availEntryOffset(Int(availIndex & mask)), head)
+        availIndex &+= 1
+        return head
+    }
+
+    /// Convenience for small requests.
+    @discardableResult
+    public func add(_ segments: [Segment], token: UInt64) throws(SubmitError) -> UInt16 {
+        try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
+    }
+
+    @inline(__always)
+    func setDescriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16, next: UInt16) {
+        shadow[Int(index)] = ShadowDescriptor(address: address, length: length, flags: flags, next: next)
+        Self.writeDescriptor(
+            memory.descriptors + Int(index) * SplitLayout.descriptorSize, address: address,
+            length: length, flags: flags, next: next)
+    }
+
+    @inline(__always)
+    static func writeDescriptor(
+        _ p: UnsafeMutableRawPointer, address: UInt64, length: UInt32, flags: UInt16, next: UInt16
+    ) {
+        SharedAccess.store64(p + SplitLayout.descAddr, address)
+        SharedAccess.store32(p + SplitLayout.descLen, length)
+        SharedAccess.store16(p + SplitLayout.descFlags, flags)
+        SharedAccess.store16(p + SplitLayout.descNext, next)
+    }
+
+    /// Makes every added request visible (release store of avail.idx) and says whether the
+    /// device wants a kick. The full fence orders our index store before reading the
+    /// device's event index / flags (a lost wake-up otherwise).
+    public func publish() -> Bool {
+        let old = publishedIndex
+        let new = availIndex
+        guard old != new, violation == nil else { return false }
+        SharedAccess.store16Release(memory.avail + SplitLayout.availIdxOffset, new)
+        publishedIndex = new
+        SharedAccess.fullFence()
+        if features.eventIndex {
+            let event = SharedAccess.load16(
+                memory.used + SplitLayout.availEventOffset(Int(queueSize)))
+            return SplitLayout.needEvent(event: event, new: new, old: old)
+        } else {
+            let flags = SharedAccess.load16(memory.used + SplitLayout.usedFlagsOffset)
+            return flags & SplitLayout.usedNoNotify == 0
+        }
+    }
+
+    // MARK: completions
+
+    /// The next validated completion, or nil when the device has none for us now.
+    /// used.idx is loaded once per batch (when everything of the previous load has been
+    /// consumed); each used element is loaded once. Throws (and breaks the queue) on the
+    /// first violation; after that, `failAll` hands back the in-flight tokens.
+    @inline(__always)
+    public func nextCompletion() throws(Violation) -> Completion? {
+        if let violation { throw violation }
+        if lastUsed == usedSnapshot {
+            let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
+            if published == lastUsed { return nil }
+            let delta = published &- lastUsed
+            guard Int(delta) <= inFlightCount else {
+                throw breakQueue(
+                    delta >= 0x8000
+                        ? .usedIndexWentBackwards(lastSeen: lastUsed, published: published)
+                        : .usedIndexBeyondInFlight(
+                            lastSeen: lastUsed, published: published, inFlight: inFlightCount))
+            }
+            usedSnapshot = published
+        }
+        let element = memory.used + SplitLayout.usedEntryOffset(Int(lastUsed & mask))
+        let untrustedID = SharedAccess.load32(element)
+        let untrustedLength = SharedAccess.load32(element + 4)
+        guard untrustedID < UInt32(queueSize) else {
+            throw breakQueue(.usedIdOutOfRange(id: untrustedID, queueSize: queueSize))
+        }
+        let head = Int(untrustedID)
+        let record = inFlight[head]
+        guard record.active else { throw breakQueue(.usedIdNotInFlight(id: untrustedID)) }
+        guard UInt64(untrustedLength) <= record.writable else {
+            throw breakQueue(
+                .usedLengthTooLarge(id: untrustedID, length: untrustedLength, writable: record.writable))
+        }
+        lastUsed &+= 1
+        release(head: UInt16(truncatingIfNeeded: head), record: record)
+        return Completion(
+            token: record.token, head: UInt16(truncatingIfNeeded: head), length: untrustedLength)
+    }
+
+    /// Returns a chain's descriptors to the free list by walking the private shadow.
+    @inline(__always)
+    func release(head: UInt16, record: InFlight) {
+        inFlight[Int(head)].active = false
+        inFlightCount -= 1
+        var last = head
+        var remaining = record.descriptorCount
+        while remaining > 1 {
+            last = shadow[Int(last)].next
+            remaining -= 1
+        }
+        shadow[Int(last)].next = freeHead
+        freeHead = head
+        freeCount += Int(record.descriptorCount)
+    }
+
+    /// Marks the queue broken (also used by upper layers for deadlines). Idempotent: the
+    /// first violation stays.
+    @discardableResult
+    public func breakQueue(_ v: Violation) -> Violation {
+        if let violation { return violation }
+        violation = v
+        return v
+    }
+
+    /// After the queue broke: the tokens of every request still in flight, which the
+    /// caller fails with the violation. The descriptors stay quarantined until `reset()`.
+    public func failAll() -> [UInt64] {
+        var tokens: [UInt64] = []
+        for i in 0..<inFlight.count where inFlight[i].active {
+            tokens.append(inFlight[i].token)
+            inFlight[i].active = false
+        }
+        inFlightCount = 0
+        return tokens
+    }
+
+    /// Tokens of requests in flight, oldest first by head (for reconnect resubmission).
+    public var inFlightTokens: [UInt64] {
+        inFlight.filter(\.active).map(\.token)
+    }
+
+    // MARK: interrupt suppression
+
+    /// Asks the device not to interrupt (a hint; it may still).
+    public func disableInterrupts() {
+        if !features.eventIndex {
+            availFlags |= SplitLayout.availNoInterrupt
+            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, availFlags)
+        }
+        // With EVENT_IDX, not moving used_event forward has the same effect.
+    }
+
+    /// Asks for an interrupt at the next completion. Returns true if completions may
+    /// already be pending (poll again before sleeping, or the wake-up is lost).
+    public func enableInterrupts() -> Bool {
+        if features.eventIndex {
+            SharedAccess.store16(memory.avail + SplitLayout.usedEventOffset(Int(queueSize)), lastUsed)
+        } else if availFlags & SplitLayout.availNoInterrupt != 0 {
+            availFlags &= ~SplitLayout.availNoInterrupt
+            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, availFlags)
+        }
+        SharedAccess.fullFence()
+        let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
+        return published != lastUsed
+    }
+}

@@ -1,0 +1,134 @@
+public import SharedMemory
+
+/// The rules of DESIGN.md §2. Every `Violation` names the one it enforces.
+public enum Rule: String, Sendable, CaseIterable {
+    case r1 = "R1"
+    case r2 = "R2"
+    case r3 = "R3"
+    case r4 = "R4"
+    case r5 = "R5"
+    case r6 = "R6"
+    case r7 = "R7"
+    case r8 = "R8"
+
+    public var title: String {
+        switch self {
+        case .r1: return "write-only sharing"
+        case .r2: return "single fetch"
+        case .r3: return "validate before use"
+        case .r4: return "no trap on foreign data"
+        case .r5: return "bounded work"
+        case .r6: return "fail closed, per device"
+        case .r7: return "share only what must be shared"
+        case .r8: return "one mode"
+        }
+    }
+}
+
+/// Something the other side of a ring did that the rules forbid. One case per check;
+/// the first one breaks the queue (rule R6) and every in-flight request fails with it.
+public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
+    // MARK: the device broke a rule (seen by the driver)
+
+    /// used.idx advanced by more than the number of chains in flight.
+    case usedIndexBeyondInFlight(lastSeen: UInt16, published: UInt16, inFlight: Int)
+    /// used.idx moved backwards.
+    case usedIndexWentBackwards(lastSeen: UInt16, published: UInt16)
+    /// A used element names a descriptor index outside the ring.
+    case usedIdOutOfRange(id: UInt32, queueSize: UInt16)
+    /// A used element names a descriptor that is not the head of an in-flight chain
+    /// (never posted, already completed, or a non-head descriptor).
+    case usedIdNotInFlight(id: UInt32)
+    /// A used element claims more bytes than the chain's device-writable length.
+    case usedLengthTooLarge(id: UInt32, length: UInt32, writable: UInt64)
+    /// The device did not complete within the deadline.
+    case deadlineExceeded(milliseconds: UInt64)
+    /// The device raised far more notifications than it completed requests.
+    case notificationStorm(count: UInt64)
+
+    // MARK: the driver broke a rule (seen by the device)
+
+    /// avail.idx advanced by more than the queue size (or moved backwards).
+    case availIndexBeyondQueueSize(lastSeen: UInt16, published: UInt16, queueSize: UInt16)
+    /// An avail ring entry names a descriptor outside the table.
+    case availHeadOutOfRange(head: UInt16, queueSize: UInt16)
+    /// The chain visits more descriptors than the table holds (a loop, or too long).
+    case chainTooLong(head: UInt16, limit: Int)
+    /// A `next` field points outside the (direct or indirect) table.
+    case descriptorNextOutOfRange(head: UInt16, next: UInt16, tableSize: Int)
+    /// A descriptor's buffer is not inside the shared memory.
+    case descriptorAddressInvalid(head: UInt16, TranslationError)
+    /// A device-readable descriptor follows a device-writable one.
+    case readableAfterWritable(head: UInt16)
+    /// An indirect descriptor inside an indirect table.
+    case nestedIndirect(head: UInt16)
+    /// An indirect descriptor although VIRTIO_F_INDIRECT_DESC was not negotiated.
+    case indirectNotNegotiated(head: UInt16)
+    /// An indirect descriptor that also has NEXT set.
+    case indirectWithNext(head: UInt16)
+    /// An indirect table whose length is 0, not a multiple of 16, or larger than allowed.
+    case indirectTableLength(head: UInt16, length: UInt32)
+    /// The chain's total length does not fit the 32-bit used length.
+    case chainLengthOverflow(head: UInt16)
+
+    /// The rule this check enforces.
+    public var rule: Rule {
+        switch self {
+        case .usedIndexBeyondInFlight, .usedIndexWentBackwards, .usedIdOutOfRange,
+            .usedIdNotInFlight, .usedLengthTooLarge, .availIndexBeyondQueueSize,
+            .availHeadOutOfRange, .readableAfterWritable, .nestedIndirect,
+            .indirectNotNegotiated, .indirectWithNext, .indirectTableLength,
+            .descriptorNextOutOfRange:
+            return .r3
+        case .descriptorAddressInvalid: return .r7
+        case .chainLengthOverflow: return .r4
+        case .deadlineExceeded, .notificationStorm, .chainTooLong: return .r5
+        }
+    }
+
+    public var description: String {
+        "\(rule.rawValue) (\(rule.title)): \(detail)"
+    }
+
+    /// The check that failed, without the rule prefix.
+    public var detail: String {
+        switch self {
+        case .usedIndexBeyondInFlight(let last, let new, let n):
+            return "used.idx jumped from \(last) to \(new) with only \(n) requests in flight"
+        case .usedIndexWentBackwards(let last, let new):
+            return "used.idx went backwards from \(last) to \(new)"
+        case .usedIdOutOfRange(let id, let size):
+            return "used id \(id) is outside the queue of \(size) descriptors"
+        case .usedIdNotInFlight(let id):
+            return "used id \(id) is not the head of an in-flight request"
+        case .usedLengthTooLarge(let id, let len, let writable):
+            return "used len \(len) for id \(id) exceeds the \(writable) writable bytes posted"
+        case .deadlineExceeded(let ms):
+            return "device did not complete within \(ms) ms"
+        case .notificationStorm(let n):
+            return "device sent \(n) notifications without completing work"
+        case .availIndexBeyondQueueSize(let last, let new, let size):
+            return "avail.idx jumped from \(last) to \(new), more than the queue size \(size)"
+        case .availHeadOutOfRange(let head, let size):
+            return "avail ring names descriptor \(head), outside the queue of \(size)"
+        case .chainTooLong(let head, let limit):
+            return "descriptor chain at \(head) is longer than \(limit) (loop?)"
+        case .descriptorNextOutOfRange(let head, let next, let size):
+            return "chain at \(head): next \(next) is outside the table of \(size)"
+        case .descriptorAddressInvalid(let head, let error):
+            return "chain at \(head): \(error)"
+        case .readableAfterWritable(let head):
+            return "chain at \(head): device-readable descriptor after a writable one"
+        case .nestedIndirect(let head):
+            return "chain at \(head): nested indirect descriptor"
+        case .indirectNotNegotiated(let head):
+            return "chain at \(head): indirect descriptor without VIRTIO_F_INDIRECT_DESC"
+        case .indirectWithNext(let head):
+            return "chain at \(head): indirect descriptor with NEXT set"
+        case .indirectTableLength(let head, let len):
+            return "chain at \(head): indirect table length \(len) is invalid"
+        case .chainLengthOverflow(let head):
+            return "chain at \(head): total length exceeds 2^32-1"
+        }
+    }
+}
