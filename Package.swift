@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .library(name: "SharedMemory", targets: ["SharedMemory"]),
         .library(name: "Virtqueue", targets: ["Virtqueue"]),
+        .library(name: "RingHarness", targets: ["RingHarness"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -44,11 +45,17 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        .target(
+            name: "RingHarness",
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence"],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "RingFenceCLI",
             dependencies: [
                 "SharedMemory",
                 "Virtqueue",
+                "RingHarness",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -62,7 +69,7 @@ let package = Package(
         .testTarget(
             name: "VirtqueueTests",
             dependencies: [
-                "Virtqueue", "SharedMemory",
+                "Virtqueue", "SharedMemory", "RingHarness",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: strict

@@ -237,6 +237,7 @@ cat >"$STAGE/init" <<'EOF'
 # RingFence guest init. Kernel cmdline knobs:
 #   rf.modules=a,b,c  modules to load before the test (default: virtio stack + virtio_blk + ext4)
 #   rf.script=PATH    test script (default /test.sh, supplied as an appended initrd cpio)
+#   rf.timeout=SECS   kill the test script after SECS (backstop for a host that went away)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
@@ -255,10 +256,12 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
     [ -f "/lib/rf-modules/$m.ko" ] && MODULES="$MODULES $m"   # absent = built in / not configured
 done
 SCRIPT=/test.sh
+TIMEOUT=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         rf.modules=*) MODULES="$(echo "${arg#rf.modules=}" | tr , ' ')" ;;
         rf.script=*)  SCRIPT="${arg#rf.script=}" ;;
+        rf.timeout=*) TIMEOUT="${arg#rf.timeout=}" ;;
     esac
 done
 
@@ -284,8 +287,14 @@ if [ ! -f "$SCRIPT" ]; then
 fi
 chmod +x "$SCRIPT" 2>/dev/null
 cd /tmp
-/bin/sh "$SCRIPT"
-rc=$?
+if [ "$TIMEOUT" -gt 0 ] 2>/dev/null; then
+    timeout -s KILL "$TIMEOUT" /bin/sh "$SCRIPT"
+    rc=$?
+    [ $rc -ne 137 ] || echo "RINGFENCE-GUEST-ERROR: test script killed after ${TIMEOUT}s (rf.timeout)"
+else
+    /bin/sh "$SCRIPT"
+    rc=$?
+fi
 cd /
 finish $rc
 EOF

@@ -133,7 +133,7 @@ if [ -z "$CONSOLE" ]; then CONSOLE="$RUN_DIR/console.log"; CONSOLE_NOTE=" (not k
 mkdir -p "$(dirname "$CONSOLE")"
 : >"$CONSOLE" || die "cannot write console file $CONSOLE"
 
-APPEND="console=ttyS0 quiet panic=-1 oops=panic"
+APPEND="console=ttyS0 quiet panic=-1 oops=panic rf.timeout=$TIMEOUT"
 [ -z "$MODULES" ] || APPEND="$APPEND rf.modules=$MODULES"
 [ -z "$APPEND_EXTRA" ] || APPEND="$APPEND $APPEND_EXTRA"
 
