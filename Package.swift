@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .library(name: "SharedMemory", targets: ["SharedMemory"]),
         .library(name: "Virtqueue", targets: ["Virtqueue"]),
+        .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
@@ -43,6 +44,11 @@ let package = Package(
                 "SharedMemory",
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "VhostUser",
+            dependencies: ["SharedMemory", "Virtqueue"],
             swiftSettings: strict
         ),
         .target(

@@ -85,7 +85,7 @@ if [ -z "$BUSYBOX" ]; then
     # 'file' may be absent: trust the busybox-static package's file list.
     BUSYBOX="$(dpkg -L busybox-static 2>/dev/null | grep -E '/busybox$' | head -n1 || true)"
 fi
-[ -n "$BUSYBOX" ] && [ -x "$BUSYBOX" ] || die "static busybox not found (package busybox-static)"
+{ [ -n "$BUSYBOX" ] && [ -x "$BUSYBOX" ]; } || die "static busybox not found (package busybox-static)"
 
 # --- resolve the kernel package -------------------------------------------------
 KPKG="$(apt-cache depends linux-image-amd64 2>/dev/null \
@@ -116,11 +116,11 @@ trap 'rm -rf "$WORK"' EXIT
 log "downloading $KPKG ($KVER_PKG)"
 ( cd "$WORK" && apt-get download "$KPKG" ) >"$WORK/download.log" 2>&1 \
     || { cat "$WORK/download.log" >&2; die "apt-get download $KPKG failed"; }
-DEB="$(ls "$WORK"/*.deb 2>/dev/null | head -n1)"
+DEB="$(find "$WORK" -maxdepth 1 -name '*.deb' -print -quit)"
 [ -n "$DEB" ] || die "apt-get download produced no .deb"
 dpkg -x "$DEB" "$WORK/x" || die "dpkg -x $DEB failed"
 
-VMLINUZ="$(ls "$WORK"/x/boot/vmlinuz-* 2>/dev/null | head -n1)"
+VMLINUZ="$(find "$WORK/x/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null || true)"
 [ -n "$VMLINUZ" ] || die "no boot/vmlinuz-* in $KPKG"
 KREL="${VMLINUZ##*/vmlinuz-}"
 MODDIR="$WORK/x/lib/modules/$KREL"
@@ -131,10 +131,10 @@ KCONFIG="$WORK/x/boot/config-$KREL"
 if [ -f "$KCONFIG" ]; then
     if grep -q '^CONFIG_EXT2_FS=m' "$KCONFIG"; then WANTED_MODULES="$WANTED_MODULES ext2"; fi
     if grep -q '^CONFIG_EXT4_FS=y' "$KCONFIG" || grep -q '^CONFIG_EXT2_FS=y' "$KCONFIG"; then
-        WANTED_MODULES="$(echo "$WANTED_MODULES" | tr ' \n' '\n\n' | grep -vx ext4 | tr '\n' ' ')"
+        WANTED_MODULES="$(echo "$WANTED_MODULES" | tr ' ' '\n' | grep -vx ext4 | tr '\n' ' ')"
     fi
     grep -q '^CONFIG_VIRTIO_PCI_LIB_LEGACY=m' "$KCONFIG" \
-        || WANTED_MODULES="$(echo "$WANTED_MODULES" | tr ' \n' '\n\n' | grep -vx virtio_pci_legacy_dev | tr '\n' ' ')"
+        || WANTED_MODULES="$(echo "$WANTED_MODULES" | tr ' ' '\n' | grep -vx virtio_pci_legacy_dev | tr '\n' ' ')"
 fi
 
 # --- module closure ---------------------------------------------------------------
@@ -154,13 +154,13 @@ ko_field() {  # ko-file field -> value of "field=" from .modinfo
     tr '\0' '\n' < "$2" | grep -a -m1 "^$1=" | cut -d= -f2- || true
 }
 
-declare -A DONE=()
+declare -A SEEN=()
 DEPS_FILE="$STAGE/lib/rf-modules/deps"
 : >"$DEPS_FILE"
 add_module() {
-    local m="$1" f raw deps d
-    [ -z "${DONE[$m]:-}" ] || return 0
-    DONE[$m]=1
+    local m="$1" f raw deps d deps_arr
+    [ -z "${SEEN[$m]:-}" ] || return 0
+    SEEN[$m]=1
     if is_builtin "$m"; then log "module $m is built in"; return 0; fi
     f="$(find_ko "$m")"
     [ -n "$f" ] || die "module $m not found in $KPKG"
@@ -172,9 +172,9 @@ add_module() {
     esac
     raw="$(ko_field depends "$STAGE/lib/rf-modules/$m.ko" | tr ',-' ' _')"
     deps="${EXTRA_DEPS[$m]:-} $raw"
-    deps="$(echo $deps)"   # squeeze blanks
-    for d in $deps; do add_module "$d"; done
-    echo "$m: $deps" >>"$DEPS_FILE"
+    read -r -a deps_arr <<<"$deps"
+    for d in "${deps_arr[@]}"; do add_module "$d"; done
+    echo "$m: ${deps_arr[*]}" >>"$DEPS_FILE"
 }
 for m in $WANTED_MODULES; do add_module "$m"; done
 # Names of built-in modules (so the init can tell "built in" from "missing").
@@ -286,7 +286,7 @@ if [ ! -f "$SCRIPT" ]; then
     finish 253
 fi
 chmod +x "$SCRIPT" 2>/dev/null
-cd /tmp
+cd /tmp || true
 if [ "$TIMEOUT" -gt 0 ] 2>/dev/null; then
     timeout -s KILL "$TIMEOUT" /bin/sh "$SCRIPT"
     rc=$?

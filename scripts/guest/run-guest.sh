@@ -74,7 +74,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$TEST_SCRIPT" ] || die "--script FILE is required"
-[ -f "$TEST_SCRIPT" ] && [ -r "$TEST_SCRIPT" ] || die "test script not readable: $TEST_SCRIPT"
+{ [ -f "$TEST_SCRIPT" ] && [ -r "$TEST_SCRIPT" ]; } || die "test script not readable: $TEST_SCRIPT"
 [[ "$NUM_QUEUES" =~ ^[1-9][0-9]*$ ]] || die "--num-queues must be a positive integer, got '$NUM_QUEUES'"
 [[ "$PACKED" == on || "$PACKED" == off ]] || die "--packed must be on or off, got '$PACKED'"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer (seconds), got '$TIMEOUT'"
@@ -108,6 +108,7 @@ fi
 # --- per-run initrd: base archive + appended cpio holding /test.sh ------------------
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/ringfence-guest.XXXXXX")"
 QPID=""
+# shellcheck disable=SC2317  # invoked by trap
 cleanup() {
     if [ -n "$QPID" ] && kill -0 "$QPID" 2>/dev/null; then
         kill -TERM "$QPID" 2>/dev/null || true
@@ -142,6 +143,7 @@ if [ $QUIET -eq 1 ]; then
 else
     CONSOLE_DEV=(-chardev "stdio,id=con,signal=off,logfile=$CONSOLE,logappend=on")
 fi
+# shellcheck disable=SC2054  # commas are QEMU option syntax
 ARGS=(
     -accel tcg -M "$MACHINE" -cpu max -smp "$SMP" -m "$MEM"
     -nodefaults -no-user-config -display none -monitor none -no-reboot

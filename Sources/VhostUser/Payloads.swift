@@ -1,0 +1,247 @@
+/// Little-endian cursor over a payload the peer sent. Every read is bounds-checked and
+/// throws instead of trapping (rule R4).
+struct PayloadReader {
+    let bytes: [UInt8]
+    var offset = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    mutating func read<T: FixedWidthInteger>(_: T.Type) throws(VhostUserError) -> T {
+        let n = MemoryLayout<T>.size
+        guard offset + n <= bytes.count else { throw .payloadTooShort(need: offset + n, have: bytes.count) }
+        var v: T = 0
+        for i in 0..<n { v |= T(truncatingIfNeeded: bytes[offset + i]) << (8 * i) }
+        offset += n
+        return v
+    }
+
+    mutating func readBytes(_ n: Int) throws(VhostUserError) -> [UInt8] {
+        guard n >= 0, offset + n <= bytes.count else {
+            throw .payloadTooShort(need: offset + max(n, 0), have: bytes.count)
+        }
+        defer { offset += n }
+        return Array(bytes[offset..<offset + n])
+    }
+}
+
+/// Little-endian payload builder.
+struct PayloadWriter {
+    var bytes: [UInt8] = []
+
+    mutating func write<T: FixedWidthInteger>(_ v: T) {
+        for i in 0..<MemoryLayout<T>.size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+    }
+}
+
+/// A payload type with an exact wire size.
+public protocol WirePayload: Sendable {
+    var encoded: [UInt8] { get }
+    static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> Self
+}
+
+/// `u64` payloads (features, acks, queue counts, kick/call descriptors' index word).
+public struct U64Payload: WirePayload, Equatable {
+    public static let size = 8
+    public var value: UInt64
+    public init(_ value: UInt64) { self.value = value }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(value)
+        return w.bytes
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> U64Payload {
+        guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
+        var r = PayloadReader(bytes)
+        return U64Payload(try r.read(UInt64.self))
+    }
+}
+
+/// `struct vhost_vring_state { unsigned int index; unsigned int num; }`
+public struct VringState: WirePayload, Equatable {
+    public static let size = 8
+    public var index: UInt32
+    public var num: UInt32
+    public init(index: UInt32, num: UInt32) {
+        self.index = index
+        self.num = num
+    }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(index)
+        w.write(num)
+        return w.bytes
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringState {
+        guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
+        var r = PayloadReader(bytes)
+        return VringState(index: try r.read(UInt32.self), num: try r.read(UInt32.self))
+    }
+}
+
+/// `struct vhost_vring_addr`: index, flags, then descriptor, used, avail and log addresses
+/// (front-end virtual addresses, except the log's).
+public struct VringAddress: WirePayload, Equatable {
+    public static let size = 40
+    public var index: UInt32
+    public var flags: UInt32
+    public var descriptor: UInt64
+    public var used: UInt64
+    public var avail: UInt64
+    public var log: UInt64
+    public init(index: UInt32, flags: UInt32 = 0, descriptor: UInt64, used: UInt64, avail: UInt64, log: UInt64 = 0) {
+        self.index = index
+        self.flags = flags
+        self.descriptor = descriptor
+        self.used = used
+        self.avail = avail
+        self.log = log
+    }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(index)
+        w.write(flags)
+        w.write(descriptor)
+        w.write(used)
+        w.write(avail)
+        w.write(log)
+        return w.bytes
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringAddress {
+        guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
+        var r = PayloadReader(bytes)
+        return VringAddress(
+            index: try r.read(UInt32.self), flags: try r.read(UInt32.self),
+            descriptor: try r.read(UInt64.self), used: try r.read(UInt64.self),
+            avail: try r.read(UInt64.self), log: try r.read(UInt64.self))
+    }
+}
+
+/// One memory region: guest address, size, front-end virtual address, offset in the fd.
+public struct MemoryRegionDescription: Sendable, Equatable {
+    public static let size = 32
+    public var guestAddress: UInt64
+    public var size: UInt64
+    public var userAddress: UInt64
+    public var mmapOffset: UInt64
+    public init(guestAddress: UInt64, size: UInt64, userAddress: UInt64, mmapOffset: UInt64) {
+        self.guestAddress = guestAddress
+        self.size = size
+        self.userAddress = userAddress
+        self.mmapOffset = mmapOffset
+    }
+    func write(to w: inout PayloadWriter) {
+        w.write(guestAddress)
+        w.write(size)
+        w.write(userAddress)
+        w.write(mmapOffset)
+    }
+    static func read(from r: inout PayloadReader) throws(VhostUserError) -> MemoryRegionDescription {
+        MemoryRegionDescription(
+            guestAddress: try r.read(UInt64.self), size: try r.read(UInt64.self),
+            userAddress: try r.read(UInt64.self), mmapOffset: try r.read(UInt64.self))
+    }
+}
+
+/// SET_MEM_TABLE: `u32 nregions; u32 padding; regions[nregions]`, one fd per region.
+public struct MemoryTable: WirePayload, Equatable {
+    public static let maximumRegions = 8
+    public var regions: [MemoryRegionDescription]
+    public init(regions: [MemoryRegionDescription]) { self.regions = regions }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(UInt32(regions.count))
+        w.write(UInt32(0))
+        for r in regions { r.write(to: &w) }
+        return w.bytes
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> MemoryTable {
+        var r = PayloadReader(bytes)
+        let count = try r.read(UInt32.self)
+        _ = try r.read(UInt32.self)
+        guard count >= 1, count <= UInt32(maximumRegions) else {
+            throw .invalidPayload("SET_MEM_TABLE announces \(count) regions (1...\(maximumRegions) allowed)")
+        }
+        let expected = 8 + Int(count) * MemoryRegionDescription.size
+        guard bytes.count == expected else { throw .payloadSize(expected: expected, got: bytes.count) }
+        var regions: [MemoryRegionDescription] = []
+        for _ in 0..<count { regions.append(try MemoryRegionDescription.read(from: &r)) }
+        return MemoryTable(regions: regions)
+    }
+}
+
+/// ADD_MEM_REG / REM_MEM_REG: `u64 padding; region`.
+public struct SingleMemoryRegion: WirePayload, Equatable {
+    public static let size = 40
+    public var region: MemoryRegionDescription
+    public init(_ region: MemoryRegionDescription) { self.region = region }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(UInt64(0))
+        region.write(to: &w)
+        return w.bytes
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> SingleMemoryRegion {
+        guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
+        var r = PayloadReader(bytes)
+        _ = try r.read(UInt64.self)
+        return SingleMemoryRegion(try MemoryRegionDescription.read(from: &r))
+    }
+}
+
+/// SET_VRING_KICK / SET_VRING_CALL / SET_VRING_ERR: queue index in bits 0-7, bit 8 set
+/// when no descriptor accompanies the message.
+public struct VringFile: WirePayload, Equatable {
+    public static let size = 8
+    public static let noDescriptorFlag: UInt64 = 1 << 8
+    public var index: UInt8
+    public var noDescriptor: Bool
+    public init(index: UInt8, noDescriptor: Bool = false) {
+        self.index = index
+        self.noDescriptor = noDescriptor
+    }
+    public var encoded: [UInt8] {
+        U64Payload(UInt64(index) | (noDescriptor ? Self.noDescriptorFlag : 0)).encoded
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringFile {
+        let v = try U64Payload.decode(bytes).value
+        guard v & ~(0xff | noDescriptorFlag) == 0 else {
+            throw .invalidPayload("vring file word 0x\(String(v, radix: 16)) has unknown bits")
+        }
+        return VringFile(index: UInt8(truncatingIfNeeded: v), noDescriptor: v & noDescriptorFlag != 0)
+    }
+}
+
+/// GET_CONFIG / SET_CONFIG: `u32 offset; u32 size; u32 flags; u8 payload[size]`.
+public struct ConfigSpace: WirePayload, Equatable {
+    public static let headerSize = 12
+    /// Largest config space accepted (VHOST_USER_MAX_CONFIG_SIZE).
+    public static let maximumSize = 256
+    public var offset: UInt32
+    public var flags: UInt32
+    public var payload: [UInt8]
+    public init(offset: UInt32 = 0, flags: UInt32 = 0, payload: [UInt8]) {
+        self.offset = offset
+        self.flags = flags
+        self.payload = payload
+    }
+    public var encoded: [UInt8] {
+        var w = PayloadWriter()
+        w.write(offset)
+        w.write(UInt32(payload.count))
+        w.write(flags)
+        return w.bytes + payload
+    }
+    public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> ConfigSpace {
+        var r = PayloadReader(bytes)
+        let offset = try r.read(UInt32.self)
+        let size = try r.read(UInt32.self)
+        let flags = try r.read(UInt32.self)
+        guard size <= UInt32(maximumSize) else {
+            throw .invalidPayload("config size \(size) exceeds \(maximumSize)")
+        }
+        guard bytes.count == headerSize + Int(size) else {
+            throw .payloadSize(expected: headerSize + Int(size), got: bytes.count)
+        }
+        return ConfigSpace(offset: offset, flags: flags, payload: try r.readBytes(Int(size)))
+    }
+}

@@ -1,0 +1,116 @@
+/// vhost-user protocol constants (QEMU `docs/interop/vhost-user.rst`).
+///
+/// Only what RingFence speaks is named. Requests outside this set are "unknown": a back-end
+/// answers them per the spec (or drops the connection), a front-end never sends them.
+public enum Request: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    case getFeatures = 1
+    case setFeatures = 2
+    case setOwner = 3
+    case resetOwner = 4
+    case setMemTable = 5
+    case setLogBase = 6
+    case setLogFD = 7
+    case setVringNum = 8
+    case setVringAddr = 9
+    case setVringBase = 10
+    case getVringBase = 11
+    case setVringKick = 12
+    case setVringCall = 13
+    case setVringErr = 14
+    case getProtocolFeatures = 15
+    case setProtocolFeatures = 16
+    case getQueueNum = 17
+    case setVringEnable = 18
+    case sendRARP = 19
+    case netSetMTU = 20
+    case setBackendReqFD = 21
+    case iotlbMessage = 22
+    case setVringEndian = 23
+    case getConfig = 24
+    case setConfig = 25
+    case getInflightFD = 31
+    case setInflightFD = 32
+    case resetDevice = 34
+    case vringKick = 35
+    case getMaxMemSlots = 36
+    case addMemReg = 37
+    case remMemReg = 38
+    case setStatus = 39
+    case getStatus = 40
+
+    public var description: String {
+        switch self {
+        case .getFeatures: return "GET_FEATURES"
+        case .setFeatures: return "SET_FEATURES"
+        case .setOwner: return "SET_OWNER"
+        case .resetOwner: return "RESET_OWNER"
+        case .setMemTable: return "SET_MEM_TABLE"
+        case .setLogBase: return "SET_LOG_BASE"
+        case .setLogFD: return "SET_LOG_FD"
+        case .setVringNum: return "SET_VRING_NUM"
+        case .setVringAddr: return "SET_VRING_ADDR"
+        case .setVringBase: return "SET_VRING_BASE"
+        case .getVringBase: return "GET_VRING_BASE"
+        case .setVringKick: return "SET_VRING_KICK"
+        case .setVringCall: return "SET_VRING_CALL"
+        case .setVringErr: return "SET_VRING_ERR"
+        case .getProtocolFeatures: return "GET_PROTOCOL_FEATURES"
+        case .setProtocolFeatures: return "SET_PROTOCOL_FEATURES"
+        case .getQueueNum: return "GET_QUEUE_NUM"
+        case .setVringEnable: return "SET_VRING_ENABLE"
+        case .sendRARP: return "SEND_RARP"
+        case .netSetMTU: return "NET_SET_MTU"
+        case .setBackendReqFD: return "SET_BACKEND_REQ_FD"
+        case .iotlbMessage: return "IOTLB_MSG"
+        case .setVringEndian: return "SET_VRING_ENDIAN"
+        case .getConfig: return "GET_CONFIG"
+        case .setConfig: return "SET_CONFIG"
+        case .getInflightFD: return "GET_INFLIGHT_FD"
+        case .setInflightFD: return "SET_INFLIGHT_FD"
+        case .resetDevice: return "RESET_DEVICE"
+        case .vringKick: return "VRING_KICK"
+        case .getMaxMemSlots: return "GET_MAX_MEM_SLOTS"
+        case .addMemReg: return "ADD_MEM_REG"
+        case .remMemReg: return "REM_MEM_REG"
+        case .setStatus: return "SET_STATUS"
+        case .getStatus: return "GET_STATUS"
+        }
+    }
+}
+
+/// Header flag bits.
+public enum HeaderFlags {
+    public static let versionMask: UInt32 = 0x3
+    public static let version: UInt32 = 0x1
+    public static let reply: UInt32 = 0x4
+    public static let needReply: UInt32 = 0x8
+}
+
+/// Virtio and vhost-user feature bits RingFence negotiates.
+public enum FeatureBits {
+    public static let ringIndirectDescriptors: UInt64 = 1 << 28
+    public static let ringEventIndex: UInt64 = 1 << 29
+    /// VHOST_USER_F_PROTOCOL_FEATURES.
+    public static let protocolFeatures: UInt64 = 1 << 30
+    public static let version1: UInt64 = 1 << 32
+    public static let accessPlatform: UInt64 = 1 << 33
+    public static let ringPacked: UInt64 = 1 << 34
+}
+
+/// VHOST_USER_PROTOCOL_F_* bits.
+public struct ProtocolFeatures: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    public static let multiQueue = ProtocolFeatures(rawValue: 1 << 0)
+    public static let logSharedMemory = ProtocolFeatures(rawValue: 1 << 1)
+    public static let replyAck = ProtocolFeatures(rawValue: 1 << 3)
+    public static let backendRequest = ProtocolFeatures(rawValue: 1 << 5)
+    public static let pageFault = ProtocolFeatures(rawValue: 1 << 8)
+    public static let config = ProtocolFeatures(rawValue: 1 << 9)
+    public static let hostNotifier = ProtocolFeatures(rawValue: 1 << 11)
+    public static let inflightSharedMemory = ProtocolFeatures(rawValue: 1 << 12)
+    public static let resetDevice = ProtocolFeatures(rawValue: 1 << 13)
+    public static let configureMemSlots = ProtocolFeatures(rawValue: 1 << 15)
+    public static let status = ProtocolFeatures(rawValue: 1 << 16)
+}
