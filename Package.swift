@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "SharedMemory", targets: ["SharedMemory"]),
         .library(name: "Virtqueue", targets: ["Virtqueue"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
+        .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
@@ -49,6 +50,11 @@ let package = Package(
         .target(
             name: "VhostUser",
             dependencies: ["SharedMemory", "Virtqueue"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "VirtioBlock",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser"],
             swiftSettings: strict
         ),
         .target(
