@@ -1,9 +1,18 @@
 import ArgumentParser
 
-@main
 struct RingFence: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ringfence",
         abstract: "Hardened virtio and Xen-style rings for devices you do not trust.",
-        subcommands: [])
+        discussion: """
+            Drivers that validate everything their device writes, devices that validate
+            everything their driver writes, and an adversary to audit both.
+            """,
+        subcommands: [
+            DemoCommand.self,
+            RingCommand.self,
+            RingDeviceCommand.self,
+        ])
 }
+
+RingFence.main()

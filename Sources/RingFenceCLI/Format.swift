@@ -1,0 +1,17 @@
+/// Fixed-point formatting without Foundation.
+func format(_ value: Double, _ decimals: Int) -> String {
+    guard value.isFinite else { return "\(value)" }
+    var scale = 1.0
+    for _ in 0..<max(0, decimals) { scale *= 10 }
+    let scaled = (abs(value) * scale).rounded()
+    guard scaled < 9e18 else { return "\(value)" }
+    let n = UInt64(scaled)
+    let whole = n / UInt64(scale)
+    let frac = n % UInt64(scale)
+    var s = (value < 0 && n != 0 ? "-" : "") + "\(whole)"
+    if decimals > 0 {
+        let f = String(frac)
+        s += "." + String(repeating: "0", count: decimals - f.count) + f
+    }
+    return s
+}
