@@ -162,11 +162,11 @@ func echoWorks(_ pair: RingPair, queue q: Int, rounds: Int = 3) throws {
 }
 
 /// A fresh device queue on `pair`'s queue `q` (after the driver reset the ring).
-func freshDevice(_ pair: RingPair, queue q: Int = 0) throws -> DeviceQueue {
+func freshDevice(_ pair: RingPair, queue q: Int = 0, startIndex: UInt16 = 0) throws -> DeviceQueue {
     let a = pair.layout.ringAddresses(queue: q, guestBase: pair.guestBase)
     return try DeviceQueue(
         queueSize: pair.layout.queueSize, descriptorAddress: a.descriptors, availAddress: a.avail,
-        usedAddress: a.used, features: pair.features, memory: pair.memory)
+        usedAddress: a.used, features: pair.features, memory: pair.memory, startIndex: startIndex)
 }
 
 /// A seedable generator for the property tests (SplitMix64): fast enough to fill rings
