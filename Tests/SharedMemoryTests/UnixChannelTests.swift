@@ -1,7 +1,13 @@
 import CRingFence
+import Dispatch
 import Glibc
 import SharedMemory
 import Testing
+
+/// Written by one thread before it signals a semaphore, read by another after waiting.
+final class OutcomeBox: @unchecked Sendable {
+    var ok = false
+}
 
 /// The control channel: descriptors arrive close-on-exec, surplus ones are closed (no fd
 /// leak a peer can grow), a closed peer is `.closed` (never SIGPIPE), and every receive
@@ -131,6 +137,49 @@ import Testing
         let big = [UInt8](repeating: 7, count: 1 << 20)
         #expect(throws: UnixChannel.Error.closed) { try a.send(big) }
         _ = a
+    }
+
+    @Test func sendingDescriptorsWithoutBytesIsRefused() throws {
+        // A stream socket carries ancillary data only with at least one byte: the kernel
+        // accepts a zero-byte sendmsg and silently drops the descriptors.
+        let (a, b) = try UnixChannel.pair()
+        let n = try Notifier()
+        #expect(throws: UnixChannel.Error.system(SystemError("sendmsg", errno: .invalidArgument))) {
+            try a.send([], descriptors: [n.fileDescriptor])
+        }
+        try a.send([])  // nothing to send is fine
+        #expect(throws: UnixChannel.Error.timedOut) { try Self.receive(b, bytes: 1, maxDescriptors: 1, seconds: 0.02) }
+    }
+
+    @Test func sendToAPeerThatNeverReadsTimesOut() throws {
+        // R5: a device that stops reading fills the socket buffer; the driver's send must
+        // give up at its deadline instead of blocking forever.
+        let (a, b) = try UnixChannel.pair()
+        let big = [UInt8](repeating: 1, count: 16 << 20)
+        let start = monotonicNanoseconds()
+        #expect(throws: UnixChannel.Error.timedOut) { try a.send(big, until: .after(seconds: 0.1)) }
+        let elapsed = monotonicNanoseconds() - start
+        #expect(elapsed >= 90_000_000 && elapsed < 3_000_000_000)
+        withExtendedLifetime(b) {}  // the peer is alive, it just does not read
+    }
+
+    @Test func largeSendCompletesWhileThePeerReads() throws {
+        let (a, b) = try UnixChannel.pair()
+        let size = 4 << 20
+        let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        let n = try Notifier()
+        let done = DispatchSemaphore(value: 0)
+        let result = OutcomeBox()
+        DispatchQueue.global().async {
+            if let (bytes, fds) = try? Self.receive(b, bytes: size, maxDescriptors: 1, seconds: 20) {
+                result.ok = bytes == payload && fds.count == 1
+                for fd in fds { close(fd) }
+            }
+            done.signal()
+        }
+        try a.send(payload, descriptors: [n.fileDescriptor], until: .after(seconds: 20))
+        #expect(done.wait(timeout: .now() + 20) == .success)
+        #expect(result.ok)
     }
 
     @Test func listenerAcceptHasADeadline() throws {
