@@ -1,5 +1,4 @@
 import CRingFence
-import Dispatch
 import Glibc
 import SharedMemory
 import Testing
@@ -47,7 +46,11 @@ import Testing
     @Test func waitWakesOnSignalFromAnotherThread() throws {
         let n = try Notifier()
         let start = monotonicNanoseconds()
-        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(20)) { n.signal() }
+        let peer = TestThread {
+            usleep(20_000)
+            n.signal()
+        }
+        defer { peer.join() }
         #expect(n.wait(until: .after(seconds: 10)) == 1)
         let elapsed = monotonicNanoseconds() - start
         #expect(elapsed >= 15_000_000 && elapsed < 5_000_000_000)

@@ -1,10 +1,9 @@
 import CRingFence
-import Dispatch
 import Glibc
 import SharedMemory
 import Testing
 
-/// Written by one thread before it signals a semaphore, read by another after waiting.
+/// Written by one thread before it ends, read by another after joining it.
 final class OutcomeBox: @unchecked Sendable {
     var ok = false
 }
@@ -168,17 +167,15 @@ final class OutcomeBox: @unchecked Sendable {
         let size = 4 << 20
         let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 13) }
         let n = try Notifier()
-        let done = DispatchSemaphore(value: 0)
         let result = OutcomeBox()
-        DispatchQueue.global().async {
+        let reader = TestThread {
             if let (bytes, fds) = try? Self.receive(b, bytes: size, maxDescriptors: 1, seconds: 20) {
                 result.ok = bytes == payload && fds.count == 1
                 for fd in fds { close(fd) }
             }
-            done.signal()
         }
         try a.send(payload, descriptors: [n.fileDescriptor], until: .after(seconds: 20))
-        #expect(done.wait(timeout: .now() + 20) == .success)
+        reader.join()  // bounded: the reader's receive has a 20 s deadline
         #expect(result.ok)
     }
 

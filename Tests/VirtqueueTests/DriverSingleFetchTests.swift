@@ -1,4 +1,3 @@
-import Dispatch
 import RingHarness
 import SharedMemory
 import Testing
@@ -10,7 +9,7 @@ final class WordFlipper: @unchecked Sendable {
     let target: UnsafeMutableRawPointer
     let values: (UInt32, UInt32)
     private let flag = UnsafeMutableRawPointer.allocate(byteCount: 8, alignment: 8)
-    private let done = DispatchSemaphore(value: 0)
+    private var thread: TestThread?
 
     init(_ target: UnsafeMutableRawPointer, _ a: UInt32, _ b: UInt32) {
         self.target = target
@@ -21,19 +20,19 @@ final class WordFlipper: @unchecked Sendable {
     deinit { flag.deallocate() }
 
     func start() {
-        DispatchQueue.global().async { [self] in
+        thread = TestThread { [self] in
             var i: UInt64 = 0
             while SharedAccess.load32(flag) == 0 {
                 SharedAccess.store32(target, i & 1 == 0 ? values.0 : values.1)
                 i &+= 1
             }
-            done.signal()
         }
     }
 
     func stop() {
         SharedAccess.store32(flag, 1)
-        done.wait()
+        thread?.join()
+        thread = nil
     }
 }
 
