@@ -63,7 +63,7 @@ final class OutcomeBox: @unchecked Sendable {
         #expect(notifier.drain() == 1)
     }
 
-    @Test(arguments: [0, 1, 2])
+    @Test(arguments: [-1, 0, 1, 2])
     func surplusDescriptorsAreClosed(accepted: Int) throws {
         let (a, b) = try UnixChannel.pair()
         let keep = try Notifier()
@@ -74,12 +74,53 @@ final class OutcomeBox: @unchecked Sendable {
         try a.send([9], descriptors: [keep.fileDescriptor, w, w, w])
         close(w)
         let (_, fds) = try Self.receive(b, bytes: 1, maxDescriptors: accepted)
-        #expect(fds.count == accepted)
+        #expect(fds.count == max(0, accepted))
         if accepted >= 1 { #expect(Self.identity(fds[0])! == Self.identity(keep.fileDescriptor)!) }
         // Our write end is closed; the surplus copies must be too (the accepted ones we close).
         for fd in fds.dropFirst() { close(fd) }
         #expect(Self.allWritersClosed(r, within: 2000))
         if let first = fds.first { close(first) }
+    }
+
+    /// sendmsg with one byte and `fds` in a single SCM_RIGHTS message, built by hand so a
+    /// test can exceed what `UnixChannel.send` allows (a peer is not bound by our limits).
+    static func rawSend(_ sock: Int32, descriptors fds: [Int32]) -> Int {
+        let header = MemoryLayout<cmsghdr>.size
+        let length = header + 4 * fds.count
+        var control = [UInt8](repeating: 0, count: (length + 7) & ~7)
+        control.withUnsafeMutableBytes { p in
+            p.storeBytes(of: length, toByteOffset: 0, as: Int.self)  // cmsg_len (size_t)
+            p.storeBytes(of: Int32(SOL_SOCKET), toByteOffset: 8, as: Int32.self)
+            p.storeBytes(of: Int32(1), toByteOffset: 12, as: Int32.self)  // SCM_RIGHTS
+            for (i, fd) in fds.enumerated() { p.storeBytes(of: fd, toByteOffset: header + 4 * i, as: Int32.self) }
+        }
+        var byte: UInt8 = 0x42
+        return withUnsafeMutablePointer(to: &byte) { b in
+            var iov = iovec(iov_base: b, iov_len: 1)
+            return withUnsafeMutablePointer(to: &iov) { iovp in
+                control.withUnsafeMutableBytes { c in
+                    var msg = msghdr()
+                    msg.msg_iov = iovp
+                    msg.msg_iovlen = 1
+                    msg.msg_control = c.baseAddress
+                    msg.msg_controllen = c.count
+                    return sendmsg(sock, &msg, Int32(MSG_NOSIGNAL))
+                }
+            }
+        }
+    }
+
+    @Test(arguments: [0, 4, 16])
+    func descriptorFloodIsControlTruncatedAndLeaksNothing(accepted: Int) throws {
+        // 40 descriptors in one message: more than the 16 we ever take. The kernel cuts the
+        // control data (MSG_CTRUNC); the receive fails and every copy is closed.
+        let (a, b) = try UnixChannel.pair()
+        let (r, w) = Self.pipePair()
+        defer { close(r) }
+        #expect(Self.rawSend(a.fileDescriptor, descriptors: [Int32](repeating: w, count: 40)) == 1)
+        close(w)
+        #expect(throws: UnixChannel.Error.controlTruncated) { try Self.receive(b, bytes: 1, maxDescriptors: accepted) }
+        #expect(Self.allWritersClosed(r, within: 2000))
     }
 
     @Test func peerCloseIsClosedNotAHang() throws {
