@@ -46,7 +46,7 @@ extension SpinningRaces {
     /// yield either a valid completion or the violation, never an invalid completion.
     @Suite struct DriverSingleFetchTests {
         /// Runs the race on a queue of size 1 (so every request uses slot 0 and head 0) for a
-        /// bounded time. `check` classifies one outcome; returns (valid, violations, bad).
+        /// bounded time. Returns the counts of valid completions, expected violations and anything else.
         static func race(
             flipping fieldOffset: Int, good: UInt32, bad: UInt32, writable: Int,
             isExpectedViolation: (Violation) -> Bool, isValid: (Completion) -> Bool
