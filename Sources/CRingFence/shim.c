@@ -29,7 +29,19 @@ int rf_gettid(void) { return (int)syscall(SYS_gettid); }
 
 #define RF_MAX_FDS 16
 
+static ssize_t send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds,
+                             int flags);
+
 ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    return send_with_fds(sock, buf, len, fds, nfds, 0);
+}
+
+ssize_t rf_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    return send_with_fds(sock, buf, len, fds, nfds, MSG_DONTWAIT);
+}
+
+static ssize_t send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds,
+                             int flags) {
     if (nfds < 0 || nfds > RF_MAX_FDS) {
         errno = EINVAL;
         return -1;
@@ -55,7 +67,7 @@ ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, 
     }
     ssize_t n;
     do {
-        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL | flags);
     } while (n < 0 && errno == EINTR);
     return n;
 }

@@ -60,32 +60,61 @@ public final class UnixChannel: @unchecked Sendable {
         return UnixChannel(adopting: fd)
     }
 
-    /// Sends all of `bytes` with `descriptors` attached to the first chunk.
-    public func send(_ bytes: UnsafeRawBufferPointer, descriptors: [Int32] = []) throws(Error) {
+    /// How long a send may wait for a peer that does not read, unless the caller says.
+    public static let defaultSendTimeout: Double = 30
+
+    /// Sends all of `bytes` with `descriptors` attached to the first chunk. A peer that
+    /// stops reading cannot block us past `deadline` (R5): `.timedOut`, after which the
+    /// stream is out of step and the connection should be dropped. Descriptors need at
+    /// least one byte to travel with (a stream socket drops them from an empty send).
+    public func send(
+        _ bytes: UnsafeRawBufferPointer, descriptors: [Int32] = [],
+        until deadline: Deadline = .after(seconds: UnixChannel.defaultSendTimeout)
+    ) throws(Error) {
+        guard bytes.count > 0 else {
+            if descriptors.isEmpty { return }
+            throw .system(SystemError("sendmsg", errno: .invalidArgument))
+        }
         var sent = 0
         var fds = descriptors
-        while sent < bytes.count || (bytes.count == 0 && sent == 0 && !fds.isEmpty) {
+        while sent < bytes.count {
             let n = fds.withUnsafeBufferPointer { fdp in
-                rf_send_with_fds(
+                rf_send_with_fds_nowait(
                     fileDescriptor, bytes.baseAddress.map { $0 + sent }, bytes.count - sent,
                     fdp.baseAddress, Int32(fdp.count))
             }
             if n < 0 {
-                if errno == EAGAIN { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    try waitWritable(until: deadline)
+                    continue
+                }
                 if errno == EPIPE || errno == ECONNRESET { throw .closed }
                 throw .system(.current("sendmsg"))
             }
             fds = []
             sent += n
-            if bytes.count == 0 { break }
         }
     }
 
-    public func send(_ bytes: [UInt8], descriptors: [Int32] = []) throws(Error) {
+    public func send(
+        _ bytes: [UInt8], descriptors: [Int32] = [],
+        until deadline: Deadline = .after(seconds: UnixChannel.defaultSendTimeout)
+    ) throws(Error) {
         let result = bytes.withUnsafeBytes { b in
-            Result { () throws(Error) in try send(b, descriptors: descriptors) }
+            Result { () throws(Error) in try send(b, descriptors: descriptors, until: deadline) }
         }
         try result.get()
+    }
+
+    /// Waits until writable (or the peer hung up) or the deadline passes.
+    func waitWritable(until deadline: Deadline) throws(Error) {
+        while true {
+            var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLOUT), revents: 0)
+            let r = poll(&pfd, 1, deadline.pollTimeoutMilliseconds)
+            if r > 0 { return }
+            if r == 0 { throw .timedOut }
+            if errno != EINTR { throw .system(.current("poll")) }
+        }
     }
 
     /// Waits until readable or the deadline passes.

@@ -32,6 +32,10 @@ extern const int RF_EFD_CLOEXEC;
 /// Returns bytes sent or -1 (errno set).
 ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
+/// The same with MSG_DONTWAIT: fails with EAGAIN instead of blocking when the peer does
+/// not read (the caller waits for POLLOUT with a deadline). May send only part of `buf`.
+ssize_t rf_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
 /// Receives up to `len` bytes and at most `maxfds` descriptors with MSG_CMSG_CLOEXEC.
 /// Descriptors beyond `maxfds`, or arriving in unexpected control messages, are closed
 /// here and counted in `*stray`. `*truncated` is set when the kernel reported MSG_CTRUNC

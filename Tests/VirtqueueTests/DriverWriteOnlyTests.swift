@@ -1,0 +1,135 @@
+import RingHarness
+import SharedMemory
+import Testing
+import Virtqueue
+
+/// R1 (write-only sharing): the driver keeps descriptors, free list and avail entries in
+/// private shadow state. A device that overwrites the descriptor table, the avail ring or
+/// the indirect tables after the driver posted cannot change what the driver frees.
+@Suite struct DriverWriteOnlyTests {
+    static let featureSets = [RingFeatures(), RingFeatures(eventIndex: true, indirectDescriptors: true)]
+
+    /// Everything the driver wrote to shared memory for queue 0, overwritten with garbage.
+    static func scribbleDriverWrittenParts(_ pair: RingPair, seed: UInt8) {
+        let a = RingAttacker(pair)
+        RingAttacker.scribble(a.descriptors, count: SplitLayout.descriptorTableSize(a.size), seed: seed)
+        RingAttacker.scribble(a.avail, count: SplitLayout.availRingSize(a.size), seed: seed &+ 1)
+        let indirectBytes = a.size * a.area.indirectEntries * SplitLayout.descriptorSize
+        if indirectBytes > 0 { RingAttacker.scribble(a.indirect, count: indirectBytes, seed: seed &+ 2) }
+    }
+
+    @Test(arguments: featureSets)
+    func scribbledDescriptorTableAndAvailRingDoNotChangeWhatTheDriverFrees(features: RingFeatures) throws {
+        let pair = try RingPair(queueSize: 8, features: features, indirectEntries: 4)
+        let driver = pair.driver
+        let hA = try post(pair, readable: 16, writable: 64, writableSegments: 2, token: 1)  // 3 segments
+        let hB = try post(pair, readable: 0, writable: 64, token: 2)  // 1 segment
+        let hC = try post(pair, readable: 8, writable: 8, token: 3)  // 2 segments
+        let used = features.indirectDescriptors ? 3 : 6
+        #expect(driver.freeCount == 8 - used)
+        _ = driver.publish()
+        // The device takes all three chains (while the ring is still honest)...
+        var chain = DescriptorChain()
+        var heads: [UInt16] = []
+        for _ in 0..<3 {
+            #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready)
+            heads.append(chain.head)
+        }
+        #expect(heads == [hA, hB, hC])
+        // ...then turns hostile: every byte the driver ever wrote is now garbage.
+        Self.scribbleDriverWrittenParts(pair, seed: 0x3C)
+        // Completions out of order, by hand.
+        let a = RingAttacker(pair)
+        a.writeUsed(slot: 0, id: UInt32(hB), length: 64)
+        a.writeUsed(slot: 1, id: UInt32(hA), length: 10)
+        a.writeUsed(slot: 2, id: UInt32(hC), length: 0)
+        a.setUsedIndex(3)
+        var got: [Completion] = []
+        while let c = try driver.nextCompletion() { got.append(c) }
+        #expect(got.map(\.token) == [2, 1, 3])
+        #expect(got.map(\.length) == [64, 10, 0])
+        #expect(got.map(\.head) == [hB, hA, hC])
+        #expect(driver.freeCount == 8 && driver.inFlightCount == 0 && !driver.isBroken)
+
+        // The free list is intact: 8 one-descriptor requests get 8 distinct heads, a 9th
+        // does not fit.
+        let device = try freshDevice(pair, startIndex: 3)
+        var fill: [UInt16] = []
+        for t in 0..<8 { fill.append(try post(pair, readable: 0, writable: 16, token: 100 + UInt64(t))) }
+        #expect(Set(fill).count == 8 && fill.allSatisfy { $0 < 8 })
+        #expect(throws: SubmitError.full) { try post(pair, readable: 0, writable: 16, token: 999) }
+        _ = driver.publish()
+        var echoDevice = EchoDevice()
+        #expect(try echoDevice.serve(device, memory: pair.memory) == 8)
+        _ = device.publishUsed()
+        var tokens: [UInt64] = []
+        while let c = try driver.nextCompletion() { tokens.append(c.token) }
+        #expect(tokens.sorted() == (100..<108).map { UInt64($0) })
+        #expect(driver.freeCount == 8)
+        // And real requests (multi-segment, indirect when negotiated) still round-trip.
+        for i in 0..<20 {
+            try echo(
+                driver: driver, pool: pair.pool, device: device, memory: pair.memory,
+                payload: (0..<(1 + i * 29)).map { UInt8(truncatingIfNeeded: $0 ^ i) }, token: UInt64(i))
+        }
+        #expect(driver.freeCount == 8 && !driver.isBroken)
+    }
+
+    @Test func deviceRewritingNextFieldsCannotRedirectFrees() throws {
+        let pair = try RingPair(queueSize: 8)
+        let driver = pair.driver
+        let a = RingAttacker(pair)
+        let hA = try post(pair, readable: 16, writable: 64, writableSegments: 2, token: 1)  // 0 -> 1 -> 2
+        let hB = try post(pair, readable: 0, writable: 64, token: 2)  // 3
+        let hC = try post(pair, readable: 8, writable: 8, token: 3)  // 4 -> 5
+        #expect([hA, hB, hC] == [0, 3, 4])
+        _ = driver.publish()
+        var chain = DescriptorChain()
+        for _ in 0..<3 { #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready) }
+        // Every descriptor now claims to continue into B (still in flight) or into the free
+        // descriptors 6 and 7, as if the chains were longer or shorter than posted.
+        for i in 0..<8 {
+            a.writeDescriptor(
+                i, address: 0xdead_0000 + UInt64(i), length: 0xFFFF_FFFF, flags: 0xFFFF,
+                next: i % 2 == 0 ? hB : 6)
+        }
+        pair.device.complete(head: hA, length: 0)
+        _ = pair.device.publishUsed()
+        #expect(try driver.nextCompletion()?.token == 1)
+        #expect(driver.freeCount == 5)  // A's three, nothing of B or C
+        pair.device.complete(head: hC, length: 8)
+        _ = pair.device.publishUsed()
+        #expect(try driver.nextCompletion()?.token == 3)
+        #expect(driver.freeCount == 7 && driver.inFlightCount == 1)
+        // B's descriptor was not freed: seven new one-descriptor requests never get it.
+        var heads: [UInt16] = []
+        for t in 0..<7 { heads.append(try post(pair, readable: 0, writable: 8, token: 10 + UInt64(t))) }
+        #expect(Set(heads) == Set([0, 1, 2, 4, 5, 6, 7]))
+        #expect(throws: SubmitError.full) { try post(pair, readable: 0, writable: 8, token: 99) }
+        _ = driver.publish()
+        var echoDevice = EchoDevice()
+        #expect(try echoDevice.serve(pair.device, memory: pair.memory) == 7)  // zero-length answers
+        pair.device.complete(head: hB, length: 64)
+        _ = pair.device.publishUsed()
+        var tokens: [UInt64] = []
+        while let c = try driver.nextCompletion() { tokens.append(c.token) }
+        #expect(tokens.sorted() == [2] + (10..<17).map { UInt64($0) })
+        #expect(driver.freeCount == 8)
+        try echoWorks(pair, queue: 0, rounds: 10)
+        #expect(driver.freeCount == 8 && !driver.isBroken)
+    }
+
+    @Test func driverNeverReadsAvailIndexBack() throws {
+        // A device that rewinds or advances avail.idx cannot make the driver re-post or skip
+        // entries: the next publish writes the driver's private index again.
+        let pair = try RingPair(queueSize: 8)
+        let a = RingAttacker(pair)
+        try post(pair, readable: 0, writable: 8, token: 1)
+        _ = pair.driver.publish()
+        #expect(a.availIndex == 1)
+        a.setAvailIndex(0x7777)
+        try post(pair, readable: 0, writable: 8, token: 2)
+        _ = pair.driver.publish()
+        #expect(a.availIndex == 2)
+    }
+}
