@@ -83,6 +83,7 @@ let package = Package(
             dependencies: [
                 "Virtqueue", "SharedMemory", "RingHarness",
                 .product(name: "PropertyBased", package: "swift-property-based"),
+                .product(name: "Atomics", package: "swift-atomics"),
             ],
             swiftSettings: strict
         ),

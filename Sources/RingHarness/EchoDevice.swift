@@ -20,6 +20,9 @@ public func fnv1a(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0xcbf2_9ce4_84
 /// length 0.
 public struct EchoDevice {
     public static let checksumSize = 8
+    /// Larger requests are not served: a hostile driver must not make the device allocate
+    /// gigabytes of scratch (R5).
+    public static let maximumRequest = 16 << 20
     var chain = DescriptorChain()
     var scratch: [UInt8] = []
 
@@ -45,7 +48,8 @@ public struct EchoDevice {
     /// Computes the answer for `chain`; returns bytes written.
     mutating func answer() -> UInt32 {
         let inLength = Int(chain.readableLength)
-        guard chain.writableLength >= UInt64(inLength + Self.checksumSize) else { return 0 }
+        guard inLength <= Self.maximumRequest, chain.writableLength >= UInt64(inLength + Self.checksumSize)
+        else { return 0 }
         if scratch.count < inLength { scratch = [UInt8](repeating: 0, count: inLength) }
         // Copy the readable bytes once into private memory (R2), then work on the copy.
         scratch.withUnsafeMutableBytes { dst in
