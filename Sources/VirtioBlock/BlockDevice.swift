@@ -238,13 +238,16 @@ public final class BlockDevice: @unchecked Sendable {
                     throw VirtioError.disconnected("back-end came back with a different device")
                 }
                 frontend = f
-                try attachRings(f)
+                // Rings are rebuilt before the back-end sees them: a back-end that starts
+                // on SET_VRING_KICK must never find the old ring's indices.
                 let hadViolation = failure.map { if case .disconnected = $0 { return false } else { return true } } ?? false
-                failureState.withLock { $0 = nil }
-                failed.store(false, ordering: .releasing)
                 for q in queues {
                     if hadViolation { q.discardAll() } else { try q.resubmitAfterReconnect() }
                 }
+                try attachRings(f)
+                failureState.withLock { $0 = nil }
+                failed.store(false, ordering: .releasing)
+                for q in queues { q.kickNotifier.signal() }
                 return
             } catch let error as VirtioError {
                 lastError = error

@@ -408,7 +408,9 @@ public final class BlockQueue {
             statistics.resubmitted &+= 1
         }
         consecutiveSpurious = 0
-        kick()
+        kickNotifier.drain()
+        callNotifier.drain()
+        _ = ring.publish()  // visible once the back-end maps the ring; kicked after setup
     }
 
     /// Drops every slot (after a fatal failure has been reported and a reconnect resets
