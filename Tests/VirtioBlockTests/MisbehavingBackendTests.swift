@@ -242,6 +242,7 @@ struct MisbehavingBackendTests {
         #expect(error == nil)
         #expect(seconds < 2)
         #expect(backend.report.notificationsSent > 100)
+        #expect(disk.queue(0).statistics.spuriousNotifications > 0)
         try neighbour.stillWorks()
     }
 
