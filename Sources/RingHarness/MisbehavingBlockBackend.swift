@@ -140,6 +140,32 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
 
     var misbehaving: Bool { served >= after }
 
+    /// A copy of every byte the driver shared (the leak probe: whatever the driver keeps
+    /// private must never show up here).
+    public func dumpSharedMemory() -> [UInt8] {
+        sharedSnapshot.withLock { $0 }
+    }
+
+    /// Taken by the back-end thread on request, so the mapping is read where it lives.
+    let sharedSnapshot = Mutex<[UInt8]>([])
+    let snapshotRequested = Atomic<Bool>(false)
+
+    /// Asks the back-end thread for a snapshot and waits for it (at most 2 s).
+    public func snapshotSharedMemory() -> [UInt8] {
+        snapshotRequested.store(true, ordering: .releasing)
+        let end = Deadline.after(seconds: 2)
+        while snapshotRequested.load(ordering: .acquiring) && !end.hasPassed { usleep(1000) }
+        return dumpSharedMemory()
+    }
+
+    func takeSnapshotIfRequested() {
+        guard snapshotRequested.load(ordering: .acquiring) else { return }
+        var bytes: [UInt8] = []
+        for r in memory.regions { bytes += Array(UnsafeRawBufferPointer(r.mapping.bytes)) }
+        sharedSnapshot.withLock { $0 = bytes }
+        snapshotRequested.store(false, ordering: .releasing)
+    }
+
     func run() {
         while !stopped.load(ordering: .acquiring) {
             // Control messages first, then the rings.
@@ -152,6 +178,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             if pfd.revents != 0 {
                 guard handleControl() else { return }
             }
+            takeSnapshotIfRequested()
             for q in queueIDs {
                 kicks[q]?.drain()
                 guard serve(queue: q) else { return }

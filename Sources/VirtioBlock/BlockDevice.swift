@@ -29,7 +29,8 @@ public final class BlockDevice: @unchecked Sendable {
         public var controlTimeout: Double = 5
         public var bounceBytesPerQueue = 4 << 20
         /// When the back-end goes away: reconnect and resubmit in-flight requests
-        /// instead of failing them.
+        /// instead of failing them. The thread that notices reconnects every queue, so
+        /// use it when one thread drives the device (as the CLI does).
         public var reconnect = false
         /// How long to keep trying to reconnect.
         public var reconnectTimeout: Double = 10
@@ -83,6 +84,9 @@ public final class BlockDevice: @unchecked Sendable {
         self.socketPath = path
         self.options = options
         self.frontend = frontend
+        guard options.requestTimeout > 0, options.requestTimeout <= 86400, options.controlTimeout > 0,
+            options.controlTimeout <= 86400, options.reconnectTimeout >= 0, options.reconnectTimeout <= 86400
+        else { throw .invalidRequest("timeouts must be in (0, 86400] seconds") }
         guard SplitLayout.isValidQueueSize(options.queueSize), options.queueSize >= 4 else {
             throw .invalidRequest("queue size \(options.queueSize) is not a power of two >= 4")
         }
@@ -188,7 +192,11 @@ public final class BlockDevice: @unchecked Sendable {
             return true
         }
         failed.store(true, ordering: .releasing)
-        if first { options.onFailure?(error) }
+        guard first else { return }
+        // Wake threads blocked on other queues: they fail their requests now, not at
+        // their own deadlines (our own eventfds; the device cannot see this).
+        for q in queues { q.callNotifier.signal() }
+        options.onFailure?(error)
     }
 
     var controlDescriptor: Int32 { frontend.channel.channel.fileDescriptor }

@@ -50,10 +50,10 @@ public final class BlockQueue {
 
     public let index: Int
     unowned let device: BlockDevice
-    var ring: DriverQueue
-    var pool: BouncePool
-    var kickNotifier: Notifier
-    var callNotifier: Notifier
+    let ring: DriverQueue
+    let pool: BouncePool
+    let kickNotifier: Notifier
+    let callNotifier: Notifier
     var slots: [Slot]
     var freeSlots: [Int]
     /// Slots that failed (device broken) and are still to be handed back by `poll()`.
@@ -401,6 +401,8 @@ public final class BlockQueue {
     func resubmitAfterReconnect() throws(VirtioError) {
         ring.reset()
         failedSlots.removeAll()
+        // Requests already handed back as failures: their quarantine ends with the ring.
+        for i in 0..<slots.count where !slots[i].active && slots[i].slice != nil { release(i) }
         for i in 0..<slots.count where slots[i].active {
             guard let slice = slots[i].slice else { continue }
             pool.store(Self.statusSentinel, in: slice, at: Self.headerSize + slots[i].dataLength)

@@ -395,3 +395,83 @@ struct MisbehavingBackendTests {
         try neighbour.stillWorks()
     }
 }
+
+@Suite("virtio-blk driver internals", .serialized)
+struct BlockDriverTests {
+    @Test func configIsClampedIntoSaneRanges() throws {
+        var c = BlockConfig()
+        c.capacity = 2048
+        c.segMax = 100_000
+        c.sizeMax = 100
+        c.blockSize = 4096
+        c.numQueues = 0
+        let all = BlockDevice.wantedFeatures
+        let info = try BlockInfo.validate(c, features: all, backendQueues: 8, requestedQueues: 4, queueSize: 128)
+        #expect(info.capacityBytes == 1 << 20)
+        #expect(info.segmentsPerRequest == 126)
+        #expect(info.segmentSizeMax == 512)
+        #expect(info.blockSize == 4096)
+        #expect(info.queueCount == 1)
+        #expect(info.maxTransfer % 4096 == 0)
+        // Without BLK_SIZE negotiated the field means nothing: 512.
+        c.blockSize = 3
+        let plain = try BlockInfo.validate(c, features: 0, backendQueues: 8, requestedQueues: 4, queueSize: 128)
+        #expect(plain.blockSize == 512 && plain.segmentsPerRequest == 1 && plain.queueCount == 1)
+        #expect(!plain.supportsFlush && !plain.supportsDiscard && plain.maxDiscardBytes == 0)
+    }
+
+    @Test func requestsSplitIntoSizeMaxSegmentsUpToSegMax() throws {
+        var c = MisbehavingBlockBackend.defaultConfig()
+        c.sizeMax = 4096
+        c.segMax = 8
+        let backend = try MisbehavingBlockBackend(
+            config: c, features: MisbehavingBlockBackend.defaultFeatures | BlockProtocol.Feature.sizeMax)
+        let disk = try attach(backend)
+        defer { disk.close(); backend.stop() }
+        #expect(disk.info.maxTransfer == 32768)
+        let data = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 5 &+ ($0 >> 12)) }
+        try disk.write(at: 0, bytes: data)
+        #expect(try disk.read(at: 0, count: data.count) == data)
+        // The hot path refuses what would need more than seg_max segments.
+        let q = disk.queue(0)
+        let big = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 64)
+        defer { big.deallocate() }
+        #expect(throws: VirtioError.invalidRequest("65536 bytes exceed the 32768-byte request limit")) {
+            try q.submitRead(offset: 0, into: big, tag: 0)
+        }
+    }
+
+    @Test func completedRequestsLeaveNoDataInSharedMemory() throws {
+        let backend = try MisbehavingBlockBackend()
+        let disk = try attach(backend)
+        defer { disk.close(); backend.stop() }
+        // A canary that only the driver's private buffers ever hold once requests completed.
+        let canary: [UInt8] = [0xc4, 0x7a, 0x21, 0x9e, 0x55, 0x0d, 0xb3, 0x68]
+        let data = Array([[UInt8]](repeating: canary, count: 4096 / 8).joined())
+        try disk.write(at: 0, bytes: data)
+        #expect(try disk.read(at: 0, count: 4096) == data)
+        let shared = backend.snapshotSharedMemory()
+        #expect(shared.count > 1 << 20)
+        var found = false
+        var i = 0
+        while i + 8 <= shared.count {
+            if shared[i] == canary[0] && Array(shared[i..<i + 8]) == canary {
+                found = true
+                break
+            }
+            i += 1
+        }
+        #expect(!found, "freed bounce memory must be zeroed (R7)")
+    }
+
+    @Test func invalidTimeoutsAreRefusedWithoutTrapping() throws {
+        let backend = try MisbehavingBlockBackend()
+        backend.start()
+        defer { backend.stop() }
+        var options = BlockDevice.Options()
+        options.requestTimeout = -1
+        #expect(throws: VirtioError.invalidRequest("timeouts must be in (0, 86400] seconds")) {
+            _ = try BlockDevice.connect(channel: backend.driverChannel, options: options)
+        }
+    }
+}
