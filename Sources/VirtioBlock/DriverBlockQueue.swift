@@ -341,6 +341,10 @@ public final class BlockQueue {
             if let c = poll() { return c }
             if inFlight == 0 { return nil }
             if device.failure != nil { continue }  // failures are returned by poll
+            // While spinning, look at the clock and the deadlines only every 64 polls.
+            spins += 1
+            let spinning = spins <= device.options.spinIterations
+            if spinning && spins & 63 != 0 { continue }
             let now = monotonicNanoseconds()
             let earliest = earliestDeadline()
             if now >= earliest {
@@ -348,10 +352,7 @@ public final class BlockQueue {
                 continue
             }
             if now >= limit.uptimeNanoseconds { return nil }
-            if spins < device.options.spinIterations {
-                spins += 1
-                continue
-            }
+            if spinning { continue }
             if ring.enableInterrupts() { continue }
             let until = Deadline(uptimeNanoseconds: min(earliest, limit.uptimeNanoseconds))
             switch block(until: until) {
