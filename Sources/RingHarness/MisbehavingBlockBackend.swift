@@ -43,6 +43,8 @@ public enum BlockMisbehaviour: Sendable, Equatable {
     /// Fills the descriptor table with garbage after popping each chain.
     case scribbleDescriptors
     case closeMidIO
+    /// Speaks first on the control socket (a back-end never may without BACKEND_REQ).
+    case unsolicitedMessage
     case neverComplete
     /// Signals the call eventfd for `milliseconds`, then completes (or not).
     case notificationStorm(milliseconds: Int, thenComplete: Bool)
@@ -322,6 +324,10 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
                 if misbehaving {
                     switch misbehaviour {
                     case .closeMidIO: return false
+                    case .unsolicitedMessage:
+                        let m = Message(.getFeatures, flags: HeaderFlags.version)
+                        try? channel.send(m)
+                        continue
                     case .neverComplete: continue
                     case .scribbleDescriptors:
                         if let table = try? memory.translateUser(queueAddresses[q]?.descriptor ?? 0, length: UInt64(16 * queue.queueSize)) {

@@ -152,6 +152,22 @@ struct QemuStorageDaemonTests {
         #expect(!disk.isBroken)
     }
 
+    @Test func requestsInFlightWhenKilledAreResubmittedAfterRestart() throws {
+        let qsd = try QemuStorageDaemon(.file(size: 16 << 20))
+        let disk = try open(qsd, reconnect: true)
+        defer { disk.close() }
+        let data = pattern(16 << 20, seed: 21)
+        DispatchQueue.global().asyncAfter(deadline: .now() + 0.03) {
+            qsd.kill()
+            usleep(300_000)
+            try? qsd.start()
+        }
+        try disk.write(at: 0, bytes: data)
+        #expect(disk.queue(0).statistics.resubmitted > 0, "the kill should land mid-write")
+        #expect(try disk.read(at: 0, count: data.count) == data)
+        #expect(!disk.isBroken)
+    }
+
     @Test func readOnlyExportRefusesWritesCleanly() throws {
         let qsd = try QemuStorageDaemon(.file(size: 1 << 20), writable: false)
         let disk = try open(qsd)

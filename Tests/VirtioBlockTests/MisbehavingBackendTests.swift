@@ -230,6 +230,15 @@ struct MisbehavingBackendTests {
         try neighbour.stillWorks()
     }
 
+    @Test func unsolicitedControlMessageBreaksDevice() throws {
+        let neighbour = try Neighbour()
+        let (error, seconds, _, backend) = try readAgainst(.unsolicitedMessage)
+        defer { backend.stop() }
+        #expect(error == .violation(.controlProtocol("unsolicited message on the vhost-user socket")))
+        #expect(seconds < 1)
+        try neighbour.stillWorks()
+    }
+
     @Test func neverCompletingDeviceTimesOutAndBreaks() throws {
         let neighbour = try Neighbour()
         let (error, seconds, disk, backend) = try readAgainst(.neverComplete, timeout: 0.3)
