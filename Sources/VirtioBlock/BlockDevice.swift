@@ -54,7 +54,7 @@ public final class BlockDevice: @unchecked Sendable {
 
     public let socketPath: String
     public let options: Options
-    public private(set) var info: BlockInfo
+    public let info: BlockInfo
     var frontend: Frontend
     let region: SharedRegion
     let layout: DriverRegionLayout
