@@ -24,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         .target(
@@ -59,7 +60,7 @@ let package = Package(
         ),
         .target(
             name: "RingHarness",
-            dependencies: ["SharedMemory", "Virtqueue", "CRingFence"],
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
             swiftSettings: strict
         ),
         .executableTarget(
@@ -68,7 +69,10 @@ let package = Package(
                 "SharedMemory",
                 "Virtqueue",
                 "RingHarness",
+                "VhostUser",
+                "VirtioBlock",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict
@@ -85,6 +89,16 @@ let package = Package(
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtioBlockTests",
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "RingHarness"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "InteropTests",
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
     ]

@@ -10,9 +10,11 @@ struct RingFence: ParsableCommand {
             """,
         subcommands: [
             DemoCommand.self,
+            Blk.self,
             RingCommand.self,
             RingDeviceCommand.self,
         ])
 }
 
+// Top-level entry (a module with several files cannot use @main in main.swift).
 RingFence.main()

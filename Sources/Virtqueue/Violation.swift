@@ -71,6 +71,19 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
     /// The chain's total length does not fit the 32-bit used length.
     case chainLengthOverflow(head: UInt16)
 
+    // MARK: virtio-blk device misbehaviour
+
+    /// The status byte is not 0, 1 or 2 (includes the 0xff sentinel a device never wrote).
+    case blockStatusInvalid(status: UInt8)
+    /// The device reported a used length of 0: it wrote neither data nor the status byte.
+    case blockStatusMissing(id: UInt32)
+    /// A read claimed success but reported fewer bytes than requested.
+    case blockShortRead(expected: UInt64, got: UInt64)
+    /// A config field the driver cannot clamp into a sane value (capacity, blk_size).
+    case blockConfigInvalid(field: String, value: UInt64)
+    /// The vhost-user back-end broke the control protocol (bad reply, wrong size, fds).
+    case controlProtocol(String)
+
     /// The rule this check enforces.
     public var rule: Rule {
         switch self {
@@ -82,6 +95,9 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return .r3
         case .descriptorAddressInvalid: return .r7
         case .chainLengthOverflow: return .r4
+        case .blockStatusInvalid, .blockStatusMissing, .blockShortRead, .blockConfigInvalid,
+            .controlProtocol:
+            return .r3
         case .deadlineExceeded, .notificationStorm, .chainTooLong: return .r5
         }
     }
@@ -129,6 +145,16 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return "chain at \(head): indirect table length \(len) is invalid"
         case .chainLengthOverflow(let head):
             return "chain at \(head): total length exceeds 2^32-1"
+        case .blockStatusInvalid(let status):
+            return "virtio-blk status byte \(status) is not OK, IOERR or UNSUPP"
+        case .blockStatusMissing(let id):
+            return "virtio-blk request \(id) completed with used len 0 (no status byte)"
+        case .blockShortRead(let expected, let got):
+            return "virtio-blk read returned \(got) of \(expected) bytes with status OK"
+        case .blockConfigInvalid(let field, let value):
+            return "virtio-blk config \(field) = \(value) is out of range"
+        case .controlProtocol(let what):
+            return "vhost-user back-end: \(what)"
         }
     }
 }

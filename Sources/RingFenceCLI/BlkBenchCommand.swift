@@ -1,0 +1,167 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Histogram
+import SharedMemory
+import Synchronization
+import VirtioBlock
+
+enum BenchMode: String, ExpressibleByArgument, CaseIterable {
+    case read, write, randread, randwrite, randrw
+    var random: Bool { self == .randread || self == .randwrite || self == .randrw }
+}
+
+/// Shared between the per-queue worker threads and the progress line.
+final class BenchState: @unchecked Sendable {
+    let ios = Atomic<Int>(0)
+    let results = Mutex<[(Histogram<UInt64>, Int, VirtioError?)]>([])
+}
+
+struct BlkBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.")
+    @ParentCommand var blk: Blk
+    @Option var rw: BenchMode = .randread
+    @Option var bs: Size = Size(4096)
+    @Option var iodepth: Int = 1
+    @Option(help: "Seconds to run.") var runtime: Double = 10
+    @Option(help: "Bytes of the disk to cover (default: all of it).") var size: Size?
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        guard iodepth >= 1, iodepth <= 1024 else { throw ValidationError("--iodepth must be 1...1024") }
+        guard runtime > 0, runtime <= 3600 else { throw ValidationError("--runtime must be in (0, 3600]") }
+        guard bs.bytes >= 512 else { throw ValidationError("--bs must be at least 512") }
+    }
+
+    func run() throws {
+        let queueSize = max(128, 1 << (Int.bitWidth - (iodepth * 3 - 1).leadingZeroBitCount))
+        let disk = try blk.open(queueSize: min(queueSize, 1024))
+        defer { disk.close() }
+        let info = disk.info
+        guard bs.bytes % info.blockSize == 0, bs.bytes <= info.maxTransfer else {
+            throw ValidationError("--bs must be a multiple of \(info.blockSize) and at most \(info.maxTransfer)")
+        }
+        if rw != .read && rw != .randread && info.readOnly {
+            _ = try runOrExit { () throws(VirtioError) -> Int in throw .readOnly }
+        }
+        let span = UInt64(min(size?.bytes ?? Int(clamping: info.capacityBytes), Int(clamping: info.capacityBytes)))
+        let blocks = span / UInt64(bs.bytes)
+        guard blocks >= 1 else { throw ValidationError("the disk is smaller than --bs") }
+        let state = BenchState()
+        let group = DispatchGroup()
+        let start = monotonicNanoseconds()
+        let end = start + UInt64(runtime * 1e9)
+        let (bsBytes, depth, mode) = (bs.bytes, iodepth, rw)
+        for qi in 0..<disk.queueCount {
+            DispatchQueue.global().async(group: group) {
+                let r = benchWorker(
+                    disk: disk, queue: qi, mode: mode, bs: bsBytes, depth: depth, blocks: blocks, end: end,
+                    state: state)
+                state.results.withLock { $0.append(r) }
+            }
+        }
+        while group.wait(timeout: .now() + 1) == .timedOut {
+            let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+            let ios = state.ios.load(ordering: .relaxed)
+            let iops = Double(ios) / elapsed
+            FileHandle.standardError.write(
+                Data(String(format: "\r[%4.0fs/%.0fs] %.0f IOPS, %.1f MiB/s   ", elapsed, runtime, iops,
+                            iops * Double(bsBytes) / 1048576).utf8))
+        }
+        FileHandle.standardError.write(Data("\r\u{1b}[K".utf8))
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+        var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
+        var total = 0
+        var firstError: VirtioError?
+        for (h, n, e) in state.results.withLock({ $0 }) {
+            histogram.add(h)
+            total += n
+            if firstError == nil { firstError = e }
+        }
+        let iops = Double(total) / elapsed
+        let mib = iops * Double(bs.bytes) / 1048576
+        func us(_ ns: UInt64) -> Double { Double(ns) / 1000 }
+        let p50 = us(histogram.valueAtPercentile(50)), p99 = us(histogram.valueAtPercentile(99))
+        let p999 = us(histogram.valueAtPercentile(99.9)), mean = histogram.mean / 1000
+        if json {
+            print(
+                String(
+                    format: "{\"rw\":\"%@\",\"bs\":%d,\"iodepth\":%d,\"queues\":%d,\"runtime_s\":%.3f,\"ios\":%d,\"iops\":%.1f,\"mib_s\":%.2f,\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p99\":%.2f,\"p99_9\":%.2f},\"error\":%@}",
+                    rw.rawValue, bs.bytes, iodepth, disk.queueCount, elapsed, total, iops, mib, mean, p50, p99, p999,
+                    firstError.map { "\"\(String(describing: $0).replacingOccurrences(of: "\"", with: "'"))\"" } ?? "null"))
+        } else {
+            print("\(rw.rawValue): bs=\(bs.bytes) iodepth=\(iodepth) queues=\(disk.queueCount) runtime=\(String(format: "%.1f", elapsed))s")
+            print(String(format: "  IOPS=%.0f, BW=%.1fMiB/s, ios=%d", iops, mib, total))
+            print(String(format: "  lat (usec): mean=%.1f, p50=%.1f, p99=%.1f, p99.9=%.1f", mean, p50, p99, p999))
+        }
+        if let firstError {
+            FileHandle.standardError.write(Data("ringfence blk: error: \(firstError)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// One queue's closed loop: keep `depth` requests in flight until `end`, record each
+/// request's submit-to-completion latency.
+func benchWorker(
+    disk: BlockDevice, queue: Int, mode: BenchMode, bs: Int, depth: Int, blocks: UInt64, end: UInt64,
+    state: BenchState
+) -> (Histogram<UInt64>, Int, VirtioError?) {
+    var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
+    let q = disk.queue(queue)
+    let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: bs * depth, alignment: 4096)
+    defer { buffers.deallocate() }
+    for i in 0..<buffers.count { buffers[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
+    var started = [UInt64](repeating: 0, count: depth)
+    var rng = UInt64(0x2545_f491_4f6c_dd1d) &+ UInt64(queue)
+    var sequential = UInt64(queue) &* (blocks / UInt64(max(1, disk.queueCount)))
+    var done = 0
+    var error: VirtioError?
+
+    func submit(_ slot: Int) throws(VirtioError) {
+        let block: UInt64
+        if mode.random {
+            rng ^= rng << 13
+            rng ^= rng >> 7
+            rng ^= rng << 17
+            block = rng % blocks
+        } else {
+            block = sequential % blocks
+            sequential &+= 1
+        }
+        let write: Bool
+        switch mode {
+        case .write, .randwrite: write = true
+        case .randrw: write = rng & (1 << 40) != 0
+        default: write = false
+        }
+        let buffer = UnsafeMutableRawBufferPointer(rebasing: buffers[slot * bs..<(slot + 1) * bs])
+        started[slot] = monotonicNanoseconds()
+        if write {
+            try q.submitWrite(offset: block * UInt64(bs), from: UnsafeRawBufferPointer(buffer), tag: UInt64(slot))
+        } else {
+            try q.submitRead(offset: block * UInt64(bs), into: buffer, tag: UInt64(slot))
+        }
+    }
+
+    do throws(VirtioError) {
+        for slot in 0..<depth { try submit(slot) }
+        while let c = q.wait() {
+            let slot = Int(c.tag)
+            let now = monotonicNanoseconds()
+            if case .failure(let e) = c.result {
+                if error == nil { error = e }
+                continue
+            }
+            _ = histogram.record(now - started[slot])
+            done += 1
+            state.ios.wrappingAdd(1, ordering: .relaxed)
+            if now < end && error == nil { try submit(slot) }
+        }
+    } catch let e {
+        if error == nil { error = e }
+        while q.wait() != nil {}
+    }
+    return (histogram, done, error)
+}

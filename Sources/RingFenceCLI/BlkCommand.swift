@@ -1,0 +1,268 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Histogram
+import SharedMemory
+import VirtioBlock
+
+/// `ringfence blk`: a thin shell over `VirtioBlock.BlockDevice`.
+/// Exit 0 ok, 1 device or violation error (one line naming the rule), 2 usage.
+struct Blk: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blk",
+        abstract: "Talk to a vhost-user-blk back-end with the hardened virtio-blk driver.",
+        subcommands: [
+            BlkInfo.self, BlkRead.self, BlkWrite.self, BlkVerify.self, BlkFlush.self, BlkDiscard.self,
+            BlkWriteZeroes.self, BlkBench.self,
+        ])
+
+    @Option(help: "Path of the back-end's vhost-user socket.")
+    var socket: String
+
+    @Option(help: "Queues to use (clamped to what the device offers).")
+    var queues: Int = 1
+
+    @Option(help: "Per-request deadline in seconds.")
+    var timeout: Double = 10
+
+    @Flag(help: "If the back-end goes away, reconnect and resubmit in-flight requests.")
+    var reconnect = false
+
+    func validate() throws {
+        guard queues >= 1, queues <= 64 else { throw ValidationError("--queues must be 1...64") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+    }
+
+    /// Opens the device or exits 1 with the error.
+    func open(queueSize: Int = 128) throws -> BlockDevice {
+        var options = BlockDevice.Options()
+        options.queues = queues
+        options.requestTimeout = timeout
+        options.reconnect = reconnect
+        options.queueSize = queueSize
+        return try runOrExit { () throws(VirtioError) in try BlockDevice.connect(socket: socket, options: options) }
+    }
+}
+
+/// Runs a device operation; a `VirtioError` becomes one line on stderr and exit 1.
+func runOrExit<T>(_ body: () throws(VirtioError) -> T) throws -> T {
+    do {
+        return try body()
+    } catch {
+        FileHandle.standardError.write(Data("ringfence blk: error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+/// Parses fio-style sizes: 4096, 4k, 1M, 2G (powers of 1024).
+func parseSize(_ text: String) -> Int? {
+    let t = text.trimmingCharacters(in: .whitespaces).lowercased()
+    guard let last = t.last else { return nil }
+    var number = t
+    var multiplier = 1
+    switch last {
+    case "k": multiplier = 1 << 10
+    case "m": multiplier = 1 << 20
+    case "g": multiplier = 1 << 30
+    case "t": multiplier = 1 << 40
+    default: break
+    }
+    if multiplier != 1 { number.removeLast() }
+    guard let n = Int(number), n >= 0 else { return nil }
+    let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
+    return overflow ? nil : v
+}
+
+struct Size: ExpressibleByArgument {
+    let bytes: Int
+    init?(argument: String) {
+        guard let b = parseSize(argument) else { return nil }
+        bytes = b
+    }
+    init(_ bytes: Int) { self.bytes = bytes }
+    var defaultValueDescription: String { "\(bytes)" }
+}
+
+struct BlkInfo: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated geometry.")
+    @ParentCommand var blk: Blk
+
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        let i = disk.info
+        let id = (try? disk.identify()) ?? "-"
+        print("capacity:      \(i.capacityBytes) bytes (\(i.capacityBytes / 512) sectors)")
+        print("block size:    \(i.blockSize)")
+        print("queues:        \(i.queueCount) (device offers \(i.rawConfig.numQueues))")
+        print("seg max:       \(i.segmentsPerRequest)")
+        print("size max:      \(i.segmentSizeMax == 0 ? "unlimited" : "\(i.segmentSizeMax)")")
+        print("max transfer:  \(i.maxTransfer)")
+        print("read-only:     \(i.readOnly ? "yes" : "no")")
+        print("flush:         \(i.supportsFlush ? "yes" : "no")")
+        print("discard:       \(i.supportsDiscard ? "yes (max \(i.maxDiscardBytes) bytes)" : "no")")
+        print("write zeroes:  \(i.supportsWriteZeroes ? "yes (max \(i.maxWriteZeroesBytes) bytes)" : "no")")
+        print("features:      0x\(String(i.features, radix: 16))")
+        print("serial:        \(id)")
+    }
+}
+
+struct BlkRead: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "read", abstract: "Read a range to a file or stdout.")
+    @ParentCommand var blk: Blk
+    @Option var offset: Size
+    @Option var length: Size
+    @Option(help: "Write the bytes here instead of stdout.") var output: String?
+
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        let out: FileHandle
+        if let output {
+            guard FileManager.default.createFile(atPath: output, contents: nil), let h = FileHandle(forWritingAtPath: output)
+            else {
+                FileHandle.standardError.write(Data("ringfence blk: cannot create \(output)\n".utf8))
+                throw ExitCode(1)
+            }
+            out = h
+        } else {
+            out = FileHandle.standardOutput
+        }
+        var done = 0
+        while done < length.bytes {
+            let n = min(4 << 20, length.bytes - done)
+            let bytes = try runOrExit { () throws(VirtioError) in
+                try disk.read(at: UInt64(offset.bytes + done), count: n)
+            }
+            out.write(Data(bytes))
+            done += n
+        }
+    }
+}
+
+struct BlkWrite: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "write", abstract: "Write a file (or stdin) at an offset.")
+    @ParentCommand var blk: Blk
+    @Option var offset: Size
+    @Option(help: "Read the bytes from this file instead of stdin.") var input: String?
+
+    func run() throws {
+        let data: Data
+        if let input {
+            guard let d = FileManager.default.contents(atPath: input) else {
+                throw ValidationError("cannot read \(input)")
+            }
+            data = d
+        } else {
+            data = FileHandle.standardInput.readDataToEndOfFile()
+        }
+        let disk = try blk.open()
+        defer { disk.close() }
+        guard data.count % disk.info.blockSize == 0, data.count > 0 else {
+            FileHandle.standardError.write(
+                Data("ringfence blk: input of \(data.count) bytes is not a positive multiple of the \(disk.info.blockSize)-byte block size\n".utf8))
+            throw ExitCode(2)
+        }
+        try runOrExit { () throws(VirtioError) in try disk.write(at: UInt64(offset.bytes), bytes: [UInt8](data)) }
+        print("wrote \(data.count) bytes at \(offset.bytes)")
+    }
+}
+
+/// The seeded pattern `verify` writes: splitmix64 per 8-byte word, keyed by offset.
+func pattern(seed: UInt64, offset: Int, count: Int) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var i = 0
+    while i < count {
+        var z = seed &+ UInt64(offset + i) &* 0x9e37_79b9_7f4a_7c15
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        z ^= z >> 31
+        for k in 0..<min(8, count - i) { bytes[i + k] = UInt8(truncatingIfNeeded: z >> (8 * k)) }
+        i += 8
+    }
+    return bytes
+}
+
+struct BlkVerify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.")
+    @ParentCommand var blk: Blk
+    @Option(help: "Bytes to verify from offset 0 (default 1M).") var size: Size = Size(1 << 20)
+    @Option var seed: UInt64 = 1
+
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        let total = size.bytes
+        guard total > 0, total % disk.info.blockSize == 0 else {
+            throw ValidationError("--size must be a positive multiple of \(disk.info.blockSize)")
+        }
+        let expected = pattern(seed: seed, offset: 0, count: total)
+        let start = monotonicNanoseconds()
+        try runOrExit { () throws(VirtioError) in try disk.write(at: 0, bytes: expected) }
+        let back = try runOrExit { () throws(VirtioError) in try disk.read(at: 0, count: total) }
+        let ms = Double(monotonicNanoseconds() - start) / 1e6
+        if let i = zip(expected, back).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
+            FileHandle.standardError.write(Data("ringfence blk: verify FAILED: first mismatch at byte \(i)\n".utf8))
+            throw ExitCode(1)
+        }
+        print("verify OK: \(total) bytes, seed \(seed), \(String(format: "%.1f", ms)) ms")
+    }
+}
+
+struct BlkFlush: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the device's write cache.")
+    @ParentCommand var blk: Blk
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        try runOrExit { () throws(VirtioError) in try disk.flush() }
+        print("flushed")
+    }
+}
+
+struct BlkDiscard: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "discard", abstract: "Discard a range.")
+    @ParentCommand var blk: Blk
+    @Option var offset: Size
+    @Option var length: Size
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        try runOrExit { () throws(VirtioError) in try disk.discard(at: UInt64(offset.bytes), length: length.bytes) }
+        print("discarded \(length.bytes) bytes at \(offset.bytes)")
+    }
+}
+
+struct BlkWriteZeroes: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "write-zeroes", abstract: "Write zeroes over a range.")
+    @ParentCommand var blk: Blk
+    @Option var offset: Size
+    @Option var length: Size
+    @Flag(help: "Allow the device to unmap the range.") var unmap = false
+    func run() throws {
+        let disk = try blk.open()
+        defer { disk.close() }
+        try runOrExit { () throws(VirtioError) in
+            try disk.writeZeroes(at: UInt64(offset.bytes), length: length.bytes, unmap: unmap)
+        }
+        print("zeroed \(length.bytes) bytes at \(offset.bytes)")
+    }
+}
+
+extension RingFence {
+    /// Usage errors exit 2 (the convention of `ringfence blk`), not ArgumentParser's 64.
+    static func main() {
+        do {
+            var command = try parseAsRoot(nil)
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
+}
