@@ -21,8 +21,9 @@ public final class ChildProcess: @unchecked Sendable {
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
         var vector = argv + [nil]
-        let rc = vector.withUnsafeMutableBufferPointer { p in
-            posix_spawn(&pid, executable, &actions, nil, p.baseAddress!, environ)
+        let rc = vector.withUnsafeMutableBufferPointer { p -> Int32 in
+            guard let argv = p.baseAddress else { return EINVAL }
+            return posix_spawn(&pid, executable, &actions, nil, argv, environ)
         }
         guard rc == 0 else { throw SystemError("posix_spawn(\(executable))", errno: .init(rawValue: rc)) }
         self.pid = pid

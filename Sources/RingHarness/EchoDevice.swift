@@ -53,10 +53,11 @@ public struct EchoDevice {
         if scratch.count < inLength { scratch = [UInt8](repeating: 0, count: inLength) }
         // Copy the readable bytes once into private memory (R2), then work on the copy.
         scratch.withUnsafeMutableBytes { dst in
+            guard let base = dst.baseAddress else { return }
             var o = 0
             for s in chain.readable {
-                if let src = s.buffer.baseAddress, s.buffer.count > 0 {
-                    (dst.baseAddress! + o).copyMemory(from: src, byteCount: s.buffer.count)
+                if let src = s.buffer.baseAddress, s.buffer.count > 0, o + s.buffer.count <= dst.count {
+                    (base + o).copyMemory(from: src, byteCount: s.buffer.count)
                 }
                 o += s.buffer.count
             }

@@ -145,7 +145,7 @@ public final class UnixChannel: @unchecked Sendable {
                 var truncated: Int32 = 0
                 let n = fds.withUnsafeMutableBufferPointer { fdp in
                     rf_recv_with_fds(
-                        fileDescriptor, buffer.baseAddress! + got, buffer.count - got,
+                        fileDescriptor, buffer.baseAddress.map { $0 + got }, buffer.count - got,
                         fdp.baseAddress, Int32(limit), &nfds, &stray, &truncated)
                 }
                 if n < 0 {
