@@ -224,22 +224,37 @@ public final class DeviceQueue {
             } else if sawWritable {
                 return .readableAfterWritable(head: head)
             }
-            let buffer: UnsafeMutableRawBufferPointer
-            do {
-                buffer = try memory.translate(untrustedAddress, length: UInt64(untrustedLength))
-            } catch {
-                return .descriptorAddressInvalid(head: head, error)
-            }
             total += UInt64(untrustedLength)  // <= 2^16 descriptors * 2^32: cannot overflow
             guard total <= UInt64(UInt32.max) else { return .chainLengthOverflow(head: head) }
-            if writable {
-                chain.writableLength += UInt64(untrustedLength)
-            } else {
-                chain.readableLength += UInt64(untrustedLength)
-                chain.firstWritable = chain.segments.count + 1
+            // A buffer may straddle adjacent regions (QEMU splits guest RAM): translate it
+            // piece by piece. Each piece ends a region, so there are at most
+            // `GuestMemory.maximumRegions` pieces (R5); a gap anywhere rejects the chain.
+            let length = UInt64(untrustedLength)
+            guard !untrustedAddress.addingReportingOverflow(length).overflow else {
+                return .descriptorAddressInvalid(
+                    head: head, .overflow(address: untrustedAddress, length: length))
             }
-            chain.segments.append(
-                ChainSegment(buffer: buffer, guestAddress: untrustedAddress, deviceWritable: writable))
+            var pieceAddress = untrustedAddress
+            var remaining = length
+            repeat {
+                let piece: UnsafeMutableRawBufferPointer
+                do {
+                    piece = try memory.translatePrefix(pieceAddress, length: remaining)
+                } catch {
+                    return .descriptorAddressInvalid(
+                        head: head, .unmapped(address: untrustedAddress, length: length))
+                }
+                chain.segments.append(
+                    ChainSegment(buffer: piece, guestAddress: pieceAddress, deviceWritable: writable))
+                pieceAddress &+= UInt64(piece.count)
+                remaining -= UInt64(piece.count)
+            } while remaining > 0
+            if writable {
+                chain.writableLength += length
+            } else {
+                chain.readableLength += length
+                chain.firstWritable = chain.segments.count
+            }
 
             guard untrustedFlags & SplitLayout.flagNext != 0 else { return nil }
             guard Int(untrustedNext) < tableEntries else {
