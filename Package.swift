@@ -54,7 +54,7 @@ let package = Package(
         ),
         .target(
             name: "VirtioBlock",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser"],
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
             swiftSettings: strict
         ),
         .target(
@@ -68,10 +68,14 @@ let package = Package(
                 "SharedMemory",
                 "Virtqueue",
                 "RingHarness",
+                "VhostUser",
+                "VirtioBlock",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
-            swiftSettings: strict
+            // main.swift holds the @main command; with more than one file the compiler
+            // would treat main.swift as top-level code without this.
+            swiftSettings: strict + [.unsafeFlags(["-parse-as-library"])]
         ),
         .testTarget(
             name: "SharedMemoryTests",
@@ -84,6 +88,16 @@ let package = Package(
                 "Virtqueue", "SharedMemory", "RingHarness",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "BlockDeviceTests",
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "InteropTests",
+            dependencies: ["VirtioBlock", "VhostUser", "SharedMemory"],
             swiftSettings: strict
         ),
     ]
