@@ -75,6 +75,8 @@ struct ServeBlkCommand: ParsableCommand {
                 log.warning("\(event)")
             case .disconnected(_, let reason) where reason != nil:
                 log.warning("\(event)")
+            case .message:
+                log.trace("\(event)")
             case .queueStarted, .queueStopped:
                 log.debug("\(event)")
             default:

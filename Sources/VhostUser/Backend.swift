@@ -177,6 +177,8 @@ final class BackendSession {
         var fds = message.descriptors
         defer { for fd in fds where fd >= 0 { closeDescriptor(fd) } }
         let code = message.header.request
+        backend.report(
+            .message(connection: connection, request: code, size: message.header.size, descriptors: fds.count))
         guard let request = Request(rawValue: code) else {
             return refuse(code, needsReply: message.header.needsReply, "unknown request", channel)
         }

@@ -54,6 +54,8 @@ extension QueueHandler {
 public enum BackendEvent: Sendable, CustomStringConvertible {
     case listening(path: String)
     case connected(connection: Int)
+    /// A message arrived and passed the header checks (for trace logs).
+    case message(connection: Int, request: UInt32, size: UInt32, descriptors: Int)
     /// The connection ended; `reason` is nil for an orderly close by the front-end.
     case disconnected(connection: Int, reason: VhostUserError?)
     /// A request was refused (answered with a failure, or the connection dropped).
@@ -69,6 +71,9 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
         switch self {
         case .listening(let p): return "listening on \(p)"
         case .connected(let c): return "front-end #\(c) connected"
+        case .message(let c, let r, let size, let fds):
+            let name = Request(rawValue: r)?.description ?? "request \(r)"
+            return "front-end #\(c): \(name) (\(size) bytes, \(fds) fds)"
         case .disconnected(let c, let r):
             return "front-end #\(c) disconnected" + (r.map { ": \($0)" } ?? "")
         case .rejected(let c, let req, let why):
