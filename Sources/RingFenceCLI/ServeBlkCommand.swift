@@ -84,7 +84,9 @@ struct ServeBlkCommand: ParsableCommand {
             }
         }
         let device = VirtioBlockDevice(image: deviceImage, options: options, onEvent: onEvent)
-        let backend = Backend(device: device, onEvent: onEvent)
+        var configuration = Backend.Configuration()
+        configuration.maximumQueueSize = queueSize
+        let backend = Backend(device: device, configuration: configuration, onEvent: onEvent)
         logger.info(
             "serving \(image) (\(deviceImage.size) bytes\(device.readOnly ? ", read-only" : ""), \(queues) queue(s) of up to \(queueSize))"
         )

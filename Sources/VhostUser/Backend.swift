@@ -438,8 +438,22 @@ final class BackendSession {
         return fd
     }
 
+    /// Kick, call and err must be eventfds: a pipe or regular file that is always
+    /// readable would turn the queue thread into a busy loop (R5).
     private func adopt(_ fd: Int32) throws(Refusal) -> Notifier {
+        guard Self.isEventFD(fd) else {
+            closeDescriptor(fd)
+            throw .refused("descriptor is not an eventfd")
+        }
         do { return try Notifier(adopting: fd) } catch { throw .refused("descriptor \(fd): \(error)") }
+    }
+
+    static func isEventFD(_ fd: Int32) -> Bool {
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
+        guard n > 0 else { return false }
+        let target = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return target == "anon_inode:[eventfd]"
     }
 
     /// Maps exactly the announced range, after the seal and size checks in `SharedRegion`.

@@ -43,6 +43,9 @@ final class QueueWorker: @unchecked Sendable {
     private let wake: Notifier
     private let stopping = Atomic<Bool>(false)
     private var thread: pthread_t?
+    /// Consecutive kicks after which the ring was still empty.
+    private var emptyKicks: UInt64 = 0
+    static let stormThreshold: UInt64 = 1024
 
     init(
         index: Int, queue: DeviceQueue, memory: GuestMemory, handler: any QueueHandler,
@@ -96,6 +99,7 @@ final class QueueWorker: @unchecked Sendable {
             if served > 0 {
                 publish()
                 spinStart = 0
+                emptyKicks = 0
                 continue
             }
             // Nothing to do: spin briefly (cheap re-checks of avail.idx), then block.
@@ -114,6 +118,10 @@ final class QueueWorker: @unchecked Sendable {
                 kick == nil ? timing.pollingIntervalNanoseconds : UInt64(timing.idleTick * 1e9)
             let kicked = waitForKick(timeoutNanoseconds: timeout)
             queue.disableNotifications()
+            // Kicks that never bring work are a storm: back off so it costs the front-end
+            // time, not us CPU (R5). Any served request resets the count.
+            if kicked && emptyKicks < UInt64.max { emptyKicks += 1 }
+            if emptyKicks > Self.stormThreshold { usleep(1000) }
             if !kicked && kick != nil && !shouldStop {
                 handler.idle(queue, memory: memory)
                 publish()

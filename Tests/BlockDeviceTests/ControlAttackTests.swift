@@ -231,6 +231,25 @@ import Virtqueue
         try fixture.expectServesWellBehavedFrontend()
     }
 
+    /// An always-readable kick (a pipe with data, a regular file) would make the queue
+    /// thread spin: only eventfds are accepted for kick, call and err.
+    @Test func kickDescriptorThatIsNotAnEventfdIsRefused() throws {
+        let fixture = try BackendFixture()
+        defer { fixture.shutdown() }
+        let f = try TestFrontend(path: fixture.socketPath)
+        try f.negotiate()
+        var pipeFDs: [Int32] = [-1, -1]
+        #expect(pipe(&pipeFDs) == 0)
+        defer { close(pipeFDs[0]); close(pipeFDs[1]) }
+        let file = open(fixture.imagePath, O_RDONLY)
+        defer { close(file) }
+        for fd in [pipeFDs[0], file, f.region.fileDescriptor] {
+            #expect(try f.acked(.setVringKick, VringFile(index: 0).encoded, fds: [fd]) != 0)
+            #expect(try f.acked(.setVringCall, VringFile(index: 0).encoded, fds: [fd]) != 0)
+        }
+        try fixture.expectServesWellBehavedFrontend(after: f)
+    }
+
     @Test func requestWithReplyFlagDropsConnection() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
