@@ -71,7 +71,7 @@ struct ServeBlkCommand: ParsableCommand {
         let log = logger
         let onEvent: @Sendable (BackendEvent) -> Void = { event in
             switch event {
-            case .queueFailed, .rejected, .requestRejected:
+            case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")
             case .disconnected(_, let reason) where reason != nil:
                 log.warning("\(event)")

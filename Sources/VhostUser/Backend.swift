@@ -299,14 +299,14 @@ final class BackendSession {
             }
             let new: GuestMemory
             do { new = try GuestMemory(regions) } catch { throw .refused(error.description) }
-            try replaceMemory(with: new)
+            replaceMemory(with: new)
             return nil
         case .addMemReg:
             let r = try decode(SingleMemoryRegion.self, payload).region
             let region = try map(r, fd: take(&fds, 0))
             var new = memory
             do { try new.add(region) } catch { throw .refused(error.description) }
-            try replaceMemory(with: new)
+            replaceMemory(with: new)
             return nil
         case .remMemReg:
             let r = try decode(SingleMemoryRegion.self, payload).region
@@ -314,7 +314,7 @@ final class BackendSession {
             guard new.remove(guestAddress: r.guestAddress, size: r.size) else {
                 throw .refused("no region 0x\(String(r.guestAddress, radix: 16))+\(r.size) to remove")
             }
-            try replaceMemory(with: new)
+            replaceMemory(with: new)
             return nil
         case .setVringNum:
             let s = try decode(VringState.self, payload)
@@ -519,19 +519,19 @@ final class BackendSession {
     }
 
     /// Rings point into memory: stop them, swap the table, restart them on the new one.
-    /// A ring whose memory went away stays stopped (reported), the others go on.
-    private func replaceMemory(with new: GuestMemory) throws(Refusal) {
+    /// The table change itself succeeds (it is what the front-end asked for); a ring
+    /// whose memory went away stays stopped, reported and signalled on its err fd (R6),
+    /// and the other rings go on.
+    private func replaceMemory(with new: GuestMemory) {
         let running = vrings.indices.filter { vrings[$0].worker != nil }
         for i in running { stopWorker(i) }
         memory = new
-        var failure: Refusal?
         for i in running {
-            do { try startIfReady(i) } catch {
-                backend.report(.rejected(connection: connection, request: 0, reason: "\(error)"))
-                failure = failure ?? error
+            do throws(Refusal) { try startIfReady(i) } catch {
+                backend.report(.queueNotRestarted(queue: i, reason: error.description))
+                vrings[i].err?.signal()
             }
         }
-        if let failure { throw failure }
     }
 
     private func resetRings() {

@@ -64,6 +64,8 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     case queueStopped(queue: Int, index: UInt16)
     /// The driver broke a queue (rule R6: that queue stops, the others keep going).
     case queueFailed(queue: Int, Violation)
+    /// A running ring could not follow a memory-table change (its memory went away).
+    case queueNotRestarted(queue: Int, reason: String)
     /// A chain was rejected but the queue goes on (the request failed).
     case requestRejected(queue: Int, Violation)
 
@@ -82,6 +84,7 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
         case .queueStarted(let q, let n): return "queue \(q) started (size \(n))"
         case .queueStopped(let q, let i): return "queue \(q) stopped at avail index \(i)"
         case .queueFailed(let q, let v): return "queue \(q) failed: \(v)"
+        case .queueNotRestarted(let q, let why): return "queue \(q) failed: not restarted after a memory change: \(why)"
         case .requestRejected(let q, let v): return "queue \(q): request rejected: \(v)"
         }
     }

@@ -110,21 +110,36 @@ final class TestFrontend {
     static let statusOffset = 0x4800
     static let dataOffset = 0x10000
 
+    /// Each queue's ring and buffers live in their own window of the region.
+    static let windowSize = 0x20000
+    static func window(_ queue: Int) -> Int { queue * windowSize }
+
+    /// Driver-side state of one queue.
+    final class Ring {
+        let kick: Notifier
+        let call: Notifier
+        let err: Notifier
+        var availIdx: UInt16 = 0
+        var lastUsed: UInt16 = 0
+        init() throws {
+            kick = try Notifier()
+            call = try Notifier()
+            err = try Notifier()
+        }
+    }
+
     let channel: MessageChannel
     let region: SharedRegion
-    let kick: Notifier
-    let call: Notifier
-    let err: Notifier
+    var rings: [Ring]
     var queueSize = 8
-    var availIdx: UInt16 = 0
-    var lastUsed: UInt16 = 0
+    var kick: Notifier { rings[0].kick }
+    var call: Notifier { rings[0].call }
+    var err: Notifier { rings[0].err }
 
-    init(path: String) throws {
+    init(path: String, queues: Int = 2) throws {
         channel = MessageChannel(try UnixChannel.connect(path: path))
         region = try SharedRegion(name: "rf-test-guest", size: Self.regionSize)
-        kick = try Notifier()
-        call = try Notifier()
-        err = try Notifier()
+        rings = try (0..<queues).map { _ in try Ring() }
     }
 
     static func guest(_ offset: Int) -> UInt64 { guestBase + UInt64(offset) }
@@ -199,6 +214,23 @@ final class TestFrontend {
         try send(.setOwner)
     }
 
+    /// Sets up (and enables) queue `q` in its window.
+    func setUpQueue(_ q: Int, size: Int) throws {
+        let ring = rings[q]
+        let index = UInt32(q)
+        #expect(try acked(.setVringNum, VringState(index: index, num: UInt32(size)).encoded) == 0)
+        #expect(try acked(.setVringBase, VringState(index: index, num: 0).encoded) == 0)
+        let user = { (o: Int) in Self.userBase + UInt64(Self.window(q) + o) }
+        let address = VringAddress(
+            index: index, descriptor: user(Self.descOffset), used: user(Self.usedOffset), avail: user(Self.availOffset))
+        #expect(try acked(.setVringAddr, address.encoded) == 0)
+        let file = VringFile(index: UInt8(q)).encoded
+        #expect(try acked(.setVringKick, file, fds: [ring.kick.fileDescriptor]) == 0)
+        #expect(try acked(.setVringCall, file, fds: [ring.call.fileDescriptor]) == 0)
+        #expect(try acked(.setVringErr, file, fds: [ring.err.fileDescriptor]) == 0)
+        #expect(try acked(.setVringEnable, VringState(index: index, num: 1).encoded) == 0)
+    }
+
     /// Full set-up of queue 0 on one region (or the given split of it).
     func setUp(
         queueSize: Int = 8, eventIndex: Bool = true, indirect: Bool = true,
@@ -209,16 +241,7 @@ final class TestFrontend {
         let table = regions ?? [(Self.guestBase, UInt64(Self.regionSize), Self.userBase, 0)]
         let fds = [Int32](repeating: region.fileDescriptor, count: table.count)
         #expect(try acked(.setMemTable, Self.memoryTable(table), fds: fds) == 0)
-        #expect(try acked(.setVringNum, VringState(index: 0, num: UInt32(queueSize)).encoded) == 0)
-        #expect(try acked(.setVringBase, VringState(index: 0, num: 0).encoded) == 0)
-        let user = { (o: Int) in Self.userBase + UInt64(o) }
-        let address = VringAddress(
-            index: 0, descriptor: user(Self.descOffset), used: user(Self.usedOffset), avail: user(Self.availOffset))
-        #expect(try acked(.setVringAddr, address.encoded) == 0)
-        #expect(try acked(.setVringKick, VringFile(index: 0).encoded, fds: [kick.fileDescriptor]) == 0)
-        #expect(try acked(.setVringCall, VringFile(index: 0).encoded, fds: [call.fileDescriptor]) == 0)
-        #expect(try acked(.setVringErr, VringFile(index: 0).encoded, fds: [err.fileDescriptor]) == 0)
-        #expect(try acked(.setVringEnable, VringState(index: 0, num: 1).encoded) == 0)
+        try setUpQueue(0, size: queueSize)
     }
 
     // MARK: data plane (raw ring writes: tests may put anything here)
@@ -227,9 +250,9 @@ final class TestFrontend {
 
     func writeDescriptor(
         _ i: Int, address: UInt64, length: UInt32, flags: UInt16, next: UInt16 = 0,
-        table: Int = TestFrontend.descOffset
+        table: Int = TestFrontend.descOffset, queue: Int = 0
     ) {
-        let d = pointer(table + 16 * i)
+        let d = pointer(Self.window(queue) + table + 16 * i)
         d.storeBytes(of: address, toByteOffset: 0, as: UInt64.self)
         d.storeBytes(of: length, toByteOffset: 8, as: UInt32.self)
         d.storeBytes(of: flags, toByteOffset: 12, as: UInt16.self)
@@ -237,25 +260,31 @@ final class TestFrontend {
     }
 
     /// Puts `head` in the avail ring, bumps avail.idx by `advance` (1 unless attacking), kicks.
-    func publish(head: UInt16, advance: UInt16 = 1) {
-        pointer(Self.availOffset + 4 + 2 * Int(availIdx % UInt16(queueSize))).storeBytes(of: head, as: UInt16.self)
-        availIdx &+= advance
-        SharedAccess.store16Release(pointer(Self.availOffset + 2), availIdx)
+    func publish(head: UInt16, advance: UInt16 = 1, queue: Int = 0) {
+        let ring = rings[queue]
+        let avail = Self.window(queue) + Self.availOffset
+        pointer(avail + 4 + 2 * Int(ring.availIdx % UInt16(queueSize))).storeBytes(of: head, as: UInt16.self)
+        ring.availIdx &+= advance
+        // used_event (EVENT_IDX): interrupt me at the next completion.
+        pointer(avail + 4 + 2 * queueSize).storeBytes(of: ring.lastUsed, as: UInt16.self)
+        SharedAccess.store16Release(pointer(avail + 2), ring.availIdx)
         SharedAccess.fullFence()
-        kick.signal()
+        ring.kick.signal()
     }
 
     /// Waits for the next used element; nil on timeout.
-    func waitUsed(seconds: Double = 3) -> (id: UInt32, length: UInt32)? {
+    func waitUsed(seconds: Double = 3, queue: Int = 0) -> (id: UInt32, length: UInt32)? {
+        let ring = rings[queue]
+        let used = Self.window(queue) + Self.usedOffset
         let deadline = Deadline.after(seconds: seconds)
         while !deadline.hasPassed {
-            let idx = SharedAccess.load16Acquire(pointer(Self.usedOffset + 2))
-            if idx != lastUsed {
-                let e = pointer(Self.usedOffset + 4 + 8 * Int(lastUsed % UInt16(queueSize)))
-                lastUsed &+= 1
+            let idx = SharedAccess.load16Acquire(pointer(used + 2))
+            if idx != ring.lastUsed {
+                let e = pointer(used + 4 + 8 * Int(ring.lastUsed % UInt16(queueSize)))
+                ring.lastUsed &+= 1
                 return (e.load(as: UInt32.self), e.load(fromByteOffset: 4, as: UInt32.self))
             }
-            _ = call.wait(until: .after(nanoseconds: 20_000_000))
+            _ = ring.call.wait(until: .after(nanoseconds: 20_000_000))
         }
         return nil
     }
@@ -271,31 +300,33 @@ final class TestFrontend {
     /// A well-formed 3-descriptor request: header, data, status.
     func blockRequest(
         type: BlockProtocol.RequestType, sector: UInt64, data: [UInt8] = [], readLength: Int = 0,
-        dataOffset: Int = TestFrontend.dataOffset
+        dataOffset: Int? = nil, queue: Int = 0
     ) throws -> BlockResult {
+        let w = Self.window(queue)
+        let dataOffset = dataOffset ?? w + Self.dataOffset
+        let headerOffset = w + Self.headerOffset
+        let statusOffset = w + Self.statusOffset
         let header = BlockProtocol.encodeHeader(type: type, sector: sector)
-        header.withUnsafeBytes { pointer(Self.headerOffset).copyMemory(from: $0.baseAddress!, byteCount: 16) }
-        pointer(Self.statusOffset).storeBytes(of: Self.statusSentinel, as: UInt8.self)
+        header.withUnsafeBytes { pointer(headerOffset).copyMemory(from: $0.baseAddress!, byteCount: 16) }
+        pointer(statusOffset).storeBytes(of: Self.statusSentinel, as: UInt8.self)
         let isRead = type == .read || type == .getID
         let length = isRead ? readLength : data.count
         if !isRead && !data.isEmpty {
             data.withUnsafeBytes { pointer(dataOffset).copyMemory(from: $0.baseAddress!, byteCount: data.count) }
         }
-        writeDescriptor(0, address: Self.guest(Self.headerOffset), length: 16, flags: SplitLayout.flagNext, next: 1)
+        let next: UInt16 = length > 0 ? 1 : 2
+        writeDescriptor(0, address: Self.guest(headerOffset), length: 16, flags: SplitLayout.flagNext, next: next, queue: queue)
         if length > 0 {
             writeDescriptor(
                 1, address: Self.guest(dataOffset), length: UInt32(length),
-                flags: SplitLayout.flagNext | (isRead ? SplitLayout.flagWrite : 0), next: 2)
-            writeDescriptor(2, address: Self.guest(Self.statusOffset), length: 1, flags: SplitLayout.flagWrite)
-        } else {
-            writeDescriptor(0, address: Self.guest(Self.headerOffset), length: 16, flags: SplitLayout.flagNext, next: 2)
-            writeDescriptor(2, address: Self.guest(Self.statusOffset), length: 1, flags: SplitLayout.flagWrite)
+                flags: SplitLayout.flagNext | (isRead ? SplitLayout.flagWrite : 0), next: 2, queue: queue)
         }
-        publish(head: 0)
-        guard let used = waitUsed() else { throw FrontendError.timeout }
+        writeDescriptor(2, address: Self.guest(statusOffset), length: 1, flags: SplitLayout.flagWrite, queue: queue)
+        publish(head: 0, queue: queue)
+        guard let used = waitUsed(queue: queue) else { throw FrontendError.timeout }
         #expect(used.id == 0)
         let out = isRead ? [UInt8](UnsafeRawBufferPointer(start: pointer(dataOffset), count: length)) : []
-        return BlockResult(status: pointer(Self.statusOffset).load(as: UInt8.self), usedLength: used.length, data: out)
+        return BlockResult(status: pointer(statusOffset).load(as: UInt8.self), usedLength: used.length, data: out)
     }
 
     /// Publishes a chain the test built by hand and returns its used element.
