@@ -16,6 +16,8 @@ public final class BlockRequestHandler: QueueHandler {
     /// Requests served, and how many ended with a status other than OK (for tests and logs).
     public private(set) var served = 0
     public private(set) var failed = 0
+    /// Malformed chains seen (each completed with used length 0).
+    public private(set) var rejected = 0
 
     init(device: VirtioBlockDevice, queue: Int) {
         self.device = device
@@ -34,7 +36,12 @@ public final class BlockRequestHandler: QueueHandler {
             case .rejected(let head, let violation):
                 // The chain cannot be trusted to locate a status byte: used length 0 says
                 // "nothing written", and the queue goes on (the request failed).
-                device.onEvent(.requestRejected(queue: queueIndex, violation))
+                // Logged rate-limited (the first 8, then at powers of two): a driver that
+                // sends garbage in a loop must not flood the log (R6).
+                rejected += 1
+                if rejected <= 8 || rejected & (rejected - 1) == 0 {
+                    device.onEvent(.requestRejected(queue: queueIndex, violation))
+                }
                 queue.complete(head: head, length: 0)
                 failed += 1
             case .ready:

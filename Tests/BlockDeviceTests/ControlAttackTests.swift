@@ -31,6 +31,16 @@ import Virtqueue
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
 
+    @Test(arguments: [UInt32(0x10000), 0xffff_ffff])
+    func vringBaseBeyondIndexRangeIsRefused(base: UInt32) throws {
+        let fixture = try BackendFixture()
+        defer { fixture.shutdown() }
+        let f = try TestFrontend(path: fixture.socketPath)
+        try f.negotiate()
+        #expect(try f.acked(.setVringBase, VringState(index: 0, num: base).encoded) != 0)
+        try fixture.expectServesWellBehavedFrontend(after: f)
+    }
+
     @Test func vringIndexBeyondQueueCountIsRefused() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
