@@ -61,7 +61,11 @@ public final class UnixChannel: @unchecked Sendable {
     }
 
     /// Sends all of `bytes` with `descriptors` attached to the first chunk.
-    public func send(_ bytes: UnsafeRawBufferPointer, descriptors: [Int32] = []) throws(Error) {
+    /// On a non-blocking socket a peer that stops reading makes sendmsg return EAGAIN:
+    /// wait for room until `deadline` instead of spinning on it (R5), then `.timedOut`.
+    public func send(
+        _ bytes: UnsafeRawBufferPointer, descriptors: [Int32] = [], until deadline: Deadline = .distantFuture
+    ) throws(Error) {
         var sent = 0
         var fds = descriptors
         while sent < bytes.count || (bytes.count == 0 && sent == 0 && !fds.isEmpty) {
@@ -71,7 +75,10 @@ public final class UnixChannel: @unchecked Sendable {
                     fdp.baseAddress, Int32(fdp.count))
             }
             if n < 0 {
-                if errno == EAGAIN { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    try waitWritable(until: deadline)
+                    continue
+                }
                 if errno == EPIPE || errno == ECONNRESET { throw .closed }
                 throw .system(.current("sendmsg"))
             }
@@ -81,11 +88,31 @@ public final class UnixChannel: @unchecked Sendable {
         }
     }
 
-    public func send(_ bytes: [UInt8], descriptors: [Int32] = []) throws(Error) {
+    public func send(_ bytes: [UInt8], descriptors: [Int32] = [], until deadline: Deadline = .distantFuture) throws(Error) {
         let result = bytes.withUnsafeBytes { b in
-            Result { () throws(Error) in try send(b, descriptors: descriptors) }
+            Result { () throws(Error) in try send(b, descriptors: descriptors, until: deadline) }
         }
         try result.get()
+    }
+
+    /// Waits until writable or the deadline passes.
+    public func waitWritable(until deadline: Deadline) throws(Error) {
+        while true {
+            var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLOUT), revents: 0)
+            let r = poll(&pfd, 1, deadline.pollTimeoutMilliseconds)
+            if r > 0 { return }
+            if r == 0 { throw .timedOut }
+            if errno != EINTR { throw .system(.current("poll")) }
+        }
+    }
+
+    /// Makes the socket non-blocking, so no send or receive can block past a deadline
+    /// (receives already poll first; sends then wait for room with a deadline).
+    public func setNonBlocking() throws(Error) {
+        let flags = fcntl(fileDescriptor, F_GETFL)
+        guard flags >= 0, fcntl(fileDescriptor, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            throw .system(.current("fcntl(O_NONBLOCK)"))
+        }
     }
 
     /// Waits until readable or the deadline passes.
