@@ -82,7 +82,14 @@ public final class Backend: Sendable {
         let number = connections.add(1, ordering: .relaxed).newValue
         report(.connected(connection: number))
         let session = BackendSession(backend: self, connection: number)
-        let reason = session.run(MessageChannel(channel))
+        // Non-blocking: a front-end that stops reading cannot block a reply forever (R5).
+        let reason: VhostUserError?
+        do {
+            try channel.setNonBlocking()
+            reason = session.run(MessageChannel(channel))
+        } catch {
+            reason = .channel(error)
+        }
         session.tearDown()
         channel.shutdown()
         report(.disconnected(connection: number, reason: reason))
@@ -225,9 +232,11 @@ final class BackendSession {
         let reply = Message(
             header: MessageHeader(request: code, flags: HeaderFlags.version | HeaderFlags.reply, size: 8),
             payload: w.bytes)
-        do { try channel.send(reply) } catch { return error }
+        do { try channel.send(reply, until: replyDeadline) } catch { return error }
         return nil
     }
+
+    private var replyDeadline: Deadline { .after(seconds: backend.configuration.messageDeadline) }
 
     private func ack(_ request: Request, _ status: UInt64) -> Message {
         Message(request, flags: HeaderFlags.version | HeaderFlags.reply, payload: U64Payload(status).encoded)
@@ -237,7 +246,7 @@ final class BackendSession {
         var outgoing: Message? = reply
         if let hook = backend.replyHook { outgoing = hook.willSend(reply, answering: request) }
         guard let outgoing else { return nil }
-        do { try channel.send(outgoing) } catch { return error }
+        do { try channel.send(outgoing, until: replyDeadline) } catch { return error }
         return nil
     }
 

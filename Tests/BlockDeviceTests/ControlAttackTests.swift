@@ -260,6 +260,30 @@ import Virtqueue
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
 
+    /// R5: a front-end that floods requests and never reads the replies fills the socket;
+    /// the reply then times out and the connection is dropped (no thread blocked forever).
+    @Test func frontendThatNeverReadsRepliesIsDropped() throws {
+        let fixture = try BackendFixture()
+        defer { fixture.shutdown() }
+        let f = try TestFrontend(path: fixture.socketPath)
+        try f.channel.channel.setNonBlocking()
+        let request = MessageHeader(request: Request.getFeatures.rawValue, flags: HeaderFlags.version, size: 0).encoded
+        let burst = [UInt8]((0..<256).flatMap { _ in request })
+        var sentBursts = 0
+        do {
+            while sentBursts < 100_000 {
+                try f.channel.channel.send(burst, until: .after(seconds: 0.5))
+                sentBursts += 1
+            }
+        } catch {
+            // The back-end stopped reading: either blocked on its reply (until the deadline)
+            // or gone. Both are fine; what matters is what follows.
+        }
+        #expect(fixture.waitForEvent(containing: "#1 disconnected", seconds: 5))
+        #expect(fixture.eventLog().contains { $0.contains("timed out") })
+        try fixture.expectServesWellBehavedFrontend(after: f)
+    }
+
     @Test func requestWithReplyFlagDropsConnection() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
