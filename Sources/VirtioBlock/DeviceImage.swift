@@ -43,29 +43,6 @@ public final class DeviceImage: Sendable {
         if let directFD { closeDescriptor(directFD) }
     }
 
-    /// Reads exactly `buffer.count` bytes at `offset`; past end of file reads zeros.
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
-        guard let base = buffer.baseAddress else { return true }
-        var done = 0
-        var useDirect = directFD != nil
-        while done < buffer.count {
-            let n = pread(useDirect ? directFD ?? fd : fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n > 0 {
-                done += n
-            } else if n == 0 {
-                (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return true
-            } else if errno == EINTR {
-                continue
-            } else if errno == EINVAL && useDirect {
-                useDirect = false
-            } else {
-                return false
-            }
-        }
-        return true
-    }
-
     /// Writes all of `buffer` at `offset`.
     func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
@@ -84,6 +61,54 @@ public final class DeviceImage: Sendable {
             }
         }
         return true
+    }
+
+    /// Largest vector count one preadv/pwritev takes (Linux IOV_MAX).
+    static let maximumVectors = 1024
+
+    /// One vectored transfer of all of `vectors` at `offset` (a chain's data pieces in a
+    /// few system calls instead of one per piece). Short transfers are continued; a read
+    /// past the end of the file gives zeros. `vectors` is consumed (advanced in place).
+    func transfer(_ vectors: UnsafeMutableBufferPointer<iovec>, at offset: UInt64, write: Bool) -> Bool {
+        guard let base = vectors.baseAddress else { return true }
+        var first = 0
+        var position = off_t(offset)
+        var useDirect = directFD != nil
+        while true {
+            while first < vectors.count && vectors[first].iov_len == 0 { first += 1 }
+            guard first < vectors.count else { return true }
+            let fd = useDirect ? directFD ?? self.fd : self.fd
+            let count = Int32(min(vectors.count - first, Self.maximumVectors))
+            let n = write ? pwritev(fd, base + first, count, position) : preadv(fd, base + first, count, position)
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EINVAL && useDirect {
+                    useDirect = false
+                    continue
+                }
+                return false
+            }
+            if n == 0 {
+                guard !write else { return false }
+                for i in first..<vectors.count {
+                    vectors[i].iov_base?.initializeMemory(as: UInt8.self, repeating: 0, count: vectors[i].iov_len)
+                }
+                return true
+            }
+            position += off_t(n)
+            var left = n
+            while left > 0 && first < vectors.count {
+                let length = vectors[first].iov_len
+                if left >= length {
+                    left -= length
+                    first += 1
+                } else {
+                    vectors[first].iov_base = vectors[first].iov_base.map { $0 + left }
+                    vectors[first].iov_len = length - left
+                    left = 0
+                }
+            }
+        }
     }
 
     func flush() -> Bool {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 public import SharedMemory
 public import VhostUser
 public import Virtqueue
@@ -18,6 +21,11 @@ public final class BlockRequestHandler: QueueHandler {
     public private(set) var failed = 0
     /// Malformed chains seen (each completed with used length 0).
     public private(set) var rejected = 0
+
+    /// Reused for every request's data pieces.
+    let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: DeviceImage.maximumVectors)
+
+    deinit { vectors.deallocate() }
 
     init(device: VirtioBlockDevice, queue: Int) {
         self.device = device
@@ -75,17 +83,15 @@ public final class BlockRequestHandler: QueueHandler {
         switch BlockProtocol.RequestType(rawValue: type) {
         case .read:
             guard let offset = byteRange(sector: sector, length: dataIn) else { return finish(.ioError, written: 0) }
-            let ok = forEachPiece(chain.writable, from: 0, count: dataIn) { buffer, at in
-                image.read(into: buffer, at: offset + at)
-            }
+            let ok = transfer(chain.writable, from: 0, count: dataIn, fileOffset: offset, write: false)
             return ok ? finish(.ok, written: dataIn) : finish(.ioError, written: 0)
         case .write:
             guard !device.readOnly, let offset = byteRange(sector: sector, length: dataOut) else {
                 return finish(.ioError, written: 0)
             }
-            let ok = forEachPiece(chain.readable, from: UInt64(BlockProtocol.requestHeaderSize), count: dataOut) {
-                buffer, at in image.write(from: UnsafeRawBufferPointer(buffer), at: offset + at)
-            }
+            let ok = transfer(
+                chain.readable, from: UInt64(BlockProtocol.requestHeaderSize), count: dataOut, fileOffset: offset,
+                write: true)
             return finish(ok ? .ok : .ioError, written: 0)
         case .flush:
             return finish(image.flush() ? .ok : .ioError, written: 0)
@@ -102,6 +108,30 @@ public final class BlockRequestHandler: QueueHandler {
         case .none:
             return finish(.unsupported, written: 0)
         }
+    }
+
+    /// Moves the bytes `[start, start + count)` of `segments` to or from the image at
+    /// `fileOffset`, in batches of up to IOV_MAX pieces (preallocated vector table: the
+    /// hot path allocates nothing).
+    func transfer(
+        _ segments: ArraySlice<ChainSegment>, from start: UInt64, count: UInt64, fileOffset: UInt64, write: Bool
+    ) -> Bool {
+        let image = device.image
+        let vectors = self.vectors
+        var used = 0
+        var batchStart: UInt64 = 0
+        let collected = forEachPiece(segments, from: start, count: count) { buffer, at in
+            if used == vectors.count {
+                guard image.transfer(vectors, at: fileOffset + batchStart, write: write) else { return false }
+                used = 0
+                batchStart = at
+            }
+            vectors[used] = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+            used += 1
+            return true
+        }
+        guard collected else { return false }
+        return image.transfer(UnsafeMutableBufferPointer(rebasing: vectors[0..<used]), at: fileOffset + batchStart, write: write)
     }
 
     /// DISCARD / WRITE_ZEROES: a list of `{le64 sector; le32 num_sectors; le32 flags}`.
