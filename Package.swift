@@ -73,9 +73,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
-            // main.swift holds the @main command; with more than one file the compiler
-            // would treat main.swift as top-level code without this.
-            swiftSettings: strict + [.unsafeFlags(["-parse-as-library"])]
+            swiftSettings: strict
         ),
         .testTarget(
             name: "SharedMemoryTests",

@@ -492,7 +492,8 @@ final class BackendSession {
         do {
             return try DeviceQueue(
                 queueSize: size, userDescriptorAddress: a.descriptor, userAvailAddress: a.avail,
-                userUsedAddress: a.used, features: features, memory: memory, startIndex: base)
+                userUsedAddress: a.used, features: features, memory: memory, startIndex: base,
+                indirectLimit: device.maximumChainLength)
         } catch {
             throw .refused("ring \(a.index): \(error)")
         }

@@ -12,6 +12,10 @@ public protocol VhostUserDevice: AnyObject, Sendable {
     var protocolFeatures: ProtocolFeatures { get }
     /// Queues the device serves (GET_QUEUE_NUM; indexes above are refused).
     var queueCount: Int { get }
+    /// Longest descriptor chain the device's config lets a driver build (virtio-blk:
+    /// `seg_max` + 2). Indirect tables up to this length are accepted even on a smaller
+    /// ring, because Linux sizes them by `seg_max`, not by the ring. 0: the ring size.
+    var maximumChainLength: Int { get }
 
     /// GET_CONFIG: `size` bytes of config space from `offset`, or nil to refuse.
     /// (Hook point: an adversary returns hostile config here.)
@@ -43,6 +47,10 @@ public protocol QueueHandler: AnyObject {
 
     /// The kick wait timed out (a timer, about once per `Backend.Configuration.idleTick`).
     func idle(_ queue: DeviceQueue, memory: GuestMemory)
+}
+
+extension VhostUserDevice {
+    public var maximumChainLength: Int { 0 }
 }
 
 extension QueueHandler {

@@ -18,8 +18,13 @@ final class CallSlot: Sendable {
 /// Timing knobs of a queue thread (rule R5: every wait has a deadline; §5: spin briefly,
 /// then block).
 public struct QueueTiming: Sendable {
-    /// How long to keep polling the avail ring after the last request before blocking.
+    /// How long to keep polling the avail ring after the last request before blocking,
+    /// at first. It then adapts (as QEMU's adaptive polling): it grows when the kick that
+    /// ended a block came soon after (a longer spin would have caught it without two
+    /// wake-ups), and shrinks when blocks are long (spinning was wasted).
     public var spinNanoseconds: UInt64 = 20_000
+    /// Upper bound of the adaptive spin (2 cores here: never spin for long).
+    public var maximumSpinNanoseconds: UInt64 = 100_000
     /// Longest block on the kick eventfd; the handler's `idle` hook runs after each.
     public var idleTick: Double = 1.0
     /// Poll interval for a ring whose front-end sent no kick fd (polling mode).
@@ -83,6 +88,8 @@ final class QueueWorker: @unchecked Sendable {
     private func run() {
         let budget = Int(queue.queueSize)
         var spinStart: UInt64 = 0
+        let maximumSpin = max(timing.maximumSpinNanoseconds, timing.spinNanoseconds)
+        var spinLimit = timing.spinNanoseconds
         queue.disableNotifications()
         while !shouldStop {
             if queue.isBroken {
@@ -105,7 +112,7 @@ final class QueueWorker: @unchecked Sendable {
             // Nothing to do: spin briefly (cheap re-checks of avail.idx), then block.
             let now = monotonicNanoseconds()
             if spinStart == 0 { spinStart = now }
-            if now &- spinStart < timing.spinNanoseconds {
+            if now &- spinStart < spinLimit {
                 sched_yield()
                 continue
             }
@@ -116,8 +123,17 @@ final class QueueWorker: @unchecked Sendable {
             }
             let timeout =
                 kick == nil ? timing.pollingIntervalNanoseconds : UInt64(timing.idleTick * 1e9)
+            let blockStart = monotonicNanoseconds()
             let kicked = waitForKick(timeoutNanoseconds: timeout)
             queue.disableNotifications()
+            if kick != nil {
+                let blocked = monotonicNanoseconds() &- blockStart
+                if kicked && blocked < maximumSpin {
+                    spinLimit = min(maximumSpin, max(spinLimit &* 2, 4_000))
+                } else {
+                    spinLimit /= 2
+                }
+            }
             // Kicks that never bring work are a storm: back off so it costs the front-end
             // time, not us CPU (R5). Any served request resets the count.
             if kicked && emptyKicks < UInt64.max { emptyKicks += 1 }

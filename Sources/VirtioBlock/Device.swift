@@ -69,6 +69,9 @@ public final class VirtioBlockDevice: VhostUserDevice {
 
     public var queueCount: Int { options.queueCount }
 
+    /// `seg_max` + 2 (header and status): what Linux sizes its indirect tables by.
+    public var maximumChainLength: Int { options.queueSize }
+
     /// The config space (what GET_CONFIG serves).
     public var config: BlockConfig {
         var c = BlockConfig()

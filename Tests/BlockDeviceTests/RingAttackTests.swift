@@ -46,20 +46,45 @@ import Virtqueue
         #expect(fixture.eventLog().contains { $0.contains("loop") })
     }
 
-    @Test func chainLongerThanQueueIsRejected() throws {
+    /// An indirect table longer than seg_max + 2 (the longest chain the config allows).
+    @Test func chainLongerThanAdvertisedLimitIsRejected() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
         let f = try TestFrontend(path: fixture.socketPath)
         try f.setUp(queueSize: 8)
         Self.prepareHeader(f)
-        // An indirect table of 16 entries, each chained to the next: longer than the queue.
-        for i in 0..<16 {
+        let table = 0x18000
+        let entries = 300  // > 256 = seg_max 254 + 2
+        for i in 0..<entries {
             f.writeDescriptor(
-                i, address: F.guest(F.dataOffset + 512 * i), length: 512,
-                flags: i == 15 ? Self.write : Self.next | Self.write, next: UInt16(i + 1), table: F.indirectOffset)
+                i, address: F.guest(F.dataOffset + 16 * i), length: 16,
+                flags: i == entries - 1 ? Self.write : Self.next | Self.write, next: UInt16(i + 1), table: table)
         }
-        f.writeDescriptor(0, address: F.guest(F.indirectOffset), length: 16 * 16, flags: Self.indirect)
+        f.writeDescriptor(0, address: F.guest(table), length: UInt32(16 * entries), flags: Self.indirect)
         try Self.expectRejectedThenRecovered(fixture, f)
+        #expect(fixture.eventLog().contains { $0.contains("indirect table length 4800") })
+    }
+
+    /// Linux sizes indirect tables by seg_max, not by the ring: a 20-entry table on an
+    /// 8-entry ring is legitimate (found with a real guest, 191-entry tables on a 128 ring).
+    @Test func indirectTableLongerThanRingWithinSegMaxIsServed() throws {
+        let fixture = try BackendFixture()
+        defer { fixture.shutdown() }
+        let f = try TestFrontend(path: fixture.socketPath)
+        try f.setUp(queueSize: 8)
+        Self.prepareHeader(f, sector: 10)
+        let table = 0x18000
+        f.writeDescriptor(0, address: F.guest(F.headerOffset), length: 16, flags: Self.next, next: 1, table: table)
+        for i in 1...18 {
+            f.writeDescriptor(
+                i, address: F.guest(F.dataOffset + 512 * (i - 1)), length: 512, flags: Self.next | Self.write,
+                next: UInt16(i + 1), table: table)
+        }
+        f.writeDescriptor(19, address: F.guest(F.statusOffset), length: 1, flags: Self.write, table: table)
+        f.writeDescriptor(0, address: F.guest(table), length: 16 * 20, flags: Self.indirect)
+        let used = try f.submitRaw()
+        #expect(used.length == 18 * 512 + 1 && f.statusByte == 0)
+        for i in 0..<18 { #expect(f.pointer(F.dataOffset + 512 * i).load(as: UInt8.self) == UInt8(10 + i)) }
     }
 
     @Test(arguments: [
