@@ -19,6 +19,9 @@ public final class Backend: Sendable {
     public struct Configuration: Sendable {
         /// Time allowed for the rest of a message once its first byte arrived (R5).
         public var messageDeadline: Double = 5
+        /// A front-end that connects and says nothing would hold the one serving slot
+        /// forever: it is dropped if its first message does not start within this (R5).
+        public var firstMessageDeadline: Double = 10
         /// How often the idle loops look at the stop flag.
         public var pollInterval: Double = 0.2
         /// Largest ring accepted (SET_VRING_NUM).
@@ -155,10 +158,17 @@ final class BackendSession {
 
     func run(_ channel: MessageChannel) -> VhostUserError? {
         let config = backend.configuration
+        let firstMessage = Deadline.after(seconds: config.firstMessageDeadline)
+        var spoken = false
         while !backend.isStopping {
             do {
                 try channel.channel.waitReadable(until: .after(seconds: config.pollInterval))
+                spoken = true
             } catch .timedOut {
+                if !spoken && firstMessage.hasPassed {
+                    backend.report(.rejected(connection: connection, request: 0, reason: "no message within \(config.firstMessageDeadline) s"))
+                    return .channel(.timedOut)
+                }
                 continue
             } catch {
                 return .channel(error)

@@ -284,6 +284,16 @@ import Virtqueue
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
 
+    /// R5: connecting and saying nothing must not hold the one serving slot forever.
+    @Test func silentFrontendIsDroppedAtFirstMessageDeadline() throws {
+        let fixture = try BackendFixture()
+        defer { fixture.shutdown() }
+        let f = try TestFrontend(path: fixture.socketPath)
+        #expect(f.isDropped())
+        #expect(fixture.waitForEvent(containing: "no message within"))
+        try fixture.expectServesWellBehavedFrontend(after: f)
+    }
+
     @Test func requestWithReplyFlagDropsConnection() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }

@@ -34,6 +34,7 @@ final class BackendFixture: @unchecked Sendable {
         let device = VirtioBlockDevice(image: image, options: options, onEvent: record)
         var configuration = Backend.Configuration()
         configuration.messageDeadline = 1
+        configuration.firstMessageDeadline = 1
         configuration.pollInterval = 0.05
         configuration.queueTiming.idleTick = 0.2
         backend = Backend(device: device, configuration: configuration, onEvent: record)
