@@ -1,5 +1,4 @@
 import ArgumentParser
-import Foundation
 import Logging
 import SharedMemory
 import VhostUser
@@ -90,15 +89,43 @@ struct ServeBlkCommand: ParsableCommand {
         logger.info(
             "serving \(image) (\(deviceImage.size) bytes\(device.readOnly ? ", read-only" : ""), \(queues) queue(s) of up to \(queueSize))"
         )
-        let mask = signals
-        Thread.detachNewThread {
-            var set = mask
-            var received: Int32 = 0
-            sigwait(&set, &received)
+        // A plain pthread inherits the mask (Foundation's Thread resets it, which let a
+        // SIGTERM kill the process by default action before the socket was removed).
+        try startSignalWaiter(signals) { received in
             log.notice("signal \(received): shutting down")
             backend.stop()
         }
         try backend.run(socketPath: socket)
         logger.info("stopped; removed \(socket)")
     }
+}
+
+/// Waits for one of `signals` (blocked in every thread) on a detached pthread that
+/// inherits the caller's mask, then calls `handler`.
+private func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) throws {
+    final class Waiter: @unchecked Sendable {
+        var signals: sigset_t
+        let handler: @Sendable (Int32) -> Void
+        init(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) {
+            self.signals = signals
+            self.handler = handler
+        }
+    }
+    let box = Unmanaged.passRetained(Waiter(signals, handler)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(
+        &thread, nil,
+        { arg in
+            guard let arg else { return nil }
+            let waiter = Unmanaged<Waiter>.fromOpaque(arg).takeRetainedValue()
+            var received: Int32 = 0
+            while sigwait(&waiter.signals, &received) != 0 {}
+            waiter.handler(received)
+            return nil
+        }, box)
+    guard rc == 0 else {
+        Unmanaged<Waiter>.fromOpaque(box).release()
+        throw ValidationError("cannot start the signal thread (error \(rc))")
+    }
+    pthread_detach(thread)
 }
