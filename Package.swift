@@ -55,7 +55,7 @@ let package = Package(
         ),
         .target(
             name: "VirtioBlock",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser"],
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
             swiftSettings: strict
         ),
         .target(
@@ -94,6 +94,11 @@ let package = Package(
         .testTarget(
             name: "VirtioBlockTests",
             dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "RingHarness"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "BlockDeviceTests",
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -125,3 +125,13 @@ int rf_pin_thread(int cpu) {
 }
 
 int rf_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
+
+// block device back-end (file images)
+#include <linux/falloc.h>
+const int RF_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
+const int RF_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
+const int RF_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
+const int RF_O_DIRECT = O_DIRECT;
+int rf_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}

@@ -11,6 +11,7 @@ struct RingFence: ParsableCommand {
         subcommands: [
             DemoCommand.self,
             Blk.self,
+            ServeBlkCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
         ])

@@ -113,6 +113,26 @@ public struct GuestMemory: Sendable {
         throw .unmapped(address: address, length: length)
     }
 
+    /// Translates the longest prefix of `[address, address+length)` that lies inside one
+    /// region. Guest RAM may be announced as several adjacent regions (QEMU splits RAM
+    /// below 4 GiB around holes), and a real driver's buffer may straddle two of them:
+    /// callers walk such a buffer piece by piece, each piece checked here.
+    /// `length == 0` still requires `address` to lie inside a region.
+    @inline(__always)
+    public func translatePrefix(_ address: UInt64, length: UInt64) throws(TranslationError)
+        -> UnsafeMutableRawBufferPointer
+    {
+        guard !address.addingReportingOverflow(length).overflow else {
+            throw .overflow(address: address, length: length)
+        }
+        for r in regions where address >= r.guestAddress && address < r.guestEnd {
+            let count = min(length, r.guestEnd - address)
+            let offset = Int(address - r.guestAddress)
+            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(count))
+        }
+        throw .unmapped(address: address, length: length)
+    }
+
     /// Translates a vhost-user "user" (frontend virtual) address, used for ring addresses.
     public func translateUser(_ address: UInt64, length: UInt64) throws(TranslationError)
         -> UnsafeMutableRawBufferPointer

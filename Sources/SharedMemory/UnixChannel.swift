@@ -107,13 +107,22 @@ public final class UnixChannel: @unchecked Sendable {
     }
 
     /// Waits until writable (or the peer hung up) or the deadline passes.
-    func waitWritable(until deadline: Deadline) throws(Error) {
+    public func waitWritable(until deadline: Deadline) throws(Error) {
         while true {
             var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLOUT), revents: 0)
             let r = poll(&pfd, 1, deadline.pollTimeoutMilliseconds)
             if r > 0 { return }
             if r == 0 { throw .timedOut }
             if errno != EINTR { throw .system(.current("poll")) }
+        }
+    }
+
+    /// Makes the socket non-blocking, so no send or receive can block past a deadline
+    /// (receives already poll first; sends then wait for room with a deadline).
+    public func setNonBlocking() throws(Error) {
+        let flags = fcntl(fileDescriptor, F_GETFL)
+        guard flags >= 0, fcntl(fileDescriptor, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            throw .system(.current("fcntl(O_NONBLOCK)"))
         }
     }
 

@@ -156,9 +156,9 @@ public struct MessageChannel: Sendable {
 
     public init(_ channel: UnixChannel) { self.channel = channel }
 
-    public func send(_ message: Message) throws(VhostUserError) {
+    public func send(_ message: Message, until deadline: Deadline = .distantFuture) throws(VhostUserError) {
         do {
-            try channel.send(message.encoded, descriptors: message.descriptors)
+            try channel.send(message.encoded, descriptors: message.descriptors, until: deadline)
         } catch {
             throw .channel(error)
         }

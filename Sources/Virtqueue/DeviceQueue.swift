@@ -83,36 +83,39 @@ public final class DeviceQueue {
     public private(set) var violation: Violation?
     public var isBroken: Bool { violation != nil }
 
-    /// Largest indirect table accepted, in descriptors.
+    /// Largest indirect table accepted, in descriptors: the queue size unless the device
+    /// advertised more (virtio-blk's `seg_max` + 2 may exceed a small ring, and Linux then
+    /// builds indirect tables that long). Bounded by 32768 either way (R5).
     public let indirectLimit: Int
 
     /// Sets up a queue on ring memory the driver announced by guest address. Each part
     /// is translated once, with its full length, and checked for alignment.
     public convenience init(
         queueSize: Int, descriptorAddress: UInt64, availAddress: UInt64, usedAddress: UInt64,
-        features: RingFeatures, memory: GuestMemory, startIndex: UInt16 = 0
+        features: RingFeatures, memory: GuestMemory, startIndex: UInt16 = 0, indirectLimit: Int? = nil
     ) throws(RingSetupError) {
         try self.init(
             queueSize: queueSize, features: features, startIndex: startIndex,
             translate: { (a, l) throws(TranslationError) in try memory.translate(a, length: l) },
-            addresses: (descriptorAddress, availAddress, usedAddress))
+            addresses: (descriptorAddress, availAddress, usedAddress), indirectLimit: indirectLimit)
     }
 
     /// The same, for rings announced by vhost-user "user" addresses.
     public convenience init(
         queueSize: Int, userDescriptorAddress: UInt64, userAvailAddress: UInt64,
-        userUsedAddress: UInt64, features: RingFeatures, memory: GuestMemory, startIndex: UInt16 = 0
+        userUsedAddress: UInt64, features: RingFeatures, memory: GuestMemory, startIndex: UInt16 = 0,
+        indirectLimit: Int? = nil
     ) throws(RingSetupError) {
         try self.init(
             queueSize: queueSize, features: features, startIndex: startIndex,
             translate: { (a, l) throws(TranslationError) in try memory.translateUser(a, length: l) },
-            addresses: (userDescriptorAddress, userAvailAddress, userUsedAddress))
+            addresses: (userDescriptorAddress, userAvailAddress, userUsedAddress), indirectLimit: indirectLimit)
     }
 
     init(
         queueSize: Int, features: RingFeatures, startIndex: UInt16,
         translate: (UInt64, UInt64) throws(TranslationError) -> UnsafeMutableRawBufferPointer,
-        addresses: (UInt64, UInt64, UInt64)
+        addresses: (UInt64, UInt64, UInt64), indirectLimit: Int? = nil
     ) throws(RingSetupError) {
         guard SplitLayout.isValidQueueSize(queueSize) else { throw .invalidQueueSize(queueSize) }
         func part(_ name: String, _ address: UInt64, _ size: Int, _ align: UInt64) throws(RingSetupError)
@@ -132,7 +135,7 @@ public final class DeviceQueue {
         self.queueSize = UInt16(truncatingIfNeeded: queueSize)
         self.mask = UInt16(truncatingIfNeeded: queueSize - 1)
         self.features = features
-        self.indirectLimit = queueSize
+        self.indirectLimit = max(queueSize, min(indirectLimit ?? 0, SplitLayout.maximumQueueSize))
         lastAvail = startIndex
         availSnapshot = startIndex
         usedIndex = startIndex
@@ -224,22 +227,37 @@ public final class DeviceQueue {
             } else if sawWritable {
                 return .readableAfterWritable(head: head)
             }
-            let buffer: UnsafeMutableRawBufferPointer
-            do {
-                buffer = try memory.translate(untrustedAddress, length: UInt64(untrustedLength))
-            } catch {
-                return .descriptorAddressInvalid(head: head, error)
-            }
             total += UInt64(untrustedLength)  // <= 2^16 descriptors * 2^32: cannot overflow
             guard total <= UInt64(UInt32.max) else { return .chainLengthOverflow(head: head) }
-            if writable {
-                chain.writableLength += UInt64(untrustedLength)
-            } else {
-                chain.readableLength += UInt64(untrustedLength)
-                chain.firstWritable = chain.segments.count + 1
+            // A buffer may straddle adjacent regions (QEMU splits guest RAM): translate it
+            // piece by piece. Each piece ends a region, so there are at most
+            // `GuestMemory.maximumRegions` pieces (R5); a gap anywhere rejects the chain.
+            let length = UInt64(untrustedLength)
+            guard !untrustedAddress.addingReportingOverflow(length).overflow else {
+                return .descriptorAddressInvalid(
+                    head: head, .overflow(address: untrustedAddress, length: length))
             }
-            chain.segments.append(
-                ChainSegment(buffer: buffer, guestAddress: untrustedAddress, deviceWritable: writable))
+            var pieceAddress = untrustedAddress
+            var remaining = length
+            repeat {
+                let piece: UnsafeMutableRawBufferPointer
+                do {
+                    piece = try memory.translatePrefix(pieceAddress, length: remaining)
+                } catch {
+                    return .descriptorAddressInvalid(
+                        head: head, .unmapped(address: untrustedAddress, length: length))
+                }
+                chain.segments.append(
+                    ChainSegment(buffer: piece, guestAddress: pieceAddress, deviceWritable: writable))
+                pieceAddress &+= UInt64(piece.count)
+                remaining -= UInt64(piece.count)
+            } while remaining > 0
+            if writable {
+                chain.writableLength += length
+            } else {
+                chain.readableLength += length
+                chain.firstWritable = chain.segments.count
+            }
 
             guard untrustedFlags & SplitLayout.flagNext != 0 else { return nil }
             guard Int(untrustedNext) < tableEntries else {

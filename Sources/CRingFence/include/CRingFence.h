@@ -53,6 +53,14 @@ int rf_pin_thread(int cpu);
 /// Current thread id (for logs).
 int rf_gettid(void);
 
+// block device back-end (file images)
+/// fallocate(2); returns 0 or -1 (errno set).
+int rf_fallocate(int fd, int mode, int64_t offset, int64_t length);
+extern const int RF_FALLOC_FL_KEEP_SIZE;
+extern const int RF_FALLOC_FL_PUNCH_HOLE;
+extern const int RF_FALLOC_FL_ZERO_RANGE;
+extern const int RF_O_DIRECT;
+
 #ifdef __cplusplus
 }
 #endif

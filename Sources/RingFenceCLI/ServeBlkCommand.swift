@@ -1,0 +1,131 @@
+import ArgumentParser
+import Logging
+import SharedMemory
+import VhostUser
+import VirtioBlock
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `ringfence serve-blk`: export a file as a vhost-user-blk device (a thin shell over
+/// `VhostUser.Backend` + `VirtioBlockDevice`).
+struct ServeBlkCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve-blk",
+        abstract: "Serve a file as a hardened vhost-user-blk device.",
+        discussion: """
+            Listens on --socket and serves one vhost-user front-end (QEMU, or `ringfence blk`) \
+            at a time, until SIGINT or SIGTERM; the socket is removed on exit.
+            """)
+
+    @Option(help: "Unix socket path to listen on.")
+    var socket: String
+
+    @Option(help: "Disk image file (its size, rounded down to 512 bytes, is the capacity).")
+    var image: String
+
+    @Flag(help: "Refuse writes, discards and write-zeroes (VIRTIO_BLK_F_RO).")
+    var readonly = false
+
+    @Option(help: "Number of request queues (1...64).")
+    var queues = 1
+
+    @Option(name: .customLong("queue-size"), help: "Largest ring the driver may use (power of two).")
+    var queueSize = 256
+
+    @Option(name: .customLong("block-size"), help: "Logical block size in bytes (power of two, 512...65536).")
+    var blockSize: UInt32 = 512
+
+    @Flag(help: "Open the image with O_DIRECT.")
+    var direct = false
+
+    @Option(help: "Serial number returned by GET_ID (up to 20 bytes).")
+    var serial = "ringfence"
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    func run() throws {
+        var logger = Logger(label: "ringfence.serve-blk")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        var options = BlockDeviceOptions()
+        options.readOnly = readonly
+        options.queueCount = queues
+        options.queueSize = queueSize
+        options.blockSize = blockSize
+        options.serial = serial
+        options.direct = direct
+        if let problem = options.validate() { throw ValidationError(problem) }
+
+        // Block the signals before any thread exists, so every thread inherits the mask and
+        // only the waiter below receives them (clean shutdown, socket removed).
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let deviceImage = try DeviceImage(path: image, readOnly: readonly, direct: direct)
+        let log = logger
+        let onEvent: @Sendable (BackendEvent) -> Void = { event in
+            switch event {
+            case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
+                log.warning("\(event)")
+            case .disconnected(_, let reason) where reason != nil:
+                log.warning("\(event)")
+            case .message:
+                log.trace("\(event)")
+            case .queueStarted, .queueStopped:
+                log.debug("\(event)")
+            default:
+                log.info("\(event)")
+            }
+        }
+        let device = VirtioBlockDevice(image: deviceImage, options: options, onEvent: onEvent)
+        var configuration = Backend.Configuration()
+        configuration.maximumQueueSize = queueSize
+        let backend = Backend(device: device, configuration: configuration, onEvent: onEvent)
+        logger.info(
+            "serving \(image) (\(deviceImage.size) bytes\(device.readOnly ? ", read-only" : ""), \(queues) queue(s) of up to \(queueSize))"
+        )
+        // A plain pthread inherits the mask (Foundation's Thread resets it, which let a
+        // SIGTERM kill the process by default action before the socket was removed).
+        try startSignalWaiter(signals) { received in
+            log.notice("signal \(received): shutting down")
+            backend.stop()
+        }
+        try backend.run(socketPath: socket)
+        logger.info("stopped; removed \(socket)")
+    }
+}
+
+/// Waits for one of `signals` (blocked in every thread) on a detached pthread that
+/// inherits the caller's mask, then calls `handler`.
+private func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) throws {
+    final class Waiter: @unchecked Sendable {
+        var signals: sigset_t
+        let handler: @Sendable (Int32) -> Void
+        init(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) {
+            self.signals = signals
+            self.handler = handler
+        }
+    }
+    let box = Unmanaged.passRetained(Waiter(signals, handler)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(
+        &thread, nil,
+        { arg in
+            guard let arg else { return nil }
+            let waiter = Unmanaged<Waiter>.fromOpaque(arg).takeRetainedValue()
+            var received: Int32 = 0
+            while sigwait(&waiter.signals, &received) != 0 {}
+            waiter.handler(received)
+            return nil
+        }, box)
+    guard rc == 0 else {
+        Unmanaged<Waiter>.fromOpaque(box).release()
+        throw ValidationError("cannot start the signal thread (error \(rc))")
+    }
+    pthread_detach(thread)
+}

@@ -1,0 +1,106 @@
+public import SharedMemory
+public import Virtqueue
+
+/// A device class served by `Backend` (virtio-blk, later net/fs, or an adversary wrapping
+/// one). The back-end owns the transport (socket, memory table, rings, threads); the
+/// device owns only semantics, so either side can be replaced or wrapped.
+public protocol VhostUserDevice: AnyObject, Sendable {
+    /// Virtio feature bits offered (device and ring bits, VERSION_1 included). The
+    /// back-end adds VHOST_USER_F_PROTOCOL_FEATURES itself.
+    var features: UInt64 { get }
+    /// Protocol features the device needs on top of the transport's (e.g. `.config`).
+    var protocolFeatures: ProtocolFeatures { get }
+    /// Queues the device serves (GET_QUEUE_NUM; indexes above are refused).
+    var queueCount: Int { get }
+    /// Longest descriptor chain the device's config lets a driver build (virtio-blk:
+    /// `seg_max` + 2). Indirect tables up to this length are accepted even on a smaller
+    /// ring, because Linux sizes them by `seg_max`, not by the ring. 0: the ring size.
+    var maximumChainLength: Int { get }
+
+    /// GET_CONFIG: `size` bytes of config space from `offset`, or nil to refuse.
+    /// (Hook point: an adversary returns hostile config here.)
+    func readConfig(offset: UInt32, size: Int) -> [UInt8]?
+    /// SET_CONFIG: returns whether the write was accepted.
+    func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool
+
+    /// A handler for one started queue. Called on the control thread; the handler is then
+    /// used only by that queue's thread until the queue stops.
+    func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler
+
+    /// The front-end went away (or reset the device): drop per-connection state.
+    func frontendDisconnected()
+}
+
+/// Serves one virtqueue; runs on that queue's own thread.
+///
+/// The worker calls `serve`, then `beforePublish`, then publishes used.idx and signals
+/// the call fd if the driver wants it; `idle` runs when a wait timed out. Those three are
+/// the hook points a misbehaving device (the Adversary) overrides.
+public protocol QueueHandler: AnyObject {
+    /// Pops and completes at most `budget` chains. Every popped chain must be completed
+    /// (also the rejected ones) so GET_VRING_BASE can report a consistent index.
+    /// Throws when the queue itself is broken (the worker then fails the queue).
+    func serve(_ queue: DeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int
+
+    /// After completions were recorded, before used.idx is published.
+    func beforePublish(_ queue: DeviceQueue, memory: GuestMemory)
+
+    /// The kick wait timed out (a timer, about once per `Backend.Configuration.idleTick`).
+    func idle(_ queue: DeviceQueue, memory: GuestMemory)
+}
+
+extension VhostUserDevice {
+    public var maximumChainLength: Int { 0 }
+}
+
+extension QueueHandler {
+    public func beforePublish(_ queue: DeviceQueue, memory: GuestMemory) {}
+    public func idle(_ queue: DeviceQueue, memory: GuestMemory) {}
+}
+
+/// What the back-end reports: for logs (the CLI), tests and audits.
+public enum BackendEvent: Sendable, CustomStringConvertible {
+    case listening(path: String)
+    case connected(connection: Int)
+    /// A message arrived and passed the header checks (for trace logs).
+    case message(connection: Int, request: UInt32, size: UInt32, descriptors: Int)
+    /// The connection ended; `reason` is nil for an orderly close by the front-end.
+    case disconnected(connection: Int, reason: VhostUserError?)
+    /// A request was refused (answered with a failure, or the connection dropped).
+    case rejected(connection: Int, request: UInt32, reason: String)
+    case queueStarted(queue: Int, size: Int)
+    case queueStopped(queue: Int, index: UInt16)
+    /// The driver broke a queue (rule R6: that queue stops, the others keep going).
+    case queueFailed(queue: Int, Violation)
+    /// A running ring could not follow a memory-table change (its memory went away).
+    case queueNotRestarted(queue: Int, reason: String)
+    /// A chain was rejected but the queue goes on (the request failed).
+    case requestRejected(queue: Int, Violation)
+
+    public var description: String {
+        switch self {
+        case .listening(let p): return "listening on \(p)"
+        case .connected(let c): return "front-end #\(c) connected"
+        case .message(let c, let r, let size, let fds):
+            let name = Request(rawValue: r)?.description ?? "request \(r)"
+            return "front-end #\(c): \(name) (\(size) bytes, \(fds) fds)"
+        case .disconnected(let c, let r):
+            return "front-end #\(c) disconnected" + (r.map { ": \($0)" } ?? "")
+        case .rejected(let c, let req, let why):
+            let name = Request(rawValue: req)?.description ?? "request \(req)"
+            return "front-end #\(c): \(name) refused: \(why)"
+        case .queueStarted(let q, let n): return "queue \(q) started (size \(n))"
+        case .queueStopped(let q, let i): return "queue \(q) stopped at avail index \(i)"
+        case .queueFailed(let q, let v): return "queue \(q) failed: \(v)"
+        case .queueNotRestarted(let q, let why): return "queue \(q) failed: not restarted after a memory change: \(why)"
+        case .requestRejected(let q, let v): return "queue \(q): request rejected: \(v)"
+        }
+    }
+}
+
+/// Hook on the control plane: lets an adversary rewrite, drop, or add descriptors to a
+/// reply before it is sent. The default back-end has none.
+public protocol ControlReplyHook: AnyObject, Sendable {
+    /// Called for every reply; return nil to send nothing.
+    func willSend(_ reply: Message, answering request: Request) -> Message?
+}

@@ -1,0 +1,204 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SharedMemory
+import Synchronization
+import Virtqueue
+
+/// The call eventfd of one vring. QEMU replaces it while the queue runs (MSI-X vector
+/// changes, masking), so the worker reads it under a lock each time it signals.
+final class CallSlot: Sendable {
+    private let notifier = Mutex<Notifier?>(nil)
+
+    func replace(with new: Notifier?) { notifier.withLock { $0 = new } }
+
+    func signal() { notifier.withLock { _ = $0?.signal() } }
+}
+
+/// Timing knobs of a queue thread (rule R5: every wait has a deadline; §5: spin briefly,
+/// then block).
+public struct QueueTiming: Sendable {
+    /// How long to keep polling the avail ring after the last request before blocking,
+    /// at first. It then adapts (as QEMU's adaptive polling): it grows when the kick that
+    /// ended a block came soon after (a longer spin would have caught it without two
+    /// wake-ups), and shrinks when blocks are long (spinning was wasted).
+    public var spinNanoseconds: UInt64 = 20_000
+    /// Upper bound of the adaptive spin (2 cores here: never spin for long).
+    public var maximumSpinNanoseconds: UInt64 = 100_000
+    /// Longest block on the kick eventfd; the handler's `idle` hook runs after each.
+    public var idleTick: Double = 1.0
+    /// Poll interval for a ring whose front-end sent no kick fd (polling mode).
+    public var pollingIntervalNanoseconds: UInt64 = 200_000
+
+    public init() {}
+}
+
+/// One running queue: its thread, its ring, its handler. Everything here is touched only
+/// by the queue's thread between `start` and `stop` (the join in `stop` hands it back).
+final class QueueWorker: @unchecked Sendable {
+    let index: Int
+    let queue: DeviceQueue
+    let memory: GuestMemory
+    let handler: any QueueHandler
+    let kick: Notifier?
+    let call: CallSlot
+    let err: Notifier?
+    let timing: QueueTiming
+    let report: @Sendable (BackendEvent) -> Void
+    private let wake: Notifier
+    private let stopping = Atomic<Bool>(false)
+    private var thread: pthread_t?
+    /// Consecutive kicks after which the ring was still empty.
+    private var emptyKicks: UInt64 = 0
+    static let stormThreshold: UInt64 = 1024
+
+    init(
+        index: Int, queue: DeviceQueue, memory: GuestMemory, handler: any QueueHandler,
+        kick: Notifier?, call: CallSlot, err: Notifier?, timing: QueueTiming,
+        report: @escaping @Sendable (BackendEvent) -> Void
+    ) throws(SystemError) {
+        self.index = index
+        self.queue = queue
+        self.memory = memory
+        self.handler = handler
+        self.kick = kick
+        self.call = call
+        self.err = err
+        self.timing = timing
+        self.report = report
+        self.wake = try Notifier()
+    }
+
+    func start() throws(SystemError) {
+        thread = try spawnThread { [self] in run() }
+    }
+
+    /// Stops the thread and returns the next avail index (what GET_VRING_BASE reports).
+    /// Every popped chain was completed by the handler, so used.idx has caught up too.
+    func stop() -> UInt16 {
+        stopping.store(true, ordering: .releasing)
+        wake.signal()
+        if let thread { pthread_join(thread, nil) }
+        thread = nil
+        return queue.lastAvail
+    }
+
+    private var shouldStop: Bool { stopping.load(ordering: .acquiring) }
+
+    private func run() {
+        let budget = Int(queue.queueSize)
+        var spinStart: UInt64 = 0
+        let maximumSpin = max(timing.maximumSpinNanoseconds, timing.spinNanoseconds)
+        var spinLimit = timing.spinNanoseconds
+        queue.disableNotifications()
+        while !shouldStop {
+            if queue.isBroken {
+                _ = waitForKick(timeoutNanoseconds: UInt64(timing.idleTick * 1e9))
+                continue
+            }
+            let served: Int
+            do {
+                served = try handler.serve(queue, memory: memory, budget: budget)
+            } catch {
+                fail(error)
+                continue
+            }
+            if served > 0 {
+                publish()
+                spinStart = 0
+                emptyKicks = 0
+                continue
+            }
+            // Nothing to do: spin briefly (cheap re-checks of avail.idx), then block.
+            let now = monotonicNanoseconds()
+            if spinStart == 0 { spinStart = now }
+            if now &- spinStart < spinLimit {
+                sched_yield()
+                continue
+            }
+            spinStart = 0
+            if queue.enableNotifications() {
+                queue.disableNotifications()
+                continue
+            }
+            let timeout =
+                kick == nil ? timing.pollingIntervalNanoseconds : UInt64(timing.idleTick * 1e9)
+            let blockStart = monotonicNanoseconds()
+            let kicked = waitForKick(timeoutNanoseconds: timeout)
+            queue.disableNotifications()
+            if kick != nil {
+                let blocked = monotonicNanoseconds() &- blockStart
+                if kicked && blocked < maximumSpin {
+                    spinLimit = min(maximumSpin, max(spinLimit &* 2, 4_000))
+                } else {
+                    spinLimit /= 2
+                }
+            }
+            // Kicks that never bring work are a storm: back off so it costs the front-end
+            // time, not us CPU (R5). Any served request resets the count.
+            if kicked && emptyKicks < UInt64.max { emptyKicks += 1 }
+            if emptyKicks > Self.stormThreshold { usleep(1000) }
+            if !kicked && kick != nil && !shouldStop {
+                handler.idle(queue, memory: memory)
+                publish()
+            }
+        }
+    }
+
+    private func publish() {
+        handler.beforePublish(queue, memory: memory)
+        if queue.publishUsed() { call.signal() }
+    }
+
+    /// Rule R6: the queue stops serving, the err fd (if any) is signalled, the event is
+    /// reported once; other queues and the connection go on.
+    private func fail(_ violation: Violation) {
+        queue.breakQueue(violation)
+        report(.queueFailed(queue: index, violation))
+        err?.signal()
+    }
+
+    /// Blocks on the kick fd and our wake fd. Returns whether a kick arrived.
+    private func waitForKick(timeoutNanoseconds: UInt64) -> Bool {
+        var fds = [
+            pollfd(fd: wake.fileDescriptor, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: kick?.fileDescriptor ?? -1, events: Int16(POLLIN), revents: 0),
+        ]
+        let deadline = Deadline.after(nanoseconds: timeoutNanoseconds)
+        while !shouldStop {
+            let r = poll(&fds, 2, deadline.pollTimeoutMilliseconds)
+            if r < 0 && errno == EINTR { continue }
+            if r <= 0 { return false }
+            if fds[1].revents != 0 {
+                // A drained counter says nothing about how many requests exist (R5): the
+                // ring is the truth. POLLERR/POLLHUP on a broken eventfd just reads 0.
+                _ = kick?.drain()
+                return true
+            }
+            return false
+        }
+        return false
+    }
+}
+
+/// Starts a joinable pthread running `body`.
+func spawnThread(_ body: @escaping @Sendable () -> Void) throws(SystemError) -> pthread_t {
+    final class Box: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(
+        &thread, nil,
+        { arg in
+            guard let arg else { return nil }
+            Unmanaged<Box>.fromOpaque(arg).takeRetainedValue().body()
+            return nil
+        }, box)
+    guard rc == 0 else {
+        Unmanaged<Box>.fromOpaque(box).release()
+        throw SystemError("pthread_create", errno: .init(rawValue: rc))
+    }
+    return thread
+}
