@@ -33,11 +33,15 @@ struct CopyDevice {
                 queue.complete(head: head, length: 0)
             case .ready:
                 var length = 0
-                if let src = chain.readable.first, let dst = chain.writable.first,
-                    let s = src.buffer.baseAddress, let d = dst.buffer.baseAddress
-                {
-                    length = min(src.buffer.count, dst.buffer.count)
-                    d.copyMemory(from: s, byteCount: length)
+                let segments = chain.segments
+                let w = chain.firstWritable
+                if w > 0, w < segments.count {
+                    let src = segments[0].buffer
+                    let dst = segments[w].buffer
+                    if let s = src.baseAddress, let d = dst.baseAddress {
+                        length = min(src.count, dst.count)
+                        d.copyMemory(from: s, byteCount: length)
+                    }
                 }
                 queue.complete(head: chain.head, length: UInt32(truncatingIfNeeded: length))
             }

@@ -26,19 +26,27 @@ public struct TrustedCompletion: Sendable, Equatable {
 /// full fence before reading the device's flags). Indirect descriptors and EVENT_IDX are
 /// not implemented (the benchmarks negotiate neither).
 ///
-/// Private state is raw pointers, as C would have it.
+/// Private state sits behind raw pointers, as C would have it (no Array bounds or
+/// uniqueness checks, no dynamic exclusivity checks on class properties).
 public final class TrustingDriverQueue {
+    struct State {
+        var freeHead: UInt16 = 0
+        var availIndex: UInt16 = 0
+        var publishedIndex: UInt16 = 0
+        var lastUsed: UInt16 = 0
+        var usedSnapshot: UInt16 = 0
+        var freeCount = 0
+    }
+
     public let memory: DriverRingMemory
     public let queueSize: UInt16
     let mask: UInt16
     /// `desc_state[head].data`: the caller's token per head.
     let tokens: UnsafeMutablePointer<UInt64>
-    var freeHead: UInt16 = 0
-    public private(set) var freeCount: Int
-    var availIndex: UInt16 = 0
-    var publishedIndex: UInt16 = 0
-    public private(set) var lastUsed: UInt16 = 0
-    var usedSnapshot: UInt16 = 0
+    let state: UnsafeMutablePointer<State>
+
+    public var freeCount: Int { state.pointee.freeCount }
+    public var lastUsed: UInt16 { state.pointee.lastUsed }
 
     /// Takes over a zeroed ring and threads the free list through the shared table.
     public init(memory: DriverRingMemory) {
@@ -48,7 +56,8 @@ public final class TrustingDriverQueue {
         let n = Int(memory.queueSize)
         tokens = .allocate(capacity: n)
         tokens.initialize(repeating: 0, count: n)
-        freeCount = n
+        state = .allocate(capacity: 1)
+        state.initialize(to: State(freeCount: n))
         for i in 0..<n {
             SharedAccess.store16(
                 memory.descriptors + i * SplitLayout.descriptorSize + SplitLayout.descNext,
@@ -56,15 +65,18 @@ public final class TrustingDriverQueue {
         }
     }
 
-    deinit { tokens.deallocate() }
+    deinit {
+        tokens.deallocate()
+        state.deallocate()
+    }
 
     /// Posts one request; nil if there are not enough free descriptors (the one check
     /// Linux always made, on private `num_free`).
     public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) -> UInt16? {
         let count = segments.count
-        guard count > 0, count <= freeCount else { return nil }
+        guard count > 0, count <= state.pointee.freeCount else { return nil }
         let table = memory.descriptors
-        let head = freeHead
+        let head = state.pointee.freeHead
         var i = head
         var previous = head
         for s in segments {
@@ -80,22 +92,23 @@ public final class TrustingDriverQueue {
         }
         let lastFlags = table + Int(previous) * SplitLayout.descriptorSize + SplitLayout.descFlags
         SharedAccess.store16(lastFlags, SharedAccess.load16(lastFlags) & ~SplitLayout.flagNext)
-        freeHead = i
-        freeCount -= count
+        state.pointee.freeHead = i
+        state.pointee.freeCount -= count
         tokens[Int(head)] = token
+        let availIndex = state.pointee.availIndex
         SharedAccess.store16(
             memory.avail + SplitLayout.availEntryOffset(Int(availIndex & mask)), head)
-        availIndex &+= 1
+        state.pointee.availIndex = availIndex &+ 1
         return head
     }
 
     /// Same as `DriverQueue.publish()` (release store, full fence, read used.flags).
     public func publish() -> Bool {
-        let old = publishedIndex
-        let new = availIndex
+        let old = state.pointee.publishedIndex
+        let new = state.pointee.availIndex
         guard old != new else { return false }
         SharedAccess.store16Release(memory.avail + SplitLayout.availIdxOffset, new)
-        publishedIndex = new
+        state.pointee.publishedIndex = new
         SharedAccess.fullFence()
         let flags = SharedAccess.load16(memory.used + SplitLayout.usedFlagsOffset)
         return flags & SplitLayout.usedNoNotify == 0
@@ -103,15 +116,16 @@ public final class TrustingDriverQueue {
 
     /// The next completion, unchecked: id and len straight from the used ring.
     public func nextCompletion() -> TrustedCompletion? {
-        if lastUsed == usedSnapshot {
+        let lastUsed = state.pointee.lastUsed
+        if lastUsed == state.pointee.usedSnapshot {
             let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
             if published == lastUsed { return nil }
-            usedSnapshot = published
+            state.pointee.usedSnapshot = published
         }
         let element = memory.used + SplitLayout.usedEntryOffset(Int(lastUsed & mask))
         let id = SharedAccess.load32(element)
         let length = SharedAccess.load32(element + 4)
-        lastUsed &+= 1
+        state.pointee.lastUsed = lastUsed &+ 1
         let head = Int(id)  // trusting: may be anything the device wrote
         let token = tokens[head]
         tokens[head] = 0
@@ -125,9 +139,10 @@ public final class TrustingDriverQueue {
             i = Int(SharedAccess.load16(table + i * SplitLayout.descriptorSize + SplitLayout.descNext))
             freed += 1
         }
-        SharedAccess.store16(table + i * SplitLayout.descriptorSize + SplitLayout.descNext, freeHead)
-        freeHead = UInt16(truncatingIfNeeded: head)
-        freeCount += freed
+        SharedAccess.store16(
+            table + i * SplitLayout.descriptorSize + SplitLayout.descNext, state.pointee.freeHead)
+        state.pointee.freeHead = UInt16(truncatingIfNeeded: head)
+        state.pointee.freeCount += freed
         return TrustedCompletion(token: token, head: UInt16(truncatingIfNeeded: head), length: length)
     }
 }
