@@ -58,12 +58,40 @@ public func makeRunner(_ kind: DriverKind, parameters: RingParameters = RingPara
     let pair = try RingPair(queueSize: parameters.queueSize)
     switch kind {
     case .hardened:
-        return RingBench(kind: kind, pair: pair, driver: HardenedDriver(queue: pair.driver), parameters: parameters)
+        return HardenedRunner(
+            RingBench(kind: kind, pair: pair, driver: HardenedDriver(queue: pair.driver), parameters: parameters))
     case .trusting:
         // Same ring memory as the hardened driver would use; that driver stays idle.
         let trusting = TrustingDriverQueue(memory: pair.driver.memory)
-        return RingBench(kind: kind, pair: pair, driver: TrustingDriver(queue: trusting), parameters: parameters)
+        return TrustingRunner(
+            RingBench(kind: kind, pair: pair, driver: TrustingDriver(queue: trusting), parameters: parameters))
     }
+}
+
+// One concrete runner per driver, so the generic workload is specialized for each
+// (called through the protocol directly, RingBench<D> would run unspecialized and reach
+// the driver through witness tables on every request).
+
+final class HardenedRunner: RingRunner {
+    let bench: RingBench<HardenedDriver>
+    init(_ bench: RingBench<HardenedDriver>) { self.bench = bench }
+    var kind: DriverKind { bench.kind }
+    var served: Int { bench.served }
+    func run(_ scenario: Scenario, operations: Int) -> Double { bench.run(scenario, operations: operations) }
+    func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
+    func startDeviceThread() { bench.startDeviceThread() }
+    func stopDeviceThread() { bench.stopDeviceThread() }
+}
+
+final class TrustingRunner: RingRunner {
+    let bench: RingBench<TrustingDriver>
+    init(_ bench: RingBench<TrustingDriver>) { self.bench = bench }
+    var kind: DriverKind { bench.kind }
+    var served: Int { bench.served }
+    func run(_ scenario: Scenario, operations: Int) -> Double { bench.run(scenario, operations: operations) }
+    func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
+    func startDeviceThread() { bench.startDeviceThread() }
+    func stopDeviceThread() { bench.stopDeviceThread() }
 }
 
 /// CPUs this process may use.
@@ -103,7 +131,7 @@ final class DeviceSide: @unchecked Sendable {
     }
 }
 
-final class RingBench<D: BenchDriver>: RingRunner {
+final class RingBench<D: BenchDriver> {
     let kind: DriverKind
     let pair: RingPair
     let driver: D
