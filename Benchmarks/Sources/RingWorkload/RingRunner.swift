@@ -33,9 +33,9 @@ public enum Scenario: String, CaseIterable, Sendable {
 /// 64-byte request and response bounce slices per slot, and the two segments of each.
 public protocol RingRunner: AnyObject {
     var kind: DriverKind { get }
-    /// Runs `operations` round trips of `scenario` and returns the elapsed nanoseconds
+    /// Runs `operations` round trips of `scenario` and returns the elapsed time
     /// (setup such as starting the device thread is not timed).
-    func run(_ scenario: Scenario, operations: Int) -> Double
+    func run(_ scenario: Scenario, operations: Int) -> Timing
     /// For harnesses that time themselves (ordo-one/benchmark): start / stop the device
     /// thread, and run operations untimed.
     func startDeviceThread()
@@ -43,6 +43,24 @@ public protocol RingRunner: AnyObject {
     func perform(_ scenario: Scenario, operations: Int)
     /// Chains the device has served (sanity check).
     var served: Int { get }
+}
+
+/// Elapsed nanoseconds of one run.
+public struct Timing: Sendable {
+    /// Wall clock.
+    public var wall: Double
+    /// CPU time of the driver thread (CLOCK_THREAD_CPUTIME_ID): excludes time the thread
+    /// was descheduled, so 1-thread figures stay meaningful on a machine shared with
+    /// other work. Meaningless for the 2-thread scenarios' throughput (use `wall`).
+    public var threadCPU: Double
+}
+
+/// Nanoseconds of CPU time the calling thread has used.
+@inline(__always)
+func threadCPUNanoseconds() -> UInt64 {
+    var t = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+    return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
 }
 
 public struct RingParameters: Sendable {
@@ -77,7 +95,7 @@ final class HardenedRunner: RingRunner {
     init(_ bench: RingBench<HardenedDriver>) { self.bench = bench }
     var kind: DriverKind { bench.kind }
     var served: Int { bench.served }
-    func run(_ scenario: Scenario, operations: Int) -> Double { bench.run(scenario, operations: operations) }
+    func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
     func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
     func startDeviceThread() { bench.startDeviceThread() }
     func stopDeviceThread() { bench.stopDeviceThread() }
@@ -88,7 +106,7 @@ final class TrustingRunner: RingRunner {
     init(_ bench: RingBench<TrustingDriver>) { self.bench = bench }
     var kind: DriverKind { bench.kind }
     var served: Int { bench.served }
-    func run(_ scenario: Scenario, operations: Int) -> Double { bench.run(scenario, operations: operations) }
+    func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
     func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
     func startDeviceThread() { bench.startDeviceThread() }
     func stopDeviceThread() { bench.stopDeviceThread() }
@@ -284,15 +302,17 @@ final class RingBench<D: BenchDriver> {
         }
     }
 
-    func run(_ scenario: Scenario, operations: Int) -> Double {
+    func run(_ scenario: Scenario, operations: Int) -> Timing {
         _ = rfb_pin_thread(parameters.driverCPU)
         let threaded = scenario.needsDeviceThread
         if threaded { startDeviceThread() }
+        let cpuStart = threadCPUNanoseconds()
         let start = DispatchTime.now().uptimeNanoseconds
         perform(scenario, operations: operations)
         let end = DispatchTime.now().uptimeNanoseconds
+        let cpuEnd = threadCPUNanoseconds()
         if threaded { stopDeviceThread() }
-        return Double(end - start)
+        return Timing(wall: Double(end - start), threadCPU: Double(cpuEnd - cpuStart))
     }
 
     // MARK: device thread
