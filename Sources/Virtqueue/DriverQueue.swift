@@ -64,6 +64,12 @@ public struct DriverRingMemory: @unchecked Sendable {
 ///   head, the length at most the chain's device-writable bytes.
 /// - R6: the first violation makes the queue `broken` until `reset()`.
 ///
+/// Private state sits in memory this object allocates once and owns (raw pointers, not
+/// Arrays or stored `var`s): the hot path then pays no Array uniqueness checks and no
+/// dynamic exclusivity checks, which cost more than all the validation (DESIGN.md §5).
+/// Every table index is private, or a device value already checked `< queueSize`, and
+/// is masked with `queueSize - 1` besides, so no index can leave the tables.
+///
 /// Not thread-safe: one owner at a time (one queue per thread, as in Linux).
 public final class DriverQueue {
     struct ShadowDescriptor {
@@ -82,33 +88,51 @@ public final class DriverQueue {
         var active = false
     }
 
+    /// The private indices and counters.
+    struct State {
+        var freeHead: UInt16 = 0
+        /// Private copy of avail.idx (never read back from the ring).
+        var availIndex: UInt16 = 0
+        /// avail.idx as last published to the device.
+        var publishedIndex: UInt16 = 0
+        /// Private copy of avail.flags.
+        var availFlags: UInt16 = 0
+        /// Next used element to consume.
+        var lastUsed: UInt16 = 0
+        /// used.idx as loaded at the start of the current batch.
+        var usedSnapshot: UInt16 = 0
+        /// Mirrors `violation != nil`, for a check that costs one load.
+        var broken = false
+        var freeCount = 0
+        var inFlightCount = 0
+        var indirectThreshold = 1
+    }
+
     public let memory: DriverRingMemory
     public let features: RingFeatures
     public let queueSize: UInt16
     let mask: UInt16
+    /// Masks an index into the private tables (0 for the degenerate empty queue).
+    let tableMask: Int
 
-    var shadow: [ShadowDescriptor]
-    var inFlight: [InFlight]
-    var freeHead: UInt16 = 0
-    public private(set) var freeCount: Int
-    public private(set) var inFlightCount = 0
+    /// `queueSize` entries each (at least one), allocated in `init`, freed in `deinit`.
+    let shadow: UnsafeMutablePointer<ShadowDescriptor>
+    let inFlight: UnsafeMutablePointer<InFlight>
+    let state: UnsafeMutablePointer<State>
 
-    /// Private copy of avail.idx (never read back from the ring).
-    var availIndex: UInt16 = 0
-    /// avail.idx as last published to the device.
-    var publishedIndex: UInt16 = 0
-    /// Private copy of avail.flags.
-    var availFlags: UInt16 = 0
+    public var freeCount: Int { state.pointee.freeCount }
+    public var inFlightCount: Int { state.pointee.inFlightCount }
     /// Next used element to consume.
-    public private(set) var lastUsed: UInt16 = 0
-    /// used.idx as loaded at the start of the current batch.
-    var usedSnapshot: UInt16 = 0
+    public var lastUsed: UInt16 { state.pointee.lastUsed }
 
     public private(set) var violation: Violation?
-    public var isBroken: Bool { violation != nil }
+    public var isBroken: Bool { state.pointee.broken }
 
     /// Segments above which a request goes through an indirect table (if negotiated).
-    public var indirectThreshold = 1
+    public var indirectThreshold: Int {
+        get { state.pointee.indirectThreshold }
+        set { state.pointee.indirectThreshold = newValue }
+    }
 
     /// Takes over a ring whose memory was zeroed (a fresh region or `reset()`).
     public init(memory: DriverRingMemory, features: RingFeatures) {
@@ -117,11 +141,26 @@ public final class DriverQueue {
         self.queueSize = memory.queueSize
         self.mask = memory.queueSize &- 1
         let n = Int(memory.queueSize)
-        shadow = Array(repeating: ShadowDescriptor(), count: n)
-        inFlight = Array(repeating: InFlight(), count: n)
-        freeCount = n
-        for i in 0..<n { shadow[i].next = UInt16(truncatingIfNeeded: i + 1) }
+        tableMask = max(n, 1) - 1
+        shadow = .allocate(capacity: max(n, 1))
+        inFlight = .allocate(capacity: max(n, 1))
+        state = .allocate(capacity: 1)
+        for i in 0..<max(n, 1) {
+            (shadow + i).initialize(to: ShadowDescriptor(next: UInt16(truncatingIfNeeded: i + 1)))
+            (inFlight + i).initialize(to: InFlight())
+        }
+        state.initialize(to: State(freeCount: n))
     }
+
+    deinit {
+        shadow.deallocate()
+        inFlight.deallocate()
+        state.deallocate()
+    }
+
+    /// Table slot of a private or already validated index.
+    @inline(__always)
+    func slot(_ index: UInt16) -> Int { Int(index) & tableMask }
 
     /// Forgets everything and zeroes the shared ring, as after a device reset.
     public func reset() {
@@ -129,20 +168,18 @@ public final class DriverQueue {
         memory.descriptors.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.descriptorTableSize(n))
         memory.avail.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.availRingSize(n))
         memory.used.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.usedRingSize(n))
-        for i in 0..<n {
+        for i in 0..<max(n, 1) {
             shadow[i] = ShadowDescriptor(address: 0, length: 0, flags: 0, next: UInt16(truncatingIfNeeded: i + 1))
             inFlight[i] = InFlight()
         }
-        freeHead = 0
-        freeCount = n
-        inFlightCount = 0
-        availIndex = 0
-        publishedIndex = 0
-        availFlags = 0
-        lastUsed = 0
-        usedSnapshot = 0
+        let threshold = state.pointee.indirectThreshold
+        state.pointee = State(freeCount: n, indirectThreshold: threshold)
         violation = nil
     }
+
+    /// The violation, if the queue is broken (one load on the hot path).
+    @inline(__always)
+    var brokenBy: Violation? { state.pointee.broken ? violation : nil }
 
     // MARK: posting
 
@@ -150,17 +187,17 @@ public final class DriverQueue {
     /// Device-readable segments must precede device-writable ones. Returns the head.
     @discardableResult
     public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16 {
-        if let violation { throw .broken(violation) }
+        if let violation = brokenBy { throw .broken(violation) }
         let count = segments.count
         guard count > 0 else { throw .emptyChain }
         let useIndirect =
-            features.indirectDescriptors && memory.indirect != nil && count > indirectThreshold
+            features.indirectDescriptors && memory.indirect != nil && count > state.pointee.indirectThreshold
             && count <= memory.indirectTableEntries
         let needed = useIndirect ? 1 : count
         guard needed <= Int(queueSize) else { throw .tooManySegments(count) }
-        guard needed <= freeCount else { throw .full }
+        guard needed <= state.pointee.freeCount else { throw .full }
 
-        let head = freeHead
+        let head = state.pointee.freeHead
         var writable: UInt64 = 0
         if useIndirect, let table = memory.indirect {
             let tableOffset = Int(head) * memory.indirectTableEntries * SplitLayout.descriptorSize
@@ -178,14 +215,15 @@ public final class DriverQueue {
             }
             let address = memory.indirectGuestAddress &+ UInt64(tableOffset)
             let length = UInt32(count * SplitLayout.descriptorSize)
-            let nextFree = shadow[Int(head)].next
+            let nextFree = shadow[slot(head)].next
             setDescriptor(head, address: address, length: length, flags: SplitLayout.flagIndirect, next: nextFree)
-            freeHead = nextFree
+            state.pointee.freeHead = nextFree
         } else {
             var index = head
+            var nextFree = head
             for i in 0..<count {
                 let s = segments[i]
-                let nextFree = shadow[Int(index)].next
+                nextFree = shadow[slot(index)].next
                 var flags: UInt16 = i + 1 < count ? SplitLayout.flagNext : 0
                 if s.deviceWritable {
                     flags |= SplitLayout.flagWrite
@@ -195,17 +233,18 @@ public final class DriverQueue {
                 // free list continues: one private array serves both (Linux's desc_extra).
                 setDescriptor(index, address: s.address, length: s.length, flags: flags, next: nextFree)
                 if i + 1 < count { index = nextFree }
-                freeHead = nextFree
             }
+            state.pointee.freeHead = nextFree
         }
-        freeCount -= needed
-        inFlight[Int(head)] = InFlight(
+        state.pointee.freeCount -= needed
+        inFlight[slot(head)] = InFlight(
             token: token, writable: writable, descriptorCount: UInt16(needed), active: true)
-        inFlightCount += 1
+        state.pointee.inFlightCount += 1
 
+        let availIndex = state.pointee.availIndex
         SharedAccess.store16(
             memory.avail + SplitLayout.availEntryOffset(Int(availIndex & mask)), head)
-        availIndex &+= 1
+        state.pointee.availIndex = availIndex &+ 1
         return head
     }
 
@@ -217,9 +256,9 @@ public final class DriverQueue {
 
     @inline(__always)
     func setDescriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16, next: UInt16) {
-        shadow[Int(index)] = ShadowDescriptor(address: address, length: length, flags: flags, next: next)
+        shadow[slot(index)] = ShadowDescriptor(address: address, length: length, flags: flags, next: next)
         Self.writeDescriptor(
-            memory.descriptors + Int(index) * SplitLayout.descriptorSize, address: address,
+            memory.descriptors + slot(index) * SplitLayout.descriptorSize, address: address,
             length: length, flags: flags, next: next)
     }
 
@@ -237,11 +276,11 @@ public final class DriverQueue {
     /// device wants a kick. The full fence orders our index store before reading the
     /// device's event index / flags (a lost wake-up otherwise).
     public func publish() -> Bool {
-        let old = publishedIndex
-        let new = availIndex
-        guard old != new, violation == nil else { return false }
+        let old = state.pointee.publishedIndex
+        let new = state.pointee.availIndex
+        guard old != new, !state.pointee.broken else { return false }
         SharedAccess.store16Release(memory.avail + SplitLayout.availIdxOffset, new)
-        publishedIndex = new
+        state.pointee.publishedIndex = new
         SharedAccess.fullFence()
         if features.eventIndex {
             let event = SharedAccess.load16(
@@ -261,11 +300,13 @@ public final class DriverQueue {
     /// first violation; after that, `failAll` hands back the in-flight tokens.
     @inline(__always)
     public func nextCompletion() throws(Violation) -> Completion? {
-        if let violation { throw violation }
-        if lastUsed == usedSnapshot {
+        if let violation = brokenBy { throw violation }
+        let lastUsed = state.pointee.lastUsed
+        if lastUsed == state.pointee.usedSnapshot {
             let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
             if published == lastUsed { return nil }
             let delta = published &- lastUsed
+            let inFlightCount = state.pointee.inFlightCount
             guard Int(delta) <= inFlightCount else {
                 throw breakQueue(
                     delta >= 0x8000
@@ -273,7 +314,7 @@ public final class DriverQueue {
                         : .usedIndexBeyondInFlight(
                             lastSeen: lastUsed, published: published, inFlight: inFlightCount))
             }
-            usedSnapshot = published
+            state.pointee.usedSnapshot = published
         }
         let element = memory.used + SplitLayout.usedEntryOffset(Int(lastUsed & mask))
         let untrustedID = SharedAccess.load32(element)
@@ -281,33 +322,32 @@ public final class DriverQueue {
         guard untrustedID < UInt32(queueSize) else {
             throw breakQueue(.usedIdOutOfRange(id: untrustedID, queueSize: queueSize))
         }
-        let head = Int(untrustedID)
-        let record = inFlight[head]
+        let head = UInt16(truncatingIfNeeded: untrustedID)
+        let record = inFlight[slot(head)]
         guard record.active else { throw breakQueue(.usedIdNotInFlight(id: untrustedID)) }
         guard UInt64(untrustedLength) <= record.writable else {
             throw breakQueue(
                 .usedLengthTooLarge(id: untrustedID, length: untrustedLength, writable: record.writable))
         }
-        lastUsed &+= 1
-        release(head: UInt16(truncatingIfNeeded: head), record: record)
-        return Completion(
-            token: record.token, head: UInt16(truncatingIfNeeded: head), length: untrustedLength)
+        state.pointee.lastUsed = lastUsed &+ 1
+        release(head: head, record: record)
+        return Completion(token: record.token, head: head, length: untrustedLength)
     }
 
     /// Returns a chain's descriptors to the free list by walking the private shadow.
     @inline(__always)
     func release(head: UInt16, record: InFlight) {
-        inFlight[Int(head)].active = false
-        inFlightCount -= 1
+        inFlight[slot(head)].active = false
+        state.pointee.inFlightCount -= 1
         var last = head
         var remaining = record.descriptorCount
         while remaining > 1 {
-            last = shadow[Int(last)].next
+            last = shadow[slot(last)].next
             remaining -= 1
         }
-        shadow[Int(last)].next = freeHead
-        freeHead = head
-        freeCount += Int(record.descriptorCount)
+        shadow[slot(last)].next = state.pointee.freeHead
+        state.pointee.freeHead = head
+        state.pointee.freeCount += Int(record.descriptorCount)
     }
 
     /// Marks the queue broken (also used by upper layers for deadlines). Idempotent: the
@@ -316,6 +356,7 @@ public final class DriverQueue {
     public func breakQueue(_ v: Violation) -> Violation {
         if let violation { return violation }
         violation = v
+        state.pointee.broken = true
         return v
     }
 
@@ -323,17 +364,17 @@ public final class DriverQueue {
     /// caller fails with the violation. The descriptors stay quarantined until `reset()`.
     public func failAll() -> [UInt64] {
         var tokens: [UInt64] = []
-        for i in 0..<inFlight.count where inFlight[i].active {
+        for i in 0..<Int(queueSize) where inFlight[i].active {
             tokens.append(inFlight[i].token)
             inFlight[i].active = false
         }
-        inFlightCount = 0
+        state.pointee.inFlightCount = 0
         return tokens
     }
 
     /// Tokens of requests in flight, oldest first by head (for reconnect resubmission).
     public var inFlightTokens: [UInt64] {
-        inFlight.filter(\.active).map(\.token)
+        (0..<Int(queueSize)).compactMap { inFlight[$0].active ? inFlight[$0].token : nil }
     }
 
     // MARK: interrupt suppression
@@ -341,8 +382,8 @@ public final class DriverQueue {
     /// Asks the device not to interrupt (a hint; it may still).
     public func disableInterrupts() {
         if !features.eventIndex {
-            availFlags |= SplitLayout.availNoInterrupt
-            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, availFlags)
+            state.pointee.availFlags |= SplitLayout.availNoInterrupt
+            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, state.pointee.availFlags)
         }
         // With EVENT_IDX, not moving used_event forward has the same effect.
     }
@@ -350,11 +391,12 @@ public final class DriverQueue {
     /// Asks for an interrupt at the next completion. Returns true if completions may
     /// already be pending (poll again before sleeping, or the wake-up is lost).
     public func enableInterrupts() -> Bool {
+        let lastUsed = state.pointee.lastUsed
         if features.eventIndex {
             SharedAccess.store16(memory.avail + SplitLayout.usedEventOffset(Int(queueSize)), lastUsed)
-        } else if availFlags & SplitLayout.availNoInterrupt != 0 {
-            availFlags &= ~SplitLayout.availNoInterrupt
-            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, availFlags)
+        } else if state.pointee.availFlags & SplitLayout.availNoInterrupt != 0 {
+            state.pointee.availFlags &= ~SplitLayout.availNoInterrupt
+            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, state.pointee.availFlags)
         }
         SharedAccess.fullFence()
         let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)

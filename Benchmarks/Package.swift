@@ -1,0 +1,56 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Nested package (DESIGN.md §6): keeps ordo-one/benchmark out of the root build.
+// The trusting baseline driver lives here and only here (rule R8).
+let package = Package(
+    name: "RingFenceBenchmarks",
+    platforms: [.macOS(.v15)],
+    dependencies: [
+        .package(name: "RingFence", path: ".."),
+        .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
+    ],
+    targets: [
+        // Thread pinning for the benchmark threads (the root's CRingFence is not a product).
+        .target(name: "CBenchSupport", cSettings: [.define("_GNU_SOURCE")]),
+        // The deliberately trusting baseline driver (R8: exists only here). A module of its
+        // own, so both drivers are called across a module boundary, as the library is.
+        .target(
+            name: "TrustingRing",
+            dependencies: [
+                .product(name: "Virtqueue", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // The workloads shared by the benchmarks and ring-ratio.
+        .target(
+            name: "RingWorkload",
+            dependencies: [
+                "CBenchSupport",
+                "TrustingRing",
+                .product(name: "Virtqueue", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+                .product(name: "RingHarness", package: "RingFence"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // Interleaved hardened/trusting rounds in one process; prints the ratio.
+        .executableTarget(
+            name: "ring-ratio",
+            dependencies: ["RingWorkload"],
+            path: "Sources/RingRatio",
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "RingBenchmarks",
+            dependencies: [
+                "RingWorkload",
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/RingBenchmarks",
+            swiftSettings: [.swiftLanguageMode(.v6)],
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
+    ]
+)
