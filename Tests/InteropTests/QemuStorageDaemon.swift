@@ -65,6 +65,12 @@ final class QemuStorageDaemon: @unchecked Sendable {
         }
     }
 
+    /// SIGSTOP: the daemon stays connected but serves nothing (a hung back-end).
+    func freeze() {
+        guard let p = process else { return }
+        Foundation.kill(p.processIdentifier, SIGSTOP)
+    }
+
     /// SIGKILL: no chance to finish anything (a crash).
     func kill() {
         guard let p = process else { return }

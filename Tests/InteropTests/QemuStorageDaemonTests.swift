@@ -157,9 +157,12 @@ struct QemuStorageDaemonTests {
         let disk = try open(qsd, reconnect: true)
         defer { disk.close() }
         let data = pattern(16 << 20, seed: 21)
-        DispatchQueue.global().asyncAfter(deadline: .now() + 0.03) {
+        // Frozen first, so the write's requests are certainly in flight when it dies (a
+        // timer alone raced with a write that finished before the kill).
+        qsd.freeze()
+        DispatchQueue.global().asyncAfter(deadline: .now() + 0.3) {
             qsd.kill()
-            usleep(300_000)
+            usleep(200_000)
             try? qsd.start()
         }
         try disk.write(at: 0, bytes: data)
