@@ -15,7 +15,7 @@ func fuzzTarget(_ name: String) -> Target {
         name: name,
         dependencies: [
             "FuzzSupport",
-            "SharedMemory", "Virtqueue", "RingHarness", "VhostUser",
+            "SharedMemory", "Virtqueue", "RingHarness", "VhostUser", "VirtioBlock", "CRingFence",
         ],
         swiftSettings: settings + [.unsafeFlags(["-parse-as-library"])])
 }
@@ -42,8 +42,13 @@ let package = Package(
             name: "Virtqueue",
             dependencies: ["SharedMemory", .product(name: "Atomics", package: "swift-atomics")],
             swiftSettings: settings),
-        .target(name: "VhostUser", dependencies: ["SharedMemory", "Virtqueue"], swiftSettings: settings),
-        .target(name: "RingHarness", dependencies: ["SharedMemory", "Virtqueue", "CRingFence"], swiftSettings: settings),
+        .target(name: "VhostUser", dependencies: ["SharedMemory", "Virtqueue", "CRingFence"], swiftSettings: settings),
+        .target(
+            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser"], swiftSettings: settings),
+        .target(
+            name: "RingHarness",
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
+            swiftSettings: settings),
         .target(
             name: "FuzzSupport",
             dependencies: ["SharedMemory", "Virtqueue"],
@@ -52,5 +57,7 @@ let package = Package(
         fuzzTarget("FuzzDeviceChain"),
         fuzzTarget("FuzzGuestMemory"),
         fuzzTarget("FuzzVhostMessage"),
+        fuzzTarget("FuzzBlockRequests"),
+        fuzzTarget("FuzzBackendMessages"),
     ]
 )
