@@ -79,7 +79,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SharedMemoryTests",
-            dependencies: ["SharedMemory", "CRingFence"],
+            dependencies: ["SharedMemory", "CRingFence", "RingHarness"],
             swiftSettings: strict
         ),
         .testTarget(
@@ -98,7 +98,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BlockDeviceTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence"],
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingHarness"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -103,14 +103,14 @@ public struct GuestMemory: Sendable {
     public func translate(_ address: UInt64, length: UInt64) throws(TranslationError)
         -> UnsafeMutableRawBufferPointer
     {
-        let (end, overflow) = address.addingReportingOverflow(length)
-        guard !overflow else { throw .overflow(address: address, length: length) }
-        for r in regions where address >= r.guestAddress && address < r.guestEnd {
-            guard end <= r.guestEnd else { break }
-            let offset = Int(address - r.guestAddress)
-            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(length))
-        }
-        throw .unmapped(address: address, length: length)
+        try translate(address, length: length, start: \.guestAddress)
+    }
+
+    /// Translates a vhost-user "user" (frontend virtual) address, used for ring addresses.
+    public func translateUser(_ address: UInt64, length: UInt64) throws(TranslationError)
+        -> UnsafeMutableRawBufferPointer
+    {
+        try translate(address, length: length, start: \.userAddress)
     }
 
     /// Translates the longest prefix of `[address, address+length)` that lies inside one
@@ -122,27 +122,25 @@ public struct GuestMemory: Sendable {
     public func translatePrefix(_ address: UInt64, length: UInt64) throws(TranslationError)
         -> UnsafeMutableRawBufferPointer
     {
+        try translate(address, length: length, start: \.guestAddress, prefix: true)
+    }
+
+    /// The one lookup behind all three: the region holding `address` must hold the whole
+    /// range (or, for `prefix`, supplies as much of it as it holds).
+    @inline(__always)
+    func translate(_ address: UInt64, length: UInt64, start: KeyPath<GuestRegion, UInt64>, prefix: Bool = false)
+        throws(TranslationError) -> UnsafeMutableRawBufferPointer
+    {
         guard !address.addingReportingOverflow(length).overflow else {
             throw .overflow(address: address, length: length)
         }
-        for r in regions where address >= r.guestAddress && address < r.guestEnd {
-            let count = min(length, r.guestEnd - address)
-            let offset = Int(address - r.guestAddress)
-            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(count))
-        }
-        throw .unmapped(address: address, length: length)
-    }
-
-    /// Translates a vhost-user "user" (frontend virtual) address, used for ring addresses.
-    public func translateUser(_ address: UInt64, length: UInt64) throws(TranslationError)
-        -> UnsafeMutableRawBufferPointer
-    {
-        let (end, overflow) = address.addingReportingOverflow(length)
-        guard !overflow else { throw .overflow(address: address, length: length) }
-        for r in regions where address >= r.userAddress && address < r.userEnd {
-            guard end <= r.userEnd else { break }
-            let offset = Int(address - r.userAddress)
-            return UnsafeMutableRawBufferPointer(start: r.mapping.base + offset, count: Int(length))
+        for r in regions {
+            let first = r[keyPath: start]
+            guard address >= first, address - first < r.size else { continue }
+            let room = r.size - (address - first)
+            guard prefix || length <= room else { break }
+            return UnsafeMutableRawBufferPointer(
+                start: r.mapping.base + Int(address - first), count: Int(min(length, room)))
         }
         throw .unmapped(address: address, length: length)
     }

@@ -1,5 +1,6 @@
 import Glibc
 import SharedMemory
+import RingHarness
 import Testing
 import VhostUser
 import VirtioBlock
@@ -10,22 +11,11 @@ import Virtqueue
 @Suite(.serialized) struct RandomizedAttackTests {
     typealias F = TestFrontend
 
-    struct SplitMix64: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test(arguments: [UInt64(1), 2, 3])
     func randomControlMessagesNeverBreakTheServer(seed: UInt64) throws {
         let fixture = try BackendFixture(queues: 2)
         defer { fixture.shutdown() }
-        var rng = SplitMix64(state: seed)
+        var rng = SplitMix(seed: seed)
         let eventfd = try Notifier()
         let memfd = try SharedRegion(name: "rf-random", size: 1 << 16)
         var f = try TestFrontend(path: fixture.socketPath)
@@ -72,7 +62,7 @@ import Virtqueue
     func randomRingContentsNeverBreakTheServer(seed: UInt64) throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
-        var rng = SplitMix64(state: seed)
+        var rng = SplitMix(seed: seed)
         var f = try TestFrontend(path: fixture.socketPath)
         try f.setUp(queueSize: 8)
         var outcomes: [String: Int] = [:]

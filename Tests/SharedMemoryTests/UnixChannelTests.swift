@@ -1,5 +1,6 @@
 import CRingFence
 import Glibc
+import RingHarness
 import SharedMemory
 import Testing
 

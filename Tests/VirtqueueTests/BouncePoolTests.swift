@@ -1,5 +1,6 @@
 import PropertyBased
 import SharedMemory
+import RingHarness
 import Testing
 import Virtqueue
 

@@ -1,14 +1,16 @@
+#if canImport(Glibc)
 import Glibc
+#endif
 
 /// A dedicated OS thread for tests that need a real concurrent peer. (Dispatch's global
 /// queues share the 2-core pool with the test runner, so a peer queued there may not run
 /// until some other test finishes.)
-final class TestThread: @unchecked Sendable {
+public final class TestThread: @unchecked Sendable {
     private var thread = pthread_t()
     private let body: @Sendable () -> Void
     private var started = false
 
-    init(_ body: @escaping @Sendable () -> Void) {
+    public init(_ body: @escaping @Sendable () -> Void) {
         self.body = body
         let context = Unmanaged.passRetained(self).toOpaque()
         started = pthread_create(&thread, nil, { raw in
@@ -20,7 +22,7 @@ final class TestThread: @unchecked Sendable {
     }
 
     /// Waits for the body to return.
-    func join() {
+    public func join() {
         if started { pthread_join(thread, nil) }
         started = false
     }
