@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
+        .library(name: "XenRing", targets: ["XenRing"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -71,6 +72,26 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "XenRing",
+            dependencies: [
+                "SharedMemory",
+                "Virtqueue",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: strict
+        ),
+        // Reference peer on Debian libxen-dev's ring.h/blkif.h macros (tests and benchmark only, R8).
+        .target(
+            name: "CXenPeer",
+            path: "Tests/CXenPeer",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .testTarget(
+            name: "XenRingTests",
+            dependencies: ["XenRing", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],
             swiftSettings: strict
         ),
         .testTarget(
