@@ -286,6 +286,8 @@ public final class BlkFrontend {
         guard let status = BlkStatus(rawValue: rawStatus) else {
             throw disable(.xenResponseStatusUnknown(id: rawId, status: rawStatus))
         }
+        // Revoke first, then copy: once try-end succeeded the backend can no longer write
+        // the page under us (XSA-396 order).
         if let v = endGrants(id, readOnly: operation == .write) { throw disable(v) }
         if status == .okay, operation == .read, let destination = shadow[id].destination {
             var offset = 0
@@ -324,12 +326,12 @@ public final class BlkFrontend {
                 }
             }
             segmentRefs[k] = .max
-            segmentFrames[k] = .max
         }
         return first
     }
 
     func release(_ id: Int) {
+        for s in 0..<BlkifLayout.maxSegments { segmentFrames[id * BlkifLayout.maxSegments + s] = .max }
         shadow[id].active = false
         shadow[id].destination = nil
         shadow[id].segmentCount = 0

@@ -1,4 +1,4 @@
-#define _GNU_SOURCE
+#define __XEN_INTERFACE_VERSION__ 0x00040e00  /* the current interface: xen_mb() etc. are ours */
 #include <errno.h>
 #include <poll.h>
 #include <stddef.h>
