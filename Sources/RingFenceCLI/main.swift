@@ -12,6 +12,8 @@ struct RingFence: ParsableCommand {
             DemoCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
+            ServeXenBlkCommand.self,
+            XenBlkCommand.self,
         ])
 }
 
