@@ -90,6 +90,13 @@ let package = Package(
             path: "Tests/CXenPeer",
             cSettings: [.define("_GNU_SOURCE")]
         ),
+        // Hardened vs trusting-C frontend benchmark (`swift run -c release xen-bench`).
+        .executableTarget(
+            name: "xen-bench",
+            dependencies: ["XenRing", "SharedMemory", "RingHarness", "CXenPeer"],
+            path: "Tests/XenBench",
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "XenRingTests",
             dependencies: ["XenRing", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],

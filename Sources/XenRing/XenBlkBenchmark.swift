@@ -49,10 +49,13 @@ extension XenBlkFrontendDevice {
         let start = monotonicNanoseconds()
         let end = start &+ UInt64(max(0, seconds) * 1e9)
         var stopping = false
+        var woke = false
+        var deadline = Deadline.after(seconds: timeout)
+        // The hot loop allocates nothing: completions are consumed one by one.
         while inFlight > 0 {
-            let batch = try waitForCompletions(until: .after(seconds: timeout))
-            if !stopping && monotonicNanoseconds() >= end { stopping = true }
-            for c in batch {
+            var progressed = false
+            while let c = try nextCompletionOrDisable() {
+                progressed = true
                 inFlight -= 1
                 report.requests += 1
                 report.bytes += blockSize
@@ -62,7 +65,19 @@ extension XenBlkFrontendDevice {
                     inFlight += 1
                 }
             }
-            kick()
+            if woke {
+                events.noteWake(productive: progressed)
+                woke = false
+            }
+            if progressed {
+                kick()
+                if !stopping && monotonicNanoseconds() >= end { stopping = true }
+                deadline = .after(seconds: timeout)
+                continue
+            }
+            if front.enableNotifications() { continue }
+            try checkDeadline(deadline)
+            woke = events.wait(until: deadline)
         }
         report.seconds = Double(monotonicNanoseconds() &- start) / 1e9
         return report

@@ -156,21 +156,28 @@ public final class XenBlkFrontendDevice {
         var woke = false
         while true {
             var batch: [BlkCompletion] = []
-            do {
-                while let c = try front.nextCompletion() { batch.append(c) }
-            } catch {
-                throw .broken(disable(error))
-            }
+            while let c = try nextCompletionOrDisable() { batch.append(c) }
             if woke {
                 events.noteWake(productive: !batch.isEmpty)
                 woke = false
             }
             if !batch.isEmpty { return batch }
             if front.enableNotifications() { continue }
-            if deadline.hasPassed {
-                throw .broken(disable(.deadlineExceeded(milliseconds: UInt64(timeout * 1000))))
-            }
+            try checkDeadline(deadline)
             woke = events.wait(until: deadline)
+        }
+    }
+
+    /// `front.nextCompletion()`, disabling the device on a violation.
+    @inline(__always)
+    func nextCompletionOrDisable() throws(XenBlkError) -> BlkCompletion? {
+        do { return try front.nextCompletion() } catch { throw .broken(disable(error)) }
+    }
+
+    /// A wait past its deadline disables the device (R5: the backend stopped answering).
+    func checkDeadline(_ deadline: Deadline) throws(XenBlkError) {
+        if deadline.hasPassed {
+            throw .broken(disable(.deadlineExceeded(milliseconds: UInt64(timeout * 1000))))
         }
     }
 

@@ -1,0 +1,115 @@
+// xen-bench: the hardened XenRing frontend against a trusting C frontend built on the
+// libxen-dev header macros (Tests/CXenPeer), same backend process, same run, 4 KiB.
+// The trusting baseline lives only here (R8). Usage:
+//   swift run -c release xen-bench [--seconds S] [--rounds N] [--depth D] [--write]
+#if canImport(Glibc)
+import Glibc
+#endif
+import CXenPeer
+import RingHarness
+import SharedMemory
+import XenRing
+
+let diskSectors = 65536  // 32 MiB in memory
+
+func fail(_ message: String) -> Never {
+    print("xen-bench: \(message)")
+    exit(2)
+}
+
+func serveBackend(socket: String) -> Never {
+    guard let listener = try? UnixListener(path: socket) else { fail("cannot listen on \(socket)") }
+    let storage = MemoryStorage(sectors: diskSectors)
+    while true {
+        guard let channel = try? listener.accept(until: .after(seconds: 60)) else { exit(0) }
+        if let c = try? XenBlkBackendConnection.accept(channel: channel, storage: storage) {
+            _ = c.run(idleTimeout: 60)
+        }
+    }
+}
+
+var arguments = Array(CommandLine.arguments.dropFirst())
+if arguments.first == "backend", arguments.count == 2 { serveBackend(socket: arguments[1]) }
+var seconds = 2.0
+var rounds = 3
+var depth = 16
+var write = false
+while !arguments.isEmpty {
+    let a = arguments.removeFirst()
+    switch a {
+    case "--seconds": seconds = Double(arguments.first ?? "") ?? seconds; arguments = Array(arguments.dropFirst())
+    case "--rounds": rounds = Int(arguments.first ?? "") ?? rounds; arguments = Array(arguments.dropFirst())
+    case "--depth": depth = Int(arguments.first ?? "") ?? depth; arguments = Array(arguments.dropFirst())
+    case "--write": write = true
+    default: fail("unknown argument \(a)")
+    }
+}
+depth = max(1, min(depth, 32))
+
+func fmt(_ v: Double, _ d: Int) -> String {
+    var scale = 1.0
+    for _ in 0..<d { scale *= 10 }
+    let n = Int((v * scale).rounded())
+    let whole = n / Int(scale), frac = n % Int(scale)
+    if d == 0 { return "\(whole)" }
+    let f = String(frac)
+    return "\(whole)." + String(repeating: "0", count: d - f.count) + f
+}
+
+let socket = "/tmp/xen-bench-\(getpid()).sock"
+let child: ChildProcess
+do { child = try ChildProcess(executable: currentExecutablePath(), arguments: ["backend", socket]) } catch {
+    fail("spawn: \(error)")
+}
+defer { child.kill() }
+
+func connect() -> XenBlkFrontendDevice {
+    for _ in 0..<200 {
+        if let ch = try? UnixChannel.connect(path: socket) {
+            do { return try XenBlkFrontendDevice.connect(channel: ch) } catch { fail("handshake: \(error)") }
+        }
+        usleep(10_000)
+    }
+    fail("backend did not come up")
+}
+
+print("xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
+var ratios: [Double] = []
+var hardenedTotal = 0.0, trustingTotal = 0.0
+for round in 1...rounds {
+    // Hardened frontend: the library's benchmark loop.
+    let device = connect()
+    let r: XenBenchReport
+    do { r = try device.benchmark(seconds: seconds, depth: depth, write: write) } catch { fail("hardened: \(error)") }
+    device.disconnect()
+    guard r.errors == 0 else { fail("hardened run had \(r.errors) errors") }
+
+    // Trusting C frontend on the same kind of connection, the same number of requests.
+    let other = connect()
+    let g = other.front.memory.grants
+    var env = cxen_env(
+        sring: g.page(other.front.memory.ringFrame), gnttab: g.entries, gnttab_entries: UInt32(g.entryCount),
+        frames: g.frames, nr_frames: UInt32(g.frameCount), evt_to_peer: other.events.outgoing.fileDescriptor,
+        evt_from_peer: other.events.incoming.fileDescriptor)
+    let data = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+    data.initializeMemory(as: UInt8.self, repeating: 0x5a, count: 4096)
+    var errors: UInt64 = 0
+    let start = monotonicNanoseconds()
+    let n = cxen_front_run(
+        &env, 1, 64, 1, UInt64(r.requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
+        data.assumingMemoryBound(to: UInt8.self), 5000, &errors)
+    let cSeconds = Double(monotonicNanoseconds() - start) / 1e9
+    data.deallocate()
+    other.disconnect()
+    guard n == r.requests, errors == 0 else { fail("trusting C run: \(n) completed, \(errors) errors") }
+    let cRate = Double(n) / cSeconds
+    let ratio = r.requestsPerSecond / cRate
+    ratios.append(ratio)
+    hardenedTotal += r.requestsPerSecond
+    trustingTotal += cRate
+    print("round \(round): hardened Swift \(fmt(r.requestsPerSecond, 0)) IOPS (\(fmt(r.mebibytesPerSecond, 1)) MiB/s), "
+        + "trusting C \(fmt(cRate, 0)) IOPS, ratio \(fmt(ratio, 3))")
+}
+let sorted = ratios.sorted()
+print("median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) "
+    + "(mean IOPS hardened \(fmt(hardenedTotal / Double(rounds), 0)), trusting \(fmt(trustingTotal / Double(rounds), 0)))")
