@@ -18,16 +18,16 @@ public final class BlkBackend {
     public let storage: any BlockStorage
     let scratch: UnsafeMutableRawPointer
 
-    var requestConsumer: UInt32 = 0
-    var requestSnapshot: UInt32 = 0
-    var responseProducer: UInt32 = 0
-    var publishedResponseProducer: UInt32 = 0
+    @exclusivity(unchecked) var requestConsumer: UInt32 = 0
+    @exclusivity(unchecked) var requestSnapshot: UInt32 = 0
+    @exclusivity(unchecked) var responseProducer: UInt32 = 0
+    @exclusivity(unchecked) var publishedResponseProducer: UInt32 = 0
 
     /// Misbehaviour to apply (adversary runs only; nil in normal service).
-    public var attack: XenBackendAttack?
-    public private(set) var rejectedRequests = 0
-    public private(set) var lastRejection: Violation?
-    public private(set) var servedRequests = 0
+    @exclusivity(unchecked) public var attack: XenBackendAttack?
+    @exclusivity(unchecked) public private(set) var rejectedRequests = 0
+    @exclusivity(unchecked) public private(set) var lastRejection: Violation?
+    @exclusivity(unchecked) public private(set) var servedRequests = 0
 
     public init(ring: UnsafeMutableRawPointer, mapper: GrantMapper, storage: any BlockStorage) {
         self.ring = ring

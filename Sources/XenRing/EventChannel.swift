@@ -12,13 +12,13 @@ public import SharedMemory
 public final class EventChannel: @unchecked Sendable {
     public let incoming: Notifier
     public let outgoing: Notifier
-    public private(set) var isMasked = false
-    public private(set) var spuriousEvents: UInt64 = 0
-    public private(set) var consecutiveSpurious: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var isMasked = false
+    @exclusivity(unchecked) public private(set) var spuriousEvents: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var consecutiveSpurious: UInt64 = 0
     /// Current backoff before the next wait (0 when events carry work).
-    public private(set) var backoffNanoseconds: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var backoffNanoseconds: UInt64 = 0
     /// Largest backoff applied so far (observability for storms).
-    public private(set) var longestBackoffNanoseconds: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var longestBackoffNanoseconds: UInt64 = 0
     public static let spuriousThreshold: UInt64 = 4
     public static let maximumBackoffNanoseconds: UInt64 = 10_000_000
 
@@ -42,7 +42,18 @@ public final class EventChannel: @unchecked Sendable {
             var remaining = timespec()
             while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
         }
-        return incoming.wait(until: deadline) > 0
+        // poll, then drain: two system calls per sleep (Notifier.wait drains first, which
+        // costs a third on this hot path; the caller has just checked the ring anyway).
+        while true {
+            let timeout = deadline.pollTimeoutMilliseconds
+            var pfd = pollfd(fd: incoming.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, timeout)
+            if r > 0 {
+                incoming.drain()
+                return true
+            }
+            if r == 0 || errno != EINTR { return false }
+        }
     }
 
     /// Reports whether the last wake-up found work; drives the spurious-event backoff.

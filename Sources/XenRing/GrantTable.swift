@@ -45,8 +45,8 @@ public enum GrantEndResult: Equatable, Sendable {
 public final class GrantIssuer {
     public let memory: GrantTableMemory
     public let backendDomain: UInt16
-    private var free: [UInt32]
-    public private(set) var quarantined: [UInt32] = []
+    @exclusivity(unchecked) private var free: [UInt32]
+    @exclusivity(unchecked) public private(set) var quarantined: [UInt32] = []
 
     public init(memory: GrantTableMemory, backendDomain: UInt16 = 0) {
         self.memory = memory

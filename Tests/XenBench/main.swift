@@ -30,8 +30,8 @@ func serveBackend(socket: String) -> Never {
 
 var arguments = Array(CommandLine.arguments.dropFirst())
 if arguments.first == "backend", arguments.count == 2 { serveBackend(socket: arguments[1]) }
-var seconds = 2.0
-var rounds = 3
+var seconds = 1.0
+var rounds = 10
 var depth = 16
 var write = false
 while !arguments.isEmpty {
@@ -76,33 +76,52 @@ func connect() -> XenBlkFrontendDevice {
 print("xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
 var ratios: [Double] = []
 var hardenedTotal = 0.0, trustingTotal = 0.0
-for round in 1...rounds {
-    // Hardened frontend: the library's benchmark loop.
+/// The hardened frontend: the library's benchmark loop (what `ringfence xen-blk bench` runs).
+@MainActor func runHardened() -> XenBenchReport {
     let device = connect()
-    let r: XenBenchReport
-    do { r = try device.benchmark(seconds: seconds, depth: depth, write: write) } catch { fail("hardened: \(error)") }
-    device.disconnect()
-    guard r.errors == 0 else { fail("hardened run had \(r.errors) errors") }
+    defer { device.disconnect() }
+    do {
+        let r = try device.benchmark(seconds: seconds, depth: depth, write: write)
+        guard r.errors == 0 else { fail("hardened run had \(r.errors) errors") }
+        return r
+    } catch { fail("hardened: \(error)") }
+}
 
-    // Trusting C frontend on the same kind of connection, the same number of requests.
+/// The trusting C frontend on the same kind of connection, for `requests` requests;
+/// returns requests per second.
+@MainActor func runTrusting(requests: Int) -> Double {
     let other = connect()
+    defer { other.disconnect() }
     let g = other.front.memory.grants
     var env = cxen_env(
         sring: g.page(other.front.memory.ringFrame), gnttab: g.entries, gnttab_entries: UInt32(g.entryCount),
         frames: g.frames, nr_frames: UInt32(g.frameCount), evt_to_peer: other.events.outgoing.fileDescriptor,
         evt_from_peer: other.events.incoming.fileDescriptor)
     let data = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+    defer { data.deallocate() }
     data.initializeMemory(as: UInt8.self, repeating: 0x5a, count: 4096)
     var errors: UInt64 = 0
     let start = monotonicNanoseconds()
     let n = cxen_front_run(
-        &env, 1, 64, 1, UInt64(r.requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
+        &env, 1, 64, 1, UInt64(requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
         data.assumingMemoryBound(to: UInt8.self), 5000, &errors)
-    let cSeconds = Double(monotonicNanoseconds() - start) / 1e9
-    data.deallocate()
-    other.disconnect()
-    guard n == r.requests, errors == 0 else { fail("trusting C run: \(n) completed, \(errors) errors") }
-    let cRate = Double(n) / cSeconds
+    let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+    guard n == requests, errors == 0 else { fail("trusting C run: \(n) completed, \(errors) errors") }
+    return Double(n) / elapsed
+}
+
+for round in 1...rounds {
+    // Alternate which side goes first (ABBA), so drift in machine load cancels out.
+    var r = XenBenchReport(requests: 0, bytes: 0, seconds: 0, errors: 0)
+    var cRate = 0.0
+    if round % 2 == 1 {
+        r = runHardened()
+        cRate = runTrusting(requests: r.requests)
+    } else {
+        let probe = Int(max(1000, (Double(ratios.isEmpty ? 100_000 : Int(hardenedTotal / Double(round - 1))) * seconds)))
+        cRate = runTrusting(requests: probe)
+        r = runHardened()
+    }
     let ratio = r.requestsPerSecond / cRate
     ratios.append(ratio)
     hardenedTotal += r.requestsPerSecond
