@@ -78,12 +78,12 @@ public final class BlkFrontend {
     let ring: UnsafeMutableRawPointer
     public let grants: GrantIssuer
 
-    @exclusivity(unchecked) var shadow: [Shadow]
-    @exclusivity(unchecked) var freeIds: [UInt16]
+    let shadow: PrivateTable<Shadow>
+    let freeIds: PrivateStack<UInt16>
     /// Grant ref and frame of segment `s` of id `i` at `i * 11 + s` (UInt32.max = none).
-    @exclusivity(unchecked) var segmentRefs: [UInt32]
-    @exclusivity(unchecked) var segmentFrames: [UInt32]
-    @exclusivity(unchecked) var freeFrames: [UInt32]
+    let segmentRefs: PrivateTable<UInt32>
+    let segmentFrames: PrivateTable<UInt32>
+    let freeFrames: PrivateStack<UInt32>
     @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
     /// The request built privately, then copied whole into its slot (R1).
     let scratch: UnsafeMutableRawPointer
@@ -108,12 +108,14 @@ public final class BlkFrontend {
         ring.initializeMemory(as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)
         SharedAccess.store32(ring + SharedRingLayout.requestEvent, 1)
         SharedAccess.store32(ring + SharedRingLayout.responseEvent, 1)
-        shadow = Array(repeating: Shadow(), count: ringSize)
-        freeIds = (0..<ringSize).reversed().map { UInt16($0) }
-        segmentRefs = Array(repeating: .max, count: ringSize * BlkifLayout.maxSegments)
-        segmentFrames = Array(repeating: .max, count: ringSize * BlkifLayout.maxSegments)
-        freeFrames = (0..<memory.grants.frameCount).reversed().compactMap {
-            $0 == Int(memory.ringFrame) ? nil : UInt32($0)
+        shadow = PrivateTable(repeating: Shadow(), count: ringSize)
+        freeIds = PrivateStack(capacity: ringSize)
+        for id in (0..<ringSize).reversed() { freeIds.push(UInt16(id)) }
+        segmentRefs = PrivateTable(repeating: .max, count: ringSize * BlkifLayout.maxSegments)
+        segmentFrames = PrivateTable(repeating: .max, count: ringSize * BlkifLayout.maxSegments)
+        freeFrames = PrivateStack(capacity: memory.grants.frameCount)
+        for frame in (0..<memory.grants.frameCount).reversed() where frame != Int(memory.ringFrame) {
+            freeFrames.push(UInt32(frame))
         }
         scratch = UnsafeMutableRawPointer.allocate(byteCount: BlkifLayout.requestSize, alignment: 8)
     }
@@ -169,7 +171,7 @@ public final class BlkFrontend {
 
     func takeId() throws(BlkSubmitError) -> UInt16 {
         if let violation { throw .broken(violation) }
-        guard let id = freeIds.popLast() else { throw .full }
+        guard let id = freeIds.pop() else { throw .full }
         return id
     }
 
@@ -190,7 +192,7 @@ public final class BlkFrontend {
         build(operation: operation, id: id, sector: sector, segments: segments)
         var offset = 0
         for s in 0..<segments {
-            let frame = freeFrames.removeLast()
+            guard let frame = freeFrames.pop() else { break }  // counted above
             let bytes = min(page, count - offset)
             let p = memory.grants.page(frame)
             // R7: a bounce page starts zero (fresh sealed memfd, one per device) and only
@@ -315,7 +317,7 @@ public final class BlkFrontend {
             guard ref != .max else { continue }
             switch grants.endAccess(ref, readOnly: readOnly) {
             case .ended:
-                freeFrames.append(frame)
+                freeFrames.push(frame)
             case .stillMapped(let flags):
                 quarantinedFrames.append(frame)
                 if first == nil { first = .xenGrantStillMapped(ref: ref, flags: flags) }
@@ -332,11 +334,11 @@ public final class BlkFrontend {
     }
 
     func release(_ id: Int) {
-        for s in 0..<BlkifLayout.maxSegments { segmentFrames[id * BlkifLayout.maxSegments + s] = .max }
+        for s in 0..<shadow[id].segmentCount { segmentFrames[id * BlkifLayout.maxSegments + s] = .max }
         shadow[id].active = false
         shadow[id].destination = nil
         shadow[id].segmentCount = 0
-        freeIds.append(UInt16(id))
+        freeIds.push(UInt16(id))
         inFlightCount -= 1
     }
 

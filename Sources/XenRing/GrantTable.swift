@@ -45,14 +45,17 @@ public enum GrantEndResult: Equatable, Sendable {
 public final class GrantIssuer {
     public let memory: GrantTableMemory
     public let backendDomain: UInt16
-    @exclusivity(unchecked) private var free: [UInt32]
+    private let free: PrivateStack<UInt32>
     @exclusivity(unchecked) public private(set) var quarantined: [UInt32] = []
 
     public init(memory: GrantTableMemory, backendDomain: UInt16 = 0) {
         self.memory = memory
         self.backendDomain = backendDomain
         let first = GrantLayout.reservedEntries
-        free = first < memory.entryCount ? (first..<memory.entryCount).reversed().map { UInt32($0) } : []
+        free = PrivateStack(capacity: max(0, memory.entryCount - first))
+        if first < memory.entryCount {
+            for ref in (first..<memory.entryCount).reversed() { free.push(UInt32(ref)) }
+        }
     }
 
     public var available: Int { free.count }
@@ -65,7 +68,7 @@ public final class GrantIssuer {
     /// Grants `frame` to the backend; the flags are stored last with release so the
     /// backend never sees a valid entry with a stale frame.
     public func grant(frame: UInt32, readOnly: Bool) -> UInt32? {
-        guard let ref = free.popLast() else { return nil }
+        guard let ref = free.pop() else { return nil }
         let e = memory.entries + Int(ref) * GrantLayout.entrySize
         e.storeBytes(of: backendDomain, toByteOffset: GrantLayout.domid, as: UInt16.self)
         e.storeBytes(of: frame, toByteOffset: GrantLayout.frame, as: UInt32.self)
@@ -81,7 +84,7 @@ public final class GrantIssuer {
         let (exchanged, found) = memory.flagsAtomic(ref).compareExchange(
             expected: expected, desired: 0, ordering: .acquiringAndReleasing)
         if exchanged {
-            free.append(ref)
+            free.push(ref)
             return .ended
         }
         quarantined.append(ref)

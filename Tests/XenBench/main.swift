@@ -34,6 +34,7 @@ var seconds = 1.0
 var rounds = 10
 var depth = 16
 var write = false
+var only: String?  // "hardened" or "trusting": one side only, for profiling
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     switch a {
@@ -41,6 +42,7 @@ while !arguments.isEmpty {
     case "--rounds": rounds = Int(arguments.first ?? "") ?? rounds; arguments = Array(arguments.dropFirst())
     case "--depth": depth = Int(arguments.first ?? "") ?? depth; arguments = Array(arguments.dropFirst())
     case "--write": write = true
+    case "--only": only = arguments.first; arguments = Array(arguments.dropFirst())
     default: fail("unknown argument \(a)")
     }
 }
@@ -110,6 +112,17 @@ var hardenedTotal = 0.0, trustingTotal = 0.0
     return Double(n) / elapsed
 }
 
+if let only {
+    for _ in 1...rounds {
+        if only == "hardened" {
+            let r = runHardened()
+            print("hardened \(fmt(r.requestsPerSecond, 0)) IOPS")
+        } else {
+            print("trusting \(fmt(runTrusting(requests: Int(1_000_000 * seconds)), 0)) IOPS")
+        }
+    }
+    exit(0)
+}
 for round in 1...rounds {
     // Alternate which side goes first (ABBA), so drift in machine load cancels out.
     var r = XenBenchReport(requests: 0, bytes: 0, seconds: 0, errors: 0)
