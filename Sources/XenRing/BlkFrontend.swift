@@ -219,17 +219,25 @@ public final class BlkFrontend {
 
     /// Fills the private request buffer (R1).
     func build(operation: BlkOperation, id: UInt16, sector: UInt64, segments: Int) {
-        scratch.initializeMemory(as: UInt8.self, repeating: 0, count: BlkifLayout.requestSize)
+        scratch.initializeMemory(as: UInt8.self, repeating: 0, count: Self.requestBytes(segments: segments))
         scratch.storeBytes(of: operation.rawValue, toByteOffset: BlkifLayout.operation, as: UInt8.self)
         scratch.storeBytes(of: UInt8(truncatingIfNeeded: segments), toByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
         scratch.storeBytes(of: UInt64(id), toByteOffset: BlkifLayout.id, as: UInt64.self)
         scratch.storeBytes(of: sector, toByteOffset: BlkifLayout.sectorNumber, as: UInt64.self)
     }
 
-    /// Copies the private request into its slot whole and records the shadow entry.
+    /// Bytes of a request with `segments` segments: the header and the segments in use
+    /// (32 for flush/discard, whose `nr_sectors` ends there).
+    @inline(__always)
+    static func requestBytes(segments: Int) -> Int {
+        max(BlkifLayout.discardSectorCount + 8, BlkifLayout.segments + segments * BlkifLayout.segmentSize)
+    }
+
+    /// Copies the private request into its slot whole (every byte the request defines;
+    /// segment entries past `nr_segments` are not part of it) and records the shadow.
     func post(_ id: UInt16, operation: BlkOperation, segments: Int, destination: UnsafeMutableRawPointer?, count: Int, token: UInt64) {
         let slot = ring + SharedRingLayout.headerSize + Int(requestProducer & mask) * BlkifLayout.slotSize
-        slot.copyMemory(from: scratch, byteCount: BlkifLayout.requestSize)
+        slot.copyMemory(from: scratch, byteCount: Self.requestBytes(segments: segments))
         requestProducer &+= 1
         shadow[Int(id)] = Shadow(
             token: token, operation: operation.rawValue, segmentCount: segments, destination: destination,

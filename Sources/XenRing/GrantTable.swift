@@ -53,9 +53,16 @@ public final class GrantIssuer {
         self.backendDomain = backendDomain
         let first = GrantLayout.reservedEntries
         free = PrivateStack(capacity: max(0, memory.entryCount - first))
-        if first < memory.entryCount {
-            for ref in (first..<memory.entryCount).reversed() { free.push(UInt32(ref)) }
+        // Hand out one ref per 64-byte line first (8 entries a line): the backend pins and
+        // unpins entries while we try-end others, and a shared line would bounce between
+        // the cores on every compare-exchange.
+        var order: [UInt32] = []
+        for slot in 0..<8 {
+            for line in stride(from: 0, to: memory.entryCount, by: 8) where line + slot >= first && line + slot < memory.entryCount {
+                order.append(UInt32(line + slot))
+            }
         }
+        for ref in order.reversed() { free.push(ref) }
     }
 
     public var available: Int { free.count }

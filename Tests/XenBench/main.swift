@@ -78,12 +78,24 @@ func connect() -> XenBlkFrontendDevice {
 print("xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
 var ratios: [Double] = []
 var hardenedTotal = 0.0, trustingTotal = 0.0
+/// CPU seconds (user + system) this process (one busy thread) has used: the frontend's own cost, which
+/// other load on the machine disturbs far less than throughput.
+func threadCPUSeconds() -> Double {
+    var u = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &u)  // the parent has one busy thread
+    return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+}
+var cpuHardened = 0.0, cpuTrusting = 0.0, requestsHardened = 0, requestsTrusting = 0
+
 /// The hardened frontend: the library's benchmark loop (what `ringfence xen-blk bench` runs).
 @MainActor func runHardened() -> XenBenchReport {
     let device = connect()
     defer { device.disconnect() }
     do {
+        let cpu = threadCPUSeconds()
         let r = try device.benchmark(seconds: seconds, depth: depth, write: write)
+        cpuHardened += threadCPUSeconds() - cpu
+        requestsHardened += r.requests
         guard r.errors == 0 else { fail("hardened run had \(r.errors) errors") }
         return r
     } catch { fail("hardened: \(error)") }
@@ -103,11 +115,14 @@ var hardenedTotal = 0.0, trustingTotal = 0.0
     defer { data.deallocate() }
     data.initializeMemory(as: UInt8.self, repeating: 0x5a, count: 4096)
     var errors: UInt64 = 0
+    let cpu = threadCPUSeconds()
     let start = monotonicNanoseconds()
     let n = cxen_front_run(
         &env, 1, 64, 1, UInt64(requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
         data.assumingMemoryBound(to: UInt8.self), 5000, &errors)
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+    cpuTrusting += threadCPUSeconds() - cpu
+    requestsTrusting += n
     guard n == requests, errors == 0 else { fail("trusting C run: \(n) completed, \(errors) errors") }
     return Double(n) / elapsed
 }
@@ -142,6 +157,10 @@ for round in 1...rounds {
     print("round \(round): hardened Swift \(fmt(r.requestsPerSecond, 0)) IOPS (\(fmt(r.mebibytesPerSecond, 1)) MiB/s), "
         + "trusting C \(fmt(cRate, 0)) IOPS, ratio \(fmt(ratio, 3))")
 }
+let usHardened = cpuHardened / Double(max(1, requestsHardened)) * 1e6
+let usTrusting = cpuTrusting / Double(max(1, requestsTrusting)) * 1e6
+print("frontend CPU per request: hardened \(fmt(usHardened, 3)) us, trusting \(fmt(usTrusting, 3)) us "
+    + "(ratio \(fmt(usTrusting / usHardened, 3)))")
 let sorted = ratios.sorted()
 print("median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) "
     + "(mean IOPS hardened \(fmt(hardenedTotal / Double(rounds), 0)), trusting \(fmt(trustingTotal / Double(rounds), 0)))")

@@ -49,14 +49,14 @@ func ringfenceBinary() -> String? {
         #expect(child.wait(until: .after(seconds: 5)) == .exited(0))
     }
 
-    /// Each backend attack, from another process (grant ref 8 holds the ring, 9 the
+    /// Each backend attack, from another process (grant ref 8 holds the ring, 16 the
     /// data): the exact violation, the in-flight request failed, the channel masked.
     @Test(arguments: [
         (XenBackendAttack.responseProducerJump, Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)),
         (.responseIdNotInFlight, .xenResponseIdNotInFlight(id: 1)),
         (.unknownStatus, .xenResponseStatusUnknown(id: 0, status: 7)),
-        (.grantStillMapped, .xenGrantStillMapped(ref: 9, flags: GrantLayout.permitAccess | GrantLayout.writing)),
-        (.grantFlagsScribbled, .xenGrantFlagsScribbled(ref: 9, expected: GrantLayout.permitAccess, found: 0x00e2)),
+        (.grantStillMapped, .xenGrantStillMapped(ref: 16, flags: GrantLayout.permitAccess | GrantLayout.writing)),
+        (.grantFlagsScribbled, .xenGrantFlagsScribbled(ref: 16, expected: GrantLayout.permitAccess, found: 0x00e2)),
     ])
     func backendAttackFromAnotherProcessDisablesDevice(attack: XenBackendAttack, expected: Violation) throws {
         let (device, child) = try Self.spawn(attack: attack)
