@@ -130,7 +130,7 @@ public final class XenBlkBackendConnection {
                 pollfd(fd: events.incoming.fileDescriptor, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: channel.fileDescriptor, events: Int16(POLLIN), revents: 0),
             ]
-            let r = poll(&pfds, 2, Int32(max(1, min(idleTimeout, 3600)) * 1000))
+            let r = poll(&pfds, 2, Int32(max(1, min(idleTimeout.isNaN ? 30 : idleTimeout, 3600)) * 1000))
             if r == 0 { return .idle }
             if r < 0 { continue }
             if pfds[1].revents != 0 { return close() }

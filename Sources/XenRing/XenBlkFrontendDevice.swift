@@ -30,8 +30,11 @@ public final class XenBlkFrontendDevice {
     let channel: UnixChannel
     let table: SharedRegion
     let frames: SharedRegion
-    /// Seconds a request may take before the device is declared dead (R5).
-    public var timeout: Double = 5
+    /// Seconds a request may take before the device is declared dead (R5); values
+    /// outside (0, 3600] (or NaN) fall back to 5 so no conversion of it can trap.
+    public var timeout: Double = 5 {
+        didSet { if !(timeout > 0 && timeout <= 3600) { timeout = 5 } }
+    }
     private var nextToken: UInt64 = 1
     /// Tokens failed by `failAll` after a violation, for callers that keep their own.
     public private(set) var failedTokens: [UInt64] = []
@@ -133,7 +136,7 @@ public final class XenBlkFrontendDevice {
 
     func complete(_ token: UInt64) throws(XenBlkError) {
         kick()
-        let deadline = Deadline.after(seconds: timeout)
+        let deadline = Deadline.after(seconds: timeout)  // clamps NaN/negative/huge values
         while true {
             let batch = try waitForCompletions(until: deadline)
             for c in batch where c.token == token {
