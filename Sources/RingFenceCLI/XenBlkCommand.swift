@@ -81,16 +81,18 @@ struct XenBlkCommand: ParsableCommand {
         discussion: """
             Actions: info (capacity and features), read (hex dump of --count sectors at \
             --sector), write (a --seed pattern), verify (write, read back, compare), bench \
-            (--depth requests of 4 KiB for --seconds). Exit status 1 on a mismatch; a \
-            misbehaving backend disables the device with a typed violation.
+            (--depth requests of 4 KiB for --seconds), audit (send each malformed request of \
+            --attack, or all, each on a fresh connection, and report how the backend \
+            reacted). Exit status 1 on a mismatch or a failed audit; a misbehaving backend \
+            disables the device with a typed violation.
             """)
 
-    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench }
+    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench, audit }
 
     @Option(help: "Unix socket of the backend.")
     var socket: String
 
-    @Argument(help: "info | read | write | verify | bench")
+    @Argument(help: "info | read | write | verify | bench | audit")
     var action: Action
 
     @Option(help: "First 512-byte sector.")
@@ -114,15 +116,21 @@ struct XenBlkCommand: ParsableCommand {
     @Option(help: "Seconds a request may take before the device is declared dead.")
     var timeout: Double = 5
 
+    @Option(help: "audit: one of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
+    var attack: String?
+
     func validate() throws {
         guard count >= 1, count <= BlkifLayout.maxSegments * BlkifLayout.sectorsPerPage else {
             throw ValidationError("--count must be in 1...88")
         }
         guard depth >= 1, depth <= 32 else { throw ValidationError("--depth must be in 1...32") }
         guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+        if let attack, XenFrontendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
     }
 
     func run() throws {
+        if action == .audit { return try audit() }
         let channel = try UnixChannel.connect(path: socket)
         let device = try XenBlkFrontendDevice.connect(channel: channel)
         device.timeout = timeout
@@ -160,7 +168,36 @@ struct XenBlkCommand: ParsableCommand {
                 + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
                 + "\(device.events.spuriousEvents) spurious events")
             if r.errors > 0 { throw ExitCode(1) }
+        case .audit:
+            break  // handled before connecting
         }
+    }
+
+    /// Each frontend attack on a fresh connection: a bad request must be refused and the
+    /// backend must keep serving; a corrupt ring must get the connection dropped.
+    func audit() throws {
+        let attacks = attack.flatMap(XenFrontendAttack.init(rawValue:)).map { [$0] } ?? XenFrontendAttack.allCases
+        var failed = false
+        for a in attacks {
+            let device = try XenBlkFrontendDevice.connect(channel: try UnixChannel.connect(path: socket))
+            device.timeout = timeout
+            let outcome = device.audit(a)
+            var ok: Bool
+            var after = ""
+            if a == .requestProducerJump {
+                ok = outcome == .dropped
+            } else {
+                ok = outcome == .refused(.error) || outcome == .refused(.notSupported)
+                var page = [UInt8](repeating: 0, count: 4096)
+                let served = (try? page.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }) != nil
+                after = served ? ", then served a good request" : ", then did NOT serve a good request"
+                ok = ok && served
+            }
+            print("audit \(a.rawValue): \(outcome)\(after) -> \(ok ? "ok" : "FAIL")")
+            failed = failed || !ok
+            if a != .requestProducerJump { device.disconnect() }
+        }
+        if failed { throw ExitCode(1) }
     }
 
     func pattern(_ n: Int) -> [UInt8] {

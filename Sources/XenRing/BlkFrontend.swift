@@ -380,3 +380,45 @@ public final class BlkFrontend {
         return SharedAccess.load32Acquire(ring + SharedRingLayout.responseProducer) != responseConsumer
     }
 }
+
+extension BlkFrontend {
+    /// Adversary hook for auditing a backend: posts a request the backend must refuse
+    /// (or, for `.requestProducerJump`, corrupts req_prod). Built like any request (own
+    /// id, private copy, no grants), so a correct ERROR answer validates normally.
+    func postMalformed(_ attack: XenFrontendAttack, token: UInt64) throws(BlkSubmitError) {
+        if attack == .requestProducerJump {
+            if let violation { throw .broken(violation) }
+            SharedAccess.store32Release(ring + SharedRingLayout.requestProducer, requestProducer &+ 1000)
+            return
+        }
+        let id = try takeId()
+        build(operation: .read, id: id, sector: 0, segments: BlkifLayout.maxSegments)
+        func segment(_ s: Int, ref: UInt32, first: UInt8, last: UInt8) {
+            let p = scratch + BlkifLayout.segments + s * BlkifLayout.segmentSize
+            p.storeBytes(of: ref, toByteOffset: BlkifLayout.segmentGrantRef, as: UInt32.self)
+            p.storeBytes(of: first, toByteOffset: BlkifLayout.segmentFirstSector, as: UInt8.self)
+            p.storeBytes(of: last, toByteOffset: BlkifLayout.segmentLastSector, as: UInt8.self)
+        }
+        var count: UInt8 = 1
+        switch attack {
+        case .tooManySegments:
+            for s in 0..<BlkifLayout.maxSegments { segment(s, ref: 0, first: 0, last: 7) }
+            count = 12
+        case .firstAfterLast: segment(0, ref: 0, first: 5, last: 2)
+        case .lastSectorBeyondPage: segment(0, ref: 0, first: 0, last: 8)
+        case .grantRefOutOfRange: segment(0, ref: 0xffff_fff0, first: 0, last: 7)
+        case .grantNotGranted: segment(0, ref: UInt32(truncatingIfNeeded: memory.grants.entryCount - 1), first: 0, last: 7)
+        case .sectorBeyondCapacity:
+            segment(0, ref: 0, first: 0, last: 7)
+            let sector = capacitySectors == .max ? UInt64.max - 3 : capacitySectors
+            scratch.storeBytes(of: sector, toByteOffset: BlkifLayout.sectorNumber, as: UInt64.self)
+        case .requestProducerJump: break
+        }
+        scratch.storeBytes(of: count, toByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
+        let slot = ring + SharedRingLayout.headerSize + Int(requestProducer & mask) * BlkifLayout.slotSize
+        slot.copyMemory(from: scratch, byteCount: BlkifLayout.requestSize)
+        requestProducer &+= 1
+        shadow[Int(id)] = Shadow(token: token, operation: BlkOperation.read.rawValue, segmentCount: 0, active: true)
+        inFlightCount += 1
+    }
+}

@@ -202,3 +202,48 @@ public final class XenBlkFrontendDevice {
         channel.shutdown()
     }
 }
+
+/// What a backend did with a malformed request (an audit of the backend).
+public enum XenAuditOutcome: Equatable, Sendable, CustomStringConvertible {
+    /// Failed the request (the expected answer to a bad request).
+    case refused(BlkStatus)
+    /// Answered OKAY: the backend accepted a request it must refuse.
+    case accepted
+    /// Dropped the connection (the expected answer to a corrupt ring).
+    case dropped
+    /// Neither answered nor dropped within the deadline.
+    case silent
+
+    public var description: String {
+        switch self {
+        case .refused(let s): return "refused (\(s))"
+        case .accepted: return "ACCEPTED"
+        case .dropped: return "connection dropped"
+        case .silent: return "no answer"
+        }
+    }
+}
+
+extension XenBlkFrontendDevice {
+    /// Sends one frontend attack (`XenFrontendAttack`) and reports how the backend
+    /// reacted. Audit tool: the device is unusable afterwards for a ring corruption.
+    public func audit(_ attack: XenFrontendAttack) -> XenAuditOutcome {
+        let token = takeToken()
+        do { try front.postMalformed(attack, token: token) } catch { return .silent }
+        if attack == .requestProducerJump {
+            events.notify()
+            // The backend must drop the connection: the channel becomes readable (EOF).
+            do { try channel.waitReadable(until: .after(seconds: timeout)) } catch { return .silent }
+            return .dropped
+        }
+        kick()
+        do {
+            for c in try waitForCompletions(until: .after(seconds: timeout)) where c.token == token {
+                return c.status == .okay ? .accepted : .refused(c.status)
+            }
+        } catch {
+            return .silent
+        }
+        return .silent
+    }
+}

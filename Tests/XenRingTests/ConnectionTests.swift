@@ -218,3 +218,32 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         #expect(backend.refusals == [.violation(.xenHandshakeValue(key: "ring-ref", value: "600"))])
     }
 }
+
+/// The frontend-attack catalogue as an audit over real connections: each malformed
+/// request is refused with ERROR and the backend keeps serving; the corrupt ring gets
+/// the connection dropped and the backend serves the next frontend.
+@Suite struct FrontendAttackAuditTests {
+    @Test(arguments: XenFrontendAttack.allCases.filter { $0 != .requestProducerJump })
+    func malformedRequestIsRefusedAndBackendKeepsServing(attack: XenFrontendAttack) throws {
+        let (device, backend) = try connectedPair()
+        #expect(device.audit(attack) == .refused(.error))
+        var page = [UInt8](repeating: 0, count: 4096)
+        try page.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }
+        device.disconnect()
+        backend.join()
+        #expect(backend.ends == [.closed])
+    }
+
+    @Test func requestProducerJumpGetsConnectionDroppedThenNextServed() throws {
+        let (a1, b1) = try UnixChannel.pair()
+        let (a2, b2) = try UnixChannel.pair()
+        let backend = BackendThread(channels: [b1, b2])
+        let bad = try XenBlkFrontendDevice.connect(channel: a1)
+        #expect(bad.audit(.requestProducerJump) == .dropped)
+        let good = try XenBlkFrontendDevice.connect(channel: a2)
+        try good.flush()
+        good.disconnect()
+        backend.join()
+        #expect(backend.ends == [.dropped(.xenRequestProducerOverflow(consumer: 0, producer: 1000, ringSize: 32)), .closed])
+    }
+}
