@@ -12,8 +12,12 @@ import XenRing
 
 let diskSectors = 65536  // 32 MiB in memory
 
+/// The backend process, killed on every way out (exit() skips top-level defers).
+nonisolated(unsafe) var backendChild: ChildProcess?
+
 func fail(_ message: String) -> Never {
     print("xen-bench: \(message)")
+    backendChild?.kill()
     exit(2)
 }
 
@@ -63,6 +67,7 @@ let child: ChildProcess
 do { child = try ChildProcess(executable: currentExecutablePath(), arguments: ["backend", socket]) } catch {
     fail("spawn: \(error)")
 }
+backendChild = child
 defer { child.kill() }
 
 func connect() -> XenBlkFrontendDevice {
@@ -136,6 +141,7 @@ if let only {
             print("trusting \(fmt(runTrusting(requests: Int(1_000_000 * seconds)), 0)) IOPS")
         }
     }
+    child.kill()
     exit(0)
 }
 for round in 1...rounds {
