@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
+        .library(name: "XenRing", targets: ["XenRing"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -71,10 +72,38 @@ let package = Package(
                 "RingHarness",
                 "VhostUser",
                 "VirtioBlock",
+                "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "XenRing",
+            dependencies: [
+                "SharedMemory",
+                "Virtqueue",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
+            swiftSettings: strict
+        ),
+        // Reference peer on Debian libxen-dev's ring.h/blkif.h macros (tests and benchmark only, R8).
+        .target(
+            name: "CXenPeer",
+            path: "Tests/CXenPeer",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Hardened vs trusting-C frontend benchmark (`swift run -c release xen-bench`).
+        .executableTarget(
+            name: "xen-bench",
+            dependencies: ["XenRing", "SharedMemory", "RingHarness", "CXenPeer"],
+            path: "Tests/XenBench",
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "XenRingTests",
+            dependencies: ["XenRing", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],
             swiftSettings: strict
         ),
         .testTarget(

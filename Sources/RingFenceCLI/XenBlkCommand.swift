@@ -1,0 +1,222 @@
+import ArgumentParser
+import SharedMemory
+import XenRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `ringfence serve-xen-blk`: the hardened blkif backend over a disk image (or memory),
+/// one frontend at a time; a frontend that corrupts the ring is dropped and the next served.
+struct ServeXenBlkCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve-xen-blk",
+        abstract: "Serve a disk image to Xen-style blkif frontends over an emulated PV ring.",
+        discussion: """
+            Listens on a Unix socket; each connection runs the xenstore-like handshake, maps \
+            the frontend's grant table and frames (sealed memfds), and serves blkif requests \
+            until the frontend closes. --attack makes this backend misbehave (for audits).
+            """)
+
+    @Option(help: "Unix socket to listen on.")
+    var socket: String?
+
+    @Option(help: "Disk image (its size, in 512-byte sectors, is the capacity).")
+    var image: String?
+
+    @Option(help: "Misbehave: \(XenBackendAttack.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var attack: String?
+
+    @Option(help: "Stop after this many connections (0 = serve forever).")
+    var connections: Int = 0
+
+    @Option(help: ArgumentHelp("Serve one connection on this inherited socket descriptor.", visibility: .hidden))
+    var fd: Int32?
+
+    @Option(help: ArgumentHelp("Serve an in-memory disk of this many sectors.", visibility: .hidden))
+    var memorySectors: Int?
+
+    func validate() throws {
+        guard (socket == nil) != (fd == nil) else { throw ValidationError("give exactly one of --socket or --fd") }
+        guard (image == nil) != (memorySectors == nil) else { throw ValidationError("give --image FILE") }
+        if let attack, XenBackendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
+    }
+
+    func run() throws {
+        let storage: any BlockStorage
+        if let image { storage = try FileStorage(path: image) } else { storage = MemoryStorage(sectors: memorySectors ?? 0) }
+        let attack = self.attack.flatMap(XenBackendAttack.init(rawValue:))
+        if let fd {
+            serveOne(UnixChannel(adopting: fd), storage: storage, attack: attack)
+            return
+        }
+        let listener = try UnixListener(path: socket ?? "")
+        print("serve-xen-blk: \(storage.sectorCount) sectors on \(socket ?? "")\(attack.map { " (attack \($0.rawValue))" } ?? "")")
+        var served = 0
+        while connections == 0 || served < connections {
+            guard let channel = try? listener.accept(until: .after(seconds: 3600)) else { continue }
+            serveOne(channel, storage: storage, attack: attack)
+            served += 1
+        }
+    }
+
+    func serveOne(_ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?) {
+        do {
+            let connection = try XenBlkBackendConnection.accept(channel: channel, storage: storage, attack: attack)
+            let end = connection.run()
+            let b = connection.backend
+            print("serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
+                + (b.lastRejection.map { " (last: \($0))" } ?? ""))
+        } catch {
+            print("serve-xen-blk: connection refused: \(error)")
+        }
+    }
+}
+
+/// `ringfence xen-blk`: the hardened blkif frontend, mirroring `blk`.
+struct XenBlkCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xen-blk",
+        abstract: "Talk to a Xen-style blkif backend through the hardened frontend.",
+        discussion: """
+            Actions: info (capacity and features), read (hex dump of --count sectors at \
+            --sector), write (a --seed pattern), verify (write, read back, compare), bench \
+            (--depth requests of 4 KiB for --seconds), audit (send each malformed request of \
+            --attack, or all, each on a fresh connection, and report how the backend \
+            reacted). Exit status 1 on a mismatch or a failed audit; a misbehaving backend \
+            disables the device with a typed violation.
+            """)
+
+    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench, audit }
+
+    @Option(help: "Unix socket of the backend.")
+    var socket: String
+
+    @Argument(help: "info | read | write | verify | bench | audit")
+    var action: Action
+
+    @Option(help: "First 512-byte sector.")
+    var sector: UInt64 = 0
+
+    @Option(help: "Sectors (read/write/verify; at most 88 per request).")
+    var count: Int = 8
+
+    @Option(help: "Pattern seed for write/verify.")
+    var seed: UInt8 = 1
+
+    @Option(help: "Seconds (bench).")
+    var seconds: Double = 3
+
+    @Option(help: "Requests in flight (bench, at most 32).")
+    var depth: Int = 16
+
+    @Flag(help: "Benchmark writes instead of reads.")
+    var writes = false
+
+    @Option(help: "Seconds a request may take before the device is declared dead.")
+    var timeout: Double = 5
+
+    @Option(help: "audit: one of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
+    var attack: String?
+
+    func validate() throws {
+        guard count >= 1, count <= BlkifLayout.maxSegments * BlkifLayout.sectorsPerPage else {
+            throw ValidationError("--count must be in 1...88")
+        }
+        guard depth >= 1, depth <= 32 else { throw ValidationError("--depth must be in 1...32") }
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+        if let attack, XenFrontendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
+    }
+
+    func run() throws {
+        if action == .audit { return try audit() }
+        let channel = try UnixChannel.connect(path: socket)
+        let device = try XenBlkFrontendDevice.connect(channel: channel)
+        device.timeout = timeout
+        defer { device.disconnect() }
+        let info = device.info
+        let bytes = count * BlkifLayout.sectorSize
+        switch action {
+        case .info:
+            print("sectors \(info.sectors) (\(info.sectors / 2048) MiB), sector-size \(info.sectorSize), "
+                + "flush \(info.flushCache), discard \(info.discard), \(info.readOnly ? "read-only" : "read-write"), "
+                + "ring \(device.front.ringSize) slots")
+        case .read:
+            var data = [UInt8](repeating: 0, count: bytes)
+            try data.withUnsafeMutableBytes { try device.read(sector: sector, into: $0) }
+            printHex(data, base: sector * 512)
+        case .write:
+            let data = pattern(bytes)
+            try data.withUnsafeBytes { try device.write(sector: sector, from: $0) }
+            print("wrote \(bytes) bytes at sector \(sector)")
+        case .verify:
+            let data = pattern(bytes)
+            try data.withUnsafeBytes { try device.write(sector: sector, from: $0) }
+            if info.flushCache { try device.flush() }
+            var back = [UInt8](repeating: 0, count: bytes)
+            try back.withUnsafeMutableBytes { try device.read(sector: sector, into: $0) }
+            guard back == data else {
+                print("verify: MISMATCH at sector \(sector)")
+                throw ExitCode(1)
+            }
+            print("verify: \(bytes) bytes at sector \(sector) read back intact")
+        case .bench:
+            let r = try device.benchmark(seconds: seconds, depth: depth, write: writes)
+            print("xen-blk bench: \(writes ? "write" : "read") 4 KiB, depth \(depth): \(r.requests) requests in "
+                + "\(format(r.seconds, 2)) s = \(format(r.requestsPerSecond, 0)) IOPS, "
+                + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
+                + "\(device.events.spuriousEvents) spurious events")
+            if r.errors > 0 { throw ExitCode(1) }
+        case .audit:
+            break  // handled before connecting
+        }
+    }
+
+    /// Each frontend attack on a fresh connection: a bad request must be refused and the
+    /// backend must keep serving; a corrupt ring must get the connection dropped.
+    func audit() throws {
+        let attacks = attack.flatMap(XenFrontendAttack.init(rawValue:)).map { [$0] } ?? XenFrontendAttack.allCases
+        var failed = false
+        for a in attacks {
+            let device = try XenBlkFrontendDevice.connect(channel: try UnixChannel.connect(path: socket))
+            device.timeout = timeout
+            let outcome = device.audit(a)
+            var ok: Bool
+            var after = ""
+            if a == .requestProducerJump {
+                ok = outcome == .dropped
+            } else {
+                ok = outcome == .refused(.error) || outcome == .refused(.notSupported)
+                var page = [UInt8](repeating: 0, count: 4096)
+                let served = (try? page.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }) != nil
+                after = served ? ", then served a good request" : ", then did NOT serve a good request"
+                ok = ok && served
+            }
+            print("audit \(a.rawValue): \(outcome)\(after) -> \(ok ? "ok" : "FAIL")")
+            failed = failed || !ok
+            if a != .requestProducerJump { device.disconnect() }
+        }
+        if failed { throw ExitCode(1) }
+    }
+
+    func pattern(_ n: Int) -> [UInt8] {
+        (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ Int(seed) &* 7 &+ $0 >> 9) }
+    }
+
+    func printHex(_ data: [UInt8], base: UInt64) {
+        let hex = Array("0123456789abcdef")
+        var line = 0
+        while line < data.count {
+            var s = String(base + UInt64(line), radix: 16)
+            s = String(repeating: "0", count: max(0, 8 - s.count)) + s + " "
+            for b in data[line..<min(line + 16, data.count)] {
+                s.append(" ")
+                s.append(hex[Int(b >> 4)])
+                s.append(hex[Int(b & 15)])
+            }
+            print(s)
+            line += 16
+        }
+    }
+}

@@ -1,0 +1,150 @@
+import Atomics
+import SharedMemory
+public import Virtqueue
+
+/// The emulated grant table: v1 entries (`GrantLayout`) in a shared memfd, and the
+/// granted frames (4 KiB pages) in a second one. The frontend writes entries; the
+/// "hypervisor" half of the backend sets GTF_reading/GTF_writing while it maps a page.
+public struct GrantTableMemory: @unchecked Sendable {
+    public let entries: UnsafeMutableRawPointer
+    public let entryCount: Int
+    public let frames: UnsafeMutableRawPointer
+    public let frameCount: Int
+
+    public init(entries: UnsafeMutableRawPointer, entryCount: Int, frames: UnsafeMutableRawPointer, frameCount: Int) {
+        self.entries = entries
+        self.entryCount = entryCount
+        self.frames = frames
+        self.frameCount = frameCount
+    }
+
+    @inline(__always)
+    func flagsAtomic(_ ref: UInt32) -> UnsafeAtomic<UInt16> {
+        UnsafeAtomic<UInt16>(
+            at: (entries + Int(ref) * GrantLayout.entrySize).assumingMemoryBound(to: UInt16.AtomicRepresentation.self))
+    }
+
+    @inline(__always)
+    public func page(_ frame: UInt32) -> UnsafeMutableRawPointer {
+        frames + Int(frame) * SharedRingLayout.pageSize
+    }
+}
+
+/// How ending foreign access went (Linux's `gnttab_try_end_foreign_access`).
+public enum GrantEndResult: Equatable, Sendable {
+    case ended
+    /// The backend still claims a mapping: the ref and its page are quarantined (R7).
+    case stillMapped(flags: UInt16)
+    /// The flags are not what we wrote: quarantined too, we cannot know who maps it.
+    case scribbled(found: UInt16)
+}
+
+/// The frontend's half: hands out grant refs from a private free list (never read back
+/// from the table, R1) and revokes them with an atomic try-end. A ref whose revocation
+/// fails is never reused.
+public final class GrantIssuer {
+    public let memory: GrantTableMemory
+    public let backendDomain: UInt16
+    private let free: PrivateStack<UInt32>
+    @exclusivity(unchecked) public private(set) var quarantined: [UInt32] = []
+
+    public init(memory: GrantTableMemory, backendDomain: UInt16 = 0) {
+        self.memory = memory
+        self.backendDomain = backendDomain
+        let first = GrantLayout.reservedEntries
+        free = PrivateStack(capacity: max(0, memory.entryCount - first))
+        // Hand out one ref per 64-byte line first (8 entries a line): the backend pins and
+        // unpins entries while we try-end others, and a shared line would bounce between
+        // the cores on every compare-exchange.
+        var order: [UInt32] = []
+        for slot in 0..<8 {
+            for line in stride(from: 0, to: memory.entryCount, by: 8) where line + slot >= first && line + slot < memory.entryCount {
+                order.append(UInt32(line + slot))
+            }
+        }
+        for ref in order.reversed() { free.push(ref) }
+    }
+
+    public var available: Int { free.count }
+
+    @inline(__always)
+    static func expectedFlags(readOnly: Bool) -> UInt16 {
+        GrantLayout.permitAccess | (readOnly ? GrantLayout.readOnly : 0)
+    }
+
+    /// Grants `frame` to the backend; the flags are stored last with release so the
+    /// backend never sees a valid entry with a stale frame.
+    public func grant(frame: UInt32, readOnly: Bool) -> UInt32? {
+        guard let ref = free.pop() else { return nil }
+        let e = memory.entries + Int(ref) * GrantLayout.entrySize
+        e.storeBytes(of: backendDomain, toByteOffset: GrantLayout.domid, as: UInt16.self)
+        e.storeBytes(of: frame, toByteOffset: GrantLayout.frame, as: UInt32.self)
+        memory.flagsAtomic(ref).store(Self.expectedFlags(readOnly: readOnly), ordering: .releasing)
+        return ref
+    }
+
+    /// Revokes `ref`: one atomic compare-exchange from exactly the flags we wrote to 0.
+    /// Fails (and quarantines) while GTF_reading/GTF_writing is set or the flags were
+    /// scribbled — never a crash (XSA-396), never a loop.
+    public func endAccess(_ ref: UInt32, readOnly: Bool) -> GrantEndResult {
+        let expected = Self.expectedFlags(readOnly: readOnly)
+        let (exchanged, found) = memory.flagsAtomic(ref).compareExchange(
+            expected: expected, desired: 0, ordering: .acquiringAndReleasing)
+        if exchanged {
+            free.push(ref)
+            return .ended
+        }
+        quarantined.append(ref)
+        if found & (GrantLayout.reading | GrantLayout.writing) != 0 { return .stillMapped(flags: found) }
+        return .scribbled(found: found)
+    }
+}
+
+/// The backend's half (what Xen's grant-table code does on GNTTABOP_map): check the
+/// entry, pin it with GTF_reading/GTF_writing, hand out the page; the frontend wrote the
+/// entry and may rewrite it at any time, so each field is loaded once (R2).
+public struct GrantMapper: @unchecked Sendable {
+    public let memory: GrantTableMemory
+    public let domain: UInt16
+
+    public init(memory: GrantTableMemory, domain: UInt16 = 0) {
+        self.memory = memory
+        self.domain = domain
+    }
+
+    /// Maps `ref` for reading (`write == false`) or writing; bounded retries on a racing
+    /// frontend (R5).
+    public func map(_ ref: UInt32, write: Bool) throws(Violation) -> UnsafeMutableRawPointer {
+        guard Int(ref) < memory.entryCount else {
+            throw .xenGrantRefOutOfRange(ref: ref, entries: memory.entryCount)
+        }
+        let e = memory.entries + Int(ref) * GrantLayout.entrySize
+        let flags = memory.flagsAtomic(ref)
+        let pin = write ? GrantLayout.writing : GrantLayout.reading
+        var last: UInt16 = 0
+        for _ in 0..<8 {
+            let f = flags.load(ordering: .acquiring)
+            last = f
+            guard f & GrantLayout.typeMask == GrantLayout.permitAccess,
+                !write || f & GrantLayout.readOnly == 0
+            else { throw .xenGrantNotGranted(ref: ref, flags: f) }
+            let domid = SharedAccess.load16(e + GrantLayout.domid)
+            let frame = SharedAccess.load32(e + GrantLayout.frame)
+            guard domid == domain else { throw .xenGrantNotGranted(ref: ref, flags: f) }
+            guard Int(frame) < memory.frameCount else {
+                throw .xenGrantRefOutOfRange(ref: ref, entries: memory.entryCount)
+            }
+            if flags.compareExchange(expected: f, desired: f | pin, ordering: .acquiringAndReleasing).exchanged {
+                return memory.page(frame)
+            }
+        }
+        throw .xenGrantNotGranted(ref: ref, flags: last)
+    }
+
+    /// Drops the pin taken by `map`.
+    public func unmap(_ ref: UInt32, write: Bool) {
+        guard Int(ref) < memory.entryCount else { return }
+        let pin = write ? GrantLayout.writing : GrantLayout.reading
+        _ = memory.flagsAtomic(ref).loadThenBitwiseAnd(with: ~pin, ordering: .releasing)
+    }
+}

@@ -1,0 +1,89 @@
+/// Byte layout of Xen's `io/ring.h` shared ring page (`struct blkif_sring`): a 64-byte
+/// header, then slots of the request/response union. Offsets are checked against the C
+/// headers by `XenLayoutTests` (binary compatibility with real PV peers).
+public enum SharedRingLayout {
+    public static let pageSize = 4096
+    public static let requestProducer = 0
+    public static let requestEvent = 4
+    public static let responseProducer = 8
+    public static let responseEvent = 12
+    public static let privatePad = 16
+    public static let pad = 20
+    public static let headerSize = 64
+
+    /// Slots in a ring of `pages` pages with `slotSize`-byte entries: Xen's `__RD32`,
+    /// the largest power of two that fits. 0 if none fits.
+    public static func slotCount(pages: Int, slotSize: Int) -> Int {
+        guard pages > 0, pages <= 16, slotSize > 0 else { return 0 }
+        let fit = (pages * pageSize - headerSize) / slotSize
+        guard fit > 0 else { return 0 }
+        return 1 << (Int.bitWidth - 1 - fit.leadingZeroBitCount)
+    }
+}
+
+/// `io/blkif.h`: 112-byte `blkif_request` (up to 11 segments), 16-byte `blkif_response`.
+public enum BlkifLayout {
+    public static let slotSize = 112
+    public static let requestSize = 112
+    public static let operation = 0
+    public static let segmentCount = 1
+    public static let handle = 2
+    public static let id = 8
+    public static let sectorNumber = 16
+    public static let segments = 24
+    public static let segmentSize = 8
+    public static let segmentGrantRef = 0
+    public static let segmentFirstSector = 4
+    public static let segmentLastSector = 5
+    /// `blkif_request_discard`
+    public static let discardFlag = 1
+    public static let discardSectorCount = 24
+
+    public static let responseSize = 16
+    public static let responseId = 0
+    public static let responseOperation = 8
+    public static let responseStatus = 10
+
+    public static let maxSegments = 11
+    /// Ring sectors are always 512 bytes (blkif.h), whatever `sector-size` says.
+    public static let sectorSize = 512
+    public static let sectorsPerPage = 8
+    /// Slots in a one-page blkif ring (32).
+    public static let ringSize = SharedRingLayout.slotCount(pages: 1, slotSize: slotSize)
+}
+
+/// `grant_table.h` v1 entry: `{ uint16 flags; domid_t domid; uint32 frame; }`.
+public enum GrantLayout {
+    public static let entrySize = 8
+    public static let flags = 0
+    public static let domid = 2
+    public static let frame = 4
+    public static let permitAccess: UInt16 = 1
+    public static let typeMask: UInt16 = 3
+    public static let readOnly: UInt16 = 1 << 2
+    public static let reading: UInt16 = 1 << 3
+    public static let writing: UInt16 = 1 << 4
+    /// Refs 0..<8 are reserved by Xen (GNTTAB_NR_RESERVED_ENTRIES).
+    public static let reservedEntries = 8
+}
+
+/// blkif operations this module speaks.
+public enum BlkOperation: UInt8, Sendable, CaseIterable {
+    case read = 0
+    case write = 1
+    case flush = 3
+    case discard = 5
+}
+
+/// blkif response status: only these three are accepted from a backend (R3).
+public enum BlkStatus: Int16, Sendable {
+    case okay = 0
+    case error = -1
+    case notSupported = -2
+}
+
+/// xenbus states (`io/xenbus.h`).
+public enum XenbusState: UInt8, Sendable {
+    case unknown = 0, initialising = 1, initWait = 2, initialised = 3, connected = 4
+    case closing = 5, closed = 6
+}

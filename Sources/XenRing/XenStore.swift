@@ -1,0 +1,174 @@
+public import SharedMemory
+public import Virtqueue
+
+/// A xenstore directory as one handshake message: `key=value` lines, length-prefixed.
+///
+/// The peer writes these, so decoding is strict (R3/R4): bounded size and key count,
+/// keys `[a-z0-9-]`, printable values, decimal numbers that must fit, no duplicates.
+public struct XenStoreNode: Equatable, Sendable {
+    public private(set) var values: [String: String] = [:]
+    public static let maximumBytes = 4096
+    public static let maximumKeys = 32
+
+    public init(_ values: [String: String] = [:]) { self.values = values }
+
+    public subscript(key: String) -> String? {
+        get { values[key] }
+        set { values[key] = newValue }
+    }
+
+    public var encoded: [UInt8] {
+        var body: [UInt8] = []
+        for key in values.keys.sorted() {
+            body += Array(key.utf8) + [UInt8(ascii: "=")] + Array((values[key] ?? "").utf8) + [10]
+        }
+        let n = UInt32(body.count)
+        return [UInt8(n & 0xff), UInt8((n >> 8) & 0xff), UInt8((n >> 16) & 0xff), UInt8(n >> 24)] + body
+    }
+
+    public static func decode(body: [UInt8]) throws(Violation) -> XenStoreNode {
+        var node = XenStoreNode()
+        var count = 0
+        for line in body.split(separator: 10, omittingEmptySubsequences: true) {
+            count += 1
+            guard count <= maximumKeys, let eq = line.firstIndex(of: UInt8(ascii: "=")) else {
+                throw .xenHandshakeValue(key: "(message)", value: "malformed line")
+            }
+            let k = line[line.startIndex..<eq]
+            let v = line[(eq + 1)...]
+            guard !k.isEmpty, k.count <= 64,
+                k.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d }),
+                v.count <= 256, v.allSatisfy({ $0 >= 0x20 && $0 < 0x7f })
+            else { throw .xenHandshakeValue(key: "(message)", value: "malformed key or value") }
+            let key = String(decoding: k, as: UTF8.self)
+            guard node.values[key] == nil else { throw .xenHandshakeValue(key: key, value: "duplicate") }
+            node.values[key] = String(decoding: v, as: UTF8.self)
+        }
+        return node
+    }
+
+    /// A decimal value in `range`; anything else is a typed violation, never a trap.
+    public func number(_ key: String, in range: ClosedRange<UInt64>) throws(Violation) -> UInt64 {
+        guard let text = values[key] else { throw .xenHandshakeValue(key: key, value: "(missing)") }
+        guard !text.isEmpty, text.utf8.count <= 20, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+            let n = UInt64(text), range.contains(n)
+        else { throw .xenHandshakeValue(key: key, value: text) }
+        return n
+    }
+
+    /// "0" or "1"; absent means `default`.
+    public func flag(_ key: String, default value: Bool = false) throws(Violation) -> Bool {
+        guard let text = values[key] else { return value }
+        switch text {
+        case "0": return false
+        case "1": return true
+        default: throw .xenHandshakeValue(key: key, value: text)
+        }
+    }
+
+    public func state() throws(Violation) -> XenbusState {
+        let n = try number("state", in: 0...8)
+        guard let s = XenbusState(rawValue: UInt8(n)) else { throw .xenHandshakeValue(key: "state", value: "\(n)") }
+        return s
+    }
+}
+
+/// Why connecting (or serving a connection) failed.
+public enum XenConnectError: Error, Equatable, CustomStringConvertible {
+    case channel(UnixChannel.Error)
+    case violation(Violation)
+    case setup(String)
+
+    public var description: String {
+        switch self {
+        case .channel(let e): return "control channel: \(e)"
+        case .violation(let v): return "peer violated \(v)"
+        case .setup(let s): return "setup failed: \(s)"
+        }
+    }
+}
+
+extension UnixChannel {
+    /// Sends one node (with descriptors attached).
+    public func sendNode(_ node: XenStoreNode, descriptors: [Int32] = [], until deadline: Deadline) throws(XenConnectError) {
+        do { try send(node.encoded, descriptors: descriptors, until: deadline) } catch { throw .channel(error) }
+    }
+
+    /// Receives one node; surplus descriptors are closed by the channel.
+    public func receiveNode(maxDescriptors: Int, until deadline: Deadline) throws(XenConnectError) -> (XenStoreNode, [Int32]) {
+        var header = [UInt8](repeating: 0, count: 4)
+        let first = header.withUnsafeMutableBytes { b in
+            Result { () throws(UnixChannel.Error) in try receive(exactly: b, maxDescriptors: maxDescriptors, until: deadline) }
+        }
+        let fds: [Int32]
+        switch first {
+        case .success(let f): fds = f
+        case .failure(let e): throw .channel(e)
+        }
+        let n = Int(header[0]) | Int(header[1]) << 8 | Int(header[2]) << 16 | Int(header[3]) << 24
+        guard n <= XenStoreNode.maximumBytes else {
+            fds.forEach(closeDescriptor)
+            throw .violation(.xenHandshakeValue(key: "(message)", value: "\(n) bytes"))
+        }
+        var body = [UInt8](repeating: 0, count: n)
+        if n > 0 {
+            let rest = body.withUnsafeMutableBytes { b in
+                Result { () throws(UnixChannel.Error) in try receive(exactly: b, maxDescriptors: 0, until: deadline) }
+            }
+            switch rest {
+            case .success(let more): more.forEach(closeDescriptor)
+            case .failure(let e):
+                fds.forEach(closeDescriptor)
+                throw .channel(e)
+            }
+        }
+        do { return (try XenStoreNode.decode(body: body), fds) } catch {
+            fds.forEach(closeDescriptor)
+            throw .violation(error)
+        }
+    }
+}
+
+/// What the backend announces, after clamping (R3: "capacities that fit").
+public struct XenBlkInfo: Equatable, Sendable {
+    /// Capacity in 512-byte sectors (blkif's unit, whatever `sector-size` says).
+    public var sectors: UInt64
+    public var sectorSize: UInt32
+    public var flushCache: Bool
+    public var discard: Bool
+    public var readOnly: Bool
+
+    public init(sectors: UInt64, sectorSize: UInt32 = 512, flushCache: Bool = true, discard: Bool = true, readOnly: Bool = false) {
+        self.sectors = sectors
+        self.sectorSize = sectorSize
+        self.flushCache = flushCache
+        self.discard = discard
+        self.readOnly = readOnly
+    }
+
+    /// At most 8 PiB: sectors * 512 then fits comfortably in 64 bits.
+    public static let maximumSectors: UInt64 = 1 << 44
+
+    /// Reads and clamps the backend's node: `sectors` 1...2^44, `sector-size` a power of
+    /// two in 512...4096, features "0"/"1", `mode` "r"/"w".
+    public static func validate(_ node: XenStoreNode) throws(Violation) -> XenBlkInfo {
+        let state = try node.state()
+        guard state == .initWait else { throw .xenHandshakeState(expected: XenbusState.initWait.rawValue, got: state.rawValue) }
+        let sectors = try node.number("sectors", in: 1...maximumSectors)
+        let size = try node.number("sector-size", in: 512...4096)
+        guard size & (size - 1) == 0 else { throw .xenHandshakeValue(key: "sector-size", value: "\(size)") }
+        let mode = node["mode"] ?? "w"
+        guard mode == "r" || mode == "w" else { throw .xenHandshakeValue(key: "mode", value: mode) }
+        return XenBlkInfo(
+            sectors: sectors, sectorSize: UInt32(size), flushCache: try node.flag("feature-flush-cache"),
+            discard: try node.flag("feature-discard"), readOnly: mode == "r")
+    }
+
+    var node: XenStoreNode {
+        XenStoreNode([
+            "state": "\(XenbusState.initWait.rawValue)", "sectors": "\(sectors)", "sector-size": "\(sectorSize)",
+            "feature-flush-cache": flushCache ? "1" : "0", "feature-discard": discard ? "1" : "0",
+            "mode": readOnly ? "r" : "w",
+        ])
+    }
+}
