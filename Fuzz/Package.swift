@@ -15,7 +15,7 @@ func fuzzTarget(_ name: String) -> Target {
         name: name,
         dependencies: [
             "FuzzSupport",
-            "SharedMemory", "Virtqueue", "RingHarness", "VhostUser", "VirtioBlock", "CRingFence",
+            "SharedMemory", "Virtqueue", "RingHarness", "VhostUser", "VirtioBlock", "CRingFence", "XenRing",
         ],
         swiftSettings: settings + [.unsafeFlags(["-parse-as-library"])])
 }
@@ -46,12 +46,16 @@ let package = Package(
         .target(
             name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser"], swiftSettings: settings),
         .target(
+            name: "XenRing",
+            dependencies: ["SharedMemory", "Virtqueue", .product(name: "Atomics", package: "swift-atomics")],
+            swiftSettings: settings),
+        .target(
             name: "RingHarness",
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
             swiftSettings: settings),
         .target(
             name: "FuzzSupport",
-            dependencies: ["SharedMemory", "Virtqueue"],
+            dependencies: ["SharedMemory", "Virtqueue", "XenRing"],
             swiftSettings: settings),
         fuzzTarget("FuzzUsedRing"),
         fuzzTarget("FuzzDeviceChain"),
@@ -59,5 +63,7 @@ let package = Package(
         fuzzTarget("FuzzVhostMessage"),
         fuzzTarget("FuzzBlockRequests"),
         fuzzTarget("FuzzBackendMessages"),
+        fuzzTarget("FuzzXenResponses"),
+        fuzzTarget("FuzzXenRequests"),
     ]
 )
