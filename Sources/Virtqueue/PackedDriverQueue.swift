@@ -52,7 +52,6 @@ public final class PackedDriverQueue {
     public let features: RingFeatures
     public let queueSize: UInt16
     let size: Int
-    let tableMask: Int
     let buffers: UnsafeMutablePointer<Buffer>
     let state: UnsafeMutablePointer<State>
 
@@ -78,7 +77,6 @@ public final class PackedDriverQueue {
         self.features = features
         self.queueSize = memory.queueSize
         size = Int(memory.queueSize)
-        tableMask = max(size, 1) - 1
         buffers = .allocate(capacity: max(size, 1))
         state = .allocate(capacity: 1)
         buffers.initialize(repeating: Buffer(), count: max(size, 1))
@@ -107,9 +105,11 @@ public final class PackedDriverQueue {
         violation = nil
     }
 
+    /// Slots and ids used as indices are private, or a device value already checked
+    /// `< size` (the packed ring need not be a power of two, so there is no mask).
     @inline(__always)
     func descriptor(_ slot: UInt16) -> UnsafeMutableRawPointer {
-        memory.descriptors + (Int(slot) & tableMask) * PackedLayout.descriptorSize
+        memory.descriptors + (Int(slot) ) * PackedLayout.descriptorSize
     }
 
     // MARK: posting
@@ -129,7 +129,7 @@ public final class PackedDriverQueue {
         guard needed <= state.pointee.freeSlots, state.pointee.freeIDs > 0 else { throw .full }
 
         let id = state.pointee.freeIDHead
-        state.pointee.freeIDHead = buffers[Int(id) & tableMask].nextFree
+        state.pointee.freeIDHead = buffers[Int(id)].nextFree
         state.pointee.freeIDs -= 1
         let headSlot = state.pointee.nextAvail
         var slot = headSlot
@@ -185,7 +185,7 @@ public final class PackedDriverQueue {
         state.pointee.availWrap = wrap
         state.pointee.freeSlots -= needed
         state.pointee.added &+= UInt16(truncatingIfNeeded: needed)
-        buffers[Int(id) & tableMask] = Buffer(
+        buffers[Int(id)] = Buffer(
             token: token, writable: writable, slots: UInt16(truncatingIfNeeded: needed), nextFree: 0, active: true)
         state.pointee.inFlightCount += 1
         return id
@@ -253,7 +253,7 @@ public final class PackedDriverQueue {
             throw breakQueue(.usedIdOutOfRange(id: UInt32(untrustedID), queueSize: queueSize))
         }
         let id = untrustedID
-        let record = buffers[Int(id) & tableMask]
+        let record = buffers[Int(id)]
         guard record.active else { throw breakQueue(.usedIdNotInFlight(id: UInt32(id))) }
         guard UInt64(untrustedLength) <= record.writable else {
             throw breakQueue(
@@ -268,8 +268,8 @@ public final class PackedDriverQueue {
         }
         state.pointee.lastUsed = UInt16(truncatingIfNeeded: next)
         state.pointee.usedWrap = nextWrap
-        buffers[Int(id) & tableMask].active = false
-        buffers[Int(id) & tableMask].nextFree = state.pointee.freeIDHead
+        buffers[Int(id)].active = false
+        buffers[Int(id)].nextFree = state.pointee.freeIDHead
         state.pointee.freeIDHead = id
         state.pointee.freeIDs += 1
         state.pointee.freeSlots += Int(record.slots)
