@@ -43,7 +43,13 @@ let package = Package(
             dependencies: ["SharedMemory", .product(name: "Atomics", package: "swift-atomics")],
             swiftSettings: settings),
         .target(name: "VhostUser", dependencies: ["SharedMemory", "Virtqueue"], swiftSettings: settings),
-        .target(name: "RingHarness", dependencies: ["SharedMemory", "Virtqueue", "CRingFence"], swiftSettings: settings),
+        .target(
+            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            swiftSettings: settings),
+        .target(
+            name: "RingHarness",
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
+            swiftSettings: settings),
         .target(
             name: "FuzzSupport",
             dependencies: ["SharedMemory", "Virtqueue"],
@@ -52,5 +58,7 @@ let package = Package(
         fuzzTarget("FuzzDeviceChain"),
         fuzzTarget("FuzzGuestMemory"),
         fuzzTarget("FuzzVhostMessage"),
+        fuzzTarget("FuzzPackedDriver"),
+        fuzzTarget("FuzzPackedDevice"),
     ]
 )
