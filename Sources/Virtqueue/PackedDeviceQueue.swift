@@ -18,24 +18,37 @@ public final class PackedDeviceQueue {
     let deviceArea: UnsafeMutableRawPointer
     public let indirectLimit: Int
 
-    /// Next slot to look at for an available chain, and its lap.
-    public private(set) var nextAvail: UInt16
-    public private(set) var availWrap: Bool
-    /// Next slot to write a used descriptor into, and its lap.
-    public private(set) var usedIndex: UInt16
-    public private(set) var usedWrap: Bool
-    /// Per buffer id: ring slots of the chain in flight (0: not in flight).
-    var chainSlots: [UInt16]
-    /// Slots popped and not yet completed.
-    var outstanding = 0
-    /// Flags of the first used descriptor since the last publish (written there).
-    var pendingSlot: UInt16 = 0
-    var pendingFlags: UInt16 = 0
-    var hasPending = false
-    var usedSincePublish: UInt16 = 0
+    /// The private indices and counters. Behind an owned pointer, as in `DriverQueue`:
+    /// stored `var`s of a class pay dynamic exclusivity checks on every access.
+    struct State {
+        /// Next slot to look at for an available chain, and its lap.
+        var nextAvail: UInt16 = 0
+        var availWrap = true
+        /// Next slot to write a used descriptor into, and its lap.
+        var usedIndex: UInt16 = 0
+        var usedWrap = true
+        /// Slots popped and not yet completed.
+        var outstanding = 0
+        /// Flags of the first used descriptor since the last publish (written there).
+        var pendingSlot: UInt16 = 0
+        var pendingFlags: UInt16 = 0
+        var hasPending = false
+        var usedSincePublish: UInt16 = 0
+        var broken = false
+    }
+
+    let state: UnsafeMutablePointer<State>
+    /// Per buffer id: ring slots of the chain in flight (0: not in flight). `size` entries;
+    /// indexed only by ids already checked `< size`.
+    let chainSlots: UnsafeMutablePointer<UInt16>
+
+    public var nextAvail: UInt16 { state.pointee.nextAvail }
+    public var availWrap: Bool { state.pointee.availWrap }
+    public var usedIndex: UInt16 { state.pointee.usedIndex }
+    public var usedWrap: Bool { state.pointee.usedWrap }
 
     public private(set) var violation: Violation?
-    public var isBroken: Bool { violation != nil }
+    public var isBroken: Bool { state.pointee.broken }
 
     /// Sets up a queue on a ring announced by guest addresses (descriptor ring, driver
     /// area, device area). `base` is the vring base (`PackedLayout.decodeBase`).
@@ -86,11 +99,18 @@ public final class PackedDeviceQueue {
         self.indirectLimit = max(queueSize, min(indirectLimit ?? 0, PackedLayout.maximumQueueSize))
         let b = PackedLayout.decodeBase(base)
         // A base outside the ring is clamped to its start (it only positions our reads).
-        nextAvail = Int(b.avail) < queueSize ? b.avail : 0
-        availWrap = b.availWrap
-        usedIndex = Int(b.used) < queueSize ? b.used : 0
-        usedWrap = b.usedWrap
-        chainSlots = Array(repeating: 0, count: queueSize)
+        state = .allocate(capacity: 1)
+        state.initialize(
+            to: State(
+                nextAvail: Int(b.avail) < queueSize ? b.avail : 0, availWrap: b.availWrap,
+                usedIndex: Int(b.used) < queueSize ? b.used : 0, usedWrap: b.usedWrap))
+        chainSlots = .allocate(capacity: queueSize)
+        chainSlots.initialize(repeating: 0, count: queueSize)
+    }
+
+    deinit {
+        state.deallocate()
+        chainSlots.deallocate()
     }
 
     /// What GET_VRING_BASE reports (QEMU's encoding, wrap counters in bits 15 and 31).
@@ -102,27 +122,31 @@ public final class PackedDeviceQueue {
     func descriptor(_ slot: Int) -> UnsafeMutableRawPointer { ring + slot * PackedLayout.descriptorSize }
 
     private func fail(_ v: Violation) -> Violation {
-        if violation == nil { violation = v }
-        return v
+        if violation == nil {
+            violation = v
+            state.pointee.broken = true
+        }
+        return violation ?? v
     }
 
     /// Pops the next available chain into `chain`, validating it completely. `chain.head`
     /// is the buffer id (what `complete(head:length:)` takes).
     public func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation) -> ChainFetch {
-        if let violation { throw violation }
-        var slot = Int(nextAvail)
-        var wrap = availWrap
+        if state.pointee.broken, let violation { throw violation }
+        let start = state.pointee.nextAvail
+        var slot = Int(start)
+        var wrap = state.pointee.availWrap
         var untrustedFlags = SharedAccess.load16Acquire(descriptor(slot) + PackedLayout.descFlags)
         let mark = untrustedFlags & (PackedLayout.flagAvail | PackedLayout.flagUsed)
         if mark != PackedLayout.availableMarker(wrap: wrap) {
             if mark == PackedLayout.usedMarker(wrap: wrap) {
-                throw fail(.packedAvailFlagsInvalid(slot: nextAvail, flags: untrustedFlags))
+                throw fail(.packedAvailFlagsInvalid(slot: start, flags: untrustedFlags))
             }
             return .empty
         }
         // The driver may fill only the slots it got back: more is an overrun.
-        let limit = size - outstanding
-        guard limit > 0 else { throw fail(.packedAvailFlagsInvalid(slot: nextAvail, flags: untrustedFlags)) }
+        let limit = size - state.pointee.outstanding
+        guard limit > 0 else { throw fail(.packedAvailFlagsInvalid(slot: start, flags: untrustedFlags)) }
         chain.reset(head: 0)
         var count = 0
         var rejection: Violation?
@@ -131,7 +155,7 @@ public final class PackedDeviceQueue {
         var untrustedID: UInt16 = 0
         while true {
             count += 1
-            guard count <= limit else { throw fail(.chainTooLong(head: nextAvail, limit: limit)) }
+            guard count <= limit else { throw fail(.chainTooLong(head: start, limit: limit)) }
             let d = descriptor(slot)
             if count > 1 {
                 untrustedFlags = SharedAccess.load16Acquire(d + PackedLayout.descFlags)
@@ -146,7 +170,7 @@ public final class PackedDeviceQueue {
             if rejection == nil {
                 rejection = append(
                     address: untrustedAddress, length: untrustedLength, flags: untrustedFlags,
-                    into: &chain, memory: memory, sawWritable: &sawWritable, total: &total)
+                    head: start, into: &chain, memory: memory, sawWritable: &sawWritable, total: &total)
             }
             slot += 1
             if slot == size {
@@ -162,9 +186,9 @@ public final class PackedDeviceQueue {
         let id = untrustedID
         guard chainSlots[Int(id)] == 0 else { throw fail(.packedBufferIdInFlight(id: id)) }
         chainSlots[Int(id)] = UInt16(truncatingIfNeeded: count)
-        outstanding += count
-        nextAvail = UInt16(truncatingIfNeeded: slot)
-        availWrap = wrap
+        state.pointee.outstanding += count
+        state.pointee.nextAvail = UInt16(truncatingIfNeeded: slot)
+        state.pointee.availWrap = wrap
         chain.head = id
         if let rejection { return .rejected(head: id, rejection) }
         return .ready
@@ -174,9 +198,9 @@ public final class PackedDeviceQueue {
     /// `head` in the violations is the slot the chain starts at.
     private func append(
         address untrustedAddress: UInt64, length untrustedLength: UInt32, flags untrustedFlags: UInt16,
-        into chain: inout DescriptorChain, memory: GuestMemory, sawWritable: inout Bool, total: inout UInt64
+        head: UInt16, into chain: inout DescriptorChain, memory: GuestMemory, sawWritable: inout Bool,
+        total: inout UInt64
     ) -> Violation? {
-        let head = nextAvail
         guard untrustedFlags & PackedLayout.flagIndirect != 0 else {
             return appendBuffer(
                 address: untrustedAddress, length: untrustedLength,
@@ -258,38 +282,42 @@ public final class PackedDeviceQueue {
         if Int(id) < size, chainSlots[Int(id)] != 0 {
             slots = Int(chainSlots[Int(id)])
             chainSlots[Int(id)] = 0
-            outstanding -= slots
+            state.pointee.outstanding -= slots
         }
+        let usedIndex = state.pointee.usedIndex
+        var usedWrap = state.pointee.usedWrap
         let d = descriptor(Int(usedIndex))
         SharedAccess.store32(d + PackedLayout.descLen, length)
         SharedAccess.store16(d + PackedLayout.descID, id)
         let flags = PackedLayout.usedMarker(wrap: usedWrap) | (length > 0 ? PackedLayout.flagWrite : 0)
-        if hasPending {
+        if state.pointee.hasPending {
             SharedAccess.store16Release(d + PackedLayout.descFlags, flags)
         } else {
-            pendingSlot = usedIndex
-            pendingFlags = flags
-            hasPending = true
+            state.pointee.pendingSlot = usedIndex
+            state.pointee.pendingFlags = flags
+            state.pointee.hasPending = true
         }
         var next = Int(usedIndex) + slots
         if next >= size {
             next -= size
             usedWrap.toggle()
         }
-        usedIndex = UInt16(truncatingIfNeeded: next)
-        usedSincePublish &+= UInt16(truncatingIfNeeded: slots)
+        state.pointee.usedIndex = UInt16(truncatingIfNeeded: next)
+        state.pointee.usedWrap = usedWrap
+        state.pointee.usedSincePublish &+= UInt16(truncatingIfNeeded: slots)
     }
 
     /// Publishes completions and says whether the driver wants an interrupt. The driver
     /// area is read once, as one 32-bit snapshot, after a full fence; garbage there
     /// breaks the queue (R3) but the interrupt is still sent.
     public func publishUsed() -> Bool {
-        guard hasPending else { return false }
-        SharedAccess.store16Release(descriptor(Int(pendingSlot)) + PackedLayout.descFlags, pendingFlags)
-        hasPending = false
-        let new = usedIndex
-        let old = new &- usedSincePublish
-        usedSincePublish = 0
+        guard state.pointee.hasPending else { return false }
+        SharedAccess.store16Release(
+            descriptor(Int(state.pointee.pendingSlot)) + PackedLayout.descFlags, state.pointee.pendingFlags)
+        state.pointee.hasPending = false
+        let new = state.pointee.usedIndex
+        let old = new &- state.pointee.usedSincePublish
+        state.pointee.usedSincePublish = 0
         SharedAccess.fullFence()
         let snapshot = SharedAccess.load32(driverArea)
         let flags = UInt16(truncatingIfNeeded: snapshot >> 16)
@@ -298,7 +326,8 @@ public final class PackedDeviceQueue {
         case PackedLayout.eventFlagEnable: return true
         case PackedLayout.eventFlagDisable: return false
         case PackedLayout.eventFlagDescriptor where features.eventIndex && Int(offWrap & 0x7fff) < size:
-            return PackedLayout.needEvent(offWrap: offWrap, wrap: usedWrap, new: new, old: old, size: queueSize)
+            return PackedLayout.needEvent(
+                offWrap: offWrap, wrap: state.pointee.usedWrap, new: new, old: old, size: queueSize)
         default:
             _ = fail(.packedEventSuppressionInvalid(flags: flags, offWrap: offWrap, queueSize: queueSize))
             return true
@@ -327,6 +356,6 @@ public final class PackedDeviceQueue {
 
     /// Breaks the queue on behalf of a caller (a device-level protocol violation).
     public func breakQueue(_ v: Violation) {
-        if violation == nil { violation = v }
+        _ = fail(v)
     }
 }
