@@ -44,7 +44,8 @@ let package = Package(
             swiftSettings: settings),
         .target(name: "VhostUser", dependencies: ["SharedMemory", "Virtqueue", "CRingFence"], swiftSettings: settings),
         .target(
-            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser"], swiftSettings: settings),
+            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            swiftSettings: settings),
         .target(
             name: "XenRing",
             dependencies: ["SharedMemory", "Virtqueue", .product(name: "Atomics", package: "swift-atomics")],
@@ -65,5 +66,7 @@ let package = Package(
         fuzzTarget("FuzzBackendMessages"),
         fuzzTarget("FuzzXenResponses"),
         fuzzTarget("FuzzXenRequests"),
+        fuzzTarget("FuzzPackedDriver"),
+        fuzzTarget("FuzzPackedDevice"),
     ]
 )

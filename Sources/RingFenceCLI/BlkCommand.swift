@@ -28,6 +28,9 @@ struct Blk: ParsableCommand {
     @Flag(help: "If the back-end goes away, reconnect and resubmit in-flight requests.")
     var reconnect = false
 
+    @Flag(name: .customLong("no-packed"), help: "Use split virtqueues even if the back-end offers packed ones.")
+    var noPacked = false
+
     func validate() throws {
         guard queues >= 1, queues <= 64 else { throw ValidationError("--queues must be 1...64") }
         guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
@@ -40,6 +43,7 @@ struct Blk: ParsableCommand {
         options.requestTimeout = timeout
         options.reconnect = reconnect
         options.queueSize = queueSize
+        options.packedRing = !noPacked
         return try runOrExit { () throws(VirtioError) in try BlockDevice.connect(socket: socket, options: options) }
     }
 }

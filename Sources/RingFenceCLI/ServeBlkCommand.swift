@@ -40,6 +40,9 @@ struct ServeBlkCommand: ParsableCommand {
     @Flag(help: "Open the image with O_DIRECT.")
     var direct = false
 
+    @Flag(name: .customLong("no-packed"), help: "Do not offer packed virtqueues (VIRTIO_F_RING_PACKED).")
+    var noPacked = false
+
     @Option(help: "Serial number returned by GET_ID (up to 20 bytes).")
     var serial = "ringfence"
 
@@ -56,6 +59,7 @@ struct ServeBlkCommand: ParsableCommand {
         options.blockSize = blockSize
         options.serial = serial
         options.direct = direct
+        options.packedRing = !noPacked
         if let problem = options.validate() { throw ValidationError(problem) }
 
         // Block the signals before any thread exists, so every thread inherits the mask and

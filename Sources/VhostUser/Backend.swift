@@ -119,7 +119,8 @@ enum Refusal: Error, CustomStringConvertible {
 /// State of one vring, as the control messages set it.
 final class Vring {
     var size: Int?
-    var base: UInt16 = 0
+    /// SET_VRING_BASE as received: the avail index (split), or with wrap counters (packed).
+    var base: UInt32 = 0
     var address: VringAddress?
     var kickReceived = false
     var kick: Notifier?
@@ -286,6 +287,7 @@ final class BackendSession {
                 throw .refused("features 0x\(String(value & ~offeredFeatures, radix: 16)) were not offered")
             }
             ackedFeatures = value
+            backend.report(.featuresAcked(connection: connection, features: value))
             return nil
         case .setOwner:
             try expectEmpty(payload)
@@ -339,7 +341,8 @@ final class BackendSession {
             let s = try decode(VringState.self, payload)
             let ring = try vring(s.index, stopped: true)
             let n = Int(s.num)
-            guard SplitLayout.isValidQueueSize(n), n <= backend.configuration.maximumQueueSize else {
+            let validSize = packed ? PackedLayout.isValidQueueSize(n) : SplitLayout.isValidQueueSize(n)
+            guard validSize, n <= backend.configuration.maximumQueueSize else {
                 throw .refused("queue size \(s.num) is not a power of two in 1...\(backend.configuration.maximumQueueSize)")
             }
             ring.size = n
@@ -347,10 +350,10 @@ final class BackendSession {
         case .setVringBase:
             let s = try decode(VringState.self, payload)
             let ring = try vring(s.index, stopped: true)
-            guard s.num <= UInt32(UInt16.max) else {
+            guard packed || s.num <= UInt32(UInt16.max) else {
                 throw .refused("vring base \(s.num) does not fit a split ring index")
             }
-            ring.base = UInt16(s.num)
+            ring.base = s.num
             return nil
         case .setVringAddr:
             let a = try decode(VringAddress.self, payload)
@@ -367,7 +370,7 @@ final class BackendSession {
             stopWorker(Int(s.index))
             ring.kick = nil
             ring.kickReceived = false
-            return VringState(index: s.index, num: UInt32(ring.base)).encoded
+            return VringState(index: s.index, num: ring.base).encoded
         case .setVringKick:
             let f = try decode(VringFile.self, payload)
             let ring = try vring(UInt32(f.index), stopped: false)
@@ -495,14 +498,25 @@ final class BackendSession {
         return ring
     }
 
-    private func makeQueue(address a: VringAddress, size: Int, base: UInt16) throws(Refusal) -> DeviceQueue {
+    /// VIRTIO_F_RING_PACKED acked: rings are packed (desc = ring, avail = driver area,
+    /// used = device area; the base carries the wrap counters).
+    var packed: Bool { ackedFeatures & FeatureBits.ringPacked != 0 }
+
+    private func makeQueue(address a: VringAddress, size: Int, base: UInt32) throws(Refusal) -> any DeviceRing {
         let features = RingFeatures(
             eventIndex: ackedFeatures & FeatureBits.ringEventIndex != 0,
             indirectDescriptors: ackedFeatures & FeatureBits.ringIndirectDescriptors != 0)
         do {
+            if packed {
+                return try PackedDeviceQueue(
+                    queueSize: size, userRingAddress: a.descriptor, userDriverAreaAddress: a.avail,
+                    userDeviceAreaAddress: a.used, features: features, memory: memory, base: base,
+                    indirectLimit: device.maximumChainLength)
+            }
             return try DeviceQueue(
                 queueSize: size, userDescriptorAddress: a.descriptor, userAvailAddress: a.avail,
-                userUsedAddress: a.used, features: features, memory: memory, startIndex: base,
+                userUsedAddress: a.used, features: features, memory: memory,
+                startIndex: UInt16(truncatingIfNeeded: base),
                 indirectLimit: device.maximumChainLength)
         } catch {
             throw .refused("ring \(a.index): \(error)")
@@ -535,7 +549,7 @@ final class BackendSession {
         guard let worker = ring.worker else { return }
         ring.base = worker.stop()
         ring.worker = nil
-        backend.report(.queueStopped(queue: index, index: ring.base))
+        backend.report(.queueStopped(queue: index, index: UInt16(truncatingIfNeeded: ring.base)))
     }
 
     /// Rings point into memory: stop them, swap the table, restart them on the new one.

@@ -40,13 +40,13 @@ public protocol QueueHandler: AnyObject {
     /// Pops and completes at most `budget` chains. Every popped chain must be completed
     /// (also the rejected ones) so GET_VRING_BASE can report a consistent index.
     /// Throws when the queue itself is broken (the worker then fails the queue).
-    func serve(_ queue: DeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int
+    func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int
 
     /// After completions were recorded, before used.idx is published.
-    func beforePublish(_ queue: DeviceQueue, memory: GuestMemory)
+    func beforePublish(_ queue: any DeviceRing, memory: GuestMemory)
 
     /// The kick wait timed out (a timer, about once per `Backend.Configuration.idleTick`).
-    func idle(_ queue: DeviceQueue, memory: GuestMemory)
+    func idle(_ queue: any DeviceRing, memory: GuestMemory)
 }
 
 extension VhostUserDevice {
@@ -54,8 +54,8 @@ extension VhostUserDevice {
 }
 
 extension QueueHandler {
-    public func beforePublish(_ queue: DeviceQueue, memory: GuestMemory) {}
-    public func idle(_ queue: DeviceQueue, memory: GuestMemory) {}
+    public func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {}
+    public func idle(_ queue: any DeviceRing, memory: GuestMemory) {}
 }
 
 /// What the back-end reports: for logs (the CLI), tests and audits.
@@ -76,6 +76,8 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     case queueNotRestarted(queue: Int, reason: String)
     /// A chain was rejected but the queue goes on (the request failed).
     case requestRejected(queue: Int, Violation)
+    /// SET_FEATURES accepted (says which ring format the queues will use).
+    case featuresAcked(connection: Int, features: UInt64)
 
     public var description: String {
         switch self {
@@ -94,6 +96,9 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
         case .queueFailed(let q, let v): return "queue \(q) failed: \(v)"
         case .queueNotRestarted(let q, let why): return "queue \(q) failed: not restarted after a memory change: \(why)"
         case .requestRejected(let q, let v): return "queue \(q): request rejected: \(v)"
+        case .featuresAcked(let c, let f):
+            let ring = f & FeatureBits.ringPacked != 0 ? "packed" : "split"
+            return "front-end #\(c) acked features 0x\(String(f, radix: 16)) (\(ring) ring)"
         }
     }
 }

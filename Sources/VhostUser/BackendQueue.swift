@@ -37,7 +37,7 @@ public struct QueueTiming: Sendable {
 /// by the queue's thread between `start` and `stop` (the join in `stop` hands it back).
 final class QueueWorker: @unchecked Sendable {
     let index: Int
-    let queue: DeviceQueue
+    let queue: any DeviceRing
     let memory: GuestMemory
     let handler: any QueueHandler
     let kick: Notifier?
@@ -53,7 +53,7 @@ final class QueueWorker: @unchecked Sendable {
     static let stormThreshold: UInt64 = 1024
 
     init(
-        index: Int, queue: DeviceQueue, memory: GuestMemory, handler: any QueueHandler,
+        index: Int, queue: any DeviceRing, memory: GuestMemory, handler: any QueueHandler,
         kick: Notifier?, call: CallSlot, err: Notifier?, timing: QueueTiming,
         report: @escaping @Sendable (BackendEvent) -> Void
     ) throws(SystemError) {
@@ -73,14 +73,14 @@ final class QueueWorker: @unchecked Sendable {
         thread = try spawnThread { [self] in run() }
     }
 
-    /// Stops the thread and returns the next avail index (what GET_VRING_BASE reports).
+    /// Stops the thread and returns the vring base (what GET_VRING_BASE reports).
     /// Every popped chain was completed by the handler, so used.idx has caught up too.
-    func stop() -> UInt16 {
+    func stop() -> UInt32 {
         stopping.store(true, ordering: .releasing)
         wake.signal()
         if let thread { pthread_join(thread, nil) }
         thread = nil
-        return queue.lastAvail
+        return queue.vringBase
     }
 
     private var shouldStop: Bool { stopping.load(ordering: .acquiring) }

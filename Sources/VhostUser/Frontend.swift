@@ -104,11 +104,11 @@ public final class Frontend: @unchecked Sendable {
     /// synthetic user addresses of the memory table).
     public func setUpQueue(
         index: Int, size: Int, descriptor: UInt64, avail: UInt64, used: UInt64,
-        kick: Int32, call: Int32, base: UInt16 = 0
+        kick: Int32, call: Int32, base: UInt32 = 0
     ) throws(VhostUserError) {
         let i = UInt32(truncatingIfNeeded: index)
         try send(.setVringNum, payload: VringState(index: i, num: UInt32(truncatingIfNeeded: size)).encoded)
-        try send(.setVringBase, payload: VringState(index: i, num: UInt32(base)).encoded)
+        try send(.setVringBase, payload: VringState(index: i, num: base).encoded)
         try send(
             .setVringAddr,
             payload: VringAddress(index: i, descriptor: descriptor, used: used, avail: avail).encoded)

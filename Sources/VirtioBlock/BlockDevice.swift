@@ -2,7 +2,7 @@
 import Glibc
 #endif
 public import SharedMemory
-import Virtqueue
+public import Virtqueue
 import VhostUser
 import Synchronization
 
@@ -36,6 +36,8 @@ public final class BlockDevice: @unchecked Sendable {
         public var reconnectTimeout: Double = 10
         /// Polls before blocking on the call eventfd.
         public var spinIterations = 256
+        /// Use packed virtqueues when the back-end offers VIRTIO_F_RING_PACKED.
+        public var packedRing = true
         /// Called once with the first failure of the device (rate-limited logging, R6).
         public var onFailure: (@Sendable (VirtioError) -> Void)?
         public init() {}
@@ -102,8 +104,8 @@ public final class BlockDevice: @unchecked Sendable {
         }
         let ringFeatures = RingFeatures(eventIndex: info.features & FeatureBits.ringEventIndex != 0)
         for q in 0..<info.queueCount {
-            let (ring, pool) = layout.makeDriverQueue(
-                queue: q, region: region, guestBase: Self.guestBase, features: ringFeatures)
+            let (ring, pool) = layout.makeDriverRing(
+                queue: q, region: region, guestBase: Self.guestBase, features: ringFeatures, format: ringFormat)
             let kick: Notifier
             let call: Notifier
             do {
@@ -128,7 +130,8 @@ public final class BlockDevice: @unchecked Sendable {
                 throw VirtioError.unsupported("VHOST_USER_PROTOCOL_F_CONFIG (capacity unknown)")
             }
             let raw = try frontend.getConfig(size: BlockConfig.size)
-            let acked = try frontend.setFeatures(wantedFeatures)
+            let acked = try frontend.setFeatures(
+                options.packedRing ? wantedFeatures | FeatureBits.ringPacked : wantedFeatures)
             do {
                 return try BlockInfo.validate(
                     BlockConfig.decode(raw), features: acked, backendQueues: frontend.queueCount,
@@ -160,7 +163,9 @@ public final class BlockDevice: @unchecked Sendable {
                     index: q.index, size: options.queueSize,
                     descriptor: Self.userBase + UInt64(r.descriptorOffset),
                     avail: Self.userBase + UInt64(r.availOffset), used: Self.userBase + UInt64(r.usedOffset),
-                    kick: q.kickNotifier.fileDescriptor, call: q.callNotifier.fileDescriptor)
+                    kick: q.kickNotifier.fileDescriptor, call: q.callNotifier.fileDescriptor,
+                    base: ringFormat == .packed
+                        ? PackedLayout.encodeBase(avail: 0, availWrap: true, used: 0, usedWrap: true) : 0)
                 try frontend.setQueueEnabled(index: q.index, true)
             }
             try frontend.sync()
@@ -172,6 +177,9 @@ public final class BlockDevice: @unchecked Sendable {
     // MARK: queues and state
 
     public var queueCount: Int { queues.count }
+
+    /// Split or packed: packed when VIRTIO_F_RING_PACKED was offered and wanted.
+    public var ringFormat: RingFormat { info.features & FeatureBits.ringPacked != 0 ? .packed : .split }
 
     /// Queue `i` for the hot path (one thread per queue).
     public func queue(_ i: Int) -> BlockQueue { queues[max(0, min(i, queues.count - 1))] }

@@ -17,6 +17,8 @@ public struct BlockDeviceOptions: Sendable {
     public var maximumDiscardSegments: UInt32 = 16
     /// Sectors accepted per discard / write-zeroes range.
     public var maximumDiscardSectors: UInt32 = 1 << 22
+    /// Offer VIRTIO_F_RING_PACKED (the driver picks the ring format).
+    public var packedRing = true
 
     public init() {}
 
@@ -62,6 +64,7 @@ public final class VirtioBlockDevice: VhostUserDevice {
             FeatureBits.version1 | FeatureBits.ringIndirectDescriptors | FeatureBits.ringEventIndex
             | F.segMax | F.blockSize | F.flush | F.multiQueue
         f |= readOnly ? F.readOnly : F.discard | F.writeZeroes
+        if options.packedRing { f |= FeatureBits.ringPacked }
         return f
     }
 

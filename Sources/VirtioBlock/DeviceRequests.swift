@@ -35,7 +35,7 @@ public final class BlockRequestHandler: QueueHandler {
         identifier = id
     }
 
-    public func serve(_ queue: DeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+    public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         var count = 0
         while count < budget {
             switch try queue.nextChain(into: &chain, memory: memory) {

@@ -50,7 +50,7 @@ public final class BlockQueue {
 
     public let index: Int
     unowned let device: BlockDevice
-    let ring: DriverQueue
+    let ring: any DriverRing
     let pool: BouncePool
     let kickNotifier: Notifier
     let callNotifier: Notifier
@@ -62,7 +62,7 @@ public final class BlockQueue {
     public private(set) var statistics = BlockQueueStatistics()
     var consecutiveSpurious = 0
 
-    init(index: Int, device: BlockDevice, ring: DriverQueue, pool: BouncePool, kick: Notifier, call: Notifier) {
+    init(index: Int, device: BlockDevice, ring: any DriverRing, pool: BouncePool, kick: Notifier, call: Notifier) {
         self.index = index
         self.device = device
         self.ring = ring

@@ -71,6 +71,29 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
     /// The chain's total length does not fit the 32-bit used length.
     case chainLengthOverflow(head: UInt16)
 
+    // MARK: packed ring (virtio 1.x §2.8), either side
+
+    /// Driver: the descriptor at the next used slot carries AVAIL/USED bits that are
+    /// neither what the driver wrote there nor a used mark of the current lap (a used mark
+    /// with the wrong wrap counter, or half of one).
+    case packedUsedWrapCounter(slot: UInt16, flags: UInt16, wrap: Bool)
+    /// Driver: a used mark in a slot the driver has not made available (nothing in flight
+    /// there): the device completes something that was never posted.
+    case packedUsedSlotNotAvailable(slot: UInt16)
+    /// Either side: the peer's event suppression structure has unknown flags (3), DESC
+    /// without VIRTIO_F_RING_EVENT_IDX, or an offset outside the ring.
+    case packedEventSuppressionInvalid(flags: UInt16, offWrap: UInt16, queueSize: UInt16)
+    /// Device: the next slot carries a used mark of the current lap, which only the
+    /// device may write (the driver forged it, or overran the ring).
+    case packedAvailFlagsInvalid(slot: UInt16, flags: UInt16)
+    /// Device: a chain continues (NEXT) into a slot the driver has not made available;
+    /// its extent is unknown, so the queue cannot go on.
+    case packedChainIncomplete(slot: UInt16)
+    /// Device: the buffer id of a chain is not below the queue size.
+    case packedBufferIdOutOfRange(id: UInt16, queueSize: UInt16)
+    /// Device: the buffer id is already in flight (completing it would be ambiguous).
+    case packedBufferIdInFlight(id: UInt16)
+
     // MARK: virtio-blk device misbehaviour
 
     /// The status byte is not 0, 1 or 2 (includes the 0xff sentinel a device never wrote).
@@ -127,6 +150,10 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             .availHeadOutOfRange, .readableAfterWritable, .nestedIndirect,
             .indirectNotNegotiated, .indirectWithNext, .indirectTableLength,
             .descriptorNextOutOfRange:
+            return .r3
+        case .packedUsedWrapCounter, .packedUsedSlotNotAvailable, .packedEventSuppressionInvalid,
+            .packedAvailFlagsInvalid, .packedChainIncomplete, .packedBufferIdOutOfRange,
+            .packedBufferIdInFlight:
             return .r3
         case .descriptorAddressInvalid: return .r7
         case .chainLengthOverflow: return .r4
@@ -187,6 +214,20 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return "chain at \(head): indirect table length \(len) is invalid"
         case .chainLengthOverflow(let head):
             return "chain at \(head): total length exceeds 2^32-1"
+        case .packedUsedWrapCounter(let slot, let flags, let wrap):
+            return "packed slot \(slot): flags 0x\(String(flags, radix: 16)) are no used mark for wrap counter \(wrap ? 1 : 0)"
+        case .packedUsedSlotNotAvailable(let slot):
+            return "packed slot \(slot) marked used but the driver never made it available"
+        case .packedEventSuppressionInvalid(let flags, let offWrap, let size):
+            return "packed event suppression flags \(flags) off_wrap 0x\(String(offWrap, radix: 16)) invalid for a ring of \(size)"
+        case .packedAvailFlagsInvalid(let slot, let flags):
+            return "packed slot \(slot): flags 0x\(String(flags, radix: 16)) carry a used mark the driver may not write"
+        case .packedChainIncomplete(let slot):
+            return "packed chain continues into slot \(slot), which is not available"
+        case .packedBufferIdOutOfRange(let id, let size):
+            return "packed buffer id \(id) is outside the queue of \(size)"
+        case .packedBufferIdInFlight(let id):
+            return "packed buffer id \(id) is already in flight"
         case .blockStatusInvalid(let status):
             return "virtio-blk status byte \(status) is not OK, IOERR or UNSUPP"
         case .blockStatusMissing(let id):

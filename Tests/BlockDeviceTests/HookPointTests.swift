@@ -24,14 +24,14 @@ import Virtqueue
             self.inner = inner
             self.counters = counters
         }
-        func serve(_ queue: DeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
             try inner.serve(queue, memory: memory, budget: budget)
         }
-        func beforePublish(_ queue: DeviceQueue, memory: GuestMemory) {
+        func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {
             counters.published.add(1, ordering: .relaxed)
             queue.complete(head: 0, length: 0xdead)
         }
-        func idle(_ queue: DeviceQueue, memory: GuestMemory) {
+        func idle(_ queue: any DeviceRing, memory: GuestMemory) {
             counters.idle.add(1, ordering: .relaxed)
         }
     }
@@ -87,8 +87,8 @@ import Virtqueue
         #expect(try U64Payload.decode(try f.query(.getFeatures)).value == .max, "control reply hook")
         let config = BlockConfig.decode(try ConfigSpace.decode(try f.query(.getConfig, ConfigSpace(payload: [UInt8](repeating: 0, count: 60)).encoded)).payload)
         #expect(config.capacity == 1 << 63, "config hook")
-        // Negotiate honestly (only what the real device offers) and set the ring up.
-        try f.send(.setFeatures, U64Payload(real.features | FeatureBits.protocolFeatures).encoded)
+        // Negotiate honestly (only what the real device offers; split ring) and set the ring up.
+        try f.send(.setFeatures, U64Payload(real.features & ~FeatureBits.ringPacked | FeatureBits.protocolFeatures).encoded)
         try f.send(.setProtocolFeatures, U64Payload(ProtocolFeatures([.replyAck, .config]).rawValue).encoded)
         #expect(try f.acked(.setMemTable, TestFrontend.memoryTable([(TestFrontend.guestBase, UInt64(TestFrontend.regionSize), TestFrontend.userBase, 0)]), fds: [f.region.fileDescriptor]) == 0)
         try f.setUpQueue(0, size: 8)

@@ -45,9 +45,9 @@ enum Interop {
     }
 
     /// Boots the guest with `script` against the vhost-user-blk socket.
-    static func bootGuest(script: String, socket: String, queues: Int, workDir: String, name: String) throws
-        -> (status: Int32, console: String, seconds: Double)
-    {
+    static func bootGuest(
+        script: String, socket: String, queues: Int, workDir: String, name: String, packed: Bool = false
+    ) throws -> (status: Int32, console: String, seconds: Double) {
         let scriptPath = "\(workDir)/\(name).sh"
         let console = "\(workDir)/\(name).console"
         try script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
@@ -55,7 +55,7 @@ enum Interop {
         let r = try run([
             "/bin/bash", "\(repoRoot)/scripts/guest/run-guest.sh", "--script", scriptPath,
             "--blk-socket", socket, "--num-queues", "\(queues)", "--timeout", "120",
-            "--console", console, "--quiet",
+            "--console", console, "--quiet", "--packed", packed ? "on" : "off",
         ])
         let text = (try? String(contentsOfFile: console, encoding: .utf8)) ?? r.output
         return (r.status, text, Date().timeIntervalSince(start))
@@ -189,5 +189,70 @@ struct LinuxGuestBlockTests {
         #expect(fsck.status == 0, "e2fsck: \(fsck.output)")
         let cat = try Interop.run(["/usr/sbin/debugfs", "-R", "cat /second.txt", image])
         #expect(cat.output.contains("written-on-second-boot"), "debugfs: \(cat.output)")
+    }
+
+    /// Issue 7: the same I/O script over packed virtqueues (`packed=on`); the device's log
+    /// must show VIRTIO_F_RING_PACKED acked, the guest's feature bits must show it too.
+    @Test func linuxGuestOverPackedRing() throws {
+        guard let binary = Interop.ringfenceBinary else {
+            Issue.record("ringfence binary not built (swift build first)")
+            return
+        }
+        #expect(try Interop.buildGuestImage(), "guest image builds")
+        let work = "/tmp/rf-interop-packed-\(getpid())"
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let image = "\(work)/disk.img"
+        let socket = "\(work)/blk.sock"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil))
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: image))
+        try handle.truncate(atOffset: UInt64(64 * Self.mib))
+        try handle.seek(toOffset: 0)
+        handle.write(Data("RINGFENCE-SIG".utf8))
+        try handle.close()
+
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: binary)
+        server.arguments = ["serve-blk", "--socket", socket, "--image", image, "--queues", "2", "--log-level", "debug"]
+        let log = "\(work)/serve.log"
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        let logHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        server.standardOutput = logHandle
+        server.standardError = logHandle
+        try server.run()
+        defer { if server.isRunning { server.terminate() } }
+        let ready = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: socket), "serve-blk listens")
+
+        let script = """
+            waitdev /dev/vda 10 || exit 10
+            p=$(cut -c35 /sys/block/vda/device/features); echo "packed=$p"
+            [ "$p" = 1 ] || exit 30
+            """ + "\n" + Self.firstBoot.split(separator: "\n").dropFirst().joined(separator: "\n")
+        let boot = try Interop.bootGuest(
+            script: script, socket: socket, queues: 2, workDir: work, name: "packed", packed: true)
+        print("[interop] packed boot (2 queues): rc=\(boot.status) in \(String(format: "%.1f", boot.seconds)) s")
+        print(boot.console.split(separator: "\n").filter { $0.contains("=") || $0.contains("ok") }.joined(separator: "\n"))
+        #expect(boot.status == 0, "packed boot: \(boot.console.suffix(1500))")
+        #expect(boot.console.contains("packed=1"), "the guest negotiated packed")
+
+        server.terminate()
+        server.waitUntilExit()
+        try? logHandle.close()
+        let serverLog = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        #expect(server.terminationStatus == 0, "serve-blk exit: \(serverLog.suffix(2000))")
+        #expect(serverLog.contains("(packed ring)"), "device log shows packed negotiated: \(serverLog.suffix(2000))")
+        // QEMU first acks a minimal set (no rings) at realize; the last ack is the guest's.
+        let lastAck = serverLog.split(separator: "\n").last { $0.contains("acked features") } ?? ""
+        #expect(lastAck.contains("(packed ring)"), "the guest driver's features: \(lastAck)")
+        #expect(!serverLog.contains("failed"), "no queue failed: \(serverLog.suffix(2000))")
+        #expect(!serverLog.contains("rejected"), "no request rejected: \(serverLog.suffix(2000))")
+        let data = try Data(contentsOf: URL(fileURLWithPath: image))
+        let pattern = Data(String(repeating: "RINGFENCE-PATTERN-0123456789\n", count: Self.mib / 29 + 1).utf8.prefix(Self.mib))
+        let patternOnHost = data[Self.patternOffset..<Self.patternOffset + Self.mib] == pattern
+        #expect(patternOnHost, "guest pattern on host")
+        let fsck = try Interop.run(["/usr/sbin/e2fsck", "-fn", image])
+        #expect(fsck.status == 0, "e2fsck: \(fsck.output)")
     }
 }

@@ -1,4 +1,5 @@
-// ring-ratio: hardened DriverQueue vs the trusting baseline, interleaved in one process.
+// ring-ratio: hardened drivers vs the trusting baselines (split and packed), and packed vs
+// split, interleaved in one process.
 //
 // Each round runs every scenario once per driver, alternating which driver goes first
 // (ABBA), so drift in machine load hits both alike. Reported: the median over rounds of
@@ -84,17 +85,22 @@ func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeat
 let options = parse()
 let parameters = RingParameters()
 let cpus = availableCPUs
-print("ring-ratio: hardened DriverQueue vs trusting baseline; same DeviceQueue, RingPair, BouncePool")
+let kinds: [DriverKind] = [.hardened, .trusting, .packedHardened, .packedTrusting]
+print("ring-ratio: hardened vs trusting drivers, split (DriverQueue) and packed (PackedDriverQueue);")
+print("            same hardened device (DeviceQueue / PackedDeviceQueue), same region, BouncePool; all four interleaved")
 print("machine: \(cpus) CPUs usable, \(cpuModel()); load average at start: \(loadAverage())")
 print(
     "queue \(parameters.queueSize), batch \(parameters.batch), \(parameters.payloadBytes)-byte buffers"
         + " (2 descriptors per request), \(options.rounds) interleaved rounds, medians")
 print("")
-print(
-    pad("scenario", 18) + pad("hardened", 26) + pad("trusting", 26) + pad("ratio h/t [min .. max]", 28)
-        + "best-of ratio")
 
-var worst = Double.infinity
+struct Row {
+    var scenario: Scenario
+    var perOp: [Double]  // median ns per round trip, per kind
+    var ratios: [[Double]]  // per-round ratios: split h/t, packed h/t, packed/split (hardened)
+    var best: [Double]
+}
+var rows: [Row] = []
 for scenario in options.scenarios {
     if scenario.needsDeviceThread && cpus < 2 {
         print(pad(scenario.rawValue, 18) + "skipped: needs 2 CPUs")
@@ -102,49 +108,59 @@ for scenario in options.scenarios {
     }
     let ops = scenario == .oneThreadBatch || scenario == .twoThreadBatch
         ? options.batchOperations : options.latencyOperations
-    // Fresh rings per scenario; both exist side by side for the whole scenario.
     let runners: [any RingRunner]
     do {
-        runners = try [makeRunner(.hardened, parameters: parameters), makeRunner(.trusting, parameters: parameters)]
+        runners = try kinds.map { try makeRunner($0, parameters: parameters) }
     } catch {
         print("cannot set up the rings: \(error)")
         exit(1)
     }
-    // Warm-up: page faults, caches, branch predictors.
     for r in runners { _ = r.run(scenario, operations: max(1, ops / 4)) }
-    var ns: [[Double]] = [[], []]
-    var ratios: [Double] = []
+    var ns: [[Double]] = Array(repeating: [], count: kinds.count)
+    var ratios: [[Double]] = [[], [], []]
     for round in 0..<options.rounds {
-        let order = round % 2 == 0 ? [0, 1] : [1, 0]
-        var perOp = [0.0, 0.0]
+        // Rotate who goes first, so drift in load hits every contestant alike.
+        let order = (0..<kinds.count).map { (round + $0) % kinds.count }
+        var perOp = Array(repeating: 0.0, count: kinds.count)
         for i in order {
             let t = runners[i].run(scenario, operations: ops)
-            // 1-thread: the driver thread's CPU time (immune to being descheduled by other
-            // load); 2-thread: wall clock (the device thread's pace is part of the result).
             perOp[i] = (scenario.needsDeviceThread ? t.wall : t.threadCPU) / Double(ops)
             ns[i].append(perOp[i])
         }
-        ratios.append(perOp[1] / perOp[0])  // hardened speed / trusting speed
+        ratios[0].append(perOp[1] / perOp[0])  // split: hardened speed / trusting speed
+        ratios[1].append(perOp[3] / perOp[2])  // packed: hardened / trusting
+        ratios[2].append(perOp[0] / perOp[2])  // hardened: packed speed / split speed
     }
-    let h = median(ns[0])
-    let t = median(ns[1])
-    let r = median(ratios)
-    worst = min(worst, r)
-    func cell(_ perOp: Double) -> String {
-        "\(f(perOp, 1)) ns  (\(f(1e3 / perOp, 2)) M/s)"
+    let best = [
+        (ns[1].min() ?? .nan) / (ns[0].min() ?? .nan), (ns[3].min() ?? .nan) / (ns[2].min() ?? .nan),
+        (ns[0].min() ?? .nan) / (ns[2].min() ?? .nan),
+    ]
+    rows.append(Row(scenario: scenario, perOp: ns.map(median), ratios: ratios, best: best))
+}
+
+func cell(_ perOp: Double) -> String { "\(f(perOp, 1)) ns (\(f(1e3 / perOp, 2)) M/s)" }
+print(pad("scenario", 18) + kinds.map { pad($0 == .hardened ? "split hardened" : $0 == .trusting ? "split trusting" : $0.rawValue, 24) }.joined())
+for row in rows {
+    print(pad(row.scenario.rawValue, 18) + row.perOp.map { pad(cell($0), 24) }.joined())
+}
+print("")
+print(pad("scenario", 18) + pad("split h/t [min .. max]", 30) + pad("packed h/t [min .. max]", 30) + "packed/split, hardened [min .. max]")
+var worst = [Double.infinity, Double.infinity]
+for row in rows {
+    var line = pad(row.scenario.rawValue, 18)
+    for k in 0..<3 {
+        let r = median(row.ratios[k])
+        if k < 2 { worst[k] = min(worst[k], r) }
+        line += pad("\(f(r, 3))x [\(f(row.ratios[k].min() ?? .nan, 3)) .. \(f(row.ratios[k].max() ?? .nan, 3))]", 30)
     }
-    // Best-of (fastest round of each driver): the estimate least disturbed by other load.
-    let best = (ns[1].min() ?? .nan) / (ns[0].min() ?? .nan)
-    print(
-        pad(scenario.rawValue, 18) + pad(cell(h), 26) + pad(cell(t), 26)
-            + pad("\(f(r, 3))x [\(f(ratios.min() ?? .nan, 3)) .. \(f(ratios.max() ?? .nan, 3))]", 28)
-            + "\(f(best, 3))x")
+    print(line + "  best-of: \(row.best.map { f($0, 3) }.joined(separator: " / "))")
 }
 print("")
 print("load average at end: \(loadAverage())")
 print("ns = time per round trip (batch: amortized; latency: one request in flight); M/s = round trips per second")
 print("1-thread rows: CPU time of the thread (CLOCK_THREAD_CPUTIME_ID); 2-thread rows: wall clock")
-print("ratio = hardened speed / trusting speed, median of per-round ratios; best-of = fastest round vs fastest round")
-if worst.isFinite {
-    print("lowest median ratio: \(f(worst, 3))x (target >= 0.97x): \(worst >= 0.97 ? "met" : "NOT met")")
+print("h/t = hardened speed / trusting speed, median of per-round ratios; packed/split = packed speed / split speed")
+print("best-of = fastest round vs fastest round (split h/t / packed h/t / packed/split)")
+for (k, name) in ["split", "packed"].enumerated() where worst[k].isFinite {
+    print("\(name): lowest median ratio \(f(worst[k], 3))x (target >= 0.97x): \(worst[k] >= 0.97 ? "met" : "NOT met")")
 }

@@ -1,17 +1,18 @@
 import SharedMemory
 import Virtqueue
 
-/// The device both contestants talk to: the library's hardened `DeviceQueue`. For each
+/// The device both contestants talk to: the library's hardened `DeviceQueue` (or
+/// `PackedDeviceQueue` for the packed contestants; specialized per ring). For each
 /// chain it copies the first readable buffer into the first writable one and completes
 /// with the bytes copied (an echo without per-byte work, so ring costs dominate).
-struct CopyDevice {
-    let queue: DeviceQueue
+struct CopyDevice<Q: DeviceRing> {
+    let queue: Q
     let memory: GuestMemory
     var chain = DescriptorChain()
     /// Chains served in total (read by the owner thread only).
     var served = 0
 
-    init(queue: DeviceQueue, memory: GuestMemory) {
+    init(queue: Q, memory: GuestMemory) {
         self.queue = queue
         self.memory = memory
     }

@@ -54,3 +54,46 @@ struct TrustingDriver: BenchDriver {
         return (c.token, c.length)
     }
 }
+
+/// The library's hardened packed driver.
+struct PackedHardenedDriver: BenchDriver {
+    let queue: PackedDriverQueue
+
+    @inline(__always)
+    func post(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) -> Bool {
+        do { try queue.add(segments, token: token) } catch { return false }
+        return true
+    }
+
+    @inline(__always)
+    func publish() { _ = queue.publish() }
+
+    @inline(__always)
+    func poll() -> (token: UInt64, length: UInt32)? {
+        do {
+            guard let c = try queue.nextCompletion() else { return nil }
+            return (c.token, c.length)
+        } catch {
+            fatalError("hardened packed driver broke the queue: \(error)")
+        }
+    }
+}
+
+/// The trusting packed baseline (Benchmarks only, R8).
+struct PackedTrustingDriver: BenchDriver {
+    let queue: TrustingPackedDriverQueue
+
+    @inline(__always)
+    func post(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) -> Bool {
+        queue.add(segments, token: token) != nil
+    }
+
+    @inline(__always)
+    func publish() { _ = queue.publish() }
+
+    @inline(__always)
+    func poll() -> (token: UInt64, length: UInt32)? {
+        guard let c = queue.nextCompletion() else { return nil }
+        return (c.token, c.length)
+    }
+}

@@ -7,10 +7,12 @@ import TrustingRing
 import Virtqueue
 
 /// Which driver drives the ring. The device is the library's hardened `DeviceQueue`
-/// in both cases.
+/// (split) or `PackedDeviceQueue` (packed) in every case.
 public enum DriverKind: String, CaseIterable, Sendable {
     case hardened
     case trusting
+    case packedHardened = "packed hardened"
+    case packedTrusting = "packed trusting"
 }
 
 /// What one measurement does.
@@ -73,16 +75,34 @@ public struct RingParameters: Sendable {
 }
 
 public func makeRunner(_ kind: DriverKind, parameters: RingParameters = RingParameters()) throws -> any RingRunner {
-    let pair = try RingPair(queueSize: parameters.queueSize)
     switch kind {
     case .hardened:
+        let pair = try RingPair(queueSize: parameters.queueSize)
         return HardenedRunner(
-            RingBench(kind: kind, pair: pair, driver: HardenedDriver(queue: pair.driver), parameters: parameters))
+            RingBench(
+                kind: kind, pair: pair, pool: pair.pool, memory: pair.memory, device: pair.device,
+                driver: HardenedDriver(queue: pair.driver), parameters: parameters))
     case .trusting:
         // Same ring memory as the hardened driver would use; that driver stays idle.
+        let pair = try RingPair(queueSize: parameters.queueSize)
         let trusting = TrustingDriverQueue(memory: pair.driver.memory)
         return TrustingRunner(
-            RingBench(kind: kind, pair: pair, driver: TrustingDriver(queue: trusting), parameters: parameters))
+            RingBench(
+                kind: kind, pair: pair, pool: pair.pool, memory: pair.memory, device: pair.device,
+                driver: TrustingDriver(queue: trusting), parameters: parameters))
+    case .packedHardened:
+        let pair = try PackedRingPair(queueSize: parameters.queueSize)
+        return PackedHardenedRunner(
+            RingBench(
+                kind: kind, pair: pair, pool: pair.pool, memory: pair.memory, device: pair.device,
+                driver: PackedHardenedDriver(queue: pair.driver), parameters: parameters))
+    case .packedTrusting:
+        let pair = try PackedRingPair(queueSize: parameters.queueSize)
+        let trusting = TrustingPackedDriverQueue(memory: pair.driver.memory)
+        return PackedTrustingRunner(
+            RingBench(
+                kind: kind, pair: pair, pool: pair.pool, memory: pair.memory, device: pair.device,
+                driver: PackedTrustingDriver(queue: trusting), parameters: parameters))
     }
 }
 
@@ -91,8 +111,8 @@ public func makeRunner(_ kind: DriverKind, parameters: RingParameters = RingPara
 // the driver through witness tables on every request).
 
 final class HardenedRunner: RingRunner {
-    let bench: RingBench<HardenedDriver>
-    init(_ bench: RingBench<HardenedDriver>) { self.bench = bench }
+    let bench: RingBench<HardenedDriver, DeviceQueue>
+    init(_ bench: RingBench<HardenedDriver, DeviceQueue>) { self.bench = bench }
     var kind: DriverKind { bench.kind }
     var served: Int { bench.served }
     func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
@@ -102,8 +122,30 @@ final class HardenedRunner: RingRunner {
 }
 
 final class TrustingRunner: RingRunner {
-    let bench: RingBench<TrustingDriver>
-    init(_ bench: RingBench<TrustingDriver>) { self.bench = bench }
+    let bench: RingBench<TrustingDriver, DeviceQueue>
+    init(_ bench: RingBench<TrustingDriver, DeviceQueue>) { self.bench = bench }
+    var kind: DriverKind { bench.kind }
+    var served: Int { bench.served }
+    func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
+    func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
+    func startDeviceThread() { bench.startDeviceThread() }
+    func stopDeviceThread() { bench.stopDeviceThread() }
+}
+
+final class PackedHardenedRunner: RingRunner {
+    let bench: RingBench<PackedHardenedDriver, PackedDeviceQueue>
+    init(_ bench: RingBench<PackedHardenedDriver, PackedDeviceQueue>) { self.bench = bench }
+    var kind: DriverKind { bench.kind }
+    var served: Int { bench.served }
+    func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
+    func perform(_ scenario: Scenario, operations: Int) { bench.perform(scenario, operations: operations) }
+    func startDeviceThread() { bench.startDeviceThread() }
+    func stopDeviceThread() { bench.stopDeviceThread() }
+}
+
+final class PackedTrustingRunner: RingRunner {
+    let bench: RingBench<PackedTrustingDriver, PackedDeviceQueue>
+    init(_ bench: RingBench<PackedTrustingDriver, PackedDeviceQueue>) { self.bench = bench }
     var kind: DriverKind { bench.kind }
     var served: Int { bench.served }
     func run(_ scenario: Scenario, operations: Int) -> Timing { bench.run(scenario, operations: operations) }
@@ -121,14 +163,18 @@ public func pinCurrentThread(to cpu: Int32) -> Int32 { rfb_pin_thread(cpu) }
 
 /// The device's side, in an object of its own so the driver thread's hot fields never
 /// share a cache line with it.
-final class DeviceSide: @unchecked Sendable {
+/// States of the device thread.
+enum DeviceThreadState {
     static let idle = 0, running = 1, stopping = 2
-    var device: CopyDevice
+}
+
+final class DeviceSide<Q: DeviceRing & SendableMetatype>: @unchecked Sendable {
+    var device: CopyDevice<Q>
     let state = Atomic<Int>(0)
     let batch: Int
     let cpu: Int32
 
-    init(device: CopyDevice, batch: Int, cpu: Int32) {
+    init(device: CopyDevice<Q>, batch: Int, cpu: Int32) {
         self.device = device
         self.batch = batch
         self.cpu = cpu
@@ -137,24 +183,25 @@ final class DeviceSide: @unchecked Sendable {
     /// The device thread: busy-poll, serve up to a batch, publish once per batch.
     func loop() {
         _ = rfb_pin_thread(cpu)
-        state.store(Self.running, ordering: .releasing)
-        while state.load(ordering: .acquiring) == Self.running {
+        state.store(DeviceThreadState.running, ordering: .releasing)
+        while state.load(ordering: .acquiring) == DeviceThreadState.running {
             if device.serve(budget: batch) > 0 {
                 _ = device.queue.publishUsed()
             } else {
                 rfb_cpu_relax()
             }
         }
-        state.store(Self.idle, ordering: .releasing)
+        state.store(DeviceThreadState.idle, ordering: .releasing)
     }
 }
 
-final class RingBench<D: BenchDriver> {
+final class RingBench<D: BenchDriver, Q: DeviceRing & SendableMetatype> {
     let kind: DriverKind
-    let pair: RingPair
+    /// Keeps the shared region alive (a `RingPair` or `PackedRingPair`).
+    let pair: AnyObject
     let driver: D
     let pool: BouncePool
-    let deviceSide: DeviceSide
+    let deviceSide: DeviceSide<Q>
     let parameters: RingParameters
     let batch: Int
     let slotCount: Int
@@ -170,15 +217,18 @@ final class RingBench<D: BenchDriver> {
     var sink: UInt64 = 0
     var deviceThreadRunning = false
 
-    init(kind: DriverKind, pair: RingPair, driver: D, parameters: RingParameters) {
+    init(
+        kind: DriverKind, pair: AnyObject, pool: BouncePool, memory: GuestMemory, device: Q, driver: D,
+        parameters: RingParameters
+    ) {
         self.kind = kind
         self.pair = pair
         self.driver = driver
-        self.pool = pair.pool
+        self.pool = pool
         self.parameters = parameters
         self.batch = parameters.batch
         self.deviceSide = DeviceSide(
-            device: CopyDevice(queue: pair.device, memory: pair.memory), batch: parameters.batch,
+            device: CopyDevice(queue: device, memory: memory), batch: parameters.batch,
             cpu: parameters.deviceCPU)
         slotCount = parameters.queueSize / 2
         segments = .allocate(capacity: 2 * slotCount)
@@ -190,13 +240,13 @@ final class RingBench<D: BenchDriver> {
         for i in 0..<parameters.payloadBytes { payload[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 1) }
         reply.initializeMemory(as: UInt8.self, repeating: 0)
         for slot in 0..<slotCount {
-            guard let request = pair.pool.allocate(parameters.payloadBytes),
-                let response = pair.pool.allocate(parameters.payloadBytes)
+            guard let request = pool.allocate(parameters.payloadBytes),
+                let response = pool.allocate(parameters.payloadBytes)
             else { fatalError("bounce pool too small") }
             (requests + slot).initialize(to: request)
             (responses + slot).initialize(to: response)
-            (segments + 2 * slot).initialize(to: pair.pool.segment(request, deviceWritable: false))
-            (segments + 2 * slot + 1).initialize(to: pair.pool.segment(response, deviceWritable: true))
+            (segments + 2 * slot).initialize(to: pool.segment(request, deviceWritable: false))
+            (segments + 2 * slot + 1).initialize(to: pool.segment(response, deviceWritable: true))
             freeSlots[slot] = slotCount - 1 - slot
         }
         freeSlotCount = slotCount
@@ -323,14 +373,14 @@ final class RingBench<D: BenchDriver> {
         let thread = Thread { side.loop() }
         thread.stackSize = 1 << 20
         thread.start()
-        while side.state.load(ordering: .acquiring) != DeviceSide.running { sched_yield() }
+        while side.state.load(ordering: .acquiring) != DeviceThreadState.running { sched_yield() }
         deviceThreadRunning = true
     }
 
     func stopDeviceThread() {
         guard deviceThreadRunning else { return }
-        deviceSide.state.store(DeviceSide.stopping, ordering: .releasing)
-        while deviceSide.state.load(ordering: .acquiring) != DeviceSide.idle { sched_yield() }
+        deviceSide.state.store(DeviceThreadState.stopping, ordering: .releasing)
+        while deviceSide.state.load(ordering: .acquiring) != DeviceThreadState.idle { sched_yield() }
         deviceThreadRunning = false
     }
 }

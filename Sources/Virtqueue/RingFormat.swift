@@ -1,0 +1,117 @@
+public import SharedMemory
+
+/// Which virtqueue format a queue uses (VIRTIO_F_RING_PACKED negotiated or not).
+public enum RingFormat: String, Sendable, Equatable, CaseIterable {
+    case split
+    case packed
+}
+
+/// The driver side of a virtqueue, whatever its format: what a device class (blk, and
+/// later net and fs) needs, so it does not care which ring is in use. Both
+/// implementations are hardened the same way (R1-R6) and fail with the same `Violation`.
+public protocol DriverRing: AnyObject {
+    var format: RingFormat { get }
+    var queueSize: UInt16 { get }
+    /// Free descriptors (split) or ring slots (packed).
+    var freeCount: Int { get }
+    var inFlightCount: Int { get }
+    var violation: Violation? { get }
+    var isBroken: Bool { get }
+    var indirectThreshold: Int { get set }
+    /// Posts one request (visible at the next `publish()`); returns its head / buffer id.
+    @discardableResult
+    func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16
+    /// Makes added requests visible; true if the device wants a kick.
+    func publish() -> Bool
+    /// The next validated completion, or nil. Throws (and breaks the queue) on a violation.
+    func nextCompletion() throws(Violation) -> Completion?
+    @discardableResult
+    func breakQueue(_ v: Violation) -> Violation
+    func failAll() -> [UInt64]
+    var inFlightTokens: [UInt64] { get }
+    func disableInterrupts()
+    /// True if completions may already be pending (poll before sleeping).
+    func enableInterrupts() -> Bool
+    func reset()
+}
+
+extension DriverRing {
+    @discardableResult
+    public func add(_ segments: [Segment], token: UInt64) throws(SubmitError) -> UInt16 {
+        try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
+    }
+}
+
+extension DriverQueue: DriverRing {
+    public var format: RingFormat { .split }
+}
+
+extension PackedDriverQueue: DriverRing {
+    public var format: RingFormat { .packed }
+}
+
+/// The device side of a virtqueue, whatever its format.
+public protocol DeviceRing: AnyObject {
+    var format: RingFormat { get }
+    var queueSize: UInt16 { get }
+    var features: RingFeatures { get }
+    var violation: Violation? { get }
+    var isBroken: Bool { get }
+    /// Pops the next available chain into `chain` (`chain.head` is what `complete` takes).
+    func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation) -> ChainFetch
+    func complete(head: UInt16, length: UInt32)
+    /// Publishes completions; true if the driver wants an interrupt.
+    func publishUsed() -> Bool
+    func disableNotifications()
+    /// True if work may already be available (poll before sleeping).
+    func enableNotifications() -> Bool
+    func breakQueue(_ v: Violation)
+    /// What GET_VRING_BASE reports: the next avail index (split), or QEMU's packed
+    /// encoding with the wrap counters (packed).
+    var vringBase: UInt32 { get }
+}
+
+extension DeviceQueue: DeviceRing {
+    public var format: RingFormat { .split }
+    public var vringBase: UInt32 { UInt32(lastAvail) }
+}
+
+extension PackedDeviceQueue: DeviceRing {
+    public var format: RingFormat { .packed }
+}
+
+extension DriverRegionLayout {
+    /// Builds the driver ring of `queue` in `format`. A packed ring reuses the split
+    /// placement: descriptor ring where the table is, driver area at the avail ring,
+    /// device area at the used ring (both far larger than the 4 bytes needed).
+    public func makeDriverRing(
+        queue: Int, region: SharedRegion, guestBase: UInt64, features: RingFeatures, format: RingFormat
+    ) -> (any DriverRing, BouncePool) {
+        switch format {
+        case .split:
+            return makeDriverQueue(queue: queue, region: region, guestBase: guestBase, features: features)
+        case .packed:
+            return makePackedDriverQueue(queue: queue, region: region, guestBase: guestBase, features: features)
+        }
+    }
+
+    /// Builds the packed driver queue and bounce pool of `queue` on `region`.
+    public func makePackedDriverQueue(
+        queue: Int, region: SharedRegion, guestBase: UInt64, features: RingFeatures
+    ) -> (PackedDriverQueue, BouncePool) {
+        let area = queues[queue]
+        let base = region.base
+        let memory = DriverRingMemory(
+            queueSize: UInt16(truncatingIfNeeded: queueSize),
+            descriptors: base + area.ring.descriptorOffset,
+            avail: base + area.ring.availOffset,
+            used: base + area.ring.usedOffset,
+            indirect: area.indirectEntries > 0 ? base + area.indirectOffset : nil,
+            indirectGuestAddress: guestBase + UInt64(area.indirectOffset),
+            indirectTableEntries: area.indirectEntries)
+        let pool = BouncePool(
+            base: base + area.bounceOffset, guestAddress: guestBase + UInt64(area.bounceOffset),
+            size: area.bounceSize)
+        return (PackedDriverQueue(memory: memory, features: features), pool)
+    }
+}
