@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
+        .library(name: "Adversary", targets: ["Adversary"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -63,9 +64,15 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
             swiftSettings: strict
         ),
+        .target(
+            name: "Adversary",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "VirtioBlock"],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "RingFenceCLI",
             dependencies: [
+                "Adversary",
                 "SharedMemory",
                 "Virtqueue",
                 "RingHarness",
@@ -99,6 +106,11 @@ let package = Package(
         .testTarget(
             name: "BlockDeviceTests",
             dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "AdversaryTests",
+            dependencies: ["Adversary", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
         .testTarget(
