@@ -127,6 +127,10 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
                 if let old = s.calls[Int(f.index)] { closeDescriptor(old) }
                 s.calls[Int(f.index)] = copy
             }
+        case .setFeatures:
+            if case .unofferedFeatures? = behaviour, let acked = try? U64Payload.decode(payload).value {
+                note("driver acked 0x\(String(acked, radix: 16))")
+            }
         case .setMemTable:
             guard let table = try? MemoryTable.decode(payload), let fd = descriptors.first,
                 let region = table.regions.first
@@ -161,7 +165,11 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     public func willSend(_ reply: Message, answering request: Request) -> Message? {
         switch behaviour {
         case .unofferedFeatures? where request == .getFeatures:
-            return Message(.getFeatures, flags: reply.header.flags, payload: U64Payload(.max).encoded)
+            // Bits no driver here implements: packed ring, ACCESS_PLATFORM, undefined 50-63.
+            // A driver that acks any of them is refused by the real back-end.
+            let extra = FeatureBits.ringPacked | FeatureBits.accessPlatform | 0xfffc_0000_0000_0000
+            let offered = (try? U64Payload.decode(reply.payload).value) ?? 0
+            return Message(.getFeatures, flags: reply.header.flags, payload: U64Payload(offered | extra).encoded)
         case .reply(let lie, let target)? where target == request:
             var m = reply
             switch lie {

@@ -185,7 +185,8 @@ final class AdversaryQueueHandler: QueueHandler {
         case .closeMidIO:
             device.closeConnection()
         case .notificationStorm(let calls):
-            if let fd = device.callFD(queueIndex) {
+            // Once per connection: the storm is 10^6 calls, not 10^6 per request.
+            if let fd = device.callFD(queueIndex), device.observations.notificationsSent == 0 {
                 var one: UInt64 = 1
                 var sent = 0
                 for _ in 0..<calls where write(fd, &one, 8) == 8 { sent += 1 }

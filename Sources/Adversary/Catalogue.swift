@@ -191,7 +191,7 @@ public enum Catalogue {
           "does not offer VIRTIO_F_VERSION_1 (legacy layout)",
           must: "refuse a legacy device", [.unsupported]),
         a("unoffered-features", .controlPlane, .r3, .controlReply, .unofferedFeatures,
-          "offers every feature bit (packed, ACCESS_PLATFORM, undefined bits)",
+          "also offers packed ring, ACCESS_PLATFORM and the undefined bits 50-63",
           must: "accept only the bits it implements", [.unaffected]),
         // liveness
         a("never-complete", .liveness, .r5, .completion, .neverComplete,

@@ -14,6 +14,8 @@ struct RingFence: ParsableCommand {
             ServeBlkCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
+            AuditCommand.self,
+            AuditOneCommand.self,
         ])
 }
 
