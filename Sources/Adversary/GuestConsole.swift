@@ -22,7 +22,7 @@ public enum GuestConsole {
 
     /// Outcome and the console lines that show it.
     public static func classify(console: String, exitStatus: Int32, timedOut: Bool) -> (Outcome, String) {
-        let lines = console.split(separator: "\n", omittingEmptySubsequences: true).map(String.init)
+        let lines = console.split(whereSeparator: \.isNewline).map(String.init)
         func first(_ needles: [String]) -> String? {
             lines.first { l in needles.contains { l.contains($0) } }
         }
@@ -30,7 +30,7 @@ public enum GuestConsole {
             return (.kernelOops, excerpt(lines, around: l))
         }
         if let l = first(["blocked for more than", "hung_task"]) { return (.hungTask, excerpt(lines, around: l)) }
-        if timedOut { return (.hung, "guest did not finish: " + (lines.suffix(3).joined(separator: " ⏎ "))) }
+        if timedOut { return (.hung, "guest did not finish: " + notable(lines)) }
         guard lines.contains(where: { $0.contains("RINGFENCE-GUEST-START") }) else {
             return (.contained, "guest never started (front-end refused the device): " + lines.suffix(3).joined(separator: " ⏎ "))
         }
@@ -46,6 +46,15 @@ public enum GuestConsole {
             return (.clean, first(["RF-SIZE"]).map { "I/O script passed; \($0)" } ?? "I/O script passed")
         }
         return (.contained, "script ended early (exit \(exitStatus)): " + lines.suffix(3).joined(separator: " ⏎ "))
+    }
+
+    /// Kernel lines about the device (what the driver said before it stopped).
+    static func notable(_ lines: [String]) -> String {
+        let picked = lines.filter { l in
+            ["virtio", "vda", "blk", "I/O error", "RF-"].contains { l.contains($0) } && !l.contains("RINGFENCE-GUEST")
+        }
+        let chosen = picked.isEmpty ? Array(lines.suffix(2)) : Array(picked.prefix(2))
+        return chosen.map { String($0.drop(while: { $0 == " " })) }.joined(separator: " ⏎ ")
     }
 
     static func excerpt(_ lines: [String], around line: String) -> String {

@@ -233,12 +233,16 @@ struct Auditor {
         let script = dir + "/io.sh"
         let console = dir + "/console.txt"
         _ = FileManager.default.createFile(atPath: script, contents: Data(GuestConsole.ioScript(canary: canary).utf8))
-        var arguments = [runGuest, "--script", script, "--blk-socket", dir + "/s.sock", "--timeout", "\(Int(deadline))", "--console", console, "--quiet"]
+        // Hung tasks reported after 5 s (the module load itself may block, before the script).
+        var arguments = [
+            runGuest, "--script", script, "--blk-socket", dir + "/s.sock", "--timeout", "\(Int(deadline))",
+            "--console", console, "--quiet", "--append", "sysctl.kernel.hung_task_timeout_secs=5",
+        ]
         if let imageDir { arguments += ["--image-dir", imageDir] }
         let t0 = monotonicNanoseconds()
         let output = dir + "/run-guest.out"
         _ = FileManager.default.createFile(atPath: output, contents: nil)
-        let status = runToCompletion(["/bin/bash"] + arguments, output: output, deadline: deadline + 20)
+        let status = runToCompletion(["/bin/bash"] + arguments, output: output, deadline: deadline + 20, console: console)
         let seconds = Double(monotonicNanoseconds() &- t0) / 1e9
         let text = (try? String(contentsOfFile: console, encoding: .utf8)) ?? ""
         let hostLog = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
@@ -253,18 +257,35 @@ struct Auditor {
     }
 
     /// Runs a command with stdout+stderr into `output`; nil if it outlived `deadline`.
-    func runToCompletion(_ arguments: [String], output: String, deadline: Double) -> Int32? {
+    /// A console showing a hung task or a panic ends the boot early (SIGTERM: run-guest.sh
+    /// then stops QEMU), 2 s after the first such line so its context is logged too.
+    func runToCompletion(_ arguments: [String], output: String, deadline: Double, console: String? = nil) -> Int32? {
         let fd = open(output, O_WRONLY | O_TRUNC)
         defer { if fd >= 0 { close(fd) } }
         guard fd >= 0, let child = try? ChildProcess(executable: arguments[0], arguments: Array(arguments.dropFirst()), stdout: fd) else {
             return -1
         }
-        switch child.wait(until: .after(seconds: deadline)) {
-        case .exited(let c)?: return c
-        case .signaled?: return -1
-        case nil:
-            child.kill()
-            return nil
+        let end = Deadline.after(seconds: deadline)
+        var verdictSince: Deadline?
+        while true {
+            switch child.wait(until: .after(seconds: 0.5)) {
+            case .exited(let c)?: return c
+            case .signaled?: return -1
+            case nil: break
+            }
+            if end.hasPassed {
+                child.kill()
+                return nil
+            }
+            if let console, verdictSince == nil, let text = try? String(contentsOfFile: console, encoding: .utf8),
+                text.contains("blocked for more than") || text.contains("Kernel panic")
+            {
+                verdictSince = .after(seconds: 2)
+            }
+            if let v = verdictSince, v.hasPassed {
+                _ = Glibc.kill(child.pid, SIGTERM)
+                return child.wait(until: .after(seconds: 10)) == nil ? (child.kill() != nil ? -1 : -1) : 143
+            }
         }
     }
 
