@@ -103,7 +103,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 
     public func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler {
         let handler = inner.makeQueueHandler(queue: queue, features: features)
-        guard attack != nil, let blk = handler as? BlockRequestHandler else { return handler }
+        guard let blk = handler as? BlockRequestHandler else { return handler }
         return AdversaryQueueHandler(device: self, inner: blk, queue: queue)
     }
 

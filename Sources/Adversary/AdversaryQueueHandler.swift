@@ -13,7 +13,8 @@ final class AdversaryQueueHandler: QueueHandler {
     let device: AdversaryDevice
     let inner: BlockRequestHandler
     let queueIndex: Int
-    let behaviour: Behaviour
+    /// nil: no attack (a healthy device that still lets the probe see its memory).
+    let behaviour: Behaviour?
     var chain = DescriptorChain()
     /// Popped and executed, completed later (or never).
     var held: [(head: UInt16, length: UInt32, since: UInt64)] = []
@@ -23,11 +24,12 @@ final class AdversaryQueueHandler: QueueHandler {
         self.device = device
         self.inner = inner
         self.queueIndex = queue
-        self.behaviour = device.attack?.behaviour ?? .leakProbe
+        self.behaviour = device.attack?.behaviour
     }
 
     func serve(_ queue: DeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         device.remember(memory)
+        guard let behaviour else { return try inner.serve(queue, memory: memory, budget: budget) }
         if rewritePending {
             rewriteAllUsedEntries(queue)
             rewritePending = false
@@ -45,7 +47,7 @@ final class AdversaryQueueHandler: QueueHandler {
                     _ = device.takeRequest()
                     queue.complete(head: chain.head, length: inner.execute(chain))
                 } else if device.takeRequest() && eligible(chain) {
-                    attack(queue, memory)
+                    attack(behaviour, queue, memory)
                 } else {
                     queue.complete(head: chain.head, length: inner.execute(chain))
                 }
@@ -92,7 +94,7 @@ final class AdversaryQueueHandler: QueueHandler {
         return UnsafeMutableRawBufferPointer(rebasing: last.buffer[(last.buffer.count - 1)...])
     }
 
-    func attack(_ queue: DeviceQueue, _ memory: GuestMemory) {
+    func attack(_ behaviour: Behaviour, _ queue: DeviceQueue, _ memory: GuestMemory) {
         let head = chain.head
         let size = Int(queue.queueSize)
         switch behaviour {

@@ -76,7 +76,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
 
 /// One named misbehaviour: what it does, which rule of DESIGN.md it tests, what a
 /// hardened driver must do about it, and where it hooks into the device side.
-public struct Attack: Sendable, Hashable, Identifiable {
+public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible {
     public let name: String
     public let group: AttackGroup
     public let rule: Rule
@@ -93,6 +93,7 @@ public struct Attack: Sendable, Hashable, Identifiable {
     let behaviour: Behaviour
 
     public var id: String { name }
+    public var description: String { name }
 
     public static func == (a: Attack, b: Attack) -> Bool { a.name == b.name }
     public func hash(into h: inout Hasher) { h.combine(name) }
