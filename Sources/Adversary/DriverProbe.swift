@@ -147,7 +147,8 @@ public enum DriverProbe {
         }
     }
 
-    static func neighbourWorks(_ disk: BlockDevice?) -> Bool {
+    /// R6 check: a healthy device of the same process still reads back what it wrote.
+    public static func neighbourWorks(_ disk: BlockDevice?) -> Bool {
         guard let disk else { return false }
         let pattern = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
         do throws(VirtioError) {
