@@ -215,9 +215,20 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
             s.observations.dumps += 1
             return true
         }
-        guard due, let dumpPath else { return }
-        let bytes = snapshotSharedMemory()
-        _ = FileManager.default.createFile(atPath: dumpPath, contents: Data(bytes))
+        guard due, let dumpPath, let memory = state.withLock({ $0.memory }) else { return }
+        // Straight from the mapping to the file: a guest's RAM is hundreds of MiB.
+        let fd = open(dumpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        for r in memory.regions {
+            let bytes = UnsafeRawBufferPointer(r.mapping.bytes)
+            var done = 0
+            while done < bytes.count, let base = bytes.baseAddress {
+                let n = write(fd, base + done, bytes.count - done)
+                if n <= 0 { return }
+                done += n
+            }
+        }
     }
 
     func callFD(_ queue: Int) -> Int32? { state.withLock { $0.calls[queue] } }

@@ -78,7 +78,9 @@ public enum DriverProbe {
         canary[0] = 0xc4
 
         let start = monotonicNanoseconds()
-        var result = script(socket: "\(directory)/attacked.sock", options: options, rounds: settings.rounds, canary: canary)
+        // Four requests a round: enough rounds that the attack starts after `after` good ones.
+        let rounds = max(settings.rounds, adversary.after / 4 + 2)
+        var result = script(socket: "\(directory)/attacked.sock", options: options, rounds: rounds, canary: canary)
         result.seconds = Double(monotonicNanoseconds() &- start) / 1e9
         let shared = adversary.snapshotSharedMemory()
         result.sharedBytesSearched = shared.count
