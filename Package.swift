@@ -66,7 +66,7 @@ let package = Package(
         ),
         .target(
             name: "Adversary",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "VirtioBlock"],
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "VirtioBlock", "RingHarness"],
             swiftSettings: strict
         ),
         .executableTarget(
