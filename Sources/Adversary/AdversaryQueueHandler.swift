@@ -131,11 +131,13 @@ final class AdversaryQueueHandler: QueueHandler {
             if let s = statusSegment, let before { s[0] = before }
             queue.complete(head: head, length: length)
         case .identifierWithoutNul:
+            // 20 bytes of 'A' (no NUL) across the writable segments, the status byte aside.
             var left = BlockProtocol.idSize
-            for s in chain.writable where left > 0 {
-                let n = min(left, s.buffer.count - (s.buffer.count == chain.writable.last?.buffer.count ? 1 : 0))
-                for i in 0..<max(0, n) { s.buffer[i] = 0x41 }
-                left -= max(0, n)
+            let segments = Array(chain.writable)
+            for (k, s) in segments.enumerated() where left > 0 {
+                let n = min(left, max(0, s.buffer.count - (k == segments.count - 1 ? 1 : 0)))
+                for i in 0..<n { s.buffer[i] = 0x41 }
+                left -= n
             }
             if let s = statusSegment { s[0] = BlockProtocol.Status.ok.rawValue }
             queue.complete(head: head, length: UInt32(BlockProtocol.idSize + 1))

@@ -8,6 +8,7 @@ public enum GuestConsole {
         echo "\(canary)" > /tmp/private-canary
         if ! waitdev /dev/vda 8; then echo "RF-NO-DEVICE"; exit 3; fi
         echo "RF-SIZE $(cat /sys/block/vda/size) $(cat /sys/block/vda/queue/logical_block_size)"
+        echo "RF-SERIAL $(timeout 12 cat /sys/block/vda/serial 2>&1 | head -c 64)"
         head -c 65536 /dev/urandom > /tmp/pattern
         run() { timeout 12 "$@" 2>&1; r=$?; [ $r = 0 ] || echo "RF-FAIL rc=$r: $*"; return $r; }
         ok=0
