@@ -39,7 +39,9 @@ struct AttackCatalogueTests {
     @Test func usedRingViolationsCarryTheirValues() {
         func evidence(_ name: String) -> String {
             guard let a = Catalogue.attack(named: name) else { return "" }
-            return DriverProbe.run(a, directory: NSTemporaryDirectory() + "rf-adv-v-\(getpid())-\(name)").evidence
+            let dir = NSTemporaryDirectory() + "rf-adv-v-\(getpid())-\(name)"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            return DriverProbe.run(a, directory: dir).evidence
         }
         #expect(evidence("used-id-out-of-range").contains("used id 135 is outside the queue of 128 descriptors"))
         #expect(evidence("used-idx-backwards").contains("went backwards from 1 to 0"))
@@ -49,7 +51,9 @@ struct AttackCatalogueTests {
     }
 
     @Test func healthyDeviceIsUnaffectedAndSharesNoCanary() {
-        let r = DriverProbe.run(nil, directory: NSTemporaryDirectory() + "rf-adv-none-\(getpid())")
+        let dir = NSTemporaryDirectory() + "rf-adv-none-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = DriverProbe.run(nil, directory: dir)
         #expect(r.signature == .unaffected)
         #expect(!r.canaryFound && r.neighbourOK)
         #expect(r.sharedBytesSearched > 1 << 20)
