@@ -17,6 +17,7 @@ let package = Package(
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
         .library(name: "XenRing", targets: ["XenRing"]),
+        .library(name: "Adversary", targets: ["Adversary"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -64,9 +65,15 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
             swiftSettings: strict
         ),
+        .target(
+            name: "Adversary",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "VirtioBlock", "RingHarness"],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "RingFenceCLI",
             dependencies: [
+                "Adversary",
                 "SharedMemory",
                 "Virtqueue",
                 "RingHarness",
@@ -128,6 +135,11 @@ let package = Package(
         .testTarget(
             name: "BlockDeviceTests",
             dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingHarness"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "AdversaryTests",
+            dependencies: ["Adversary", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
         .testTarget(

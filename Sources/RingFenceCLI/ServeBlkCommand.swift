@@ -1,3 +1,4 @@
+import Adversary
 import ArgumentParser
 import Logging
 import SharedMemory
@@ -49,6 +50,22 @@ struct ServeBlkCommand: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
+    @Option(help: "Misbehave: one attack of the adversary catalogue (`ringfence audit --list`).")
+    var attack: String?
+
+    @Option(name: .customLong("attack-after"), help: "Requests served correctly before the attack starts.")
+    var attackAfter: Int?
+
+    @Option(help: "leak-probe: write dumps of all shared memory to this file.")
+    var dump: String?
+
+    func validate() throws {
+        if let attack, Catalogue.attack(named: attack) == nil {
+            throw ValidationError("unknown attack '\(attack)'; `ringfence audit --list` shows the catalogue")
+        }
+        if let attackAfter, attackAfter < 0 { throw ValidationError("--attack-after must be >= 0") }
+    }
+
     func run() throws {
         var logger = Logger(label: "ringfence.serve-blk")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
@@ -87,8 +104,20 @@ struct ServeBlkCommand: ParsableCommand {
             }
         }
         let device = VirtioBlockDevice(image: deviceImage, options: options, onEvent: onEvent)
-        var configuration = Backend.Configuration()
+        var configuration = attack == nil ? Backend.Configuration() : AdversaryServer.configuration
         configuration.maximumQueueSize = queueSize
+        if let attack = attack.flatMap(Catalogue.attack(named:)) {
+            // The same device and back-end, misbehaving through the hooks.
+            let adversary = AdversaryDevice(inner: device, attack: attack, after: attackAfter, dumpPath: dump)
+            let server = AdversaryServer(device: adversary, configuration: configuration, onEvent: onEvent)
+            logger.notice("attack \(attack.name) (\(attack.rule.rawValue)) after \(adversary.after) request(s): \(attack.summary)")
+            try startSignalWaiter(signals) { received in
+                log.notice("signal \(received): shutting down")
+                server.stop()
+            }
+            server.run(listener: try UnixListener(path: socket))
+            return
+        }
         let backend = Backend(device: device, configuration: configuration, onEvent: onEvent)
         logger.info(
             "serving \(image) (\(deviceImage.size) bytes\(device.readOnly ? ", read-only" : ""), \(queues) queue(s) of up to \(queueSize))"

@@ -16,6 +16,8 @@ struct RingFence: ParsableCommand {
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
             XenBlkCommand.self,
+            AuditCommand.self,
+            AuditOneCommand.self,
         ])
 }
 

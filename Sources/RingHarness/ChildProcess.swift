@@ -9,10 +9,17 @@ public final class ChildProcess: @unchecked Sendable {
     public let pid: Int32
     private var reaped: Int32?
 
-    public init(executable: String, arguments: [String], passing descriptors: [Int32] = []) throws(SystemError) {
+    /// - Parameter stdout: if given, the child's stdout and stderr go there.
+    public init(
+        executable: String, arguments: [String], passing descriptors: [Int32] = [], stdout: Int32? = nil
+    ) throws(SystemError) {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        if let stdout {
+            posix_spawn_file_actions_adddup2(&actions, stdout, 1)
+            posix_spawn_file_actions_adddup2(&actions, stdout, 2)
+        }
         for (i, fd) in descriptors.enumerated() {
             // dup2 onto 3+i clears CLOEXEC on the copy only.
             posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + i))

@@ -8,55 +8,24 @@ import Virtqueue
 public import VhostUser
 public import VirtioBlock
 
-/// What a `MisbehavingBlockBackend` does wrong, on command. The adversary catalogue
-/// (issue 5) grows this list; each case names the check of the driver it provokes.
+/// What a `MisbehavingBlockBackend` does wrong. Only what the real back-end's hooks
+/// cannot express lives here; every other attack is in the `Adversary` catalogue, run
+/// through the real `Backend` and blk device (`AdversaryDevice`).
 public enum BlockMisbehaviour: Sendable, Equatable {
     case none
-    // control plane
-    case noVersion1
-    case shortReply(Request)
-    case oversizedReply(Request)
-    /// Announces a payload larger than any message may carry (0xffffff).
-    case hugeReplySize(Request)
-    case mismatchedReply(Request)
-    case replyWithDescriptor(Request)
-    case nack(Request)
     /// Acks 0, then closes the socket (what libvhost-user does on failure).
     case ackThenClose(Request)
-    case neverReply(Request)
-    // data plane (from the `after`-th request on)
-    case usedIdOutOfRange
-    case usedIdNotInFlight
-    /// Completes the first of two in-flight requests twice.
-    case duplicateCompletion
-    case usedIndexJump
-    case usedIndexBackwards
-    case usedLengthOverflow
-    case statusGarbage(UInt8)
-    /// Used len 0: neither data nor status written.
-    case statusMissing
-    /// A plausible used len, but the status byte never written.
-    case statusNotWritten
-    case shortRead
-    /// Publishes a good completion, then rewrites the used entry (a TOCTOU probe).
-    case rewriteUsedAfterPublish
-    /// Fills the descriptor table with garbage after popping each chain.
-    case scribbleDescriptors
-    case closeMidIO
-    /// Speaks first on the control socket (a back-end never may without BACKEND_REQ).
+    /// Speaks first on the control socket (a back-end never may without BACKEND_REQ; the
+    /// real back-end only ever answers, so no hook can do this).
     case unsolicitedMessage
-    case neverComplete
-    /// Signals the call eventfd for `milliseconds`, then completes (or not).
-    case notificationStorm(milliseconds: Int, thenComplete: Bool)
-    /// Tries to shrink and grow the driver's memfd when it arrives.
-    case truncateMemory
 }
 
 /// A vhost-user-blk back-end in a thread of the test process that speaks just enough of
 /// the protocol and misbehaves on command. Its disk is a private byte array.
 ///
-/// Not a device implementation: it trusts the driver, checks little, and exists to be
-/// the malicious peer of `BlockDevice` in tests (and the seed of the adversary).
+/// Not a device implementation: it trusts the driver, checks little, and exists as a
+/// configurable peer (any config, features, queue count) for driver unit tests, and for
+/// the two protocol-level misbehaviours the hooks of the real back-end cannot express.
 public final class MisbehavingBlockBackend: @unchecked Sendable {
     public let misbehaviour: BlockMisbehaviour
     /// Requests served correctly before the data-plane misbehaviour starts.
@@ -71,14 +40,12 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
 
     /// What the back-end observed (for assertions).
     public struct Report: Sendable {
-        public var truncateShrinkErrno: Int32?
-        public var truncateGrowErrno: Int32?
         public var requestsServed = 0
-        public var notificationsSent = 0
         public var finished = false
     }
 
     public var report: Report { state.withLock { $0 } }
+
 
     public static func defaultConfig(capacityBytes: UInt64 = 1 << 20) -> BlockConfig {
         var c = BlockConfig()
@@ -117,7 +84,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
         self.misbehaviour = misbehaviour
         self.after = after
         self.config = config
-        self.features = misbehaviour == .noVersion1 ? features & ~FeatureBits.version1 : features
+        self.features = features
         self.queueNum = queueNum
         let (a, b) = try UnixChannel.pair()
         driverChannel = a
@@ -191,23 +158,9 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     // MARK: control
 
     func reply(_ request: Request, _ payload: [UInt8], descriptors: [Int32] = []) {
-        var code = request.rawValue
-        var body = payload
-        var size = UInt32(payload.count)
-        switch misbehaviour {
-        case .shortReply(request): body = Array(body.prefix(max(0, body.count - 4))); size = UInt32(body.count)
-        case .oversizedReply(request): body += [0, 0, 0, 0, 0, 0, 0, 0]; size = UInt32(body.count)
-        case .hugeReplySize(request): size = 0xff_ffff
-        case .mismatchedReply(request): code = Request.getQueueNum.rawValue == code ? 1 : Request.getQueueNum.rawValue
-        default: break
-        }
-        var fds = descriptors
-        if misbehaviour == .replyWithDescriptor(request), let n = try? Notifier() {
-            fds.append(dup(n.fileDescriptor))
-        }
-        let header = MessageHeader(request: code, flags: HeaderFlags.version | HeaderFlags.reply, size: size)
-        try? channel.channel.send(header.encoded + body, descriptors: fds)
-        for fd in fds { closeDescriptor(fd) }
+        let header = MessageHeader(request: request.rawValue, flags: HeaderFlags.version | HeaderFlags.reply, size: UInt32(payload.count))
+        try? channel.channel.send(header.encoded + payload, descriptors: descriptors)
+        for fd in descriptors { closeDescriptor(fd) }
     }
 
     func ack(_ message: Message, _ request: Request) -> Bool {
@@ -216,7 +169,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             return false
         }
         if message.header.needsReply {
-            reply(request, U64Payload(misbehaviour == .nack(request) ? 1 : 0).encoded)
+            reply(request, U64Payload(0).encoded)
         }
         return true
     }
@@ -232,10 +185,6 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
         guard let request = message.request else {
             message.closeDescriptors()
             return false
-        }
-        if misbehaviour == .neverReply(request) {
-            message.closeDescriptors()
-            return true
         }
         switch request {
         case .getFeatures: reply(request, U64Payload(features).encoded)
@@ -254,14 +203,6 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             defer { message.closeDescriptors() }
             guard let table = try? MemoryTable.decode(message.payload), table.regions.count == message.descriptors.count
             else { return false }
-            if misbehaviour == .truncateMemory, let fd = message.descriptors.first {
-                let shrink = ftruncate(fd, 0) == 0 ? 0 : errno
-                let grow = ftruncate(fd, off_t(table.regions[0].size * 2)) == 0 ? 0 : errno
-                state.withLock {
-                    $0.truncateShrinkErrno = shrink
-                    $0.truncateGrowErrno = grow
-                }
-            }
             var m = GuestMemory()
             for (r, fd) in zip(table.regions, message.descriptors) {
                 guard let region = try? SharedRegion(mapping: dup(fd), offset: r.mmapOffset, size: r.size),
@@ -321,20 +262,10 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             case .empty: break
             case .rejected(let head, _): queue.complete(head: head, length: 0); continue
             case .ready:
-                if misbehaving {
-                    switch misbehaviour {
-                    case .closeMidIO: return false
-                    case .unsolicitedMessage:
-                        let m = Message(.getFeatures, flags: HeaderFlags.version)
-                        try? channel.send(m)
-                        continue
-                    case .neverComplete: continue
-                    case .scribbleDescriptors:
-                        if let table = try? memory.translateUser(queueAddresses[q]?.descriptor ?? 0, length: UInt64(16 * queue.queueSize)) {
-                            for i in 0..<table.count { table[i] = 0xff }
-                        }
-                    default: break
-                    }
+                if misbehaving && misbehaviour == .unsolicitedMessage {
+                    let m = Message(.getFeatures, flags: HeaderFlags.version)
+                    try? channel.send(m)
+                    continue
                 }
                 heads.append((chain.head, execute(&chain)))
                 continue
@@ -342,17 +273,8 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             break
         }
         if heads.isEmpty { return true }
-        if misbehaviour == .duplicateCompletion && misbehaving && heads.count < 2 {
-            // Wait for a second request to be in flight: complete nothing yet.
-            pendingHeads += heads
-            if pendingHeads.count < 2 { return true }
-            heads = pendingHeads
-        }
-        pendingHeads = []
         return complete(heads, on: queue, q)
     }
-
-    var pendingHeads: [(UInt16, UInt32)] = []
 
     /// Performs the request in `chain` on the private disk; returns the used length.
     func execute(_ chain: inout DescriptorChain) -> UInt32 {
@@ -386,81 +308,19 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
         case .flush?, .discard?, .writeZeroes?: break
         default: status = BlockProtocol.Status.unsupported.rawValue
         }
-        if misbehaving {
-            switch misbehaviour {
-            case .statusGarbage(let g): status = g
-            case .statusNotWritten: return UInt32(written + 1)
-            default: break
-            }
-        }
         statusSegment.buffer[statusSegment.buffer.count - 1] = status
         return UInt32(written + 1)
     }
 
     func complete(_ heads: [(UInt16, UInt32)], on queue: DeviceQueue, _ q: Int) -> Bool {
-        guard let call = calls[q], let addresses = queueAddresses[q],
-            let used = try? memory.translateUser(addresses.used, length: UInt64(6 + 8 * queue.queueSize)),
-            let usedBase = used.baseAddress
-        else { return false }
-        let size = Int(queue.queueSize)
-        func rewriteLast(id: UInt32? = nil, length: UInt32? = nil) {
-            let e = usedBase + 4 + 8 * Int((queue.usedIndex &- 1) & UInt16(size - 1))
-            if let id { e.storeBytes(of: id.littleEndian, as: UInt32.self) }
-            if let length { (e + 4).storeBytes(of: length.littleEndian, as: UInt32.self) }
-        }
-        let bad = misbehaving
+        guard let call = calls[q] else { return false }
         for (head, length) in heads {
             served += 1
             state.withLock { $0.requestsServed += 1 }
-            guard bad else {
-                queue.complete(head: head, length: length)
-                continue
-            }
-            switch misbehaviour {
-            case .usedIdOutOfRange:
-                queue.complete(head: head, length: length)
-                rewriteLast(id: UInt32(size) + 7)
-            case .usedIdNotInFlight:
-                queue.complete(head: head, length: length)
-                rewriteLast(id: UInt32((Int(head) + 1) % size))
-            case .duplicateCompletion:
-                queue.complete(head: heads[0].0, length: heads[0].1)
-            case .usedLengthOverflow:
-                queue.complete(head: head, length: length &+ 4096)
-            case .statusMissing:
-                queue.complete(head: head, length: 0)
-            case .shortRead:
-                queue.complete(head: head, length: 1)
-            case .usedIndexJump:
-                queue.complete(head: head, length: length)
-                _ = queue.publishUsed()
-                (usedBase + 2).storeBytes(of: (queue.usedIndex &+ UInt16(size)).littleEndian, as: UInt16.self)
-                call.signal()
-                return true
-            case .usedIndexBackwards:
-                (usedBase + 2).storeBytes(of: (queue.usedIndex &- 1).littleEndian, as: UInt16.self)
-                call.signal()
-                return true
-            case .notificationStorm(let ms, let thenComplete):
-                let end = Deadline.after(seconds: Double(ms) / 1000)
-                var sent = 0
-                while !end.hasPassed && !stopped.load(ordering: .relaxed) {
-                    call.signal()
-                    sent += 1
-                    if sent % 64 == 0 { sched_yield() }
-                }
-                state.withLock { $0.notificationsSent += sent }
-                if thenComplete { queue.complete(head: head, length: length) } else { return true }
-            default:
-                queue.complete(head: head, length: length)
-            }
+            queue.complete(head: head, length: length)
         }
         _ = queue.publishUsed()
         call.signal()
-        if bad && misbehaviour == .rewriteUsedAfterPublish {
-            usleep(20_000)
-            rewriteLast(id: 0xdead, length: 0xffff_ffff)
-        }
         return true
     }
 }

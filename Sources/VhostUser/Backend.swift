@@ -205,6 +205,7 @@ final class BackendSession {
             backend.report(.rejected(connection: connection, request: code, reason: e.description))
             return e
         }
+        device.controlRequestReceived(request, payload: message.payload, descriptors: fds)
         let reply: [UInt8]?
         do throws(Refusal) {
             reply = try perform(request, message.payload, &fds)

@@ -29,6 +29,11 @@ public protocol VhostUserDevice: AnyObject, Sendable {
 
     /// The front-end went away (or reset the device): drop per-connection state.
     func frontendDisconnected()
+
+    /// A well-formed request arrived, before the back-end acts on it. Descriptors are
+    /// lent (dup what must outlive the call). Hook point: an adversary learns ring
+    /// addresses and the call/memory fds here; the blk device ignores it.
+    func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32])
 }
 
 /// Serves one virtqueue; runs on that queue's own thread.
@@ -51,6 +56,7 @@ public protocol QueueHandler: AnyObject {
 
 extension VhostUserDevice {
     public var maximumChainLength: Int { 0 }
+    public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {}
 }
 
 extension QueueHandler {

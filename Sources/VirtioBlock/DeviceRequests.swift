@@ -61,6 +61,13 @@ public final class BlockRequestHandler: QueueHandler {
         return count
     }
 
+    /// Executes a chain the caller popped itself and returns the used length, without
+    /// completing it. Hook point: the Adversary decides when, how and whether to complete.
+    public func execute(_ popped: DescriptorChain) -> UInt32 {
+        chain = popped
+        return process()
+    }
+
     /// Executes the request in `chain`; returns the used length (bytes written).
     func process() -> UInt32 {
         let writable = chain.writableLength

@@ -1,0 +1,262 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import SharedMemory
+import Synchronization
+public import VhostUser
+public import VirtioBlock
+import Virtqueue
+
+/// The real blk device (`VirtioBlockDevice`) with one attack switched on. It reaches the
+/// transport only through the back-end's hook points, so the attacks run against the same
+/// code path `serve-blk` ships (and the same device can be aimed at any driver).
+public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecked Sendable {
+    public let inner: VirtioBlockDevice
+    public let attack: Attack?
+    /// Requests served correctly before the attack starts.
+    public let after: Int
+    /// Where `leak-probe` writes its dumps (nil: keep them in memory only).
+    public let dumpPath: String?
+
+    /// What the adversary saw and did (evidence for the report).
+    public struct Observations: Sendable {
+        public var requests = 0
+        public var attacked = 0
+        public var configReads = 0
+        public var truncateErrno: [Int32] = []
+        public var memfdSize: Int64 = -1
+        public var notificationsSent = 0
+        public var dumps = 0
+        public var notes: [String] = []
+    }
+
+    struct State {
+        var observations = Observations()
+        var rings: [Int: VringAddress] = [:]
+        var calls: [Int: Int32] = [:]
+        var memory: GuestMemory?
+        var closeConnection: (@Sendable () -> Void)?
+        var lastDump = Date.distantPast
+    }
+
+    let state = Mutex<State>(State())
+    /// Lives as long as the device: its fd is what `reply-with-fd` attaches.
+    let strayNotifier = try? Notifier()
+
+    public init(inner: VirtioBlockDevice, attack: Attack?, after: Int? = nil, dumpPath: String? = nil) {
+        self.inner = inner
+        self.attack = attack
+        self.after = after ?? attack?.defaultAfter ?? 0
+        self.dumpPath = dumpPath
+    }
+
+    deinit {
+        state.withLock { s in for fd in s.calls.values { closeDescriptor(fd) } }
+    }
+
+    var behaviour: Behaviour? { attack?.behaviour }
+
+    public var observations: Observations { state.withLock { $0.observations } }
+
+    /// Set by the server for each connection: how `close-mid-io` hangs up.
+    public func setConnectionCloser(_ close: (@Sendable () -> Void)?) {
+        state.withLock { $0.closeConnection = close }
+    }
+
+    func note(_ s: String) { state.withLock { $0.observations.notes.append(s) } }
+
+    // MARK: VhostUserDevice
+
+    /// The catalogue's ring attacks are written against the split ring's layout, so the
+    /// adversary never offers VIRTIO_F_RING_PACKED (packed attacks are not in it yet).
+    public var features: UInt64 {
+        let split = inner.features & ~FeatureBits.ringPacked
+        switch behaviour {
+        case .withoutVersion1?: return split & ~FeatureBits.version1
+        default: return split
+        }
+    }
+    public var protocolFeatures: ProtocolFeatures { inner.protocolFeatures }
+    public var queueCount: Int { inner.queueCount }
+    public var maximumChainLength: Int { inner.maximumChainLength }
+
+    public func readConfig(offset: UInt32, size: Int) -> [UInt8]? {
+        let reads = state.withLock { s in
+            s.observations.configReads += 1
+            return s.observations.configReads
+        }
+        guard case .config(let lie)? = behaviour else { return inner.readConfig(offset: offset, size: size) }
+        var c = inner.config
+        switch lie {
+        case .capacity(let v): c.capacity = v
+        case .blockSize(let v): c.blockSize = v
+        case .segMax(let v): c.segMax = v
+        case .numQueues(let v): c.numQueues = v
+        case .flapping:
+            c.capacity = reads % 2 == 0 ? c.capacity / 2 : c.capacity
+            c.blockSize = reads % 2 == 0 ? 4096 : 512
+        }
+        guard size >= 0, size <= ConfigSpace.maximumSize, offset <= UInt32(ConfigSpace.maximumSize) else { return nil }
+        let bytes = c.encoded
+        return (0..<size).map { i in Int(offset) + i < bytes.count ? bytes[Int(offset) + i] : 0 }
+    }
+
+    public func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool { inner.writeConfig(offset: offset, bytes: bytes) }
+
+    public func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler {
+        let handler = inner.makeQueueHandler(queue: queue, features: features)
+        guard let blk = handler as? BlockRequestHandler else { return handler }
+        return AdversaryQueueHandler(device: self, inner: blk, queue: queue)
+    }
+
+    public func frontendDisconnected() {
+        inner.frontendDisconnected()
+        state.withLock { s in
+            for fd in s.calls.values { closeDescriptor(fd) }
+            s.calls = [:]
+            s.rings = [:]
+        }
+    }
+
+    public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {
+        switch request {
+        case .setVringAddr:
+            if let a = try? VringAddress.decode(payload) { state.withLock { $0.rings[Int(a.index)] = a } }
+        case .setVringCall:
+            guard let f = try? VringFile.decode(payload), !f.noDescriptor, let fd = descriptors.first else { return }
+            let copy = dup(fd)
+            state.withLock { s in
+                if let old = s.calls[Int(f.index)] { closeDescriptor(old) }
+                s.calls[Int(f.index)] = copy
+            }
+        case .setFeatures:
+            if case .unofferedFeatures? = behaviour, let acked = try? U64Payload.decode(payload).value {
+                note("driver acked 0x\(String(acked, radix: 16))")
+            }
+        case .setMemTable:
+            guard let table = try? MemoryTable.decode(payload), let fd = descriptors.first,
+                let region = table.regions.first
+            else { return }
+            attackMemfd(fd, region: region)
+        default: break
+        }
+    }
+
+    /// `memfd-resize` and `map-beyond-region`: what a device could do to the fd itself.
+    func attackMemfd(_ fd: Int32, region: MemoryRegionDescription) {
+        switch behaviour {
+        case .resizeMemfd?:
+            let shrink = ftruncate(fd, 0) == 0 ? 0 : errno
+            let grow = ftruncate(fd, off_t(clamping: region.size &* 2)) == 0 ? 0 : errno
+            state.withLock { $0.observations.truncateErrno = [shrink, grow] }
+            note("ftruncate(0): \(shrink == EPERM ? "EPERM" : "errno \(shrink)"), ftruncate(2x): \(grow == EPERM ? "EPERM" : "errno \(grow)")")
+        case .mapBeyondRegion?:
+            var st = stat()
+            let size: Int64 = fstat(fd, &st) == 0 ? Int64(st.st_size) : -1
+            state.withLock { $0.observations.memfdSize = size }
+            let end = region.mmapOffset &+ region.size
+            // Pages past EOF would SIGBUS *us* on access: only bytes inside the file count.
+            let beyond = size > Int64(clamping: end) ? size - Int64(clamping: end) : 0
+            note("memfd is \(size) bytes, region ends at \(end): \(beyond) bytes beyond it to map")
+        default: break
+        }
+    }
+
+    // MARK: ControlReplyHook
+
+    public func willSend(_ reply: Message, answering request: Request) -> Message? {
+        switch behaviour {
+        case .unofferedFeatures? where request == .getFeatures:
+            // Bits no driver here implements: ACCESS_PLATFORM, undefined 50-63. (Not the packed
+            // ring: our driver implements it, and this device serves split rings only.)
+            // A driver that acks any of them is refused by the real back-end.
+            let extra = FeatureBits.accessPlatform | 0xfffc_0000_0000_0000
+            let offered = (try? U64Payload.decode(reply.payload).value) ?? 0
+            return Message(.getFeatures, flags: reply.header.flags, payload: U64Payload(offered | extra).encoded)
+        case .reply(let lie, let target)? where target == request:
+            var m = reply
+            switch lie {
+            case .wrongCode:
+                m.header.request = request == .getQueueNum ? Request.getFeatures.rawValue : Request.getQueueNum.rawValue
+            case .short:
+                m.payload = Array(m.payload.dropLast(4))
+                m.header.size = UInt32(m.payload.count)
+            case .oversized:
+                m.payload += [UInt8](repeating: 0, count: 8)
+                m.header.size = UInt32(m.payload.count)
+            case .hugeSize: m.header.size = 0xff_ffff
+            case .withDescriptor:
+                if let n = strayNotifier { m.descriptors.append(n.fileDescriptor) }
+            case .nack: m.payload = U64Payload(1).encoded
+            case .never: return nil
+            }
+            return m
+        default:
+            return reply
+        }
+    }
+
+    // MARK: shared memory, for the leak probe
+
+    /// A copy of every byte the driver shares with this device, taken now.
+    public func snapshotSharedMemory() -> [UInt8] {
+        guard let memory = state.withLock({ $0.memory }) else { return [] }
+        var bytes: [UInt8] = []
+        for r in memory.regions { bytes += Array(UnsafeRawBufferPointer(r.mapping.bytes)) }
+        return bytes
+    }
+
+    func remember(_ memory: GuestMemory) {
+        state.withLock { $0.memory = memory }
+    }
+
+    /// Writes a dump to `dumpPath` at most every 2 s (guest memory is large).
+    func dumpIfDue() {
+        let due = state.withLock { s -> Bool in
+            guard Date().timeIntervalSince(s.lastDump) >= 2 else { return false }
+            s.lastDump = Date()
+            s.observations.dumps += 1
+            return true
+        }
+        guard due, let dumpPath, let memory = state.withLock({ $0.memory }) else { return }
+        // Straight from the mapping to the file: a guest's RAM is hundreds of MiB.
+        let fd = open(dumpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        for r in memory.regions {
+            let bytes = UnsafeRawBufferPointer(r.mapping.bytes)
+            var done = 0
+            while done < bytes.count, let base = bytes.baseAddress {
+                let n = write(fd, base + done, bytes.count - done)
+                if n <= 0 { return }
+                done += n
+            }
+        }
+    }
+
+    func callFD(_ queue: Int) -> Int32? { state.withLock { $0.calls[queue] } }
+    func ring(_ queue: Int) -> VringAddress? { state.withLock { $0.rings[queue] } }
+
+    /// Counts a request; true when this one is attacked.
+    func takeRequest() -> Bool {
+        state.withLock { s in
+            s.observations.requests += 1
+            let attacked = s.observations.requests > after
+            if attacked { s.observations.attacked += 1 }
+            return attacked
+        }
+    }
+
+    func closeConnection() {
+        let close = state.withLock { $0.closeConnection }
+        close?()
+    }
+}
+
+/// A raw range of the mapped shared memory, handed to a racing thread. The mapping stays
+/// alive because the box also holds the `GuestMemory` that owns it.
+struct RaceTarget: @unchecked Sendable {
+    let memory: GuestMemory
+    let bytes: UnsafeMutableRawBufferPointer
+}

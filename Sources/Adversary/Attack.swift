@@ -1,0 +1,101 @@
+public import Virtqueue
+
+/// The families of misbehaviour the catalogue covers (issue 5's list, one per row).
+public enum AttackGroup: String, Sendable, CaseIterable, Codable {
+    case usedRing = "used ring"
+    case toctou = "time of check / time of use"
+    case vandalism = "shared-memory vandalism"
+    case payload = "blk payload"
+    case config = "config space"
+    case controlPlane = "control plane"
+    case liveness = "liveness"
+    case memory = "memory"
+    case leak = "leak probe"
+}
+
+/// The device-side seam an attack acts through (DESIGN.md §3: the Adversary is data plus
+/// hooks into the real back-end, never a second device implementation).
+public enum HookPoint: String, Sendable, Codable {
+    /// `QueueHandler.serve`: when and how a popped chain is completed.
+    case completion
+    /// `QueueHandler.beforePublish` and the first look at the ring after a publish.
+    case afterPublish = "after publish"
+    /// A thread of the adversary's own, racing the driver.
+    case thread
+    /// `VhostUserDevice.readConfig`.
+    case config
+    /// `ControlReplyHook.willSend` (and the offered feature bits).
+    case controlReply = "control reply"
+    /// `VhostUserDevice.controlRequestReceived`: fds and addresses the driver announced.
+    case controlRequest = "control request"
+    /// `QueueHandler.idle`: the kick wait timed out.
+    case timer
+}
+
+/// What a hardened driver must do, as a signature the audit compares: a violation case
+/// name (`usedIdOutOfRange`), or one of the plain outcomes below.
+public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// The request failed with this `Violation` case; the device is broken (R6).
+    case violation(String)
+    /// The request did not complete within its deadline (R5).
+    case timeout
+    /// The back-end went away; in-flight requests failed.
+    case disconnected
+    /// Refused at negotiation: the device lacks something required.
+    case unsupported
+    /// The device answered IOERR: a plain error, the device stays usable.
+    case deviceError
+    /// The attack changed nothing the driver relies on: every request succeeded with
+    /// the right bytes (R1: it never reads back what it wrote; R2: single fetch; clamps).
+    case unaffected
+    /// Requests succeeded but returned wrong payload bytes. Allowed by the threat model
+    /// (integrity above the transport is the caller's job), reported all the same.
+    case wrongPayload
+    /// Failed with a local error (system call, refused request): reported as is.
+    case otherError
+
+    public var description: String {
+        switch self {
+        case .violation(let name): return "violation \(name)"
+        case .timeout: return "timeout"
+        case .disconnected: return "disconnected"
+        case .unsupported: return "unsupported"
+        case .deviceError: return "device error"
+        case .unaffected: return "unaffected"
+        case .wrongPayload: return "wrong payload"
+        case .otherError: return "other error"
+        }
+    }
+
+    /// The case name of a violation (`usedIdOutOfRange`), independent of its values.
+    public static func name(of violation: Violation) -> String {
+        if let label = Mirror(reflecting: violation).children.first?.label { return label }
+        return "\(violation)"
+    }
+}
+
+/// One named misbehaviour: what it does, which rule of DESIGN.md it tests, what a
+/// hardened driver must do about it, and where it hooks into the device side.
+public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible {
+    public let name: String
+    public let group: AttackGroup
+    public let rule: Rule
+    public let hook: HookPoint
+    /// One line: what the device does.
+    public let summary: String
+    /// One line: what a hardened driver must do.
+    public let expectation: String
+    /// Outcomes that count as contained for our driver. Usually one; a race (TOCTOU) may
+    /// legitimately end either way, and each way is still contained.
+    public let expected: Set<Signature>
+    /// Requests served correctly before the attack starts (`--attack-after` default).
+    public let defaultAfter: Int
+    let behaviour: Behaviour
+
+    public var id: String { name }
+    public var description: String { name }
+
+    public static func == (a: Attack, b: Attack) -> Bool { a.name == b.name }
+    public func hash(into h: inout Hasher) { h.combine(name) }
+}
+

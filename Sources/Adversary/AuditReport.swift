@@ -1,0 +1,137 @@
+public import Foundation
+
+/// What a target did against one attack, as the report shows it.
+public enum Outcome: String, Sendable, Codable, CaseIterable {
+    /// Failed with an error that names the fault (or the request failed cleanly).
+    case contained = "contained-with-error"
+    /// Nothing the driver relies on changed: every request succeeded intact.
+    case unaffected
+    /// Requests succeeded with wrong bytes (allowed by the threat model, but noted).
+    case acceptedBadData = "silently accepted bad data"
+    case crashed = "crashed with signal"
+    case hung = "hung past deadline"
+    case leakedCanary = "leaked canary"
+    /// Our target only: the healthy second device of the same process was disturbed.
+    case neighbourDisturbed = "disturbed another device"
+    /// Guest targets: the kernel reported an oops or BUG.
+    case kernelOops = "kernel oops or BUG"
+    case hungTask = "hung task"
+    /// Guest targets: I/O errors surfaced to user space (contained, the device failed).
+    case ioError = "I/O error"
+    /// Guest targets: the I/O script ran to the end with nothing in the log.
+    case clean
+    /// The target could not be run at all (harness problem, not a finding).
+    case notRun = "not run"
+
+    /// Whether the outcome keeps DESIGN.md §1's promises.
+    public var isSafe: Bool {
+        switch self {
+        case .contained, .unaffected, .ioError, .clean: return true
+        case .acceptedBadData: return true  // allowed, reported
+        default: return false
+        }
+    }
+}
+
+/// One row of the report.
+public struct AuditRecord: Sendable, Codable, Equatable {
+    public var attack: String
+    public var group: String
+    public var rule: String
+    public var outcome: Outcome
+    /// Seconds until the target reported the fault (or the script ended).
+    public var seconds: Double
+    public var evidence: String
+    /// For our driver: whether the outcome is the one the catalogue expects.
+    public var asExpected: Bool?
+    public var signature: String?
+
+    public init(
+        attack: Attack, outcome: Outcome, seconds: Double, evidence: String, asExpected: Bool? = nil,
+        signature: String? = nil
+    ) {
+        self.attack = attack.name
+        self.group = attack.group.rawValue
+        self.rule = attack.rule.rawValue
+        self.outcome = outcome
+        self.seconds = seconds
+        self.evidence = evidence
+        self.asExpected = asExpected
+        self.signature = signature
+    }
+}
+
+/// The whole report: Markdown for people, JSON for tools.
+public struct AuditReport: Sendable, Codable, Equatable {
+    public var target: String
+    public var records: [AuditRecord]
+    public var seconds: Double
+
+    public init(target: String, records: [AuditRecord], seconds: Double) {
+        self.target = target
+        self.records = records
+        self.seconds = seconds
+    }
+
+    /// A Markdown table: attack, rule, outcome, time to detect, evidence; then a tally.
+    public var markdown: String {
+        let withExpected = records.contains { $0.asExpected != nil }
+        var lines = [
+            "| # | attack | rule | outcome | detect (s) | evidence |" + (withExpected ? " expected |" : ""),
+            "|---|---|---|---|---|---|" + (withExpected ? "---|" : ""),
+        ]
+        for (i, r) in records.enumerated() {
+            var line = "| \(i + 1) | `\(r.attack)` | \(r.rule) | \(r.outcome.rawValue) | "
+                + String(format: "%.2f", r.seconds) + " | \(Self.cell(r.evidence)) |"
+            if withExpected { line += r.asExpected == true ? " yes |" : " **NO** |" }
+            lines.append(line)
+        }
+        var tally: [Outcome: Int] = [:]
+        for r in records { tally[r.outcome, default: 0] += 1 }
+        let summary = Outcome.allCases.compactMap { o in tally[o].map { "\($0) \(o.rawValue)" } }
+        lines.append("")
+        lines.append(
+            "\(records.count) attacks against \(target) in " + String(format: "%.1f", seconds) + " s: "
+                + summary.joined(separator: ", ") + ".")
+        if withExpected {
+            let bad = records.filter { $0.asExpected != true }.map(\.attack)
+            lines.append(bad.isEmpty ? "Every outcome is the one the catalogue expects." : "Unexpected: " + bad.joined(separator: ", ") + ".")
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    public func json() throws -> Data {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return try e.encode(self)
+    }
+
+    /// Keeps a table cell on one line and short.
+    static func cell(_ s: String) -> String {
+        var t = s.replacingOccurrences(of: "|", with: "\\|").replacingOccurrences(of: "\n", with: " ⏎ ")
+        if t.count > 220 { t = String(t.prefix(217)) + "..." }
+        return t
+    }
+}
+
+extension ProbeResult {
+    /// Our driver's result as a report row.
+    public func record(for attack: Attack) -> AuditRecord {
+        let outcome: Outcome
+        if canaryFound {
+            outcome = .leakedCanary
+        } else if !neighbourOK {
+            outcome = .neighbourDisturbed
+        } else {
+            switch signature {
+            case .unaffected: outcome = .unaffected
+            case .wrongPayload: outcome = .acceptedBadData
+            default: outcome = .contained
+            }
+        }
+        let expected = attack.expected.contains(signature) && !canaryFound && neighbourOK
+        return AuditRecord(
+            attack: attack, outcome: outcome, seconds: seconds,
+            evidence: "\(signature): \(evidence)", asExpected: expected, signature: signature.description)
+    }
+}

@@ -1,0 +1,224 @@
+import VhostUser
+import Virtqueue
+
+/// How an attack misbehaves, interpreted by `AdversaryDevice` at its hook point.
+enum Behaviour: Sendable, Hashable {
+    // used ring
+    case usedIdOutOfRange
+    case usedIdNotInFlight
+    case duplicateCompletion
+    case usedIndexJump
+    case usedIndexBackwards
+    case usedLength(LengthLie)
+    // TOCTOU
+    case rewriteUsedAfterPublish
+    case rewriteFromThread(RaceTarget)
+    // vandalism
+    case scribbleDescriptors
+    case scribbleAvail
+    case scribbleBounce
+    // payload
+    case status(UInt8)
+    case statusNotWritten
+    case identifierWithoutNul
+    // config
+    case config(ConfigLie)
+    // control plane
+    case reply(ReplyLie, Request)
+    case withoutVersion1
+    case unofferedFeatures
+    // liveness
+    case neverComplete
+    case completeLate(seconds: Double)
+    case closeMidIO
+    case notificationStorm(calls: Int)
+    case ignoreKicks
+    // memory
+    case resizeMemfd
+    case mapBeyondRegion
+    case leakProbe
+
+    enum LengthLie: Sendable, Hashable { case overflow, zero, statusOnly }
+    enum RaceTarget: Sendable, Hashable { case status, data }
+    enum ReplyLie: Sendable, Hashable { case wrongCode, short, oversized, hugeSize, withDescriptor, nack, never }
+    enum ConfigLie: Sendable, Hashable {
+        case capacity(UInt64)
+        case blockSize(UInt32)
+        case segMax(UInt32)
+        case numQueues(UInt16)
+        /// A different capacity and block size on every read.
+        case flapping
+    }
+}
+
+/// The catalogue: every misbehaviour RingFence can aim at a driver, as data.
+public enum Catalogue {
+    public static func attack(named name: String) -> Attack? { all.first { $0.name == name } }
+
+    /// Names in catalogue order.
+    public static var names: [String] { all.map(\.name) }
+
+    /// Resolves a comma-separated `--only` list; unknown names are returned as the error.
+    public static func select(_ names: [String]) -> Result<[Attack], UnknownAttack> {
+        var picked: [Attack] = []
+        for n in names.flatMap({ $0.split(separator: ",") }).map(String.init) where !n.isEmpty {
+            guard let a = attack(named: n) else { return .failure(UnknownAttack(name: n)) }
+            picked.append(a)
+        }
+        return .success(picked)
+    }
+
+    public struct UnknownAttack: Error, CustomStringConvertible {
+        public let name: String
+        public var description: String { "unknown attack '\(name)' (see `ringfence audit --list`)" }
+    }
+
+    static func a(
+        _ name: String, _ group: AttackGroup, _ rule: Rule, _ hook: HookPoint, _ behaviour: Behaviour,
+        _ summary: String, must expectation: String, _ expected: Set<Signature>, after: Int = 0
+    ) -> Attack {
+        Attack(
+            name: name, group: group, rule: rule, hook: hook, summary: summary, expectation: expectation,
+            expected: expected, defaultAfter: after, behaviour: behaviour)
+    }
+
+    static func v(_ name: String) -> Signature { .violation(name) }
+
+    public static let all: [Attack] = [
+        // used ring
+        a("used-id-out-of-range", .usedRing, .r3, .completion, .usedIdOutOfRange,
+          "completes a request with used.id = queue size + 7",
+          must: "fail the request: id outside the ring", [v("usedIdOutOfRange")]),
+        a("used-id-not-in-flight", .usedRing, .r3, .completion, .usedIdNotInFlight,
+          "completes a descriptor index that is not the head of any request in flight",
+          must: "fail the request: id not in flight", [v("usedIdNotInFlight")]),
+        a("duplicate-completion", .usedRing, .r3, .completion, .duplicateCompletion,
+          "completes the same request twice in one batch",
+          must: "refuse the second completion", [v("usedIndexBeyondInFlight"), v("usedIdNotInFlight")]),
+        a("used-idx-jump", .usedRing, .r3, .completion, .usedIndexJump,
+          "advances used.idx by queue size + 1 for one request",
+          must: "refuse an index beyond what is in flight", [v("usedIndexBeyondInFlight")]),
+        a("used-idx-backwards", .usedRing, .r3, .completion, .usedIndexBackwards,
+          "moves used.idx back by one after a good completion",
+          must: "refuse a producer index that goes backwards", [v("usedIndexWentBackwards")], after: 1),
+        a("used-len-overflow", .usedRing, .r3, .completion, .usedLength(.overflow),
+          "reports 4096 bytes more than the driver posted",
+          must: "refuse a length above the posted writable length", [v("usedLengthTooLarge")]),
+        a("used-len-zero", .usedRing, .r3, .completion, .usedLength(.zero),
+          "reports used length 0 (not even the status byte)",
+          must: "fail the request: status byte missing", [v("blockStatusMissing")]),
+        // TOCTOU
+        a("toctou-used-entry", .toctou, .r2, .afterPublish, .rewriteUsedAfterPublish,
+          "rewrites every used entry (id 0xdead, len 0xffffffff) right after each publish",
+          must: "read each used entry once; a rewrite is either unseen or a named violation",
+          [.unaffected, v("usedIdOutOfRange"), v("usedLengthTooLarge")]),
+        a("toctou-status", .toctou, .r2, .thread, .rewriteFromThread(.status),
+          "a thread rewrites the status byte with 0x7f for 20 ms after each completion",
+          must: "read the status once; never act on a later value",
+          [.unaffected, v("blockStatusInvalid"), .wrongPayload]),
+        a("toctou-data", .toctou, .r2, .thread, .rewriteFromThread(.data),
+          "a thread rewrites read data for 20 ms after each completion",
+          must: "copy data once; wrong bytes are the caller's integrity problem, not a crash",
+          [.unaffected, .wrongPayload, v("blockStatusInvalid")]),
+        // vandalism
+        a("vandal-descriptors", .vandalism, .r1, .completion, .scribbleDescriptors,
+          "fills the descriptor table with 0xff after popping each chain",
+          must: "never read descriptors back (private shadow state)", [.unaffected]),
+        a("vandal-avail", .vandalism, .r1, .completion, .scribbleAvail,
+          "overwrites the consumed avail ring entry with 0xffff",
+          must: "never read the avail ring back", [.unaffected]),
+        a("vandal-bounce", .vandalism, .r7, .completion, .scribbleBounce,
+          "writes garbage into shared memory around each request's buffers",
+          must: "read only the completed request's device-writable bytes", [.unaffected]),
+        // payload
+        a("status-garbage", .payload, .r3, .completion, .status(0x7f),
+          "answers status 0x7f",
+          must: "refuse an unknown status", [v("blockStatusInvalid")]),
+        a("status-ioerr", .payload, .r3, .completion, .status(1),
+          "answers VIRTIO_BLK_S_IOERR",
+          must: "fail that request only; the device stays usable", [.deviceError]),
+        a("status-not-written", .payload, .r3, .completion, .statusNotWritten,
+          "reports a plausible length but never writes the status byte",
+          must: "see the sentinel it wrote, refuse it", [v("blockStatusInvalid")]),
+        a("short-read", .payload, .r3, .completion, .usedLength(.statusOnly),
+          "completes a read with used length 1 (status OK, no data)",
+          must: "refuse a successful read that returned less than asked", [v("blockShortRead")]),
+        a("get-id-without-nul", .payload, .r4, .completion, .identifierWithoutNul,
+          "fills all 20 bytes of GET_ID, no terminating NUL",
+          must: "bound the serial by the 20 bytes posted", [.unaffected]),
+        // config
+        a("config-capacity-2^63", .config, .r3, .config, .config(.capacity(1 << 63)),
+          "capacity of 2^63 sectors (byte size overflows)",
+          must: "refuse the config at connect", [v("blockConfigInvalid")]),
+        a("config-blk-size-0", .config, .r3, .config, .config(.blockSize(0)),
+          "blk_size 0", must: "refuse a block size that is not a power of two >= 512", [v("blockConfigInvalid")]),
+        a("config-blk-size-3", .config, .r3, .config, .config(.blockSize(3)),
+          "blk_size 3", must: "refuse a block size that is not a power of two >= 512", [v("blockConfigInvalid")]),
+        a("config-blk-size-2^31", .config, .r3, .config, .config(.blockSize(1 << 31)),
+          "blk_size 2^31", must: "refuse a block size above 64 KiB", [v("blockConfigInvalid")]),
+        a("config-seg-max-0", .config, .r3, .config, .config(.segMax(0)),
+          "seg_max 0", must: "clamp to one segment and keep working", [.unaffected]),
+        a("config-num-queues-0", .config, .r3, .config, .config(.numQueues(0)),
+          "num_queues 0", must: "clamp to one queue and keep working", [.unaffected]),
+        a("config-num-queues-65535", .config, .r3, .config, .config(.numQueues(65535)),
+          "num_queues 65535", must: "clamp to GET_QUEUE_NUM and to what it asked for", [.unaffected]),
+        a("config-flapping", .config, .r2, .config, .config(.flapping),
+          "returns a different capacity and block size on every config read",
+          must: "read the config once and keep that geometry", [.unaffected]),
+        // control plane
+        a("reply-wrong-code", .controlPlane, .r3, .controlReply, .reply(.wrongCode, .getProtocolFeatures),
+          "answers GET_PROTOCOL_FEATURES with another request code",
+          must: "refuse a reply to a request it did not send", [v("controlProtocol")]),
+        a("reply-short", .controlPlane, .r3, .controlReply, .reply(.short, .getFeatures),
+          "answers GET_FEATURES with 4 bytes instead of 8",
+          must: "refuse a payload of the wrong size", [v("controlProtocol")]),
+        a("reply-oversized", .controlPlane, .r3, .controlReply, .reply(.oversized, .getConfig),
+          "answers GET_CONFIG with 8 bytes more than asked",
+          must: "refuse a payload of the wrong size", [v("controlProtocol")]),
+        a("reply-size-0xffffff", .controlPlane, .r5, .controlReply, .reply(.hugeSize, .getQueueNum),
+          "announces a 16 MiB reply to GET_QUEUE_NUM",
+          must: "refuse the size before reading (no allocation, no wait)", [v("controlProtocol")]),
+        a("reply-with-fd", .controlPlane, .r3, .controlReply, .reply(.withDescriptor, .getFeatures),
+          "attaches an eventfd to the GET_FEATURES reply",
+          must: "close the descriptor and refuse the reply", [v("controlProtocol")]),
+        a("reply-nack", .controlPlane, .r3, .controlReply, .reply(.nack, .setMemTable),
+          "answers SET_MEM_TABLE's REPLY_ACK with failure",
+          must: "stop: the device has no memory", [v("controlProtocol")]),
+        a("reply-never", .controlPlane, .r5, .controlReply, .reply(.never, .getConfig),
+          "never answers GET_CONFIG",
+          must: "give up at the control deadline", [.timeout]),
+        a("no-version-1", .controlPlane, .r3, .controlReply, .withoutVersion1,
+          "does not offer VIRTIO_F_VERSION_1 (legacy layout)",
+          must: "refuse a legacy device", [.unsupported]),
+        a("unoffered-features", .controlPlane, .r3, .controlReply, .unofferedFeatures,
+          "also offers ACCESS_PLATFORM and the undefined bits 50-63",
+          must: "accept only the bits it implements", [.unaffected]),
+        // liveness
+        a("never-complete", .liveness, .r5, .completion, .neverComplete,
+          "takes requests and never completes them",
+          must: "fail the request at its deadline, break the device", [.timeout]),
+        a("complete-after-deadline", .liveness, .r5, .timer, .completeLate(seconds: 3),
+          "completes each request correctly, 3 s late",
+          must: "time out, then ignore the late completion", [.timeout]),
+        a("close-mid-io", .liveness, .r6, .completion, .closeMidIO,
+          "closes the vhost-user socket with a request in flight",
+          must: "fail in-flight requests as disconnected, promptly", [.disconnected]),
+        a("notification-storm", .liveness, .r5, .completion, .notificationStorm(calls: 1_000_000),
+          "signals the call eventfd 10^6 times, then completes",
+          must: "count and back off spurious notifications; complete normally", [.unaffected]),
+        a("kick-ignored", .liveness, .r5, .completion, .ignoreKicks,
+          "ignores every kick (the transport drains the eventfd; the ring is never read)",
+          must: "fail the request at its deadline", [.timeout]),
+        // memory
+        a("memfd-resize", .memory, .r7, .controlRequest, .resizeMemfd,
+          "tries to shrink and grow the driver's memfd (a SIGBUS in the driver if it worked)",
+          must: "seal the memfd (F_SEAL_SHRINK|GROW): both fail with EPERM", [.unaffected]),
+        a("map-beyond-region", .memory, .r7, .controlRequest, .mapBeyondRegion,
+          "maps the memfd 1 MiB past the announced region and looks for driver bytes",
+          must: "share a memfd that holds only the region", [.unaffected]),
+        // leak probe
+        a("leak-probe", .leak, .r7, .timer, .leakProbe,
+          "dumps all shared memory during and after I/O for the audit to search",
+          must: "never expose private bytes (the canary); zero freed bounce memory", [.unaffected]),
+    ]
+}
