@@ -150,7 +150,9 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
             let shrink = ftruncate(fd, 0) == 0 ? 0 : errno
             let grow = ftruncate(fd, off_t(clamping: region.size &* 2)) == 0 ? 0 : errno
             state.withLock { $0.observations.truncateErrno = [shrink, grow] }
-            note("ftruncate(0): \(shrink == EPERM ? "EPERM" : "errno \(shrink)"), ftruncate(2x): \(grow == EPERM ? "EPERM" : "errno \(grow)")")
+            note(
+                "ftruncate(0): \(shrink == EPERM ? "EPERM" : "errno \(shrink)"), ftruncate(2x): \(grow == EPERM ? "EPERM" : "errno \(grow)")"
+            )
         case .mapBeyondRegion?:
             var st = stat()
             let size: Int64 = fstat(fd, &st) == 0 ? Int64(st.st_size) : -1

@@ -98,4 +98,3 @@ public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible 
     public static func == (a: Attack, b: Attack) -> Bool { a.name == b.name }
     public func hash(into h: inout Hasher) { h.combine(name) }
 }
-

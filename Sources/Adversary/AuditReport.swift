@@ -81,7 +81,8 @@ public struct AuditReport: Sendable, Codable, Equatable {
             "|---|---|---|---|---|---|" + (withExpected ? "---|" : ""),
         ]
         for (i, r) in records.enumerated() {
-            var line = "| \(i + 1) | `\(r.attack)` | \(r.rule) | \(r.outcome.rawValue) | "
+            var line =
+                "| \(i + 1) | `\(r.attack)` | \(r.rule) | \(r.outcome.rawValue) | "
                 + String(format: "%.2f", r.seconds) + " | \(Self.cell(r.evidence)) |"
             if withExpected { line += r.asExpected == true ? " yes |" : " **NO** |" }
             lines.append(line)
@@ -95,7 +96,10 @@ public struct AuditReport: Sendable, Codable, Equatable {
                 + summary.joined(separator: ", ") + ".")
         if withExpected {
             let bad = records.filter { $0.asExpected != true }.map(\.attack)
-            lines.append(bad.isEmpty ? "Every outcome is the one the catalogue expects." : "Unexpected: " + bad.joined(separator: ", ") + ".")
+            lines.append(
+                bad.isEmpty
+                    ? "Every outcome is the one the catalogue expects."
+                    : "Unexpected: " + bad.joined(separator: ", ") + ".")
         }
         return lines.joined(separator: "\n") + "\n"
     }

@@ -29,7 +29,10 @@ public struct Auditor: Sendable {
 
     func progress(_ k: Int, _ n: Int, _ name: String, _ start: UInt64) {
         let elapsed = String(format: "%.1f", Double(monotonicNanoseconds() &- start) / 1e9)
-        let line = k > n ? "audit: \(n) attacks done in \(elapsed) s\n" : "audit: attack \(k) of \(n) (\(name)), \(elapsed) s elapsed"
+        let line =
+            k > n
+            ? "audit: \(n) attacks done in \(elapsed) s\n"
+            : "audit: attack \(k) of \(n) (\(name)), \(elapsed) s elapsed"
         FileHandle.standardError.write(Data(("\r\u{1b}[2K" + line).utf8))
     }
 
@@ -51,7 +54,9 @@ public struct Auditor: Sendable {
             records.append(runSelfOne(a, deadline: deadline))
         }
         progress(attacks.count + 1, attacks.count, "done", start)
-        return AuditReport(target: "ringfence VirtioBlock driver", records: records, seconds: Double(monotonicNanoseconds() &- start) / 1e9)
+        return AuditReport(
+            target: "ringfence VirtioBlock driver", records: records,
+            seconds: Double(monotonicNanoseconds() &- start) / 1e9)
     }
 
     func runSelfOne(_ a: Attack, deadline: Double) -> AuditRecord {
@@ -70,15 +75,20 @@ public struct Auditor: Sendable {
         let seconds = { Double(monotonicNanoseconds() &- t0) / 1e9 }
         guard let exit = child.wait(until: .after(seconds: deadline)) else {
             child.kill()
-            return AuditRecord(attack: a, outcome: .hung, seconds: seconds(), evidence: "no result within \(deadline) s; killed", asExpected: false)
+            return AuditRecord(
+                attack: a, outcome: .hung, seconds: seconds(), evidence: "no result within \(deadline) s; killed",
+                asExpected: false)
         }
         if case .signaled(let s) = exit {
-            return AuditRecord(attack: a, outcome: .crashed, seconds: seconds(), evidence: "killed by signal \(s)", asExpected: false)
+            return AuditRecord(
+                attack: a, outcome: .crashed, seconds: seconds(), evidence: "killed by signal \(s)", asExpected: false)
         }
         guard let data = FileManager.default.contents(atPath: resultPath),
             let result = try? JSONDecoder().decode(ProbeResult.self, from: data)
         else {
-            return AuditRecord(attack: a, outcome: .notRun, seconds: seconds(), evidence: "child \(exit), no result", asExpected: false)
+            return AuditRecord(
+                attack: a, outcome: .notRun, seconds: seconds(), evidence: "child \(exit), no result", asExpected: false
+            )
         }
         return result.record(for: a)
     }
@@ -93,7 +103,8 @@ public struct Auditor: Sendable {
             let dir = scratch(a.name)
             defer { try? FileManager.default.removeItem(atPath: dir) }
             guard let server = startServer(a, dir: dir, imageSize: 64 << 20) else {
-                records.append(AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "serve-blk did not start"))
+                records.append(
+                    AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "serve-blk did not start"))
                 continue
             }
             let socket = dir + "/s.sock"
@@ -103,24 +114,33 @@ public struct Auditor: Sendable {
             let seconds = { Double(monotonicNanoseconds() &- t0) / 1e9 }
             let executable = arguments[0].contains("/") ? arguments[0] : which(arguments[0]) ?? arguments[0]
             guard let child = try? ChildProcess(executable: executable, arguments: Array(arguments.dropFirst())) else {
-                records.append(AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "cannot start \(arguments[0])"))
+                records.append(
+                    AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "cannot start \(arguments[0])"))
                 stopServer(server)
                 continue
             }
             switch child.wait(until: .after(seconds: deadline)) {
             case nil:
                 child.kill()
-                records.append(AuditRecord(attack: a, outcome: .hung, seconds: seconds(), evidence: "still running after \(deadline) s; killed"))
+                records.append(
+                    AuditRecord(
+                        attack: a, outcome: .hung, seconds: seconds(),
+                        evidence: "still running after \(deadline) s; killed"))
             case .signaled(let s)?:
-                records.append(AuditRecord(attack: a, outcome: .crashed, seconds: seconds(), evidence: "killed by signal \(s)"))
+                records.append(
+                    AuditRecord(attack: a, outcome: .crashed, seconds: seconds(), evidence: "killed by signal \(s)"))
             case .exited(let c)?:
                 records.append(
-                    AuditRecord(attack: a, outcome: c == 0 ? .unaffected : .contained, seconds: seconds(), evidence: "exit status \(c)"))
+                    AuditRecord(
+                        attack: a, outcome: c == 0 ? .unaffected : .contained, seconds: seconds(),
+                        evidence: "exit status \(c)"))
             }
             stopServer(server)
         }
         progress(attacks.count + 1, attacks.count, "done", start)
-        return AuditReport(target: command.joined(separator: " "), records: records, seconds: Double(monotonicNanoseconds() &- start) / 1e9)
+        return AuditReport(
+            target: command.joined(separator: " "), records: records,
+            seconds: Double(monotonicNanoseconds() &- start) / 1e9)
     }
 
     func which(_ name: String) -> String? {
@@ -134,8 +154,10 @@ public struct Auditor: Sendable {
     /// `ringfence serve-blk --attack NAME` on a fresh image, as a child; waits for the socket.
     func startServer(_ a: Attack, dir: String, imageSize: Int, dump: String? = nil) -> ChildProcess? {
         let image = dir + "/disk.img"
-        guard FileManager.default.createFile(atPath: image, contents: nil), truncate(image, off_t(imageSize)) == 0 else { return nil }
-        var arguments = ["serve-blk", "--socket", dir + "/s.sock", "--image", image, "--log-level", "error", "--attack", a.name]
+        guard FileManager.default.createFile(atPath: image, contents: nil), truncate(image, off_t(imageSize)) == 0
+        else { return nil }
+        var arguments =
+            ["serve-blk", "--socket", dir + "/s.sock", "--image", image, "--log-level", "error", "--attack", a.name]
             + afterArguments(a)
         if let dump { arguments += ["--dump", dump] }
         guard let child = try? ChildProcess(executable: executable, arguments: arguments) else { return nil }
@@ -201,7 +223,8 @@ public struct Auditor: Sendable {
         let t0 = monotonicNanoseconds()
         let output = dir + "/run-guest.out"
         _ = FileManager.default.createFile(atPath: output, contents: nil)
-        let status = runToCompletion(["/bin/bash"] + arguments, output: output, deadline: deadline + 20, console: console)
+        let status = runToCompletion(
+            ["/bin/bash"] + arguments, output: output, deadline: deadline + 20, console: console)
         let seconds = Double(monotonicNanoseconds() &- t0) / 1e9
         let text = (try? String(contentsOfFile: console, encoding: .utf8)) ?? ""
         let hostLog = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
@@ -221,7 +244,9 @@ public struct Auditor: Sendable {
     func runToCompletion(_ arguments: [String], output: String, deadline: Double, console: String? = nil) -> Int32? {
         let fd = open(output, O_WRONLY | O_TRUNC)
         defer { if fd >= 0 { close(fd) } }
-        guard fd >= 0, let child = try? ChildProcess(executable: arguments[0], arguments: Array(arguments.dropFirst()), stdout: fd) else {
+        guard fd >= 0,
+            let child = try? ChildProcess(executable: arguments[0], arguments: Array(arguments.dropFirst()), stdout: fd)
+        else {
             return -1
         }
         let end = Deadline.after(seconds: deadline)
@@ -260,4 +285,3 @@ public struct Auditor: Sendable {
         return cwd
     }
 }
-

@@ -125,7 +125,8 @@ public enum DriverProbe {
             }
         }
         for q in 0..<disk.queueCount { spurious &+= disk.queue(q).statistics.spuriousNotifications }
-        let detail = "\(rounds) rounds of write/read/GET_ID/flush; capacity \(disk.info.capacityBytes), "
+        let detail =
+            "\(rounds) rounds of write/read/GET_ID/flush; capacity \(disk.info.capacityBytes), "
             + "block \(disk.info.blockSize), \(disk.info.queueCount) queue(s), \(disk.info.segmentsPerRequest) segment(s)"
             + (spurious > 0 ? ", \(spurious) spurious notifications counted" : "")
         if wrong > 0 {

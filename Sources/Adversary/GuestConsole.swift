@@ -27,15 +27,21 @@ public enum GuestConsole {
         func first(_ needles: [String]) -> String? {
             lines.first { l in needles.contains { l.contains($0) } }
         }
-        if let l = first(["Oops", "BUG:", "kernel BUG", "general protection fault", "Kernel panic", "UBSAN:", "KASAN:"]) {
+        if let l = first(["Oops", "BUG:", "kernel BUG", "general protection fault", "Kernel panic", "UBSAN:", "KASAN:"])
+        {
             return (.kernelOops, excerpt(lines, around: l))
         }
         if let l = first(["blocked for more than", "hung_task"]) { return (.hungTask, excerpt(lines, around: l)) }
         if timedOut { return (.hung, "guest did not finish: " + notable(lines)) }
         guard lines.contains(where: { $0.contains("RINGFENCE-GUEST-START") }) else {
-            return (.contained, "guest never started (front-end refused the device): " + lines.suffix(3).joined(separator: " ⏎ "))
+            return (
+                .contained,
+                "guest never started (front-end refused the device): " + lines.suffix(3).joined(separator: " ⏎ ")
+            )
         }
-        if let l = first(["RF-NO-DEVICE"]) { return (.contained, "no /dev/vda: the device was refused. " + (first(["virtio_blk", "virtio"]) ?? l)) }
+        if let l = first(["RF-NO-DEVICE"]) {
+            return (.contained, "no /dev/vda: the device was refused. " + (first(["virtio_blk", "virtio"]) ?? l))
+        }
         if let l = first(["I/O error", "RF-FAIL", "critical", "Buffer I/O"]) {
             if lines.contains(where: { $0.contains("RF-FAIL") && $0.contains("rc=143") }) {
                 return (.hung, "I/O did not finish within 12 s (killed by timeout): " + excerpt(lines, around: l))

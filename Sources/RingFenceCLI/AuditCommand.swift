@@ -32,13 +32,17 @@ struct AuditCommand: ParsableCommand {
     @Option(name: .customLong("attack-after"), help: "Requests served correctly before each attack starts.")
     var attackAfter: Int?
     @Option(help: "Seconds one attack may take before it counts as hung.") var deadline: Double?
-    @Option(name: .customLong("image-dir"), help: "Guest image folder (linux-guest; default .build-guest or $RINGFENCE_GUEST_DIR).")
+    @Option(
+        name: .customLong("image-dir"),
+        help: "Guest image folder (linux-guest; default .build-guest or $RINGFENCE_GUEST_DIR).")
     var imageDir: String?
     @Flag(help: "List the catalogue and exit.") var list = false
     @Argument(parsing: .postTerminator, help: "The command to audit (after --).") var command: [String] = []
 
     func validate() throws {
-        if target == .command && command.isEmpty && !list { throw ValidationError("--target command needs a command after --") }
+        if target == .command && command.isEmpty && !list {
+            throw ValidationError("--target command needs a command after --")
+        }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
     }
 

@@ -66,12 +66,16 @@ struct BlkBench: ParsableCommand {
             let ios = state.ios.load(ordering: .relaxed)
             let iops = Double(ios) / elapsed
             FileHandle.standardError.write(
-                Data(String(format: "\r[%4.0fs/%.0fs] %.0f IOPS, %.1f MiB/s   ", elapsed, runtime, iops,
-                            iops * Double(bsBytes) / 1048576).utf8))
+                Data(
+                    String(
+                        format: "\r[%4.0fs/%.0fs] %.0f IOPS, %.1f MiB/s   ", elapsed, runtime, iops,
+                        iops * Double(bsBytes) / 1_048_576
+                    ).utf8))
         }
         FileHandle.standardError.write(Data("\r\u{1b}[K".utf8))
         let elapsed = Double(monotonicNanoseconds() - start) / 1e9
-        var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
+        var histogram = Histogram<UInt64>(
+            highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
         var total = 0
         var firstError: VirtioError?
         for (h, n, e) in state.results.withLock({ $0 }) {
@@ -80,18 +84,24 @@ struct BlkBench: ParsableCommand {
             if firstError == nil { firstError = e }
         }
         let iops = Double(total) / elapsed
-        let mib = iops * Double(bs.bytes) / 1048576
+        let mib = iops * Double(bs.bytes) / 1_048_576
         func us(_ ns: UInt64) -> Double { Double(ns) / 1000 }
-        let p50 = us(histogram.valueAtPercentile(50)), p99 = us(histogram.valueAtPercentile(99))
-        let p999 = us(histogram.valueAtPercentile(99.9)), mean = histogram.mean / 1000
+        let p50 = us(histogram.valueAtPercentile(50))
+        let p99 = us(histogram.valueAtPercentile(99))
+        let p999 = us(histogram.valueAtPercentile(99.9))
+        let mean = histogram.mean / 1000
         if json {
             print(
                 String(
-                    format: "{\"rw\":\"%@\",\"bs\":%d,\"iodepth\":%d,\"queues\":%d,\"runtime_s\":%.3f,\"ios\":%d,\"iops\":%.1f,\"mib_s\":%.2f,\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p99\":%.2f,\"p99_9\":%.2f},\"error\":%@}",
+                    format:
+                        "{\"rw\":\"%@\",\"bs\":%d,\"iodepth\":%d,\"queues\":%d,\"runtime_s\":%.3f,\"ios\":%d,\"iops\":%.1f,\"mib_s\":%.2f,\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p99\":%.2f,\"p99_9\":%.2f},\"error\":%@}",
                     rw.rawValue, bs.bytes, iodepth, disk.queueCount, elapsed, total, iops, mib, mean, p50, p99, p999,
-                    firstError.map { "\"\(String(describing: $0).replacingOccurrences(of: "\"", with: "'"))\"" } ?? "null"))
+                    firstError.map { "\"\(String(describing: $0).replacingOccurrences(of: "\"", with: "'"))\"" }
+                        ?? "null"))
         } else {
-            print("\(rw.rawValue): bs=\(bs.bytes) iodepth=\(iodepth) queues=\(disk.queueCount) runtime=\(String(format: "%.1f", elapsed))s")
+            print(
+                "\(rw.rawValue): bs=\(bs.bytes) iodepth=\(iodepth) queues=\(disk.queueCount) runtime=\(String(format: "%.1f", elapsed))s"
+            )
             print(String(format: "  IOPS=%.0f, BW=%.1fMiB/s, ios=%d", iops, mib, total))
             print(String(format: "  lat (usec): mean=%.1f, p50=%.1f, p99=%.1f, p99.9=%.1f", mean, p50, p99, p999))
         }

@@ -123,7 +123,8 @@ struct BlkRead: ParsableCommand {
         defer { disk.close() }
         let out: FileHandle
         if let output {
-            guard FileManager.default.createFile(atPath: output, contents: nil), let h = FileHandle(forWritingAtPath: output)
+            guard FileManager.default.createFile(atPath: output, contents: nil),
+                let h = FileHandle(forWritingAtPath: output)
             else {
                 FileHandle.standardError.write(Data("ringfence blk: cannot create \(output)\n".utf8))
                 throw ExitCode(1)
@@ -145,7 +146,8 @@ struct BlkRead: ParsableCommand {
 }
 
 struct BlkWrite: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "write", abstract: "Write a file (or stdin) at an offset.")
+    static let configuration = CommandConfiguration(
+        commandName: "write", abstract: "Write a file (or stdin) at an offset.")
     @ParentCommand var blk: Blk
     @Option var offset: Size
     @Option(help: "Read the bytes from this file instead of stdin.") var input: String?
@@ -164,7 +166,9 @@ struct BlkWrite: ParsableCommand {
         defer { disk.close() }
         guard data.count % disk.info.blockSize == 0, data.count > 0 else {
             FileHandle.standardError.write(
-                Data("ringfence blk: input of \(data.count) bytes is not a positive multiple of the \(disk.info.blockSize)-byte block size\n".utf8))
+                Data(
+                    "ringfence blk: input of \(data.count) bytes is not a positive multiple of the \(disk.info.blockSize)-byte block size\n"
+                        .utf8))
             throw ExitCode(2)
         }
         try runOrExit { () throws(VirtioError) in try disk.write(at: UInt64(offset.bytes), bytes: [UInt8](data)) }

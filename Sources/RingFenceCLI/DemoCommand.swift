@@ -29,7 +29,8 @@ struct DemoCommand: ParsableCommand {
         let dir = NSTemporaryDirectory() + "rf-demo-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let image = dir + "/disk.img", socket = dir + "/blk.sock"
+        let image = dir + "/disk.img"
+        let socket = dir + "/blk.sock"
         guard FileManager.default.createFile(atPath: image, contents: nil), truncate(image, 64 << 20) == 0 else {
             throw ValidationError("cannot create \(image)")
         }
@@ -43,13 +44,18 @@ struct DemoCommand: ParsableCommand {
         }
         let end = Deadline.after(seconds: 10)
         while !FileManager.default.fileExists(atPath: socket) {
-            if end.hasPassed || server.wait(until: .after(seconds: 0)) != nil { throw ValidationError("serve-blk did not start") }
+            if end.hasPassed || server.wait(until: .after(seconds: 0)) != nil {
+                throw ValidationError("serve-blk did not start")
+            }
             usleep(10_000)
         }
         for (title, arguments) in [
             ("2. driver: blk info", ["info"]),
             ("3. driver: blk verify (write a seeded 4 MiB pattern, read it back)", ["verify", "--size", "4M"]),
-            ("4. driver: blk bench (4 KiB random reads, queue depth 8)", ["bench", "--runtime", "\(seconds)", "--iodepth", "8"]),
+            (
+                "4. driver: blk bench (4 KiB random reads, queue depth 8)",
+                ["bench", "--runtime", "\(seconds)", "--iodepth", "8"]
+            ),
         ] {
             print("\n== \(title)")
             var command = try RingFence.parseAsRoot(["blk", "--socket", socket] + arguments)
@@ -61,9 +67,11 @@ struct DemoCommand: ParsableCommand {
         print(report.markdown)
         let total = Double(monotonicNanoseconds() &- start) / 1e9
         let failed = report.records.filter { $0.asExpected != true }
-        print("demo: done in " + String(format: "%.1f", total) + " s; "
-            + (failed.isEmpty ? "every attack was contained as the catalogue expects."
-                : "\(failed.count) attack(s) ended otherwise than expected."))
+        print(
+            "demo: done in " + String(format: "%.1f", total) + " s; "
+                + (failed.isEmpty
+                    ? "every attack was contained as the catalogue expects."
+                    : "\(failed.count) attack(s) ended otherwise than expected."))
         if !failed.isEmpty { throw ExitCode(1) }
     }
 }

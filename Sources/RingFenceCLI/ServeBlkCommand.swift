@@ -110,7 +110,9 @@ struct ServeBlkCommand: ParsableCommand {
             // The same device and back-end, misbehaving through the hooks.
             let adversary = AdversaryDevice(inner: device, attack: attack, after: attackAfter, dumpPath: dump)
             let server = AdversaryServer(device: adversary, configuration: configuration, onEvent: onEvent)
-            logger.notice("attack \(attack.name) (\(attack.rule.rawValue)) after \(adversary.after) request(s): \(attack.summary)")
+            logger.notice(
+                "attack \(attack.name) (\(attack.rule.rawValue)) after \(adversary.after) request(s): \(attack.summary)"
+            )
             try startSignalWaiter(signals) { received in
                 log.notice("signal \(received): shutting down")
                 server.stop()

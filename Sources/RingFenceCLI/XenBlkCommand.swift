@@ -44,14 +44,20 @@ struct ServeXenBlkCommand: ParsableCommand {
 
     func run() throws {
         let storage: any BlockStorage
-        if let image { storage = try FileStorage(path: image) } else { storage = MemoryStorage(sectors: memorySectors ?? 0) }
+        if let image {
+            storage = try FileStorage(path: image)
+        } else {
+            storage = MemoryStorage(sectors: memorySectors ?? 0)
+        }
         let attack = self.attack.flatMap(XenBackendAttack.init(rawValue:))
         if let fd {
             serveOne(UnixChannel(adopting: fd), storage: storage, attack: attack)
             return
         }
         let listener = try UnixListener(path: socket ?? "")
-        print("serve-xen-blk: \(storage.sectorCount) sectors on \(socket ?? "")\(attack.map { " (attack \($0.rawValue))" } ?? "")")
+        print(
+            "serve-xen-blk: \(storage.sectorCount) sectors on \(socket ?? "")\(attack.map { " (attack \($0.rawValue))" } ?? "")"
+        )
         var served = 0
         while connections == 0 || served < connections {
             guard let channel = try? listener.accept(until: .after(seconds: 3600)) else { continue }
@@ -65,8 +71,9 @@ struct ServeXenBlkCommand: ParsableCommand {
             let connection = try XenBlkBackendConnection.accept(channel: channel, storage: storage, attack: attack)
             let end = connection.run()
             let b = connection.backend
-            print("serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
-                + (b.lastRejection.map { " (last: \($0))" } ?? ""))
+            print(
+                "serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
+                    + (b.lastRejection.map { " (last: \($0))" } ?? ""))
         } catch {
             print("serve-xen-blk: connection refused: \(error)")
         }
@@ -139,9 +146,10 @@ struct XenBlkCommand: ParsableCommand {
         let bytes = count * BlkifLayout.sectorSize
         switch action {
         case .info:
-            print("sectors \(info.sectors) (\(info.sectors / 2048) MiB), sector-size \(info.sectorSize), "
-                + "flush \(info.flushCache), discard \(info.discard), \(info.readOnly ? "read-only" : "read-write"), "
-                + "ring \(device.front.ringSize) slots")
+            print(
+                "sectors \(info.sectors) (\(info.sectors / 2048) MiB), sector-size \(info.sectorSize), "
+                    + "flush \(info.flushCache), discard \(info.discard), \(info.readOnly ? "read-only" : "read-write"), "
+                    + "ring \(device.front.ringSize) slots")
         case .read:
             var data = [UInt8](repeating: 0, count: bytes)
             try data.withUnsafeMutableBytes { try device.read(sector: sector, into: $0) }
@@ -163,10 +171,11 @@ struct XenBlkCommand: ParsableCommand {
             print("verify: \(bytes) bytes at sector \(sector) read back intact")
         case .bench:
             let r = try device.benchmark(seconds: seconds, depth: depth, write: writes)
-            print("xen-blk bench: \(writes ? "write" : "read") 4 KiB, depth \(depth): \(r.requests) requests in "
-                + "\(format(r.seconds, 2)) s = \(format(r.requestsPerSecond, 0)) IOPS, "
-                + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
-                + "\(device.events.spuriousEvents) spurious events")
+            print(
+                "xen-blk bench: \(writes ? "write" : "read") 4 KiB, depth \(depth): \(r.requests) requests in "
+                    + "\(format(r.seconds, 2)) s = \(format(r.requestsPerSecond, 0)) IOPS, "
+                    + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
+                    + "\(device.events.spuriousEvents) spurious events")
             if r.errors > 0 { throw ExitCode(1) }
         case .audit:
             break  // handled before connecting

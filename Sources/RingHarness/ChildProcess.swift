@@ -25,7 +25,7 @@ public final class ChildProcess: @unchecked Sendable {
             posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + i))
         }
         let argv = ([executable] + arguments).map { strdup($0) }
-        defer { argv.forEach { free($0) } }
+        defer { for p in argv { free(p) } }
         var pid: pid_t = 0
         var vector = argv + [nil]
         let rc = vector.withUnsafeMutableBufferPointer { p -> Int32 in

@@ -46,7 +46,6 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
 
     public var report: Report { state.withLock { $0 } }
 
-
     public static func defaultConfig(capacityBytes: UInt64 = 1 << 20) -> BlockConfig {
         var c = BlockConfig()
         c.capacity = capacityBytes / 512
@@ -141,7 +140,9 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             var pfd = pollfd(fd: channel.channel.fileDescriptor, events: Int16(POLLIN), revents: 0)
             var fds = [pfd]
             let queueIDs = queues.keys.sorted()
-            for q in queueIDs { if let k = kicks[q] { fds.append(pollfd(fd: k.fileDescriptor, events: Int16(POLLIN), revents: 0)) } }
+            for q in queueIDs {
+                if let k = kicks[q] { fds.append(pollfd(fd: k.fileDescriptor, events: Int16(POLLIN), revents: 0)) }
+            }
             _ = Glibc.poll(&fds, nfds_t(fds.count), 10)
             pfd = fds[0]
             if pfd.revents != 0 {
@@ -158,7 +159,8 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     // MARK: control
 
     func reply(_ request: Request, _ payload: [UInt8], descriptors: [Int32] = []) {
-        let header = MessageHeader(request: request.rawValue, flags: HeaderFlags.version | HeaderFlags.reply, size: UInt32(payload.count))
+        let header = MessageHeader(
+            request: request.rawValue, flags: HeaderFlags.version | HeaderFlags.reply, size: UInt32(payload.count))
         try? channel.channel.send(header.encoded + payload, descriptors: descriptors)
         for fd in descriptors { closeDescriptor(fd) }
     }
@@ -206,7 +208,8 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             var m = GuestMemory()
             for (r, fd) in zip(table.regions, message.descriptors) {
                 guard let region = try? SharedRegion(mapping: dup(fd), offset: r.mmapOffset, size: r.size),
-                    (try? m.add(GuestRegion(guestAddress: r.guestAddress, userAddress: r.userAddress, mapping: region))) != nil
+                    (try? m.add(GuestRegion(guestAddress: r.guestAddress, userAddress: r.userAddress, mapping: region)))
+                        != nil
                 else { return false }
             }
             memory = m
@@ -260,7 +263,9 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             guard let fetched = try? queue.nextChain(into: &chain, memory: memory) else { return false }
             switch fetched {
             case .empty: break
-            case .rejected(let head, _): queue.complete(head: head, length: 0); continue
+            case .rejected(let head, _):
+                queue.complete(head: head, length: 0)
+                continue
             case .ready:
                 if misbehaving && misbehaviour == .unsolicitedMessage {
                     let m = Message(.getFeatures, flags: HeaderFlags.version)
@@ -280,8 +285,11 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     func execute(_ chain: inout DescriptorChain) -> UInt32 {
         var readable: [UInt8] = []
         for s in chain.readable { readable += Array(UnsafeRawBufferPointer(s.buffer)) }
-        guard readable.count >= 16, let statusSegment = chain.writable.last, statusSegment.buffer.count >= 1 else { return 0 }
-        let type = UInt32(readable[0]) | UInt32(readable[1]) << 8 | UInt32(readable[2]) << 16 | UInt32(readable[3]) << 24
+        guard readable.count >= 16, let statusSegment = chain.writable.last, statusSegment.buffer.count >= 1 else {
+            return 0
+        }
+        let type =
+            UInt32(readable[0]) | UInt32(readable[1]) << 8 | UInt32(readable[2]) << 16 | UInt32(readable[3]) << 24
         var sector: UInt64 = 0
         for i in 0..<8 { sector |= UInt64(readable[8 + i]) << (8 * i) }
         let data = Array(readable[16...])
@@ -293,12 +301,19 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             for s in chain.writable {
                 let n = s.buffer.count - (s.guestAddress == statusSegment.guestAddress ? 1 : 0)
                 guard n > 0 else { continue }
-                guard offset + written + n <= disk.count else { status = 1; break }
+                guard offset + written + n <= disk.count else {
+                    status = 1
+                    break
+                }
                 for i in 0..<n { s.buffer[i] = disk[offset + written + i] }
                 written += n
             }
         case .write?:
-            if offset + data.count <= disk.count { disk.replaceSubrange(offset..<offset + data.count, with: data) } else { status = 1 }
+            if offset + data.count <= disk.count {
+                disk.replaceSubrange(offset..<offset + data.count, with: data)
+            } else {
+                status = 1
+            }
         case .getID?:
             let id = Array("misbehaving-blk".utf8)
             if let s = chain.writable.first, s.buffer.count > 1 {

@@ -57,7 +57,9 @@ public final class PackedRingPair {
     public func deviceArea(_ q: Int = 0) -> UnsafeMutableRawPointer { region.base + layout.queues[q].ring.usedOffset }
 
     /// Writes a descriptor as a (possibly malicious) peer would.
-    public func writeDescriptor(_ slot: Int, address: UInt64 = 0, length: UInt32 = 0, id: UInt16, flags: UInt16, queue q: Int = 0) {
+    public func writeDescriptor(
+        _ slot: Int, address: UInt64 = 0, length: UInt32 = 0, id: UInt16, flags: UInt16, queue q: Int = 0
+    ) {
         let d = descriptor(slot, queue: q)
         SharedAccess.store64(d + PackedLayout.descAddr, address)
         SharedAccess.store32(d + PackedLayout.descLen, length)

@@ -13,11 +13,14 @@ public final class TestThread: @unchecked Sendable {
     public init(_ body: @escaping @Sendable () -> Void) {
         self.body = body
         let context = Unmanaged.passRetained(self).toOpaque()
-        started = pthread_create(&thread, nil, { raw in
-            guard let raw else { return nil }
-            Unmanaged<TestThread>.fromOpaque(raw).takeRetainedValue().body()
-            return nil
-        }, context) == 0
+        started =
+            pthread_create(
+                &thread, nil,
+                { raw in
+                    guard let raw else { return nil }
+                    Unmanaged<TestThread>.fromOpaque(raw).takeRetainedValue().body()
+                    return nil
+                }, context) == 0
         if !started { Unmanaged<TestThread>.fromOpaque(context).release() }
     }
 

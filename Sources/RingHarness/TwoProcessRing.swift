@@ -160,7 +160,10 @@ public final class TwoProcessRing {
         func post(_ i: Int) throws {
             do {
                 try driver.add(
-                    [pool.segment(slots[i].out, deviceWritable: false), pool.segment(slots[i].back, deviceWritable: true)],
+                    [
+                        pool.segment(slots[i].out, deviceWritable: false),
+                        pool.segment(slots[i].back, deviceWritable: true),
+                    ],
                     token: UInt64(i))
             } catch { throw TwoProcessError.submit(error) }
             posted += 1

@@ -29,7 +29,8 @@ public final class SharedRegion: @unchecked Sendable {
             case .system(let e): return e.description
             case .invalidSize(let n): return "invalid region size \(n)"
             case .notSealedAgainstShrinking(let s):
-                return "memory fd is not sealed against shrinking (seals 0x\(String(s, radix: 16))); a peer could truncate it and SIGBUS us"
+                return
+                    "memory fd is not sealed against shrinking (seals 0x\(String(s, radix: 16))); a peer could truncate it and SIGBUS us"
             case .fileTooSmall(let have, let need):
                 return "memory fd holds \(have) bytes but \(need) are needed"
             case .rangeOverflow(let o, let s): return "offset \(o) + size \(s) overflows"

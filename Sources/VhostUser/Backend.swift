@@ -167,7 +167,10 @@ final class BackendSession {
                 spoken = true
             } catch .timedOut {
                 if !spoken && firstMessage.hasPassed {
-                    backend.report(.rejected(connection: connection, request: 0, reason: "no message within \(config.firstMessageDeadline) s"))
+                    backend.report(
+                        .rejected(
+                            connection: connection, request: 0,
+                            reason: "no message within \(config.firstMessageDeadline) s"))
                     return .channel(.timedOut)
                 }
                 continue
@@ -223,7 +226,8 @@ final class BackendSession {
             }
         }
         if let reply {
-            return send(Message(request, flags: HeaderFlags.version | HeaderFlags.reply, payload: reply), for: request, channel)
+            return send(
+                Message(request, flags: HeaderFlags.version | HeaderFlags.reply, payload: reply), for: request, channel)
         }
         if message.header.needsReply && ackedProtocol.contains(.replyAck) {
             return send(ack(request, 0), for: request, channel)
@@ -303,7 +307,9 @@ final class BackendSession {
         case .setProtocolFeatures:
             let value = ProtocolFeatures(rawValue: try decode(U64Payload.self, payload).value)
             guard offeredProtocol.isSuperset(of: value) else {
-                throw .refused("protocol features 0x\(String(value.subtracting(offeredProtocol).rawValue, radix: 16)) were not offered")
+                throw .refused(
+                    "protocol features 0x\(String(value.subtracting(offeredProtocol).rawValue, radix: 16)) were not offered"
+                )
             }
             ackedProtocol = value
             return nil
@@ -344,7 +350,8 @@ final class BackendSession {
             let n = Int(s.num)
             let validSize = packed ? PackedLayout.isValidQueueSize(n) : SplitLayout.isValidQueueSize(n)
             guard validSize, n <= backend.configuration.maximumQueueSize else {
-                throw .refused("queue size \(s.num) is not a power of two in 1...\(backend.configuration.maximumQueueSize)")
+                throw .refused(
+                    "queue size \(s.num) is not a power of two in 1...\(backend.configuration.maximumQueueSize)")
             }
             ring.size = n
             return nil
@@ -359,7 +366,9 @@ final class BackendSession {
         case .setVringAddr:
             let a = try decode(VringAddress.self, payload)
             let ring = try vring(a.index, stopped: true)
-            guard a.flags == 0 else { throw .refused("vring flags 0x\(String(a.flags, radix: 16)) (logging) not supported") }
+            guard a.flags == 0 else {
+                throw .refused("vring flags 0x\(String(a.flags, radix: 16)) (logging) not supported")
+            }
             guard let size = ring.size else { throw .refused("SET_VRING_ADDR before SET_VRING_NUM") }
             // Validate now (inside mapped memory, aligned), so the front-end hears about it.
             _ = try makeQueue(address: a, size: size, base: ring.base)

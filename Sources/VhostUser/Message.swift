@@ -70,7 +70,8 @@ public struct MessageHeader: Sendable, Equatable {
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> MessageHeader {
         guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
         var r = PayloadReader(bytes)
-        let h = MessageHeader(request: try r.read(UInt32.self), flags: try r.read(UInt32.self), size: try r.read(UInt32.self))
+        let h = MessageHeader(
+            request: try r.read(UInt32.self), flags: try r.read(UInt32.self), size: try r.read(UInt32.self))
         guard h.flags & HeaderFlags.versionMask == HeaderFlags.version else { throw .badVersion(flags: h.flags) }
         return h
     }
@@ -89,7 +90,9 @@ public struct Message: Sendable {
         self.descriptors = descriptors
     }
 
-    public init(_ request: Request, flags: UInt32 = HeaderFlags.version, payload: [UInt8] = [], descriptors: [Int32] = []) {
+    public init(
+        _ request: Request, flags: UInt32 = HeaderFlags.version, payload: [UInt8] = [], descriptors: [Int32] = []
+    ) {
         self.header = MessageHeader(request: request.rawValue, flags: flags, size: UInt32(payload.count))
         self.payload = payload
         self.descriptors = descriptors
@@ -185,7 +188,8 @@ public struct MessageChannel: Sendable {
         var message = Message(header: MessageHeader(request: 0, flags: 0, size: 0), payload: [], descriptors: fds)
         do throws(VhostUserError) {
             message.header = try MessageHeader.decode(headerBytes)
-            let limit = Request(rawValue: message.header.request).map(MessageRules.payloadLimit) ?? MessageRules.maximumPayload
+            let limit =
+                Request(rawValue: message.header.request).map(MessageRules.payloadLimit) ?? MessageRules.maximumPayload
             guard message.header.size <= UInt32(limit) else {
                 throw .sizeTooLarge(request: message.header.request, size: message.header.size, limit: limit)
             }

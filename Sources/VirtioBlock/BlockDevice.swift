@@ -79,7 +79,8 @@ public final class BlockDevice: @unchecked Sendable {
 
     /// Uses an already connected channel (a socketpair with an in-process back-end).
     public static func connect(channel: UnixChannel, options: Options = Options()) throws(VirtioError) -> BlockDevice {
-        try BlockDevice(path: "", frontend: Frontend(channel: channel, replyTimeout: options.controlTimeout), options: options)
+        try BlockDevice(
+            path: "", frontend: Frontend(channel: channel, replyTimeout: options.controlTimeout), options: options)
     }
 
     init(path: String, frontend: Frontend, options: Options) throws(VirtioError) {
@@ -153,9 +154,11 @@ public final class BlockDevice: @unchecked Sendable {
     func attachRings(_ frontend: Frontend) throws(VirtioError) {
         do {
             try frontend.setMemTable(
-                [MemoryRegionDescription(
-                    guestAddress: Self.guestBase, size: UInt64(region.size), userAddress: Self.userBase,
-                    mmapOffset: 0)],
+                [
+                    MemoryRegionDescription(
+                        guestAddress: Self.guestBase, size: UInt64(region.size), userAddress: Self.userBase,
+                        mmapOffset: 0)
+                ],
                 descriptors: [region.fileDescriptor])
             for q in queues {
                 let r = layout.queues[q.index].ring
@@ -256,7 +259,8 @@ public final class BlockDevice: @unchecked Sendable {
                 frontend = f
                 // Rings are rebuilt before the back-end sees them: a back-end that starts
                 // on SET_VRING_KICK must never find the old ring's indices.
-                let hadViolation = failure.map { if case .disconnected = $0 { return false } else { return true } } ?? false
+                let hadViolation =
+                    failure.map { if case .disconnected = $0 { return false } else { return true } } ?? false
                 for q in queues {
                     if hadViolation { q.discardAll() } else { try q.resubmitAfterReconnect() }
                 }
@@ -267,7 +271,9 @@ public final class BlockDevice: @unchecked Sendable {
                 return
             } catch let error as VirtioError {
                 lastError = error
-                if case .disconnected = error {} else if case .system = error {} else {
+                if case .disconnected = error {
+                } else if case .system = error {
+                } else {
                     // A malformed back-end is not waited for.
                     if case .violation = error { throw error }
                 }
@@ -297,7 +303,8 @@ public final class BlockDevice: @unchecked Sendable {
 
     /// Runs `total` bytes as chunks of at most `chunk`, several in flight, on queue 0.
     func pipeline(
-        total: Int, chunk: Int, submit: (BlockQueue, _ at: Int, _ length: Int, _ tag: UInt64) throws(VirtioError) -> Void
+        total: Int, chunk: Int,
+        submit: (BlockQueue, _ at: Int, _ length: Int, _ tag: UInt64) throws(VirtioError) -> Void
     ) throws(VirtioError) {
         try convenienceLock.withLock { (_: inout Int) throws(VirtioError) in
             let q = queues[0]
@@ -334,7 +341,9 @@ public final class BlockDevice: @unchecked Sendable {
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VirtioError) {
         try queues[0].checkRange(offset: offset, length: buffer.count, transferLimit: false)
         try pipeline(total: buffer.count, chunk: Self.convenienceChunk) { (q, at, length, tag) throws(VirtioError) in
-            try q.submitRead(offset: offset + UInt64(at), into: UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + length]), tag: tag)
+            try q.submitRead(
+                offset: offset + UInt64(at), into: UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + length]),
+                tag: tag)
         }
     }
 
@@ -355,7 +364,8 @@ public final class BlockDevice: @unchecked Sendable {
         guard !info.readOnly else { throw .readOnly }
         try queues[0].checkRange(offset: offset, length: buffer.count, transferLimit: false)
         try pipeline(total: buffer.count, chunk: Self.convenienceChunk) { (q, at, length, tag) throws(VirtioError) in
-            try q.submitWrite(offset: offset + UInt64(at), from: UnsafeRawBufferPointer(rebasing: buffer[at..<at + length]), tag: tag)
+            try q.submitWrite(
+                offset: offset + UInt64(at), from: UnsafeRawBufferPointer(rebasing: buffer[at..<at + length]), tag: tag)
         }
     }
 

@@ -49,7 +49,8 @@ public final class DeviceImage: Sendable {
         var done = 0
         var useDirect = directFD != nil
         while done < buffer.count {
-            let n = pwrite(useDirect ? directFD ?? fd : fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            let n = pwrite(
+                useDirect ? directFD ?? fd : fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
             if n > 0 {
                 done += n
             } else if n < 0 && errno == EINTR {

@@ -111,7 +111,9 @@ public final class BlockRequestHandler: QueueHandler {
             }
             return finish(.ok, written: n)
         case .discard, .writeZeroes:
-            return finish(discardOrZero(zero: type == BlockProtocol.RequestType.writeZeroes.rawValue, payload: dataOut), written: 0)
+            return finish(
+                discardOrZero(zero: type == BlockProtocol.RequestType.writeZeroes.rawValue, payload: dataOut),
+                written: 0)
         case .none:
             return finish(.unsupported, written: 0)
         }
@@ -138,7 +140,8 @@ public final class BlockRequestHandler: QueueHandler {
             return true
         }
         guard collected else { return false }
-        return image.transfer(UnsafeMutableBufferPointer(rebasing: vectors[0..<used]), at: fileOffset + batchStart, write: write)
+        return image.transfer(
+            UnsafeMutableBufferPointer(rebasing: vectors[0..<used]), at: fileOffset + batchStart, write: write)
     }
 
     /// DISCARD / WRITE_ZEROES: a list of `{le64 sector; le32 num_sectors; le32 flags}`.

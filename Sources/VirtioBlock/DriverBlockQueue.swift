@@ -82,18 +82,21 @@ public final class BlockQueue {
     // MARK: submission
 
     /// Reads `buffer.count` bytes at byte `offset` into `buffer` (valid until completion).
-    public func submitRead(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64) throws(VirtioError) {
+    public func submitRead(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64) throws(VirtioError)
+    {
         try checkRange(offset: offset, length: buffer.count)
-        try post(.read, sector: offset / 512, data: buffer.count, writable: true, tag: tag,
-                 source: nil, destination: buffer)
+        try post(
+            .read, sector: offset / 512, data: buffer.count, writable: true, tag: tag,
+            source: nil, destination: buffer)
     }
 
     /// Writes `buffer` at byte `offset` (copied into the bounce pool now).
     public func submitWrite(offset: UInt64, from buffer: UnsafeRawBufferPointer, tag: UInt64) throws(VirtioError) {
         guard !device.info.readOnly else { throw .readOnly }
         try checkRange(offset: offset, length: buffer.count)
-        try post(.write, sector: offset / 512, data: buffer.count, writable: false, tag: tag,
-                 source: buffer, destination: nil)
+        try post(
+            .write, sector: offset / 512, data: buffer.count, writable: false, tag: tag,
+            source: buffer, destination: nil)
     }
 
     public func submitFlush(tag: UInt64) throws(VirtioError) {
@@ -103,8 +106,9 @@ public final class BlockQueue {
 
     /// GET_ID into `buffer` (up to 20 bytes); the completion counts the bytes up to NUL.
     public func submitGetID(into buffer: UnsafeMutableRawBufferPointer, tag: UInt64) throws(VirtioError) {
-        try post(.getID, sector: 0, data: BlockProtocol.idSize, writable: true, tag: tag,
-                 source: nil, destination: buffer)
+        try post(
+            .getID, sector: 0, data: BlockProtocol.idSize, writable: true, tag: tag,
+            source: nil, destination: buffer)
     }
 
     /// DISCARD (or WRITE_ZEROES with `zeroes`) of one range.
@@ -121,9 +125,10 @@ public final class BlockQueue {
         try checkRange(offset: offset, length: length, transferLimit: false)
         let limit = zeroes ? info.maxWriteZeroesBytes : info.maxDiscardBytes
         guard UInt64(length) <= limit else { throw .invalidRequest("range of \(length) bytes exceeds \(limit)") }
-        try post(zeroes ? .writeZeroes : .discard, sector: 0, data: BlockProtocol.discardSegmentSize,
-                 writable: false, tag: tag, source: nil, destination: nil,
-                 range: (offset / 512, UInt32(truncatingIfNeeded: length / 512), unmap ? 1 : 0))
+        try post(
+            zeroes ? .writeZeroes : .discard, sector: 0, data: BlockProtocol.discardSegmentSize,
+            writable: false, tag: tag, source: nil, destination: nil,
+            range: (offset / 512, UInt32(truncatingIfNeeded: length / 512), unmap ? 1 : 0))
     }
 
     func checkRange(offset: UInt64, length: Int, transferLimit: Bool = true) throws(VirtioError) {
@@ -193,7 +198,8 @@ public final class BlockQueue {
             offset += n
         }
         guard segments.count - 1 <= max(info.segmentsPerRequest, 1) || slot.dataLength == 0 else {
-            throw .invalidRequest("request needs \(segments.count - 1) segments, device allows \(info.segmentsPerRequest)")
+            throw .invalidRequest(
+                "request needs \(segments.count - 1) segments, device allows \(info.segmentsPerRequest)")
         }
         segments.append(pool.segment(slice, offset: Self.headerSize + slot.dataLength, length: 1, deviceWritable: true))
         do {
@@ -258,7 +264,8 @@ public final class BlockQueue {
             switch slot.type {
             case .read:
                 guard length >= slot.dataLength + 1 else {
-                    return breakDevice(.blockShortRead(expected: UInt64(slot.dataLength), got: UInt64(max(0, length - 1))))
+                    return breakDevice(
+                        .blockShortRead(expected: UInt64(slot.dataLength), got: UInt64(max(0, length - 1))))
                 }
                 copyOut(slot, slice: slice, count: slot.dataLength)
                 result = .success(slot.dataLength)
@@ -266,7 +273,8 @@ public final class BlockQueue {
                 // qsd over-reports GET_ID's used len: trust neither it nor a missing NUL.
                 let n = min(max(0, length - 1), BlockProtocol.idSize)
                 var id = [UInt8](repeating: 0, count: BlockProtocol.idSize)
-                id.withUnsafeMutableBytes { d in _ = pool.copyOut(slice, at: Self.headerSize, validatedLength: n, to: d) }
+                id.withUnsafeMutableBytes { d in _ = pool.copyOut(slice, at: Self.headerSize, validatedLength: n, to: d)
+                }
                 let visible = id.prefix(n).firstIndex(of: 0) ?? n
                 if let dst = slot.destination {
                     let count = min(visible, slot.destinationCount)

@@ -37,7 +37,8 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .violation(let v): return v.description
-        case .timeout(let ms): return "R5 (bounded work): request did not complete within \(ms) ms; device marked broken"
+        case .timeout(let ms):
+            return "R5 (bounded work): request did not complete within \(ms) ms; device marked broken"
         case .deviceError(let s):
             return s == .unsupported ? "device answered UNSUPP" : "device answered IOERR"
         case .disconnected(let why): return "back-end disconnected: \(why)"

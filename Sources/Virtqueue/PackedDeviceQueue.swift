@@ -159,8 +159,9 @@ public final class PackedDeviceQueue {
             let d = descriptor(slot)
             if count > 1 {
                 untrustedFlags = SharedAccess.load16Acquire(d + PackedLayout.descFlags)
-                guard untrustedFlags & (PackedLayout.flagAvail | PackedLayout.flagUsed)
-                    == PackedLayout.availableMarker(wrap: wrap)
+                guard
+                    untrustedFlags & (PackedLayout.flagAvail | PackedLayout.flagUsed)
+                        == PackedLayout.availableMarker(wrap: wrap)
                 else { throw fail(.packedChainIncomplete(slot: UInt16(truncatingIfNeeded: slot))) }
             }
             // One load per field, into locals; never looked at again (R2).

@@ -109,7 +109,7 @@ public final class PackedDriverQueue {
     /// `< size` (the packed ring need not be a power of two, so there is no mask).
     @inline(__always)
     func descriptor(_ slot: UInt16) -> UnsafeMutableRawPointer {
-        memory.descriptors + (Int(slot) ) * PackedLayout.descriptorSize
+        memory.descriptors + (Int(slot)) * PackedLayout.descriptorSize
     }
 
     // MARK: posting
@@ -150,11 +150,15 @@ public final class PackedDriverQueue {
             }
             let d = descriptor(slot)
             SharedAccess.store64(d + PackedLayout.descAddr, memory.indirectGuestAddress &+ UInt64(tableOffset))
-            SharedAccess.store32(d + PackedLayout.descLen, UInt32(truncatingIfNeeded: count * PackedLayout.descriptorSize))
+            SharedAccess.store32(
+                d + PackedLayout.descLen, UInt32(truncatingIfNeeded: count * PackedLayout.descriptorSize))
             SharedAccess.store16(d + PackedLayout.descID, id)
             headFlags = PackedLayout.flagIndirect | PackedLayout.availableMarker(wrap: wrap)
             slot &+= 1
-            if Int(slot) == size { slot = 0; wrap.toggle() }
+            if Int(slot) == size {
+                slot = 0
+                wrap.toggle()
+            }
         } else {
             for i in 0..<count {
                 let s = segments[i]
@@ -171,7 +175,10 @@ public final class PackedDriverQueue {
                 // The head's flags go last: they make the whole chain available.
                 if i == 0 { headFlags = flags } else { SharedAccess.store16(d + PackedLayout.descFlags, flags) }
                 slot &+= 1
-                if Int(slot) == size { slot = 0; wrap.toggle() }
+                if Int(slot) == size {
+                    slot = 0
+                    wrap.toggle()
+                }
             }
         }
         if state.pointee.hasPending {

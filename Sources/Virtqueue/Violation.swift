@@ -215,11 +215,13 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
         case .chainLengthOverflow(let head):
             return "chain at \(head): total length exceeds 2^32-1"
         case .packedUsedWrapCounter(let slot, let flags, let wrap):
-            return "packed slot \(slot): flags 0x\(String(flags, radix: 16)) are no used mark for wrap counter \(wrap ? 1 : 0)"
+            return
+                "packed slot \(slot): flags 0x\(String(flags, radix: 16)) are no used mark for wrap counter \(wrap ? 1 : 0)"
         case .packedUsedSlotNotAvailable(let slot):
             return "packed slot \(slot) marked used but the driver never made it available"
         case .packedEventSuppressionInvalid(let flags, let offWrap, let size):
-            return "packed event suppression flags \(flags) off_wrap 0x\(String(offWrap, radix: 16)) invalid for a ring of \(size)"
+            return
+                "packed event suppression flags \(flags) off_wrap 0x\(String(offWrap, radix: 16)) invalid for a ring of \(size)"
         case .packedAvailFlagsInvalid(let slot, let flags):
             return "packed slot \(slot): flags 0x\(String(flags, radix: 16)) carry a used mark the driver may not write"
         case .packedChainIncomplete(let slot):
@@ -254,7 +256,8 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
         case .xenGrantStillMapped(let ref, let flags):
             return "grant \(ref) still mapped at completion (flags 0x\(String(flags, radix: 16))); page quarantined"
         case .xenGrantFlagsScribbled(let ref, let expected, let found):
-            return "grant \(ref) flags 0x\(String(found, radix: 16)), expected 0x\(String(expected, radix: 16)); page quarantined"
+            return
+                "grant \(ref) flags 0x\(String(found, radix: 16)), expected 0x\(String(expected, radix: 16)); page quarantined"
         case .xenHandshakeValue(let key, let value):
             return "handshake value \(key)=\(value) is out of range"
         case .xenHandshakeState(let expected, let got):

@@ -179,7 +179,9 @@ public final class BlkBackend {
         }
         let slot = ring + SharedRingLayout.headerSize + Int(responseProducer & mask) * BlkifLayout.slotSize
         var words: (UInt64, UInt64) = (id, UInt64(operation) | UInt64(UInt16(bitPattern: rawStatus)) << 16)
-        withUnsafeBytes(of: &words) { slot.copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(slot), byteCount: BlkifLayout.responseSize) }
+        withUnsafeBytes(of: &words) {
+            slot.copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(slot), byteCount: BlkifLayout.responseSize)
+        }
         responseProducer &+= 1
     }
 

@@ -133,7 +133,8 @@ public final class BlkFrontend {
     public func submitRead(sector: UInt64, into buffer: UnsafeMutableRawBufferPointer, token: UInt64)
         throws(BlkSubmitError) -> UInt16
     {
-        try submitData(.read, sector: sector, source: nil, destination: buffer.baseAddress, count: buffer.count, token: token)
+        try submitData(
+            .read, sector: sector, source: nil, destination: buffer.baseAddress, count: buffer.count, token: token)
     }
 
     /// Posts a write of `data` (copied into bounce pages now) at `sector`.
@@ -141,7 +142,8 @@ public final class BlkFrontend {
     public func submitWrite(sector: UInt64, from data: UnsafeRawBufferPointer, token: UInt64)
         throws(BlkSubmitError) -> UInt16
     {
-        try submitData(.write, sector: sector, source: data.baseAddress, destination: nil, count: data.count, token: token)
+        try submitData(
+            .write, sector: sector, source: data.baseAddress, destination: nil, count: data.count, token: token)
     }
 
     /// Posts a cache flush (BLKIF_OP_FLUSH_DISKCACHE, no segments).
@@ -221,7 +223,8 @@ public final class BlkFrontend {
     func build(operation: BlkOperation, id: UInt16, sector: UInt64, segments: Int) {
         scratch.initializeMemory(as: UInt8.self, repeating: 0, count: Self.requestBytes(segments: segments))
         scratch.storeBytes(of: operation.rawValue, toByteOffset: BlkifLayout.operation, as: UInt8.self)
-        scratch.storeBytes(of: UInt8(truncatingIfNeeded: segments), toByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
+        scratch.storeBytes(
+            of: UInt8(truncatingIfNeeded: segments), toByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
         scratch.storeBytes(of: UInt64(id), toByteOffset: BlkifLayout.id, as: UInt64.self)
         scratch.storeBytes(of: sector, toByteOffset: BlkifLayout.sectorNumber, as: UInt64.self)
     }
@@ -235,7 +238,10 @@ public final class BlkFrontend {
 
     /// Copies the private request into its slot whole (every byte the request defines;
     /// segment entries past `nr_segments` are not part of it) and records the shadow.
-    func post(_ id: UInt16, operation: BlkOperation, segments: Int, destination: UnsafeMutableRawPointer?, count: Int, token: UInt64) {
+    func post(
+        _ id: UInt16, operation: BlkOperation, segments: Int, destination: UnsafeMutableRawPointer?, count: Int,
+        token: UInt64
+    ) {
         let slot = ring + SharedRingLayout.headerSize + Int(requestProducer & mask) * BlkifLayout.slotSize
         slot.copyMemory(from: scratch, byteCount: Self.requestBytes(segments: segments))
         requestProducer &+= 1
@@ -282,7 +288,9 @@ public final class BlkFrontend {
         // One copy of the response before any field is looked at (R2, RING_COPY_RESPONSE).
         var words: (UInt64, UInt64) = (0, 0)
         let slot = ring + SharedRingLayout.headerSize + Int(responseConsumer & mask) * BlkifLayout.slotSize
-        withUnsafeMutableBytes(of: &words) { $0.baseAddress?.copyMemory(from: slot, byteCount: BlkifLayout.responseSize) }
+        withUnsafeMutableBytes(of: &words) {
+            $0.baseAddress?.copyMemory(from: slot, byteCount: BlkifLayout.responseSize)
+        }
         responseConsumer &+= 1
         let rawId = words.0
         let rawOperation = UInt8(truncatingIfNeeded: words.1)
@@ -407,7 +415,8 @@ extension BlkFrontend {
         case .firstAfterLast: segment(0, ref: 0, first: 5, last: 2)
         case .lastSectorBeyondPage: segment(0, ref: 0, first: 0, last: 8)
         case .grantRefOutOfRange: segment(0, ref: 0xffff_fff0, first: 0, last: 7)
-        case .grantNotGranted: segment(0, ref: UInt32(truncatingIfNeeded: memory.grants.entryCount - 1), first: 0, last: 7)
+        case .grantNotGranted:
+            segment(0, ref: UInt32(truncatingIfNeeded: memory.grants.entryCount - 1), first: 0, last: 7)
         case .sectorBeyondCapacity:
             segment(0, ref: 0, first: 0, last: 7)
             let sector = capacitySectors == .max ? UInt64.max - 3 : capacitySectors

@@ -58,7 +58,8 @@ public final class GrantIssuer {
         // the cores on every compare-exchange.
         var order: [UInt32] = []
         for slot in 0..<8 {
-            for line in stride(from: 0, to: memory.entryCount, by: 8) where line + slot >= first && line + slot < memory.entryCount {
+            for line in stride(from: 0, to: memory.entryCount, by: 8)
+            where line + slot >= first && line + slot < memory.entryCount {
                 order.append(UInt32(line + slot))
             }
         }

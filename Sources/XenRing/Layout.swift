@@ -84,6 +84,11 @@ public enum BlkStatus: Int16, Sendable {
 
 /// xenbus states (`io/xenbus.h`).
 public enum XenbusState: UInt8, Sendable {
-    case unknown = 0, initialising = 1, initWait = 2, initialised = 3, connected = 4
-    case closing = 5, closed = 6
+    case unknown = 0
+    case initialising = 1
+    case initWait = 2
+    case initialised = 3
+    case connected = 4
+    case closing = 5
+    case closed = 6
 }

@@ -63,7 +63,8 @@ public final class XenBlkBackendConnection {
             // SharedRegion checks F_SEAL_SHRINK and the size: a frontend cannot SIGBUS us.
             table = try SharedRegion(mapping: owned[0], offset: 0, size: entries * UInt64(GrantLayout.entrySize))
             owned[0] = -1
-            frames = try SharedRegion(mapping: owned[1], offset: 0, size: frameCount * UInt64(SharedRingLayout.pageSize))
+            frames = try SharedRegion(
+                mapping: owned[1], offset: 0, size: frameCount * UInt64(SharedRingLayout.pageSize))
             owned[1] = -1
             let fromFront = try Notifier(adopting: owned[2])
             owned[2] = -1

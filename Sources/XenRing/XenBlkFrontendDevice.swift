@@ -65,7 +65,8 @@ public final class XenBlkFrontendDevice {
         let memory = GrantTableMemory(
             entries: table.base, entryCount: grantEntries, frames: frames.base, frameCount: frameCount)
         let issuer = GrantIssuer(memory: memory)
-        let front = BlkFrontend(memory: BlkFrontendMemory(grants: memory), grants: issuer, capacitySectors: info.sectors)
+        let front = BlkFrontend(
+            memory: BlkFrontendMemory(grants: memory), grants: issuer, capacitySectors: info.sectors)
         guard let ringRef = issuer.grant(frame: 0, readOnly: false) else { throw .setup("no grant ref for the ring") }
         let mine = XenStoreNode([
             "state": "\(XenbusState.initialised.rawValue)", "ring-ref": "\(ringRef)", "event-channel": "1",
@@ -87,7 +88,10 @@ public final class XenBlkFrontendDevice {
             channel: channel, table: table, frames: frames)
     }
 
-    init(info: XenBlkInfo, front: BlkFrontend, events: EventChannel, channel: UnixChannel, table: SharedRegion, frames: SharedRegion) {
+    init(
+        info: XenBlkInfo, front: BlkFrontend, events: EventChannel, channel: UnixChannel, table: SharedRegion,
+        frames: SharedRegion
+    ) {
         self.info = info
         self.front = front
         self.events = events
@@ -120,7 +124,9 @@ public final class XenBlkFrontendDevice {
 
     public func discard(sector: UInt64, sectors: UInt64) throws(XenBlkError) {
         let token = takeToken()
-        do { try front.submitDiscard(sector: sector, sectors: sectors, token: token) } catch { throw submitError(error) }
+        do { try front.submitDiscard(sector: sector, sectors: sectors, token: token) } catch {
+            throw submitError(error)
+        }
         try complete(token)
     }
 

@@ -90,15 +90,21 @@ public enum XenConnectError: Error, Equatable, CustomStringConvertible {
 
 extension UnixChannel {
     /// Sends one node (with descriptors attached).
-    public func sendNode(_ node: XenStoreNode, descriptors: [Int32] = [], until deadline: Deadline) throws(XenConnectError) {
+    public func sendNode(_ node: XenStoreNode, descriptors: [Int32] = [], until deadline: Deadline)
+        throws(XenConnectError)
+    {
         do { try send(node.encoded, descriptors: descriptors, until: deadline) } catch { throw .channel(error) }
     }
 
     /// Receives one node; surplus descriptors are closed by the channel.
-    public func receiveNode(maxDescriptors: Int, until deadline: Deadline) throws(XenConnectError) -> (XenStoreNode, [Int32]) {
+    public func receiveNode(maxDescriptors: Int, until deadline: Deadline) throws(XenConnectError) -> (
+        XenStoreNode, [Int32]
+    ) {
         var header = [UInt8](repeating: 0, count: 4)
         let first = header.withUnsafeMutableBytes { b in
-            Result { () throws(UnixChannel.Error) in try receive(exactly: b, maxDescriptors: maxDescriptors, until: deadline) }
+            Result { () throws(UnixChannel.Error) in
+                try receive(exactly: b, maxDescriptors: maxDescriptors, until: deadline)
+            }
         }
         let fds: [Int32]
         switch first {
@@ -138,7 +144,9 @@ public struct XenBlkInfo: Equatable, Sendable {
     public var discard: Bool
     public var readOnly: Bool
 
-    public init(sectors: UInt64, sectorSize: UInt32 = 512, flushCache: Bool = true, discard: Bool = true, readOnly: Bool = false) {
+    public init(
+        sectors: UInt64, sectorSize: UInt32 = 512, flushCache: Bool = true, discard: Bool = true, readOnly: Bool = false
+    ) {
         self.sectors = sectors
         self.sectorSize = sectorSize
         self.flushCache = flushCache
@@ -153,7 +161,9 @@ public struct XenBlkInfo: Equatable, Sendable {
     /// two in 512...4096, features "0"/"1", `mode` "r"/"w".
     public static func validate(_ node: XenStoreNode) throws(Violation) -> XenBlkInfo {
         let state = try node.state()
-        guard state == .initWait else { throw .xenHandshakeState(expected: XenbusState.initWait.rawValue, got: state.rawValue) }
+        guard state == .initWait else {
+            throw .xenHandshakeState(expected: XenbusState.initWait.rawValue, got: state.rawValue)
+        }
         let sectors = try node.number("sectors", in: 1...maximumSectors)
         let size = try node.number("sector-size", in: 512...4096)
         guard size & (size - 1) == 0 else { throw .xenHandshakeValue(key: "sector-size", value: "\(size)") }

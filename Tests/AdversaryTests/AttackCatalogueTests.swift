@@ -19,7 +19,8 @@ struct AttackCatalogueTests {
         }
         #expect(Catalogue.attack(named: "used-id-out-of-range")?.rule.rawValue == "R3")
         #expect(throws: Catalogue.UnknownAttack.self) { try Catalogue.select(["used-id-out-of-range,nope"]).get() }
-        #expect((try? Catalogue.select(["reply-short,reply-never"]).get().map(\.name)) == ["reply-short", "reply-never"])
+        #expect(
+            (try? Catalogue.select(["reply-short,reply-never"]).get().map(\.name)) == ["reply-short", "reply-never"])
     }
 
     @Test(arguments: Catalogue.all)

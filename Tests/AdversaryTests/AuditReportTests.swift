@@ -10,7 +10,9 @@ struct AuditReportTests {
         return AuditReport(
             target: "test driver",
             records: [
-                AuditRecord(attack: a, outcome: .contained, seconds: 0.004, evidence: "used id 135 | out of range", asExpected: true, signature: "violation usedIdOutOfRange"),
+                AuditRecord(
+                    attack: a, outcome: .contained, seconds: 0.004, evidence: "used id 135 | out of range",
+                    asExpected: true, signature: "violation usedIdOutOfRange"),
                 AuditRecord(attack: b, outcome: .hung, seconds: 25, evidence: "line one\nline two", asExpected: false),
             ], seconds: 25.5)
     }
@@ -20,7 +22,10 @@ struct AuditReportTests {
         let lines = md.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         #expect(lines[0] == "| # | attack | rule | outcome | detect (s) | evidence | expected |")
         #expect(lines[1] == "|---|---|---|---|---|---|---|")
-        #expect(lines[2] == "| 1 | `used-id-out-of-range` | R3 | contained-with-error | 0.00 | used id 135 \\| out of range | yes |")
+        #expect(
+            lines[2]
+                == "| 1 | `used-id-out-of-range` | R3 | contained-with-error | 0.00 | used id 135 \\| out of range | yes |"
+        )
         #expect(lines[3] == "| 2 | `never-complete` | R5 | hung past deadline | 25.00 | line one ⏎ line two | **NO** |")
         #expect(lines[5] == "2 attacks against test driver in 25.5 s: 1 contained-with-error, 1 hung past deadline.")
         #expect(lines[6] == "Unexpected: never-complete.")
@@ -29,7 +34,9 @@ struct AuditReportTests {
     @Test func foreignTargetsHaveNoExpectedColumn() throws {
         var r = try sample()
         for i in r.records.indices { r.records[i].asExpected = nil }
-        #expect(r.markdown.hasPrefix("| # | attack | rule | outcome | detect (s) | evidence |\n|---|---|---|---|---|---|\n"))
+        #expect(
+            r.markdown.hasPrefix("| # | attack | rule | outcome | detect (s) | evidence |\n|---|---|---|---|---|---|\n")
+        )
     }
 
     @Test func jsonRoundTrips() throws {
@@ -54,8 +61,13 @@ struct AuditReportTests {
         #expect(c("[ 2.9] I/O error, dev vda, sector 0 op 0x0:(READ)\r\nRF-IO-END ok=1\r\n") == .ioError)
         #expect(c("RF-DATA-MISMATCH\r\nRF-IO-END ok=0\r\n") == .acceptedBadData)
         #expect(c("RF-SIZE 131072 512\r\nRF-DATA-OK\r\nRF-IO-END ok=0\r\n") == .clean)
-        #expect(GuestConsole.classify(console: "qemu-system-x86_64: Failed to read from slave.\n", exitStatus: 1, timedOut: false).0 == .contained)
-        let evidence = GuestConsole.classify(console: start + "[ 3.0] virtio_blk virtio0: req.0:id 135 out of range\r\n", exitStatus: 124, timedOut: true).1
+        #expect(
+            GuestConsole.classify(
+                console: "qemu-system-x86_64: Failed to read from slave.\n", exitStatus: 1, timedOut: false
+            ).0 == .contained)
+        let evidence = GuestConsole.classify(
+            console: start + "[ 3.0] virtio_blk virtio0: req.0:id 135 out of range\r\n", exitStatus: 124, timedOut: true
+        ).1
         #expect(evidence.contains("id 135 out of range"))
     }
 }

@@ -71,7 +71,9 @@ func measure(_ body: () throws(VirtioError) -> Void) -> (VirtioError?, Double) {
 @Suite("contained outcomes, exact", .serialized)
 struct ContainedOutcomeTests {
     /// Connects, serves `after` good reads, then one 4 KiB read that meets the attack.
-    func read(_ name: String, after: Int = 0, timeout: Double = 2) throws -> (VirtioError?, Double, BlockDevice, AttackBed) {
+    func read(_ name: String, after: Int = 0, timeout: Double = 2) throws -> (
+        VirtioError?, Double, BlockDevice, AttackBed
+    ) {
         let bed = try AttackBed(name, after: after)
         let disk = try bed.connect(timeout: timeout)
         for i in 0..<after { _ = try disk.read(at: UInt64(i) * 512, count: 512) }
@@ -210,11 +212,17 @@ struct ContainedOutcomeTests {
 
     @Test func configLiesAreRefusedOrClamped() throws {
         let capacity = try AttackBed("config-capacity-2^63")
-        #expect(measure { () throws(VirtioError) in _ = try capacity.connect() }.0 == .violation(.blockConfigInvalid(field: "capacity", value: 1 << 63)))
+        #expect(
+            measure { () throws(VirtioError) in _ = try capacity.connect() }.0
+                == .violation(.blockConfigInvalid(field: "capacity", value: 1 << 63)))
         try capacity.neighbourStillWorks()
-        for (name, value) in [("config-blk-size-0", UInt64(0)), ("config-blk-size-3", 3), ("config-blk-size-2^31", 1 << 31)] {
+        for (name, value) in [
+            ("config-blk-size-0", UInt64(0)), ("config-blk-size-3", 3), ("config-blk-size-2^31", 1 << 31),
+        ] {
             let bed = try AttackBed(name)
-            #expect(measure { () throws(VirtioError) in _ = try bed.connect() }.0 == .violation(.blockConfigInvalid(field: "blk_size", value: value)))
+            #expect(
+                measure { () throws(VirtioError) in _ = try bed.connect() }.0
+                    == .violation(.blockConfigInvalid(field: "blk_size", value: value)))
         }
         let seg = try AttackBed("config-seg-max-0")
         let disk = try seg.connect()

@@ -60,7 +60,8 @@ import Virtqueue
         #expect(try f.acked(.setVringNum, VringState(index: 0, num: 256).encoded) == 0)
         let user = F.userBase
         for bad in [
-            VringAddress(index: 0, descriptor: user + UInt64(F.regionSize) - 64, used: user + 0x2000, avail: user + 0x1000),
+            VringAddress(
+                index: 0, descriptor: user + UInt64(F.regionSize) - 64, used: user + 0x2000, avail: user + 0x1000),
             VringAddress(index: 0, descriptor: 0, used: user + 0x2000, avail: user + 0x1000),
             VringAddress(index: 0, descriptor: user + 8, used: user + 0x2000, avail: user + 0x1000),  // misaligned
             VringAddress(index: 0, descriptor: .max - 15, used: user + 0x2000, avail: user + 0x1000),
@@ -78,7 +79,9 @@ import Virtqueue
         let regions = (0..<9).map { i in
             (F.guestBase + UInt64(i) * 0x10000, UInt64(0x10000), F.userBase + UInt64(i) * 0x10000, UInt64(i) * 0x10000)
         }
-        try f.send(.setMemTable, F.memoryTable(regions), fds: [Int32](repeating: f.region.fileDescriptor, count: 8), needReply: true)
+        try f.send(
+            .setMemTable, F.memoryTable(regions), fds: [Int32](repeating: f.region.fileDescriptor, count: 8),
+            needReply: true)
         #expect(f.isDropped())
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
@@ -96,7 +99,8 @@ import Virtqueue
             #expect((status == 0) == (i < 8), "region \(i)")
         }
         // Removing one makes room again.
-        let first = MemoryRegionDescription(guestAddress: F.guestBase, size: 0x10000, userAddress: F.userBase, mmapOffset: 0)
+        let first = MemoryRegionDescription(
+            guestAddress: F.guestBase, size: 0x10000, userAddress: F.userBase, mmapOffset: 0)
         #expect(try f.acked(.remMemReg, SingleMemoryRegion(first).encoded) == 0)
         #expect(try f.acked(.remMemReg, SingleMemoryRegion(first).encoded) != 0, "already removed")
         try fixture.expectServesWellBehavedFrontend(after: f)
@@ -146,7 +150,8 @@ import Virtqueue
         defer { close(fd) }
         #expect(ftruncate(fd, off_t(F.regionSize)) == 0)
         #expect(try f.acked(.setMemTable, Self.wholeRegion(), fds: [fd]) != 0)
-        let r = MemoryRegionDescription(guestAddress: F.guestBase, size: UInt64(F.regionSize), userAddress: F.userBase, mmapOffset: 0)
+        let r = MemoryRegionDescription(
+            guestAddress: F.guestBase, size: UInt64(F.regionSize), userAddress: F.userBase, mmapOffset: 0)
         #expect(try f.acked(.addMemReg, SingleMemoryRegion(r).encoded, fds: [fd]) != 0)
         // A regular file is not a memfd at all: no seals, refused the same way.
         let file = open(fixture.imagePath, O_RDWR)
@@ -212,7 +217,8 @@ import Virtqueue
         case "call": try f.send(.setVringCall, VringFile(index: 0).encoded, needReply: true)
         case "memTable": try f.send(.setMemTable, Self.wholeRegion(), needReply: true)
         default:
-            let r = MemoryRegionDescription(guestAddress: F.guestBase, size: 4096, userAddress: F.userBase, mmapOffset: 0)
+            let r = MemoryRegionDescription(
+                guestAddress: F.guestBase, size: 4096, userAddress: F.userBase, mmapOffset: 0)
             try f.send(.addMemReg, SingleMemoryRegion(r).encoded, needReply: true)
         }
         #expect(f.isDropped())
@@ -232,7 +238,9 @@ import Virtqueue
             #expect(f.isDropped())
             let g = try TestFrontend(path: fixture.socketPath)
             try g.negotiate()
-            try g.send(.setVringKick, VringFile(index: 0, noDescriptor: true).encoded, fds: [extra.fileDescriptor], needReply: true)
+            try g.send(
+                .setVringKick, VringFile(index: 0, noDescriptor: true).encoded, fds: [extra.fileDescriptor],
+                needReply: true)
             #expect(g.isDropped())
         }
         #expect(fixture.waitForEvent(containing: "#2 disconnected"))
@@ -250,7 +258,10 @@ import Virtqueue
         try f.negotiate()
         var pipeFDs: [Int32] = [-1, -1]
         #expect(pipe(&pipeFDs) == 0)
-        defer { close(pipeFDs[0]); close(pipeFDs[1]) }
+        defer {
+            close(pipeFDs[0])
+            close(pipeFDs[1])
+        }
         let file = open(fixture.imagePath, O_RDONLY)
         defer { close(file) }
         for fd in [pipeFDs[0], file, f.region.fileDescriptor] {
@@ -298,7 +309,8 @@ import Virtqueue
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
         let f = try TestFrontend(path: fixture.socketPath)
-        let header = MessageHeader(request: Request.getFeatures.rawValue, flags: HeaderFlags.version | HeaderFlags.reply, size: 0)
+        let header = MessageHeader(
+            request: Request.getFeatures.rawValue, flags: HeaderFlags.version | HeaderFlags.reply, size: 0)
         try f.channel.channel.send(header.encoded)
         #expect(f.isDropped())
         try fixture.expectServesWellBehavedFrontend(after: f)
@@ -328,7 +340,8 @@ import Virtqueue
         defer { fixture.shutdown() }
         let f = try TestFrontend(path: fixture.socketPath)
         try f.send(.setProtocolFeatures, U64Payload(ProtocolFeatures.replyAck.rawValue).encoded)
-        #expect(try f.acked(.setFeatures, U64Payload(FeatureBits.accessPlatform).encoded) != 0)  // not offered (packed is, since issue 7)
+        // Not offered (packed is, since issue 7).
+        #expect(try f.acked(.setFeatures, U64Payload(FeatureBits.accessPlatform).encoded) != 0)
         #expect(try f.acked(.setProtocolFeatures, U64Payload(1 << 40).encoded) != 0)
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
@@ -338,7 +351,8 @@ import Virtqueue
         defer { fixture.shutdown() }
         let f = try TestFrontend(path: fixture.socketPath)
         try f.negotiate()
-        let reply = try ConfigSpace.decode(try f.query(.getConfig, ConfigSpace(payload: [UInt8](repeating: 0, count: 60)).encoded))
+        let reply = try ConfigSpace.decode(
+            try f.query(.getConfig, ConfigSpace(payload: [UInt8](repeating: 0, count: 60)).encoded))
         let config = BlockConfig.decode(reply.payload)
         #expect(config.capacity == UInt64(BackendFixture.imageSize / 512))
         #expect(config.blockSize == 512 && config.numQueues == 1 && config.segMax == 254)

@@ -85,12 +85,21 @@ import Virtqueue
         }
         let f = try TestFrontend(path: dir + "/s.sock")
         #expect(try U64Payload.decode(try f.query(.getFeatures)).value == .max, "control reply hook")
-        let config = BlockConfig.decode(try ConfigSpace.decode(try f.query(.getConfig, ConfigSpace(payload: [UInt8](repeating: 0, count: 60)).encoded)).payload)
+        let config = BlockConfig.decode(
+            try ConfigSpace.decode(
+                try f.query(.getConfig, ConfigSpace(payload: [UInt8](repeating: 0, count: 60)).encoded)
+            ).payload)
         #expect(config.capacity == 1 << 63, "config hook")
         // Negotiate honestly (only what the real device offers; split ring) and set the ring up.
-        try f.send(.setFeatures, U64Payload(real.features & ~FeatureBits.ringPacked | FeatureBits.protocolFeatures).encoded)
+        try f.send(
+            .setFeatures, U64Payload(real.features & ~FeatureBits.ringPacked | FeatureBits.protocolFeatures).encoded)
         try f.send(.setProtocolFeatures, U64Payload(ProtocolFeatures([.replyAck, .config]).rawValue).encoded)
-        #expect(try f.acked(.setMemTable, TestFrontend.memoryTable([(TestFrontend.guestBase, UInt64(TestFrontend.regionSize), TestFrontend.userBase, 0)]), fds: [f.region.fileDescriptor]) == 0)
+        #expect(
+            try f.acked(
+                .setMemTable,
+                TestFrontend.memoryTable([
+                    (TestFrontend.guestBase, UInt64(TestFrontend.regionSize), TestFrontend.userBase, 0)
+                ]), fds: [f.region.fileDescriptor]) == 0)
         try f.setUpQueue(0, size: 8)
         let r = try f.blockRequest(type: .flush, sector: 0)
         #expect(r.status == 0 && r.usedLength == 1)

@@ -55,12 +55,14 @@ import Virtqueue
         let f = try TestFrontend(path: fixture.socketPath)
         try f.setUp()
         let extra = try SharedRegion(name: "rf-test-extra", size: 1 << 16)
-        let r = MemoryRegionDescription(guestAddress: 0x4000_0000, size: 1 << 16, userAddress: 0x7f00_4000_0000, mmapOffset: 0)
+        let r = MemoryRegionDescription(
+            guestAddress: 0x4000_0000, size: 1 << 16, userAddress: 0x7f00_4000_0000, mmapOffset: 0)
         #expect(try f.acked(.addMemReg, SingleMemoryRegion(r).encoded, fds: [extra.fileDescriptor]) == 0)
         // A request whose data lives in the new region.
         F.prepareHeader(f, type: .read, sector: 5)
         f.writeDescriptor(0, address: F.guest(F.headerOffset), length: 16, flags: SplitLayout.flagNext, next: 1)
-        f.writeDescriptor(1, address: 0x4000_0000, length: 512, flags: SplitLayout.flagNext | SplitLayout.flagWrite, next: 2)
+        f.writeDescriptor(
+            1, address: 0x4000_0000, length: 512, flags: SplitLayout.flagNext | SplitLayout.flagWrite, next: 2)
         f.writeDescriptor(2, address: F.guest(F.statusOffset), length: 1, flags: SplitLayout.flagWrite)
         let used = try f.submitRaw()
         #expect(used.length == 513 && f.statusByte == 0)
@@ -76,7 +78,8 @@ import Virtqueue
         defer { fixture.shutdown() }
         let f = try TestFrontend(path: fixture.socketPath)
         try f.setUp()
-        let whole = MemoryRegionDescription(guestAddress: F.guestBase, size: UInt64(F.regionSize), userAddress: F.userBase, mmapOffset: 0)
+        let whole = MemoryRegionDescription(
+            guestAddress: F.guestBase, size: UInt64(F.regionSize), userAddress: F.userBase, mmapOffset: 0)
         #expect(try f.acked(.remMemReg, SingleMemoryRegion(whole).encoded, fds: [f.region.fileDescriptor]) == 0)
         #expect(f.err.wait(until: .after(seconds: 3)) > 0)
         #expect(fixture.waitForEvent(containing: "not restarted"))

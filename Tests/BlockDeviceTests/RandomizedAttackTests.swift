@@ -48,7 +48,9 @@ import Virtqueue
             }
             // Drain whatever came back; reconnect if the server hung up.
             var buffer = [UInt8](repeating: 0, count: 512)
-            let n = buffer.withUnsafeMutableBytes { recv(f.channel.channel.fileDescriptor, $0.baseAddress, 512, Int32(MSG_DONTWAIT)) }
+            let n = buffer.withUnsafeMutableBytes {
+                recv(f.channel.channel.fileDescriptor, $0.baseAddress, 512, Int32(MSG_DONTWAIT))
+            }
             if n == 0 {
                 drops += 1
                 f = try TestFrontend(path: fixture.socketPath)
@@ -75,7 +77,9 @@ import Virtqueue
                     case 1: F.guestBase + UInt64(F.regionSize) - UInt64.random(in: 0...64, using: &rng)
                     default: F.guest(F.headerOffset + Int.random(in: 0..<0x10000, using: &rng))
                     }
-                let length: UInt32 = Bool.random(using: &rng) ? UInt32.random(in: 0...4096, using: &rng) : UInt32.random(in: 0...UInt32.max, using: &rng)
+                let length: UInt32 =
+                    Bool.random(using: &rng)
+                    ? UInt32.random(in: 0...4096, using: &rng) : UInt32.random(in: 0...UInt32.max, using: &rng)
                 f.writeDescriptor(
                     i, address: address, length: length, flags: UInt16.random(in: 0...7, using: &rng),
                     next: UInt16.random(in: 0...9, using: &rng))
@@ -88,7 +92,8 @@ import Virtqueue
             }
             let header = BlockProtocol.encodeHeader(
                 type: BlockProtocol.RequestType.allCases.randomElement(using: &rng) ?? .read,
-                sector: Bool.random(using: &rng) ? UInt64.random(in: 0...9000, using: &rng) : .random(in: 0...UInt64.max, using: &rng))
+                sector: Bool.random(using: &rng)
+                    ? UInt64.random(in: 0...9000, using: &rng) : .random(in: 0...UInt64.max, using: &rng))
             for (i, b) in header.enumerated() { f.pointer(F.headerOffset + i).storeBytes(of: b, as: UInt8.self) }
             // Now and then a ring-level lie (head out of range, idx jump): the queue fails.
             let head = Int.random(in: 0..<60, using: &rng) == 0 ? 8 : UInt16.random(in: 0...7, using: &rng)

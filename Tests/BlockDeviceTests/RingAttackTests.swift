@@ -156,11 +156,15 @@ import Virtqueue
         switch kind {
         case "self":
             // The table's only entry is an indirect descriptor pointing at the table itself.
-            f.writeDescriptor(0, address: F.guest(F.indirectOffset), length: 16, flags: Self.indirect, table: F.indirectOffset)
+            f.writeDescriptor(
+                0, address: F.guest(F.indirectOffset), length: 16, flags: Self.indirect, table: F.indirectOffset)
             f.writeDescriptor(0, address: F.guest(F.indirectOffset), length: 16, flags: Self.indirect)
         case "nested":
-            f.writeDescriptor(0, address: F.guest(F.headerOffset), length: 16, flags: Self.next, next: 1, table: F.indirectOffset)
-            f.writeDescriptor(1, address: F.guest(F.indirectOffset + 0x400), length: 32, flags: Self.indirect, table: F.indirectOffset)
+            f.writeDescriptor(
+                0, address: F.guest(F.headerOffset), length: 16, flags: Self.next, next: 1, table: F.indirectOffset)
+            f.writeDescriptor(
+                1, address: F.guest(F.indirectOffset + 0x400), length: 32, flags: Self.indirect, table: F.indirectOffset
+            )
             f.writeDescriptor(0, address: F.guest(F.indirectOffset), length: 32, flags: Self.indirect)
         default:
             f.writeDescriptor(0, address: F.guest(F.indirectOffset), length: 24, flags: Self.indirect)

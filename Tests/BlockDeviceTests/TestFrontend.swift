@@ -195,15 +195,19 @@ final class TestFrontend {
     }
 
     static func memoryTable(_ regions: [(guest: UInt64, size: UInt64, user: UInt64, offset: UInt64)]) -> [UInt8] {
-        MemoryTable(regions: regions.map {
-            MemoryRegionDescription(guestAddress: $0.guest, size: $0.size, userAddress: $0.user, mmapOffset: $0.offset)
-        }).encoded
+        MemoryTable(
+            regions: regions.map {
+                MemoryRegionDescription(
+                    guestAddress: $0.guest, size: $0.size, userAddress: $0.user, mmapOffset: $0.offset)
+            }
+        ).encoded
     }
 
     /// Negotiation up to (not including) the memory table.
     func negotiate(eventIndex: Bool = true, indirect: Bool = true) throws {
         let offered = try U64Payload.decode(try query(.getFeatures)).value
-        var wanted = FeatureBits.version1 | FeatureBits.protocolFeatures | BlockProtocol.Feature.flush
+        var wanted =
+            FeatureBits.version1 | FeatureBits.protocolFeatures | BlockProtocol.Feature.flush
             | BlockProtocol.Feature.discard | BlockProtocol.Feature.writeZeroes
         if eventIndex { wanted |= FeatureBits.ringEventIndex }
         if indirect { wanted |= FeatureBits.ringIndirectDescriptors }
@@ -316,7 +320,8 @@ final class TestFrontend {
             data.withUnsafeBytes { pointer(dataOffset).copyMemory(from: $0.baseAddress!, byteCount: data.count) }
         }
         let next: UInt16 = length > 0 ? 1 : 2
-        writeDescriptor(0, address: Self.guest(headerOffset), length: 16, flags: SplitLayout.flagNext, next: next, queue: queue)
+        writeDescriptor(
+            0, address: Self.guest(headerOffset), length: 16, flags: SplitLayout.flagNext, next: next, queue: queue)
         if length > 0 {
             writeDescriptor(
                 1, address: Self.guest(dataOffset), length: UInt32(length),

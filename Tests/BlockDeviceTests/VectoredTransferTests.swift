@@ -21,7 +21,10 @@ import Testing
         var segments: [ChainSegment] = []
         var o = 0
         for n in sizes {
-            segments.append(ChainSegment(buffer: UnsafeMutableRawBufferPointer(rebasing: memory[o..<o + n]), guestAddress: 0, deviceWritable: true))
+            segments.append(
+                ChainSegment(
+                    buffer: UnsafeMutableRawBufferPointer(rebasing: memory[o..<o + n]), guestAddress: 0,
+                    deviceWritable: true))
             o += n
         }
         #expect(handler.transfer(segments[...], from: 0, count: UInt64(total), fileOffset: 4096, write: true))
@@ -32,7 +35,9 @@ import Testing
         #expect(Array(memory) == Array(file[4096..<4096 + total]))
         // Past the end of the file: the rest reads as zeros.
         memory.initializeMemory(as: UInt8.self, repeating: 0xFF)
-        #expect(handler.transfer(segments[...], from: 0, count: UInt64(total), fileOffset: UInt64(2 << 20) - 1000, write: false))
+        #expect(
+            handler.transfer(
+                segments[...], from: 0, count: UInt64(total), fileOffset: UInt64(2 << 20) - 1000, write: false))
         #expect(memory[1000..<total].allSatisfy { $0 == 0 })
         // An offset into the chain (as a write skips its 16-byte header).
         #expect(handler.transfer(segments[...], from: 16, count: 512, fileOffset: 0, write: true))

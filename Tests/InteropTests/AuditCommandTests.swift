@@ -45,13 +45,17 @@ struct AuditCommandTests {
     }
 
     @Test func serveBlkRefusesUnknownAttacks() throws {
-        let r = try Interop.run([try Self.binary(), "serve-blk", "--socket", "/tmp/x.sock", "--image", "/tmp/x.img", "--attack", "nope"])
+        let r = try Interop.run([
+            try Self.binary(), "serve-blk", "--socket", "/tmp/x.sock", "--image", "/tmp/x.img", "--attack", "nope",
+        ])
         #expect(r.status != 0)
         #expect(r.output.contains("unknown attack 'nope'"))
     }
 
     /// A representative subset against Linux 6.1 (one boot each, ~10-15 s; reply-short none).
-    static let guestSubset = ["status-garbage", "used-len-zero", "vandal-avail", "config-blk-size-0", "reply-short", "leak-probe"]
+    static let guestSubset = [
+        "status-garbage", "used-len-zero", "vandal-avail", "config-blk-size-0", "reply-short", "leak-probe",
+    ]
 
     @Test(.enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest audit skipped"))
     func linuxGuestAuditOfARepresentativeSubset() throws {
@@ -67,7 +71,8 @@ struct AuditCommandTests {
         #expect(r.status == 0)
         let rows = try Self.records(json)
         #expect(rows.map { $0["attack"] as? String } == Self.guestSubset)
-        let outcome = Dictionary(uniqueKeysWithValues: rows.map { ($0["attack"] as? String ?? "", $0["outcome"] as? String ?? "") })
+        let outcome = Dictionary(
+            uniqueKeysWithValues: rows.map { ($0["attack"] as? String ?? "", $0["outcome"] as? String ?? "") })
         #expect(!outcome.values.contains("not run"))
         #expect(outcome["status-garbage"] == "I/O error", "Linux fails the request on an unknown status")
         #expect(outcome["used-len-zero"] == "clean", "Linux 6.1 does not check the used length (validation reverted)")

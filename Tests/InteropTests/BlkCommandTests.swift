@@ -9,7 +9,8 @@ struct CommandResult {
 }
 
 func ringfence(_ arguments: [String], stdin: Data? = nil) throws -> CommandResult {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
     let binary = root.appendingPathComponent(".build/debug/ringfence")
     let p = Process()
     p.executableURL = binary
@@ -31,11 +32,14 @@ func ringfence(_ arguments: [String], stdin: Data? = nil) throws -> CommandResul
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
-    return CommandResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    return CommandResult(
+        status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+        stderr: String(decoding: e, as: UTF8.self))
 }
 
 var ringfenceBuilt: Bool {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
     return FileManager.default.isExecutableFile(atPath: root.appendingPathComponent(".build/debug/ringfence").path)
 }
 
@@ -77,7 +81,8 @@ struct BlkCommandTests {
         #expect(try ringfence(s + ["write-zeroes", "--offset", "64k", "--length", "8k"]).status == 0)
         #expect(try ringfence(s + ["read", "--offset", "64k", "--length", "8k", "--output", file]).status == 0)
         #expect(FileManager.default.contents(atPath: file) == Data(count: 8192))
-        let bench = try ringfence(s + ["bench", "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--runtime", "1", "--json"])
+        let bench = try ringfence(
+            s + ["bench", "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--runtime", "1", "--json"])
         #expect(bench.status == 0, "\(bench.stderr)")
         #expect(bench.stdout.contains("\"iops\":"))
         #expect(bench.stdout.contains("\"p99_9\":"))

@@ -23,7 +23,9 @@ enum Interop {
 
     /// Runs a command to completion (with its own timeout inside), returning status and output.
     @discardableResult
-    static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+    static func run(_ arguments: [String], environment: [String: String] = [:]) throws -> (
+        status: Int32, output: String
+    ) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: arguments[0])
         p.arguments = Array(arguments.dropFirst())
@@ -64,7 +66,8 @@ enum Interop {
 
 /// The real Linux 6.1 `virtio_blk` driver in a QEMU TCG guest against `ringfence serve-blk`.
 /// Two boots against one running server (the second is the reconnect test).
-@Suite(.serialized, .enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest tests skipped"))
+@Suite(
+    .serialized, .enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest tests skipped"))
 struct LinuxGuestBlockTests {
     static let mib = 1 << 20
     static let patternOffset = 48 << 20
@@ -154,13 +157,18 @@ struct LinuxGuestBlockTests {
         while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
         #expect(FileManager.default.fileExists(atPath: socket), "serve-blk listens")
 
-        let first = try Interop.bootGuest(script: Self.firstBoot, socket: socket, queues: 2, workDir: work, name: "boot1")
+        let first = try Interop.bootGuest(
+            script: Self.firstBoot, socket: socket, queues: 2, workDir: work, name: "boot1")
         print("[interop] boot 1 (2 queues): rc=\(first.status) in \(String(format: "%.1f", first.seconds)) s")
-        print(first.console.split(separator: "\n").filter { $0.contains("=") || $0.contains("ok") }.joined(separator: "\n"))
+        print(
+            first.console.split(separator: "\n").filter { $0.contains("=") || $0.contains("ok") }.joined(
+                separator: "\n"))
         #expect(first.status == 0, "first boot: \(first.console.suffix(1500))")
 
-        let second = try Interop.bootGuest(script: Self.secondBoot, socket: socket, queues: 1, workDir: work, name: "boot2")
-        print("[interop] boot 2 (reconnect, 1 queue): rc=\(second.status) in \(String(format: "%.1f", second.seconds)) s")
+        let second = try Interop.bootGuest(
+            script: Self.secondBoot, socket: socket, queues: 1, workDir: work, name: "boot2")
+        print(
+            "[interop] boot 2 (reconnect, 1 queue): rc=\(second.status) in \(String(format: "%.1f", second.seconds)) s")
         #expect(second.status == 0, "second boot: \(second.console.suffix(1500))")
 
         // SIGTERM: clean exit, socket removed.
@@ -178,7 +186,8 @@ struct LinuxGuestBlockTests {
 
         // Host-side checks on the image after shutdown.
         let data = try Data(contentsOf: URL(fileURLWithPath: image))
-        let pattern = Data(String(repeating: "RINGFENCE-PATTERN-0123456789\n", count: Self.mib / 29 + 1).utf8.prefix(Self.mib))
+        let pattern = Data(
+            String(repeating: "RINGFENCE-PATTERN-0123456789\n", count: Self.mib / 29 + 1).utf8.prefix(Self.mib))
         // Compared into Bools first: a failed #expect on 1 MiB values would make the test
         // library compute a diff for minutes.
         let patternOnHost = data[Self.patternOffset..<Self.patternOffset + Self.mib] == pattern
@@ -233,7 +242,9 @@ struct LinuxGuestBlockTests {
         let boot = try Interop.bootGuest(
             script: script, socket: socket, queues: 2, workDir: work, name: "packed", packed: true)
         print("[interop] packed boot (2 queues): rc=\(boot.status) in \(String(format: "%.1f", boot.seconds)) s")
-        print(boot.console.split(separator: "\n").filter { $0.contains("=") || $0.contains("ok") }.joined(separator: "\n"))
+        print(
+            boot.console.split(separator: "\n").filter { $0.contains("=") || $0.contains("ok") }.joined(separator: "\n")
+        )
         #expect(boot.status == 0, "packed boot: \(boot.console.suffix(1500))")
         #expect(boot.console.contains("packed=1"), "the guest negotiated packed")
 
@@ -249,7 +260,8 @@ struct LinuxGuestBlockTests {
         #expect(!serverLog.contains("failed"), "no queue failed: \(serverLog.suffix(2000))")
         #expect(!serverLog.contains("rejected"), "no request rejected: \(serverLog.suffix(2000))")
         let data = try Data(contentsOf: URL(fileURLWithPath: image))
-        let pattern = Data(String(repeating: "RINGFENCE-PATTERN-0123456789\n", count: Self.mib / 29 + 1).utf8.prefix(Self.mib))
+        let pattern = Data(
+            String(repeating: "RINGFENCE-PATTERN-0123456789\n", count: Self.mib / 29 + 1).utf8.prefix(Self.mib))
         let patternOnHost = data[Self.patternOffset..<Self.patternOffset + Self.mib] == pattern
         #expect(patternOnHost, "guest pattern on host")
         let fsck = try Interop.run(["/usr/sbin/e2fsck", "-fn", image])

@@ -16,7 +16,8 @@ func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
     }
 }
 
-func open(_ qsd: QemuStorageDaemon, queues: Int = 1, reconnect: Bool = false, timeout: Double = 5) throws -> BlockDevice {
+func open(_ qsd: QemuStorageDaemon, queues: Int = 1, reconnect: Bool = false, timeout: Double = 5) throws -> BlockDevice
+{
     var options = BlockDevice.Options()
     options.queues = queues
     options.reconnect = reconnect
@@ -88,7 +89,9 @@ struct QemuStorageDaemonTests {
             do throws(VirtioError) {
                 for (i, chunk) in stride(from: 0, to: data.count, by: 32 << 10).enumerated() {
                     try data[chunk..<chunk + (32 << 10)].withUnsafeBytes { b in
-                        Result { () throws(VirtioError) in try q.submitWrite(offset: base + UInt64(chunk), from: b, tag: UInt64(i)) }
+                        Result { () throws(VirtioError) in
+                            try q.submitWrite(offset: base + UInt64(chunk), from: b, tag: UInt64(i))
+                        }
                     }.get()
                 }
                 for _ in 0..<8 { if case .failure = q.wait()?.result { failures.add(1, ordering: .relaxed) } }

@@ -17,7 +17,9 @@ import Testing
         for _ in 0..<3 {
             let server = Process()
             server.executableURL = URL(fileURLWithPath: binary)
-            server.arguments = ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"]
+            server.arguments = [
+                "serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error",
+            ]
             try server.run()
             let ready = Date().addingTimeInterval(10)
             while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }

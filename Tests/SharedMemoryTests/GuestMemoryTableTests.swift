@@ -38,7 +38,9 @@ import Testing
         #expect(try memory.translate(0x1FFF, length: 1).baseAddress == low.base + 0x1FFF)
         #expect(try memory.translate(0x2000, length: 1).baseAddress == high.base)
         // Contiguous to the device, not to us: one range must lie inside one mapping.
-        #expect(throws: TranslationError.unmapped(address: 0x1FFF, length: 2)) { try memory.translate(0x1FFF, length: 2) }
+        #expect(throws: TranslationError.unmapped(address: 0x1FFF, length: 2)) {
+            try memory.translate(0x1FFF, length: 2)
+        }
         #expect(throws: TranslationError.unmapped(address: 0x10_1FFF, length: 2)) {
             try memory.translateUser(0x10_1FFF, length: 2)
         }
@@ -48,12 +50,16 @@ import Testing
         var memory = GuestMemory()
         for i in 0..<8 {
             try memory.add(
-                GuestRegion(guestAddress: UInt64(i) << 20, userAddress: 0x1_0000_0000 + UInt64(i) << 20, mapping: try Self.region(1)))
+                GuestRegion(
+                    guestAddress: UInt64(i) << 20, userAddress: 0x1_0000_0000 + UInt64(i) << 20,
+                    mapping: try Self.region(1)))
         }
         let ninth = GuestRegion(guestAddress: 8 << 20, userAddress: 0x1_0800_0000, mapping: try Self.region(1))
         #expect(throws: RegionTableError.tooManyRegions(count: 9, limit: 8)) { try memory.add(ninth) }
         #expect(memory.regions.count == 8)
-        #expect(throws: TranslationError.unmapped(address: 8 << 20, length: 1)) { try memory.translate(8 << 20, length: 1) }
+        #expect(throws: TranslationError.unmapped(address: 8 << 20, length: 1)) {
+            try memory.translate(8 << 20, length: 1)
+        }
     }
 
     @Test(arguments: [UInt64.max - 4095, .max - 100, .max, 1 << 63 | (UInt64.max >> 1 - 4094)])
@@ -75,7 +81,9 @@ import Testing
         let region = try Self.region(1)
         try memory.add(GuestRegion(guestAddress: UInt64.max - 4096, userAddress: 0x1000, mapping: region))
         #expect(try memory.translate(.max - 1, length: 1).baseAddress == region.base + 4095)
-        #expect(throws: TranslationError.overflow(address: .max - 1, length: 2)) { try memory.translate(.max - 1, length: 2) }
+        #expect(throws: TranslationError.overflow(address: .max - 1, length: 2)) {
+            try memory.translate(.max - 1, length: 2)
+        }
         #expect(throws: TranslationError.unmapped(address: .max, length: 0)) { try memory.translate(.max, length: 0) }
     }
 
@@ -97,28 +105,40 @@ import Testing
         #expect(throws: TranslationError.unmapped(address: 0x1_0000, length: 8193)) {
             try memory.translate(0x1_0000, length: 8193)
         }
-        #expect(throws: TranslationError.unmapped(address: 0xFFFF, length: 2)) { try memory.translate(0xFFFF, length: 2) }
+        #expect(throws: TranslationError.unmapped(address: 0xFFFF, length: 2)) {
+            try memory.translate(0xFFFF, length: 2)
+        }
         #expect(throws: TranslationError.overflow(address: 0x1_0000, length: .max)) {
             try memory.translate(0x1_0000, length: .max)
         }
         // The two address spaces are never confused.
-        #expect(throws: TranslationError.unmapped(address: 0x7F00_0000, length: 1)) { try memory.translate(0x7F00_0000, length: 1) }
-        #expect(throws: TranslationError.unmapped(address: 0x1_0000, length: 1)) { try memory.translateUser(0x1_0000, length: 1) }
+        #expect(throws: TranslationError.unmapped(address: 0x7F00_0000, length: 1)) {
+            try memory.translate(0x7F00_0000, length: 1)
+        }
+        #expect(throws: TranslationError.unmapped(address: 0x1_0000, length: 1)) {
+            try memory.translateUser(0x1_0000, length: 1)
+        }
         #expect(try memory.translateUser(0x7F00_0000 + 100, length: 8092).baseAddress == region.base + 100)
         #expect(throws: TranslationError.unmapped(address: 0x7F00_0000 + 100, length: 8093)) {
             try memory.translateUser(0x7F00_0000 + 100, length: 8093)
         }
-        #expect(throws: TranslationError.overflow(address: .max, length: 1)) { try memory.translateUser(.max, length: 1) }
+        #expect(throws: TranslationError.overflow(address: .max, length: 1)) {
+            try memory.translateUser(.max, length: 1)
+        }
         #expect(memory.guestAddress(ofUser: 0x7F00_0000 + 8191) == 0x1_0000 + 8191)
         #expect(memory.guestAddress(ofUser: 0x7F00_0000 + 8192) == nil)
         #expect(memory.guestAddress(ofUser: 0x1_0000) == nil)
     }
 
     @Test func removedRegionNoLongerTranslates() throws {
-        var memory = try GuestMemory([GuestRegion(guestAddress: 0x1_0000, userAddress: 0x7F00_0000, mapping: try Self.region())])
+        var memory = try GuestMemory([
+            GuestRegion(guestAddress: 0x1_0000, userAddress: 0x7F00_0000, mapping: try Self.region())
+        ])
         #expect(memory.remove(guestAddress: 0x1_0000, size: 4096) == false)  // wrong size
         #expect(memory.remove(guestAddress: 0x1_0000, size: 8192) == true)
-        #expect(throws: TranslationError.unmapped(address: 0x1_0000, length: 1)) { try memory.translate(0x1_0000, length: 1) }
+        #expect(throws: TranslationError.unmapped(address: 0x1_0000, length: 1)) {
+            try memory.translate(0x1_0000, length: 1)
+        }
         #expect(memory.remove(guestAddress: 0x1_0000, size: 8192) == false)
     }
 

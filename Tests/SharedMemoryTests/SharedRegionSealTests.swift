@@ -113,7 +113,9 @@ import Testing
         return (region, fd)
     }
 
-    @Test(arguments: [(0, 8192, 8192), (4096, 1, 4097), (1, 4096, 4097), (0, 1 << 40, 1 << 40)] as [(UInt64, UInt64, UInt64)])
+    @Test(
+        arguments: [(0, 8192, 8192), (4096, 1, 4097), (1, 4096, 4097), (0, 1 << 40, 1 << 40)]
+            as [(UInt64, UInt64, UInt64)])
     func mappingRefusesFileTooSmall(offset: UInt64, size: UInt64, needed: UInt64) throws {
         let (region, fd) = try Self.sealedCopy(pages: 1)
         #expect(throws: SharedRegion.Error.fileTooSmall(fileSize: 4096, needed: needed)) {

@@ -30,7 +30,8 @@ final class Neighbour {
     }
 }
 
-func attach(_ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1) throws(VirtioError) -> BlockDevice {
+func attach(_ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1) throws(VirtioError) -> BlockDevice
+{
     backend.start()
     var options = BlockDevice.Options()
     options.requestTimeout = timeout
@@ -51,7 +52,9 @@ func failure(_ body: () throws(VirtioError) -> Void) -> (VirtioError?, Double) {
 }
 
 /// One read against a back-end misbehaving with `m`: returns the error it must produce.
-func readAgainst(_ m: BlockMisbehaviour, after: Int = 0, timeout: Double = 2) throws -> (VirtioError?, Double, BlockDevice, MisbehavingBlockBackend) {
+func readAgainst(_ m: BlockMisbehaviour, after: Int = 0, timeout: Double = 2) throws -> (
+    VirtioError?, Double, BlockDevice, MisbehavingBlockBackend
+) {
     let backend = try MisbehavingBlockBackend(m, after: after)
     let disk = try attach(backend, timeout: timeout)
     for i in 0..<after { _ = try disk.read(at: UInt64(i) * 512, count: 512) }
@@ -64,7 +67,10 @@ struct MisbehavingBackendTests {
     @Test func healthyBackendServesEveryRequestType() async throws {
         let backend = try MisbehavingBlockBackend()
         let disk = try attach(backend)
-        defer { disk.close(); backend.stop() }
+        defer {
+            disk.close()
+            backend.stop()
+        }
         let data = (0..<65536).map { UInt8(truncatingIfNeeded: $0 ^ ($0 >> 8)) }
         try await disk.write(at: 4096, bytes: data)
         #expect(try await disk.read(at: 4096, count: data.count) == data)
@@ -86,7 +92,9 @@ struct MisbehavingBackendTests {
 
     // MARK: config
 
-    func connectError(config: BlockConfig, features: UInt64 = MisbehavingBlockBackend.defaultFeatures, queues: Int = 1) throws -> VirtioError? {
+    func connectError(config: BlockConfig, features: UInt64 = MisbehavingBlockBackend.defaultFeatures, queues: Int = 1)
+        throws -> VirtioError?
+    {
         let backend = try MisbehavingBlockBackend(config: config, features: features)
         defer { backend.stop() }
         do {
@@ -102,7 +110,8 @@ struct MisbehavingBackendTests {
     func nonsenseBlockSizeIsRefused(blockSize: UInt32) throws {
         var c = MisbehavingBlockBackend.defaultConfig()
         c.blockSize = blockSize
-        #expect(try connectError(config: c) == .violation(.blockConfigInvalid(field: "blk_size", value: UInt64(blockSize))))
+        #expect(
+            try connectError(config: c) == .violation(.blockConfigInvalid(field: "blk_size", value: UInt64(blockSize))))
     }
 
     @Test func numQueues65535IsClampedToGetQueueNum() throws {
@@ -110,7 +119,10 @@ struct MisbehavingBackendTests {
         c.numQueues = 65535
         let backend = try MisbehavingBlockBackend(config: c, queueNum: 2)
         let disk = try attach(backend, queues: 64)
-        defer { disk.close(); backend.stop() }
+        defer {
+            disk.close()
+            backend.stop()
+        }
         #expect(disk.info.queueCount == 2)
         #expect(disk.queueCount == 2)
     }
@@ -118,19 +130,31 @@ struct MisbehavingBackendTests {
     @Test func readPastCapacityIsRefusedLocally() throws {
         let backend = try MisbehavingBlockBackend()
         let disk = try attach(backend)
-        defer { disk.close(); backend.stop() }
+        defer {
+            disk.close()
+            backend.stop()
+        }
         let (error, _) = failure { () throws(VirtioError) in _ = try disk.read(at: (1 << 20) - 512, count: 1024) }
         #expect(error == .outOfRange(offset: (1 << 20) - 512, length: 1024, capacity: 1 << 20))
         let (wrap, _) = failure { () throws(VirtioError) in _ = try disk.read(at: UInt64.max - 511, count: 512) }
-        guard case .outOfRange? = wrap else { Issue.record("\(String(describing: wrap))"); return }
+        guard case .outOfRange? = wrap else {
+            Issue.record("\(String(describing: wrap))")
+            return
+        }
         #expect(backend.report.requestsServed == 0)
     }
 
     @Test func readOnlyDeviceRefusesWritesLocally() throws {
-        let backend = try MisbehavingBlockBackend(features: MisbehavingBlockBackend.defaultFeatures | BlockProtocol.Feature.readOnly)
+        let backend = try MisbehavingBlockBackend(
+            features: MisbehavingBlockBackend.defaultFeatures | BlockProtocol.Feature.readOnly)
         let disk = try attach(backend)
-        defer { disk.close(); backend.stop() }
-        #expect(failure { () throws(VirtioError) in try disk.write(at: 0, bytes: [UInt8](repeating: 0, count: 512)) }.0 == .readOnly)
+        defer {
+            disk.close()
+            backend.stop()
+        }
+        #expect(
+            failure { () throws(VirtioError) in try disk.write(at: 0, bytes: [UInt8](repeating: 0, count: 512)) }.0
+                == .readOnly)
         #expect(try disk.read(at: 0, count: 512).count == 512)
     }
 
@@ -147,7 +171,10 @@ struct MisbehavingBackendTests {
 
     @Test func ackOfZeroThenCloseIsDetected() throws {
         let (error, seconds) = try controlError(.ackThenClose(.setMemTable))
-        guard case .disconnected? = error else { Issue.record("got \(String(describing: error))"); return }
+        guard case .disconnected? = error else {
+            Issue.record("got \(String(describing: error))")
+            return
+        }
         #expect(seconds < 1)
     }
 
@@ -184,7 +211,10 @@ struct BlockDriverTests {
         let backend = try MisbehavingBlockBackend(
             config: c, features: MisbehavingBlockBackend.defaultFeatures | BlockProtocol.Feature.sizeMax)
         let disk = try attach(backend)
-        defer { disk.close(); backend.stop() }
+        defer {
+            disk.close()
+            backend.stop()
+        }
         #expect(disk.info.maxTransfer == 32768)
         let data = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 5 &+ ($0 >> 12)) }
         try disk.write(at: 0, bytes: data)
@@ -201,7 +231,10 @@ struct BlockDriverTests {
     @Test func completedRequestsLeaveNoDataInSharedMemory() throws {
         let backend = try MisbehavingBlockBackend()
         let disk = try attach(backend)
-        defer { disk.close(); backend.stop() }
+        defer {
+            disk.close()
+            backend.stop()
+        }
         // A canary that only the driver's private buffers ever hold once requests completed.
         let canary: [UInt8] = [0xc4, 0x7a, 0x21, 0x9e, 0x55, 0x0d, 0xb3, 0x68]
         let data = Array([[UInt8]](repeating: canary, count: 4096 / 8).joined())

@@ -85,7 +85,9 @@ import Virtqueue
                             bad += 1
                         }
                         // Fresh memory is zero.
-                        if !UnsafeRawBufferPointer(start: pool.base + s.offset, count: end - s.offset).allSatisfy({ $0 == 0 }) {
+                        if !UnsafeRawBufferPointer(start: pool.base + s.offset, count: end - s.offset).allSatisfy({
+                            $0 == 0
+                        }) {
                             bad += 1
                         }
                         (pool.base + s.offset).initializeMemory(as: UInt8.self, repeating: 0xA5, count: end - s.offset)
@@ -99,7 +101,11 @@ import Virtqueue
             for s in live { pool.free(s) }
             #expect(bad == 0)
             #expect(pool.bytesInUse == 0)
-            #expect(pool.allocate(pool.size).map { pool.free($0); return true } == true)  // no leaked granule
+            #expect(
+                pool.allocate(pool.size).map {
+                    pool.free($0)
+                    return true
+                } == true)  // no leaked granule
         }
         withExtendedLifetime(region) {}
     }

@@ -72,7 +72,8 @@ import Virtqueue
         let pair = try Self.makePair()
         let a = RingAttacker(pair)
         for i in 0..<8 {
-            a.writeDescriptor(i, address: Self.buffer(a, i), length: 8, flags: i < 7 ? Self.flagN : 0, next: UInt16(i + 1))
+            a.writeDescriptor(
+                i, address: Self.buffer(a, i), length: 8, flags: i < 7 ? Self.flagN : 0, next: UInt16(i + 1))
         }
         a.offer(0)
         var chain = DescriptorChain()
@@ -106,11 +107,15 @@ import Virtqueue
         case .belowRegion: return (base - 1, 2, .unmapped(address: base - 1, length: 2))
         case .straddlesEnd: return (end - 8, 16, .unmapped(address: end - 8, length: 16))
         case .atEndZeroLength: return (end, 0, .unmapped(address: end, length: 0))
-        case .wrapsFromTop: return (0xFFFF_FFFF_FFFF_FFF0, 0x20, .overflow(address: 0xFFFF_FFFF_FFFF_FFF0, length: 0x20))
+        case .wrapsFromTop:
+            return (0xFFFF_FFFF_FFFF_FFF0, 0x20, .overflow(address: 0xFFFF_FFFF_FFFF_FFF0, length: 0x20))
         case .maxAddress: return (.max, 1, .overflow(address: .max, length: 1))
         case .maxLength: return (base, 0xFFFF_FFFF, .unmapped(address: base, length: 0xFFFF_FFFF))
         case .hugeLength:
-            return (a.scratchGuest, UInt32(a.pair.region.size), .unmapped(address: a.scratchGuest, length: UInt64(a.pair.region.size)))
+            return (
+                a.scratchGuest, UInt32(a.pair.region.size),
+                .unmapped(address: a.scratchGuest, length: UInt64(a.pair.region.size))
+            )
         }
     }
 
@@ -171,7 +176,8 @@ import Virtqueue
         try Self.expectRejected(pair, head: 0, .readableAfterWritable(head: 0))
         // Inside an indirect table too.
         let t = Self.table(a)
-        RingAttacker.writeDescriptor(t, 0, address: Self.buffer(a, 2), length: 8, flags: Self.flagW | Self.flagN, next: 1)
+        RingAttacker.writeDescriptor(
+            t, 0, address: Self.buffer(a, 2), length: 8, flags: Self.flagW | Self.flagN, next: 1)
         RingAttacker.writeDescriptor(t, 1, address: Self.buffer(a, 3), length: 8, flags: 0, next: 0)
         a.writeDescriptor(2, address: Self.tableGuest(a), length: 32, flags: Self.flagI)
         try Self.expectRejected(pair, head: 2, .readableAfterWritable(head: 2))

@@ -25,7 +25,9 @@ import Virtqueue
     @Test func misalignedRingPartsAreRefused() throws {
         let pair = try RingPair(queueSize: 8)
         let a = pair.layout.ringAddresses(queue: 0, guestBase: pair.guestBase)
-        #expect(throws: RingSetupError.misaligned(part: "descriptor table")) { try Self.make(pair, descriptors: a.descriptors + 8) }
+        #expect(throws: RingSetupError.misaligned(part: "descriptor table")) {
+            try Self.make(pair, descriptors: a.descriptors + 8)
+        }
         #expect(throws: RingSetupError.misaligned(part: "avail ring")) { try Self.make(pair, avail: a.avail + 1) }
         #expect(throws: RingSetupError.misaligned(part: "used ring")) { try Self.make(pair, used: a.used + 2) }
         // The alignments virtio requires, and no more, are accepted.
@@ -40,7 +42,9 @@ import Virtqueue
             try Self.make(pair, descriptors: 0)
         }
         // Straddling the end of the region by one descriptor.
-        #expect(throws: RingSetupError.unmapped(part: "descriptor table", .unmapped(address: end - 112, length: tableSize))) {
+        #expect(
+            throws: RingSetupError.unmapped(part: "descriptor table", .unmapped(address: end - 112, length: tableSize))
+        ) {
             try Self.make(pair, descriptors: end - 112)
         }
         let availSize = UInt64(SplitLayout.availRingSize(8))
@@ -48,11 +52,15 @@ import Virtqueue
             try Self.make(pair, avail: end - 20)
         }
         let usedSize = UInt64(SplitLayout.usedRingSize(8))
-        #expect(throws: RingSetupError.unmapped(part: "used ring", .overflow(address: 0xFFFF_FFFF_FFFF_FFF0, length: usedSize))) {
+        #expect(
+            throws: RingSetupError.unmapped(
+                part: "used ring", .overflow(address: 0xFFFF_FFFF_FFFF_FFF0, length: usedSize))
+        ) {
             try Self.make(pair, used: 0xFFFF_FFFF_FFFF_FFF0)
         }
         // Exactly at the end is fine.
-        _ = try Self.make(pair, descriptors: end - tableSize, avail: end - availSize, used: end - usedSize - 2)  // 72 bytes: 4-aligned
+        // 72 bytes: 4-aligned
+        _ = try Self.make(pair, descriptors: end - tableSize, avail: end - availSize, used: end - usedSize - 2)
     }
 
     @Test func ringsByUserAddressUseTheUserSpace() throws {

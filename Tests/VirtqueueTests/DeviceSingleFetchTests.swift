@@ -35,11 +35,13 @@ extension SpinningRaces {
                 do {
                     switch try device.nextChain(into: &chain, memory: pair.memory) {
                     case .ready:
-                        let ok = chain.segments.count == 1 && chain.segments.allSatisfy { s in
-                            let base = UInt(bitPattern: s.buffer.baseAddress)
-                            return base >= lo && base + UInt(s.buffer.count) <= hi && s.buffer.count == 16
-                                && base == lo + UInt(a.scratchOffset)
-                        }
+                        let ok =
+                            chain.segments.count == 1
+                            && chain.segments.allSatisfy { s in
+                                let base = UInt(bitPattern: s.buffer.baseAddress)
+                                return base >= lo && base + UInt(s.buffer.count) <= hi && s.buffer.count == 16
+                                    && base == lo + UInt(a.scratchOffset)
+                            }
                         if ok { ready += 1 } else { wrong += 1 }
                     case .rejected(let head, let v):
                         if head == 0 && isExpectedRejection(v) { rejected += 1 } else { wrong += 1 }

@@ -104,7 +104,9 @@ import Virtqueue
             posted[try pair.driver.add(s, token: UInt64(t))] = s
         }
         #expect(pair.driver.freeCount == 0)
-        #expect(throws: SubmitError.full) { try pair.driver.add(try Self.segments(pair, readable: [1], writable: [1]), token: 9) }
+        #expect(throws: SubmitError.full) {
+            try pair.driver.add(try Self.segments(pair, readable: [1], writable: [1]), token: 9)
+        }
         _ = pair.driver.publish()
         // Each head's own table: the device sees each request's buffers, none mixed up.
         var chain = DescriptorChain()

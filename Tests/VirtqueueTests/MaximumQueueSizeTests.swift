@@ -64,10 +64,14 @@ import Virtqueue
         // The driver as attacker: the last descriptor links back to the first.
         let a = RingAttacker(pair)
         for i in 0..<Self.size {
-            a.writeDescriptor(i, address: pair.pool.guestAddress, length: 1, flags: SplitLayout.flagNext, next: UInt16((i + 1) % Self.size))
+            a.writeDescriptor(
+                i, address: pair.pool.guestAddress, length: 1, flags: SplitLayout.flagNext,
+                next: UInt16((i + 1) % Self.size))
         }
         a.offer(0)
-        #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .rejected(head: 0, .chainTooLong(head: 0, limit: Self.size)))
+        #expect(
+            try pair.device.nextChain(into: &chain, memory: pair.memory)
+                == .rejected(head: 0, .chainTooLong(head: 0, limit: Self.size)))
     }
 
     @Test func availIndexJumpOfQueueSizeIsAcceptedOneMoreIsNot() throws {
@@ -75,11 +79,14 @@ import Virtqueue
         let a = RingAttacker(pair)
         a.setAvailIndex(UInt16(Self.size + 1))
         var chain = DescriptorChain()
-        let v = Violation.availIndexBeyondQueueSize(lastSeen: 0, published: UInt16(Self.size + 1), queueSize: UInt16(Self.size))
+        let v = Violation.availIndexBeyondQueueSize(
+            lastSeen: 0, published: UInt16(Self.size + 1), queueSize: UInt16(Self.size))
         #expect(throws: v) { try pair.device.nextChain(into: &chain, memory: pair.memory) }
         let fresh = try freshDevice(pair)
         a.setAvailIndex(UInt16(Self.size))  // all entries name descriptor 0 (zeroed: a 0-byte buffer at 0)
-        #expect(try fresh.nextChain(into: &chain, memory: pair.memory) == .rejected(head: 0, .descriptorAddressInvalid(head: 0, .unmapped(address: 0, length: 0))))
+        #expect(
+            try fresh.nextChain(into: &chain, memory: pair.memory)
+                == .rejected(head: 0, .descriptorAddressInvalid(head: 0, .unmapped(address: 0, length: 0))))
         #expect(!fresh.isBroken)
     }
 }

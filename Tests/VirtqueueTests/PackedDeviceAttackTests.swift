@@ -19,21 +19,29 @@ import Virtqueue
     /// A guest address inside the bounce pool.
     static func buffer(_ pair: PackedRingPair, _ offset: Int = 0) -> UInt64 { pair.pool.guestAddress + UInt64(offset) }
 
-    static func expectBroken(_ pair: PackedRingPair, _ v: Violation, sourceLocation: SourceLocation = #_sourceLocation) {
+    static func expectBroken(_ pair: PackedRingPair, _ v: Violation, sourceLocation: SourceLocation = #_sourceLocation)
+    {
         var chain = DescriptorChain()
-        #expect(throws: v, sourceLocation: sourceLocation) { try pair.device.nextChain(into: &chain, memory: pair.memory) }
+        #expect(throws: v, sourceLocation: sourceLocation) {
+            try pair.device.nextChain(into: &chain, memory: pair.memory)
+        }
         #expect(pair.device.violation == v, sourceLocation: sourceLocation)
         // Sticky, whatever the driver writes now.
         pair.writeDescriptor(0, address: buffer(pair), length: 8, id: 0, flags: avail)
-        #expect(throws: v, sourceLocation: sourceLocation) { try pair.device.nextChain(into: &chain, memory: pair.memory) }
+        #expect(throws: v, sourceLocation: sourceLocation) {
+            try pair.device.nextChain(into: &chain, memory: pair.memory)
+        }
     }
 
     /// The rejected chain is completed with its id; the next one is served.
     static func expectRejectedThenServes(
-        _ pair: PackedRingPair, id: UInt16, _ v: Violation, nextSlot: Int, sourceLocation: SourceLocation = #_sourceLocation
+        _ pair: PackedRingPair, id: UInt16, _ v: Violation, nextSlot: Int,
+        sourceLocation: SourceLocation = #_sourceLocation
     ) throws {
         var chain = DescriptorChain()
-        #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .rejected(head: id, v), sourceLocation: sourceLocation)
+        #expect(
+            try pair.device.nextChain(into: &chain, memory: pair.memory) == .rejected(head: id, v),
+            sourceLocation: sourceLocation)
         pair.device.complete(head: id, length: 0)
         pair.writeDescriptor(nextSlot, address: buffer(pair), length: 8, id: 7, flags: avail | write)
         #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready, sourceLocation: sourceLocation)
@@ -42,7 +50,8 @@ import Virtqueue
 
     @Test func usedMarkWrittenByTheDriverBreaksQueue() throws {
         let pair = try Self.makePair()
-        pair.writeDescriptor(0, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.usedMarker(wrap: true))
+        pair.writeDescriptor(
+            0, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.usedMarker(wrap: true))
         Self.expectBroken(pair, .packedAvailFlagsInvalid(slot: 0, flags: 0x8080))
     }
 
@@ -51,13 +60,15 @@ import Virtqueue
         var chain = DescriptorChain()
         #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .empty)
         // Last lap's marks (wrap 0) are not available in lap 1.
-        pair.writeDescriptor(0, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.availableMarker(wrap: false))
+        pair.writeDescriptor(
+            0, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.availableMarker(wrap: false))
         #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .empty)
     }
 
     @Test func chainIntoUnavailableSlotBreaksQueue() throws {
         let pair = try Self.makePair()
-        pair.writeDescriptor(1, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.availableMarker(wrap: false))
+        pair.writeDescriptor(
+            1, address: Self.buffer(pair), length: 8, id: 0, flags: PackedLayout.availableMarker(wrap: false))
         pair.writeDescriptor(0, address: Self.buffer(pair), length: 8, id: 0, flags: Self.avail | Self.next)
         Self.expectBroken(pair, .packedChainIncomplete(slot: 1))
     }
@@ -110,7 +121,8 @@ import Virtqueue
     @Test func readableAfterWritableRejectsChain() throws {
         let pair = try Self.makePair()
         pair.writeDescriptor(1, address: Self.buffer(pair), length: 8, id: 4, flags: Self.avail)
-        pair.writeDescriptor(0, address: Self.buffer(pair), length: 8, id: 4, flags: Self.avail | Self.next | Self.write)
+        pair.writeDescriptor(
+            0, address: Self.buffer(pair), length: 8, id: 4, flags: Self.avail | Self.next | Self.write)
         try Self.expectRejectedThenServes(pair, id: 4, .readableAfterWritable(head: 0), nextSlot: 2)
     }
 
@@ -123,7 +135,8 @@ import Virtqueue
     @Test func indirectWithNextRejectsChain() throws {
         let pair = try Self.makePair()
         pair.writeDescriptor(1, address: Self.buffer(pair), length: 8, id: 1, flags: Self.avail | Self.write)
-        pair.writeDescriptor(0, address: Self.buffer(pair), length: 32, id: 1, flags: Self.avail | Self.indirect | Self.next)
+        pair.writeDescriptor(
+            0, address: Self.buffer(pair), length: 32, id: 1, flags: Self.avail | Self.indirect | Self.next)
         try Self.expectRejectedThenServes(pair, id: 1, .indirectWithNext(head: 0), nextSlot: 2)
     }
 

@@ -12,7 +12,9 @@ import Virtqueue
     static let sizes = [1, 2, 3, 4, 8, 16]
 
     @Test func randomDriverRingNeverYieldsASegmentOutsideTheRegion() async {
-        var ready = 0, rejected = 0, broken = 0
+        var ready = 0
+        var rejected = 0
+        var broken = 0
         await propertyCheck(count: 2000, input: Gen.uint64()) { seed in
             var rng = SplitMix(seed: seed)
             let size = Self.sizes[Int(rng.next() % UInt64(Self.sizes.count))]
@@ -57,7 +59,8 @@ import Virtqueue
                 } else if mode < 3 {
                     // Plausible: mostly well-formed chains with distinct ids, some flaws.
                     for i in 0..<size {
-                        let f = (rng.next() % 3 == 0 ? PackedLayout.flagNext : 0)
+                        let f =
+                            (rng.next() % 3 == 0 ? PackedLayout.flagNext : 0)
                             | (rng.next() % 2 == 0 ? PackedLayout.flagWrite : 0)
                             | (rng.next() % 10 == 0 ? PackedLayout.flagIndirect : 0)
                             | PackedLayout.availableMarker(wrap: true)
@@ -73,7 +76,9 @@ import Virtqueue
                     }
                 } else {
                     for i in 0..<size {
-                        let id = rng.next() % 6 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size))
+                        let id =
+                            rng.next() % 6 == 0
+                            ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size))
                         pair.writeDescriptor(i, address: address(), length: length(), id: id, flags: flags())
                     }
                     for i in 0..<8 {
@@ -126,13 +131,15 @@ import Virtqueue
     }
 
     @Test func randomUsedDescriptorsNeverCompleteARequestThatWasNotInFlight() async {
-        var completions = 0, violations = 0
+        var completions = 0
+        var violations = 0
         await propertyCheck(count: 1500, input: Gen.uint64()) { seed in
             var rng = SplitMix(seed: seed)
             let size = Self.sizes[Int(rng.next() % UInt64(Self.sizes.count))]
             let features = RingFeatures(eventIndex: rng.next() & 1 == 0, indirectDescriptors: rng.next() & 1 == 0)
-            guard let pair = try? PackedRingPair(
-                queueSize: size, features: features, indirectEntries: 4, bounceBytesPerQueue: 64 * 1024)
+            guard
+                let pair = try? PackedRingPair(
+                    queueSize: size, features: features, indirectEntries: 4, bounceBytesPerQueue: 64 * 1024)
             else {
                 Issue.record("PackedRingPair setup failed")
                 return
@@ -185,9 +192,13 @@ import Virtqueue
                         default: id = UInt16(truncatingIfNeeded: rng.next())
                         }
                         let limit = model[id]?.writable ?? 64
-                        let len: UInt32 = rng.next() % 4 == 0 ? UInt32(truncatingIfNeeded: rng.next()) : UInt32(rng.next() % (limit + 1))
+                        let len: UInt32 =
+                            rng.next() % 4 == 0
+                            ? UInt32(truncatingIfNeeded: rng.next()) : UInt32(rng.next() % (limit + 1))
                         let w = rng.next() % 6 == 0 ? !wrap : (slot < Int(start) ? !wrap : wrap)
-                        let f: UInt16 = rng.next() % 8 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : PackedLayout.usedMarker(wrap: w)
+                        let f: UInt16 =
+                            rng.next() % 8 == 0
+                            ? UInt16(truncatingIfNeeded: rng.next()) : PackedLayout.usedMarker(wrap: w)
                         pair.writeDescriptor(slot, length: len, id: id, flags: f)
                     }
                 }

@@ -18,14 +18,17 @@ extension SpinningRaces {
             let flipper = WordFlipper(pair.descriptor(0) + PackedLayout.descLen, 8, 1000)
             flipper.start()
             defer { flipper.stop() }
-            var valid = 0, violations = 0, wrong = 0
+            var valid = 0
+            var violations = 0
+            var wrong = 0
             for i in 0..<Self.iterations {
                 try driver.add([segment], token: UInt64(i))
                 _ = driver.publish()
                 // The device marks slot 0 used (id 0) with the current lap's wrap counter.
                 let wrap = driver.lastUsed.wrap
                 SharedAccess.store16(pair.descriptor(0) + PackedLayout.descID, 0)
-                SharedAccess.store16Release(pair.descriptor(0) + PackedLayout.descFlags, PackedLayout.usedMarker(wrap: wrap))
+                SharedAccess.store16Release(
+                    pair.descriptor(0) + PackedLayout.descFlags, PackedLayout.usedMarker(wrap: wrap))
                 do throws(Violation) {
                     guard let c = try driver.nextCompletion() else {
                         wrong += 1
@@ -35,7 +38,11 @@ extension SpinningRaces {
                     // race with the flipper: both are single values <= the 64 bytes posted.
                     if (c.length == 8 || c.length == 64) && c.token == UInt64(i) { valid += 1 } else { wrong += 1 }
                 } catch {
-                    if error == .usedLengthTooLarge(id: 0, length: 1000, writable: 64) { violations += 1 } else { wrong += 1 }
+                    if error == .usedLengthTooLarge(id: 0, length: 1000, writable: 64) {
+                        violations += 1
+                    } else {
+                        wrong += 1
+                    }
                     _ = driver.failAll()
                     driver.reset()
                 }
@@ -52,7 +59,9 @@ extension SpinningRaces {
             flipper.start()
             defer { flipper.stop() }
             var chain = DescriptorChain()
-            var ready = 0, rejected = 0, wrong = 0
+            var ready = 0
+            var rejected = 0
+            var wrong = 0
             let address = pair.pool.guestAddress
             for i in 0..<Self.iterations {
                 let d = pair.descriptor(0)
@@ -64,7 +73,9 @@ extension SpinningRaces {
                 do throws(Violation) {
                     switch try device.nextChain(into: &chain, memory: pair.memory) {
                     case .ready:
-                        if chain.writableLength == 16 && chain.segments.count == 1 && chain.segments[0].buffer.count == 16 {
+                        if chain.writableLength == 16 && chain.segments.count == 1
+                            && chain.segments[0].buffer.count == 16
+                        {
                             ready += 1
                         } else {
                             wrong += 1

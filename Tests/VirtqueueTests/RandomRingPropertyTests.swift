@@ -66,7 +66,10 @@ import Virtqueue
 
     @Test func randomDriverMemoryNeverYieldsASegmentOutsideTheRegion() async {
         // Outcome counts, to show the generators reach every path (not only early rejects).
-        var ready = 0, rejected = 0, broken = 0, multiSegment = 0
+        var ready = 0
+        var rejected = 0
+        var broken = 0
+        var multiSegment = 0
         await propertyCheck(count: 2500, input: Gen.uint64()) { seed in
             var rng = SplitMix(seed: seed)
             let size = Self.sizes[Int(rng.next() % UInt64(Self.sizes.count))]
@@ -80,7 +83,8 @@ import Virtqueue
             let a = RingAttacker(pair)
             let tableArea = pair.region.base + a.scratchOffset + 64 * 1024
             let tableAreaGuest = a.guest(a.scratchOffset + 64 * 1024)
-            let tables = [a.descriptorTableGuest, a.guest(a.placement.availOffset)]
+            let tables =
+                [a.descriptorTableGuest, a.guest(a.placement.availOffset)]
                 + (0..<8).map { tableAreaGuest + UInt64($0 * 16) }
             // The driver-written parts: plausible garbage, or (1 in 8) pure noise.
             if rng.next() % 8 == 0 {
@@ -90,16 +94,19 @@ import Virtqueue
             } else {
                 let plausible = rng.next() & 1 == 0
                 for i in 0..<size {
-                    Self.descriptor(&rng, a, table: a.descriptors, i, entries: size, tables: tables, plausible: plausible)
+                    Self.descriptor(
+                        &rng, a, table: a.descriptors, i, entries: size, tables: tables, plausible: plausible)
                 }
                 for i in 0..<64 {
                     Self.descriptor(&rng, a, table: tableArea, i, entries: 8, tables: tables, plausible: plausible)
                 }
                 for i in 0..<size {
-                    let head = rng.next() % 8 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size))
+                    let head =
+                        rng.next() % 8 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size))
                     a.setAvailEntry(slot: i, head: head)
                 }
-                let idx = rng.next() % 4 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size + 1))
+                let idx =
+                    rng.next() % 4 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : UInt16(rng.next() % UInt64(size + 1))
                 a.setAvailIndex(idx)
                 a.setAvailFlags(UInt16(truncatingIfNeeded: rng.next()))
                 a.setUsedEvent(UInt16(truncatingIfNeeded: rng.next()))
@@ -139,7 +146,11 @@ import Virtqueue
                     }
                     if base != lo + UInt(s.guestAddress &- pair.guestBase) { inconsistent += 1 }
                     if s.deviceWritable != (k >= chain.firstWritable) { inconsistent += 1 }
-                    if s.deviceWritable { writable += UInt64(s.buffer.count) } else { readable += UInt64(s.buffer.count) }
+                    if s.deviceWritable {
+                        writable += UInt64(s.buffer.count)
+                    } else {
+                        readable += UInt64(s.buffer.count)
+                    }
                 }
                 if readable != chain.readableLength || writable != chain.writableLength { inconsistent += 1 }
                 if readable + writable > UInt64(UInt32.max) { inconsistent += 1 }
@@ -151,18 +162,23 @@ import Virtqueue
             #expect(outside == 0)
             #expect(inconsistent == 0)
         }
-        #expect(ready > 500 && rejected > 500 && broken > 100 && multiSegment > 50, "\(ready) \(rejected) \(broken) \(multiSegment)")
+        #expect(
+            ready > 500 && rejected > 500 && broken > 100 && multiSegment > 50,
+            "\(ready) \(rejected) \(broken) \(multiSegment)")
     }
 
     // MARK: driver side
 
     @Test func randomUsedRingNeverCompletesARequestThatWasNotInFlight() async {
-        var completions = 0, violations = 0
+        var completions = 0
+        var violations = 0
         await propertyCheck(count: 1500, input: Gen.uint64()) { seed in
             var rng = SplitMix(seed: seed)
             let size = Self.sizes[Int(rng.next() % UInt64(Self.sizes.count))]
             let features = RingFeatures(eventIndex: rng.next() & 1 == 0, indirectDescriptors: rng.next() & 1 == 0)
-            guard let pair = try? RingPair(queueSize: size, features: features, indirectEntries: 4, bounceBytesPerQueue: 256 * 1024)
+            guard
+                let pair = try? RingPair(
+                    queueSize: size, features: features, indirectEntries: 4, bounceBytesPerQueue: 256 * 1024)
             else {
                 Issue.record("RingPair setup failed")
                 return

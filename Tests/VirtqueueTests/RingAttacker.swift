@@ -168,5 +168,3 @@ func freshDevice(_ pair: RingPair, queue q: Int = 0, startIndex: UInt16 = 0) thr
         queueSize: pair.layout.queueSize, descriptorAddress: a.descriptors, availAddress: a.avail,
         usedAddress: a.used, features: pair.features, memory: pair.memory, startIndex: startIndex)
 }
-
-

@@ -26,7 +26,9 @@ import Virtqueue
             #expect(n == payload.count + 8)
             #expect(Array(answer[..<payload.count]) == payload.map { $0 ^ 0x5A })
             let sum = payload.withUnsafeBytes { fnv1a($0) }
-            let got = answer[payload.count...].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+            let got = answer[payload.count...].enumerated().reduce(UInt64(0)) {
+                $0 | UInt64($1.element) << (8 * UInt64($1.offset))
+            }
             #expect(got == sum)
         }
         pool.free(out)

@@ -77,7 +77,9 @@ import Virtqueue
             while let c = try driver.nextCompletion() {
                 got = true
                 let i = Int(c.token)
-                let n = answer.withUnsafeMutableBytes { pool.copyOut(slots[i].1, validatedLength: Int(c.length), to: $0) }
+                let n = answer.withUnsafeMutableBytes {
+                    pool.copyOut(slots[i].1, validatedLength: Int(c.length), to: $0)
+                }
                 #expect(n == 208)
                 let sum = (0..<8).reduce(UInt64(0)) { $0 | UInt64(answer[200 + $1]) << (8 * UInt64($1)) }
                 #expect(sum == slots[i].2)

@@ -42,11 +42,19 @@ var only: String?  // "hardened" or "trusting": one side only, for profiling
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     switch a {
-    case "--seconds": seconds = Double(arguments.first ?? "") ?? seconds; arguments = Array(arguments.dropFirst())
-    case "--rounds": rounds = Int(arguments.first ?? "") ?? rounds; arguments = Array(arguments.dropFirst())
-    case "--depth": depth = Int(arguments.first ?? "") ?? depth; arguments = Array(arguments.dropFirst())
+    case "--seconds":
+        seconds = Double(arguments.first ?? "") ?? seconds
+        arguments = Array(arguments.dropFirst())
+    case "--rounds":
+        rounds = Int(arguments.first ?? "") ?? rounds
+        arguments = Array(arguments.dropFirst())
+    case "--depth":
+        depth = Int(arguments.first ?? "") ?? depth
+        arguments = Array(arguments.dropFirst())
     case "--write": write = true
-    case "--only": only = arguments.first; arguments = Array(arguments.dropFirst())
+    case "--only":
+        only = arguments.first
+        arguments = Array(arguments.dropFirst())
     default: fail("unknown argument \(a)")
     }
 }
@@ -56,7 +64,8 @@ func fmt(_ v: Double, _ d: Int) -> String {
     var scale = 1.0
     for _ in 0..<d { scale *= 10 }
     let n = Int((v * scale).rounded())
-    let whole = n / Int(scale), frac = n % Int(scale)
+    let whole = n / Int(scale)
+    let frac = n % Int(scale)
     if d == 0 { return "\(whole)" }
     let f = String(frac)
     return "\(whole)." + String(repeating: "0", count: d - f.count) + f
@@ -80,9 +89,12 @@ func connect() -> XenBlkFrontendDevice {
     fail("backend did not come up")
 }
 
-print("xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
+print(
+    "xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
+)
 var ratios: [Double] = []
-var hardenedTotal = 0.0, trustingTotal = 0.0
+var hardenedTotal = 0.0
+var trustingTotal = 0.0
 /// CPU seconds (user + system) this process (one busy thread) has used: the frontend's own cost, which
 /// other load on the machine disturbs far less than throughput.
 func threadCPUSeconds() -> Double {
@@ -90,7 +102,10 @@ func threadCPUSeconds() -> Double {
     getrusage(RUSAGE_SELF.rawValue, &u)  // the parent has one busy thread
     return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
 }
-var cpuHardened = 0.0, cpuTrusting = 0.0, requestsHardened = 0, requestsTrusting = 0
+var cpuHardened = 0.0
+var cpuTrusting = 0.0
+var requestsHardened = 0
+var requestsTrusting = 0
 
 /// The hardened frontend: the library's benchmark loop (what `ringfence xen-blk bench` runs).
 @MainActor func runHardened() -> XenBenchReport {
@@ -152,7 +167,8 @@ for round in 1...rounds {
         r = runHardened()
         cRate = runTrusting(requests: r.requests)
     } else {
-        let probe = Int(max(1000, (Double(ratios.isEmpty ? 100_000 : Int(hardenedTotal / Double(round - 1))) * seconds)))
+        let probe = Int(
+            max(1000, (Double(ratios.isEmpty ? 100_000 : Int(hardenedTotal / Double(round - 1))) * seconds)))
         cRate = runTrusting(requests: probe)
         r = runHardened()
     }
@@ -160,13 +176,17 @@ for round in 1...rounds {
     ratios.append(ratio)
     hardenedTotal += r.requestsPerSecond
     trustingTotal += cRate
-    print("round \(round): hardened Swift \(fmt(r.requestsPerSecond, 0)) IOPS (\(fmt(r.mebibytesPerSecond, 1)) MiB/s), "
-        + "trusting C \(fmt(cRate, 0)) IOPS, ratio \(fmt(ratio, 3))")
+    print(
+        "round \(round): hardened Swift \(fmt(r.requestsPerSecond, 0)) IOPS (\(fmt(r.mebibytesPerSecond, 1)) MiB/s), "
+            + "trusting C \(fmt(cRate, 0)) IOPS, ratio \(fmt(ratio, 3))")
 }
 let usHardened = cpuHardened / Double(max(1, requestsHardened)) * 1e6
 let usTrusting = cpuTrusting / Double(max(1, requestsTrusting)) * 1e6
-print("frontend CPU per request: hardened \(fmt(usHardened, 3)) us, trusting \(fmt(usTrusting, 3)) us "
-    + "(ratio \(fmt(usTrusting / usHardened, 3)))")
+print(
+    "frontend CPU per request: hardened \(fmt(usHardened, 3)) us, trusting \(fmt(usTrusting, 3)) us "
+        + "(ratio \(fmt(usTrusting / usHardened, 3)))")
 let sorted = ratios.sorted()
-print("median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) "
-    + "(mean IOPS hardened \(fmt(hardenedTotal / Double(rounds), 0)), trusting \(fmt(trustingTotal / Double(rounds), 0)))")
+print(
+    "median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) "
+        + "(mean IOPS hardened \(fmt(hardenedTotal / Double(rounds), 0)), trusting \(fmt(trustingTotal / Double(rounds), 0)))"
+)

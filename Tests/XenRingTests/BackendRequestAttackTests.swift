@@ -35,7 +35,9 @@ import Virtqueue
         #expect(p.grantFlags(20) == GrantLayout.permitAccess, sourceLocation: sourceLocation)  // unmapped again
     }
 
-    func rejected(_ p: XenPair, _ v: Violation, _ status: Int16, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    func rejected(_ p: XenPair, _ v: Violation, _ status: Int16, sourceLocation: SourceLocation = #_sourceLocation)
+        throws
+    {
         #expect(status == BlkStatus.error.rawValue, sourceLocation: sourceLocation)
         #expect(p.back.lastRejection == v, sourceLocation: sourceLocation)
         #expect(p.back.rejectedRequests == 1, sourceLocation: sourceLocation)

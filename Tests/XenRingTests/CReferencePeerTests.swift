@@ -70,7 +70,9 @@ import Virtqueue
             try back.withUnsafeMutableBytes { _ = try front.submitRead(sector: sector, into: $0, token: 1000) }
             #expect(try wait(1000).status == .okay)
             #expect(back == data)
-            #expect(Array(UnsafeRawBufferPointer(rebasing: disk[(Int(sector) * 512)..<(Int(sector) * 512 + data.count)])) == data)
+            #expect(
+                Array(UnsafeRawBufferPointer(rebasing: disk[(Int(sector) * 512)..<(Int(sector) * 512 + data.count)]))
+                    == data)
         }
         _ = try front.submitFlush(token: 5)
         #expect(try wait(5).status == .okay)
@@ -98,7 +100,8 @@ import Virtqueue
         let thread = TestThread {
             var e = env.value
             var errors: UInt64 = 0
-            let n = cxen_front_run(&e, 1, 100, 1, 500, 8, 1, 2048, UnsafeMutablePointer(bitPattern: dataAddress), 5000, &errors)
+            let n = cxen_front_run(
+                &e, 1, 100, 1, 500, 8, 1, 2048, UnsafeMutablePointer(bitPattern: dataAddress), 5000, &errors)
             UnsafeMutablePointer<(Int, UInt64)>(bitPattern: resultAddress)?.pointee = (n, errors)
         }
         let backend = s.pair.back

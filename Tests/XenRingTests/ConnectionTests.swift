@@ -42,7 +42,8 @@ struct UnsafeSendable<T>: @unchecked Sendable {
 
 /// A frontend connected to an in-process backend thread over a socketpair, with real
 /// eventfds and memfds: the full handshake and notification path.
-func connectedPair(attack: XenBackendAttack? = nil, sectors: Int = 2048) throws -> (XenBlkFrontendDevice, BackendThread) {
+func connectedPair(attack: XenBackendAttack? = nil, sectors: Int = 2048) throws -> (XenBlkFrontendDevice, BackendThread)
+{
     let (a, b) = try UnixChannel.pair()
     let backend = BackendThread(channels: [b], sectors: sectors, attacks: [attack])
     let device = try XenBlkFrontendDevice.connect(channel: a)
@@ -83,7 +84,9 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
     static func expectHandshakeRefused(_ attack: XenBackendAttack, _ v: Violation) throws {
         let (a, b) = try UnixChannel.pair()
         let backend = BackendThread(channels: [b], attacks: [attack])
-        #expect(throws: XenConnectError.violation(v)) { try XenBlkFrontendDevice.connect(channel: a, until: .after(seconds: 5)) }
+        #expect(throws: XenConnectError.violation(v)) {
+            try XenBlkFrontendDevice.connect(channel: a, until: .after(seconds: 5))
+        }
         a.shutdown()
         backend.join()
     }
@@ -110,7 +113,9 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         #expect(throws: Violation.xenHandshakeValue(key: "sectors", value: "99999999999999999999999")) {
             try info { $0["sectors"] = "99999999999999999999999" }
         }
-        #expect(throws: Violation.xenHandshakeValue(key: "sector-size", value: "1536")) { try info { $0["sector-size"] = "1536" } }
+        #expect(throws: Violation.xenHandshakeValue(key: "sector-size", value: "1536")) {
+            try info { $0["sector-size"] = "1536" }
+        }
         #expect(throws: Violation.xenHandshakeValue(key: "feature-discard", value: "yes")) {
             try info { $0["feature-discard"] = "yes" }
         }
@@ -169,7 +174,9 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         let (good, goodBackend) = try connectedPair()
         var buffer = [UInt8](repeating: 0, count: 4096)
         let v = Violation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
-        #expect(throws: XenBlkError.broken(v)) { try buffer.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) } }
+        #expect(throws: XenBlkError.broken(v)) {
+            try buffer.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }
+        }
         #expect(device.failedTokens == [1])
         #expect(device.events.isMasked)
         try buffer.withUnsafeMutableBytes { try good.read(sector: 0, into: $0) }
@@ -245,6 +252,7 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         try good.flush()
         good.disconnect()
         backend.join()
-        #expect(backend.ends == [.dropped(.xenRequestProducerOverflow(consumer: 0, producer: 1000, ringSize: 32)), .closed])
+        #expect(
+            backend.ends == [.dropped(.xenRequestProducerOverflow(consumer: 0, producer: 1000, ringSize: 32)), .closed])
     }
 }

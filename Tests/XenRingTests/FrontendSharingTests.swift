@@ -38,7 +38,8 @@ import Virtqueue
         try data.withUnsafeBytes { _ = try p.front.submitWrite(sector: 0, from: $0, token: 1) }
         let ref = p.front.segmentRefs[0]
         #expect(p.grantFlags(ref) == GrantLayout.permitAccess | GrantLayout.readOnly)
-        #expect(throws: Violation.xenGrantNotGranted(ref: ref, flags: GrantLayout.permitAccess | GrantLayout.readOnly)) {
+        #expect(throws: Violation.xenGrantNotGranted(ref: ref, flags: GrantLayout.permitAccess | GrantLayout.readOnly))
+        {
             try p.back.mapper.map(ref, write: true)
         }
     }

@@ -52,7 +52,10 @@ func ringfenceBinary() -> String? {
     /// Each backend attack, from another process (grant ref 8 holds the ring, 16 the
     /// data): the exact violation, the in-flight request failed, the channel masked.
     @Test(arguments: [
-        (XenBackendAttack.responseProducerJump, Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)),
+        (
+            XenBackendAttack.responseProducerJump,
+            Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
+        ),
         (.responseIdNotInFlight, .xenResponseIdNotInFlight(id: 1)),
         (.unknownStatus, .xenResponseStatusUnknown(id: 0, status: 7)),
         (.grantStillMapped, .xenGrantStillMapped(ref: 16, flags: GrantLayout.permitAccess | GrantLayout.writing)),

@@ -32,7 +32,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     var input = FuzzInput(data, size)
     var opened: [Int32] = []
     var notifiers: [Notifier] = []
-    defer { opened.forEach { close($0) } }
+    defer { for fd in opened { close(fd) } }
     var chunks = 0
     while !input.isEmpty && chunks < 32 {
         chunks += 1

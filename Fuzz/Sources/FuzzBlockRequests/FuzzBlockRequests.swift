@@ -43,7 +43,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         let d = base + ring.descriptorOffset + 16 * i
         let mode = input.byte()
         let address: UInt64 =
-            mode & 7 == 0 ? input.integer() : pair.guestBase + UInt64(spare) + UInt64(input.integer(UInt16.self) % 16384)
+            mode & 7 == 0
+            ? input.integer() : pair.guestBase + UInt64(spare) + UInt64(input.integer(UInt16.self) % 16384)
         d.storeBytes(of: address, toByteOffset: 0, as: UInt64.self)
         let length: UInt32 = mode & 8 == 0 ? UInt32(input.byte()) : input.integer()
         d.storeBytes(of: length, toByteOffset: 8, as: UInt32.self)

@@ -33,7 +33,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         let address: UInt64 =
             mode & 3 == 0 ? input.integer() : pair.guestBase + UInt64(input.integer(UInt16.self))
         d.storeBytes(of: address, toByteOffset: 0, as: UInt64.self)
-        d.storeBytes(of: mode & 4 == 0 ? UInt32(input.byte()) : input.integer(UInt32.self), toByteOffset: 8, as: UInt32.self)
+        d.storeBytes(
+            of: mode & 4 == 0 ? UInt32(input.byte()) : input.integer(UInt32.self), toByteOffset: 8, as: UInt32.self)
         d.storeBytes(of: input.integer(UInt16.self) & 0x7, toByteOffset: 12, as: UInt16.self)
         d.storeBytes(of: UInt16(input.byte() % 20), toByteOffset: 14, as: UInt16.self)
     }
@@ -55,7 +56,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
                 fuzzCheck(chain.segments.count <= 16 * 2, "chain of \(chain.segments.count) segments")
                 for s in chain.segments {
                     let start = UInt(bitPattern: s.buffer.baseAddress)
-                    fuzzCheck(s.buffer.count == 0 || (start >= low && start + UInt(s.buffer.count) <= high),
+                    fuzzCheck(
+                        s.buffer.count == 0 || (start >= low && start + UInt(s.buffer.count) <= high),
                         "segment outside the region")
                 }
                 device.complete(head: chain.head, length: 0)

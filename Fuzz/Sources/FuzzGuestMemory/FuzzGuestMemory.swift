@@ -25,8 +25,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     }
     fuzzCheck(memory.regions.count == accepted.count, "region count drifted")
     while !input.isEmpty {
-        let address: UInt64 = input.byte() & 1 == 0 ? input.integer() :
-            (accepted.isEmpty ? 0 : accepted[Int(input.byte()) % accepted.count].guestAddress) &+ UInt64(input.integer(UInt16.self))
+        let address: UInt64 =
+            input.byte() & 1 == 0
+            ? input.integer()
+            : (accepted.isEmpty ? 0 : accepted[Int(input.byte()) % accepted.count].guestAddress)
+                &+ UInt64(input.integer(UInt16.self))
         let length = UInt64(input.integer(UInt16.self))
         let (end, wraps) = address.addingReportingOverflow(length)
         let holder = accepted.first { address >= $0.guestAddress && address - $0.guestAddress < $0.size }
@@ -37,7 +40,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
             if let holder {
                 let low = UInt(bitPattern: holder.mapping.base)
                 let start = UInt(bitPattern: buffer.baseAddress)
-                fuzzCheck(start >= low && start + UInt(buffer.count) <= low + UInt(holder.mapping.size), "outside mapping")
+                fuzzCheck(
+                    start >= low && start + UInt(buffer.count) <= low + UInt(holder.mapping.size), "outside mapping")
             }
         } catch {
             fuzzCheck(!expected, "rejected \(address)+\(length): \(error)")

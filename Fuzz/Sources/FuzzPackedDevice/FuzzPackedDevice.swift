@@ -53,7 +53,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
                 fuzzCheck(chain.segments.count <= 16 + 256 + 2 * 16, "chain of \(chain.segments.count) segments")
                 for s in chain.segments {
                     let start = UInt(bitPattern: s.buffer.baseAddress)
-                    fuzzCheck(s.buffer.count == 0 || (start >= low && start + UInt(s.buffer.count) <= high),
+                    fuzzCheck(
+                        s.buffer.count == 0 || (start >= low && start + UInt(s.buffer.count) <= high),
                         "segment outside the region")
                 }
                 device.complete(head: chain.head, length: UInt32(truncatingIfNeeded: chain.writableLength))

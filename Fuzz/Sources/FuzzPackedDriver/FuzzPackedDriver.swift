@@ -54,7 +54,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
             if mode & 3 == 0 {
                 input.copy(into: d, count: 16)
             } else {
-                let flags: UInt16 = mode & 4 == 0 ? PackedLayout.usedMarker(wrap: slot < Int(start) ? !wrap : wrap) : input.integer()
+                let flags: UInt16 =
+                    mode & 4 == 0 ? PackedLayout.usedMarker(wrap: slot < Int(start) ? !wrap : wrap) : input.integer()
                 pair.writeDescriptor(
                     slot, length: mode & 8 == 0 ? UInt32(input.byte()) : input.integer(), id: UInt16(input.byte() % 20),
                     flags: flags)

@@ -26,7 +26,11 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
 
 func decodeAll(_ p: [UInt8]) {
     func roundTrip<T: WirePayload>(_: T.Type) {
-        if let v = try? T.decode(p) { fuzzCheck(v.encoded == p || T.self == VringFile.self || T.self == SingleMemoryRegion.self || T.self == MemoryTable.self, "\(T.self) re-encodes differently") }
+        if let v = try? T.decode(p) {
+            fuzzCheck(
+                v.encoded == p || T.self == VringFile.self || T.self == SingleMemoryRegion.self
+                    || T.self == MemoryTable.self, "\(T.self) re-encodes differently")
+        }
     }
     roundTrip(U64Payload.self)
     roundTrip(VringState.self)

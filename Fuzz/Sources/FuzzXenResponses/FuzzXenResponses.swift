@@ -23,7 +23,8 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         for _ in 0..<Int(input.byte() % 6) {
             token += 1
             let pages = 1 + Int(input.byte() % 2)
-            let chunk = UnsafeMutableRawBufferPointer(rebasing: all[(Int(token % 3) * 8192)..<(Int(token % 3) * 8192 + pages * 4096)])
+            let chunk = UnsafeMutableRawBufferPointer(
+                rebasing: all[(Int(token % 3) * 8192)..<(Int(token % 3) * 8192 + pages * 4096)])
             let sector = UInt64(input.byte())
             do {
                 if input.byte() & 1 == 0 {
