@@ -20,16 +20,12 @@ public final class PackedRingPair {
         indirectEntries: Int = 0, bounceBytesPerQueue: Int = 1 << 20,
         guestBase: UInt64 = RingPair.defaultGuestBase
     ) throws {
-        layout = DriverRegionLayout(
-            queueCount: queueCount, queueSize: queueSize, indirectEntries: indirectEntries,
-            bounceBytesPerQueue: bounceBytesPerQueue)
-        region = try SharedRegion(name: "ringfence-packed", size: layout.totalSize)
+        (layout, region, memory) = try RingPair.sharedRegion(
+            name: "ringfence-packed", queueCount: queueCount, queueSize: queueSize,
+            indirectEntries: indirectEntries, bounceBytesPerQueue: bounceBytesPerQueue, guestBase: guestBase)
         self.guestBase = guestBase
         self.features = features
         self.queueSize = queueSize
-        memory = try GuestMemory([
-            GuestRegion(guestAddress: guestBase, userAddress: guestBase ^ 0x7f00_0000_0000, mapping: region)
-        ])
         for q in 0..<queueCount {
             let (driver, pool) = layout.makePackedDriverQueue(
                 queue: q, region: region, guestBase: guestBase, features: features)

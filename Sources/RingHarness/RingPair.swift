@@ -22,15 +22,11 @@ public final class RingPair {
         indirectEntries: Int = 0, bounceBytesPerQueue: Int = 1 << 20,
         guestBase: UInt64 = RingPair.defaultGuestBase
     ) throws {
-        layout = DriverRegionLayout(
-            queueCount: queueCount, queueSize: queueSize, indirectEntries: indirectEntries,
-            bounceBytesPerQueue: bounceBytesPerQueue)
-        region = try SharedRegion(name: "ringfence-pair", size: layout.totalSize)
+        (layout, region, memory) = try Self.sharedRegion(
+            name: "ringfence-pair", queueCount: queueCount, queueSize: queueSize,
+            indirectEntries: indirectEntries, bounceBytesPerQueue: bounceBytesPerQueue, guestBase: guestBase)
         self.guestBase = guestBase
         self.features = features
-        memory = try GuestMemory([
-            GuestRegion(guestAddress: guestBase, userAddress: guestBase ^ 0x7f00_0000_0000, mapping: region)
-        ])
         for q in 0..<queueCount {
             let (driver, pool) = layout.makeDriverQueue(
                 queue: q, region: region, guestBase: guestBase, features: features)
@@ -42,6 +38,22 @@ public final class RingPair {
                     queueSize: queueSize, descriptorAddress: a.descriptors, availAddress: a.avail,
                     usedAddress: a.used, features: features, memory: memory))
         }
+    }
+
+    /// The one set-up both pairs share: a layout, its sealed region, and the table the
+    /// device translates through (synthetic guest and user addresses, R7).
+    static func sharedRegion(
+        name: String, queueCount: Int, queueSize: Int, indirectEntries: Int, bounceBytesPerQueue: Int,
+        guestBase: UInt64
+    ) throws -> (DriverRegionLayout, SharedRegion, GuestMemory) {
+        let layout = DriverRegionLayout(
+            queueCount: queueCount, queueSize: queueSize, indirectEntries: indirectEntries,
+            bounceBytesPerQueue: bounceBytesPerQueue)
+        let region = try SharedRegion(name: name, size: layout.totalSize)
+        let memory = try GuestMemory([
+            GuestRegion(guestAddress: guestBase, userAddress: guestBase ^ 0x7f00_0000_0000, mapping: region)
+        ])
+        return (layout, region, memory)
     }
 
     public var driver: DriverQueue { drivers[0] }

@@ -49,6 +49,13 @@ public struct DriverRegionLayout: Sendable, Equatable {
     public func makeDriverQueue(
         queue: Int, region: SharedRegion, guestBase: UInt64, features: RingFeatures
     ) -> (DriverQueue, BouncePool) {
+        let (memory, pool) = ringMemory(queue: queue, region: region, guestBase: guestBase)
+        return (DriverQueue(memory: memory, features: features), pool)
+    }
+
+    /// Local pointers to `queue`'s ring parts and indirect tables, and its bounce pool:
+    /// what a driver of either ring format is built on.
+    func ringMemory(queue: Int, region: SharedRegion, guestBase: UInt64) -> (DriverRingMemory, BouncePool) {
         let area = queues[queue]
         let base = region.base
         let memory = DriverRingMemory(
@@ -62,6 +69,6 @@ public struct DriverRegionLayout: Sendable, Equatable {
         let pool = BouncePool(
             base: base + area.bounceOffset, guestAddress: guestBase + UInt64(area.bounceOffset),
             size: area.bounceSize)
-        return (DriverQueue(memory: memory, features: features), pool)
+        return (memory, pool)
     }
 }

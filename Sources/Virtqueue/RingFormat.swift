@@ -99,19 +99,7 @@ extension DriverRegionLayout {
     public func makePackedDriverQueue(
         queue: Int, region: SharedRegion, guestBase: UInt64, features: RingFeatures
     ) -> (PackedDriverQueue, BouncePool) {
-        let area = queues[queue]
-        let base = region.base
-        let memory = DriverRingMemory(
-            queueSize: UInt16(truncatingIfNeeded: queueSize),
-            descriptors: base + area.ring.descriptorOffset,
-            avail: base + area.ring.availOffset,
-            used: base + area.ring.usedOffset,
-            indirect: area.indirectEntries > 0 ? base + area.indirectOffset : nil,
-            indirectGuestAddress: guestBase + UInt64(area.indirectOffset),
-            indirectTableEntries: area.indirectEntries)
-        let pool = BouncePool(
-            base: base + area.bounceOffset, guestAddress: guestBase + UInt64(area.bounceOffset),
-            size: area.bounceSize)
+        let (memory, pool) = ringMemory(queue: queue, region: region, guestBase: guestBase)
         return (PackedDriverQueue(memory: memory, features: features), pool)
     }
 }
