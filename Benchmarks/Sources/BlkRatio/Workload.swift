@@ -35,6 +35,10 @@ struct RunResult {
     var seconds = 0.0
     var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
     var error: String?
+    /// Diagnostics over the whole round (warm-up included): requests, kicks, sleeps.
+    var requests = 0
+    var kicks = 0
+    var sleeps = 0
 
     var iops: Double { seconds > 0 ? Double(ios) / seconds : 0 }
     func percentileMicroseconds(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
@@ -44,6 +48,9 @@ struct RunResult {
         seconds += other.seconds
         histogram.add(other.histogram)
         if error == nil { error = other.error }
+        requests += other.requests
+        kicks += other.kicks
+        sleeps += other.sleeps
     }
 }
 
@@ -126,8 +133,10 @@ func closedLoop<D: LoopDriver>(
         outstanding += 1
     }
     var last = t0
+    var completed = 0
     while outstanding > 0, let c = driver.next() {
         outstanding -= 1
+        completed += 1
         let now = monotonicNanoseconds()
         last = now
         if !c.ok {
@@ -147,6 +156,7 @@ func closedLoop<D: LoopDriver>(
         }
     }
     if outstanding > 0 && result.error == nil { result.error = "lost \(outstanding) requests" }
+    result.requests = completed
     let measuredEnd = min(last, end)
     result.seconds = measuredEnd > measureFrom ? Double(measuredEnd - measureFrom) / 1e9 : 0
     return result
@@ -171,9 +181,13 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: settings.blockSize * depth, alignment: 4096)
         defer { buffers.deallocate() }
         buffers.initializeMemory(as: UInt8.self, repeating: 0x5a)
-        return closedLoop(
+        var r = closedLoop(
             HardenedLoop(queue: disk.queue(0), buffers: buffers, blockSize: settings.blockSize), depth: depth,
             blockSize: settings.blockSize, blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        let s = disk.queue(0).statistics
+        r.requests = Int(s.completed)
+        r.kicks = Int(s.kicks)
+        return r
     case .trusting:
         let device: TrustingBlockDevice
         do {
@@ -185,9 +199,12 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         defer { device.close() }
         let blocks = device.capacityBytes / UInt64(settings.blockSize)
         guard blocks > 0 else { return RunResult(error: "disk smaller than one block") }
-        return closedLoop(
+        var r = closedLoop(
             TrustingLoop(device: device, blockSize: settings.blockSize), depth: depth, blockSize: settings.blockSize,
             blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        r.kicks = device.counters.kicks
+        r.sleeps = device.counters.sleeps
+        return r
     }
 }
 

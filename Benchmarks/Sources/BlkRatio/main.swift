@@ -16,6 +16,8 @@ func usage(_ code: Int32 = 2) -> Never {
     print("""
         usage: blk-ratio drivers --backend NAME=SOCKET [--backend NAME=SOCKET]... [options]
                blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET [options]
+               blk-ratio run --driver hardened|trusting --socket SOCKET [options]
+                             (one contestant, one round per depth: for profilers)
           --depth N      iodepth (repeatable; default 1 and 32)
           --runtime S    measured seconds per contestant per point (default 10)
           --rounds N     interleaved rounds the runtime is split into (default 5)
@@ -26,7 +28,7 @@ func usage(_ code: Int32 = 2) -> Never {
     exit(code)
 }
 
-enum Mode: String { case drivers, devices }
+enum Mode: String { case drivers, devices, run }
 
 func parse() -> (Mode, Settings, [(String, String)]) {
     var args = CommandLine.arguments.dropFirst()
@@ -36,6 +38,7 @@ func parse() -> (Mode, Settings, [(String, String)]) {
     var settings = Settings()
     var targets: [(String, String)] = []
     var depths: [Int] = []
+    var driver = DriverKind.hardened
     func value() -> String {
         guard let v = args.popFirst() else { usage() }
         return v
@@ -50,6 +53,10 @@ func parse() -> (Mode, Settings, [(String, String)]) {
             let v = value()
             guard let eq = v.firstIndex(of: "="), eq != v.startIndex else { usage() }
             targets.append((String(v[..<eq]), String(v[v.index(after: eq)...])))
+        case "--driver":
+            guard let d = DriverKind(rawValue: value()) else { usage() }
+            driver = d
+        case "--socket": targets.append((driver.rawValue, value()))
         case "--depth": depths.append(Int(positive(value())))
         case "--runtime": settings.runtime = positive(value())
         case "--rounds": settings.rounds = Int(positive(value()))
@@ -66,7 +73,8 @@ func parse() -> (Mode, Settings, [(String, String)]) {
         }
     }
     if !depths.isEmpty { settings.depths = depths }
-    guard !targets.isEmpty, mode == .drivers || targets.count == 2 else { usage() }
+    guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1 else { usage() }
+    if mode == .run { targets = [(driver.rawValue, targets[0].1)] }
     return (mode, settings, targets)
 }
 
@@ -152,6 +160,22 @@ case .devices:
             Contestant(label: bName, driver: .hardened, socket: bSocket), depth: depth, settings: settings, log: log)
         print("| \(depth) | \(cells(p.a)) | \(cells(p.b)) | \(ratioCell(p)) |")
         for e in [p.a.error, p.b.error].compactMap({ $0 }) {
+            failed = true
+            log("error: \(e)")
+        }
+    }
+case .run:
+    let (name, socket) = targets[0]
+    let driver = DriverKind(rawValue: name) ?? .hardened
+    print("| driver | iodepth | IOPS | p50 µs | p99 µs |")
+    print("|---|---:|---:|---:|---:|")
+    for depth in settings.depths {
+        let r = runRound(
+            Contestant(label: name, driver: driver, socket: socket), depth: depth, settings: settings,
+            seconds: settings.runtime, seed: 0x2545_f491_4f6c_dd1d)
+        print("| \(name) | \(depth) | \(cells(r)) |")
+        log("\(name) iodepth \(depth): \(r.requests) requests, \(r.kicks) kicks\(driver == .trusting ? ", \(r.sleeps) sleeps" : "")")
+        if let e = r.error {
             failed = true
             log("error: \(e)")
         }

@@ -48,6 +48,17 @@ public final class TrustingBlockDevice {
         var tag: UInt64 = 0
     }
 
+    /// Mutable private state, behind a pointer as C would keep it (no dynamic exclusivity
+    /// checks on class properties: the baseline must not pay Swift overheads a C driver
+    /// would not).
+    public struct Counters {
+        var freeCount = 0
+        public var inFlight = 0
+        /// Kicks sent and sleeps on the call eventfd (the benchmark's diagnostics).
+        public var kicks = 0
+        public var sleeps = 0
+    }
+
     public static let guestBase: UInt64 = 0x1_0000_0000
     public static let userBase: UInt64 = 0x5a5a_0000_0000
     /// Per slot: 16-byte header at +0, status at +16 (one 64-byte line).
@@ -70,20 +81,23 @@ public final class TrustingBlockDevice {
     let slots: UnsafeMutablePointer<Slot>
     let freeSlots: UnsafeMutablePointer<Int>
     let segments: UnsafeMutableBufferPointer<Segment>
-    var freeCount: Int
-    public private(set) var inFlight = 0
+    let state: UnsafeMutablePointer<Counters>
+    public var counters: Counters { state.pointee }
+    public var inFlight: Int { state.pointee.inFlight }
     /// Polls before blocking, as `BlockDevice.Options.spinIterations`.
-    public var spinIterations = 256
+    public let spinIterations: Int
     var closed = false
 
     /// Connects and sets up queue 0 with `queueSize` descriptors and a data buffer of
     /// `requestBytes` per slot.
     public static func connect(
-        socket path: String, queueSize: Int = 128, requestBytes: Int = 4096, replyTimeout: Double = 5
+        socket path: String, queueSize: Int = 128, requestBytes: Int = 4096, replyTimeout: Double = 5,
+        spinIterations: Int = 256
     ) throws(TrustingBlockError) -> TrustingBlockDevice {
         do {
             let f = try Frontend.connect(path: path, replyTimeout: replyTimeout)
-            return try TrustingBlockDevice(frontend: f, queueSize: queueSize, requestBytes: requestBytes)
+            return try TrustingBlockDevice(
+                frontend: f, queueSize: queueSize, requestBytes: requestBytes, spinIterations: spinIterations)
         } catch let e as TrustingBlockError {
             throw e
         } catch {
@@ -91,8 +105,9 @@ public final class TrustingBlockDevice {
         }
     }
 
-    init(frontend: Frontend, queueSize: Int, requestBytes: Int) throws {
+    init(frontend: Frontend, queueSize: Int, requestBytes: Int, spinIterations: Int) throws {
         self.frontend = frontend
+        self.spinIterations = spinIterations
         self.queueSize = queueSize
         self.requestBytes = requestBytes
         try frontend.handshake()
@@ -126,7 +141,8 @@ public final class TrustingBlockDevice {
         slots.initialize(repeating: Slot(), count: queueSize)
         freeSlots = .allocate(capacity: queueSize)
         for i in 0..<queueSize { freeSlots[i] = queueSize - 1 - i }
-        freeCount = queueSize
+        state = .allocate(capacity: 1)
+        state.initialize(to: Counters(freeCount: queueSize))
         segments = .allocate(capacity: 3)
         segments.initialize(repeating: Segment(address: 0, length: 0, deviceWritable: false))
         do {
@@ -152,12 +168,14 @@ public final class TrustingBlockDevice {
         slots.deallocate()
         freeSlots.deallocate()
         segments.deallocate()
+        state.deallocate()
     }
 
     /// Posts a read of `length` (<= requestBytes) bytes at byte `offset`. False when every
     /// slot or descriptor is taken.
     @inline(__always)
     public func submitRead(offset: UInt64, length: Int, tag: UInt64) -> Bool {
+        let freeCount = state.pointee.freeCount
         guard freeCount > 0 else { return false }
         let slot = freeSlots[freeCount - 1]
         let header = control + slot * Self.controlStride
@@ -171,16 +189,19 @@ public final class TrustingBlockDevice {
             deviceWritable: true)
         segments[2] = Segment(address: headerGuest &+ 16, length: 1, deviceWritable: true)
         guard ring.add(UnsafeBufferPointer(segments), token: UInt64(slot)) != nil else { return false }
-        freeCount -= 1
+        state.pointee.freeCount = freeCount - 1
         slots[slot].tag = tag
-        inFlight += 1
+        state.pointee.inFlight += 1
         return true
     }
 
     /// Publishes what was posted; kicks if the device asked for it.
     @inline(__always)
     public func kick() {
-        if ring.publish() { kickNotifier.signal() }
+        if ring.publish() {
+            kickNotifier.signal()
+            state.pointee.kicks &+= 1
+        }
     }
 
     /// The next completion as the device reported it, or nil. Never blocks.
@@ -190,9 +211,9 @@ public final class TrustingBlockDevice {
         guard let c = ring.nextCompletion() else { return nil }
         let slot = Int(truncatingIfNeeded: c.token)  // trusting: the token of whatever id came back
         let status = (control + slot * Self.controlStride + 16).load(as: UInt8.self)
-        freeSlots[freeCount] = slot
-        freeCount += 1
-        inFlight -= 1
+        freeSlots[state.pointee.freeCount] = slot
+        state.pointee.freeCount += 1
+        state.pointee.inFlight -= 1
         return TrustedBlockCompletion(tag: slots[slot].tag, status: status, data: data + slot * dataStride)
     }
 
@@ -201,10 +222,11 @@ public final class TrustingBlockDevice {
         var spins = 0
         while true {
             if let c = poll() { return c }
-            if inFlight == 0 { return nil }
+            if state.pointee.inFlight == 0 { return nil }
             spins += 1
             if spins <= spinIterations { continue }
             if ring.enableInterrupts() { continue }
+            state.pointee.sleeps &+= 1
             var pfd = pollfd(fd: callNotifier.fileDescriptor, events: Int16(POLLIN), revents: 0)
             if Glibc.poll(&pfd, 1, 1000) == 0 && frontend.peerHungUpOrSpoke { return nil }  // benchmark safety net only
             callNotifier.drain()
