@@ -27,6 +27,8 @@ struct Settings {
     /// the caches settle).
     var warmup = 0.5
     var depths = [1, 32]
+    /// Polls before blocking, both drivers (the library's default is 256).
+    var spinIterations = BlockDevice.Options().spinIterations
 }
 
 /// What one contestant did in one round (or, merged, over all rounds).
@@ -169,6 +171,7 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
     case .hardened:
         var options = BlockDevice.Options()
         options.queueSize = queueSize
+        options.spinIterations = settings.spinIterations
         let disk: BlockDevice
         do {
             disk = try BlockDevice.connect(socket: c.socket, options: options)
@@ -192,7 +195,8 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         let device: TrustingBlockDevice
         do {
             device = try TrustingBlockDevice.connect(
-                socket: c.socket, queueSize: queueSize, requestBytes: settings.blockSize)
+                socket: c.socket, queueSize: queueSize, requestBytes: settings.blockSize,
+                spinIterations: settings.spinIterations)
         } catch {
             return RunResult(error: "connect \(c.socket): \(error)")
         }
@@ -240,4 +244,51 @@ func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Setting
         if rb.iops > 0 { pair.roundRatios.append(ra.iops / rb.iops) }
     }
     return pair
+}
+
+/// Reads `count` random blocks with both drivers, one at a time, and compares the bytes:
+/// proves the baseline really moves the data it is timed on. nil when all matched.
+func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
+    let disk: BlockDevice
+    let trusting: TrustingBlockDevice
+    do {
+        disk = try BlockDevice.connect(socket: socket)
+    } catch {
+        return "connect (hardened): \(error)"
+    }
+    defer { disk.close() }
+    let blocks = disk.info.capacityBytes / UInt64(blockSize)
+    var offsets: [UInt64] = []
+    var rng: UInt64 = 0x9e37_79b9_7f4a_7c15
+    for _ in 0..<count {
+        rng ^= rng << 13
+        rng ^= rng >> 7
+        rng ^= rng << 17
+        offsets.append((rng % max(blocks, 1)) * UInt64(blockSize))
+    }
+    var expected: [[UInt8]] = []
+    for o in offsets {
+        do {
+            expected.append(try disk.read(at: o, count: blockSize))
+        } catch {
+            return "hardened read at \(o): \(error)"
+        }
+    }
+    disk.close()
+    do {
+        trusting = try TrustingBlockDevice.connect(socket: socket, queueSize: 128, requestBytes: blockSize)
+    } catch {
+        return "connect (trusting): \(error)"
+    }
+    defer { trusting.close() }
+    guard trusting.capacityBytes == disk.info.capacityBytes else { return "capacities differ" }
+    for (i, o) in offsets.enumerated() {
+        guard trusting.submitRead(offset: o, length: blockSize, tag: UInt64(i)), let c = trusting.wait() else {
+            return "trusting read at \(o) failed"
+        }
+        guard c.status == 0, c.tag == UInt64(i) else { return "trusting read at \(o): status \(c.status)" }
+        let same = expected[i].withUnsafeBytes { e in e.baseAddress.map { memcmp($0, c.data, blockSize) == 0 } ?? false }
+        guard same else { return "block at \(o) differs between the drivers" }
+    }
+    return nil
 }

@@ -16,6 +16,8 @@ func usage(_ code: Int32 = 2) -> Never {
     print("""
         usage: blk-ratio drivers --backend NAME=SOCKET [--backend NAME=SOCKET]... [options]
                blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET [options]
+               blk-ratio check --socket SOCKET   (both drivers read the same random blocks
+                                                  and must return the same bytes)
                blk-ratio run --driver hardened|trusting --socket SOCKET [options]
                              (one contestant, one round per depth: for profilers)
           --depth N      iodepth (repeatable; default 1 and 32)
@@ -23,12 +25,14 @@ func usage(_ code: Int32 = 2) -> Never {
           --rounds N     interleaved rounds the runtime is split into (default 5)
           --warmup S     unmeasured seconds at the start of every round (default 0.5)
           --bs N         request size in bytes (default 4096)
+          --spin N       polls before a driver blocks on its call eventfd, both drivers
+                         (default 256, the library's default)
           --quick        --runtime 2 --rounds 2 --warmup 0.2 (smoke test)
         """)
     exit(code)
 }
 
-enum Mode: String { case drivers, devices, run }
+enum Mode: String { case drivers, devices, run, check }
 
 func parse() -> (Mode, Settings, [(String, String)]) {
     var args = CommandLine.arguments.dropFirst()
@@ -64,6 +68,9 @@ func parse() -> (Mode, Settings, [(String, String)]) {
             guard let w = Double(value()), w >= 0 else { usage() }
             settings.warmup = w
         case "--bs": settings.blockSize = Int(positive(value()))
+        case "--spin":
+            guard let n = Int(value()), n >= 0 else { usage() }
+            settings.spinIterations = n
         case "--quick":
             settings.runtime = 2
             settings.rounds = 2
@@ -73,7 +80,17 @@ func parse() -> (Mode, Settings, [(String, String)]) {
         }
     }
     if !depths.isEmpty { settings.depths = depths }
-    guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1 else { usage() }
+    guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1,
+        mode != .check || targets.count == 1
+    else { usage() }
+    if mode == .check {
+        if let problem = crossCheck(socket: targets[0].1, blockSize: settings.blockSize, count: 2000) {
+            log("blk-ratio check: \(problem)")
+            exit(1)
+        }
+        print("blk-ratio check: 2000 random \(settings.blockSize)-byte blocks read identically by both drivers")
+        exit(0)
+    }
     if mode == .run { targets = [(driver.rawValue, targets[0].1)] }
     return (mode, settings, targets)
 }
@@ -127,7 +144,7 @@ func ratioCell(_ p: PairResult) -> String {
 let startDate = ISO8601DateFormatter().string(from: Date())
 print("blk-ratio \(mode.rawValue): \(startDate), \(ProcessInfo.processInfo.activeProcessorCount) CPUs, \(cpuModel())")
 print(
-    "randread bs=\(settings.blockSize), \(f(settings.runtime)) s measured per contestant per point in \(settings.rounds) interleaved rounds (+\(f(settings.warmup)) s warm-up each), load average at start: \(loadAverage())"
+    "randread bs=\(settings.blockSize), \(f(settings.runtime)) s measured per contestant per point in \(settings.rounds) interleaved rounds (+\(f(settings.warmup)) s warm-up each), \(settings.spinIterations) polls before blocking, load average at start: \(loadAverage())"
 )
 print("")
 var failed = false
@@ -164,6 +181,8 @@ case .devices:
             log("error: \(e)")
         }
     }
+case .check:
+    break  // handled in parse()
 case .run:
     let (name, socket) = targets[0]
     let driver = DriverKind(rawValue: name) ?? .hardened
