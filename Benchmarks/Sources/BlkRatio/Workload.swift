@@ -292,3 +292,21 @@ func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
     }
     return nil
 }
+
+/// Nanoseconds one empty `poll()` costs each driver (nothing in flight): how long the
+/// 256-poll spin of `wait()` lasts before the driver blocks.
+func pollCost(socket: String, polls: Int) -> (hardened: Double, trusting: Double)? {
+    guard let disk = try? BlockDevice.connect(socket: socket) else { return nil }
+    let q = disk.queue(0)
+    var t0 = monotonicNanoseconds()
+    var got = 0
+    for _ in 0..<polls where q.poll() != nil { got += 1 }
+    let hardened = Double(monotonicNanoseconds() - t0) / Double(polls)
+    disk.close()
+    guard let trusting = try? TrustingBlockDevice.connect(socket: socket) else { return nil }
+    t0 = monotonicNanoseconds()
+    for _ in 0..<polls where trusting.poll() != nil { got += 1 }
+    let t = Double(monotonicNanoseconds() - t0) / Double(polls)
+    trusting.close()
+    return got == 0 ? (hardened, t) : nil
+}

@@ -18,6 +18,7 @@ func usage(_ code: Int32 = 2) -> Never {
                blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET [options]
                blk-ratio check --socket SOCKET   (both drivers read the same random blocks
                                                   and must return the same bytes)
+               blk-ratio poll-cost --socket SOCKET   (ns per empty poll of each driver)
                blk-ratio run --driver hardened|trusting --socket SOCKET [options]
                              (one contestant, one round per depth: for profilers)
           --depth N      iodepth (repeatable; default 1 and 32)
@@ -32,7 +33,7 @@ func usage(_ code: Int32 = 2) -> Never {
     exit(code)
 }
 
-enum Mode: String { case drivers, devices, run, check }
+enum Mode: String { case drivers, devices, run, check, pollCost = "poll-cost" }
 
 func parse() -> (Mode, Settings, [(String, String)]) {
     var args = CommandLine.arguments.dropFirst()
@@ -81,8 +82,16 @@ func parse() -> (Mode, Settings, [(String, String)]) {
     }
     if !depths.isEmpty { settings.depths = depths }
     guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1,
-        mode != .check || targets.count == 1
+        mode != .check || targets.count == 1, mode != .pollCost || targets.count == 1
     else { usage() }
+    if mode == .pollCost {
+        guard let (h, t) = pollCost(socket: targets[0].1, polls: 2_000_000) else {
+            log("blk-ratio poll-cost: failed")
+            exit(1)
+        }
+        print(String(format: "empty poll(): hardened %.1f ns, trusting %.1f ns", h, t))
+        exit(0)
+    }
     if mode == .check {
         if let problem = crossCheck(socket: targets[0].1, blockSize: settings.blockSize, count: 2000) {
             log("blk-ratio check: \(problem)")
@@ -181,7 +190,7 @@ case .devices:
             log("error: \(e)")
         }
     }
-case .check:
+case .check, .pollCost:
     break  // handled in parse()
 case .run:
     let (name, socket) = targets[0]
