@@ -9,6 +9,7 @@ let package = Package(
     dependencies: [
         .package(name: "RingFence", path: ".."),
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         // Thread pinning for the benchmark threads (the root's CRingFence is not a product).
@@ -21,6 +22,32 @@ let package = Package(
                 .product(name: "Virtqueue", package: "RingFence"),
                 .product(name: "SharedMemory", package: "RingFence"),
             ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // The deliberately trusting virtio-blk driver (R8: exists only here): no bounce, no
+        // validation, no deadlines; the same vhost-user Frontend control path.
+        .target(
+            name: "TrustingBlock",
+            dependencies: [
+                "TrustingRing",
+                .product(name: "Virtqueue", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+                .product(name: "VhostUser", package: "RingFence"),
+                .product(name: "VirtioBlock", package: "RingFence"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // 4 KiB randread against real back-ends, two contestants interleaved: hardened vs
+        // trusting driver (issue 3), or our device vs qsd (issue 4). scripts/bench-blk.
+        .executableTarget(
+            name: "blk-ratio",
+            dependencies: [
+                "TrustingBlock",
+                .product(name: "VirtioBlock", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Sources/BlkRatio",
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         // The workloads shared by the benchmarks and ring-ratio.

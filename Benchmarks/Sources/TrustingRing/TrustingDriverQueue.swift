@@ -23,8 +23,9 @@ public struct TrustedCompletion: Sendable, Equatable {
 /// Everything else matches `DriverQueue` so the two differ only in hardening: same ring
 /// memory (`DriverRingMemory`), same `SharedAccess` primitives and orderings, same
 /// batching (used.idx loaded once per batch, avail.idx published once per batch with a
-/// full fence before reading the device's flags). Indirect descriptors and EVENT_IDX are
-/// not implemented (the benchmarks negotiate neither).
+/// full fence before reading the device's flags or avail_event). Indirect descriptors are
+/// not implemented; EVENT_IDX is, as in `DriverQueue` (off unless asked: the ring
+/// benchmarks negotiate it not, the block benchmark against real back-ends does).
 ///
 /// Private state sits behind raw pointers, as C would have it (no Array bounds or
 /// uniqueness checks, no dynamic exclusivity checks on class properties).
@@ -40,6 +41,8 @@ public final class TrustingDriverQueue {
 
     public let memory: DriverRingMemory
     public let queueSize: UInt16
+    /// VIRTIO_F_RING_EVENT_IDX negotiated: kicks follow avail_event, interrupts used_event.
+    public let eventIndex: Bool
     let mask: UInt16
     /// `desc_state[head].data`: the caller's token per head.
     let tokens: UnsafeMutablePointer<UInt64>
@@ -49,8 +52,9 @@ public final class TrustingDriverQueue {
     public var lastUsed: UInt16 { state.pointee.lastUsed }
 
     /// Takes over a zeroed ring and threads the free list through the shared table.
-    public init(memory: DriverRingMemory) {
+    public init(memory: DriverRingMemory, eventIndex: Bool = false) {
         self.memory = memory
+        self.eventIndex = eventIndex
         self.queueSize = memory.queueSize
         self.mask = memory.queueSize &- 1
         let n = Int(memory.queueSize)
@@ -102,7 +106,8 @@ public final class TrustingDriverQueue {
         return head
     }
 
-    /// Same as `DriverQueue.publish()` (release store, full fence, read used.flags).
+    /// Same as `DriverQueue.publish()` (release store, full fence, then avail_event with
+    /// EVENT_IDX or used.flags without).
     public func publish() -> Bool {
         let old = state.pointee.publishedIndex
         let new = state.pointee.availIndex
@@ -110,8 +115,25 @@ public final class TrustingDriverQueue {
         SharedAccess.store16Release(memory.avail + SplitLayout.availIdxOffset, new)
         state.pointee.publishedIndex = new
         SharedAccess.fullFence()
+        if eventIndex {
+            let event = SharedAccess.load16(memory.used + SplitLayout.availEventOffset(Int(queueSize)))
+            return SplitLayout.needEvent(event: event, new: new, old: old)
+        }
         let flags = SharedAccess.load16(memory.used + SplitLayout.usedFlagsOffset)
         return flags & SplitLayout.usedNoNotify == 0
+    }
+
+    /// Same as `DriverQueue.enableInterrupts()`: asks for an interrupt at the next
+    /// completion (used_event with EVENT_IDX; without it the trusting driver never
+    /// suppresses interrupts, so there is nothing to undo). True if completions may
+    /// already be pending.
+    public func enableInterrupts() -> Bool {
+        let lastUsed = state.pointee.lastUsed
+        if eventIndex {
+            SharedAccess.store16(memory.avail + SplitLayout.usedEventOffset(Int(queueSize)), lastUsed)
+        }
+        SharedAccess.fullFence()
+        return SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset) != lastUsed
     }
 
     /// The next completion, unchecked: id and len straight from the used ring.

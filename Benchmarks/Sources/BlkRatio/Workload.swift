@@ -1,0 +1,312 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Histogram
+import SharedMemory
+import TrustingBlock
+import VirtioBlock
+
+/// Which driver a contestant uses.
+enum DriverKind: String {
+    case hardened, trusting
+}
+
+/// One side of a comparison: a driver against a back-end socket.
+struct Contestant {
+    let label: String
+    let driver: DriverKind
+    let socket: String
+}
+
+struct Settings {
+    var blockSize = 4096
+    /// Measured seconds per contestant per point (split over the rounds).
+    var runtime = 10.0
+    var rounds = 5
+    /// Unmeasured seconds at the start of every round (the back-ends' adaptive spin and
+    /// the caches settle).
+    var warmup = 0.5
+    var depths = [1, 32]
+    /// Polls before blocking, both drivers (the library's default is 256).
+    var spinIterations = BlockDevice.Options().spinIterations
+}
+
+/// What one contestant did in one round (or, merged, over all rounds).
+struct RunResult {
+    var ios = 0
+    var seconds = 0.0
+    var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
+    var error: String?
+    /// Diagnostics over the whole round (warm-up included): requests, kicks, sleeps.
+    var requests = 0
+    var kicks = 0
+    var sleeps = 0
+
+    var iops: Double { seconds > 0 ? Double(ios) / seconds : 0 }
+    func percentileMicroseconds(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
+
+    mutating func merge(_ other: RunResult) {
+        ios += other.ios
+        seconds += other.seconds
+        histogram.add(other.histogram)
+        if error == nil { error = other.error }
+        requests += other.requests
+        kicks += other.kicks
+        sleeps += other.sleeps
+    }
+}
+
+/// The two drivers behind one closed-loop workload (specialized once per driver).
+protocol LoopDriver {
+    /// Posts a read of the slot's buffer at `offset`; an error message on failure.
+    func submit(offset: UInt64, slot: Int) -> String?
+    /// Waits for the next completion: its slot and whether the device said OK.
+    func next() -> (slot: Int, ok: Bool)?
+}
+
+/// The library's hardened driver, used as `ringfence blk bench` uses it: reads land in a
+/// private buffer per slot (copied out of the bounce pool after validation).
+struct HardenedLoop: LoopDriver {
+    let queue: BlockQueue
+    let buffers: UnsafeMutableRawBufferPointer
+    let blockSize: Int
+
+    func submit(offset: UInt64, slot: Int) -> String? {
+        do {
+            try queue.submitRead(
+                offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * blockSize..<(slot + 1) * blockSize]),
+                tag: UInt64(slot))
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    func next() -> (slot: Int, ok: Bool)? {
+        guard let c = queue.wait() else { return nil }
+        if case .failure = c.result { return (Int(truncatingIfNeeded: c.tag), false) }
+        return (Int(truncatingIfNeeded: c.tag), true)
+    }
+}
+
+/// The baseline: the device writes straight into the shared slot buffer, which the
+/// caller reads in place (zero copy).
+struct TrustingLoop: LoopDriver {
+    let device: TrustingBlockDevice
+    let blockSize: Int
+
+    func submit(offset: UInt64, slot: Int) -> String? {
+        device.submitRead(offset: offset, length: blockSize, tag: UInt64(slot)) ? nil : "ring full"
+    }
+
+    func next() -> (slot: Int, ok: Bool)? {
+        guard let c = device.wait() else { return nil }
+        return (Int(truncatingIfNeeded: c.tag), c.status == 0)
+    }
+}
+
+/// fio's randread with a closed loop of `depth`: the same xorshift offsets and the same
+/// bookkeeping as `ringfence blk bench`. Completions before `warmup` seconds are not
+/// counted; then `seconds` are measured (by completion time), then the loop drains.
+func closedLoop<D: LoopDriver>(
+    _ driver: D, depth: Int, blockSize: Int, blocks: UInt64, warmup: Double, seconds: Double, seed: UInt64
+) -> RunResult {
+    var result = RunResult()
+    var started = [UInt64](repeating: 0, count: depth)
+    var rng = seed | 1
+    let t0 = monotonicNanoseconds()
+    let measureFrom = t0 + UInt64(warmup * 1e9)
+    let end = measureFrom + UInt64(seconds * 1e9)
+    var outstanding = 0
+
+    func submit(_ slot: Int) -> String? {
+        rng ^= rng << 13
+        rng ^= rng >> 7
+        rng ^= rng << 17
+        started[slot] = monotonicNanoseconds()
+        return driver.submit(offset: (rng % blocks) * UInt64(blockSize), slot: slot)
+    }
+
+    for slot in 0..<depth {
+        if let e = submit(slot) {
+            result.error = e
+            break
+        }
+        outstanding += 1
+    }
+    var last = t0
+    var completed = 0
+    while outstanding > 0, let c = driver.next() {
+        outstanding -= 1
+        completed += 1
+        let now = monotonicNanoseconds()
+        last = now
+        if !c.ok {
+            if result.error == nil { result.error = "device returned an error status" }
+            continue
+        }
+        if now >= measureFrom && now < end {
+            _ = result.histogram.record(now - started[c.slot])
+            result.ios += 1
+        }
+        if now < end && result.error == nil {
+            if let e = submit(c.slot) {
+                result.error = e
+                continue
+            }
+            outstanding += 1
+        }
+    }
+    if outstanding > 0 && result.error == nil { result.error = "lost \(outstanding) requests" }
+    result.requests = completed
+    let measuredEnd = min(last, end)
+    result.seconds = measuredEnd > measureFrom ? Double(measuredEnd - measureFrom) / 1e9 : 0
+    return result
+}
+
+/// Connects the contestant's driver, runs one round, disconnects.
+func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
+    let queueSize = min(1024, max(128, 1 << (Int.bitWidth - (depth * 3 - 1).leadingZeroBitCount)))
+    switch c.driver {
+    case .hardened:
+        var options = BlockDevice.Options()
+        options.queueSize = queueSize
+        options.spinIterations = settings.spinIterations
+        let disk: BlockDevice
+        do {
+            disk = try BlockDevice.connect(socket: c.socket, options: options)
+        } catch {
+            return RunResult(error: "connect \(c.socket): \(error)")
+        }
+        defer { disk.close() }
+        let blocks = disk.info.capacityBytes / UInt64(settings.blockSize)
+        guard blocks > 0 else { return RunResult(error: "disk smaller than one block") }
+        let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: settings.blockSize * depth, alignment: 4096)
+        defer { buffers.deallocate() }
+        buffers.initializeMemory(as: UInt8.self, repeating: 0x5a)
+        var r = closedLoop(
+            HardenedLoop(queue: disk.queue(0), buffers: buffers, blockSize: settings.blockSize), depth: depth,
+            blockSize: settings.blockSize, blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        let s = disk.queue(0).statistics
+        r.requests = Int(s.completed)
+        r.kicks = Int(s.kicks)
+        return r
+    case .trusting:
+        let device: TrustingBlockDevice
+        do {
+            device = try TrustingBlockDevice.connect(
+                socket: c.socket, queueSize: queueSize, requestBytes: settings.blockSize,
+                spinIterations: settings.spinIterations)
+        } catch {
+            return RunResult(error: "connect \(c.socket): \(error)")
+        }
+        defer { device.close() }
+        let blocks = device.capacityBytes / UInt64(settings.blockSize)
+        guard blocks > 0 else { return RunResult(error: "disk smaller than one block") }
+        var r = closedLoop(
+            TrustingLoop(device: device, blockSize: settings.blockSize), depth: depth, blockSize: settings.blockSize,
+            blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        r.kicks = device.counters.kicks
+        r.sleeps = device.counters.sleeps
+        return r
+    }
+}
+
+/// Two contestants at one depth, interleaved: `rounds` rounds, each running A and B for
+/// runtime/rounds seconds, alternating which goes first (ABBA), so load drift hits both.
+struct PairResult {
+    var a = RunResult()
+    var b = RunResult()
+    /// Per round: A's IOPS / B's IOPS.
+    var roundRatios: [Double] = []
+    var ratio: Double { b.iops > 0 ? a.iops / b.iops : .nan }
+}
+
+func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Settings, log: (String) -> Void) -> PairResult {
+    var pair = PairResult()
+    let seconds = settings.runtime / Double(settings.rounds)
+    for round in 0..<settings.rounds {
+        let seed = 0x2545_f491_4f6c_dd1d &+ UInt64(round)
+        let order = round % 2 == 0 ? [a, b] : [b, a]
+        var results: [String: RunResult] = [:]
+        for c in order {
+            let r = runRound(c, depth: depth, settings: settings, seconds: seconds, seed: seed)
+            log(
+                "  round \(round + 1)/\(settings.rounds) \(c.label) depth \(depth): "
+                    + "\(Int(r.iops)) IOPS, p50 \(r.percentileMicroseconds(50)) us, p99 \(r.percentileMicroseconds(99)) us"
+                    + (r.error.map { " ERROR \($0)" } ?? ""))
+            results[c.label] = r
+        }
+        let ra = results[a.label] ?? RunResult()
+        let rb = results[b.label] ?? RunResult()
+        pair.a.merge(ra)
+        pair.b.merge(rb)
+        if rb.iops > 0 { pair.roundRatios.append(ra.iops / rb.iops) }
+    }
+    return pair
+}
+
+/// Reads `count` random blocks with both drivers, one at a time, and compares the bytes:
+/// proves the baseline really moves the data it is timed on. nil when all matched.
+func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
+    let disk: BlockDevice
+    let trusting: TrustingBlockDevice
+    do {
+        disk = try BlockDevice.connect(socket: socket)
+    } catch {
+        return "connect (hardened): \(error)"
+    }
+    defer { disk.close() }
+    let blocks = disk.info.capacityBytes / UInt64(blockSize)
+    var offsets: [UInt64] = []
+    var rng: UInt64 = 0x9e37_79b9_7f4a_7c15
+    for _ in 0..<count {
+        rng ^= rng << 13
+        rng ^= rng >> 7
+        rng ^= rng << 17
+        offsets.append((rng % max(blocks, 1)) * UInt64(blockSize))
+    }
+    var expected: [[UInt8]] = []
+    for o in offsets {
+        do {
+            expected.append(try disk.read(at: o, count: blockSize))
+        } catch {
+            return "hardened read at \(o): \(error)"
+        }
+    }
+    disk.close()
+    do {
+        trusting = try TrustingBlockDevice.connect(socket: socket, queueSize: 128, requestBytes: blockSize)
+    } catch {
+        return "connect (trusting): \(error)"
+    }
+    defer { trusting.close() }
+    guard trusting.capacityBytes == disk.info.capacityBytes else { return "capacities differ" }
+    for (i, o) in offsets.enumerated() {
+        guard trusting.submitRead(offset: o, length: blockSize, tag: UInt64(i)), let c = trusting.wait() else {
+            return "trusting read at \(o) failed"
+        }
+        guard c.status == 0, c.tag == UInt64(i) else { return "trusting read at \(o): status \(c.status)" }
+        let same = expected[i].withUnsafeBytes { e in e.baseAddress.map { memcmp($0, c.data, blockSize) == 0 } ?? false }
+        guard same else { return "block at \(o) differs between the drivers" }
+    }
+    return nil
+}
+
+/// Nanoseconds one empty `poll()` costs each driver (nothing in flight): how long the
+/// 256-poll spin of `wait()` lasts before the driver blocks.
+func pollCost(socket: String, polls: Int) -> (hardened: Double, trusting: Double)? {
+    guard let disk = try? BlockDevice.connect(socket: socket) else { return nil }
+    let q = disk.queue(0)
+    var t0 = monotonicNanoseconds()
+    var got = 0
+    for _ in 0..<polls where q.poll() != nil { got += 1 }
+    let hardened = Double(monotonicNanoseconds() - t0) / Double(polls)
+    disk.close()
+    guard let trusting = try? TrustingBlockDevice.connect(socket: socket) else { return nil }
+    t0 = monotonicNanoseconds()
+    for _ in 0..<polls where trusting.poll() != nil { got += 1 }
+    let t = Double(monotonicNanoseconds() - t0) / Double(polls)
+    trusting.close()
+    return got == 0 ? (hardened, t) : nil
+}
