@@ -121,13 +121,7 @@ public final class DeviceQueue {
         func part(_ name: String, _ address: UInt64, _ size: Int, _ align: UInt64) throws(RingSetupError)
             -> UnsafeMutableRawPointer
         {
-            guard address % align == 0 else { throw .misaligned(part: name) }
-            let buffer: UnsafeMutableRawBufferPointer
-            do { buffer = try translate(address, UInt64(size)) } catch { throw .unmapped(part: name, error) }
-            guard let base = buffer.baseAddress, UInt(bitPattern: base) % UInt(align) == 0 else {
-                throw .misaligned(part: name)
-            }
-            return base
+            try translateRingPart(name, address: address, size: size, alignment: align, translate: translate)
         }
         descriptors = try part("descriptor table", addresses.0, SplitLayout.descriptorTableSize(queueSize), 16)
         avail = try part("avail ring", addresses.1, SplitLayout.availRingSize(queueSize), 2)

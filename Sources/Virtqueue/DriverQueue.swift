@@ -118,6 +118,8 @@ public final class DriverQueue {
     /// `queueSize` entries each (at least one), allocated in `init`, freed in `deinit`.
     let shadow: UnsafeMutablePointer<ShadowDescriptor>
     let inFlight: UnsafeMutablePointer<InFlight>
+    /// Private scalars (indices, counts). Every `.pointee` in this file is on this or the
+    /// two tables above: memory this queue allocated, never a structure the device wrote.
     let state: UnsafeMutablePointer<State>
 
     public var freeCount: Int { state.pointee.freeCount }

@@ -82,13 +82,7 @@ public final class PackedDeviceQueue {
         func part(_ name: String, _ address: UInt64, _ size: Int, _ align: UInt64) throws(RingSetupError)
             -> UnsafeMutableRawPointer
         {
-            guard address % align == 0 else { throw .misaligned(part: name) }
-            let buffer: UnsafeMutableRawBufferPointer
-            do { buffer = try translate(address, UInt64(size)) } catch { throw .unmapped(part: name, error) }
-            guard let base = buffer.baseAddress, UInt(bitPattern: base) % UInt(align) == 0 else {
-                throw .misaligned(part: name)
-            }
-            return base
+            try translateRingPart(name, address: address, size: size, alignment: align, translate: translate)
         }
         ring = try part("descriptor ring", addresses.0, PackedLayout.ringSize(queueSize), 16)
         driverArea = try part("driver area", addresses.1, PackedLayout.eventAreaSize, 4)

@@ -103,3 +103,19 @@ extension DriverRegionLayout {
         return (PackedDriverQueue(memory: memory, features: features), pool)
     }
 }
+
+/// Translates one part of a ring the driver announced (its whole length, once) and checks
+/// the alignment virtio requires of both the address and the local pointer (atomics on
+/// the indices need it). Shared by the split and packed device queues.
+func translateRingPart(
+    _ name: String, address: UInt64, size: Int, alignment: UInt64,
+    translate: (UInt64, UInt64) throws(TranslationError) -> UnsafeMutableRawBufferPointer
+) throws(RingSetupError) -> UnsafeMutableRawPointer {
+    guard address % alignment == 0 else { throw .misaligned(part: name) }
+    let buffer: UnsafeMutableRawBufferPointer
+    do { buffer = try translate(address, UInt64(size)) } catch { throw .unmapped(part: name, error) }
+    guard let base = buffer.baseAddress, UInt(bitPattern: base) % UInt(alignment) == 0 else {
+        throw .misaligned(part: name)
+    }
+    return base
+}
