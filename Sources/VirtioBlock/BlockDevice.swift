@@ -61,8 +61,8 @@ public final class BlockDevice: @unchecked Sendable {
     let region: SharedRegion
     let layout: DriverRegionLayout
     var queues: [BlockQueue] = []
-    let failed = Atomic<Bool>(false)
-    let failureState = Mutex<VirtioError?>(nil)
+    /// Shared with the queues, which test `failed` on every poll without touching the device.
+    let health = DeviceHealth()
     let convenienceLock = Mutex<Int>(0)
     var closed = false
 
@@ -189,20 +189,19 @@ public final class BlockDevice: @unchecked Sendable {
 
     /// The sticky failure, if the device is broken.
     public var failure: VirtioError? {
-        guard failed.load(ordering: .acquiring) else { return nil }
-        return failureState.withLock { $0 }
+        health.current
     }
 
-    public var isBroken: Bool { failed.load(ordering: .acquiring) }
+    public var isBroken: Bool { health.failed.load(ordering: .acquiring) }
 
     /// Marks the device broken (first failure wins) and reports it once.
     func fail(_ error: VirtioError) {
-        let first = failureState.withLock { state -> Bool in
+        let first = health.failure.withLock { state -> Bool in
             guard state == nil else { return false }
             state = error
             return true
         }
-        failed.store(true, ordering: .releasing)
+        health.failed.store(true, ordering: .releasing)
         guard first else { return }
         // Wake threads blocked on other queues: they fail their requests now, not at
         // their own deadlines (our own eventfds; the device cannot see this).
@@ -265,8 +264,8 @@ public final class BlockDevice: @unchecked Sendable {
                     if hadViolation { q.discardAll() } else { try q.resubmitAfterReconnect() }
                 }
                 try attachRings(f)
-                failureState.withLock { $0 = nil }
-                failed.store(false, ordering: .releasing)
+                health.failure.withLock { $0 = nil }
+                health.failed.store(false, ordering: .releasing)
                 for q in queues { q.kickNotifier.signal() }
                 return
             } catch let error as VirtioError {
@@ -443,4 +442,18 @@ public final class BlockDevice: @unchecked Sendable {
     public func flush() async throws(VirtioError) { try flushSync() }
 
     public func identify() async throws(VirtioError) -> String { try identifySync() }
+}
+
+/// Whether a device is broken, and why: the one piece of device state its queues read on
+/// the hot path (a plain load while healthy).
+final class DeviceHealth: Sendable {
+    let failed = Atomic<Bool>(false)
+    let failure = Mutex<VirtioError?>(nil)
+
+    /// The sticky failure, if any.
+    @inline(__always)
+    var current: VirtioError? {
+        guard failed.load(ordering: .acquiring) else { return nil }
+        return failure.withLock { $0 }
+    }
 }

