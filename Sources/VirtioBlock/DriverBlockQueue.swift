@@ -206,8 +206,7 @@ public final class BlockQueue {
         guard state.pointee.freeCount > 0 else { throw .busy }
         let slotIndex = freeSlots[state.pointee.freeCount - 1]
         guard let slice = slice(for: slotIndex, length: Self.headerSize + data + 1) else { throw .busy }
-        pool.store(type.rawValue, in: slice, at: 0)
-        pool.store(UInt32(0), in: slice, at: 4)
+        pool.store(UInt64(type.rawValue), in: slice, at: 0)  // type, then ioprio 0
         pool.store(sector, in: slice, at: 8)
         if let source { pool.copyIn(slice, at: Self.headerSize, from: source) }
         if let range {  // struct virtio_blk_discard_write_zeroes

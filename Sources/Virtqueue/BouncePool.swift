@@ -2,9 +2,16 @@
 public struct BounceSlice: Sendable, Equatable {
     /// Offset from the start of the pool.
     public let offset: Int
-    /// Bytes requested. The rest of the last granule is zero and stays zero.
+    /// Bytes requested.
     public let length: Int
-    let granules: Int
+    @usableFromInline let granules: Int
+
+    @usableFromInline
+    init(offset: Int, length: Int, granules: Int) {
+        self.offset = offset
+        self.length = length
+        self.granules = granules
+    }
 }
 
 /// swiotlb-like bounce buffers inside the sealed shared region (rule R7).
@@ -63,7 +70,7 @@ public final class BouncePool {
     }
 
     /// Granules a slice of `length` bytes occupies.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func granules(for length: Int) -> Int { (length + granule - 1) / granule }
 
     /// `slice` again, for a new request of `length` bytes that fits the same granules
@@ -71,7 +78,7 @@ public final class BouncePool {
     /// (LIFO, cache-hot) instead of freeing it: the caller must have zeroed any private
     /// data it copied in (`zero`), so what a reused slice still holds is only what the
     /// device itself wrote or request metadata the device was given anyway.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func reuse(_ slice: BounceSlice, length: Int) -> BounceSlice? {
         guard length > 0, Self.granules(for: length) == slice.granules else { return nil }
         return BounceSlice(offset: slice.offset, length: length, granules: slice.granules)
@@ -79,7 +86,7 @@ public final class BouncePool {
 
     /// Zeroes `count` bytes of the slice from `offset` (clamped to the slice's granules):
     /// private data copied in for a request that has ended.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func zero(_ slice: BounceSlice, at offset: Int, count: Int) {
         let limit = slice.granules * Self.granule
         guard offset >= 0, offset < limit, count > 0 else { return }
@@ -87,13 +94,13 @@ public final class BouncePool {
     }
 
     /// The address the device uses for `slice` (+ `offset` bytes).
-    @inline(__always)
+    @inlinable @inline(__always)
     public func guestAddress(of slice: BounceSlice, offset: Int = 0) -> UInt64 {
         guestAddress &+ UInt64(slice.offset + offset)
     }
 
     /// A segment for the device covering `slice` (or a part of it).
-    @inline(__always)
+    @inlinable @inline(__always)
     public func segment(_ slice: BounceSlice, offset: Int = 0, length: Int? = nil, deviceWritable: Bool) -> Segment {
         let len = min(length ?? (slice.length - offset), slice.length - offset)
         return Segment(
@@ -102,7 +109,7 @@ public final class BouncePool {
     }
 
     /// Copies private bytes into the slice at `offset` (clamped to the slice).
-    @inline(__always)
+    @inlinable @inline(__always)
     public func copyIn(_ slice: BounceSlice, at offset: Int = 0, from source: UnsafeRawBufferPointer) {
         guard offset >= 0, offset < slice.length, let src = source.baseAddress else { return }
         let count = min(source.count, slice.length - offset)
@@ -110,7 +117,7 @@ public final class BouncePool {
     }
 
     /// Stores a little-endian integer into the slice (request headers). Write-only (R1).
-    @inline(__always)
+    @inlinable @inline(__always)
     public func store<T: FixedWidthInteger>(_ value: T, in slice: BounceSlice, at offset: Int) {
         guard offset >= 0, offset + MemoryLayout<T>.size <= slice.length else { return }
         (base + slice.offset + offset).storeBytes(of: value.littleEndian, as: T.self)
@@ -118,7 +125,7 @@ public final class BouncePool {
 
     /// Copies out at most `validatedLength` bytes from `offset` (clamped to the slice and
     /// to the destination). Returns the count copied. One copy: the bytes are fetched once.
-    @inline(__always)
+    @inlinable @inline(__always)
     @discardableResult
     public func copyOut(
         _ slice: BounceSlice, at offset: Int = 0, validatedLength: Int, to destination: UnsafeMutableRawBufferPointer
@@ -130,7 +137,7 @@ public final class BouncePool {
     }
 
     /// Loads one byte the device wrote (a status byte), once.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func loadByte(_ slice: BounceSlice, at offset: Int) -> UInt8? {
         guard offset >= 0, offset < slice.length else { return nil }
         return (base + slice.offset + offset).load(as: UInt8.self)
