@@ -12,7 +12,10 @@ import VhostUser
 /// eventfd, a sealed memfd, an unsealed memfd), so descriptor-count mismatches, split
 /// headers and bodies, and memory tables with real fds all occur. The write side is then
 /// closed and `Backend.serve` runs to completion. Checked: no trap, no hang (libFuzzer's
-/// -timeout), the serving returns.
+/// -timeout), the serving returns. The eventfd and the memfds are created once and sent
+/// again with every chunk that asks for them (SCM_RIGHTS hands the back-end a fresh
+/// descriptor each time, which is all it sees): creating them per chunk made the
+/// target spend most of its time in memfd_create and ftruncate.
 let imagePath = scratchImage(size: 1 << 20)
 let backend: Backend? = {
     guard let image = try? DeviceImage(path: imagePath) else { return nil }
@@ -25,37 +28,34 @@ let backend: Backend? = {
     return Backend(device: VirtioBlockDevice(image: image, options: options), configuration: configuration)
 }()
 let sealed = try? SharedRegion(name: "fuzz-sealed", size: 1 << 16)
+let eventNotifier = try? Notifier()
+let unsealed: Int32 = {
+    let fd = rf_memfd_create("fuzz-unsealed", RF_MFD_CLOEXEC)
+    if fd >= 0 { _ = ftruncate(fd, 1 << 16) }
+    return fd
+}()
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard let backend, let (writer, reader) = try? UnixChannel.pair() else { return 0 }
     var input = FuzzInput(data, size)
-    var opened: [Int32] = []
-    var notifiers: [Notifier] = []
-    defer { for fd in opened { close(fd) } }
     var chunks = 0
+    var fds: [Int32] = []
+    fds.reserveCapacity(3)
     while !input.isEmpty && chunks < 32 {
         chunks += 1
         let kind = input.byte()
         let length = Int(input.integer(UInt16.self) % 512)
         let bytes = input.take(length)
-        var fds: [Int32] = []
+        fds.removeAll(keepingCapacity: true)
         for k in 0..<Int(kind % 4) {
             switch (kind >> (2 + 2 * UInt8(k))) & 3 {
             case 0:
-                if let n = try? Notifier() {
-                    notifiers.append(n)
-                    fds.append(n.fileDescriptor)
-                }
+                if let eventNotifier { fds.append(eventNotifier.fileDescriptor) }
             case 1:
                 if let sealed { fds.append(sealed.fileDescriptor) }
             default:
-                let fd = rf_memfd_create("fuzz-unsealed", RF_MFD_CLOEXEC)
-                if fd >= 0 {
-                    _ = ftruncate(fd, 1 << 16)
-                    fds.append(fd)
-                    opened.append(fd)
-                }
+                if unsealed >= 0 { fds.append(unsealed) }
             }
         }
         if bytes.isEmpty { continue }
