@@ -97,7 +97,8 @@ public final class BlockQueue {
         self.health = device.health
         self.info = device.info
         self.requestTimeout = device.options.requestTimeout
-        self.timeoutNanoseconds = UInt64(max(0, min(device.options.requestTimeout, 1e9)) * 1e9)
+        self.timeoutNanoseconds =
+            UInt64(max(0, min(device.options.requestTimeout, 1e9)) * 1e9) + coarseClockSlack
         self.spinIterations = device.options.spinIterations
         self.ring = ring
         self.pool = pool
@@ -286,7 +287,9 @@ public final class BlockQueue {
             case .emptyChain, .tooManySegments: throw .invalidRequest(error.description)
             }
         }
-        let (deadline, overflow) = monotonicNanoseconds().addingReportingOverflow(timeoutNanoseconds)
+        // The tick clock plus its slack (in timeoutNanoseconds): never earlier than the
+        // precise deadline, a few milliseconds later at most, and far cheaper to read.
+        let (deadline, overflow) = coarseMonotonicNanoseconds().addingReportingOverflow(timeoutNanoseconds)
         slots[slotIndex].deadline = overflow ? .max : deadline
     }
 
