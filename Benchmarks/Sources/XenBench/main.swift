@@ -152,9 +152,10 @@ if let only {
     for _ in 1...rounds {
         if only == "hardened" {
             let r = runHardened()
-            print("hardened \(fmt(r.requestsPerSecond, 0)) IOPS")
+            print("hardened \(fmt(r.requestsPerSecond, 0)) IOPS, \(r.requests) requests")
         } else {
-            print("trusting \(fmt(runTrusting(requests: Int(1_000_000 * seconds)), 0)) IOPS")
+            let n = Int(1_000_000 * seconds)
+            print("trusting \(fmt(runTrusting(requests: n), 0)) IOPS, \(n) requests")
         }
     }
     child.kill()
