@@ -280,9 +280,17 @@ public final class BlkFrontend {
         token: UInt64
     ) {
         let slot = ring + SharedRingLayout.headerSize + Int(requestProducer & mask) * BlkifLayout.slotSize
-        for w in 0..<(Self.requestBytes(segments: segments) / 8) {
+        @inline(__always) func copyWord(_ w: Int) {
             slot.storeBytes(
-                of: scratch.load(fromByteOffset: w * 8, as: UInt64.self), toByteOffset: w * 8, as: UInt64.self)
+                of: scratch.load(fromByteOffset: w &* 8, as: UInt64.self), toByteOffset: w &* 8, as: UInt64.self)
+        }
+        if segments <= 1 {  // 32 bytes: header and one segment (or nr_sectors)
+            copyWord(0)
+            copyWord(1)
+            copyWord(2)
+            copyWord(3)
+        } else {
+            for w in 0..<(Self.requestBytes(segments: segments) / 8) { copyWord(w) }
         }
         requestProducer &+= 1
         shadow[Int(id)] = Shadow(
