@@ -95,18 +95,12 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // Reference peer on Debian libxen-dev's ring.h/blkif.h macros (tests and benchmark only, R8).
+        // Reference peer on Debian libxen-dev's ring.h/blkif.h macros, for the compatibility
+        // tests only. The trusting benchmark baseline lives in Benchmarks/ (R8).
         .target(
             name: "CXenPeer",
             path: "Tests/CXenPeer",
             cSettings: [.define("_GNU_SOURCE")]
-        ),
-        // Hardened vs trusting-C frontend benchmark (`swift run -c release xen-bench`).
-        .executableTarget(
-            name: "xen-bench",
-            dependencies: ["XenRing", "SharedMemory", "RingHarness", "CXenPeer"],
-            path: "Tests/XenBench",
-            swiftSettings: strict
         ),
         .testTarget(
             name: "XenRingTests",

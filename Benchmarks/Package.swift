@@ -69,6 +69,22 @@ let package = Package(
             path: "Sources/RingRatio",
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // The deliberately trusting Xen blkif frontend in C, on libxen-dev's ring.h/blkif.h
+        // macros (R8: exists only here; the root's Tests/CXenPeer is the tests' reference peer).
+        .target(name: "CXenTrusting", cSettings: [.define("_GNU_SOURCE")]),
+        // Hardened XenRing frontend vs the trusting C frontend, same backend process, same
+        // run, 4 KiB requests (issue 6). docs/xen.md.
+        .executableTarget(
+            name: "xen-bench",
+            dependencies: [
+                "CXenTrusting",
+                .product(name: "XenRing", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+                .product(name: "RingHarness", package: "RingFence"),
+            ],
+            path: "Sources/XenBench",
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         .executableTarget(
             name: "RingBenchmarks",
             dependencies: [

@@ -29,21 +29,16 @@ extension XenBlkFrontendDevice {
         let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: depth * blockSize, alignment: 4096)
         defer { buffers.deallocate() }
         for i in 0..<buffers.count { buffers[i] = UInt8(truncatingIfNeeded: i &* 13) }
-        var next: UInt64 = 0
-        func post(_ slot: Int) throws(XenBlkError) {
-            let sector = (next % blocks) * blockSectors
-            next &+= 1
-            let b = UnsafeMutableRawBufferPointer(rebasing: buffers[(slot * blockSize)..<((slot + 1) * blockSize)])
-            do {
-                if write {
-                    try front.submitWrite(sector: sector, from: UnsafeRawBufferPointer(b), token: UInt64(slot))
-                } else {
-                    try front.submitRead(sector: sector, into: b, token: UInt64(slot))
-                }
-            } catch { throw submitError(error) }
+        // Buffer `slot` (the request's token) lives at `base + slot * blockSize`.
+        guard let base = buffers.baseAddress else {
+            return XenBenchReport(requests: 0, bytes: 0, seconds: 0, errors: 0)
         }
+        var next: UInt64 = 0
         var report = XenBenchReport(requests: 0, bytes: 0, seconds: 0, errors: 0)
-        for slot in 0..<depth { try post(slot) }
+        for slot in 0..<depth {
+            try post(slot, base: base, blockSize: blockSize, sector: (next % blocks) &* blockSectors, write: write)
+            next &+= 1
+        }
         kick()
         var inFlight = depth
         let start = monotonicNanoseconds()
@@ -55,18 +50,21 @@ extension XenBlkFrontendDevice {
         // more than the checks this loop measures.
         var deadline: Deadline?
         let timeoutNanoseconds = UInt64(max(0, min(timeout, 3600)) * 1e9)
-        // The hot loop allocates nothing: completions are consumed one by one.
+        // The hot loop allocates nothing: completions are consumed one by one, and each
+        // slot is posted again as soon as it completes.
         while inFlight > 0 {
             var progressed = false
             while let c = try nextCompletionOrDisable() {
                 progressed = true
-                inFlight -= 1
-                report.requests += 1
-                report.bytes += blockSize
-                if c.status != .okay { report.errors += 1 }
+                inFlight &-= 1
+                report.requests &+= 1
+                if c.status != .okay { report.errors &+= 1 }
                 if !stopping {
-                    try post(Int(c.token))
-                    inFlight += 1
+                    let slot = Int(truncatingIfNeeded: c.token)
+                    try post(
+                        slot, base: base, blockSize: blockSize, sector: (next % blocks) &* blockSectors, write: write)
+                    next &+= 1
+                    inFlight &+= 1
                 }
             }
             if woke {
@@ -88,7 +86,23 @@ extension XenBlkFrontendDevice {
             try checkDeadline(until)
             woke = events.wait(until: until)
         }
+        report.bytes = report.requests &* blockSize
         report.seconds = Double(monotonicNanoseconds() &- start) / 1e9
         return report
+    }
+
+    /// Posts buffer `slot` (token `slot`) through the hardened submit path.
+    @inline(__always)
+    func post(_ slot: Int, base: UnsafeMutableRawPointer, blockSize: Int, sector: UInt64, write: Bool)
+        throws(XenBlkError)
+    {
+        let buffer = UnsafeMutableRawBufferPointer(start: base + slot * blockSize, count: blockSize)
+        do {
+            if write {
+                try front.submitWrite(sector: sector, from: UnsafeRawBufferPointer(buffer), token: UInt64(slot))
+            } else {
+                try front.submitRead(sector: sector, into: buffer, token: UInt64(slot))
+            }
+        } catch { throw submitError(error) }
     }
 }

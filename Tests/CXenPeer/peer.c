@@ -150,18 +150,13 @@ static void post(blkif_front_ring_t *fr, grant_entry_v1_t *gnt, const struct cxe
     fr->req_prod_pvt++;
 }
 
-long cxen_front_run(const struct cxen_env *env, int init_ring, uint32_t first_ref,
-                    uint32_t first_frame, uint64_t requests, uint32_t depth, int write,
-                    uint64_t disk_sectors, uint8_t *data, int timeout_ms, uint64_t *errors) {
+long cxen_front_run(const struct cxen_env *env, uint32_t first_ref, uint32_t first_frame,
+                    uint64_t requests, uint32_t depth, int write, uint64_t disk_sectors,
+                    uint8_t *data, int timeout_ms, uint64_t *errors) {
     blkif_sring_t *sring = env->sring;
     blkif_front_ring_t fr;
-    if (init_ring) {
-        SHARED_RING_INIT(sring);
-        FRONT_RING_INIT(&fr, sring, PAGE);
-    } else {
-        FRONT_RING_ATTACH(&fr, sring, sring->req_prod, PAGE);
-        fr.rsp_cons = sring->rsp_prod;
-    }
+    SHARED_RING_INIT(sring);
+    FRONT_RING_INIT(&fr, sring, PAGE);
     grant_entry_v1_t *gnt = env->gnttab;
     if (depth > RING_SIZE(&fr)) depth = RING_SIZE(&fr);
     uint64_t blocks = disk_sectors / 8, posted = 0, done = 0, next_block = 0;
@@ -178,10 +173,12 @@ long cxen_front_run(const struct cxen_env *env, int init_ring, uint32_t first_re
         int progressed = 0;
         while (fr.rsp_cons != rp) {
             blkif_response_t *rsp = RING_GET_RESPONSE(&fr, fr.rsp_cons);
-            uint32_t slot = (uint32_t)rsp->id;
+            uint64_t id = rsp->id;
+            if (id >= depth) return -2;  /* a test peer: never index with an id it did not post */
+            uint32_t slot = (uint32_t)id;
             if (rsp->status != BLKIF_RSP_OKAY) (*errors)++;
             fr.rsp_cons++;
-            gnt[first_ref + slot].flags = 0;  /* trusting: no try-end, no check */
+            gnt[first_ref + slot].flags = 0;
             if (!write) memcpy(data, (uint8_t *)env->frames + (size_t)(first_frame + slot) * PAGE, PAGE);
             done++;
             progressed = 1;

@@ -82,7 +82,7 @@ import Virtqueue
         #expect(!front.isBroken)
     }
 
-    /// The trusting C frontend (SHARED_RING_INIT, FRONT_RING_INIT, RING_GET_REQUEST,
+    /// The C reference frontend (SHARED_RING_INIT, FRONT_RING_INIT, RING_GET_REQUEST,
     /// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, RING_FINAL_CHECK_FOR_RESPONSES) against our
     /// hardened backend: every request is answered OKAY and the data lands on disk.
     @Test func cFrontendIsServedByHardenedBackend() throws {
@@ -101,7 +101,7 @@ import Virtqueue
             var e = env.value
             var errors: UInt64 = 0
             let n = cxen_front_run(
-                &e, 1, 100, 1, 500, 8, 1, 2048, UnsafeMutablePointer(bitPattern: dataAddress), 5000, &errors)
+                &e, 100, 1, 500, 8, 1, 2048, UnsafeMutablePointer(bitPattern: dataAddress), 5000, &errors)
             UnsafeMutablePointer<(Int, UInt64)>(bitPattern: resultAddress)?.pointee = (n, errors)
         }
         let backend = s.pair.back

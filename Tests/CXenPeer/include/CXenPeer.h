@@ -1,6 +1,7 @@
-// A reference peer for XenRing's compatibility tests and benchmark, built only on the
-// macros and structs of Debian libxen-dev's <xen/io/ring.h> and <xen/io/blkif.h>.
-// Test/benchmark code: it trusts its peer (it is the baseline), never ship it (R8).
+// A reference peer for XenRing's compatibility tests, built only on the macros and
+// structs of Debian libxen-dev's <xen/io/ring.h> and <xen/io/blkif.h>. Test code, never
+// shipped. It is not a benchmark baseline: the trusting frontend that xen-bench measures
+// against lives in Benchmarks/Sources/CXenTrusting (R8).
 #ifndef CXENPEER_H
 #define CXENPEER_H
 #include <stdint.h>
@@ -40,13 +41,13 @@ struct cxen_env {
 long cxen_back_serve(const struct cxen_env *env, uint8_t *disk, uint64_t disk_sectors,
                      uint64_t max_requests, int idle_timeout_ms);
 
-/// Trusting frontend on SHARED_RING_INIT / FRONT_RING_INIT / RING_GET_REQUEST /
-/// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY / RING_GET_RESPONSE (in place, unchecked) /
-/// RING_FINAL_CHECK_FOR_RESPONSES. One 4 KiB segment per request, `depth` in flight,
-/// grant refs `first_ref...` and frames `first_frame...` one per slot. Writes `data`
-/// (4096 bytes) or reads into it. Returns requests completed, or -1 on a timeout;
-/// `*errors` counts non-OKAY statuses. `init_ring` = 1 to initialise the shared ring.
-long cxen_front_run(const struct cxen_env *env, int init_ring, uint32_t first_ref,
-                    uint32_t first_frame, uint64_t requests, uint32_t depth, int write,
-                    uint64_t disk_sectors, uint8_t *data, int timeout_ms, uint64_t *errors);
+/// Frontend on SHARED_RING_INIT / FRONT_RING_INIT / RING_GET_REQUEST /
+/// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY / RING_GET_RESPONSE / RING_FINAL_CHECK_FOR_RESPONSES.
+/// One 4 KiB segment per request, `depth` in flight, grant refs `first_ref...` and frames
+/// `first_frame...` one per slot. Writes `data` (4096 bytes) or reads into it. Returns
+/// requests completed, -1 on a timeout, -2 on a response id it never posted; `*errors`
+/// counts non-OKAY statuses.
+long cxen_front_run(const struct cxen_env *env, uint32_t first_ref, uint32_t first_frame,
+                    uint64_t requests, uint32_t depth, int write, uint64_t disk_sectors,
+                    uint8_t *data, int timeout_ms, uint64_t *errors);
 #endif

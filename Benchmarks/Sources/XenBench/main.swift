@@ -1,11 +1,12 @@
 // xen-bench: the hardened XenRing frontend against a trusting C frontend built on the
-// libxen-dev header macros (Tests/CXenPeer), same backend process, same run, 4 KiB.
-// The trusting baseline lives only here (R8). Usage:
-//   swift run -c release xen-bench [--seconds S] [--rounds N] [--depth D] [--write]
+// libxen-dev header macros (Sources/CXenTrusting), same backend process, same run, 4 KiB.
+// The trusting baseline lives only in this benchmark package (R8). Usage (in Benchmarks/):
+//   swift build -c release --product xen-bench
+//   .build/release/xen-bench [--seconds S] [--rounds N] [--depth D] [--write] [--only hardened|trusting]
 #if canImport(Glibc)
 import Glibc
 #endif
-import CXenPeer
+import CXenTrusting
 import RingHarness
 import SharedMemory
 import XenRing
@@ -127,7 +128,7 @@ var requestsTrusting = 0
     let other = connect()
     defer { other.disconnect() }
     let g = other.front.memory.grants
-    var env = cxen_env(
+    var env = xen_trusting_env(
         sring: g.page(other.front.memory.ringFrame), gnttab: g.entries, gnttab_entries: UInt32(g.entryCount),
         frames: g.frames, nr_frames: UInt32(g.frameCount), evt_to_peer: other.events.outgoing.fileDescriptor,
         evt_from_peer: other.events.incoming.fileDescriptor)
@@ -137,8 +138,8 @@ var requestsTrusting = 0
     var errors: UInt64 = 0
     let cpu = threadCPUSeconds()
     let start = monotonicNanoseconds()
-    let n = cxen_front_run(
-        &env, 1, 64, 1, UInt64(requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
+    let n = xen_trusting_front_run(
+        &env, 64, 1, UInt64(requests), UInt32(depth), write ? 1 : 0, UInt64(diskSectors),
         data.assumingMemoryBound(to: UInt8.self), 5000, &errors)
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuTrusting += threadCPUSeconds() - cpu
@@ -151,9 +152,10 @@ if let only {
     for _ in 1...rounds {
         if only == "hardened" {
             let r = runHardened()
-            print("hardened \(fmt(r.requestsPerSecond, 0)) IOPS")
+            print("hardened \(fmt(r.requestsPerSecond, 0)) IOPS, \(r.requests) requests")
         } else {
-            print("trusting \(fmt(runTrusting(requests: Int(1_000_000 * seconds)), 0)) IOPS")
+            let n = Int(1_000_000 * seconds)
+            print("trusting \(fmt(runTrusting(requests: n), 0)) IOPS, \(n) requests")
         }
     }
     child.kill()
