@@ -44,6 +44,31 @@ struct AuditCommandTests {
         #expect(r.output.contains("| 2 | `vandal-descriptors` | R1 | unaffected |"))
     }
 
+    /// A packed attack needs the driver to ack VIRTIO_F_RING_PACKED (serve-blk writes what
+    /// it acked to --negotiation-file): `blk` does and is attacked, `blk --no-packed` does
+    /// not and the row says "not applicable", never a pass.
+    @Test func packedAttackIsNotApplicableToASplitRingDriver() throws {
+        let bin = try Self.binary()
+        func audit(_ extra: [String]) throws -> (Int32, String) {
+            let json = NSTemporaryDirectory() + "rf-audit-na-\(getpid())-\(extra.count).json"
+            defer { try? FileManager.default.removeItem(atPath: json) }
+            let r = try Interop.run(
+                [bin, "audit", "--target", "command", "--only", "packed-used-id-out-of-range", "--json", json, "--"]
+                    + [bin, "blk", "--socket", "{socket}", "--timeout", "2"] + extra + ["verify", "--size", "64K"])
+            let outcome = try Self.records(json).first?["outcome"] as? String ?? ""
+            return (r.status, outcome + "\n" + r.output)
+        }
+        let (packed, attacked) = try audit([])
+        #expect(packed == 0, "\(attacked)")
+        #expect(attacked.hasPrefix("contained-with-error\n"), "\(attacked)")
+        #expect(attacked.contains("exit status 1"))
+        let (split, skipped) = try audit(["--no-packed"])
+        #expect(split == 0, "\(skipped)")
+        #expect(skipped.hasPrefix("not applicable\n"), "\(skipped)")
+        #expect(skipped.contains("not applicable: the driver acked the split ring, not VIRTIO_F_RING_PACKED"))
+        #expect(skipped.contains("Not applicable (skipped): packed-used-id-out-of-range."))
+    }
+
     @Test func serveBlkRefusesUnknownAttacks() throws {
         let r = try Interop.run([
             try Self.binary(), "serve-blk", "--socket", "/tmp/x.sock", "--image", "/tmp/x.img", "--attack", "nope",
