@@ -107,4 +107,22 @@ struct AuditCommandTests {
         #expect(outcome["leak-probe"] == "leaked canary", "vhost-user maps all guest RAM: the canary is in the dump")
         #expect(Date().timeIntervalSince(start) < 120)
     }
+
+    /// A packed attack against Linux: the guest's device gets `packed=on`, Linux acks the
+    /// packed ring (the row is not "not applicable"), and 6.1 does not check the used
+    /// length on the packed ring either.
+    @Test(.enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest audit skipped"))
+    func linuxGuestAuditOfAPackedAttack() throws {
+        #expect(try Interop.buildGuestImage())
+        let json = NSTemporaryDirectory() + "rf-audit-guest-packed-\(getpid()).json"
+        defer { try? FileManager.default.removeItem(atPath: json) }
+        let r = try Interop.run([
+            try Self.binary(), "audit", "--target", "linux-guest", "--deadline", "30", "--only",
+            "packed-used-len-overflow", "--json", json,
+        ])
+        #expect(r.status == 0, "\(r.output)")
+        let rows = try Self.records(json)
+        #expect(rows.first?["outcome"] as? String == "clean", "\(r.output)")
+        #expect(rows.first?["evidence"] as? String == "I/O script passed; RF-SIZE 131072 512")
+    }
 }
