@@ -304,7 +304,9 @@ public enum Catalogue {
         a(
             "packed-duplicate-id", .packedRing, .r3, .completion, .packed(.duplicateID),
             "completes the first of two requests in flight twice in one batch (same buffer id)",
-            must: "refuse the second completion: that id is no longer in flight", [v("usedIdNotInFlight")],
+            must: "refuse the second completion: that id is no longer in flight (with one request in flight the "
+                + "duplicate lands in the slot the driver fills next: only a poll before that can see it)",
+            [v("usedIdNotInFlight")],
             ring: .packed),
         a(
             "packed-used-len-overflow", .packedRing, .r3, .completion, .usedLength(.overflow),
@@ -313,7 +315,8 @@ public enum Catalogue {
         a(
             "packed-used-slot-not-available", .packedRing, .r3, .completion, .packed(.usedSlotNotAvailable),
             "after its completions, writes a used descriptor into the next slot, which the driver never made available",
-            must: "refuse a used mark where nothing is in flight", [v("packedUsedSlotNotAvailable")], ring: .packed),
+            must: "refuse a used mark where nothing is in flight (seen when it polls then, as on the interrupt sent)",
+            [v("packedUsedSlotNotAvailable")], ring: .packed),
         a(
             "packed-event-flags-3", .packedRing, .r3, .afterPublish, .packed(.eventSuppression(.reservedFlags)),
             "sets the device event suppression area to flags 3 (reserved) just before publishing a completion",
