@@ -19,7 +19,7 @@ final class AdversaryQueueHandler: QueueHandler {
     /// Popped and executed, completed later (or never).
     var held: [(head: UInt16, length: UInt32, since: UInt64)] = []
     var rewritePending = false
-    /// Packed attacks that forge ring bytes do so once per connection.
+    /// Packed attacks that forge ring bytes do so once per handler (each time the ring starts).
     var forged = false
     /// `packed-used-slot-not-available`: forge after this serve's completions.
     var forgeAfterServe: UInt16?
