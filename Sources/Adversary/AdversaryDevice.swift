@@ -6,7 +6,7 @@ import SharedMemory
 import Synchronization
 public import VhostUser
 public import VirtioBlock
-import Virtqueue
+public import Virtqueue
 
 /// The real blk device (`VirtioBlockDevice`) with one attack switched on. It reaches the
 /// transport only through the back-end's hook points, so the attacks run against the same
@@ -18,6 +18,9 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     public let after: Int
     /// Where `leak-probe` writes its dumps (nil: keep them in memory only).
     public let dumpPath: String?
+    /// Where to write the ring format the front-end acked ("split" or "packed"), so an
+    /// auditor in another process can tell a packed attack that was not applicable.
+    public let negotiationPath: String?
 
     /// What the adversary saw and did (evidence for the report).
     public struct Observations: Sendable {
@@ -28,6 +31,10 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         public var memfdSize: Int64 = -1
         public var notificationsSent = 0
         public var dumps = 0
+        /// The ring format of the last SET_FEATURES (nil: features never acked).
+        public var negotiatedRing: RingFormat?
+        /// `packed-toctou-used-descriptor`: used descriptors rewritten after the driver read them.
+        public var rewrittenDescriptors = 0
         public var notes: [String] = []
     }
 
@@ -44,11 +51,15 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     /// Lives as long as the device: its fd is what `reply-with-fd` attaches.
     let strayNotifier = try? Notifier()
 
-    public init(inner: VirtioBlockDevice, attack: Attack?, after: Int? = nil, dumpPath: String? = nil) {
+    public init(
+        inner: VirtioBlockDevice, attack: Attack?, after: Int? = nil, dumpPath: String? = nil,
+        negotiationPath: String? = nil
+    ) {
         self.inner = inner
         self.attack = attack
         self.after = after ?? attack?.defaultAfter ?? 0
         self.dumpPath = dumpPath
+        self.negotiationPath = negotiationPath
     }
 
     deinit {
@@ -68,14 +79,22 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 
     // MARK: VhostUserDevice
 
-    /// The catalogue's ring attacks are written against the split ring's layout, so the
-    /// adversary never offers VIRTIO_F_RING_PACKED (packed attacks are not in it yet).
+    /// Format-aware: a packed-ring attack offers VIRTIO_F_RING_PACKED (whatever the inner
+    /// device's options), every other attack is written against the split layout and never
+    /// offers it.
     public var features: UInt64 {
-        let split = inner.features & ~FeatureBits.ringPacked
+        let offered =
+            attack?.ring == .packed ? inner.features | FeatureBits.ringPacked : inner.features & ~FeatureBits.ringPacked
         switch behaviour {
-        case .withoutVersion1?: return split & ~FeatureBits.version1
-        default: return split
+        case .withoutVersion1?: return offered & ~FeatureBits.version1
+        default: return offered
         }
+    }
+
+    /// Whether the attack can run on what the driver acked: a packed attack needs the
+    /// packed ring (otherwise the device serves honestly and the outcome is "not applicable").
+    public var isApplicable: Bool {
+        attack?.ring != .packed || observations.negotiatedRing == .packed
     }
     public var protocolFeatures: ProtocolFeatures { inner.protocolFeatures }
     public var queueCount: Int { inner.queueCount }
@@ -107,7 +126,14 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     public func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler {
         let handler = inner.makeQueueHandler(queue: queue, features: features)
         guard let blk = handler as? BlockRequestHandler else { return handler }
-        return AdversaryQueueHandler(device: self, inner: blk, queue: queue)
+        let applicable = attack?.ring != .packed || features & FeatureBits.ringPacked != 0
+        if !applicable && queue == 0 {
+            note(
+                "not applicable: the driver acked the split ring (VIRTIO_F_RING_PACKED not negotiated); served honestly"
+            )
+        }
+        return AdversaryQueueHandler(
+            device: self, inner: blk, queue: queue, behaviour: applicable ? attack?.behaviour : nil)
     }
 
     public func frontendDisconnected() {
@@ -131,9 +157,13 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
                 s.calls[Int(f.index)] = copy
             }
         case .setFeatures:
-            if case .unofferedFeatures? = behaviour, let acked = try? U64Payload.decode(payload).value {
-                note("driver acked 0x\(String(acked, radix: 16))")
+            guard let acked = try? U64Payload.decode(payload).value else { return }
+            let ring: RingFormat = acked & FeatureBits.ringPacked != 0 ? .packed : .split
+            state.withLock { $0.observations.negotiatedRing = ring }
+            if let negotiationPath {
+                _ = FileManager.default.createFile(atPath: negotiationPath, contents: Data("\(ring.rawValue)\n".utf8))
             }
+            if case .unofferedFeatures? = behaviour { note("driver acked 0x\(String(acked, radix: 16))") }
         case .setMemTable:
             guard let table = try? MemoryTable.decode(payload), let fd = descriptors.first,
                 let region = table.regions.first
@@ -171,7 +201,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         switch behaviour {
         case .unofferedFeatures? where request == .getFeatures:
             // Bits no driver here implements: ACCESS_PLATFORM, undefined 50-63. (Not the packed
-            // ring: our driver implements it, and this device serves split rings only.)
+            // ring: our driver implements it, and split attacks are served on split rings only.)
             // A driver that acks any of them is refused by the real back-end.
             let extra = FeatureBits.accessPlatform | 0xfffc_0000_0000_0000
             let offered = (try? U64Payload.decode(reply.payload).value) ?? 0

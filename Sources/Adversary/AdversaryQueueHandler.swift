@@ -19,12 +19,24 @@ final class AdversaryQueueHandler: QueueHandler {
     /// Popped and executed, completed later (or never).
     var held: [(head: UInt16, length: UInt32, since: UInt64)] = []
     var rewritePending = false
+    /// Packed attacks that forge ring bytes do so once per handler (each time the ring starts).
+    var forged = false
+    /// `packed-used-slot-not-available`: forge after this serve's completions.
+    var forgeAfterServe: UInt16?
+    /// `packed-event-*`: the device-area snapshot to write before the next publish, then
+    /// whether to wait for the driver's next request (keeping the worker from rewriting it).
+    var eventGarbage: UInt32?
+    var awaitDriver = false
+    /// `packed-toctou-used-descriptor`: slots of used descriptors completed in this serve,
+    /// and of those published by earlier ones (read by the driver once it posts again).
+    var completedSlots: [UInt16] = []
+    var publishedSlots: [UInt16] = []
 
-    init(device: AdversaryDevice, inner: BlockRequestHandler, queue: Int) {
+    init(device: AdversaryDevice, inner: BlockRequestHandler, queue: Int, behaviour: Behaviour?) {
         self.device = device
         self.inner = inner
         self.queueIndex = queue
-        self.behaviour = device.attack?.behaviour
+        self.behaviour = behaviour
     }
 
     func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
@@ -33,6 +45,10 @@ final class AdversaryQueueHandler: QueueHandler {
         if rewritePending {
             rewriteAllUsedEntries(queue)
             rewritePending = false
+        }
+        if awaitDriver {
+            awaitDriver = false
+            waitForNextRequest(queue, memory)
         }
         if case .ignoreKicks = behaviour, device.observations.requests >= device.after { return 0 }
         var count = 0
@@ -54,11 +70,24 @@ final class AdversaryQueueHandler: QueueHandler {
             }
             count += 1
         }
+        if let id = forgeAfterServe {
+            forgeAfterServe = nil
+            forgeUsedInUnavailableSlot(queue, memory, id: id)
+        }
+        publishedSlots += completedSlots
+        completedSlots.removeAll()
         releaseLate(queue)
         return count
     }
 
-    func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {}
+    /// `packed-event-*`: the garbage goes in before the completion becomes visible, so the
+    /// driver's next publish (which needs that completion first) is sure to read it.
+    func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {
+        guard let garbage = eventGarbage, let area = packedPart(\.used, length: 4, memory) else { return }
+        eventGarbage = nil
+        SharedAccess.store32(area, garbage)
+        awaitDriver = true
+    }
 
     func idle(_ queue: any DeviceRing, memory: GuestMemory) {
         device.remember(memory)
@@ -201,8 +230,155 @@ final class AdversaryQueueHandler: QueueHandler {
         case .leakProbe:
             queue.complete(head: head, length: inner.execute(chain))
             device.dumpIfDue()
+        case .packed(let lie):
+            attackPacked(lie, queue, memory)
         case .config, .reply, .withoutVersion1, .unofferedFeatures, .ignoreKicks, .resizeMemfd, .mapBeyondRegion:
             queue.complete(head: head, length: inner.execute(chain))
+        }
+    }
+
+    // MARK: packed ring
+
+    /// The packed attacks: the chain was popped and validated by the real
+    /// `PackedDeviceQueue` and executed by the real blk device; what the completion says is
+    /// the lie. Raw ring bytes are written at the ring the driver announced (SET_VRING_ADDR),
+    /// as the split vandalism attacks do.
+    func attackPacked(_ lie: Behaviour.PackedLie, _ queue: any DeviceRing, _ memory: GuestMemory) {
+        let head = chain.head
+        let size = Int(queue.queueSize)
+        guard let packed = queue as? PackedDeviceQueue else {
+            // Unreachable: a packed attack gets this handler only on a packed ring.
+            queue.complete(head: head, length: inner.execute(chain))
+            return
+        }
+        switch lie {
+        case .wrongWrapCounter:
+            // Once forged, later chains are held: a real completion in that slot would mend it.
+            guard !forged else { return }
+            forged = true
+            let length = inner.execute(chain)
+            let flags = PackedLayout.usedMarker(wrap: !packed.usedWrap) | (length > 0 ? PackedLayout.flagWrite : 0)
+            writeUsed(slot: packed.usedIndex, id: head, length: length, flags: flags, size: size, memory)
+            signalDriver()
+        case .idNeverPosted:
+            // Our driver hands out ids from 0 upwards; the top id is in flight only when
+            // the ring is full of one-slot requests.
+            queue.complete(head: UInt16(truncatingIfNeeded: size - 1), length: inner.execute(chain))
+        case .duplicateID:
+            let length = inner.execute(chain)
+            guard !forged else {
+                queue.complete(head: head, length: length)
+                return
+            }
+            forged = true
+            // Pop what else is available first: once the duplicate is written, the slot
+            // after this chain carries a used mark and the device could not read past it.
+            var done = [(head: head, length: length)]
+            var other = DescriptorChain()
+            pop: while done.count < size {
+                switch try? queue.nextChain(into: &other, memory: memory) {
+                case .ready?:
+                    _ = device.takeRequest()
+                    done.append((other.head, inner.execute(other)))
+                case .rejected(let h, _)?:
+                    done.append((h, 0))
+                case .empty?, nil:
+                    break pop
+                }
+            }
+            queue.complete(head: head, length: length)
+            queue.complete(head: head, length: length)
+            for d in done.dropFirst() { queue.complete(head: d.head, length: d.length) }
+        case .usedSlotNotAvailable:
+            queue.complete(head: head, length: inner.execute(chain))
+            if !forged {
+                forged = true
+                forgeAfterServe = head
+            }
+        case .eventSuppression(let kind):
+            queue.complete(head: head, length: inner.execute(chain))
+            guard !forged else { return }
+            forged = true
+            switch kind {
+            case .reservedFlags:
+                eventGarbage = UInt32(3) << 16
+            case .offsetBeyondRing:
+                // One past the last slot (a 32768-slot ring has no offset beyond it: 0x7fff).
+                let offset = UInt32(min(size, 0x7fff))
+                eventGarbage =
+                    UInt32(PackedLayout.eventFlagDescriptor) << 16 | UInt32(PackedLayout.eventWrapBit) | offset
+            }
+        case .rewriteAfterRead:
+            // This chain was posted after the driver took the earlier completions (our
+            // probe waits for each before it posts again): rewrite those now.
+            rewritePublished(size: size, memory)
+            completedSlots.append(packed.usedIndex)
+            queue.complete(head: head, length: inner.execute(chain))
+        }
+    }
+
+    /// `packed-used-slot-not-available`: a used mark of the current lap in the slot after
+    /// the last completion, which the driver has not made available.
+    func forgeUsedInUnavailableSlot(_ queue: any DeviceRing, _ memory: GuestMemory, id: UInt16) {
+        guard let packed = queue as? PackedDeviceQueue else { return }
+        let flags = PackedLayout.usedMarker(wrap: packed.usedWrap) | PackedLayout.flagWrite
+        writeUsed(slot: packed.usedIndex, id: id, length: 1, flags: flags, size: Int(queue.queueSize), memory)
+        device.note("forged a used descriptor in slot \(packed.usedIndex), which the driver had not made available")
+    }
+
+    func rewritePublished(size: Int, _ memory: GuestMemory) {
+        guard !publishedSlots.isEmpty,
+            let ring = packedPart(\.descriptor, length: PackedLayout.ringSize(size), memory)
+        else { return }
+        for slot in publishedSlots where Int(slot) < size {
+            let d = ring + Int(slot) * PackedLayout.descriptorSize
+            SharedAccess.store32(d + PackedLayout.descLen, 0xffff_ffff)
+            SharedAccess.store16(d + PackedLayout.descID, 0xdead)
+        }
+        let n = publishedSlots.count
+        device.state.withLock { $0.observations.rewrittenDescriptors += n }
+        publishedSlots.removeAll()
+    }
+
+    /// A used descriptor written by hand: len and id, then the flags (release).
+    func writeUsed(slot: UInt16, id: UInt16, length: UInt32, flags: UInt16, size: Int, _ memory: GuestMemory) {
+        guard Int(slot) < size, let ring = packedPart(\.descriptor, length: PackedLayout.ringSize(size), memory) else {
+            return
+        }
+        let d = ring + Int(slot) * PackedLayout.descriptorSize
+        SharedAccess.store32(d + PackedLayout.descLen, length)
+        SharedAccess.store16(d + PackedLayout.descID, id)
+        SharedAccess.store16Release(d + PackedLayout.descFlags, flags)
+    }
+
+    /// A part of this queue's packed ring as announced (descriptor ring = `descriptor`,
+    /// driver area = `avail`, device area = `used`), translated like any driver address.
+    func packedPart(_ part: KeyPath<VringAddress, UInt64>, length: Int, _ memory: GuestMemory)
+        -> UnsafeMutableRawPointer?
+    {
+        guard let a = device.ring(queueIndex) else { return nil }
+        return (try? memory.translateUser(a[keyPath: part], length: UInt64(length)))?.baseAddress
+    }
+
+    /// An interrupt for a forgery that `publishUsed` does not know about.
+    func signalDriver() {
+        guard let fd = device.callFD(queueIndex) else { return }
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    /// `packed-event-*`: stays inside `serve` (where the worker never touches the device
+    /// area) until the driver's next request is available, for at most 500 ms.
+    func waitForNextRequest(_ queue: any DeviceRing, _ memory: GuestMemory) {
+        guard let packed = queue as? PackedDeviceQueue,
+            let ring = packedPart(\.descriptor, length: PackedLayout.ringSize(Int(queue.queueSize)), memory)
+        else { return }
+        let flags = ring + Int(packed.nextAvail) * PackedLayout.descriptorSize + PackedLayout.descFlags
+        let wanted = PackedLayout.availableMarker(wrap: packed.availWrap)
+        let end = monotonicNanoseconds() &+ 500_000_000
+        while monotonicNanoseconds() < end {
+            if SharedAccess.load16Acquire(flags) & (PackedLayout.flagAvail | PackedLayout.flagUsed) == wanted { return }
+            usleep(50)
         }
     }
 

@@ -11,6 +11,8 @@ public enum AttackGroup: String, Sendable, CaseIterable, Codable {
     case liveness = "liveness"
     case memory = "memory"
     case leak = "leak probe"
+    /// Packed-ring misbehaviour (issue 7): only with VIRTIO_F_RING_PACKED negotiated.
+    case packedRing = "packed ring"
 }
 
 /// The device-side seam an attack acts through (DESIGN.md §3: the Adversary is data plus
@@ -53,6 +55,9 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
     case wrongPayload
     /// Failed with a local error (system call, refused request): reported as is.
     case otherError
+    /// Nothing was tested: the attack needs a ring format the driver did not negotiate
+    /// (a packed-ring attack against a driver that acked the split ring). Never a pass.
+    case notApplicable
 
     public var description: String {
         switch self {
@@ -64,6 +69,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
         case .unaffected: return "unaffected"
         case .wrongPayload: return "wrong payload"
         case .otherError: return "other error"
+        case .notApplicable: return "not applicable"
         }
     }
 
@@ -90,6 +96,10 @@ public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible 
     public let expected: Set<Signature>
     /// Requests served correctly before the attack starts (`--attack-after` default).
     public let defaultAfter: Int
+    /// The ring format the attack is written against. The adversary offers
+    /// VIRTIO_F_RING_PACKED only for `.packed` attacks (and then needs the driver to ack
+    /// it, or the attack is not applicable); every other attack sees a split ring.
+    public let ring: RingFormat
     let behaviour: Behaviour
 
     public var id: String { name }

@@ -22,8 +22,12 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     case clean
     /// The target could not be run at all (harness problem, not a finding).
     case notRun = "not run"
+    /// The attack needs a ring format the target did not negotiate (a packed-ring attack
+    /// against a split-ring driver): skipped, neither a pass nor a finding.
+    case notApplicable = "not applicable"
 
-    /// Whether the outcome keeps DESIGN.md §1's promises.
+    /// Whether the outcome keeps DESIGN.md §1's promises (not run and not applicable
+    /// prove nothing, so they are not safe).
     public var isSafe: Bool {
         switch self {
         case .contained, .unaffected, .ioError, .clean: return true
@@ -84,7 +88,9 @@ public struct AuditReport: Sendable, Codable, Equatable {
             var line =
                 "| \(i + 1) | `\(r.attack)` | \(r.rule) | \(r.outcome.rawValue) | "
                 + String(format: "%.2f", r.seconds) + " | \(Self.cell(r.evidence)) |"
-            if withExpected { line += r.asExpected == true ? " yes |" : " **NO** |" }
+            if withExpected {
+                line += r.outcome == .notApplicable ? " n/a |" : r.asExpected == true ? " yes |" : " **NO** |"
+            }
             lines.append(line)
         }
         var tally: [Outcome: Int] = [:]
@@ -94,8 +100,10 @@ public struct AuditReport: Sendable, Codable, Equatable {
         lines.append(
             "\(records.count) attacks against \(target) in " + String(format: "%.1f", seconds) + " s: "
                 + summary.joined(separator: ", ") + ".")
+        let skipped = records.filter { $0.outcome == .notApplicable }.map(\.attack)
+        if !skipped.isEmpty { lines.append("Not applicable (skipped): " + skipped.joined(separator: ", ") + ".") }
         if withExpected {
-            let bad = records.filter { $0.asExpected != true }.map(\.attack)
+            let bad = records.filter { $0.asExpected != true && $0.outcome != .notApplicable }.map(\.attack)
             lines.append(
                 bad.isEmpty
                     ? "Every outcome is the one the catalogue expects."
@@ -121,6 +129,11 @@ public struct AuditReport: Sendable, Codable, Equatable {
 extension ProbeResult {
     /// Our driver's result as a report row.
     public func record(for attack: Attack) -> AuditRecord {
+        if signature == .notApplicable {
+            return AuditRecord(
+                attack: attack, outcome: .notApplicable, seconds: seconds, evidence: "not applicable: \(evidence)",
+                signature: signature.description)
+        }
         let outcome: Outcome
         if canaryFound {
             outcome = .leakedCanary

@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 public import RingHarness
 import SharedMemory
+import Virtqueue
 
 /// Why an audit could not run at all (a target's failure is a report row, not this).
 public struct AuditError: Error, CustomStringConvertible {
@@ -107,6 +108,11 @@ public struct Auditor: Sendable {
                     AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "serve-blk did not start"))
                 continue
             }
+            defer {
+                if records.last?.outcome != .notRun, let skipped = notApplicable(a, dir: dir) {
+                    records[records.count - 1] = skipped
+                }
+            }
             let socket = dir + "/s.sock"
             var arguments = command.map { $0.replacingOccurrences(of: "{socket}", with: socket) }
             if !command.contains(where: { $0.contains("{socket}") }) { arguments.append(socket) }
@@ -151,6 +157,18 @@ public struct Auditor: Sendable {
         return nil
     }
 
+    /// A packed-ring attack whose driver acked the split ring (or never acked features):
+    /// the record that says so, from the file `serve-blk --negotiation-file` wrote.
+    func notApplicable(_ a: Attack, dir: String) -> AuditRecord? {
+        guard a.ring == .packed else { return nil }
+        let acked = (try? String(contentsOfFile: dir + "/negotiated", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        guard acked != RingFormat.packed.rawValue else { return nil }
+        return AuditRecord(
+            attack: a, outcome: .notApplicable, seconds: 0,
+            evidence: "not applicable: the driver acked the \(acked ?? "no") ring, not VIRTIO_F_RING_PACKED")
+    }
+
     /// `ringfence serve-blk --attack NAME` on a fresh image, as a child; waits for the socket.
     func startServer(_ a: Attack, dir: String, imageSize: Int, dump: String? = nil) -> ChildProcess? {
         let image = dir + "/disk.img"
@@ -158,7 +176,7 @@ public struct Auditor: Sendable {
         else { return nil }
         var arguments =
             ["serve-blk", "--socket", dir + "/s.sock", "--image", image, "--log-level", "error", "--attack", a.name]
-            + afterArguments(a)
+            + afterArguments(a) + ["--negotiation-file", dir + "/negotiated"]
         if let dump { arguments += ["--dump", dump] }
         guard let child = try? ChildProcess(executable: executable, arguments: arguments) else { return nil }
         let end = Deadline.after(seconds: 10)
@@ -220,6 +238,8 @@ public struct Auditor: Sendable {
             "--console", console, "--quiet", "--append", "sysctl.kernel.hung_task_timeout_secs=5",
         ]
         if let imageDir { arguments += ["--image-dir", imageDir] }
+        // Packed attacks need the guest's vhost-user-blk-pci device to offer the packed ring.
+        if a.ring == .packed { arguments += ["--packed", "on"] }
         let t0 = monotonicNanoseconds()
         let output = dir + "/run-guest.out"
         _ = FileManager.default.createFile(atPath: output, contents: nil)
@@ -230,6 +250,7 @@ public struct Auditor: Sendable {
         let hostLog = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
         var (outcome, evidence) = GuestConsole.classify(
             console: text.isEmpty ? hostLog : text, exitStatus: status ?? -1, timedOut: status == nil || status == 124)
+        if let skipped = notApplicable(a, dir: dir) { return skipped }
         if let dump, let bytes = FileManager.default.contents(atPath: dump) {
             let found = DriverProbe.contains([UInt8](bytes), Array(canary.utf8))
             evidence += "; \(bytes.count) bytes of shared memory dumped, canary " + (found ? "FOUND" : "not found")

@@ -37,8 +37,31 @@ enum Behaviour: Sendable, Hashable {
     case resizeMemfd
     case mapBeyondRegion
     case leakProbe
+    // packed ring
+    case packed(PackedLie)
 
     enum LengthLie: Sendable, Hashable { case overflow, zero, statusOnly }
+    /// Packed-ring lies that need raw ring bytes or a particular order of completions.
+    enum PackedLie: Sendable, Hashable {
+        /// A used descriptor whose AVAIL/USED bits carry the other lap's wrap counter.
+        case wrongWrapCounter
+        /// A buffer id below the queue size that the driver never posted.
+        case idNeverPosted
+        /// The same buffer id completed twice in one batch.
+        case duplicateID
+        /// A used mark in the slot after the last completion (never made available).
+        case usedSlotNotAvailable
+        /// The device event suppression area, written just before a publish.
+        case eventSuppression(EventLie)
+        /// Each used descriptor rewritten once the driver has read it.
+        case rewriteAfterRead
+    }
+    enum EventLie: Sendable, Hashable {
+        /// flags = 3 (reserved), off_wrap 0.
+        case reservedFlags
+        /// flags = DESC, off_wrap = wrap bit | queue size (one past the last slot).
+        case offsetBeyondRing
+    }
     enum RaceTarget: Sendable, Hashable { case status, data }
     enum ReplyLie: Sendable, Hashable { case wrongCode, short, oversized, hugeSize, withDescriptor, nack, never }
     enum ConfigLie: Sendable, Hashable {
@@ -75,11 +98,12 @@ public enum Catalogue {
 
     static func a(
         _ name: String, _ group: AttackGroup, _ rule: Rule, _ hook: HookPoint, _ behaviour: Behaviour,
-        _ summary: String, must expectation: String, _ expected: Set<Signature>, after: Int = 0
+        _ summary: String, must expectation: String, _ expected: Set<Signature>, after: Int = 0,
+        ring: RingFormat = .split
     ) -> Attack {
         Attack(
             name: name, group: group, rule: rule, hook: hook, summary: summary, expectation: expectation,
-            expected: expected, defaultAfter: after, behaviour: behaviour)
+            expected: expected, defaultAfter: after, ring: ring, behaviour: behaviour)
     }
 
     static func v(_ name: String) -> Signature { .violation(name) }
@@ -263,5 +287,48 @@ public enum Catalogue {
             "leak-probe", .leak, .r7, .timer, .leakProbe,
             "dumps all shared memory during and after I/O for the audit to search",
             must: "never expose private bytes (the canary); zero freed bounce memory", [.unaffected]),
+        // packed ring (issue 7): the device offers VIRTIO_F_RING_PACKED for these only. Our
+        // probe runs each round with two writes in flight and an idle poll after them.
+        a(
+            "packed-used-wrong-wrap", .packedRing, .r3, .completion, .packed(.wrongWrapCounter),
+            "writes the used descriptor (right id and len) with AVAIL = USED = the other lap's wrap counter",
+            must: "refuse a used mark of another lap", [v("packedUsedWrapCounter")], ring: .packed),
+        a(
+            "packed-used-id-out-of-range", .packedRing, .r3, .completion, .usedIdOutOfRange,
+            "completes a request with buffer id = queue size + 7",
+            must: "fail the request: id outside the ring", [v("usedIdOutOfRange")], ring: .packed),
+        a(
+            "packed-used-id-not-in-flight", .packedRing, .r3, .completion, .packed(.idNeverPosted),
+            "completes a request with buffer id = queue size - 1, an id the driver never posted",
+            must: "fail the request: id not in flight", [v("usedIdNotInFlight")], ring: .packed),
+        a(
+            "packed-duplicate-id", .packedRing, .r3, .completion, .packed(.duplicateID),
+            "completes the first of two requests in flight twice in one batch (same buffer id)",
+            must: "refuse the second completion: that id is no longer in flight (with one request in flight the "
+                + "duplicate lands in the slot the driver fills next: only a poll before that can see it)",
+            [v("usedIdNotInFlight")],
+            ring: .packed),
+        a(
+            "packed-used-len-overflow", .packedRing, .r3, .completion, .usedLength(.overflow),
+            "reports 4096 bytes more than the driver posted as device-writable",
+            must: "refuse a length above the posted writable length", [v("usedLengthTooLarge")], ring: .packed),
+        a(
+            "packed-used-slot-not-available", .packedRing, .r3, .completion, .packed(.usedSlotNotAvailable),
+            "after its completions, writes a used descriptor into the next slot, which the driver never made available",
+            must: "refuse a used mark where nothing is in flight (seen when it polls then, as on the interrupt sent)",
+            [v("packedUsedSlotNotAvailable")], ring: .packed),
+        a(
+            "packed-event-flags-3", .packedRing, .r3, .afterPublish, .packed(.eventSuppression(.reservedFlags)),
+            "sets the device event suppression area to flags 3 (reserved) just before publishing a completion",
+            must: "refuse the snapshot at its next publish", [v("packedEventSuppressionInvalid")], ring: .packed),
+        a(
+            "packed-event-offset-beyond-ring", .packedRing, .r3, .afterPublish,
+            .packed(.eventSuppression(.offsetBeyondRing)),
+            "sets the device event suppression area to DESC with off_wrap = queue size (one past the ring)",
+            must: "refuse the snapshot at its next publish", [v("packedEventSuppressionInvalid")], ring: .packed),
+        a(
+            "packed-toctou-used-descriptor", .packedRing, .r2, .completion, .packed(.rewriteAfterRead),
+            "rewrites every used descriptor (id 0xdead, len 0xffffffff) once the driver has read it",
+            must: "read each used descriptor once and never again", [.unaffected], ring: .packed),
     ]
 }

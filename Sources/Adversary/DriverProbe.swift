@@ -28,6 +28,8 @@ public enum DriverProbe {
         public var requestTimeout = 1.5
         public var controlTimeout = 1.0
         public var rounds = 4
+        /// Whether our driver acks VIRTIO_F_RING_PACKED when offered (it does by default).
+        public var packedRing = true
         public init() {}
     }
 
@@ -61,6 +63,7 @@ public enum DriverProbe {
         var options = BlockDevice.Options()
         options.requestTimeout = settings.requestTimeout
         options.controlTimeout = settings.controlTimeout
+        options.packedRing = settings.packedRing
         do {
             try server.start(socketPath: "\(directory)/attacked.sock")
             try healthy.start(socketPath: "\(directory)/neighbour.sock")
@@ -80,7 +83,9 @@ public enum DriverProbe {
         let start = monotonicNanoseconds()
         // Four requests a round: enough rounds that the attack starts after `after` good ones.
         let rounds = max(settings.rounds, adversary.after / 4 + 2)
-        var result = script(socket: "\(directory)/attacked.sock", options: options, rounds: rounds, canary: canary)
+        let packed = attack?.ring == .packed
+        var result = script(
+            socket: "\(directory)/attacked.sock", options: options, rounds: rounds, canary: canary, pipelined: packed)
         result.seconds = Double(monotonicNanoseconds() &- start) / 1e9
         let shared = adversary.snapshotSharedMemory()
         result.sharedBytesSearched = shared.count
@@ -89,11 +94,26 @@ public enum DriverProbe {
         let seen = adversary.observations
         if !seen.notes.isEmpty { result.evidence += " [device: " + seen.notes.joined(separator: "; ") + "]" }
         if seen.notificationsSent > 0 { result.evidence += " [device sent \(seen.notificationsSent) notifications]" }
+        if seen.rewrittenDescriptors > 0 {
+            result.evidence += " [device rewrote \(seen.rewrittenDescriptors) used descriptors after they were read]"
+        }
+        if packed && seen.negotiatedRing != .packed {
+            // Nothing was attacked: report it as such, never as a pass.
+            result.evidence =
+                "the driver acked the \(seen.negotiatedRing?.rawValue ?? "no") ring, not VIRTIO_F_RING_PACKED; "
+                + "served honestly (\(result.signature): \(result.evidence))"
+            result.signature = .notApplicable
+        }
         return result
     }
 
     /// Connect, then rounds of write / read (into a canary-filled buffer) / GET_ID / flush.
-    static func script(socket: String, options: BlockDevice.Options, rounds: Int, canary: [UInt8]) -> ProbeResult {
+    /// `pipelined` (packed attacks) starts each round with two writes in flight together
+    /// and a poll once both are done: a duplicated id or a used mark in a slot never made
+    /// available is only visible to a driver that looks then (as on an interrupt).
+    static func script(
+        socket: String, options: BlockDevice.Options, rounds: Int, canary: [UInt8], pipelined: Bool = false
+    ) -> ProbeResult {
         func failed(_ e: VirtioError) -> ProbeResult {
             ProbeResult(
                 signature: signature(of: e), evidence: e.description, seconds: 0, canaryFound: false,
@@ -112,6 +132,7 @@ public enum DriverProbe {
             for i in 0..<count { buffer[i] = canary[i % canary.count] }
             do throws(VirtioError) {
                 let offset = UInt64(round) * UInt64(count)
+                if pipelined { try writePair(disk, at: offset, pattern) }
                 try disk.write(at: offset, bytes: pattern)
                 try disk.read(at: offset, into: buffer)
                 if !pattern.elementsEqual(buffer) { wrong += 1 }
@@ -126,7 +147,7 @@ public enum DriverProbe {
         }
         for q in 0..<disk.queueCount { spurious &+= disk.queue(q).statistics.spuriousNotifications }
         let detail =
-            "\(rounds) rounds of write/read/GET_ID/flush; capacity \(disk.info.capacityBytes), "
+            "\(rounds) rounds of \(pipelined ? "2 writes in flight/" : "")write/read/GET_ID/flush; capacity \(disk.info.capacityBytes), "
             + "block \(disk.info.blockSize), \(disk.info.queueCount) queue(s), \(disk.info.segmentsPerRequest) segment(s)"
             + (spurious > 0 ? ", \(spurious) spurious notifications counted" : "")
         if wrong > 0 {
@@ -137,6 +158,26 @@ public enum DriverProbe {
         return ProbeResult(
             signature: .unaffected, evidence: "all intact: " + detail, seconds: 0, canaryFound: false,
             neighbourOK: false, sharedBytesSearched: 0)
+    }
+
+    /// Two writes (the halves of `bytes`) in flight together on queue 0, both waited for,
+    /// then one more poll with nothing in flight.
+    static func writePair(_ disk: BlockDevice, at offset: UInt64, _ bytes: [UInt8]) throws(VirtioError) {
+        let q = disk.queue(0)
+        let half = bytes.count / 2
+        try bytes.withUnsafeBytes { b in
+            Result { () throws(VirtioError) in
+                try q.submitWrite(offset: offset, from: UnsafeRawBufferPointer(rebasing: b[0..<half]), tag: 1)
+                try q.submitWrite(
+                    offset: offset + UInt64(half), from: UnsafeRawBufferPointer(rebasing: b[half...]), tag: 2)
+            }
+        }.get()
+        for _ in 0..<2 {
+            guard let c = q.wait() else { throw .system("queue lost track of its requests") }
+            if case .failure(let e) = c.result { throw e }
+        }
+        if let c = q.poll(), case .failure(let e) = c.result { throw e }
+        if let failure = disk.failure { throw failure }
     }
 
     public static func signature(of error: VirtioError) -> Signature {

@@ -59,6 +59,11 @@ struct ServeBlkCommand: ParsableCommand {
     @Option(help: "leak-probe: write dumps of all shared memory to this file.")
     var dump: String?
 
+    @Option(
+        name: .customLong("negotiation-file"),
+        help: "With --attack: write the ring format the front-end acked (split or packed) to this file.")
+    var negotiationFile: String?
+
     func validate() throws {
         if let attack, Catalogue.attack(named: attack) == nil {
             throw ValidationError("unknown attack '\(attack)'; `ringfence audit --list` shows the catalogue")
@@ -108,7 +113,8 @@ struct ServeBlkCommand: ParsableCommand {
         configuration.maximumQueueSize = queueSize
         if let attack = attack.flatMap(Catalogue.attack(named:)) {
             // The same device and back-end, misbehaving through the hooks.
-            let adversary = AdversaryDevice(inner: device, attack: attack, after: attackAfter, dumpPath: dump)
+            let adversary = AdversaryDevice(
+                inner: device, attack: attack, after: attackAfter, dumpPath: dump, negotiationPath: negotiationFile)
             let server = AdversaryServer(device: adversary, configuration: configuration, onEvent: onEvent)
             logger.notice(
                 "attack \(attack.name) (\(attack.rule.rawValue)) after \(adversary.after) request(s): \(attack.summary)"

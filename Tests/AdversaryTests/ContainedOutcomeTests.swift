@@ -33,15 +33,17 @@ final class AttackBed {
         neighbour = try BlockDevice.connect(socket: "\(dir)/n.sock", options: Self.options(2))
     }
 
-    static func options(_ timeout: Double) -> BlockDevice.Options {
+    static func options(_ timeout: Double, packed: Bool = true) -> BlockDevice.Options {
         var o = BlockDevice.Options()
         o.requestTimeout = timeout
         o.controlTimeout = 1
+        o.packedRing = packed
         return o
     }
 
-    func connect(timeout: Double = 2) throws(VirtioError) -> BlockDevice {
-        try BlockDevice.connect(socket: "\(dir)/a.sock", options: Self.options(timeout))
+    /// Our driver acks VIRTIO_F_RING_PACKED whenever the device offers it (`packed`).
+    func connect(timeout: Double = 2, packed: Bool = true) throws(VirtioError) -> BlockDevice {
+        try BlockDevice.connect(socket: "\(dir)/a.sock", options: Self.options(timeout, packed: packed))
     }
 
     /// R6: the blast radius is the attacked device only.
@@ -87,6 +89,7 @@ struct ContainedOutcomeTests {
         #expect(error?.rule == .r3)
         #expect(seconds < 2)
         #expect(disk.isBroken)
+        #expect(disk.ringFormat == .split, "split attacks are never offered the packed ring")
         #expect(measure { () throws(VirtioError) in _ = try disk.read(at: 0, count: 512) }.0 == error)
         try bed.neighbourStillWorks()
     }

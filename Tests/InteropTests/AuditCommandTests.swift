@@ -44,6 +44,31 @@ struct AuditCommandTests {
         #expect(r.output.contains("| 2 | `vandal-descriptors` | R1 | unaffected |"))
     }
 
+    /// A packed attack needs the driver to ack VIRTIO_F_RING_PACKED (serve-blk writes what
+    /// it acked to --negotiation-file): `blk` does and is attacked, `blk --no-packed` does
+    /// not and the row says "not applicable", never a pass.
+    @Test func packedAttackIsNotApplicableToASplitRingDriver() throws {
+        let bin = try Self.binary()
+        func audit(_ extra: [String]) throws -> (Int32, String) {
+            let json = NSTemporaryDirectory() + "rf-audit-na-\(getpid())-\(extra.count).json"
+            defer { try? FileManager.default.removeItem(atPath: json) }
+            let r = try Interop.run(
+                [bin, "audit", "--target", "command", "--only", "packed-used-id-out-of-range", "--json", json, "--"]
+                    + [bin, "blk", "--socket", "{socket}", "--timeout", "2"] + extra + ["verify", "--size", "64K"])
+            let outcome = try Self.records(json).first?["outcome"] as? String ?? ""
+            return (r.status, outcome + "\n" + r.output)
+        }
+        let (packed, attacked) = try audit([])
+        #expect(packed == 0, "\(attacked)")
+        #expect(attacked.hasPrefix("contained-with-error\n"), "\(attacked)")
+        #expect(attacked.contains("exit status 1"))
+        let (split, skipped) = try audit(["--no-packed"])
+        #expect(split == 0, "\(skipped)")
+        #expect(skipped.hasPrefix("not applicable\n"), "\(skipped)")
+        #expect(skipped.contains("not applicable: the driver acked the split ring, not VIRTIO_F_RING_PACKED"))
+        #expect(skipped.contains("Not applicable (skipped): packed-used-id-out-of-range."))
+    }
+
     @Test func serveBlkRefusesUnknownAttacks() throws {
         let r = try Interop.run([
             try Self.binary(), "serve-blk", "--socket", "/tmp/x.sock", "--image", "/tmp/x.img", "--attack", "nope",
@@ -81,5 +106,23 @@ struct AuditCommandTests {
         #expect(outcome["reply-short"] == "contained-with-error", "QEMU refuses the short reply")
         #expect(outcome["leak-probe"] == "leaked canary", "vhost-user maps all guest RAM: the canary is in the dump")
         #expect(Date().timeIntervalSince(start) < 120)
+    }
+
+    /// A packed attack against Linux: the guest's device gets `packed=on`, Linux acks the
+    /// packed ring (the row is not "not applicable"), and 6.1 does not check the used
+    /// length on the packed ring either.
+    @Test(.enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest audit skipped"))
+    func linuxGuestAuditOfAPackedAttack() throws {
+        #expect(try Interop.buildGuestImage())
+        let json = NSTemporaryDirectory() + "rf-audit-guest-packed-\(getpid()).json"
+        defer { try? FileManager.default.removeItem(atPath: json) }
+        let r = try Interop.run([
+            try Self.binary(), "audit", "--target", "linux-guest", "--deadline", "30", "--only",
+            "packed-used-len-overflow", "--json", json,
+        ])
+        #expect(r.status == 0, "\(r.output)")
+        let rows = try Self.records(json)
+        #expect(rows.first?["outcome"] as? String == "clean", "\(r.output)")
+        #expect(rows.first?["evidence"] as? String == "I/O script passed; RF-SIZE 131072 512")
     }
 }
