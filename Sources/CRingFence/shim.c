@@ -94,7 +94,9 @@ ssize_t rf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds,
     msg.msg_controllen = sizeof(control.buf);
     ssize_t n;
     do {
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        // MSG_DONTWAIT: callers read first and poll only on EAGAIN, so a receive never
+        // blocks past its deadline whatever the socket's mode.
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     if (n < 0) return n;
     if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;

@@ -145,24 +145,29 @@ public final class UnixChannel: @unchecked Sendable {
         var got = 0
         var descriptors: [Int32] = []
         do throws(Error) {
+            // Read first (the receive never blocks: MSG_DONTWAIT) and poll only when
+            // nothing is there yet: a message that has already arrived costs one syscall.
             while got < buffer.count {
-                try waitReadable(until: deadline)
                 let limit = max(0, min(maxDescriptors - descriptors.count, Self.maximumDescriptors))
-                var fds = [Int32](repeating: -1, count: Self.maximumDescriptors)
                 var nfds: Int32 = 0
                 var stray: Int32 = 0
                 var truncated: Int32 = 0
-                let n = fds.withUnsafeMutableBufferPointer { fdp in
-                    rf_recv_with_fds(
-                        fileDescriptor, buffer.baseAddress.map { $0 + got }, buffer.count - got,
-                        fdp.baseAddress, Int32(limit), &nfds, &stray, &truncated)
+                // Stack room for what one recvmsg can carry.
+                let n = withUnsafeTemporaryAllocation(of: Int32.self, capacity: Self.maximumDescriptors) { fds in
+                    let n = rf_recv_with_fds(
+                        fileDescriptor, buffer.baseAddress.map { $0 + got }, buffer.count - got, fds.baseAddress,
+                        Int32(limit), &nfds, &stray, &truncated)
+                    if n >= 0 { descriptors.append(contentsOf: fds.prefix(Int(nfds))) }
+                    return n
                 }
                 if n < 0 {
-                    if errno == EAGAIN { continue }
+                    if errno == EAGAIN || errno == EWOULDBLOCK {
+                        try waitReadable(until: deadline)
+                        continue
+                    }
                     if errno == ECONNRESET { throw Error.closed }
                     throw Error.system(.current("recvmsg"))
                 }
-                descriptors.append(contentsOf: fds.prefix(Int(nfds)))
                 if truncated != 0 { throw Error.controlTruncated }
                 if n == 0 { throw Error.closed }
                 got += n

@@ -3,6 +3,7 @@ import Glibc
 #endif
 internal import CRingFence
 public import SharedMemory
+import Synchronization
 
 /// The file behind a virtio-blk device: positioned I/O only (no shared file offset, so
 /// queue threads need no lock), EINTR retried, short transfers continued.
@@ -15,6 +16,14 @@ public final class DeviceImage: Sendable {
     /// Opened with O_DIRECT when asked; buffers that O_DIRECT refuses (EINVAL: not
     /// aligned) fall back to `fd`, so a driver cannot make valid I/O fail by alignment.
     let directFD: Int32?
+    /// Set after every modification returns, cleared by the `flush` that covers it: a
+    /// flush (a FLUSH request, a front-end leaving) with nothing written since the last
+    /// one skips fdatasync. Set after, never before, the write: a flush racing a write
+    /// that has not returned leaves the flag for the next flush. Starts set: writes a
+    /// previous server completed (a restart under a reconnecting driver) may still be
+    /// only in the page cache.
+    let dirty = Atomic<Bool>(true)
+    var isDirty: Bool { dirty.load(ordering: .acquiring) }
 
     public init(path: String, readOnly: Bool = false, direct: Bool = false) throws(SystemError) {
         let mode = readOnly ? O_RDONLY : O_RDWR
@@ -46,6 +55,7 @@ public final class DeviceImage: Sendable {
     /// Writes all of `buffer` at `offset`.
     func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
+        defer { dirty.store(true, ordering: .releasing) }
         var done = 0
         var useDirect = directFD != nil
         while done < buffer.count {
@@ -72,6 +82,7 @@ public final class DeviceImage: Sendable {
     /// past the end of the file gives zeros. `vectors` is consumed (advanced in place).
     func transfer(_ vectors: UnsafeMutableBufferPointer<iovec>, at offset: UInt64, write: Bool) -> Bool {
         guard let base = vectors.baseAddress else { return true }
+        defer { if write { dirty.store(true, ordering: .releasing) } }
         var first = 0
         var position = off_t(offset)
         var useDirect = directFD != nil
@@ -113,8 +124,12 @@ public final class DeviceImage: Sendable {
     }
 
     func flush() -> Bool {
+        guard dirty.exchange(false, ordering: .acquiringAndReleasing) else { return true }
         while fdatasync(fd) != 0 {
-            if errno != EINTR { return false }
+            if errno != EINTR {
+                dirty.store(true, ordering: .releasing)
+                return false
+            }
         }
         return true
     }
@@ -143,6 +158,7 @@ public final class DeviceImage: Sendable {
     }
 
     private func fallocate(_ mode: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {
+        defer { dirty.store(true, ordering: .releasing) }
         while rf_fallocate(fd, mode, Int64(offset), Int64(length)) != 0 {
             if errno != EINTR { return false }
         }
