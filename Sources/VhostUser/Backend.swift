@@ -85,14 +85,11 @@ public final class Backend: Sendable {
         let number = connections.add(1, ordering: .relaxed).newValue
         report(.connected(connection: number))
         let session = BackendSession(backend: self, connection: number)
-        // Non-blocking: a front-end that stops reading cannot block a reply forever (R5).
-        let reason: VhostUserError?
-        do {
-            try channel.setNonBlocking()
-            reason = session.run(MessageChannel(channel))
-        } catch {
-            reason = .channel(error)
-        }
+        // Every send and receive on the channel is non-blocking per call (MSG_DONTWAIT,
+        // then poll with the deadline): a front-end that stops reading, or never finishes
+        // a message, cannot block the session past a deadline (R5), whatever the
+        // socket's own mode, so it is left as accepted (two fcntl calls fewer).
+        let reason = session.run(MessageChannel(channel))
         session.tearDown()
         channel.shutdown()
         report(.disconnected(connection: number, reason: reason))
