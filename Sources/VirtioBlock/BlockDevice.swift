@@ -192,7 +192,7 @@ public final class BlockDevice: @unchecked Sendable {
         health.current
     }
 
-    public var isBroken: Bool { health.failed.load(ordering: .acquiring) }
+    public var isBroken: Bool { health.isBroken }
 
     /// Marks the device broken (first failure wins) and reports it once.
     func fail(_ error: VirtioError) {
@@ -450,10 +450,14 @@ final class DeviceHealth: Sendable {
     let failed = Atomic<Bool>(false)
     let failure = Mutex<VirtioError?>(nil)
 
-    /// The sticky failure, if any.
+    /// One plain load while healthy.
+    @inline(__always)
+    var isBroken: Bool { failed.load(ordering: .acquiring) }
+
+    /// The sticky failure, if any (the lock is taken only once broken).
     @inline(__always)
     var current: VirtioError? {
-        guard failed.load(ordering: .acquiring) else { return nil }
+        guard isBroken else { return nil }
         return failure.withLock { $0 }
     }
 }

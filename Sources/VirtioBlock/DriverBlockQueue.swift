@@ -86,6 +86,9 @@ public final class BlockQueue {
     let kickNotifier: Notifier
     let callNotifier: Notifier
     let slotCount: Int
+    /// Private state only (R4): every `.pointee` in this file is on `state`, which nothing
+    /// but this queue can write; slots, free stacks and scratch are private allocations too.
+    /// What the device writes is read only through the ring and `BouncePool.loadByte`.
     let state: UnsafeMutablePointer<State>
     let slots: UnsafeMutablePointer<Slot>
     /// Free slot indices, a LIFO stack of `state.freeCount`.
@@ -208,7 +211,7 @@ public final class BlockQueue {
         source: UnsafeRawBufferPointer?, destination: UnsafeMutableRawBufferPointer?,
         range: (sector: UInt64, sectors: UInt32, flags: UInt32)? = nil
     ) throws(VirtioError) {
-        if health.failed.load(ordering: .acquiring), let failure = health.current { throw failure }
+        if let failure = health.current { throw failure }
         guard state.pointee.freeCount > 0 else { throw .busy }
         let slotIndex = freeSlots[state.pointee.freeCount - 1]
         guard let slice = slice(for: slotIndex, length: Self.headerSize + data + 1) else { throw .busy }
@@ -294,9 +297,10 @@ public final class BlockQueue {
         }
         // The tick clock plus its slack (in timeoutNanoseconds): never earlier than the
         // precise deadline, a few milliseconds later at most, and far cheaper to read.
-        let (deadline, overflow) = coarseMonotonicNanoseconds().addingReportingOverflow(timeoutNanoseconds)
-        slots[slotIndex].deadline = overflow ? .max : deadline
-        state.pointee.deadlineBound = min(state.pointee.deadlineBound, slots[slotIndex].deadline)
+        let (sum, overflow) = coarseMonotonicNanoseconds().addingReportingOverflow(timeoutNanoseconds)
+        let deadline = overflow ? UInt64.max : sum
+        slots[slotIndex].deadline = deadline
+        state.pointee.deadlineBound = min(state.pointee.deadlineBound, deadline)
     }
 
     /// Publishes everything submitted and kicks the device if it wants it.
@@ -314,7 +318,7 @@ public final class BlockQueue {
     /// request still in flight as a failure, one per call.
     public func poll() -> BlockCompletion? {
         kick()
-        if health.failed.load(ordering: .acquiring), let failure = health.current {
+        if let failure = health.current {
             return nextFailure(failure)
         }
         let completion: Completion?
@@ -445,7 +449,7 @@ public final class BlockQueue {
         while true {
             if let c = poll() { return c }
             if state.pointee.activeCount == 0 { return nil }
-            if health.failed.load(ordering: .acquiring) { continue }  // failures are returned by poll
+            if health.isBroken { continue }  // failures are returned by poll
             // While spinning, look at the clock and the deadlines only every 64 polls.
             spins += 1
             let spinning = spins <= spinIterations
@@ -468,7 +472,7 @@ public final class BlockQueue {
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
-                if health.failed.load(ordering: .acquiring) { continue }
+                if health.isBroken { continue }
                 state.pointee.statistics.spuriousNotifications &+= 1
                 state.pointee.consecutiveSpurious += 1
                 let spurious = state.pointee.consecutiveSpurious
