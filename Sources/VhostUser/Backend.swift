@@ -95,6 +95,22 @@ public final class Backend: Sendable {
         report(.disconnected(connection: number, reason: reason))
         return reason
     }
+
+    /// Serves the messages already queued on `channel` as one session, then returns as
+    /// if the front-end had closed, leaving the channel open. The fuzzer runs one session
+    /// per input this way over a single connection (a socket pair per input cost more
+    /// than the session itself). Every check is `serve`'s; only the ends differ: a
+    /// channel with nothing left to read ends the session (nil), and a message cut short
+    /// times out at once instead of after `messageDeadline`.
+    package func serveQueued(_ channel: UnixChannel) -> VhostUserError? {
+        let number = connections.add(1, ordering: .relaxed).newValue
+        report(.connected(connection: number))
+        let session = BackendSession(backend: self, connection: number)
+        let reason = session.run(MessageChannel(channel), untilDrained: true)
+        session.tearDown()
+        report(.disconnected(connection: number, reason: reason))
+        return reason
+    }
 }
 
 /// Why a request was not carried out.
@@ -154,15 +170,19 @@ final class BackendSession {
         Self.transportProtocolFeatures.union(device.protocolFeatures)
     }
 
-    func run(_ channel: MessageChannel) -> VhostUserError? {
+    /// Runs the session until the front-end leaves or breaks the protocol. With
+    /// `untilDrained` (see `Backend.serveQueued`) it waits for nothing: an empty channel
+    /// ends it, and a message must already be whole.
+    func run(_ channel: MessageChannel, untilDrained: Bool = false) -> VhostUserError? {
         let config = backend.configuration
         let firstMessage = Deadline.after(seconds: config.firstMessageDeadline)
         var spoken = false
         while !backend.isStopping {
             do {
-                try channel.channel.waitReadable(until: .after(seconds: config.pollInterval))
+                try channel.channel.waitReadable(until: untilDrained ? .now : .after(seconds: config.pollInterval))
                 spoken = true
             } catch .timedOut {
+                if untilDrained { return nil }
                 if !spoken && firstMessage.hasPassed {
                     backend.report(
                         .rejected(
@@ -177,7 +197,7 @@ final class BackendSession {
             let message: Message
             do {
                 message = try channel.receive(
-                    until: .after(seconds: config.messageDeadline),
+                    until: untilDrained ? .now : .after(seconds: config.messageDeadline),
                     maxDescriptors: MemoryTable.maximumRegions)
             } catch .channel(.closed) {
                 return nil

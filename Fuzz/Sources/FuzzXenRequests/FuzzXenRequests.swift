@@ -1,4 +1,5 @@
 import FuzzSupport
+import FuzzXenSupport
 import SharedMemory
 import Virtqueue
 import XenRing
