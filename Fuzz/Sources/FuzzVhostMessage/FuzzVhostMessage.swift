@@ -15,8 +15,9 @@ import VhostUser
 /// deadline `.now` a message cut short ends as a timeout at once, and whatever the
 /// channel did not consume (the rest of a refused message, messages past the eighth) is
 /// drained before the next input, so nothing carries over. A fresh pair per input cost a
-/// socketpair and two closes, a fifth of the target's time. (The end-of-stream branch of
-/// the same receive is FuzzBackendMessages' to cover: every one of its inputs ends that way.)
+/// socketpair and two closes, a fifth of the target's time. (What this gives up is the
+/// receive's one-line end-of-stream branch, `.closed`; UnixChannelTests and every
+/// dropped-connection test cover it.)
 let pair = try? UnixChannel.pair()
 
 @_cdecl("LLVMFuzzerTestOneInput")
