@@ -59,7 +59,7 @@ public struct MessageHeader: Sendable, Equatable {
     public var needsReply: Bool { flags & HeaderFlags.needReply != 0 }
 
     public var encoded: [UInt8] {
-        var w = PayloadWriter()
+        var w = PayloadWriter(capacity: Self.size)
         w.write(request)
         w.write(flags)
         w.write(size)

@@ -9,10 +9,10 @@ struct PayloadReader {
     mutating func read<T: FixedWidthInteger>(_: T.Type) throws(VhostUserError) -> T {
         let n = MemoryLayout<T>.size
         guard offset + n <= bytes.count else { throw .payloadTooShort(need: offset + n, have: bytes.count) }
-        var v: T = 0
-        for i in 0..<n { v |= T(truncatingIfNeeded: bytes[offset + i]) << (8 * i) }
+        // One load from our own copy of the payload, in bounds by the guard above.
+        let v = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
         offset += n
-        return v
+        return T(littleEndian: v)
     }
 
     mutating func readBytes(_ n: Int) throws(VhostUserError) -> [UInt8] {
@@ -28,8 +28,11 @@ struct PayloadReader {
 struct PayloadWriter {
     var bytes: [UInt8] = []
 
+    /// Room for `capacity` bytes up front: a payload is built with one allocation.
+    init(capacity: Int = 8) { bytes.reserveCapacity(capacity) }
+
     mutating func write<T: FixedWidthInteger>(_ v: T) {
-        for i in 0..<MemoryLayout<T>.size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
     }
 }
 
@@ -97,7 +100,7 @@ public struct VringAddress: WirePayload, Equatable {
         self.log = log
     }
     public var encoded: [UInt8] {
-        var w = PayloadWriter()
+        var w = PayloadWriter(capacity: Self.size)
         w.write(index)
         w.write(flags)
         w.write(descriptor)
@@ -148,7 +151,7 @@ public struct MemoryTable: WirePayload, Equatable {
     public var regions: [MemoryRegionDescription]
     public init(regions: [MemoryRegionDescription]) { self.regions = regions }
     public var encoded: [UInt8] {
-        var w = PayloadWriter()
+        var w = PayloadWriter(capacity: 8 + regions.count * MemoryRegionDescription.size)
         w.write(UInt32(regions.count))
         w.write(UInt32(0))
         for r in regions { r.write(to: &w) }
@@ -164,6 +167,7 @@ public struct MemoryTable: WirePayload, Equatable {
         let expected = 8 + Int(count) * MemoryRegionDescription.size
         guard bytes.count == expected else { throw .payloadSize(expected: expected, got: bytes.count) }
         var regions: [MemoryRegionDescription] = []
+        regions.reserveCapacity(Int(count))
         for _ in 0..<count { regions.append(try MemoryRegionDescription.read(from: &r)) }
         return MemoryTable(regions: regions)
     }
@@ -175,7 +179,7 @@ public struct SingleMemoryRegion: WirePayload, Equatable {
     public var region: MemoryRegionDescription
     public init(_ region: MemoryRegionDescription) { self.region = region }
     public var encoded: [UInt8] {
-        var w = PayloadWriter()
+        var w = PayloadWriter(capacity: Self.size)
         w.write(UInt64(0))
         region.write(to: &w)
         return w.bytes
@@ -225,11 +229,12 @@ public struct ConfigSpace: WirePayload, Equatable {
         self.payload = payload
     }
     public var encoded: [UInt8] {
-        var w = PayloadWriter()
+        var w = PayloadWriter(capacity: Self.headerSize + payload.count)
         w.write(offset)
         w.write(UInt32(payload.count))
         w.write(flags)
-        return w.bytes + payload
+        w.bytes += payload
+        return w.bytes
     }
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> ConfigSpace {
         var r = PayloadReader(bytes)
