@@ -46,7 +46,10 @@ enum Interop {
         return r.status == 0
     }
 
-    /// Boots the guest with `script` against the vhost-user-blk socket.
+    /// Boots the guest with `script` against the vhost-user-blk socket, with one vCPU per
+    /// queue whatever the host has (Linux virtio_blk uses at most one queue per vCPU, and
+    /// run-guest.sh would cap the vCPUs at the host's CPUs: a test pinned to one CPU saw
+    /// `queues=1`).
     static func bootGuest(
         script: String, socket: String, queues: Int, workDir: String, name: String, packed: Bool = false
     ) throws -> (status: Int32, console: String, seconds: Double) {
@@ -56,7 +59,7 @@ enum Interop {
         let start = Date()
         let r = try run([
             "/bin/bash", "\(repoRoot)/scripts/guest/run-guest.sh", "--script", scriptPath,
-            "--blk-socket", socket, "--num-queues", "\(queues)", "--timeout", "120",
+            "--blk-socket", socket, "--num-queues", "\(queues)", "--smp", "\(queues)", "--timeout", "120",
             "--console", console, "--quiet", "--packed", packed ? "on" : "off",
         ])
         let text = (try? String(contentsOfFile: console, encoding: .utf8)) ?? r.output

@@ -22,11 +22,12 @@ public struct FuzzInput {
         return v
     }
 
-    /// Up to `count` bytes (fewer at the end of the input).
-    public mutating func take(_ count: Int) -> [UInt8] {
+    /// The next `count` bytes (fewer at the end of the input) in place, without a copy;
+    /// valid while libFuzzer's input is, that is, for this run.
+    public mutating func view(_ count: Int) -> UnsafeRawBufferPointer {
         let n = max(0, min(count, remaining))
         defer { offset += n }
-        return Array(bytes[offset..<offset + n])
+        return UnsafeRawBufferPointer(start: bytes.baseAddress.map { $0 + offset }, count: n)
     }
 
     /// Copies up to `count` bytes into `destination`; returns how many.

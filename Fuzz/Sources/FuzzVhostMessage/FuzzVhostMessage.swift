@@ -24,7 +24,7 @@ let pair = try? UnixChannel.pair()
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard let (writer, reader) = pair else { return 0 }
     var input = FuzzInput(data, size)
-    let bytes = input.take(min(size, 8192))  // a few messages; the largest (12 + 4096 bytes) fits
+    let bytes = input.view(min(size, 8192))  // a few messages; the largest (12 + 4096 bytes) fits
     // 8 KiB fits the socket buffer: the write completes without a reader.
     do { try writer.send(bytes, until: .after(seconds: 1)) } catch { fuzzCheck(false, "send: \(error)") }
     let channel = MessageChannel(reader)
