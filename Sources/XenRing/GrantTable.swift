@@ -52,18 +52,19 @@ public final class GrantIssuer {
         self.memory = memory
         self.backendDomain = backendDomain
         let first = GrantLayout.reservedEntries
-        free = PrivateStack(capacity: max(0, memory.entryCount - first))
+        let count = memory.entryCount
+        free = PrivateStack(capacity: max(0, count - first))
         // Hand out one ref per 64-byte line first (8 entries a line): the backend pins and
         // unpins entries while we try-end others, and a shared line would bounce between
-        // the cores on every compare-exchange.
-        var order: [UInt32] = []
-        for slot in 0..<8 {
-            for line in stride(from: 0, to: memory.entryCount, by: 8)
-            where line + slot >= first && line + slot < memory.entryCount {
-                order.append(UInt32(line + slot))
+        // the cores on every compare-exchange. Pops come in the order: entry 0 of every
+        // line, then entry 1 of every line, ...; so the stack is filled from the other end.
+        for slot in stride(from: min(7, count - 1), through: 0, by: -1) {
+            for line in stride(from: (count - 1 - slot) / 8 * 8, through: 0, by: -8) {
+                let ref = line + slot
+                if ref < first { break }  // and so is every lower line's
+                free.push(UInt32(ref))
             }
         }
-        for ref in order.reversed() { free.push(ref) }
     }
 
     public var available: Int { free.count }
