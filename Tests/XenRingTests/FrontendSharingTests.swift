@@ -7,6 +7,26 @@ import Virtqueue
 /// zeroed before being granted; grants are revoked, and a revoked ref can be reused only
 /// when try-end succeeded.
 @Suite struct FrontendSharingTests {
+    /// Refs are handed out one per 64-byte line of the table before any line's second
+    /// entry (no two live grants share a cache line while fewer than 63 are out), every
+    /// usable ref exactly once, never a reserved one.
+    @Test func refsAreSpreadOverCacheLines() throws {
+        let p = try XenPair()
+        let issuer = GrantIssuer(memory: p.memory)
+        let usable = p.memory.entryCount - GrantLayout.reservedEntries
+        #expect(issuer.available == usable)
+        var refs: [UInt32] = []
+        while let ref = issuer.grant(frame: 1, readOnly: true) { refs.append(ref) }
+        #expect(refs.count == usable)
+        #expect(Set(refs).count == usable)
+        #expect(refs.allSatisfy { Int($0) >= GrantLayout.reservedEntries && Int($0) < p.memory.entryCount })
+        let lines = p.memory.entryCount / 8
+        for slot in 0..<8 {
+            let round = refs[(slot * (lines - 1))..<((slot + 1) * (lines - 1))]
+            #expect(round.map { Int($0) } == (1..<lines).map { $0 * 8 + slot }, "entry \(slot) of every line")
+        }
+    }
+
     /// R7: a bounce page granted for the first time is zero; a partial page's tail is
     /// zeroed; a reused page holds only bytes this backend has already been shown.
     @Test func grantedPagesHoldNothingPrivate() throws {
