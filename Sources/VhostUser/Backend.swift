@@ -100,13 +100,14 @@ public final class Backend: Sendable {
     /// if the front-end had closed, leaving the channel open. The fuzzer runs one session
     /// per input this way over a single connection (a socket pair per input cost more
     /// than the session itself). Every check is `serve`'s; only the ends differ: a
-    /// channel with nothing left to read ends the session (nil), and a message cut short
-    /// times out at once instead of after `messageDeadline`.
-    package func serveQueued(_ channel: UnixChannel) -> VhostUserError? {
+    /// channel with nothing left to read, or `messageLimit` messages handled, ends the
+    /// session (nil; what is left stays queued), and a message cut short times out at
+    /// once instead of after `messageDeadline`.
+    package func serveQueued(_ channel: UnixChannel, messageLimit: Int = .max) -> VhostUserError? {
         let number = connections.add(1, ordering: .relaxed).newValue
         report(.connected(connection: number))
         let session = BackendSession(backend: self, connection: number)
-        let reason = session.run(MessageChannel(channel), untilDrained: true)
+        let reason = session.run(MessageChannel(channel), untilDrained: true, messageLimit: messageLimit)
         session.tearDown()
         report(.disconnected(connection: number, reason: reason))
         return reason
@@ -172,12 +173,13 @@ final class BackendSession {
 
     /// Runs the session until the front-end leaves or breaks the protocol. With
     /// `untilDrained` (see `Backend.serveQueued`) it waits for nothing: an empty channel
-    /// ends it, and a message must already be whole.
-    func run(_ channel: MessageChannel, untilDrained: Bool = false) -> VhostUserError? {
+    /// or `messageLimit` handled messages end it, and a message must already be whole.
+    func run(_ channel: MessageChannel, untilDrained: Bool = false, messageLimit: Int = .max) -> VhostUserError? {
         let config = backend.configuration
         let firstMessage = Deadline.after(seconds: config.firstMessageDeadline)
         var spoken = false
-        while !backend.isStopping {
+        var handled = 0
+        while !backend.isStopping && handled < messageLimit {
             do {
                 try channel.channel.waitReadable(until: untilDrained ? .now : .after(seconds: config.pollInterval))
                 spoken = true
@@ -206,6 +208,7 @@ final class BackendSession {
                 return error
             }
             if let error = handle(message, on: channel) { return error }
+            handled += 1
         }
         return nil
     }

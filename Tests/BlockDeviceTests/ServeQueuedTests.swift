@@ -49,6 +49,20 @@ import VirtioBlock
         #expect(try reply(on: channel).header.request == Request.getFeatures.rawValue)
     }
 
+    @Test func aMessageLimitEndsTheSessionAndLeavesTheRestQueued() throws {
+        defer { unlink(image) }
+        let (frontend, backendSide) = try UnixChannel.pair()
+        let channel = MessageChannel(frontend)
+        for _ in 0..<3 { try channel.send(Message(.getFeatures)) }
+        #expect(backend.serveQueued(backendSide, messageLimit: 2) == nil)
+        for _ in 0..<2 { #expect(try reply(on: channel).header.request == Request.getFeatures.rawValue) }
+        #expect(throws: VhostUserError.channel(.timedOut)) { try channel.receive(until: .now) }
+        // The third is still there for the next session.
+        #expect(backend.serveQueued(backendSide, messageLimit: 2) == nil)
+        #expect(try reply(on: channel).header.request == Request.getFeatures.rawValue)
+        #expect(throws: VhostUserError.channel(.timedOut)) { try channel.receive(until: .now) }
+    }
+
     @Test func aMessageCutShortTimesOutAtOnce() throws {
         defer { unlink(image) }
         let (frontend, backendSide) = try UnixChannel.pair()
