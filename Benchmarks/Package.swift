@@ -1,7 +1,7 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
-// Nested package (DESIGN.md §6): keeps ordo-one/benchmark out of the root build.
+// Nested package (docs/design.md §9): keeps ordo-one/benchmark out of the root build.
 // The trusting baseline driver lives here and only here (rule R8).
 let package = Package(
     name: "RingFenceBenchmarks",

@@ -15,7 +15,7 @@ public enum AttackGroup: String, Sendable, CaseIterable, Codable {
     case packedRing = "packed ring"
 }
 
-/// The device-side seam an attack acts through (DESIGN.md §3: the Adversary is data plus
+/// The device-side seam an attack acts through (docs/design.md §3: the Adversary is data plus
 /// hooks into the real back-end, never a second device implementation).
 public enum HookPoint: String, Sendable, Codable {
     /// `QueueHandler.serve`: when and how a popped chain is completed.
@@ -80,7 +80,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
     }
 }
 
-/// One named misbehaviour: what it does, which rule of DESIGN.md it tests, what a
+/// One named misbehaviour: what it does, which rule of docs/design.md it tests, what a
 /// hardened driver must do about it, and where it hooks into the device side.
 public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible {
     public let name: String

@@ -26,7 +26,7 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     /// against a split-ring driver): skipped, neither a pass nor a finding.
     case notApplicable = "not applicable"
 
-    /// Whether the outcome keeps DESIGN.md §1's promises (not run and not applicable
+    /// Whether the outcome keeps docs/design.md §1's promises (not run and not applicable
     /// prove nothing, so they are not safe).
     public var isSafe: Bool {
         switch self {

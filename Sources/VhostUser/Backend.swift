@@ -8,7 +8,7 @@ import Virtqueue
 /// The vhost-user back-end (device side): listens on a Unix socket, serves one front-end
 /// at a time, and keeps listening after it leaves or crashes.
 ///
-/// The front-end is not trusted (DESIGN.md §1, the vhost discipline): every message is
+/// The front-end is not trusted (docs/design.md §1, the vhost discipline): every message is
 /// size-checked before its body is read, decoded with its exact size, checked against the
 /// descriptor rules (every descriptor not kept is closed), and its values validated
 /// before use. A request that is well-formed but refused is answered with a failure when

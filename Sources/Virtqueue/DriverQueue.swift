@@ -66,7 +66,7 @@ public struct DriverRingMemory: @unchecked Sendable {
 ///
 /// Private state sits in memory this object allocates once and owns (raw pointers, not
 /// Arrays or stored `var`s): the hot path then pays no Array uniqueness checks and no
-/// dynamic exclusivity checks, which cost more than all the validation (DESIGN.md §5).
+/// dynamic exclusivity checks, which cost more than all the validation (docs/design.md §5).
 /// Every table index is private, or a device value already checked `< queueSize`, and
 /// is masked with `queueSize - 1` besides, so no index can leave the tables.
 ///

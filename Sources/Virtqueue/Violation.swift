@@ -1,6 +1,6 @@
 public import SharedMemory
 
-/// The rules of DESIGN.md §2. Every `Violation` names the one it enforces.
+/// The rules of docs/design.md §2. Every `Violation` names the one it enforces.
 public enum Rule: String, Sendable, CaseIterable {
     case r1 = "R1"
     case r2 = "R2"

@@ -139,7 +139,7 @@ import Virtqueue
         try fixture.expectServesWellBehavedFrontend(after: f)
     }
 
-    /// An unsealed memfd could be truncated later to SIGBUS the device (DESIGN.md §4).
+    /// An unsealed memfd could be truncated later to SIGBUS the device (docs/design.md §4.1).
     @Test func unsealedMemfdIsRefused() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }

@@ -4,7 +4,7 @@
 // Each round runs every scenario once per driver, alternating which driver goes first
 // (ABBA), so drift in machine load hits both alike. Reported: the median over rounds of
 // each driver's time per round trip, and the median of the per-round ratios
-// hardened speed / trusting speed (1.00 = free hardening; DESIGN.md §5 asks >= 0.97).
+// hardened speed / trusting speed (1.00 = free hardening; docs/design.md §5 asks >= 0.97).
 import Foundation
 import RingWorkload
 

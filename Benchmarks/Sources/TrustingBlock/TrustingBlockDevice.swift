@@ -26,7 +26,7 @@ public enum TrustingBlockError: Error, CustomStringConvertible {
     }
 }
 
-/// BASELINE ONLY — never use outside the benchmarks (DESIGN.md R8: the library has one
+/// BASELINE ONLY — never use outside the benchmarks (docs/design.md R8: the library has one
 /// mode, hardened). A deliberately trusting virtio-blk driver, one queue, reads only, in
 /// the style of a classic in-kernel driver:
 ///

@@ -8,7 +8,7 @@ public struct TrustedCompletion: Sendable, Equatable {
     public let length: UInt32
 }
 
-/// BASELINE ONLY — never use outside the benchmarks (DESIGN.md R8: the library has one
+/// BASELINE ONLY — never use outside the benchmarks (docs/design.md R8: the library has one
 /// mode, hardened). A deliberately trusting split-ring driver in the style of Linux's
 /// `virtio_ring.c` before the 2021 hardening:
 ///

@@ -1,7 +1,7 @@
 import SharedMemory
 import Virtqueue
 
-/// BASELINE ONLY — never use outside the benchmarks (DESIGN.md R8). A deliberately
+/// BASELINE ONLY — never use outside the benchmarks (docs/design.md R8). A deliberately
 /// trusting packed-ring driver in the style of Linux's `virtio_ring.c` packed path before
 /// the 2021 hardening:
 ///
