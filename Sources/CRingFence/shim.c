@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 const unsigned int RF_MFD_CLOEXEC = MFD_CLOEXEC;
@@ -25,6 +26,14 @@ int rf_memfd_create(const char *name, unsigned int flags) { return memfd_create(
 int rf_add_seals(int fd, int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
 int rf_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
 int rf_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value) {
+    struct iovec iov = {.iov_base = value, .iov_len = sizeof(*value)};
+    ssize_t n;
+    do {
+        n = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
 int rf_gettid(void) { return (int)syscall(SYS_gettid); }
 
 #define RF_MAX_FDS 16

@@ -207,7 +207,9 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             else { return false }
             var m = GuestMemory()
             for (r, fd) in zip(table.regions, message.descriptors) {
-                guard let region = try? SharedRegion(mapping: dup(fd), offset: r.mmapOffset, size: r.size),
+                guard
+                    let region = try? SharedRegion(
+                        mapping: OwnedDescriptor(dup(fd)), offset: r.mmapOffset, size: r.size),
                     (try? m.add(GuestRegion(guestAddress: r.guestAddress, userAddress: r.userAddress, mapping: region)))
                         != nil
                 else { return false }
@@ -221,12 +223,11 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             if let a = try? VringAddress.decode(message.payload) { queueAddresses[Int(a.index)] = a }
             return ack(message, request)
         case .setVringKick, .setVringCall:
+            // A duplicate is adopted; the message's own descriptors are closed with it.
+            defer { message.closeDescriptors() }
             guard let f = try? VringFile.decode(message.payload), let fd = message.descriptors.first,
-                let n = try? Notifier(adopting: fd)
-            else {
-                message.closeDescriptors()
-                return false
-            }
+                let n = try? Notifier(adopting: OwnedDescriptor(dup(fd)))
+            else { return false }
             if request == .setVringKick { kicks[Int(f.index)] = n } else { calls[Int(f.index)] = n }
             return ack(message, request)
         case .setVringEnable:

@@ -240,21 +240,20 @@ public final class TwoProcessRing {
     public static func serveDevice(channelFD: Int32) throws -> Int {
         let channel = UnixChannel(adopting: channelFD)
         var header = [UInt8](repeating: 0, count: RingSetup.size)
-        let fds = try header.withUnsafeMutableBytes {
-            try channel.receive(exactly: $0, maxDescriptors: 3, until: .after(seconds: 10))
-        }
-        guard fds.count == 3 else {
-            fds.forEach(closeDescriptor)
+        let fds = ReceivedDescriptors(
+            try header.withUnsafeMutableBytes {
+                try channel.receive(exactly: $0, maxDescriptors: 3, until: .after(seconds: 10))
+            })
+        guard fds.count == 3, let region = fds.take(0), let kickFD = fds.take(1), let callFD = fds.take(2) else {
             throw TwoProcessError.setup("expected 3 descriptors, got \(fds.count)")
         }
         let setup: RingSetup
         do { setup = try RingSetup.decode(header) } catch {
-            fds.forEach(closeDescriptor)
             throw TwoProcessError.setup("bad setup message: \(error)")
         }
-        let kick = try Notifier(adopting: fds[1])
-        let call = try Notifier(adopting: fds[2])
-        let mapping = try SharedRegion(mapping: fds[0], offset: 0, size: setup.regionSize)
+        let kick = try Notifier(adopting: kickFD)
+        let call = try Notifier(adopting: callFD)
+        let mapping = try SharedRegion(mapping: region, offset: 0, size: setup.regionSize)
         let memory = try GuestMemory([
             GuestRegion(guestAddress: setup.guestBase, userAddress: setup.guestBase, mapping: mapping)
         ])

@@ -2,60 +2,93 @@
 import Glibc
 #endif
 internal import CRingFence
+import Synchronization
 
 /// An eventfd used as a doorbell (kick) or interrupt (call).
 ///
-/// Non-blocking: `signal()` never blocks (EAGAIN means the counter is saturated, i.e. a
-/// notification is already pending), `drain()` never blocks, and `wait` always has a
-/// deadline (rule R5). Owns its descriptor.
+/// A peer that received the descriptor over SCM_RIGHTS shares its open file description:
+/// it can clear `O_NONBLOCK` at any moment and saturate or empty the counter. So nothing
+/// here depends on the descriptor's flags (R5, docs/design.md "Descriptors a peer shares"):
+/// - `drain()` reads with `RWF_NOWAIT`, which never blocks whatever the flags;
+/// - `signal()` writes, and a write can only block on a saturated counter: the
+///   `NotifierWatchdog` notices a write that has not returned for a tick, drains the
+///   counter (which is what lets a blocked eventfd write finish), and the notifier then
+///   reports the peer's tampering (`signal()` returns false, `wasTampered` is set);
+/// - `wait` polls (poll ignores the flags) and drains.
+/// Owns its descriptor.
 public final class Notifier: @unchecked Sendable {
     public let fileDescriptor: Int32
+    /// Odd while `signal()` is inside write(2); the watchdog compares two ticks.
+    let writes = Atomic<UInt64>(0)
+    /// How often the watchdog had to drain the counter to free a blocked write.
+    let rescues = Atomic<UInt64>(0)
+    /// The watchdog's last look at `writes` (watchdog thread only).
+    nonisolated(unsafe) var lastSeenWrite: UInt64 = 0
 
     /// Creates a new eventfd.
     public init() throws(SystemError) {
         let fd = rf_eventfd(0, RF_EFD_NONBLOCK | RF_EFD_CLOEXEC)
         guard fd >= 0 else { throw .current("eventfd") }
         fileDescriptor = fd
+        NotifierWatchdog.shared.register(self)
     }
 
-    /// Adopts a descriptor received from a peer; it is made non-blocking because the peer
-    /// may have created it blocking, and a blocking read would let it hang us.
-    public init(adopting fd: Int32) throws(SystemError) {
+    /// Adopts a descriptor received from a peer after checking that it is an eventfd
+    /// (R3: a pipe could raise SIGPIPE, a memfd or file is always readable).
+    public init(adopting descriptor: consuming OwnedDescriptor) throws(DescriptorKindError) {
+        let kind = DescriptorKind.of(descriptor.rawValue)
+        guard kind == .eventfd else { throw DescriptorKindError(expected: .eventfd, found: kind) }
+        let fd = descriptor.take()
+        // Non-blocking for our own use; the peer can undo it, and nothing relies on it.
         let flags = fcntl(fd, F_GETFL)
-        guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
-            let e = SystemError.current("fcntl(O_NONBLOCK)")
-            closeDescriptor(fd)
-            throw e
-        }
+        if flags >= 0 { _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
         fileDescriptor = fd
+        NotifierWatchdog.shared.register(self)
     }
 
-    deinit { closeDescriptor(fileDescriptor) }
+    deinit {
+        NotifierWatchdog.shared.unregister(self)
+        closeDescriptor(fileDescriptor)
+    }
 
-    /// Adds one to the counter. Returns false only on an unexpected error.
+    /// The peer made a write of ours block (it cleared O_NONBLOCK and saturated the
+    /// counter); the watchdog had to free it. Treat the peer as broken (R6).
+    public var wasTampered: Bool { rescues.load(ordering: .relaxed) != 0 }
+
+    /// Adds one to the counter. Returns false when the peer tampered with the descriptor
+    /// (see `wasTampered`) or on an unexpected error. A saturated counter on a
+    /// non-blocking descriptor means a notification is already pending: true.
     @discardableResult
     @inline(__always)
     public func signal() -> Bool {
         var one: UInt64 = 1
-        while true {
-            let n = write(fileDescriptor, &one, 8)
-            if n == 8 { return true }
-            if n < 0 && errno == EINTR { continue }
-            return n < 0 && errno == EAGAIN  // saturated: already pending
-        }
+        writes.wrappingAdd(1, ordering: .relaxed)
+        var n: Int
+        repeat { n = write(fileDescriptor, &one, 8) } while n < 0 && errno == EINTR
+        let error = n < 0 ? errno : 0
+        writes.wrappingAdd(1, ordering: .relaxed)
+        if rescues.load(ordering: .relaxed) != 0 { return false }
+        return n == 8 || error == EAGAIN
     }
 
-    /// Reads and resets the counter; 0 when nothing was pending.
+    /// Reads and resets the counter; 0 when nothing was pending. Never blocks.
     @discardableResult
     @inline(__always)
     public func drain() -> UInt64 {
         var value: UInt64 = 0
-        while true {
-            let n = read(fileDescriptor, &value, 8)
-            if n == 8 { return value }
-            if n < 0 && errno == EINTR { continue }
-            return 0
-        }
+        let n = rf_eventfd_read_nowait(fileDescriptor, &value)
+        if n == 8 { return value }
+        if n < 0 && errno == EOPNOTSUPP { return legacyDrain() }
+        return 0
+    }
+
+    /// Kernels before 5.12 have no RWF_NOWAIT on eventfds: poll first, then read. A peer
+    /// that empties the counter between the two can still block this read there.
+    private func legacyDrain() -> UInt64 {
+        var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, 0) == 1 else { return 0 }
+        var value: UInt64 = 0
+        return read(fileDescriptor, &value, 8) == 8 ? value : 0
     }
 
     /// Blocks until the eventfd is readable or the deadline passes. Returns the drained
@@ -69,6 +102,112 @@ public final class Notifier: @unchecked Sendable {
             var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)
             let r = poll(&pfd, 1, timeout)
             if r < 0 && errno != EINTR { return 0 }
+            // Readable but nothing to drain (the peer emptied it first): go round; the
+            // deadline still bounds the loop.
         }
+    }
+
+    /// Called by the watchdog each tick: a write that was in progress at the last tick and
+    /// still is has blocked (no eventfd write takes a tick otherwise). Draining the counter
+    /// is what lets it finish.
+    func watchdogTick() {
+        let now = writes.load(ordering: .relaxed)
+        defer { lastSeenWrite = now }
+        guard now & 1 == 1, now == lastSeenWrite else { return }
+        rescues.wrappingAdd(1, ordering: .relaxed)
+        _ = drain()
+    }
+}
+
+/// One thread per process that frees `signal()` calls blocked by a peer (see `Notifier`).
+/// It looks every `tick` while notifiers exist and sleeps while none do; its work per
+/// tick is one atomic load per notifier.
+final class NotifierWatchdog: @unchecked Sendable {
+    static let shared = NotifierWatchdog()
+    /// A blocked write is freed within two ticks.
+    static let tickNanoseconds: UInt64 = 20_000_000
+
+    private struct Entry {
+        weak var notifier: Notifier?
+    }
+    private let members = Mutex<[ObjectIdentifier: Entry]>([:])
+    private let started = Atomic<Bool>(false)
+
+    func register(_ notifier: Notifier) {
+        members.withLock { $0[ObjectIdentifier(notifier)] = Entry(notifier: notifier) }
+        if !started.load(ordering: .acquiring),
+            started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        {
+            // Without the thread, blocked writes are not freed; everything else still works.
+            if let thread = try? spawnThread({ [self] in run() }) {
+                thread.detach()
+            } else {
+                started.store(false, ordering: .releasing)
+            }
+        }
+    }
+
+    func unregister(_ notifier: Notifier) {
+        _ = members.withLock { $0.removeValue(forKey: ObjectIdentifier(notifier)) }
+    }
+
+    private func run() {
+        var snapshot: [Notifier] = []
+        while true {
+            sleepNanoseconds(Self.tickNanoseconds)
+            snapshot.removeAll(keepingCapacity: true)
+            members.withLock { m in
+                for entry in m.values { if let n = entry.notifier { snapshot.append(n) } }
+            }
+            for n in snapshot { n.watchdogTick() }
+            snapshot.removeAll(keepingCapacity: true)
+        }
+    }
+}
+
+/// The one back-off policy for wake-ups that bring no work (R5): after `threshold`
+/// spurious wake-ups in a row, each further one is followed by a pause that doubles from
+/// `firstPause` up to `maximumPause` (XSA-391's "lateeoi" throttling), so a storm costs the
+/// peer time instead of costing us a CPU. A productive wake-up resets it.
+public struct WakeBackoff: Sendable {
+    public static let threshold: UInt64 = 16
+    public static let firstPauseNanoseconds: UInt64 = 50_000
+    public static let maximumPauseNanoseconds: UInt64 = 10_000_000
+
+    /// Spurious wake-ups seen in all.
+    public private(set) var spuriousTotal: UInt64 = 0
+    /// Spurious wake-ups since the last productive one.
+    public private(set) var consecutive: UInt64 = 0
+    /// The pause before the next wait (0 while wake-ups bring work).
+    public private(set) var pauseNanoseconds: UInt64 = 0
+    /// The longest pause applied so far (observability for storms).
+    public private(set) var longestPauseNanoseconds: UInt64 = 0
+
+    public init() {}
+
+    /// Records whether the last wake-up found work.
+    @inline(__always)
+    public mutating func note(productive: Bool) {
+        if productive {
+            if consecutive != 0 {
+                consecutive = 0
+                pauseNanoseconds = 0
+            }
+            return
+        }
+        spuriousTotal &+= 1
+        consecutive &+= 1
+        if consecutive > Self.threshold {
+            pauseNanoseconds = min(max(pauseNanoseconds &* 2, Self.firstPauseNanoseconds), Self.maximumPauseNanoseconds)
+            longestPauseNanoseconds = max(longestPauseNanoseconds, pauseNanoseconds)
+        }
+    }
+
+    /// Sleeps for the current pause, but not past `deadline`.
+    public func pause(until deadline: Deadline = .distantFuture) {
+        guard pauseNanoseconds > 0 else { return }
+        let now = monotonicNanoseconds()
+        guard deadline.uptimeNanoseconds > now else { return }
+        sleepNanoseconds(min(pauseNanoseconds, deadline.uptimeNanoseconds - now))
     }
 }

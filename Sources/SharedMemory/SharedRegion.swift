@@ -66,11 +66,13 @@ public final class SharedRegion: @unchecked Sendable {
     }
 
     /// Maps `[offset, offset+size)` of a descriptor received from a peer, after checking
-    /// that it is sealed against shrinking and large enough. Takes ownership of `fd`
-    /// (closed on failure too).
-    public init(mapping fd: Int32, offset: UInt64, size: UInt64, writable: Bool = true) throws(Error) {
-        var ownedFD: Int32? = fd
-        defer { if let fd = ownedFD { closeDescriptor(fd) } }
+    /// that it is a memfd sealed against shrinking and large enough. The region owns the
+    /// descriptor from here on; when the init throws, it has been closed (it was consumed,
+    /// so the caller cannot close it a second time).
+    public init(
+        mapping descriptor: consuming OwnedDescriptor, offset: UInt64, size: UInt64, writable: Bool = true
+    ) throws(Error) {
+        let fd = descriptor.rawValue
         guard size > 0, size <= 1 << 40 else { throw .invalidSize(Int(clamping: size)) }
         let (end, overflow) = offset.addingReportingOverflow(size)
         guard !overflow, end <= UInt64(Int64.max) else {
@@ -96,8 +98,7 @@ public final class SharedRegion: @unchecked Sendable {
         self.mappingLength = length
         self.base = p + slack
         self.size = Int(size)
-        self.fileDescriptor = fd
-        ownedFD = nil
+        self.fileDescriptor = descriptor.take()
     }
 
     deinit {

@@ -481,35 +481,24 @@ final class BackendSession {
         }
     }
 
-    private func take(_ fds: inout [Int32], _ i: Int) throws(Refusal) -> Int32 {
+    /// Takes the `i`th descriptor out of the message: from here on it has one owner.
+    private func take(_ fds: inout [Int32], _ i: Int) throws(Refusal) -> OwnedDescriptor {
         guard i < fds.count, fds[i] >= 0 else {
             throw .malformed(.descriptorCount(request: .setMemTable, expected: "\(i + 1)", got: fds.count))
         }
         let fd = fds[i]
         fds[i] = -1
-        return fd
+        return OwnedDescriptor(fd)
     }
 
     /// Kick, call and err must be eventfds: a pipe or regular file that is always
     /// readable would turn the queue thread into a busy loop (R5).
-    private func adopt(_ fd: Int32) throws(Refusal) -> Notifier {
-        guard Self.isEventFD(fd) else {
-            closeDescriptor(fd)
-            throw .refused("descriptor is not an eventfd")
-        }
-        do { return try Notifier(adopting: fd) } catch { throw .refused("descriptor \(fd): \(error)") }
-    }
-
-    static func isEventFD(_ fd: Int32) -> Bool {
-        var buffer = [CChar](repeating: 0, count: 64)
-        let n = readlink("/proc/self/fd/\(fd)", &buffer, buffer.count - 1)
-        guard n > 0 else { return false }
-        let target = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return target == "anon_inode:[eventfd]"
+    private func adopt(_ fd: consuming OwnedDescriptor) throws(Refusal) -> Notifier {
+        do { return try Notifier(adopting: fd) } catch { throw .refused(error.description) }
     }
 
     /// Maps exactly the announced range, after the seal and size checks in `SharedRegion`.
-    private func map(_ r: MemoryRegionDescription, fd: Int32) throws(Refusal) -> GuestRegion {
+    private func map(_ r: MemoryRegionDescription, fd: consuming OwnedDescriptor) throws(Refusal) -> GuestRegion {
         let mapping: SharedRegion
         do {
             mapping = try SharedRegion(mapping: fd, offset: r.mmapOffset, size: r.size)

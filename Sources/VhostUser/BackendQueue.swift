@@ -12,7 +12,8 @@ final class CallSlot: Sendable {
 
     func replace(with new: Notifier?) { notifier.withLock { $0 = new } }
 
-    func signal() { notifier.withLock { _ = $0?.signal() } }
+    /// False when the front-end made the write block (see `Notifier`).
+    func signal() -> Bool { notifier.withLock { $0?.signal() ?? true } }
 }
 
 /// Timing knobs of a queue thread (rule R5: every wait has a deadline; §5: spin briefly,
@@ -47,10 +48,9 @@ final class QueueWorker: @unchecked Sendable {
     let report: @Sendable (BackendEvent) -> Void
     private let wake: Notifier
     private let stopping = Atomic<Bool>(false)
-    private var thread: pthread_t?
-    /// Consecutive kicks after which the ring was still empty.
-    private var emptyKicks: UInt64 = 0
-    static let stormThreshold: UInt64 = 1024
+    private var thread: SpawnedThread?
+    /// Kicks that bring no work are a storm: the shared back-off policy (R5).
+    private var kickBackoff = WakeBackoff()
 
     init(
         index: Int, queue: any DeviceRing, memory: GuestMemory, handler: any QueueHandler,
@@ -78,7 +78,7 @@ final class QueueWorker: @unchecked Sendable {
     func stop() -> UInt32 {
         stopping.store(true, ordering: .releasing)
         wake.signal()
-        if let thread { pthread_join(thread, nil) }
+        thread?.join()
         thread = nil
         return queue.vringBase
     }
@@ -106,7 +106,7 @@ final class QueueWorker: @unchecked Sendable {
             if served > 0 {
                 publish()
                 spinStart = 0
-                emptyKicks = 0
+                kickBackoff.note(productive: true)
                 continue
             }
             // Nothing to do: spin briefly (cheap re-checks of avail.idx), then block.
@@ -136,8 +136,10 @@ final class QueueWorker: @unchecked Sendable {
             }
             // Kicks that never bring work are a storm: back off so it costs the front-end
             // time, not us CPU (R5). Any served request resets the count.
-            if kicked && emptyKicks < UInt64.max { emptyKicks += 1 }
-            if emptyKicks > Self.stormThreshold { usleep(1000) }
+            if kicked {
+                kickBackoff.note(productive: false)
+                kickBackoff.pause()
+            }
             if !kicked && kick != nil && !shouldStop {
                 handler.idle(queue, memory: memory)
                 publish()
@@ -147,7 +149,7 @@ final class QueueWorker: @unchecked Sendable {
 
     private func publish() {
         handler.beforePublish(queue, memory: memory)
-        if queue.publishUsed() { call.signal() }
+        if queue.publishUsed() && !call.signal() { fail(.notifierBlocked(role: "call")) }
     }
 
     /// Rule R6: the queue stops serving, the err fd (if any) is signalled, the event is
@@ -179,26 +181,4 @@ final class QueueWorker: @unchecked Sendable {
         }
         return false
     }
-}
-
-/// Starts a joinable pthread running `body`.
-func spawnThread(_ body: @escaping @Sendable () -> Void) throws(SystemError) -> pthread_t {
-    final class Box: @unchecked Sendable {
-        let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    }
-    let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(
-        &thread, nil,
-        { arg in
-            guard let arg else { return nil }
-            Unmanaged<Box>.fromOpaque(arg).takeRetainedValue().body()
-            return nil
-        }, box)
-    guard rc == 0 else {
-        Unmanaged<Box>.fromOpaque(box).release()
-        throw SystemError("pthread_create", errno: .init(rawValue: rc))
-    }
-    return thread
 }

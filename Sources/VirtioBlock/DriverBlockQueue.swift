@@ -60,7 +60,8 @@ public final class BlockQueue {
         var activeCount = 0
         var freeCount = 0
         var failedCount = 0
-        var consecutiveSpurious = 0
+        /// Wake-ups without a completion: the shared storm policy (R5).
+        var wakeBackoff = WakeBackoff()
         var statistics = BlockQueueStatistics()
         /// A lower bound of the active requests' deadlines (min over every deadline
         /// stamped since the last exact scan): `wait` scans the slots only once the clock
@@ -307,7 +308,7 @@ public final class BlockQueue {
     @inline(__always)
     public func kick() {
         if ring.publish() {
-            kickNotifier.signal()
+            if !kickNotifier.signal() { device.fail(.violation(.notifierBlocked(role: "kick"))) }
             state.pointee.statistics.kicks &+= 1
         }
     }
@@ -381,7 +382,7 @@ public final class BlockQueue {
         }
         release(slotIndex)
         state.pointee.statistics.completed &+= 1
-        state.pointee.consecutiveSpurious = 0
+        state.pointee.wakeBackoff.note(productive: true)
         return BlockCompletion(tag: slot.tag, result: result)
     }
 
@@ -474,12 +475,8 @@ public final class BlockQueue {
                 if let c = poll() { return c }
                 if health.isBroken { continue }
                 state.pointee.statistics.spuriousNotifications &+= 1
-                state.pointee.consecutiveSpurious += 1
-                let spurious = state.pointee.consecutiveSpurious
-                if spurious > 16 {
-                    let backoff = min(1 << min(spurious - 16, 10), 1000)  // up to 1 ms
-                    usleep(UInt32(backoff))
-                }
+                state.pointee.wakeBackoff.note(productive: false)
+                state.pointee.wakeBackoff.pause(until: until)
             case .timedOut:
                 continue
             case .socket:
@@ -528,7 +525,7 @@ public final class BlockQueue {
             try addToRing(i)
             state.pointee.statistics.resubmitted &+= 1
         }
-        state.pointee.consecutiveSpurious = 0
+        state.pointee.wakeBackoff = WakeBackoff()
         kickNotifier.drain()
         callNotifier.drain()
         _ = ring.publish()  // visible once the back-end maps the ring; kicked after setup

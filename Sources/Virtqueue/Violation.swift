@@ -45,6 +45,9 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
     case deadlineExceeded(milliseconds: UInt64)
     /// The device raised far more notifications than it completed requests.
     case notificationStorm(count: UInt64)
+    /// Either side: the peer made a notification of ours block on a shared eventfd
+    /// (cleared O_NONBLOCK and saturated the counter); the watchdog had to free it.
+    case notifierBlocked(role: String)
 
     // MARK: the driver broke a rule (seen by the device)
 
@@ -160,7 +163,7 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
         case .blockStatusInvalid, .blockStatusMissing, .blockShortRead, .blockConfigInvalid,
             .controlProtocol:
             return .r3
-        case .deadlineExceeded, .notificationStorm, .chainTooLong: return .r5
+        case .deadlineExceeded, .notificationStorm, .chainTooLong, .notifierBlocked: return .r5
         case .xenResponseProducerBeyondInFlight, .xenResponseProducerWentBackwards,
             .xenResponseIdOutOfRange, .xenResponseIdNotInFlight, .xenResponseOperationMismatch,
             .xenResponseStatusUnknown, .xenHandshakeValue, .xenHandshakeState,
@@ -192,6 +195,8 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return "device did not complete within \(ms) ms"
         case .notificationStorm(let n):
             return "device sent \(n) notifications without completing work"
+        case .notifierBlocked(let role):
+            return "the peer made a write to the shared \(role) eventfd block (O_NONBLOCK cleared, counter saturated)"
         case .availIndexBeyondQueueSize(let last, let new, let size):
             return "avail.idx jumped from \(last) to \(new), more than the queue size \(size)"
         case .availHeadOutOfRange(let head, let size):

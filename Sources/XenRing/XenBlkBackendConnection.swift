@@ -31,12 +31,7 @@ public final class XenBlkBackendConnection {
         }
         try channel.sendNode(node, until: deadline)
         let (theirs, fds) = try channel.receiveNode(maxDescriptors: 4, until: deadline)
-        guard fds.count == 4 else {
-            fds.forEach(closeDescriptor)
-            throw .setup("expected 4 descriptors, got \(fds.count)")
-        }
-        var owned = fds
-        defer { owned.forEach(closeDescriptor) }
+        guard fds.count == 4 else { throw .setup("expected 4 descriptors, got \(fds.count)") }
         let entries: UInt64
         let frameCount: UInt64
         let ref: UInt64
@@ -60,17 +55,19 @@ public final class XenBlkBackendConnection {
         let frames: SharedRegion
         let events: EventChannel
         do {
-            // SharedRegion checks F_SEAL_SHRINK and the size: a frontend cannot SIGBUS us.
-            table = try SharedRegion(mapping: owned[0], offset: 0, size: entries * UInt64(GrantLayout.entrySize))
-            owned[0] = -1
-            frames = try SharedRegion(
-                mapping: owned[1], offset: 0, size: frameCount * UInt64(SharedRingLayout.pageSize))
-            owned[1] = -1
-            let fromFront = try Notifier(adopting: owned[2])
-            owned[2] = -1
-            let toFront = try Notifier(adopting: owned[3])
-            owned[3] = -1
+            // Each descriptor is taken out once and owned by what it becomes (or closed
+            // with the batch). SharedRegion checks F_SEAL_SHRINK and the size: a frontend
+            // cannot SIGBUS us. Notifier checks that the event fds are eventfds: a pipe
+            // could raise SIGPIPE, a memfd is always readable (R3, R5).
+            guard let t = fds.take(0), let f = fds.take(1), let incoming = fds.take(2), let outgoing = fds.take(3)
+            else { throw XenConnectError.setup("descriptors missing") }
+            table = try SharedRegion(mapping: t, offset: 0, size: entries * UInt64(GrantLayout.entrySize))
+            frames = try SharedRegion(mapping: f, offset: 0, size: frameCount * UInt64(SharedRingLayout.pageSize))
+            let fromFront = try Notifier(adopting: incoming)
+            let toFront = try Notifier(adopting: outgoing)
             events = EventChannel(incoming: fromFront, outgoing: toFront)
+        } catch let e as XenConnectError {
+            throw e
         } catch { throw .setup("\(error)") }
         let memory = GrantTableMemory(
             entries: table.base, entryCount: Int(entries), frames: frames.base, frameCount: Int(frameCount))
@@ -107,37 +104,58 @@ public final class XenBlkBackendConnection {
         case dropped(Violation)
     }
 
-    /// Serves until the frontend closes (Closing → Closed), hangs up, stays idle for
-    /// `idleTimeout` seconds, or corrupts the ring (the connection is dropped).
+    /// Serves until the frontend closes (Closing → Closed), hangs up, does no work for
+    /// `idleTimeout` seconds, or corrupts the ring (the connection is dropped). Idleness is
+    /// measured from the last request served, not from the last event: a frontend that
+    /// keeps its event fd readable without posting work is still dropped on time, and its
+    /// storm is backed off with the shared `WakeBackoff` policy like the frontend's (R5).
     public func run(idleTimeout: Double = 30) -> End {
+        let idleNanoseconds = UInt64(max(0.001, min(idleTimeout.isNaN ? 30 : idleTimeout, 3600)) * 1e9)
+        var lastWork = monotonicNanoseconds()
         var spins = 0
+        var woke = false
         while true {
             let n: Int
-            do { n = try backend.serve(budget: 32) } catch {
-                events.mask()
-                channel.shutdown()
-                return .dropped(error)
+            do { n = try backend.serve(budget: 32) } catch { return drop(error) }
+            if woke {
+                events.noteWake(productive: n > 0)
+                woke = false
             }
             if n > 0 {
                 spins = 0
+                lastWork = monotonicNanoseconds()
                 if attack == .eventStorm { storm() }
-                if backend.publishResponses() { events.notify() }
+                if backend.publishResponses() && !events.notify() {
+                    return drop(.notifierBlocked(role: "event channel"))
+                }
                 continue
             }
             spins += 1
             if spins < 64 { continue }  // brief spin, then block (2 cores: never spin forever)
             if backend.enableNotifications() { continue }
+            let idleDeadline = Deadline(uptimeNanoseconds: lastWork &+ idleNanoseconds)
+            if idleDeadline.hasPassed { return .idle }
+            events.backoff.pause(until: idleDeadline)
             var pfds = [
                 pollfd(fd: events.incoming.fileDescriptor, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: channel.fileDescriptor, events: Int16(POLLIN), revents: 0),
             ]
-            let r = poll(&pfds, 2, Int32(max(1, min(idleTimeout.isNaN ? 30 : idleTimeout, 3600)) * 1000))
-            if r == 0 { return .idle }
+            let r = poll(&pfds, 2, idleDeadline.pollTimeoutMilliseconds)
             if r < 0 { continue }
-            if pfds[1].revents != 0 { return close() }
-            events.incoming.drain()
+            if r > 0 && pfds[1].revents != 0 { return close() }
+            if r > 0 {
+                events.incoming.drain()
+                woke = true
+            }
             spins = 0
         }
+    }
+
+    /// R6 on the backend side: this connection ends, the process goes on.
+    func drop(_ violation: Violation) -> End {
+        events.mask()
+        channel.shutdown()
+        return .dropped(violation)
     }
 
     /// Event storm: 300 ms of events with no response, then the answer.
@@ -151,8 +169,7 @@ public final class XenBlkBackendConnection {
 
     func close() -> End {
         let deadline = Deadline.after(seconds: 2)
-        if let (node, fds) = try? channel.receiveNode(maxDescriptors: 0, until: deadline) {
-            fds.forEach(closeDescriptor)
+        if let (node, _) = try? channel.receiveNode(maxDescriptors: 0, until: deadline) {
             if (try? node.state()) == .closing {
                 try? channel.sendNode(XenStoreNode(["state": "\(XenbusState.closed.rawValue)"]), until: deadline)
             }

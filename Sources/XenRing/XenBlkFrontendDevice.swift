@@ -48,8 +48,7 @@ public final class XenBlkFrontendDevice {
     public static func connect(channel: UnixChannel, until deadline: Deadline = .after(seconds: 10))
         throws(XenConnectError) -> XenBlkFrontendDevice
     {
-        let (node, stray) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
-        stray.forEach(closeDescriptor)
+        let (node, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
         let info: XenBlkInfo
         do { info = try XenBlkInfo.validate(node) } catch { throw .violation(error) }
         let table: SharedRegion
@@ -76,8 +75,7 @@ public final class XenBlkFrontendDevice {
             mine,
             descriptors: [table.fileDescriptor, frames.fileDescriptor, toBack.fileDescriptor, fromBack.fileDescriptor],
             until: deadline)
-        let (reply, more) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
-        more.forEach(closeDescriptor)
+        let (reply, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
         let state: XenbusState
         do { state = try reply.state() } catch { throw .violation(error) }
         guard state == .connected else {
@@ -155,7 +153,7 @@ public final class XenBlkFrontendDevice {
     /// Publishes posted requests and notifies the backend if it asked (R1: decided from
     /// private state).
     public func kick() {
-        if front.publish() { events.notify() }
+        if front.publish() && !events.notify() { _ = disable(.notifierBlocked(role: "event channel")) }
     }
 
     /// Waits for at least one completion until `deadline`. On a violation or a timeout
@@ -202,8 +200,7 @@ public final class XenBlkFrontendDevice {
         let deadline = Deadline.after(seconds: 2)
         do {
             try channel.sendNode(XenStoreNode(["state": "\(XenbusState.closing.rawValue)"]), until: deadline)
-            let (_, fds) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
-            fds.forEach(closeDescriptor)
+            _ = try channel.receiveNode(maxDescriptors: 0, until: deadline)
         } catch {}
         channel.shutdown()
     }

@@ -96,9 +96,10 @@ extension UnixChannel {
         do { try send(node.encoded, descriptors: descriptors, until: deadline) } catch { throw .channel(error) }
     }
 
-    /// Receives one node; surplus descriptors are closed by the channel.
+    /// Receives one node with at most `maxDescriptors` descriptors; surplus ones are
+    /// closed by the channel, and those the caller does not take are closed with the batch.
     public func receiveNode(maxDescriptors: Int, until deadline: Deadline) throws(XenConnectError) -> (
-        XenStoreNode, [Int32]
+        XenStoreNode, ReceivedDescriptors
     ) {
         var header = [UInt8](repeating: 0, count: 4)
         let first = header.withUnsafeMutableBytes { b in
@@ -106,14 +107,13 @@ extension UnixChannel {
                 try receive(exactly: b, maxDescriptors: maxDescriptors, until: deadline)
             }
         }
-        let fds: [Int32]
+        let fds: ReceivedDescriptors
         switch first {
-        case .success(let f): fds = f
+        case .success(let f): fds = ReceivedDescriptors(f)
         case .failure(let e): throw .channel(e)
         }
         let n = Int(header[0]) | Int(header[1]) << 8 | Int(header[2]) << 16 | Int(header[3]) << 24
         guard n <= XenStoreNode.maximumBytes else {
-            fds.forEach(closeDescriptor)
             throw .violation(.xenHandshakeValue(key: "(message)", value: "\(n) bytes"))
         }
         var body = [UInt8](repeating: 0, count: n)
@@ -122,16 +122,11 @@ extension UnixChannel {
                 Result { () throws(UnixChannel.Error) in try receive(exactly: b, maxDescriptors: 0, until: deadline) }
             }
             switch rest {
-            case .success(let more): more.forEach(closeDescriptor)
-            case .failure(let e):
-                fds.forEach(closeDescriptor)
-                throw .channel(e)
+            case .success(let more): _ = ReceivedDescriptors(more)
+            case .failure(let e): throw .channel(e)
             }
         }
-        do { return (try XenStoreNode.decode(body: body), fds) } catch {
-            fds.forEach(closeDescriptor)
-            throw .violation(error)
-        }
+        do { return (try XenStoreNode.decode(body: body), fds) } catch { throw .violation(error) }
     }
 }
 

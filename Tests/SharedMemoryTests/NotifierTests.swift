@@ -2,6 +2,7 @@ import CRingFence
 import Glibc
 import RingHarness
 import SharedMemory
+import Synchronization
 import Testing
 
 /// The eventfd doorbell: never blocks on signal or drain, and every wait has a deadline
@@ -66,19 +67,114 @@ import Testing
     }
 
     @Test func adoptedBlockingEventfdIsMadeNonBlocking() throws {
-        // A peer may hand us a blocking eventfd; a blocking read would let it hang us.
+        // A peer may hand us a blocking eventfd; nothing relies on the flag, but our own
+        // use starts non-blocking.
         let fd = rf_eventfd(0, RF_EFD_CLOEXEC)
         #expect(fd >= 0)
         #expect(fcntl(fd, F_GETFL) & O_NONBLOCK == 0)
-        let n = try Notifier(adopting: fd)
+        let n = try Notifier(adopting: OwnedDescriptor(fd))
         #expect(fcntl(fd, F_GETFL) & O_NONBLOCK != 0)
         #expect(n.drain() == 0)  // returns instead of blocking
         #expect(n.wait(until: .after(seconds: 0.01)) == 0)
     }
 
     @Test func adoptingAnInvalidDescriptorThrows() {
-        #expect(throws: SystemError("fcntl(O_NONBLOCK)", errno: .badFileDescriptor)) { try Notifier(adopting: -1) }
+        #expect(throws: DescriptorKindError(expected: .eventfd, found: .other("unreadable"))) {
+            try Notifier(adopting: OwnedDescriptor(-1))
+        }
     }
+}
+
+/// Issue 13 item 1 and 2: a peer shares the open file description of every eventfd it
+/// received, so it can clear O_NONBLOCK and saturate or empty the counter at any moment.
+/// Nothing may block past a bound; descriptors of the wrong kind are refused and closed.
+@Suite(.serialized) struct SharedEventfdTamperingTests {
+    /// Runs `body` on a thread; fails the test (and leaks the thread) if it has not
+    /// returned within `seconds` (the pre-fix code blocked forever here).
+    static func returnsWithin<T: Sendable>(_ seconds: Double, _ body: @escaping @Sendable () -> T) -> T? {
+        let box = ResultBox<T>()
+        let done = try? Notifier()
+        let thread = TestThread {
+            box.set(body())
+            done?.signal()
+        }
+        guard let done, done.wait(until: .after(seconds: seconds)) > 0 else { return nil }
+        thread.join()
+        return box.get()
+    }
+
+    @Test func drainOfAnEmptiedBlockingEventfdReturnsAtOnce() throws {
+        let n = try Notifier()
+        let peer = dup(n.fileDescriptor)  // the peer's reference: the same open file description
+        defer { close(peer) }
+        #expect(fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK) == 0)
+        let got = Self.returnsWithin(2) { n.drain() }
+        #expect(got == 0)
+        let waited = Self.returnsWithin(2) { n.wait(until: .after(seconds: 0.05)) }
+        #expect(waited == 0)
+    }
+
+    @Test func signalIntoASaturatedBlockingEventfdIsFreedAndReported() throws {
+        let n = try Notifier()
+        let peer = dup(n.fileDescriptor)
+        defer { close(peer) }
+        #expect(fcntl(peer, F_SETFL, fcntl(peer, F_GETFL) & ~O_NONBLOCK) == 0)
+        var full: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        #expect(write(peer, &full, 8) == 8)
+        let start = monotonicNanoseconds()
+        let sent = Self.returnsWithin(2) { n.signal() }
+        #expect(sent == false)  // reported as tampering, not as a delivered notification
+        #expect(n.wasTampered)
+        #expect(monotonicNanoseconds() - start < 1_000_000_000)
+    }
+
+    @Test func wellBehavedSaturationIsNotTampering() throws {
+        let n = try Notifier()
+        var full: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        #expect(write(n.fileDescriptor, &full, 8) == 8)
+        #expect(n.signal())
+        usleep(100_000)  // several watchdog ticks
+        #expect(!n.wasTampered)
+    }
+
+    @Test func pipeWhereAnEventfdBelongsIsRefusedAndClosed() throws {
+        var p: [Int32] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        defer { close(p[0]) }
+        #expect(throws: DescriptorKindError(expected: .eventfd, found: .other("pipe"))) {
+            try Notifier(adopting: OwnedDescriptor(p[1]))
+        }
+        #expect(fcntl(p[1], F_GETFD) == -1)  // closed by its one owner
+    }
+
+    @Test func memfdWhereAnEventfdBelongsIsRefused() throws {
+        let fd = rf_memfd_create("always-readable", RF_MFD_CLOEXEC)
+        #expect(fd >= 0)
+        #expect(throws: DescriptorKindError(expected: .eventfd, found: .memfd)) {
+            try Notifier(adopting: OwnedDescriptor(fd))
+        }
+    }
+
+    @Test func receivedDescriptorsAreClosedOnceUnlessTaken() throws {
+        let a = try SharedRegion(name: "x", size: 4096)
+        let fds = [dup(a.fileDescriptor), dup(a.fileDescriptor)]
+        var kept: Int32 = -1
+        do {
+            let batch = ReceivedDescriptors(fds)
+            kept = batch.take(1)?.take() ?? -1
+            let again = batch.take(1)?.take()
+            #expect(again == nil)  // taken once only
+        }
+        #expect(fcntl(fds[0], F_GETFD) == -1)
+        #expect(kept == fds[1] && fcntl(kept, F_GETFD) != -1)
+        close(kept)
+    }
+}
+
+final class ResultBox<T: Sendable>: Sendable {
+    private let value = Mutex<T?>(nil)
+    func set(_ v: T) { value.withLock { $0 = v } }
+    func get() -> T? { value.withLock { $0 } }
 }
 
 /// Deadlines never overflow and round up, so a wait is never shorter than asked.

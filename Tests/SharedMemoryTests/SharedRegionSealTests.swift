@@ -80,7 +80,7 @@ import Testing
         #expect(ftruncate(fd, 8192) == 0)
         let id = Self.inode(fd)
         #expect(throws: SharedRegion.Error.notSealedAgainstShrinking(seals: RF_F_SEAL_SEAL)) {
-            try SharedRegion(mapping: fd, offset: 0, size: 4096)
+            try SharedRegion(mapping: OwnedDescriptor(fd), offset: 0, size: 4096)
         }
         // Ownership: the refused descriptor was closed (or its number reused by someone else).
         if let now = Self.inode(fd), let id { #expect(now != id) }
@@ -93,7 +93,7 @@ import Testing
         #expect(ftruncate(fd, 8192) == 0)
         if seals != 0 { #expect(rf_add_seals(fd, seals) == 0) }
         #expect(throws: SharedRegion.Error.notSealedAgainstShrinking(seals: seals)) {
-            try SharedRegion(mapping: fd, offset: 0, size: 4096)
+            try SharedRegion(mapping: OwnedDescriptor(fd), offset: 0, size: 4096)
         }
     }
 
@@ -102,7 +102,7 @@ import Testing
         #expect(pipe(&p) == 0)
         defer { close(p[1]) }
         #expect(throws: SharedRegion.Error.system(SystemError("F_GET_SEALS", errno: .invalidArgument))) {
-            try SharedRegion(mapping: p[0], offset: 0, size: 4096)
+            try SharedRegion(mapping: OwnedDescriptor(p[0]), offset: 0, size: 4096)
         }
     }
 
@@ -119,7 +119,7 @@ import Testing
     func mappingRefusesFileTooSmall(offset: UInt64, size: UInt64, needed: UInt64) throws {
         let (region, fd) = try Self.sealedCopy(pages: 1)
         #expect(throws: SharedRegion.Error.fileTooSmall(fileSize: 4096, needed: needed)) {
-            try SharedRegion(mapping: fd, offset: offset, size: size)
+            try SharedRegion(mapping: OwnedDescriptor(fd), offset: offset, size: size)
         }
         withExtendedLifetime(region) {}
     }
@@ -128,7 +128,7 @@ import Testing
     func mappingRefusesRangeOverflow(offset: UInt64, size: UInt64) throws {
         let (region, fd) = try Self.sealedCopy(pages: 1)
         #expect(throws: SharedRegion.Error.rangeOverflow(offset: offset, size: size)) {
-            try SharedRegion(mapping: fd, offset: offset, size: size)
+            try SharedRegion(mapping: OwnedDescriptor(fd), offset: offset, size: size)
         }
         withExtendedLifetime(region) {}
     }
@@ -137,14 +137,14 @@ import Testing
     func mappingRefusesAbsurdSize(size: UInt64) throws {
         let (region, fd) = try Self.sealedCopy(pages: 1)
         #expect(throws: SharedRegion.Error.invalidSize(Int(clamping: size))) {
-            try SharedRegion(mapping: fd, offset: 0, size: size)
+            try SharedRegion(mapping: OwnedDescriptor(fd), offset: 0, size: size)
         }
         withExtendedLifetime(region) {}
     }
 
     @Test func mappingAtUnalignedOffsetSeesTheSameBytes() throws {
         let (region, fd) = try Self.sealedCopy(pages: 3)
-        let peer = try SharedRegion(mapping: fd, offset: 4096 + 100, size: 4096)
+        let peer = try SharedRegion(mapping: OwnedDescriptor(fd), offset: 4096 + 100, size: 4096)
         #expect(peer.size == 4096)
         for i in stride(from: 0, to: 4096, by: 511) {
             region.base.storeBytes(of: UInt8(truncatingIfNeeded: i * 7 + 1), toByteOffset: 4196 + i, as: UInt8.self)
@@ -154,7 +154,7 @@ import Testing
         #expect(region.base.load(fromByteOffset: 4196 + 4095, as: UInt8.self) == 0x5A)
         // Exactly to the end of the file is fine.
         let (r2, fd2) = try Self.sealedCopy(pages: 2)
-        let tail = try SharedRegion(mapping: fd2, offset: 4097, size: 8192 - 4097)
+        let tail = try SharedRegion(mapping: OwnedDescriptor(fd2), offset: 4097, size: 8192 - 4097)
         #expect(tail.size == 8192 - 4097)
         withExtendedLifetime(r2) {}
     }

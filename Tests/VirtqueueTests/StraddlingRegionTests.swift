@@ -12,8 +12,8 @@ import Virtqueue
     static func memory(gap: UInt64 = 0) throws -> (SharedRegion, GuestMemory) {
         let backing = try SharedRegion(name: "straddle", size: 1 << 17)
         let half = UInt64(1 << 16)
-        let a = try SharedRegion(mapping: dup(backing.fileDescriptor), offset: 0, size: half)
-        let b = try SharedRegion(mapping: dup(backing.fileDescriptor), offset: half, size: half)
+        let a = try SharedRegion(mapping: OwnedDescriptor(dup(backing.fileDescriptor)), offset: 0, size: half)
+        let b = try SharedRegion(mapping: OwnedDescriptor(dup(backing.fileDescriptor)), offset: half, size: half)
         let memory = try GuestMemory([
             GuestRegion(guestAddress: base, userAddress: base, mapping: a),
             GuestRegion(guestAddress: base + half + gap, userAddress: base + half + gap, mapping: b),

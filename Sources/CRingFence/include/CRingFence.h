@@ -28,6 +28,11 @@ int rf_eventfd(unsigned int initval, int flags);
 extern const int RF_EFD_NONBLOCK;
 extern const int RF_EFD_CLOEXEC;
 
+/// Reads an eventfd's counter with RWF_NOWAIT: never blocks, whatever the descriptor's
+/// O_NONBLOCK (which a peer holding the same open file description can clear). Returns 8,
+/// or -1 with errno (EAGAIN: counter 0; EOPNOTSUPP: kernel older than 5.12).
+ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value);
+
 /// Sends `len` bytes and `nfds` descriptors (SCM_RIGHTS) with MSG_NOSIGNAL.
 /// Returns bytes sent or -1 (errno set).
 ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
