@@ -42,6 +42,9 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         var observations = Observations()
         var rings: [Int: VringAddress] = [:]
         var calls: [Int: Int32] = [:]
+        var kicks: [Int: Int32] = [:]
+        /// Bumped on every disconnect: attack threads of an old connection end.
+        var connection = 0
         var memory: GuestMemory?
         var closeConnection: (@Sendable () -> Void)?
         var lastDump = Date.distantPast
@@ -62,9 +65,24 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         self.negotiationPath = negotiationPath
     }
 
+    /// Set by `release()` (the server stops): holds and attack threads end.
+    let released = Atomic<Bool>(false)
+
     deinit {
-        state.withLock { s in for fd in s.calls.values { closeDescriptor(fd) } }
+        state.withLock { s in for fd in Array(s.calls.values) + Array(s.kicks.values) { closeDescriptor(fd) } }
     }
+
+    /// Ends every hold and attack thread (the server is stopping).
+    public func release() { released.store(true, ordering: .releasing) }
+    var isReleased: Bool { released.load(ordering: .acquiring) }
+
+    /// Sleeps up to `seconds`, less if released or the connection changes.
+    func hold(seconds: Double, connection: Int) {
+        let end = monotonicNanoseconds() &+ UInt64(seconds * 1e9)
+        while monotonicNanoseconds() < end && !isReleased && currentConnection == connection { usleep(10_000) }
+    }
+
+    var currentConnection: Int { state.withLock { $0.connection } }
 
     var behaviour: Behaviour? { attack?.behaviour }
 
@@ -139,9 +157,11 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     public func frontendDisconnected() {
         inner.frontendDisconnected()
         state.withLock { s in
-            for fd in s.calls.values { closeDescriptor(fd) }
+            for fd in Array(s.calls.values) + Array(s.kicks.values) { closeDescriptor(fd) }
             s.calls = [:]
+            s.kicks = [:]
             s.rings = [:]
+            s.connection += 1
         }
     }
 
@@ -149,12 +169,19 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         switch request {
         case .setVringAddr:
             if let a = try? VringAddress.decode(payload) { state.withLock { $0.rings[Int(a.index)] = a } }
-        case .setVringCall:
+        case .setVringCall, .setVringKick:
             guard let f = try? VringFile.decode(payload), !f.noDescriptor, let fd = descriptors.first else { return }
             let copy = dup(fd)
+            let call = request == .setVringCall
             state.withLock { s in
-                if let old = s.calls[Int(f.index)] { closeDescriptor(old) }
-                s.calls[Int(f.index)] = copy
+                if let old = call ? s.calls[Int(f.index)] : s.kicks[Int(f.index)] { closeDescriptor(old) }
+                if call { s.calls[Int(f.index)] = copy } else { s.kicks[Int(f.index)] = copy }
+            }
+        case .setProtocolFeatures:
+            // `requests-never-read`: the control thread stops reading the socket.
+            if case .requestsNeverRead? = behaviour {
+                note("stopped reading the control socket after SET_PROTOCOL_FEATURES")
+                hold(seconds: 10, connection: currentConnection)
             }
         case .setFeatures:
             guard let acked = try? U64Payload.decode(payload).value else { return }
@@ -220,14 +247,37 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
             case .hugeSize: m.header.size = 0xff_ffff
             case .withDescriptor:
                 if let n = strayNotifier { m.descriptors.append(n.fileDescriptor) }
+            case .withPipe:
+                if let fd = strayPipeWriteEnd { m.descriptors.append(fd) }
+            case .withMemfd:
+                if let region = strayMemfd { m.descriptors.append(region.fileDescriptor) }
             case .nack: m.payload = U64Payload(1).encoded
             case .never: return nil
             }
             return m
+        case .requestsNeverRead? where request == .getProtocolFeatures:
+            let offered = ProtocolFeatures(rawValue: (try? U64Payload.decode(reply.payload).value) ?? 0)
+            return Message(
+                .getProtocolFeatures, flags: reply.header.flags,
+                payload: U64Payload(offered.subtracting(.replyAck).rawValue).encoded)
+        case .repliesJustInTime(let seconds)?:
+            hold(seconds: seconds, connection: currentConnection)
+            return reply
         default:
             return reply
         }
     }
+
+    /// `reply-with-pipe`: a pipe's write end whose reader is closed (a write raises SIGPIPE).
+    let strayPipeWriteEnd: Int32? = {
+        var p: [Int32] = [-1, -1]
+        guard pipe(&p) == 0 else { return nil }
+        _ = fcntl(p[1], F_SETFD, FD_CLOEXEC)
+        close(p[0])
+        return p[1]
+    }()
+    /// `reply-with-memfd`: unsealed, always readable.
+    let strayMemfd = try? SharedRegion(name: "stray", size: 4096)
 
     // MARK: shared memory, for the leak probe
 
@@ -268,6 +318,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     }
 
     func callFD(_ queue: Int) -> Int32? { state.withLock { $0.calls[queue] } }
+    func kickFD(_ queue: Int) -> Int32? { state.withLock { $0.kicks[queue] } }
     func ring(_ queue: Int) -> VringAddress? { state.withLock { $0.rings[queue] } }
 
     /// Counts a request; true when this one is attacked.

@@ -31,6 +31,11 @@ final class AdversaryQueueHandler: QueueHandler {
     /// and of those published by earlier ones (read by the driver once it posts again).
     var completedSlots: [UInt16] = []
     var publishedSlots: [UInt16] = []
+    /// `kick-fd-blocking-saturated`: keep the worker (the kick fd's only reader) inside
+    /// `serve` on its next call, so the counter stays full.
+    var holdNextServe = false
+    /// `call-fd-blocking-emptied`: the racing thread runs (once per handler).
+    var eaterStarted = false
 
     init(device: AdversaryDevice, inner: BlockRequestHandler, queue: Int, behaviour: Behaviour?) {
         self.device = device
@@ -49,6 +54,13 @@ final class AdversaryQueueHandler: QueueHandler {
         if awaitDriver {
             awaitDriver = false
             waitForNextRequest(queue, memory)
+        }
+        if holdNextServe {
+            // Ask for kicks (the worker disables them while it serves), then do not read them.
+            holdNextServe = false
+            _ = queue.enableNotifications()
+            device.hold(seconds: 5, connection: device.currentConnection)
+            queue.disableNotifications()
         }
         if case .ignoreKicks = behaviour, device.observations.requests >= device.after { return 0 }
         var count = 0
@@ -232,8 +244,60 @@ final class AdversaryQueueHandler: QueueHandler {
             device.dumpIfDue()
         case .packed(let lie):
             attackPacked(lie, queue, memory)
-        case .config, .reply, .withoutVersion1, .unofferedFeatures, .ignoreKicks, .resizeMemfd, .mapBeyondRegion:
+        case .callFDBlockingSaturated:
+            // Once: the counter full on a blocking descriptor, and this request never done.
+            if let fd = device.callFD(queueIndex), device.observations.attacked == 1 {
+                saturateBlocking(fd, "call")
+            }
+        case .kickFDBlockingSaturated:
+            if let fd = device.kickFD(queueIndex), device.observations.attacked == 1 {
+                saturateBlocking(fd, "kick")
+                holdNextServe = true
+            }
             queue.complete(head: head, length: inner.execute(chain))
+        case .callFDBlockingEmptied:
+            if !eaterStarted, let fd = device.callFD(queueIndex) {
+                eaterStarted = true
+                startEater(fd)
+            }
+            queue.complete(head: head, length: inner.execute(chain))
+        case .config, .reply, .withoutVersion1, .unofferedFeatures, .ignoreKicks, .resizeMemfd, .mapBeyondRegion,
+            .requestsNeverRead, .repliesJustInTime:
+            queue.complete(head: head, length: inner.execute(chain))
+        }
+    }
+
+    // MARK: shared descriptors
+
+    /// Clears O_NONBLOCK on the shared open file description and fills the counter: the
+    /// driver's next write of 1 to it blocks (unless it does not depend on the flag).
+    func saturateBlocking(_ fd: Int32, _ role: String) {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
+        _ = Notifier.drain(descriptor: fd)
+        var full: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        let n = write(fd, &full, 8)
+        device.note("\(role) eventfd made blocking and saturated (write: \(n))")
+    }
+
+    /// Clears O_NONBLOCK on the call eventfd and drains every notification as soon as it
+    /// is signalled: a driver that reads after poll finds it empty (and blocks, if it
+    /// relies on O_NONBLOCK). Ends with the connection.
+    func startEater(_ fd: Int32) {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
+        let mine = dup(fd)
+        let device = self.device
+        let connection = device.currentConnection
+        device.note("call eventfd made blocking; a thread empties it as soon as it is signalled")
+        Thread.detachNewThread {
+            defer { close(mine) }
+            var eaten: UInt64 = 0
+            while !device.isReleased && device.currentConnection == connection {
+                var pfd = pollfd(fd: mine, events: Int16(POLLIN), revents: 0)
+                if poll(&pfd, 1, 50) == 1 && Notifier.drain(descriptor: mine) > 0 { eaten &+= 1 }
+            }
+            device.note("emptied the call eventfd \(eaten) times")
         }
     }
 

@@ -43,5 +43,8 @@ public final class AdversaryServer: Sendable {
         Thread.detachNewThread { [self] in run(listener: listener) }
     }
 
-    public func stop() { backend.stop() }
+    public func stop() {
+        device.release()
+        backend.stop()
+    }
 }

@@ -13,6 +13,9 @@ public enum AttackGroup: String, Sendable, CaseIterable, Codable {
     case leak = "leak probe"
     /// Packed-ring misbehaviour (issue 7): only with VIRTIO_F_RING_PACKED negotiated.
     case packedRing = "packed ring"
+    /// Descriptors the driver shares with the device: flags and counters of its eventfds,
+    /// and what the device attaches to replies (issue 13).
+    case sharedDescriptors = "shared descriptors"
 }
 
 /// The device-side seam an attack acts through (docs/design.md §3: the Adversary is data plus

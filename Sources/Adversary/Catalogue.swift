@@ -33,6 +33,14 @@ enum Behaviour: Sendable, Hashable {
     case closeMidIO
     case notificationStorm(calls: Int)
     case ignoreKicks
+    // shared descriptors (issue 13): the driver's eventfds share their open file
+    // description with us, so we can clear O_NONBLOCK and fill or empty the counter
+    case callFDBlockingSaturated
+    case callFDBlockingEmptied
+    case kickFDBlockingSaturated
+    // a control socket's pace
+    case requestsNeverRead
+    case repliesJustInTime(seconds: Double)
     // memory
     case resizeMemfd
     case mapBeyondRegion
@@ -63,7 +71,9 @@ enum Behaviour: Sendable, Hashable {
         case offsetBeyondRing
     }
     enum RaceTarget: Sendable, Hashable { case status, data }
-    enum ReplyLie: Sendable, Hashable { case wrongCode, short, oversized, hugeSize, withDescriptor, nack, never }
+    enum ReplyLie: Sendable, Hashable {
+        case wrongCode, short, oversized, hugeSize, withDescriptor, withPipe, withMemfd, nack, never
+    }
     enum ConfigLie: Sendable, Hashable {
         case capacity(UInt64)
         case blockSize(UInt32)
@@ -273,6 +283,41 @@ public enum Catalogue {
             "kick-ignored", .liveness, .r5, .completion, .ignoreKicks,
             "ignores every kick (the transport drains the eventfd; the ring is never read)",
             must: "fail the request at its deadline", [.timeout]),
+        // shared descriptors
+        a(
+            "call-fd-blocking-saturated", .sharedDescriptors, .r5, .thread, .callFDBlockingSaturated,
+            "after the first requests, clears O_NONBLOCK on the driver's call eventfd, fills its counter to the "
+                + "maximum and stops completing",
+            must: "time out at the deadline; never block writing or reading its own call eventfd", [.timeout],
+            after: 4),
+        a(
+            "call-fd-blocking-emptied", .sharedDescriptors, .r5, .thread, .callFDBlockingEmptied,
+            "clears O_NONBLOCK on the driver's call eventfd and empties the counter from a racing thread as soon as "
+                + "it is signalled, while completing every request",
+            must: "never block reading an emptied counter: find completions on the ring by the deadline",
+            [.unaffected, .timeout]),
+        a(
+            "kick-fd-blocking-saturated", .sharedDescriptors, .r5, .thread, .kickFDBlockingSaturated,
+            "after the first requests, clears O_NONBLOCK on the driver's kick eventfd, fills its counter to the "
+                + "maximum and stops reading it",
+            must: "free its blocked kick and fail the device (notifierBlocked), not hang", [v("notifierBlocked")],
+            after: 4),
+        a(
+            "reply-with-pipe", .sharedDescriptors, .r3, .controlReply, .reply(.withPipe, .getFeatures),
+            "attaches the write end of a pipe whose reader is gone to the GET_FEATURES reply (a write would SIGPIPE)",
+            must: "close the descriptor and refuse the reply", [v("controlProtocol")]),
+        a(
+            "reply-with-memfd", .sharedDescriptors, .r3, .controlReply, .reply(.withMemfd, .getFeatures),
+            "attaches a memfd (always readable, never an eventfd) to the GET_FEATURES reply",
+            must: "close the descriptor and refuse the reply", [v("controlProtocol")]),
+        a(
+            "requests-never-read", .controlPlane, .r5, .controlRequest, .requestsNeverRead,
+            "offers no REPLY_ACK, then stops reading the control socket after SET_PROTOCOL_FEATURES",
+            must: "give up at the control deadline, sends included", [.timeout]),
+        a(
+            "replies-just-in-time", .controlPlane, .r5, .controlReply, .repliesJustInTime(seconds: 0.8),
+            "answers every control message correctly, 0.8 s late (inside a 1 s per-message deadline)",
+            must: "bound the whole connect, not each message: give up at the control deadline", [.timeout]),
         // memory
         a(
             "memfd-resize", .memory, .r7, .controlRequest, .resizeMemfd,

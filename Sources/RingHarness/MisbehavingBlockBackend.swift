@@ -270,7 +270,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             case .ready:
                 if misbehaving && misbehaviour == .unsolicitedMessage {
                     let m = Message(.getFeatures, flags: HeaderFlags.version)
-                    try? channel.send(m)
+                    try? channel.send(m, until: .after(seconds: 1))
                     continue
                 }
                 heads.append((chain.head, execute(&chain)))

@@ -74,21 +74,25 @@ public final class Notifier: @unchecked Sendable {
     /// Reads and resets the counter; 0 when nothing was pending. Never blocks.
     @discardableResult
     @inline(__always)
-    public func drain() -> UInt64 {
+    public func drain() -> UInt64 { Self.drain(descriptor: fileDescriptor) }
+
+    /// Reads and resets the counter of any eventfd without blocking, whatever its flags.
+    @inline(__always)
+    public static func drain(descriptor fd: Int32) -> UInt64 {
         var value: UInt64 = 0
-        let n = rf_eventfd_read_nowait(fileDescriptor, &value)
+        let n = rf_eventfd_read_nowait(fd, &value)
         if n == 8 { return value }
-        if n < 0 && errno == EOPNOTSUPP { return legacyDrain() }
+        if n < 0 && errno == EOPNOTSUPP { return legacyDrain(fd) }
         return 0
     }
 
     /// Kernels before 5.12 have no RWF_NOWAIT on eventfds: poll first, then read. A peer
     /// that empties the counter between the two can still block this read there.
-    private func legacyDrain() -> UInt64 {
-        var pfd = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)
+    private static func legacyDrain(_ fd: Int32) -> UInt64 {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&pfd, 1, 0) == 1 else { return 0 }
         var value: UInt64 = 0
-        return read(fileDescriptor, &value, 8) == 8 ? value : 0
+        return read(fd, &value, 8) == 8 ? value : 0
     }
 
     /// Blocks until the eventfd is readable or the deadline passes. Returns the drained

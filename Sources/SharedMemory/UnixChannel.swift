@@ -42,16 +42,31 @@ public final class UnixChannel: @unchecked Sendable {
         return (UnixChannel(adopting: fds[0]), UnixChannel(adopting: fds[1]))
     }
 
-    /// Connects to a listening socket at `path`.
-    public static func connect(path: String) throws(Error) -> UnixChannel {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    /// Connects to a listening socket at `path`. A listener that never accepts (its
+    /// backlog full) cannot hold us past `deadline` (R5): the connect is non-blocking and
+    /// retried until then.
+    public static func connect(path: String, until deadline: Deadline = .after(seconds: 10)) throws(Error)
+        -> UnixChannel
+    {
+        let fd = socket(
+            AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard fd >= 0 else { throw .system(.current("socket")) }
         do throws(Error) {
             try withSocketAddress(path) { (addr, len) throws(Error) in
                 while Glibc.connect(fd, addr, len) != 0 {
                     if errno == EINTR { continue }
-                    throw .system(.current("connect(\(path))"))
+                    // AF_UNIX reports a full backlog as EAGAIN (there is nothing to poll for).
+                    guard errno == EAGAIN, !deadline.hasPassed else {
+                        if errno == EAGAIN { throw .timedOut }
+                        throw .system(.current("connect(\(path))"))
+                    }
+                    usleep(1000)
                 }
+            }
+            // Every operation is non-blocking per call anyway; the mode is left as it was.
+            let flags = fcntl(fd, F_GETFL)
+            guard flags >= 0, fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 else {
+                throw .system(.current("fcntl"))
             }
         } catch {
             closeDescriptor(fd)

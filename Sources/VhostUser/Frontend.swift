@@ -20,8 +20,12 @@ public final class Frontend: @unchecked Sendable {
     public static let maximumQueues = 64
 
     public let channel: MessageChannel
-    /// Seconds every reply may take.
+    /// Seconds every message (send, then its reply) may take.
     public var replyTimeout: Double
+    /// A bound on the whole operation in progress (connect plus negotiation, a close):
+    /// every send and receive ends by it, so a back-end that answers each message just
+    /// inside `replyTimeout` cannot stretch the operation to N times that (R5).
+    public var operationDeadline: Deadline = .distantFuture
     /// What the back-end offered in GET_FEATURES.
     public private(set) var offeredFeatures: UInt64 = 0
     /// What we acknowledged with SET_FEATURES.
@@ -35,14 +39,32 @@ public final class Frontend: @unchecked Sendable {
         self.replyTimeout = replyTimeout
     }
 
-    /// Connects to a back-end listening at `path`.
-    public static func connect(path: String, replyTimeout: Double = 5) throws(VhostUserError) -> Frontend {
+    /// Connects to a back-end listening at `path`; `deadline` bounds the connect and
+    /// becomes the operation deadline (the caller resets it once set-up is done).
+    public static func connect(
+        path: String, replyTimeout: Double = 5, until deadline: Deadline = .distantFuture
+    ) throws(VhostUserError) -> Frontend {
         do {
-            return Frontend(channel: try UnixChannel.connect(path: path), replyTimeout: replyTimeout)
+            let connectBound = min(deadline, .after(seconds: replyTimeout))
+            let f = Frontend(
+                channel: try UnixChannel.connect(path: path, until: connectBound), replyTimeout: replyTimeout)
+            f.operationDeadline = deadline
+            return f
         } catch {
             throw .channel(error)
         }
     }
+
+    /// Runs `body` with every message bounded by `deadline` too, then restores the bound.
+    public func bounded<T, E: Error>(by deadline: Deadline, _ body: () throws(E) -> T) throws(E) -> T {
+        let saved = operationDeadline
+        operationDeadline = min(saved, deadline)
+        defer { operationDeadline = saved }
+        return try body()
+    }
+
+    /// The deadline of the next send or receive: the per-message one, or the operation's.
+    var messageDeadline: Deadline { min(.after(seconds: replyTimeout), operationDeadline) }
 
     // MARK: negotiation
 
@@ -165,7 +187,8 @@ public final class Frontend: @unchecked Sendable {
         let ack = protocolFeatures.contains(.replyAck)
         var flags = HeaderFlags.version
         if ack { flags |= HeaderFlags.needReply }
-        try channel.send(Message(request, flags: flags, payload: payload, descriptors: descriptors))
+        try channel.send(
+            Message(request, flags: flags, payload: payload, descriptors: descriptors), until: messageDeadline)
         guard ack else { return }
         let reply = try receiveReply(to: request, size: U64Payload.size)
         let status = try U64Payload.decode(reply).value
@@ -178,15 +201,14 @@ public final class Frontend: @unchecked Sendable {
 
     /// Sends a request that always has a reply and returns the validated reply payload.
     func exchange(_ request: Request, payload: [UInt8], replySize: Int) throws(VhostUserError) -> [UInt8] {
-        try channel.send(Message(request, payload: payload))
+        try channel.send(Message(request, payload: payload), until: messageDeadline)
         return try receiveReply(to: request, size: replySize)
     }
 
     /// Reads one reply and checks it exactly; descriptors attached to it are closed and
     /// make it an error (a reply never carries any we asked for).
     func receiveReply(to request: Request, size: Int) throws(VhostUserError) -> [UInt8] {
-        let message = try channel.receive(
-            until: .after(seconds: replyTimeout), maxDescriptors: UnixChannel.maximumDescriptors)
+        let message = try channel.receive(until: messageDeadline, maxDescriptors: UnixChannel.maximumDescriptors)
         if !message.descriptors.isEmpty {
             message.closeDescriptors()
             throw .descriptorCount(request: request, expected: "0", got: message.descriptors.count)

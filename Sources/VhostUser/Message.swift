@@ -159,7 +159,9 @@ public struct MessageChannel: Sendable {
 
     public init(_ channel: UnixChannel) { self.channel = channel }
 
-    public func send(_ message: Message, until deadline: Deadline = .distantFuture) throws(VhostUserError) {
+    public func send(
+        _ message: Message, until deadline: Deadline = .after(seconds: UnixChannel.defaultSendTimeout)
+    ) throws(VhostUserError) {
         do {
             try channel.send(message.encoded, descriptors: message.descriptors, until: deadline)
         } catch {

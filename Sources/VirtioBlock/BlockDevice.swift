@@ -25,7 +25,9 @@ public final class BlockDevice: @unchecked Sendable {
         public var queueSize = 128
         /// Per-request deadline in seconds (R5).
         public var requestTimeout: Double = 10
-        /// Deadline for every control-plane reply.
+        /// Bound on each control-plane operation as a whole: connect plus negotiation and
+        /// ring set-up, a reconnect attempt, a close (R5: not per message, so a back-end
+        /// that answers each message just in time cannot stretch it).
         public var controlTimeout: Double = 5
         public var bounceBytesPerQueue = 4 << 20
         /// When the back-end goes away: reconnect and resubmit in-flight requests
@@ -70,7 +72,8 @@ public final class BlockDevice: @unchecked Sendable {
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError) -> BlockDevice {
         let frontend: Frontend
         do {
-            frontend = try Frontend.connect(path: path, replyTimeout: options.controlTimeout)
+            frontend = try Frontend.connect(
+                path: path, replyTimeout: options.controlTimeout, until: .after(seconds: options.controlTimeout))
         } catch {
             throw VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
         }
@@ -79,8 +82,9 @@ public final class BlockDevice: @unchecked Sendable {
 
     /// Uses an already connected channel (a socketpair with an in-process back-end).
     public static func connect(channel: UnixChannel, options: Options = Options()) throws(VirtioError) -> BlockDevice {
-        try BlockDevice(
-            path: "", frontend: Frontend(channel: channel, replyTimeout: options.controlTimeout), options: options)
+        let frontend = Frontend(channel: channel, replyTimeout: options.controlTimeout)
+        frontend.operationDeadline = .after(seconds: options.controlTimeout)
+        return try BlockDevice(path: "", frontend: frontend, options: options)
     }
 
     init(path: String, frontend: Frontend, options: Options) throws(VirtioError) {
@@ -118,6 +122,7 @@ public final class BlockDevice: @unchecked Sendable {
             queues.append(BlockQueue(index: q, device: self, ring: ring, pool: pool, kick: kick, call: call))
         }
         try attachRings(frontend)
+        frontend.operationDeadline = .distantFuture  // set-up done: per-message deadlines from here
     }
 
     deinit { close() }
@@ -247,7 +252,9 @@ public final class BlockDevice: @unchecked Sendable {
         var lastError = VirtioError.disconnected("reconnect timed out")
         while !deadline.hasPassed {
             do {
-                let f = try Frontend.connect(path: socketPath, replyTimeout: options.controlTimeout)
+                let f = try Frontend.connect(
+                    path: socketPath, replyTimeout: options.controlTimeout,
+                    until: min(deadline, .after(seconds: options.controlTimeout)))
                 let newInfo = try Self.negotiate(f, options: options)
                 guard newInfo.features == info.features, newInfo.queueCount >= queues.count,
                     newInfo.capacityBytes == info.capacityBytes, newInfo.blockSize == info.blockSize
@@ -264,6 +271,7 @@ public final class BlockDevice: @unchecked Sendable {
                     if hadViolation { q.discardAll() } else { try q.resubmitAfterReconnect() }
                 }
                 try attachRings(f)
+                f.operationDeadline = .distantFuture
                 health.failure.withLock { $0 = nil }
                 health.failed.store(false, ordering: .releasing)
                 for q in queues { q.kickNotifier.signal() }
@@ -289,7 +297,13 @@ public final class BlockDevice: @unchecked Sendable {
         guard !closed else { return }
         closed = true
         if !isBroken {
-            for q in queues { _ = try? frontend.getVringBase(index: q.index) }
+            // One bound for the whole close, not one per queue: a silent back-end costs
+            // controlTimeout once, and the queues after the first timeout are not asked.
+            frontend.bounded(by: .after(seconds: options.controlTimeout)) {
+                for q in queues {
+                    do { _ = try frontend.getVringBase(index: q.index) } catch { break }
+                }
+            }
         }
         frontend.close()
     }

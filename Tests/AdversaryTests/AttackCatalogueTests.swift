@@ -11,7 +11,7 @@ struct AttackCatalogueTests {
 
     @Test func catalogueHasThirtyNamedAttacksCoveringEveryGroup() {
         #expect(Catalogue.all.count >= 30)
-        #expect(Catalogue.all.count == 52, "the count docs/audit-ringfence.md states: 43 split + 9 packed")
+        #expect(Catalogue.all.count == 59, "the count docs/audit-ringfence.md states: 50 split + 9 packed")
         #expect(Set(Catalogue.names).count == Catalogue.all.count, "names are unique")
         #expect(Set(Catalogue.all.map(\.group)) == Set(AttackGroup.allCases))
         for a in Catalogue.all {
@@ -50,6 +50,36 @@ struct AttackCatalogueTests {
         #expect(evidence("used-len-overflow").contains("used len 4097 for id 0 exceeds the 1 writable bytes"))
         #expect(evidence("memfd-resize").contains("ftruncate(0): EPERM, ftruncate(2x): EPERM"))
         #expect(evidence("notification-storm").contains("device sent 1000000 notifications"))
+    }
+
+    /// Issue 13's device-side forms: what a peer shares besides the rings (descriptor flags
+    /// and counters, what it attaches, the control socket's pace) costs a typed error
+    /// within the control deadline, never a hang.
+    @Test func sharedDescriptorAndPaceAttacksEndWithTheExactErrorInTime() {
+        func run(_ name: String) -> ProbeResult? {
+            guard let a = Catalogue.attack(named: name) else { return nil }
+            let dir = NSTemporaryDirectory() + "rf-adv-s-\(getpid())-\(name)"
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            return DriverProbe.run(a, settings: Self.settings, directory: dir)
+        }
+        let kick = run("kick-fd-blocking-saturated")
+        #expect(kick?.signature == .violation("notifierBlocked"))
+        #expect(kick?.evidence.contains("the peer made a write to the shared kick eventfd block") == true)
+        #expect((kick?.seconds ?? 99) < 1, "freed by the watchdog, not by the device")
+        let call = run("call-fd-blocking-saturated")
+        #expect(call?.signature == .timeout)
+        #expect((call?.seconds ?? 99) < Self.settings.requestTimeout + 1)
+        for name in ["reply-with-pipe", "reply-with-memfd"] {
+            #expect(run(name)?.evidence.contains("GET_FEATURES carries 1 descriptors, expected 0") == true, "\(name)")
+        }
+        // One bound for the whole connect: 0.8 s per reply fits each 1 s message deadline,
+        // and the connect (a dozen messages) still ends at 1 s.
+        let slow = run("replies-just-in-time")
+        #expect(slow?.signature == .timeout)
+        #expect((slow?.seconds ?? 99) < Self.settings.controlTimeout + 0.5)
+        let deaf = run("requests-never-read")
+        #expect(deaf?.signature == .timeout)
+        #expect((deaf?.seconds ?? 99) < Self.settings.controlTimeout + 0.5)
     }
 
     @Test func healthyDeviceIsUnaffectedAndSharesNoCanary() {
