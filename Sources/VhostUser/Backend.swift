@@ -37,6 +37,10 @@ public final class Backend: Sendable {
     let replyHook: (any ControlReplyHook)?
     private let stopping = Atomic<Bool>(false)
     private let connections = Atomic<Int>(0)
+    let refusalCount = Atomic<UInt64>(0)
+
+    /// Control messages refused so far, over all connections (logged rate-limited).
+    public var refusals: UInt64 { refusalCount.load(ordering: .relaxed) }
 
     /// - Parameters:
     ///   - onEvent: called (from any thread) for connections, refusals and queue failures.
@@ -153,6 +157,9 @@ final class BackendSession {
     var ackedProtocol = ProtocolFeatures()
     var memory = GuestMemory()
     var vrings: [Vring]
+    /// Refusals are logged rate-limited: a front-end looping on an invalid message with
+    /// NEED_REPLY must not grow the log without bound (R6). `Backend.refusals` counts all.
+    var refusalLog = LogThrottle()
 
     /// Protocol features the transport implements; the device may add `.config`.
     static let transportProtocolFeatures: ProtocolFeatures = [
@@ -204,7 +211,7 @@ final class BackendSession {
             } catch .channel(.closed) {
                 return nil
             } catch {
-                backend.report(.rejected(connection: connection, request: 0, reason: error.description))
+                reportRefusal(0, error.description)
                 return error
             }
             if let error = handle(message, on: channel) { return error }
@@ -225,7 +232,7 @@ final class BackendSession {
         }
         guard !message.header.isReply else {
             let e = VhostUserError.replyFlag(request: code, flags: message.header.flags)
-            backend.report(.rejected(connection: connection, request: code, reason: e.description))
+            reportRefusal(code, e.description)
             return e
         }
         device.controlRequestReceived(request, payload: message.payload, descriptors: fds)
@@ -235,11 +242,11 @@ final class BackendSession {
         } catch {
             switch error {
             case .malformed(let e):
-                backend.report(.rejected(connection: connection, request: code, reason: e.description))
+                reportRefusal(code, e.description)
                 return e
             case .refused(let why):
                 if Self.hasOwnReply(request) {
-                    backend.report(.rejected(connection: connection, request: code, reason: why))
+                    reportRefusal(code, why)
                     return .invalidPayload("\(request) refused: \(why)")
                 }
                 return refuse(code, needsReply: message.header.needsReply, why, channel)
@@ -255,11 +262,21 @@ final class BackendSession {
         return nil
     }
 
+    /// Reports a refusal: the first few of a connection, then only the 2^k-th, each with
+    /// its running count.
+    func reportRefusal(_ request: UInt32, _ reason: String) {
+        backend.refusalCount.add(1, ordering: .relaxed)
+        guard refusalLog.admit() else { return }
+        let n = refusalLog.count
+        let suffix = n > LogThrottle.burst ? " (refusal \(n) on this connection; the ones between are not logged)" : ""
+        backend.report(.rejected(connection: connection, request: request, reason: reason + suffix))
+    }
+
     /// A refusal: honest failure under REPLY_ACK, otherwise drop the connection.
     private func refuse(_ code: UInt32, needsReply: Bool, _ why: String, _ channel: MessageChannel)
         -> VhostUserError?
     {
-        backend.report(.rejected(connection: connection, request: code, reason: why))
+        reportRefusal(code, why)
         guard needsReply, ackedProtocol.contains(.replyAck) else {
             return Request(rawValue: code) == nil ? .unknownRequest(code) : .invalidPayload(why)
         }

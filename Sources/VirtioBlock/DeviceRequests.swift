@@ -21,6 +21,8 @@ public final class BlockRequestHandler: QueueHandler {
     public private(set) var failed = 0
     /// Malformed chains seen (each completed with used length 0).
     public private(set) var rejected = 0
+    /// Rejected chains are logged rate-limited (R6: a driver looping on garbage).
+    var rejectionLog = LogThrottle()
 
     /// Reused for every request's data pieces.
     let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: DeviceImage.maximumVectors)
@@ -47,7 +49,7 @@ public final class BlockRequestHandler: QueueHandler {
                 // Logged rate-limited (the first 8, then at powers of two): a driver that
                 // sends garbage in a loop must not flood the log (R6).
                 rejected += 1
-                if rejected <= 8 || rejected & (rejected - 1) == 0 {
+                if rejectionLog.admit() {
                     device.onEvent(.requestRejected(queue: queueIndex, violation))
                 }
                 queue.complete(head: head, length: 0)
