@@ -22,7 +22,9 @@ struct Blk: ParsableCommand {
     @Option(help: "Queues to use (clamped to what the device offers).")
     var queues: Int = 1
 
-    @Option(help: "Per-request deadline in seconds.")
+    @Option(
+        help: "Deadline in seconds for each operation as a whole: connecting (with negotiation and ring set-up), "
+            + "each request, closing.")
     var timeout: Double = 10
 
     @Flag(help: "If the back-end goes away, reconnect and resubmit in-flight requests.")
@@ -41,6 +43,7 @@ struct Blk: ParsableCommand {
         var options = BlockDevice.Options()
         options.queues = queues
         options.requestTimeout = timeout
+        options.controlTimeout = timeout
         options.reconnect = reconnect
         options.queueSize = queueSize
         options.packedRing = !noPacked

@@ -120,7 +120,9 @@ struct XenBlkCommand: ParsableCommand {
     @Flag(help: "Benchmark writes instead of reads.")
     var writes = false
 
-    @Option(help: "Seconds a request may take before the device is declared dead.")
+    @Option(
+        help: "Deadline in seconds for each operation as a whole: connecting (with the handshake), each request, "
+            + "closing.")
     var timeout: Double = 5
 
     @Option(help: "audit: one of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
@@ -138,8 +140,9 @@ struct XenBlkCommand: ParsableCommand {
 
     func run() throws {
         if action == .audit { return try audit() }
-        let channel = try UnixChannel.connect(path: socket)
-        let device = try XenBlkFrontendDevice.connect(channel: channel)
+        let handshake = Deadline.after(seconds: timeout)
+        let channel = try UnixChannel.connect(path: socket, until: handshake)
+        let device = try XenBlkFrontendDevice.connect(channel: channel, until: handshake)
         device.timeout = timeout
         defer { device.disconnect() }
         let info = device.info

@@ -18,6 +18,9 @@ public enum BlockMisbehaviour: Sendable, Equatable {
     /// Speaks first on the control socket (a back-end never may without BACKEND_REQ; the
     /// real back-end only ever answers, so no hook can do this).
     case unsolicitedMessage
+    /// Handles this request, then never reads the control socket again (it stays open):
+    /// the driver's sends fill the socket and its replies never come.
+    case deafAfter(Request)
 }
 
 /// A vhost-user-blk back-end in a thread of the test process that speaks just enough of
@@ -33,6 +36,8 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     public var config: BlockConfig
     public var features: UInt64
     public var queueNum: UInt64
+    /// What GET_PROTOCOL_FEATURES offers.
+    public var protocolFeatures: ProtocolFeatures = [.replyAck, .config, .multiQueue, .backendRequest, .hostNotifier]
     public let driverChannel: UnixChannel
     let channel: MessageChannel
     let stopped = Atomic<Bool>(false)
@@ -74,6 +79,8 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     var queues: [Int: DeviceQueue] = [:]
     var disk: [UInt8]
     var served = 0
+    /// `deafAfter`: the control socket is no longer read.
+    var deaf = false
 
     public init(
         _ misbehaviour: BlockMisbehaviour = .none, after: Int = 0,
@@ -145,7 +152,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             }
             _ = Glibc.poll(&fds, nfds_t(fds.count), 10)
             pfd = fds[0]
-            if pfd.revents != 0 {
+            if pfd.revents != 0 && !deaf {
                 guard handleControl() else { return }
             }
             takeSnapshotIfRequested()
@@ -188,11 +195,11 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
             message.closeDescriptors()
             return false
         }
+        if case .deafAfter(request) = misbehaviour { deaf = true }
         switch request {
         case .getFeatures: reply(request, U64Payload(features).encoded)
         case .getProtocolFeatures:
-            let p: ProtocolFeatures = [.replyAck, .config, .multiQueue, .backendRequest, .hostNotifier]
-            reply(request, U64Payload(p.rawValue).encoded)
+            reply(request, U64Payload(protocolFeatures.rawValue).encoded)
         case .getQueueNum: reply(request, U64Payload(queueNum).encoded)
         case .getConfig:
             let asked = (try? ConfigSpace.decode(message.payload))?.payload.count ?? BlockConfig.size
