@@ -23,8 +23,9 @@ struct Blk: ParsableCommand {
     var queues: Int = 1
 
     @Option(
-        help: "Deadline in seconds for each operation as a whole: connecting (with negotiation and ring set-up), "
-            + "each request, closing.")
+        help: ArgumentHelp(
+            "Deadline in seconds for each operation as a whole: connecting (with negotiation and ring set-up), "
+                + "each request, closing."))
     var timeout: Double = 10
 
     @Flag(help: "If the back-end goes away, reconnect and resubmit in-flight requests.")

@@ -121,8 +121,9 @@ struct XenBlkCommand: ParsableCommand {
     var writes = false
 
     @Option(
-        help: "Deadline in seconds for each operation as a whole: connecting (with the handshake), each request, "
-            + "closing.")
+        help: ArgumentHelp(
+            "Deadline in seconds for each operation as a whole: connecting (with the handshake), each request, "
+                + "closing."))
     var timeout: Double = 5
 
     @Option(help: "audit: one of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
