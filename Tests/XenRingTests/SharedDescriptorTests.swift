@@ -85,4 +85,21 @@ import Virtqueue
         #expect(longest > 0, "the storm was backed off")
         withExtendedLifetime(device) {}
     }
+
+    /// The frontend clears O_NONBLOCK on the backend's outgoing event fd and fills its
+    /// counter, then posts a request: the backend's notify would block forever; the
+    /// watchdog frees it and the connection is dropped with `notifierBlocked` (R6).
+    @Test func eventFDMadeBlockingAndSaturatedDropsTheConnection() throws {
+        let (device, backend) = try connectedPair()
+        let fd = device.events.incoming.fileDescriptor  // what the backend signals
+        #expect(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) == 0)
+        var full: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        #expect(write(fd, &full, 8) == 8)
+        // Post and kick, but never wait: a wait would drain the counter and free the write.
+        try device.front.submitFlush(token: 1)
+        device.kick()
+        backend.join()
+        #expect(backend.ends == [.dropped(.notifierBlocked(role: "event channel"))])
+        withExtendedLifetime(device) {}
+    }
 }
