@@ -56,11 +56,8 @@ final class AdversaryQueueHandler: QueueHandler {
             waitForNextRequest(queue, memory)
         }
         if holdNextServe {
-            // Ask for kicks (the worker disables them while it serves), then do not read them.
             holdNextServe = false
-            _ = queue.enableNotifications()
-            device.hold(seconds: 5, connection: device.currentConnection)
-            queue.disableNotifications()
+            serveWithoutReadingKicks(queue, memory, seconds: 5)
         }
         if case .ignoreKicks = behaviour, device.observations.requests >= device.after { return 0 }
         var count = 0
@@ -280,6 +277,26 @@ final class AdversaryQueueHandler: QueueHandler {
         device.note("\(role) eventfd made blocking and saturated (write: \(n))")
     }
 
+    /// `kick-fd-blocking-saturated`: keeps the worker (the kick fd's only reader) here for
+    /// `seconds`, serving and publishing requests itself and asking for a kick after each,
+    /// so the saturated counter is never drained and the driver's next kick blocks.
+    func serveWithoutReadingKicks(_ queue: any DeviceRing, _ memory: GuestMemory, seconds: Double) {
+        let connection = device.currentConnection
+        let end = monotonicNanoseconds() &+ UInt64(seconds * 1e9)
+        while monotonicNanoseconds() < end && !device.isReleased && device.currentConnection == connection {
+            if queue.enableNotifications() {
+                queue.disableNotifications()
+                guard case .ready? = try? queue.nextChain(into: &chain, memory: memory) else { continue }
+                _ = device.takeRequest()
+                queue.complete(head: chain.head, length: inner.execute(chain))
+                if queue.publishUsed() { signalDriver() }
+                continue
+            }
+            usleep(200)
+        }
+        queue.disableNotifications()
+    }
+
     /// Clears O_NONBLOCK on the call eventfd and drains every notification as soon as it
     /// is signalled: a driver that reads after poll finds it empty (and blocks, if it
     /// relies on O_NONBLOCK). Ends with the connection.
@@ -295,7 +312,11 @@ final class AdversaryQueueHandler: QueueHandler {
             var eaten: UInt64 = 0
             while !device.isReleased && device.currentConnection == connection {
                 var pfd = pollfd(fd: mine, events: Int16(POLLIN), revents: 0)
-                if poll(&pfd, 1, 50) == 1 && Notifier.drain(descriptor: mine) > 0 { eaten &+= 1 }
+                // Wait a moment after it became readable: a driver's poll has woken by then,
+                // and its read comes next (the window a flag-dependent read blocks in).
+                guard poll(&pfd, 1, 50) == 1 else { continue }
+                usleep(UInt32.random(in: 0...50))
+                if Notifier.drain(descriptor: mine) > 0 { eaten &+= 1 }
             }
             device.note("emptied the call eventfd \(eaten) times")
         }

@@ -1,3 +1,4 @@
+public import SharedMemory
 public import Virtqueue
 
 /// The families of misbehaviour the catalogue covers (issue 5's list, one per row).
@@ -77,7 +78,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
     }
 
     /// The case name of a violation (`usedIdOutOfRange`), independent of its values.
-    public static func name(of violation: Violation) -> String {
+    public static func name(of violation: any RuleViolation) -> String {
         if let label = Mirror(reflecting: violation).children.first?.label { return label }
         return "\(violation)"
     }

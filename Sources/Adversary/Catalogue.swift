@@ -1,3 +1,4 @@
+import SharedMemory
 import VhostUser
 import Virtqueue
 

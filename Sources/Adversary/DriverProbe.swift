@@ -183,6 +183,7 @@ public enum DriverProbe {
     public static func signature(of error: VirtioError) -> Signature {
         switch error {
         case .violation(let v): return .violation(Signature.name(of: v))
+        case .deviceViolation(let v): return .violation(Signature.name(of: v))
         case .timeout: return .timeout
         case .disconnected: return .disconnected
         case .unsupported: return .unsupported

@@ -143,7 +143,7 @@ public final class BlockDevice: @unchecked Sendable {
                     BlockConfig.decode(raw), features: acked, backendQueues: frontend.queueCount,
                     requestedQueues: max(1, options.queues), queueSize: options.queueSize)
             } catch {
-                throw VirtioError.violation(error)
+                throw VirtioError.deviceViolation(error)
             }
         } catch let error as VhostUserError {
             throw VirtioError(error, replyTimeoutMilliseconds: timeoutMs)
@@ -222,7 +222,7 @@ public final class BlockDevice: @unchecked Sendable {
         var byte: UInt8 = 0
         let n = recv(controlDescriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
         if n > 0 {
-            fail(.violation(.controlProtocol("unsolicited message on the vhost-user socket")))
+            fail(.deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
             return
         }
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
@@ -282,7 +282,7 @@ public final class BlockDevice: @unchecked Sendable {
                 } else if case .system = error {
                 } else {
                     // A malformed back-end is not waited for.
-                    if case .violation = error { throw error }
+                    if error.violationCause != nil { throw error }
                 }
             } catch {
                 lastError = .system("\(error)")

@@ -393,9 +393,9 @@ public final class BlockQueue {
         pool.copyOut(slice, at: Self.headerSize, validatedLength: count, to: d)
     }
 
-    func breakDevice(_ v: Violation) -> BlockCompletion? {
-        ring.breakQueue(v)
-        device.fail(.violation(v))
+    func breakDevice(_ v: BlockViolation) -> BlockCompletion? {
+        ring.breakQueue(.brokenAbove(rule: v.rule, reason: v.detail))
+        device.fail(.deviceViolation(v))
         return poll()
     }
 
@@ -436,9 +436,15 @@ public final class BlockQueue {
         return BlockCompletion(tag: tag, result: .failure(failure))
     }
 
+    /// What the ring records as the reason it is broken: its own violation, or the
+    /// layer above's failure (translated here, once).
     func failureViolation(_ failure: VirtioError) -> Violation {
-        if case .violation(let v) = failure { return v }
-        return .deadlineExceeded(milliseconds: UInt64(requestTimeout * 1000))
+        switch failure {
+        case .violation(let v): return v
+        case .deviceViolation(let v): return .brokenAbove(rule: v.rule, reason: v.detail)
+        case .timeout: return .deadlineExceeded(milliseconds: UInt64(requestTimeout * 1000))
+        default: return .brokenAbove(rule: .r6, reason: failure.description)
+        }
     }
 
     /// Waits for the next completion: spins briefly, then blocks on the call eventfd and

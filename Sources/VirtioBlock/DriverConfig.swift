@@ -1,4 +1,4 @@
-public import Virtqueue
+import SharedMemory
 
 /// The device's geometry after validation: every field is clamped into a sane range or
 /// refused (R3). The driver uses only this, never the raw `BlockConfig`.
@@ -34,7 +34,7 @@ public struct BlockInfo: Sendable, Equatable {
     /// 63 bits and a nonsense blk_size are violations; the rest is clamped.
     public static func validate(
         _ config: BlockConfig, features: UInt64, backendQueues: Int, requestedQueues: Int, queueSize: Int
-    ) throws(Violation) -> BlockInfo {
+    ) throws(BlockViolation) -> BlockInfo {
         let (bytes, overflow) = config.capacity.multipliedReportingOverflow(by: UInt64(BlockProtocol.sectorSize))
         guard !overflow, bytes <= UInt64(Int64.max) else {
             throw .blockConfigInvalid(field: "capacity", value: config.capacity)

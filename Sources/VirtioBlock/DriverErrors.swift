@@ -1,11 +1,15 @@
+public import SharedMemory
 public import Virtqueue
 public import VhostUser
 
 /// Why a block request (or the device) failed. Device faults are `.violation` and name
 /// the rule they broke; everything else is a local refusal or a plain device answer.
 public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
-    /// The device broke a rule; the device is broken until reconnected (R6).
+    /// The device broke a rule of the ring; the device is broken until reconnected (R6).
     case violation(Violation)
+    /// The device broke a rule of virtio-blk or of the vhost-user control protocol; the
+    /// device is broken until reconnected (R6).
+    case deviceViolation(BlockViolation)
     /// A request did not complete within its deadline; the device is broken (R5).
     case timeout(milliseconds: UInt64)
     /// The device answered IOERR or UNSUPP for this request (the device stays usable).
@@ -25,10 +29,20 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A system call failed on our side.
     case system(String)
 
+    /// The device's violation, whichever layer's it is (nil for everything else).
+    public var violationCause: (any RuleViolation)? {
+        switch self {
+        case .violation(let v): return v
+        case .deviceViolation(let v): return v
+        default: return nil
+        }
+    }
+
     /// The rule a device fault broke (nil for local refusals and plain device answers).
     public var rule: Rule? {
         switch self {
         case .violation(let v): return v.rule
+        case .deviceViolation(let v): return v.rule
         case .timeout: return .r5
         default: return nil
         }
@@ -37,6 +51,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .violation(let v): return v.description
+        case .deviceViolation(let v): return v.description
         case .timeout(let ms):
             return "R5 (bounded work): request did not complete within \(ms) ms; device marked broken"
         case .deviceError(let s):
@@ -61,7 +76,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
         case .channel(.system(let e)): self = .disconnected(e.description)
         case .channel(.pathTooLong(let p)): self = .invalidRequest("socket path too long: \(p)")
         case .unsupported(let what): self = .unsupported(what)
-        default: self = .violation(.controlProtocol(error.description))
+        default: self = .deviceViolation(.controlProtocol(error.description))
         }
     }
 }

@@ -1,33 +1,8 @@
 public import SharedMemory
 
-/// The rules of docs/design.md §2. Every `Violation` names the one it enforces.
-public enum Rule: String, Sendable, CaseIterable {
-    case r1 = "R1"
-    case r2 = "R2"
-    case r3 = "R3"
-    case r4 = "R4"
-    case r5 = "R5"
-    case r6 = "R6"
-    case r7 = "R7"
-    case r8 = "R8"
-
-    public var title: String {
-        switch self {
-        case .r1: return "write-only sharing"
-        case .r2: return "single fetch"
-        case .r3: return "validate before use"
-        case .r4: return "no trap on foreign data"
-        case .r5: return "bounded work"
-        case .r6: return "fail closed, per device"
-        case .r7: return "share only what must be shared"
-        case .r8: return "one mode"
-        }
-    }
-}
-
 /// Something the other side of a ring did that the rules forbid. One case per check;
 /// the first one breaks the queue (rule R6) and every in-flight request fails with it.
-public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
+public enum Violation: RuleViolation, Equatable {
     // MARK: the device broke a rule (seen by the driver)
 
     /// used.idx advanced by more than the number of chains in flight.
@@ -97,18 +72,11 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
     /// Device: the buffer id is already in flight (completing it would be ambiguous).
     case packedBufferIdInFlight(id: UInt16)
 
-    // MARK: virtio-blk device misbehaviour
+    // MARK: the layer above
 
-    /// The status byte is not 0, 1 or 2 (includes the 0xff sentinel a device never wrote).
-    case blockStatusInvalid(status: UInt8)
-    /// The device reported a used length of 0: it wrote neither data nor the status byte.
-    case blockStatusMissing(id: UInt32)
-    /// A read claimed success but reported fewer bytes than requested.
-    case blockShortRead(expected: UInt64, got: UInt64)
-    /// A config field the driver cannot clamp into a sane value (capacity, blk_size).
-    case blockConfigInvalid(field: String, value: UInt64)
-    /// The vhost-user back-end broke the control protocol (bad reply, wrong size, fds).
-    case controlProtocol(String)
+    /// The queue was stopped by the layer above it (a device-class rule, a timeout): the
+    /// reason is that layer's own error; the ring only records that it is broken (R6).
+    case brokenAbove(rule: Rule, reason: String)
 
     // MARK: Xen
 
@@ -160,9 +128,7 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return .r3
         case .descriptorAddressInvalid: return .r7
         case .chainLengthOverflow: return .r4
-        case .blockStatusInvalid, .blockStatusMissing, .blockShortRead, .blockConfigInvalid,
-            .controlProtocol:
-            return .r3
+        case .brokenAbove(let rule, _): return rule
         case .deadlineExceeded, .notificationStorm, .chainTooLong, .notifierBlocked: return .r5
         case .xenResponseProducerBeyondInFlight, .xenResponseProducerWentBackwards,
             .xenResponseIdOutOfRange, .xenResponseIdNotInFlight, .xenResponseOperationMismatch,
@@ -172,10 +138,6 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return .r3
         case .xenGrantStillMapped, .xenGrantRefOutOfRange, .xenGrantNotGranted: return .r7
         }
-    }
-
-    public var description: String {
-        "\(rule.rawValue) (\(rule.title)): \(detail)"
     }
 
     /// The check that failed, without the rule prefix.
@@ -235,16 +197,8 @@ public enum Violation: Error, Equatable, Sendable, CustomStringConvertible {
             return "packed buffer id \(id) is outside the queue of \(size)"
         case .packedBufferIdInFlight(let id):
             return "packed buffer id \(id) is already in flight"
-        case .blockStatusInvalid(let status):
-            return "virtio-blk status byte \(status) is not OK, IOERR or UNSUPP"
-        case .blockStatusMissing(let id):
-            return "virtio-blk request \(id) completed with used len 0 (no status byte)"
-        case .blockShortRead(let expected, let got):
-            return "virtio-blk read returned \(got) of \(expected) bytes with status OK"
-        case .blockConfigInvalid(let field, let value):
-            return "virtio-blk config \(field) = \(value) is out of range"
-        case .controlProtocol(let what):
-            return "vhost-user back-end: \(what)"
+        case .brokenAbove(_, let reason):
+            return reason
 
         case .xenResponseProducerBeyondInFlight(let c, let p, let n):
             return "rsp_prod jumped from \(c) to \(p) with only \(n) requests in flight"

@@ -126,13 +126,13 @@ struct ContainedOutcomeTests {
 
     @Test func usedLengthZeroIsAMissingStatus() throws {
         let (error, _, _, bed) = try read("used-len-zero")
-        #expect(error == .violation(.blockStatusMissing(id: 0)))
+        #expect(error == .deviceViolation(.blockStatusMissing(id: 0)))
         try bed.neighbourStillWorks()
     }
 
     @Test func statusGarbageIsAViolation() throws {
         let (error, _, _, bed) = try read("status-garbage")
-        #expect(error == .violation(.blockStatusInvalid(status: 0x7f)))
+        #expect(error == .deviceViolation(.blockStatusInvalid(status: 0x7f)))
         try bed.neighbourStillWorks()
     }
 
@@ -144,13 +144,13 @@ struct ContainedOutcomeTests {
 
     @Test func statusNeverWrittenLeavesTheInvalidSentinel() throws {
         let (error, _, _, bed) = try read("status-not-written")
-        #expect(error == .violation(.blockStatusInvalid(status: 0xff)))
+        #expect(error == .deviceViolation(.blockStatusInvalid(status: 0xff)))
         try bed.neighbourStillWorks()
     }
 
     @Test func shortReadWithStatusOkIsAViolation() throws {
         let (error, _, _, bed) = try read("short-read")
-        #expect(error == .violation(.blockShortRead(expected: 4096, got: 0)))
+        #expect(error == .deviceViolation(.blockShortRead(expected: 4096, got: 0)))
         try bed.neighbourStillWorks()
     }
 
@@ -217,7 +217,7 @@ struct ContainedOutcomeTests {
         let capacity = try AttackBed("config-capacity-2^63")
         #expect(
             measure { () throws(VirtioError) in _ = try capacity.connect() }.0
-                == .violation(.blockConfigInvalid(field: "capacity", value: 1 << 63)))
+                == .deviceViolation(.blockConfigInvalid(field: "capacity", value: 1 << 63)))
         try capacity.neighbourStillWorks()
         for (name, value) in [
             ("config-blk-size-0", UInt64(0)), ("config-blk-size-3", 3), ("config-blk-size-2^31", 1 << 31),
@@ -225,7 +225,7 @@ struct ContainedOutcomeTests {
             let bed = try AttackBed(name)
             #expect(
                 measure { () throws(VirtioError) in _ = try bed.connect() }.0
-                    == .violation(.blockConfigInvalid(field: "blk_size", value: value)))
+                    == .deviceViolation(.blockConfigInvalid(field: "blk_size", value: value)))
         }
         let seg = try AttackBed("config-seg-max-0")
         let disk = try seg.connect()
@@ -249,7 +249,7 @@ struct ContainedOutcomeTests {
     }
 
     @Test func controlReplyLiesAreRefusedWithTheExactError() throws {
-        func protocolError(_ e: VhostUserError) -> VirtioError { .violation(.controlProtocol(e.description)) }
+        func protocolError(_ e: VhostUserError) -> VirtioError { .deviceViolation(.controlProtocol(e.description)) }
         let cases: [(String, VirtioError)] = [
             ("reply-short", protocolError(.payloadSize(expected: 8, got: 4))),
             ("reply-oversized", protocolError(.payloadSize(expected: 72, got: 80))),

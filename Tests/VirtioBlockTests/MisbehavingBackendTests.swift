@@ -85,7 +85,7 @@ struct MisbehavingBackendTests {
         let neighbour = try Neighbour()
         let (error, seconds, _, backend) = try readAgainst(.unsolicitedMessage)
         defer { backend.stop() }
-        #expect(error == .violation(.controlProtocol("unsolicited message on the vhost-user socket")))
+        #expect(error == .deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
         #expect(seconds < 1)
         try neighbour.stillWorks()
     }
@@ -111,7 +111,8 @@ struct MisbehavingBackendTests {
         var c = MisbehavingBlockBackend.defaultConfig()
         c.blockSize = blockSize
         #expect(
-            try connectError(config: c) == .violation(.blockConfigInvalid(field: "blk_size", value: UInt64(blockSize))))
+            try connectError(config: c)
+                == .deviceViolation(.blockConfigInvalid(field: "blk_size", value: UInt64(blockSize))))
     }
 
     @Test func numQueues65535IsClampedToGetQueueNum() throws {
