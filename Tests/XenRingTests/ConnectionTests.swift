@@ -140,6 +140,12 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         #expect(elapsed >= 0.25)
         #expect(device.events.spuriousEvents > EventChannel.spuriousThreshold)
         #expect(device.events.spuriousEvents < 3000)  // far fewer wake-ups than events
+        // What only the backoff bounds: the backend sends an event every ~100 µs for
+        // 300 ms; without the pauses the frontend wakes up for (nearly) each of them.
+        let bound = WakeBackoff.mostSpuriousWakeUps(in: elapsed)
+        #expect(
+            device.events.spuriousEvents <= UInt64(2 * bound),
+            "\(device.events.spuriousEvents) wake-ups without work in \(elapsed) s (backoff bound \(bound))")
         #expect(device.events.longestBackoffNanoseconds > 0)
         #expect(device.events.backoffNanoseconds == 0)  // reset by the productive wake-up
         #expect(!device.front.isBroken)
@@ -155,7 +161,12 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         device.timeout = 0.3
         let data = page(2)
         let v = Violation.deadlineExceeded(milliseconds: 300)
+        let start = monotonicNanoseconds()
         #expect(throws: XenBlkError.broken(v)) { try data.withUnsafeBytes { try device.write(sector: 0, from: $0) } }
+        // At the deadline: not before it, and not long after (the error names 300 ms
+        // whatever the wait really was).
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        #expect(seconds >= 0.29 && seconds < 1.5, "failed after \(seconds) s")
         #expect(device.violation == v)
         #expect(device.failedTokens == [1])
         #expect(device.events.isMasked)
@@ -224,6 +235,21 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
             until: deadline)
         backend.join()
         #expect(backend.refusals == [.violation(.xenHandshakeValue(key: "ring-ref", value: "600"))])
+    }
+}
+
+extension WakeBackoff {
+    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
+    /// free ones, the doubling pauses up to the maximum, then one per maximum pause.
+    /// (The same helper is in each test target that measures a storm.)
+    static func mostSpuriousWakeUps(in seconds: Double) -> Int {
+        var pause = firstPauseNanoseconds
+        var ramp = 1
+        while pause < maximumPauseNanoseconds {
+            pause *= 2
+            ramp += 1
+        }
+        return Int(threshold) + ramp + Int(seconds * 1e9 / Double(maximumPauseNanoseconds)) + 1
     }
 }
 
