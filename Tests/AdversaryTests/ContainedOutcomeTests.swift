@@ -182,7 +182,7 @@ struct ContainedOutcomeTests {
         try bed.neighbourStillWorks()
     }
 
-    @Test(arguments: ["never-complete", "kick-ignored", "complete-after-deadline"])
+    @Test(.timeLimit(.minutes(1)), arguments: ["never-complete", "kick-ignored", "complete-after-deadline"])
     func silentDeviceTimesOutAndBreaks(_ name: String) throws {
         let (error, seconds, disk, bed) = try read(name, timeout: 0.3)
         #expect(error == .timeout(milliseconds: 300))

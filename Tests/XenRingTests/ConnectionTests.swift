@@ -155,7 +155,7 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
 
     /// A backend that never answers: the request fails at its deadline with a typed
     /// violation, the device is disabled and masked; another device is unaffected.
-    @Test func neverRespondingBackendTimesOutAndDisablesDevice() throws {
+    @Test(.timeLimit(.minutes(1))) func neverRespondingBackendTimesOutAndDisablesDevice() throws {
         let (device, backend) = try connectedPair(attack: .neverRespond)
         let (good, goodBackend) = try connectedPair()
         device.timeout = 0.3
