@@ -40,18 +40,8 @@ public final class EventChannel: @unchecked Sendable {
     public func wait(until deadline: Deadline) -> Bool {
         if isMasked { return false }
         backoff.pause(until: deadline)
-        // poll, then drain: two system calls per sleep (Notifier.wait drains first, which
-        // costs a third on this hot path; the caller has just checked the ring anyway).
-        while true {
-            let timeout = deadline.pollTimeoutMilliseconds
-            var pfd = pollfd(fd: incoming.fileDescriptor, events: Int16(POLLIN), revents: 0)
-            let r = poll(&pfd, 1, timeout)
-            if r > 0 {
-                incoming.drain()
-                return true
-            }
-            if r == 0 || errno != EINTR { return false }
-        }
+        if case .notified = EventWaiter.wait(for: incoming, until: deadline) { return true }
+        return false
     }
 
     /// Reports whether the last wake-up found work; drives the spurious-event backoff.
