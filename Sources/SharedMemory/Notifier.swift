@@ -117,9 +117,42 @@ public final class Notifier: @unchecked Sendable {
     func watchdogTick() {
         let now = writes.load(ordering: .relaxed)
         defer { lastSeenWrite = now }
-        guard now & 1 == 1, now == lastSeenWrite else { return }
+        guard now & 1 == 1, now == lastSeenWrite, Self.writeWouldBlock(fileDescriptor) else { return }
         rescues.wrappingAdd(1, ordering: .relaxed)
         _ = drain()
+    }
+
+    /// Whether a write of 1 would block now: the counter is saturated (read from
+    /// /proc/self/fdinfo, no I/O on the descriptor). A writer that is merely slow (preempted
+    /// on a loaded machine) must not be taken for a blocked one, and a well-behaved peer
+    /// never saturates the counter. The flags are not consulted: a peer can set O_NONBLOCK
+    /// again once our write blocked, which does not wake it. Without /proc: assume it would.
+    static func writeWouldBlock(_ fd: Int32) -> Bool {
+        let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
+        guard info >= 0 else { return true }
+        defer { close(info) }
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let n = buffer.withUnsafeMutableBytes { read(info, $0.baseAddress, $0.count) }
+        guard n > 0 else { return true }
+        var count: UInt64?
+        for line in buffer[..<n].split(separator: UInt8(ascii: "\n")) {
+            let text = String(decoding: line, as: UTF8.self)
+            let parts = text.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2 else { continue }
+            let value = parts[1].trimmingCharacters(in: " \t")
+            if parts[0] == "eventfd-count" { count = UInt64(value, radix: 16) }
+        }
+        guard let count else { return true }
+        return count >= 0xFFFF_FFFF_FFFF_FFFE
+    }
+}
+
+extension Substring {
+    fileprivate func trimmingCharacters(in set: String) -> Substring {
+        var s = self
+        while let c = s.first, set.contains(c) { s = s.dropFirst() }
+        while let c = s.last, set.contains(c) { s = s.dropLast() }
+        return s
     }
 }
 
