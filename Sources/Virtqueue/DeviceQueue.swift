@@ -156,7 +156,7 @@ public final class DeviceQueue {
     public func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation)
         -> ChainFetch
     {
-        if let violation = state.pointee.health.brokenBy { throw violation }
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
         let lastAvail = state.pointee.lastAvail
         if lastAvail == state.pointee.availSnapshot {
             let published = SharedAccess.load16Acquire(avail + SplitLayout.availIdxOffset)

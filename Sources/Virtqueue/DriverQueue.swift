@@ -174,7 +174,7 @@ public final class DriverQueue {
     /// Device-readable segments must precede device-writable ones. Returns the head.
     @discardableResult
     public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16 {
-        if let violation = state.pointee.health.brokenBy { throw .broken(violation) }
+        if state.pointee.health.broken { throw .broken(state.pointee.health.sticky) }
         let count = segments.count
         guard count > 0 else { throw .emptyChain }
         let useIndirect = memory.usesIndirect(count, threshold: state.pointee.indirectThreshold, features: features)
@@ -266,7 +266,7 @@ public final class DriverQueue {
     /// first violation; after that, `failAll` hands back the in-flight tokens.
     @inline(__always)
     public func nextCompletion() throws(Violation) -> Completion? {
-        if let violation = state.pointee.health.brokenBy { throw violation }
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
         let lastUsed = state.pointee.lastUsed
         if lastUsed == state.pointee.usedSnapshot {
             let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)

@@ -42,7 +42,9 @@ struct InFlightTable {
     /// on a throw.
     @inline(__always)
     func check(id untrustedID: UInt32, length untrustedLength: UInt32, queueSize: UInt16) throws(Violation) -> Entry {
-        guard untrustedID < UInt32(size) else { throw .usedIdOutOfRange(id: untrustedID, queueSize: queueSize) }
+        guard untrustedID < UInt32(truncatingIfNeeded: size) else {
+            throw .usedIdOutOfRange(id: untrustedID, queueSize: queueSize)
+        }
         let record = entries[Int(untrustedID)]
         guard record.active else { throw .usedIdNotInFlight(id: untrustedID) }
         guard UInt64(untrustedLength) <= record.writable else {

@@ -114,7 +114,7 @@ public final class PackedDeviceQueue {
     /// Pops the next available chain into `chain`, validating it completely. `chain.head`
     /// is the buffer id (what `complete(head:length:)` takes).
     public func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation) -> ChainFetch {
-        if let violation = state.pointee.health.brokenBy { throw violation }
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
         var position = state.pointee.avail
         let start = position.slot
         var untrustedFlags = SharedAccess.load16Acquire(descriptor(Int(start)) + PackedLayout.descFlags)

@@ -95,7 +95,7 @@ public final class PackedDriverQueue {
     /// segments must precede device-writable ones. Returns the buffer id.
     @discardableResult
     public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16 {
-        if let violation = state.pointee.health.brokenBy { throw .broken(violation) }
+        if state.pointee.health.broken { throw .broken(state.pointee.health.sticky) }
         let count = segments.count
         guard count > 0 else { throw .emptyChain }
         let useIndirect = memory.usesIndirect(count, threshold: state.pointee.indirectThreshold, features: features)
@@ -173,7 +173,7 @@ public final class PackedDriverQueue {
     /// The next validated completion, or nil when the device has none for us now.
     @inline(__always)
     public func nextCompletion() throws(Violation) -> Completion? {
-        if let violation = state.pointee.health.brokenBy { throw violation }
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
         let position = state.pointee.used
         let slot = position.slot
         // The first chain of an unpublished batch: its flags are not ours yet to judge.

@@ -35,9 +35,11 @@ struct QueueHealth {
         return v
     }
 
-    /// The violation, if broken (one load when not).
-    @inline(__always)
-    var brokenBy: Violation? { broken ? violation : nil }
+    /// The violation that broke the queue, for the cold path after `broken` was checked
+    /// (the hot path loads one byte and never copies the optional).
+    var sticky: Violation {
+        @inline(never) get { violation ?? .controlProtocol("queue broken") }
+    }
 }
 
 /// A position in a packed ring: a slot and the wrap counter of its lap (both start at 1).
