@@ -38,7 +38,7 @@ struct QueueHealth {
     /// The violation that broke the queue, for the cold path after `broken` was checked
     /// (the hot path loads one byte and never copies the optional).
     var sticky: Violation {
-        @inline(never) get { violation ?? .controlProtocol("queue broken") }
+        @inline(never) get { violation ?? .brokenAbove(rule: .r6, reason: "queue broken") }
     }
 }
 
