@@ -71,17 +71,28 @@ public final class DeviceQueue {
     let avail: UnsafeMutableRawPointer
     let used: UnsafeMutableRawPointer
 
-    /// Next avail entry to consume (private).
-    public private(set) var lastAvail: UInt16
-    /// avail.idx as loaded at the start of the current batch.
-    var availSnapshot: UInt16
-    /// Private used.idx; published by `publishUsed()`.
-    public private(set) var usedIndex: UInt16
-    var publishedUsed: UInt16
-    var usedFlags: UInt16 = 0
+    /// The private indices, behind an owned pointer (the queues' one private-state idiom).
+    struct State {
+        /// Next avail entry to consume.
+        var lastAvail: UInt16
+        /// avail.idx as loaded at the start of the current batch.
+        var availSnapshot: UInt16
+        /// Private used.idx; published by `publishUsed()`.
+        var usedIndex: UInt16
+        var publishedUsed: UInt16
+        /// Private copy of used.flags (never read back from the ring).
+        var usedFlags: UInt16 = 0
+        var health = QueueHealth()
+    }
 
-    public private(set) var violation: Violation?
-    public var isBroken: Bool { violation != nil }
+    let state: UnsafeMutablePointer<State>
+
+    /// Next avail entry to consume (private).
+    public var lastAvail: UInt16 { state.pointee.lastAvail }
+    /// Private used.idx; published by `publishUsed()`.
+    public var usedIndex: UInt16 { state.pointee.usedIndex }
+    public var violation: Violation? { state.pointee.health.violation }
+    public var isBroken: Bool { state.pointee.health.broken }
 
     /// Largest indirect table accepted, in descriptors: the queue size unless the device
     /// advertised more (virtio-blk's `seg_max` + 2 may exceed a small ring, and Linux then
@@ -130,186 +141,88 @@ public final class DeviceQueue {
         self.mask = UInt16(truncatingIfNeeded: queueSize - 1)
         self.features = features
         self.indirectLimit = max(queueSize, min(indirectLimit ?? 0, SplitLayout.maximumQueueSize))
-        lastAvail = startIndex
-        availSnapshot = startIndex
-        usedIndex = startIndex
-        publishedUsed = startIndex
+        state = .owned(
+            State(lastAvail: startIndex, availSnapshot: startIndex, usedIndex: startIndex, publishedUsed: startIndex))
     }
+
+    deinit { state.release() }
 
     /// Ring size in descriptors, as Int (queue size 32768 does not fit `UInt16` + 1).
     var tableSize: Int { Int(mask) + 1 }
+
+    private func fail(_ v: Violation) -> Violation { state.pointee.health.fail(v) }
 
     /// Pops the next available chain into `chain`, validating it completely.
     public func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation)
         -> ChainFetch
     {
-        if let violation { throw violation }
-        if lastAvail == availSnapshot {
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
+        let lastAvail = state.pointee.lastAvail
+        if lastAvail == state.pointee.availSnapshot {
             let published = SharedAccess.load16Acquire(avail + SplitLayout.availIdxOffset)
             if published == lastAvail { return .empty }
             guard Int(published &- lastAvail) <= tableSize else {
-                let v = Violation.availIndexBeyondQueueSize(
-                    lastSeen: lastAvail, published: published, queueSize: queueSize)
-                violation = v
-                throw v
+                throw fail(.availIndexBeyondQueueSize(lastSeen: lastAvail, published: published, queueSize: queueSize))
             }
-            availSnapshot = published
+            state.pointee.availSnapshot = published
         }
         let untrustedHead = SharedAccess.load16(avail + SplitLayout.availEntryOffset(Int(lastAvail & mask)))
         guard Int(untrustedHead) < tableSize else {
             // Without a valid head there is nothing to complete: the queue cannot continue.
-            let v = Violation.availHeadOutOfRange(head: untrustedHead, queueSize: queueSize)
-            violation = v
-            throw v
+            throw fail(.availHeadOutOfRange(head: untrustedHead, queueSize: queueSize))
         }
-        lastAvail &+= 1
+        state.pointee.lastAvail = lastAvail &+ 1
         let head = untrustedHead
         chain.reset(head: head)
-        if let rejection = walk(head: head, into: &chain, memory: memory) {
+        var walker = ChainWalker(head: head, features: features, indirectLimit: indirectLimit)
+        if let rejection = walker.walk(
+            SplitTableFormat.self, table: descriptors, entries: tableSize, from: Int(head), inIndirect: false,
+            into: &chain, memory: memory)
+        {
             return .rejected(head: head, rejection)
         }
         return .ready
     }
 
-    /// Walks and translates one chain. Returns the reason it is malformed, if it is.
-    func walk(head: UInt16, into chain: inout DescriptorChain, memory: GuestMemory) -> Violation? {
-        var table = descriptors
-        var tableEntries = tableSize
-        var index = Int(head)
-        var visited = 0
-        var inIndirect = false
-        var sawWritable = false
-        var total: UInt64 = 0
-        while true {
-            visited += 1
-            guard visited <= tableEntries else { return .chainTooLong(head: head, limit: tableEntries) }
-            let d = table + index * SplitLayout.descriptorSize
-            // One load per field, into locals; never looked at again (R2).
-            let untrustedAddress = SharedAccess.load64Unaligned(d + SplitLayout.descAddr)
-            let untrustedLength = SharedAccess.load32Unaligned(d + SplitLayout.descLen)
-            let untrustedFlags = SharedAccess.load16Unaligned(d + SplitLayout.descFlags)
-            let untrustedNext = SharedAccess.load16Unaligned(d + SplitLayout.descNext)
-
-            if untrustedFlags & SplitLayout.flagIndirect != 0 {
-                guard !inIndirect else { return .nestedIndirect(head: head) }
-                guard features.indirectDescriptors else { return .indirectNotNegotiated(head: head) }
-                guard untrustedFlags & SplitLayout.flagNext == 0 else { return .indirectWithNext(head: head) }
-                let entries = Int(untrustedLength) / SplitLayout.descriptorSize
-                guard untrustedLength != 0, untrustedLength % 16 == 0, entries <= indirectLimit else {
-                    return .indirectTableLength(head: head, length: untrustedLength)
-                }
-                let buffer: UnsafeMutableRawBufferPointer
-                do {
-                    buffer = try memory.translate(untrustedAddress, length: UInt64(untrustedLength))
-                } catch {
-                    return .descriptorAddressInvalid(head: head, error)
-                }
-                guard let base = buffer.baseAddress else {
-                    return .indirectTableLength(head: head, length: untrustedLength)
-                }
-                table = base
-                tableEntries = entries
-                index = 0
-                visited = 0
-                inIndirect = true
-                continue
-            }
-
-            let writable = untrustedFlags & SplitLayout.flagWrite != 0
-            if writable {
-                sawWritable = true
-            } else if sawWritable {
-                return .readableAfterWritable(head: head)
-            }
-            total += UInt64(untrustedLength)  // <= 2^16 descriptors * 2^32: cannot overflow
-            guard total <= UInt64(UInt32.max) else { return .chainLengthOverflow(head: head) }
-            // A buffer may straddle adjacent regions (QEMU splits guest RAM): translate it
-            // piece by piece. Each piece ends a region, so there are at most
-            // `GuestMemory.maximumRegions` pieces (R5); a gap anywhere rejects the chain.
-            let length = UInt64(untrustedLength)
-            guard !untrustedAddress.addingReportingOverflow(length).overflow else {
-                return .descriptorAddressInvalid(
-                    head: head, .overflow(address: untrustedAddress, length: length))
-            }
-            var pieceAddress = untrustedAddress
-            var remaining = length
-            repeat {
-                let piece: UnsafeMutableRawBufferPointer
-                do {
-                    piece = try memory.translatePrefix(pieceAddress, length: remaining)
-                } catch {
-                    return .descriptorAddressInvalid(
-                        head: head, .unmapped(address: untrustedAddress, length: length))
-                }
-                chain.segments.append(
-                    ChainSegment(buffer: piece, guestAddress: pieceAddress, deviceWritable: writable))
-                pieceAddress &+= UInt64(piece.count)
-                remaining -= UInt64(piece.count)
-            } while remaining > 0
-            if writable {
-                chain.writableLength += length
-            } else {
-                chain.readableLength += length
-                chain.firstWritable = chain.segments.count
-            }
-
-            guard untrustedFlags & SplitLayout.flagNext != 0 else { return nil }
-            guard Int(untrustedNext) < tableEntries else {
-                return .descriptorNextOutOfRange(head: head, next: untrustedNext, tableSize: tableEntries)
-            }
-            index = Int(untrustedNext)
-        }
-    }
-
     /// Records that the chain at `head` is done, with `length` bytes written.
     /// Not visible to the driver until `publishUsed()`.
     public func complete(head: UInt16, length: UInt32) {
+        let usedIndex = state.pointee.usedIndex
         let element = used + SplitLayout.usedEntryOffset(Int(usedIndex & mask))
         SharedAccess.store32(element, UInt32(head))
         SharedAccess.store32(element + 4, length)
-        usedIndex &+= 1
+        state.pointee.usedIndex = usedIndex &+ 1
     }
 
     /// Publishes completions (release store of used.idx) and says whether the driver
     /// wants an interrupt, after a full fence.
     public func publishUsed() -> Bool {
-        let old = publishedUsed
-        let new = usedIndex
+        let old = state.pointee.publishedUsed
+        let new = state.pointee.usedIndex
         guard old != new else { return false }
-        SharedAccess.store16Release(used + SplitLayout.usedIdxOffset, new)
-        publishedUsed = new
-        SharedAccess.fullFence()
-        if features.eventIndex {
-            let event = SharedAccess.load16(avail + SplitLayout.usedEventOffset(tableSize))
-            return SplitLayout.needEvent(event: event, new: new, old: old)
-        }
-        let flags = SharedAccess.load16(avail + SplitLayout.availFlagsOffset)
-        return flags & SplitLayout.availNoInterrupt == 0
+        state.pointee.publishedUsed = new
+        return SplitEvents.publish(
+            index: used + SplitLayout.usedIdxOffset, new: new, old: old, eventIndex: features.eventIndex,
+            peerEvent: avail + SplitLayout.usedEventOffset(tableSize), peerFlags: avail + SplitLayout.availFlagsOffset)
     }
 
     /// Asks the driver not to kick (a hint).
     public func disableNotifications() {
-        if !features.eventIndex {
-            usedFlags |= SplitLayout.usedNoNotify
-            SharedAccess.store16(used + SplitLayout.usedFlagsOffset, usedFlags)
-        }
+        SplitEvents.disable(
+            eventIndex: features.eventIndex, flags: &state.pointee.usedFlags, at: used + SplitLayout.usedFlagsOffset)
     }
 
     /// Asks for a kick at the next avail entry. Returns true if work may already be
     /// available (poll again before sleeping).
     public func enableNotifications() -> Bool {
-        if features.eventIndex {
-            SharedAccess.store16(used + SplitLayout.availEventOffset(tableSize), lastAvail)
-        } else if usedFlags & SplitLayout.usedNoNotify != 0 {
-            usedFlags &= ~SplitLayout.usedNoNotify
-            SharedAccess.store16(used + SplitLayout.usedFlagsOffset, usedFlags)
-        }
-        SharedAccess.fullFence()
-        return SharedAccess.load16Acquire(avail + SplitLayout.availIdxOffset) != lastAvail
+        SplitEvents.enable(
+            eventIndex: features.eventIndex, position: state.pointee.lastAvail,
+            ourEvent: used + SplitLayout.availEventOffset(tableSize), flags: &state.pointee.usedFlags,
+            at: used + SplitLayout.usedFlagsOffset, peerIndex: avail + SplitLayout.availIdxOffset)
     }
 
     /// Breaks the queue on behalf of a caller (a device-level protocol violation).
     public func breakQueue(_ v: Violation) {
-        if violation == nil { violation = v }
+        _ = fail(v)
     }
 }

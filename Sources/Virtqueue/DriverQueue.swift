@@ -67,8 +67,8 @@ public struct DriverRingMemory: @unchecked Sendable {
 /// Private state sits in memory this object allocates once and owns (raw pointers, not
 /// Arrays or stored `var`s): the hot path then pays no Array uniqueness checks and no
 /// dynamic exclusivity checks, which cost more than all the validation (docs/design.md §5).
-/// Every table index is private, or a device value already checked `< queueSize`, and
-/// is masked with `queueSize - 1` besides, so no index can leave the tables.
+/// Every table index is private, or a device value already checked `< queueSize`; shadow
+/// indices are masked with `queueSize - 1` besides, so no index can leave the tables.
 ///
 /// Not thread-safe: one owner at a time (one queue per thread, as in Linux).
 public final class DriverQueue {
@@ -78,14 +78,6 @@ public final class DriverQueue {
         var flags: UInt16 = 0
         /// Next descriptor of the chain while in flight, next free one while free.
         var next: UInt16 = 0
-    }
-
-    struct InFlight {
-        var token: UInt64 = 0
-        var writable: UInt64 = 0
-        /// Descriptors the chain occupies in the main table (1 when indirect).
-        var descriptorCount: UInt16 = 0
-        var active = false
     }
 
     /// The private indices and counters.
@@ -101,11 +93,10 @@ public final class DriverQueue {
         var lastUsed: UInt16 = 0
         /// used.idx as loaded at the start of the current batch.
         var usedSnapshot: UInt16 = 0
-        /// Mirrors `violation != nil`, for a check that costs one load.
-        var broken = false
         var freeCount = 0
         var inFlightCount = 0
         var indirectThreshold = 1
+        var health = QueueHealth()
     }
 
     public let memory: DriverRingMemory
@@ -117,9 +108,10 @@ public final class DriverQueue {
 
     /// `queueSize` entries each (at least one), allocated in `init`, freed in `deinit`.
     let shadow: UnsafeMutablePointer<ShadowDescriptor>
-    let inFlight: UnsafeMutablePointer<InFlight>
+    /// Per head: what was posted (token, writable bytes, descriptor count).
+    let inFlight: InFlightTable
     /// Private scalars (indices, counts). Every `.pointee` in this file is on this or the
-    /// two tables above: memory this queue allocated, never a structure the device wrote.
+    /// tables above: memory this queue allocated, never a structure the device wrote.
     let state: UnsafeMutablePointer<State>
 
     public var freeCount: Int { state.pointee.freeCount }
@@ -127,8 +119,8 @@ public final class DriverQueue {
     /// Next used element to consume.
     public var lastUsed: UInt16 { state.pointee.lastUsed }
 
-    public private(set) var violation: Violation?
-    public var isBroken: Bool { state.pointee.broken }
+    public var violation: Violation? { state.pointee.health.violation }
+    public var isBroken: Bool { state.pointee.health.broken }
 
     /// Segments above which a request goes through an indirect table (if negotiated).
     public var indirectThreshold: Int {
@@ -145,19 +137,17 @@ public final class DriverQueue {
         let n = Int(memory.queueSize)
         tableMask = max(n, 1) - 1
         shadow = .allocate(capacity: max(n, 1))
-        inFlight = .allocate(capacity: max(n, 1))
-        state = .allocate(capacity: 1)
+        inFlight = InFlightTable(size: n)
         for i in 0..<max(n, 1) {
             (shadow + i).initialize(to: ShadowDescriptor(next: UInt16(truncatingIfNeeded: i + 1)))
-            (inFlight + i).initialize(to: InFlight())
         }
-        state.initialize(to: State(freeCount: n))
+        state = .owned(State(freeCount: n))
     }
 
     deinit {
         shadow.deallocate()
         inFlight.deallocate()
-        state.deallocate()
+        state.release()
     }
 
     /// Table slot of a private or already validated index.
@@ -172,16 +162,11 @@ public final class DriverQueue {
         memory.used.initializeMemory(as: UInt8.self, repeating: 0, count: SplitLayout.usedRingSize(n))
         for i in 0..<max(n, 1) {
             shadow[i] = ShadowDescriptor(address: 0, length: 0, flags: 0, next: UInt16(truncatingIfNeeded: i + 1))
-            inFlight[i] = InFlight()
         }
+        inFlight.reset()
         let threshold = state.pointee.indirectThreshold
         state.pointee = State(freeCount: n, indirectThreshold: threshold)
-        violation = nil
     }
-
-    /// The violation, if the queue is broken (one load on the hot path).
-    @inline(__always)
-    var brokenBy: Violation? { state.pointee.broken ? violation : nil }
 
     // MARK: posting
 
@@ -189,36 +174,22 @@ public final class DriverQueue {
     /// Device-readable segments must precede device-writable ones. Returns the head.
     @discardableResult
     public func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16 {
-        if let violation = brokenBy { throw .broken(violation) }
+        if state.pointee.health.broken { throw .broken(state.pointee.health.sticky) }
         let count = segments.count
         guard count > 0 else { throw .emptyChain }
-        let useIndirect =
-            features.indirectDescriptors && memory.indirect != nil && count > state.pointee.indirectThreshold
-            && count <= memory.indirectTableEntries
+        let useIndirect = memory.usesIndirect(count, threshold: state.pointee.indirectThreshold, features: features)
         let needed = useIndirect ? 1 : count
         guard needed <= Int(queueSize) else { throw .tooManySegments(count) }
         guard needed <= state.pointee.freeCount else { throw .full }
 
         let head = state.pointee.freeHead
         var writable: UInt64 = 0
-        if useIndirect, let table = memory.indirect {
-            let tableOffset = Int(head) * memory.indirectTableEntries * SplitLayout.descriptorSize
-            let base = table + tableOffset
-            for i in 0..<count {
-                let s = segments[i]
-                var flags: UInt16 = i + 1 < count ? SplitLayout.flagNext : 0
-                if s.deviceWritable {
-                    flags |= SplitLayout.flagWrite
-                    writable &+= UInt64(s.length)
-                }
-                Self.writeDescriptor(
-                    base + i * SplitLayout.descriptorSize, address: s.address, length: s.length,
-                    flags: flags, next: UInt16(truncatingIfNeeded: i + 1))
-            }
-            let address = memory.indirectGuestAddress &+ UInt64(tableOffset)
-            let length = UInt32(count * SplitLayout.descriptorSize)
+        if useIndirect, let tables = memory.indirect {
+            let table = memory.writeIndirectTable(SplitTableFormat.self, in: tables, index: head, segments: segments)
+            writable = table.writable
             let nextFree = shadow[slot(head)].next
-            setDescriptor(head, address: address, length: length, flags: SplitLayout.flagIndirect, next: nextFree)
+            setDescriptor(
+                head, address: table.address, length: table.length, flags: SplitLayout.flagIndirect, next: nextFree)
             state.pointee.freeHead = nextFree
         } else {
             var index = head
@@ -239,8 +210,7 @@ public final class DriverQueue {
             state.pointee.freeHead = nextFree
         }
         state.pointee.freeCount -= needed
-        inFlight[slot(head)] = InFlight(
-            token: token, writable: writable, descriptorCount: UInt16(needed), active: true)
+        inFlight.post(head, token: token, writable: writable, count: needed)
         state.pointee.inFlightCount += 1
 
         let availIndex = state.pointee.availIndex
@@ -280,18 +250,12 @@ public final class DriverQueue {
     public func publish() -> Bool {
         let old = state.pointee.publishedIndex
         let new = state.pointee.availIndex
-        guard old != new, !state.pointee.broken else { return false }
-        SharedAccess.store16Release(memory.avail + SplitLayout.availIdxOffset, new)
+        guard old != new, !state.pointee.health.broken else { return false }
         state.pointee.publishedIndex = new
-        SharedAccess.fullFence()
-        if features.eventIndex {
-            let event = SharedAccess.load16(
-                memory.used + SplitLayout.availEventOffset(Int(queueSize)))
-            return SplitLayout.needEvent(event: event, new: new, old: old)
-        } else {
-            let flags = SharedAccess.load16(memory.used + SplitLayout.usedFlagsOffset)
-            return flags & SplitLayout.usedNoNotify == 0
-        }
+        return SplitEvents.publish(
+            index: memory.avail + SplitLayout.availIdxOffset, new: new, old: old, eventIndex: features.eventIndex,
+            peerEvent: memory.used + SplitLayout.availEventOffset(Int(queueSize)),
+            peerFlags: memory.used + SplitLayout.usedFlagsOffset)
     }
 
     // MARK: completions
@@ -302,7 +266,7 @@ public final class DriverQueue {
     /// first violation; after that, `failAll` hands back the in-flight tokens.
     @inline(__always)
     public func nextCompletion() throws(Violation) -> Completion? {
-        if let violation = brokenBy { throw violation }
+        if state.pointee.health.broken { throw state.pointee.health.sticky }
         let lastUsed = state.pointee.lastUsed
         if lastUsed == state.pointee.usedSnapshot {
             let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
@@ -321,87 +285,64 @@ public final class DriverQueue {
         let element = memory.used + SplitLayout.usedEntryOffset(Int(lastUsed & mask))
         let untrustedID = SharedAccess.load32(element)
         let untrustedLength = SharedAccess.load32(element + 4)
-        guard untrustedID < UInt32(queueSize) else {
-            throw breakQueue(.usedIdOutOfRange(id: untrustedID, queueSize: queueSize))
+        let record: InFlightTable.Entry
+        do {
+            record = try inFlight.check(id: untrustedID, length: untrustedLength, queueSize: queueSize)
+        } catch {
+            throw breakQueue(error)
         }
         let head = UInt16(truncatingIfNeeded: untrustedID)
-        let record = inFlight[slot(head)]
-        guard record.active else { throw breakQueue(.usedIdNotInFlight(id: untrustedID)) }
-        guard UInt64(untrustedLength) <= record.writable else {
-            throw breakQueue(
-                .usedLengthTooLarge(id: untrustedID, length: untrustedLength, writable: record.writable))
-        }
         state.pointee.lastUsed = lastUsed &+ 1
-        release(head: head, record: record)
+        release(head: head, descriptors: record.count)
         return Completion(token: record.token, head: head, length: untrustedLength)
     }
 
     /// Returns a chain's descriptors to the free list by walking the private shadow.
     @inline(__always)
-    func release(head: UInt16, record: InFlight) {
-        inFlight[slot(head)].active = false
+    func release(head: UInt16, descriptors: UInt16) {
+        inFlight.complete(head)
         state.pointee.inFlightCount -= 1
         var last = head
-        var remaining = record.descriptorCount
+        var remaining = descriptors
         while remaining > 1 {
             last = shadow[slot(last)].next
             remaining -= 1
         }
         shadow[slot(last)].next = state.pointee.freeHead
         state.pointee.freeHead = head
-        state.pointee.freeCount += Int(record.descriptorCount)
+        state.pointee.freeCount += Int(descriptors)
     }
 
     /// Marks the queue broken (also used by upper layers for deadlines). Idempotent: the
     /// first violation stays.
     @discardableResult
-    public func breakQueue(_ v: Violation) -> Violation {
-        if let violation { return violation }
-        violation = v
-        state.pointee.broken = true
-        return v
-    }
+    public func breakQueue(_ v: Violation) -> Violation { state.pointee.health.fail(v) }
 
     /// After the queue broke: the tokens of every request still in flight, which the
     /// caller fails with the violation. The descriptors stay quarantined until `reset()`.
     public func failAll() -> [UInt64] {
-        var tokens: [UInt64] = []
-        for i in 0..<Int(queueSize) where inFlight[i].active {
-            tokens.append(inFlight[i].token)
-            inFlight[i].active = false
-        }
         state.pointee.inFlightCount = 0
-        return tokens
+        return inFlight.failAll()
     }
 
     /// Tokens of requests in flight, oldest first by head (for reconnect resubmission).
-    public var inFlightTokens: [UInt64] {
-        (0..<Int(queueSize)).compactMap { inFlight[$0].active ? inFlight[$0].token : nil }
-    }
+    public var inFlightTokens: [UInt64] { inFlight.tokens }
 
     // MARK: interrupt suppression
 
     /// Asks the device not to interrupt (a hint; it may still).
     public func disableInterrupts() {
-        if !features.eventIndex {
-            state.pointee.availFlags |= SplitLayout.availNoInterrupt
-            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, state.pointee.availFlags)
-        }
-        // With EVENT_IDX, not moving used_event forward has the same effect.
+        SplitEvents.disable(
+            eventIndex: features.eventIndex, flags: &state.pointee.availFlags,
+            at: memory.avail + SplitLayout.availFlagsOffset)
     }
 
     /// Asks for an interrupt at the next completion. Returns true if completions may
     /// already be pending (poll again before sleeping, or the wake-up is lost).
     public func enableInterrupts() -> Bool {
-        let lastUsed = state.pointee.lastUsed
-        if features.eventIndex {
-            SharedAccess.store16(memory.avail + SplitLayout.usedEventOffset(Int(queueSize)), lastUsed)
-        } else if state.pointee.availFlags & SplitLayout.availNoInterrupt != 0 {
-            state.pointee.availFlags &= ~SplitLayout.availNoInterrupt
-            SharedAccess.store16(memory.avail + SplitLayout.availFlagsOffset, state.pointee.availFlags)
-        }
-        SharedAccess.fullFence()
-        let published = SharedAccess.load16Acquire(memory.used + SplitLayout.usedIdxOffset)
-        return published != lastUsed
+        SplitEvents.enable(
+            eventIndex: features.eventIndex, position: state.pointee.lastUsed,
+            ourEvent: memory.avail + SplitLayout.usedEventOffset(Int(queueSize)), flags: &state.pointee.availFlags,
+            at: memory.avail + SplitLayout.availFlagsOffset, peerIndex: memory.used + SplitLayout.usedIdxOffset)
     }
 }
