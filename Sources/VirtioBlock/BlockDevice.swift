@@ -18,6 +18,14 @@ import Synchronization
 /// path is `queue(i)`: one `BlockQueue` per thread with `submit...`/`poll`/`wait`. The
 /// first violation or timeout breaks the whole device (R6): every request fails with a
 /// `VirtioError` naming the rule; `reconnect()` recovers.
+///
+/// Reconnect handoff (any number of queue threads): the thread that first sees the socket
+/// close (or calls `reconnect()`) owns the reconnection and touches only the control
+/// plane (`frontend`, `link`). Every queue's private state, ring and bounce pool stay its
+/// own driving thread's: the owner raises each queue's `attention` flag, a queue thread
+/// that sees it parks in `wait` (bounded by the reconnect deadline) until the generation
+/// changes, then resets its own ring, resubmits its own in-flight requests and announces
+/// its ring on the new connection under the `link` lock (`settle`).
 public final class BlockDevice: @unchecked Sendable {
     public struct Options: Sendable {
         /// Queues wanted (clamped to what the device offers).
@@ -31,8 +39,8 @@ public final class BlockDevice: @unchecked Sendable {
         public var controlTimeout: Double = 5
         public var bounceBytesPerQueue = 4 << 20
         /// When the back-end goes away: reconnect and resubmit in-flight requests
-        /// instead of failing them. The thread that notices reconnects every queue, so
-        /// use it when one thread drives the device (as the CLI does).
+        /// instead of failing them. Safe with one thread per queue: one thread reconnects,
+        /// the others park, then each queue resubmits its own requests.
         public var reconnect = false
         /// How long to keep trying to reconnect.
         public var reconnectTimeout: Double = 10
@@ -59,14 +67,47 @@ public final class BlockDevice: @unchecked Sendable {
     public let socketPath: String
     public let options: Options
     public let info: BlockInfo
+    /// The control connection. Guarded by `link`: touched only under its lock, or by the
+    /// reconnection's owner while `link.reconnecting` keeps every other thread off it.
     var frontend: Frontend
+    /// The connection before `frontend`, kept open (shut down) so a queue thread that
+    /// read its descriptor before a reconnect never polls a reused descriptor number.
+    var retiredFrontend: Frontend?
     let region: SharedRegion
     let layout: DriverRegionLayout
     var queues: [BlockQueue] = []
-    /// Shared with the queues, which test `failed` on every poll without touching the device.
-    let health = DeviceHealth()
+    /// Whether `link.failure` is set: one load for `isBroken`.
+    let broken = Atomic<Bool>(false)
     let convenienceLock = Mutex<Int>(0)
-    var closed = false
+    /// Who reconnects, and which connection each queue's ring is announced on.
+    let link: Locked<Link>
+    /// The control socket's descriptor (low 32 bits) and the connection generation it
+    /// belongs to (high 32 bits), for queue threads that block on it without the lock.
+    let control: Atomic<UInt64>
+
+    /// Reconnection state; see the handoff in the type's documentation.
+    struct Link {
+        /// Bumped by every successful reconnect.
+        var generation: UInt64 = 1
+        /// A thread owns a reconnect in progress: queue threads park, nobody else touches
+        /// `frontend`.
+        var reconnecting = false
+        var reconnectStarted = Deadline.now
+        /// Per queue: the generation its ring was last announced on.
+        var attached: [UInt64]
+        /// Queues announced before this generation hand back their in-flight requests as
+        /// failures (`dropReason`) before they re-attach: the device they were posted to
+        /// broke a rule and may have written their bounce memory (R6).
+        var dropBefore: UInt64 = 0
+        var dropReason = VirtioError.disconnected("reconnected after a failure")
+        var closed = false
+        /// The sticky failure (R6), until a reconnect ends it.
+        var failure: VirtioError?
+    }
+
+    static func controlWord(generation: UInt64, descriptor: Int32) -> UInt64 {
+        (generation << 32) | UInt64(UInt32(bitPattern: descriptor))
+    }
 
     /// Connects, negotiates, validates the config and sets up the queues.
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError) -> BlockDevice {
@@ -99,6 +140,8 @@ public final class BlockDevice: @unchecked Sendable {
         }
         let info = try Self.negotiate(frontend, options: options)
         self.info = info
+        link = Locked(Link(attached: Array(repeating: 1, count: info.queueCount)))
+        control = Atomic(Self.controlWord(generation: 1, descriptor: frontend.channel.channel.fileDescriptor))
         layout = DriverRegionLayout(
             queueCount: info.queueCount, queueSize: options.queueSize, indirectEntries: 0,
             bounceBytesPerQueue: max(options.bounceBytesPerQueue, 2 * info.maxTransfer + 8192))
@@ -158,28 +201,35 @@ public final class BlockDevice: @unchecked Sendable {
     /// then a round trip proving the back-end accepted all of it.
     func attachRings(_ frontend: Frontend) throws(VirtioError) {
         do {
-            try frontend.setMemTable(
-                [
-                    MemoryRegionDescription(
-                        guestAddress: Self.guestBase, size: UInt64(region.size), userAddress: Self.userBase,
-                        mmapOffset: 0)
-                ],
-                descriptors: [region.fileDescriptor])
-            for q in queues {
-                let r = layout.queues[q.index].ring
-                try frontend.setUpQueue(
-                    index: q.index, size: options.queueSize,
-                    descriptor: Self.userBase + UInt64(r.descriptorOffset),
-                    avail: Self.userBase + UInt64(r.availOffset), used: Self.userBase + UInt64(r.usedOffset),
-                    kick: q.kickNotifier.fileDescriptor, call: q.callNotifier.fileDescriptor,
-                    base: ringFormat == .packed
-                        ? PackedLayout.encodeBase(avail: 0, availWrap: true, used: 0, usedWrap: true) : 0)
-                try frontend.setQueueEnabled(index: q.index, true)
-            }
+            try attachMemory(frontend)
+            for q in queues { try attachQueue(q, frontend) }
             try frontend.sync()
         } catch {
             throw VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
         }
+    }
+
+    func attachMemory(_ frontend: Frontend) throws(VhostUserError) {
+        try frontend.setMemTable(
+            [
+                MemoryRegionDescription(
+                    guestAddress: Self.guestBase, size: UInt64(region.size), userAddress: Self.userBase,
+                    mmapOffset: 0)
+            ],
+            descriptors: [region.fileDescriptor])
+    }
+
+    /// Announces one queue's ring, which must be fresh (reset, or never used).
+    func attachQueue(_ q: BlockQueue, _ frontend: Frontend) throws(VhostUserError) {
+        let r = layout.queues[q.index].ring
+        try frontend.setUpQueue(
+            index: q.index, size: options.queueSize,
+            descriptor: Self.userBase + UInt64(r.descriptorOffset),
+            avail: Self.userBase + UInt64(r.availOffset), used: Self.userBase + UInt64(r.usedOffset),
+            kick: q.kickNotifier.fileDescriptor, call: q.callNotifier.fileDescriptor,
+            base: ringFormat == .packed
+                ? PackedLayout.encodeBase(avail: 0, availWrap: true, used: 0, usedWrap: true) : 0)
+        try frontend.setQueueEnabled(index: q.index, true)
     }
 
     // MARK: queues and state
@@ -194,67 +244,134 @@ public final class BlockDevice: @unchecked Sendable {
 
     /// The sticky failure, if the device is broken.
     public var failure: VirtioError? {
-        health.current
+        guard isBroken else { return nil }
+        return link.withLock { $0.failure }
     }
 
-    public var isBroken: Bool { health.isBroken }
+    public var isBroken: Bool { broken.load(ordering: .acquiring) }
 
-    /// Marks the device broken (first failure wins) and reports it once.
+    /// Marks the device broken (first failure wins) and reports it once. A timeout while
+    /// a reconnect is under way is not a failure: resubmission stamps fresh deadlines.
     func fail(_ error: VirtioError) {
-        let first = health.failure.withLock { state -> Bool in
-            guard state == nil else { return false }
-            state = error
-            return true
+        let first = link.withLock { l -> Bool in
+            if l.reconnecting, case .timeout = error { return false }
+            return recordFailure(error, in: &l)
         }
-        health.failed.store(true, ordering: .releasing)
         guard first else { return }
         // Wake threads blocked on other queues: they fail their requests now, not at
         // their own deadlines (our own eventfds; the device cannot see this).
-        for q in queues { q.callNotifier.signal() }
+        wakeQueues()
         options.onFailure?(error)
     }
 
-    var controlDescriptor: Int32 { frontend.channel.channel.fileDescriptor }
+    /// Under `link`'s lock: records the failure and sends every queue to its slow path.
+    /// Returns whether it was the first.
+    func recordFailure(_ error: VirtioError, in l: inout Link) -> Bool {
+        raiseAttention()
+        guard l.failure == nil else { return false }
+        l.failure = error
+        broken.store(true, ordering: .releasing)
+        return true
+    }
 
-    /// The control socket became readable: the back-end closed it (or spoke unasked,
-    /// which it never may). With `reconnect`, in-flight requests survive.
-    func controlChannelSignalled() {
-        var byte: UInt8 = 0
-        let n = recv(controlDescriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
-        if n > 0 {
-            fail(.deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
-            return
+    /// Under `link`'s lock: every queue's next call takes its slow path (`settle`).
+    func raiseAttention() {
+        for q in queues { q.attention.store(true, ordering: .relaxed) }
+    }
+
+    /// Wakes every queue thread blocked on its call eventfd (ours; the device cannot see it).
+    func wakeQueues() {
+        for q in queues { q.callNotifier.signal() }
+    }
+
+    /// The control socket's descriptor and the generation tag it belongs to, read without
+    /// the lock by queue threads about to block on it.
+    var controlSnapshot: (descriptor: Int32, generation: UInt32) {
+        let word = control.load(ordering: .acquiring)
+        return (Int32(bitPattern: UInt32(truncatingIfNeeded: word)), UInt32(truncatingIfNeeded: word >> 32))
+    }
+
+    /// The control socket of connection `seen` became readable: the back-end closed it (or
+    /// spoke unasked, which it never may). With `reconnect`, this thread becomes the
+    /// reconnection's owner unless one is already under way (then the signal is stale).
+    func controlChannelSignalled(generation seen: UInt32) {
+        enum Verdict { case ignore, spoke, hungUp, reconnect }
+        let verdict = link.withLock { l -> Verdict in
+            guard !l.closed, !l.reconnecting, UInt32(truncatingIfNeeded: l.generation) == seen else { return .ignore }
+            var byte: UInt8 = 0
+            let n = recv(frontend.channel.channel.fileDescriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+            if n > 0 { return .spoke }
+            if n < 0 && (errno == EAGAIN || errno == EINTR) { return .ignore }
+            guard options.reconnect else { return .hungUp }
+            beginReconnect(&l)
+            return .reconnect
         }
-        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
-        if options.reconnect {
-            do {
-                try reconnectAndResubmit()
-                return
-            } catch {
-                fail(error)
-                return
-            }
+        switch verdict {
+        case .ignore: return
+        case .spoke: fail(.deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
+        case .hungUp: fail(.disconnected("back-end closed the vhost-user socket"))
+        case .reconnect:
+            wakeQueues()
+            try? runReconnect()  // a failure is recorded for every queue
         }
-        fail(.disconnected("back-end closed the vhost-user socket"))
+    }
+
+    /// Under `link`'s lock: the calling thread becomes the reconnection's owner.
+    func beginReconnect(_ l: inout Link) {
+        l.reconnecting = true
+        l.reconnectStarted = .now
+        raiseAttention()
     }
 
     /// Reconnects to the same socket path, renegotiates (the back-end must offer what was
-    /// acked before), re-announces memory and rings, and resubmits in-flight requests
-    /// from the private list. A device broken by a violation drops its requests instead.
+    /// acked before) and re-announces memory; each queue then rebuilds its ring and posts
+    /// its unfinished requests again on its own thread's next call. Requests posted to a
+    /// device broken by a violation or timeout fail instead. Waits for a reconnect that
+    /// another thread owns.
     public func reconnect() throws(VirtioError) {
-        try reconnectAndResubmit()
+        guard !socketPath.isEmpty else { throw .disconnected("no socket path to reconnect to") }
+        enum Role { case closed, owner, waiter }
+        let role = link.withLock { l -> Role in
+            if l.closed { return .closed }
+            if l.reconnecting { return .waiter }
+            beginReconnect(&l)
+            return .owner
+        }
+        switch role {
+        case .closed: throw .disconnected("the device is closed")
+        case .owner:
+            wakeQueues()
+            try runReconnect()
+        case .waiter:
+            _ = awaitReconnect(until: .distantFuture, notifier: nil)
+            if let failure { throw failure }
+        }
     }
 
-    func reconnectAndResubmit() throws(VirtioError) {
-        guard !socketPath.isEmpty else { throw .disconnected("no socket path to reconnect to") }
-        frontend.close()
+    /// The owner's part of a reconnect: the control plane only, never a queue's state.
+    /// Ends the reconnect (success or failure) before it returns.
+    func runReconnect() throws(VirtioError) {
+        // While `reconnecting` is set nobody else touches `frontend`.
+        let old = link.withLock { _ in frontend }
+        old.close()
+        guard !socketPath.isEmpty else {
+            let error = VirtioError.disconnected("no socket path to reconnect to")
+            endReconnect(.failure(error))
+            throw error
+        }
+        let timeoutMs = UInt64(options.controlTimeout * 1000)
         let deadline = Deadline.after(seconds: options.reconnectTimeout)
         var lastError = VirtioError.disconnected("reconnect timed out")
         while !deadline.hasPassed {
-            do {
-                let f = try Frontend.connect(
-                    path: socketPath, replyTimeout: options.controlTimeout,
-                    until: min(deadline, .after(seconds: options.controlTimeout)))
+            do throws(VirtioError) {
+                let f: Frontend
+                do {
+                    f = try Frontend.connect(
+                        path: socketPath, replyTimeout: options.controlTimeout,
+                        until: min(deadline, .after(seconds: options.controlTimeout)))
+                } catch {
+                    throw VirtioError(error, replyTimeoutMilliseconds: timeoutMs)
+                }
                 let newInfo = try Self.negotiate(f, options: options)
                 guard newInfo.features == info.features, newInfo.queueCount >= queues.count,
                     newInfo.capacityBytes == info.capacityBytes, newInfo.blockSize == info.blockSize
@@ -262,50 +379,178 @@ public final class BlockDevice: @unchecked Sendable {
                     f.close()
                     throw VirtioError.disconnected("back-end came back with a different device")
                 }
-                frontend = f
-                // Rings are rebuilt before the back-end sees them: a back-end that starts
-                // on SET_VRING_KICK must never find the old ring's indices.
-                let hadViolation =
-                    failure.map { if case .disconnected = $0 { return false } else { return true } } ?? false
-                for q in queues {
-                    if hadViolation { q.discardAll() } else { try q.resubmitAfterReconnect() }
+                // The rings follow, each announced by its own queue's thread once it has
+                // rebuilt it: a back-end never finds an old ring's indices.
+                do throws(VhostUserError) {
+                    try attachMemory(f)
+                    try f.sync()
+                } catch {
+                    f.close()
+                    throw VirtioError(error, replyTimeoutMilliseconds: timeoutMs)
                 }
-                try attachRings(f)
-                f.operationDeadline = .distantFuture
-                health.failure.withLock { $0 = nil }
-                health.failed.store(false, ordering: .releasing)
-                for q in queues { q.kickNotifier.signal() }
+                f.operationDeadline = .distantFuture  // set-up done: per-message deadlines from here
+                endReconnect(.success(f))
                 return
-            } catch let error as VirtioError {
-                lastError = error
-                if case .disconnected = error {
-                } else if case .system = error {
-                } else {
-                    // A malformed back-end is not waited for.
-                    if error.violationCause != nil { throw error }
-                }
             } catch {
-                lastError = .system("\(error)")
+                lastError = error
+                // A malformed back-end is not waited for.
+                if error.violationCause != nil {
+                    endReconnect(.failure(error))
+                    throw error
+                }
             }
             usleep(50_000)
         }
+        endReconnect(.failure(lastError))
         throw lastError
     }
 
-    /// Stops the rings (GET_VRING_BASE) and closes the connection.
-    public func close() {
-        guard !closed else { return }
-        closed = true
-        if !isBroken {
-            // One bound for the whole close, not one per queue: a silent back-end costs
-            // controlTimeout once, and the queues after the first timeout are not asked.
-            frontend.bounded(by: .after(seconds: options.controlTimeout)) {
-                for q in queues {
-                    do { _ = try frontend.getVringBase(index: q.index) } catch { break }
+    /// Installs the new connection (a reconnect ends a failure: recovery is explicit, R6)
+    /// or records why there is none, then wakes every parked queue thread.
+    func endReconnect(_ outcome: Result<Frontend, VirtioError>) {
+        let first = link.withLock { l -> Bool in
+            l.reconnecting = false
+            raiseAttention()
+            switch outcome {
+            case .success(let f):
+                guard !l.closed else {
+                    f.close()
+                    return false
                 }
+                retiredFrontend = frontend
+                frontend = f
+                l.generation += 1
+                control.store(
+                    Self.controlWord(generation: l.generation, descriptor: f.channel.channel.fileDescriptor),
+                    ordering: .releasing)
+                if let previous = l.failure {
+                    if case .disconnected = previous {
+                    } else {
+                        l.dropBefore = l.generation
+                        l.dropReason = previous
+                    }
+                    l.failure = nil
+                    broken.store(false, ordering: .releasing)
+                }
+                return false
+            case .failure(let error):
+                return recordFailure(error, in: &l)
             }
         }
-        frontend.close()
+        wakeQueues()
+        if first, case .failure(let error) = outcome { options.onFailure?(error) }
+    }
+
+    /// A queue's slow path, on its own driving thread while its `attention` flag is up:
+    /// reports a failure or a reconnect under way, or re-attaches the queue to the current
+    /// connection (reset, resubmit, announce) and lowers the flag.
+    func settle(_ q: BlockQueue) -> BlockQueue.Standing {
+        enum Step {
+            case done(BlockQueue.Standing)
+            case attach(generation: UInt64)
+        }
+        enum Announced {
+            case yes, retry
+            case lost(VirtioError)
+            case reconnect
+        }
+        // Each round returns, or attaches once, or ends a reconnect it started: a back-end
+        // that keeps dropping the connection during the attach gets a few rounds, no more.
+        for _ in 0..<4 {
+            let step = link.withLock { l -> Step in
+                if let failure = l.failure { return .done(.failed(failure)) }
+                if l.reconnecting { return .done(.reconnecting) }
+                if l.attached[q.index] == l.generation {
+                    q.attention.store(false, ordering: .relaxed)
+                    return .done(.ready)
+                }
+                if l.attached[q.index] < l.dropBefore && q.inFlight > 0 { return .done(.failed(l.dropReason)) }
+                return .attach(generation: l.generation)
+            }
+            let generation: UInt64
+            switch step {
+            case .done(let standing): return standing
+            case .attach(let g): generation = g
+            }
+            do throws(VirtioError) {
+                try q.resubmitAfterReconnect()
+            } catch {
+                fail(error)
+                continue
+            }
+            let announced = link.withLock { l -> Announced in
+                guard !l.reconnecting, l.generation == generation, l.failure == nil else { return .retry }
+                do throws(VhostUserError) {
+                    // One bound for the whole announcement, not one per message (R5).
+                    try frontend.bounded(by: .after(seconds: options.controlTimeout)) { () throws(VhostUserError) in
+                        try attachQueue(q, frontend)
+                        try frontend.sync()
+                    }
+                } catch {
+                    let e = VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
+                    if e.violationCause != nil { return .lost(e) }
+                    guard options.reconnect, !l.closed else { return .lost(e) }
+                    beginReconnect(&l)
+                    return .reconnect
+                }
+                l.attached[q.index] = generation
+                return .yes
+            }
+            switch announced {
+            case .yes: q.kickNotifier.signal()
+            case .retry: break
+            case .lost(let e): fail(e)
+            case .reconnect:
+                wakeQueues()
+                try? runReconnect()
+            }
+        }
+        fail(.disconnected("queue \(q.index) could not be attached to the back-end again"))
+        return .failed(failure ?? .disconnected("queue \(q.index) could not be attached to the back-end again"))
+    }
+
+    /// Parks a queue thread (or a `reconnect()` caller) while another thread reconnects.
+    /// Returns true once no reconnect is under way, false when `limit` passed first.
+    /// Bounded: past the owner's deadline plus a last attempt's replies, the device fails.
+    func awaitReconnect(until limit: Deadline, notifier: Notifier?) -> Bool {
+        let patience = options.reconnectTimeout + 8 * options.controlTimeout + 1
+        while true {
+            guard let started = link.withLock({ l in l.reconnecting ? l.reconnectStarted : nil }) else { return true }
+            let giveUp = Deadline(uptimeNanoseconds: started.uptimeNanoseconds &+ UInt64(patience * 1e9))
+            if giveUp.hasPassed {
+                fail(.disconnected("reconnect did not finish within \(Int(patience)) s"))
+                return true
+            }
+            if limit.hasPassed { return false }
+            let until = min(giveUp, limit, .after(seconds: 0.05))
+            guard let notifier else {
+                usleep(1000)
+                continue
+            }
+            // The owner signals every call eventfd when it is done; other wake-ups come
+            // from a back-end that kept the descriptor and are slowed down (R5).
+            if notifier.wait(until: until) > 0 { usleep(1000) }
+        }
+    }
+
+    /// Stops the rings (GET_VRING_BASE) and closes the connection. A reconnect under way
+    /// closes what it connects.
+    public func close() {
+        link.withLock { l in
+            guard !l.closed else { return }
+            l.closed = true
+            guard !l.reconnecting else { return }
+            if l.failure == nil {
+                // One bound for the whole close, not one per queue: a silent back-end costs
+                // controlTimeout once, and the queues after the first timeout are not asked.
+                frontend.bounded(by: .after(seconds: options.controlTimeout)) {
+                    for q in queues where l.attached[q.index] == l.generation {
+                        do { _ = try frontend.getVringBase(index: q.index) } catch { break }
+                    }
+                }
+            }
+            frontend.close()
+        }
     }
 
     // MARK: convenience (queue 0, serialized)
@@ -458,20 +703,27 @@ public final class BlockDevice: @unchecked Sendable {
     public func identify() async throws(VirtioError) -> String { try identifySync() }
 }
 
-/// Whether a device is broken, and why: the one piece of device state its queues read on
-/// the hot path (a plain load while healthy).
-final class DeviceHealth: Sendable {
-    let failed = Atomic<Bool>(false)
-    let failure = Mutex<VirtioError?>(nil)
+/// A pthread mutex around a value. ThreadSanitizer sees pthread locks (it does not see
+/// `Synchronization.Mutex`'s futex on Linux), so a race it reports under this is real.
+final class Locked<Value>: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private var value: Value
 
-    /// One plain load while healthy.
-    @inline(__always)
-    var isBroken: Bool { failed.load(ordering: .acquiring) }
+    init(_ value: Value) {
+        self.value = value
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+    }
 
-    /// The sticky failure, if any (the lock is taken only once broken).
-    @inline(__always)
-    var current: VirtioError? {
-        guard isBroken else { return nil }
-        return failure.withLock { $0 }
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
     }
 }

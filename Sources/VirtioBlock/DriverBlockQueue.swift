@@ -2,6 +2,7 @@
 import Glibc
 #endif
 public import SharedMemory
+import Synchronization
 import Virtqueue
 
 /// The outcome of one request: `bytes` transferred into the caller's buffer (reads and
@@ -29,7 +30,8 @@ public struct BlockQueueStatistics: Sendable, Equatable {
 /// published lazily, once per batch, by `kick()`, `poll()` or `wait()`.
 ///
 /// Not thread-safe: one thread per queue. A read's destination buffer must stay valid
-/// until its completion (or failure) has been returned.
+/// until its completion (or failure) has been returned. Only that thread ever touches the
+/// queue's state, also across a reconnect (see `BlockDevice`'s handoff).
 ///
 /// Like `DriverQueue`, the mutable state lives behind owned raw pointers: class `var`s and
 /// `Array`s cost a dynamic exclusivity check and a uniqueness check per access, which
@@ -70,6 +72,16 @@ public final class BlockQueue {
         var deadlineBound = UInt64.max
     }
 
+    /// Where the device stands for this queue, as its slow path (`BlockDevice.settle`) sees it.
+    enum Standing {
+        /// Attached to the current connection: the fast path may go on.
+        case ready
+        /// In-flight requests are handed back as this failure.
+        case failed(VirtioError)
+        /// Another thread is reconnecting: submissions stay private, `wait` parks.
+        case reconnecting
+    }
+
     /// Status sentinel: a device that never writes the status leaves this (invalid) value.
     static let statusSentinel: UInt8 = 0xff
     static let headerSize = BlockProtocol.requestHeaderSize
@@ -77,7 +89,9 @@ public final class BlockQueue {
     public let index: Int
     /// For the cold paths only (failing, reconnecting, the control socket).
     unowned let device: BlockDevice
-    let health: DeviceHealth
+    /// Raised (under the device's lock) when the device failed or is reconnecting: the one
+    /// load the hot path pays for both; lowered only by this queue's thread in `settle`.
+    let attention = Atomic<Bool>(false)
     let info: BlockInfo
     let requestTimeout: Double
     let timeoutNanoseconds: UInt64
@@ -103,7 +117,6 @@ public final class BlockQueue {
     init(index: Int, device: BlockDevice, ring: any DriverRing, pool: BouncePool, kick: Notifier, call: Notifier) {
         self.index = index
         self.device = device
-        self.health = device.health
         self.info = device.info
         self.requestTimeout = device.options.requestTimeout
         self.timeoutNanoseconds =
@@ -212,7 +225,10 @@ public final class BlockQueue {
         source: UnsafeRawBufferPointer?, destination: UnsafeMutableRawBufferPointer?,
         range: (sector: UInt64, sectors: UInt32, flags: UInt32)? = nil
     ) throws(VirtioError) {
-        if let failure = health.current { throw failure }
+        if attention.load(ordering: .relaxed) {
+            // While another thread reconnects, the request waits in the private list.
+            if case .failed(let failure) = device.settle(self) { throw failure }
+        }
         guard state.pointee.freeCount > 0 else { throw .busy }
         let slotIndex = freeSlots[state.pointee.freeCount - 1]
         guard let slice = slice(for: slotIndex, length: Self.headerSize + data + 1) else { throw .busy }
@@ -318,10 +334,14 @@ public final class BlockQueue {
     /// The next completion, or nil. Never blocks. After the device broke, hands back every
     /// request still in flight as a failure, one per call.
     public func poll() -> BlockCompletion? {
-        kick()
-        if let failure = health.current {
-            return nextFailure(failure)
+        if attention.load(ordering: .relaxed) {
+            switch device.settle(self) {
+            case .ready: break
+            case .failed(let failure): return nextFailure(failure)
+            case .reconnecting: return nil
+            }
         }
+        kick()
         let completion: Completion?
         do {
             completion = try ring.nextCompletion()
@@ -456,7 +476,11 @@ public final class BlockQueue {
         while true {
             if let c = poll() { return c }
             if state.pointee.activeCount == 0 { return nil }
-            if health.isBroken { continue }  // failures are returned by poll
+            if attention.load(ordering: .relaxed) {
+                // Failures are returned by poll; a reconnect under way parks this thread.
+                if !device.awaitReconnect(until: limit, notifier: callNotifier) { return nil }
+                continue
+            }
             // While spinning, look at the clock and the deadlines only every 64 polls.
             spins += 1
             let spinning = spins <= spinIterations
@@ -479,30 +503,35 @@ public final class BlockQueue {
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
-                if health.isBroken { continue }
+                if attention.load(ordering: .relaxed) { continue }
                 state.pointee.statistics.spuriousNotifications &+= 1
                 state.pointee.wakeBackoff.note(productive: false)
                 state.pointee.wakeBackoff.pause(until: until)
             case .timedOut:
                 continue
-            case .socket:
-                device.controlChannelSignalled()
+            case .socket(let generation):
+                device.controlChannelSignalled(generation: generation)
             }
         }
     }
 
-    enum Wake { case notified, timedOut, socket }
+    enum Wake {
+        case notified, timedOut
+        /// The control socket of connection `generation` is readable.
+        case socket(generation: UInt32)
+    }
 
     func block(until deadline: Deadline) -> Wake {
+        let control = device.controlSnapshot
         var fds = (
             pollfd(fd: callNotifier.fileDescriptor, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: device.controlDescriptor, events: Int16(POLLIN), revents: 0)
+            pollfd(fd: control.descriptor, events: Int16(POLLIN), revents: 0)
         )
         let r = withUnsafeMutableBytes(of: &fds) { raw in
             Glibc.poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 2, deadline.pollTimeoutMilliseconds)
         }
         if r <= 0 { return .timedOut }
-        if fds.1.revents != 0 { return .socket }
+        if fds.1.revents != 0 { return .socket(generation: control.generation) }
         return callNotifier.drain() > 0 ? .notified : .timedOut
     }
 
@@ -519,7 +548,8 @@ public final class BlockQueue {
     /// After the back-end came back: a fresh ring, the same bounce slices, every request
     /// that had not completed posted again from the private in-flight list (qsd keeps no
     /// inflight log). Writes are idempotent, so re-executing one is safe; completed ones
-    /// are never resubmitted.
+    /// are never resubmitted. Runs on this queue's own thread (`BlockDevice.settle`),
+    /// before the ring is announced on the new connection.
     func resubmitAfterReconnect() throws(VirtioError) {
         ring.reset()
         state.pointee.failedCount = 0
@@ -544,19 +574,5 @@ public final class BlockQueue {
         slots[i] = Slot()
         freeSlots[state.pointee.freeCount] = i
         state.pointee.freeCount += 1
-    }
-
-    /// Drops every slot (after a fatal failure has been reported and a reconnect resets
-    /// the ring): bounce memory is zeroed and returned to the pool.
-    func discardAll() {
-        ring.reset()
-        for i in 0..<slotCount {
-            if let slice = slots[i].slice { pool.free(slice) }
-            slots[i] = Slot()
-            freeSlots[i] = slotCount - 1 - i
-        }
-        state.pointee.freeCount = slotCount
-        state.pointee.failedCount = 0
-        state.pointee.activeCount = 0
     }
 }
