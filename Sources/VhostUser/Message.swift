@@ -142,6 +142,17 @@ public enum MessageRules {
         }
     }
 
+    /// Requests whose reply is their payload: REPLY_ACK does not apply to them, so a
+    /// refusal cannot be answered and drops the connection.
+    public static func hasReplyPayload(_ request: Request) -> Bool {
+        switch request {
+        case .getFeatures, .getProtocolFeatures, .getQueueNum, .getVringBase, .getConfig,
+            .getMaxMemSlots, .getInflightFD, .getStatus:
+            return true
+        default: return false
+        }
+    }
+
     public static func descriptors(_ request: Request) -> Descriptors {
         switch request {
         case .setMemTable: return .perRegion
