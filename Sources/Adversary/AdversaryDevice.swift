@@ -134,9 +134,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
             c.capacity = reads % 2 == 0 ? c.capacity / 2 : c.capacity
             c.blockSize = reads % 2 == 0 ? 4096 : 512
         }
-        guard size >= 0, size <= ConfigSpace.maximumSize, offset <= UInt32(ConfigSpace.maximumSize) else { return nil }
-        let bytes = c.encoded
-        return (0..<size).map { i in Int(offset) + i < bytes.count ? bytes[Int(offset) + i] : 0 }
+        return c.read(offset: offset, size: size)
     }
 
     public func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool { inner.writeConfig(offset: offset, bytes: bytes) }

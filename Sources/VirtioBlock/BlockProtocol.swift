@@ -1,3 +1,5 @@
+import VhostUser
+
 /// virtio-blk wire format (virtio 1.x §5.2). Shared by the driver and the device.
 public enum BlockProtocol {
     /// Sector addressing unit, independent of `blk_size`.
@@ -112,6 +114,17 @@ public struct BlockConfig: Sendable, Equatable {
         BlockProtocol.put(maxWriteZeroesSegments, into: &b, at: 52)
         b[56] = writeZeroesMayUnmap
         return b
+    }
+
+    /// GET_CONFIG of `size` bytes from `offset` (a device honours the offset): bytes past
+    /// the structure read as zero; nil for a range outside the config space.
+    public func read(offset: UInt32, size: Int) -> [UInt8]? {
+        guard size >= 0, size <= ConfigSpace.maximumSize, offset <= UInt32(ConfigSpace.maximumSize) else { return nil }
+        let bytes = encoded
+        return (0..<size).map { i in
+            let o = Int(offset) + i
+            return o < bytes.count ? bytes[o] : 0
+        }
     }
 
     /// Reads whatever prefix the device supplied; missing fields stay zero.

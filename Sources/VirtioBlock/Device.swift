@@ -95,14 +95,7 @@ public final class VirtioBlockDevice: VhostUserDevice {
     }
 
     /// Honours `offset`; bytes past the 60-byte structure read as zero.
-    public func readConfig(offset: UInt32, size: Int) -> [UInt8]? {
-        guard size >= 0, size <= ConfigSpace.maximumSize, offset <= UInt32(ConfigSpace.maximumSize) else { return nil }
-        let bytes = config.encoded
-        return (0..<size).map { i in
-            let o = Int(offset) + i
-            return o < bytes.count ? bytes[o] : 0
-        }
-    }
+    public func readConfig(offset: UInt32, size: Int) -> [UInt8]? { config.read(offset: offset, size: size) }
 
     /// The config space is read-only here (no CONFIG_WCE offered).
     public func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool { false }
