@@ -13,13 +13,15 @@ public import VirtioBlock
 /// through the real `Backend` and blk device (`AdversaryDevice`).
 public enum BlockMisbehaviour: Sendable, Equatable {
     case none
-    /// Acks 0, then closes the socket (what libvhost-user does on failure).
+    /// Acks 0, then hangs up: the next request is answered by closing the socket (what
+    /// libvhost-user does on failure).
     case ackThenClose(Request)
     /// Speaks first on the control socket (a back-end never may without BACKEND_REQ; the
     /// real back-end only ever answers, so no hook can do this).
     case unsolicitedMessage
-    /// Handles this request, then never reads the control socket again (it stays open):
-    /// the driver's sends fill the socket and its replies never come.
+    /// Answers this request, then stops serving the control socket (the next message is
+    /// the last one read; the socket stays open): the driver's sends fill it and its
+    /// replies never come.
     case deafAfter(Request)
 }
 
