@@ -38,32 +38,30 @@ int rf_gettid(void) { return (int)syscall(SYS_gettid); }
 
 #define RF_MAX_FDS 16
 
-static ssize_t send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds,
-                             int flags);
+// Room for the most descriptors a message may carry, aligned for cmsghdr.
+union rf_control {
+    char buf[CMSG_SPACE(sizeof(int) * RF_MAX_FDS)];
+    struct cmsghdr align;
+};
 
-ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
-    return send_with_fds(sock, buf, len, fds, nfds, 0);
+// One buffer, no name, no control yet.
+static void init_message(struct msghdr *msg, struct iovec *iov, void *buf, size_t len) {
+    iov->iov_base = buf;
+    iov->iov_len = len;
+    memset(msg, 0, sizeof(*msg));
+    msg->msg_iov = iov;
+    msg->msg_iovlen = 1;
 }
 
 ssize_t rf_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds) {
-    return send_with_fds(sock, buf, len, fds, nfds, MSG_DONTWAIT);
-}
-
-static ssize_t send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds,
-                             int flags) {
     if (nfds < 0 || nfds > RF_MAX_FDS) {
         errno = EINVAL;
         return -1;
     }
-    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct iovec iov;
     struct msghdr msg;
-    memset(&msg, 0, sizeof(msg));
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * RF_MAX_FDS)];
-        struct cmsghdr align;
-    } control;
+    init_message(&msg, &iov, (void *)buf, len);
+    union rf_control control;
     if (nfds > 0) {
         memset(&control, 0, sizeof(control));
         msg.msg_control = control.buf;
@@ -76,7 +74,7 @@ static ssize_t send_with_fds(int sock, const void *buf, size_t len, const int *f
     }
     ssize_t n;
     do {
-        n = sendmsg(sock, &msg, MSG_NOSIGNAL | flags);
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     return n;
 }
@@ -88,17 +86,12 @@ ssize_t rf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds,
     *truncated = 0;
     if (maxfds < 0) maxfds = 0;
     if (maxfds > RF_MAX_FDS) maxfds = RF_MAX_FDS;
-    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct iovec iov;
     struct msghdr msg;
-    memset(&msg, 0, sizeof(msg));
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
+    init_message(&msg, &iov, buf, len);
     // Always offer room for the maximum so surplus descriptors arrive (and get closed)
     // instead of being silently dropped by the kernel with MSG_CTRUNC.
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * RF_MAX_FDS)];
-        struct cmsghdr align;
-    } control;
+    union rf_control control;
     msg.msg_control = control.buf;
     msg.msg_controllen = sizeof(control.buf);
     ssize_t n;

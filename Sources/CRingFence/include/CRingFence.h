@@ -33,12 +33,9 @@ extern const int RF_EFD_CLOEXEC;
 /// or -1 with errno (EAGAIN: counter 0; EOPNOTSUPP: kernel older than 5.12).
 ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value);
 
-/// Sends `len` bytes and `nfds` descriptors (SCM_RIGHTS) with MSG_NOSIGNAL.
-/// Returns bytes sent or -1 (errno set).
-ssize_t rf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
-
-/// The same with MSG_DONTWAIT: fails with EAGAIN instead of blocking when the peer does
-/// not read (the caller waits for POLLOUT with a deadline). May send only part of `buf`.
+/// Sends `len` bytes and `nfds` descriptors (SCM_RIGHTS) with MSG_NOSIGNAL | MSG_DONTWAIT:
+/// fails with EAGAIN instead of blocking when the peer does not read (the caller waits
+/// for POLLOUT with a deadline). May send only part of `buf`. Returns bytes sent or -1.
 ssize_t rf_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
 /// Receives up to `len` bytes and at most `maxfds` descriptors with MSG_CMSG_CLOEXEC.
