@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "SharedMemory", targets: ["SharedMemory"]),
         .library(name: "Virtqueue", targets: ["Virtqueue"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
+        .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
         .library(name: "RingHarness", targets: ["RingHarness"]),
         .library(name: "XenRing", targets: ["XenRing"]),
@@ -55,25 +56,33 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue"],
             swiftSettings: strict
         ),
+        // The file-backed disk both device sides serve (virtio-blk and Xen blkif): a module
+        // of its own so XenRing does not depend on VirtioBlock or VhostUser.
+        .target(
+            name: "BlockImage",
+            dependencies: ["SharedMemory", "CRingFence"],
+            swiftSettings: strict
+        ),
         .target(
             name: "VirtioBlock",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
             swiftSettings: strict
         ),
         .target(
             name: "RingHarness",
-            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: strict
         ),
         .target(
             name: "Adversary",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "VirtioBlock", "RingHarness"],
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "RingHarness"],
             swiftSettings: strict
         ),
         .executableTarget(
             name: "RingFenceCLI",
             dependencies: [
                 "Adversary",
+                "BlockImage",
                 "SharedMemory",
                 "Virtqueue",
                 "RingHarness",
@@ -91,6 +100,7 @@ let package = Package(
             dependencies: [
                 "SharedMemory",
                 "Virtqueue",
+                "BlockImage",
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
             swiftSettings: strict
@@ -104,7 +114,7 @@ let package = Package(
         ),
         .testTarget(
             name: "XenRingTests",
-            dependencies: ["XenRing", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],
+            dependencies: ["XenRing", "BlockImage", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],
             swiftSettings: strict
         ),
         .testTarget(
@@ -128,12 +138,14 @@ let package = Package(
         ),
         .testTarget(
             name: "BlockDeviceTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingHarness"],
+            dependencies: [
+                "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingHarness",
+            ],
             swiftSettings: strict
         ),
         .testTarget(
             name: "AdversaryTests",
-            dependencies: ["Adversary", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -41,16 +41,19 @@ let package = Package(
             dependencies: ["SharedMemory", .product(name: "Atomics", package: "swift-atomics")],
             swiftSettings: settings),
         .target(name: "VhostUser", dependencies: ["SharedMemory", "Virtqueue", "CRingFence"], swiftSettings: settings),
+        .target(name: "BlockImage", dependencies: ["SharedMemory", "CRingFence"], swiftSettings: settings),
         .target(
-            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            name: "VirtioBlock", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
             swiftSettings: settings),
         .target(
             name: "XenRing",
-            dependencies: ["SharedMemory", "Virtqueue", .product(name: "Atomics", package: "swift-atomics")],
+            dependencies: [
+                "SharedMemory", "Virtqueue", "BlockImage", .product(name: "Atomics", package: "swift-atomics"),
+            ],
             swiftSettings: settings),
         .target(
             name: "RingHarness",
-            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "VirtioBlock"],
+            dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: settings),
         .target(name: "FuzzSupport", swiftSettings: settings),
         .target(name: "FuzzXenSupport", dependencies: ["SharedMemory", "XenRing"], swiftSettings: settings),
@@ -58,8 +61,9 @@ let package = Package(
         fuzzTarget("FuzzDeviceChain", ["RingHarness", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzGuestMemory", ["SharedMemory"]),
         fuzzTarget("FuzzVhostMessage", ["SharedMemory", "VhostUser"]),
-        fuzzTarget("FuzzBlockRequests", ["RingHarness", "SharedMemory", "VirtioBlock", "VhostUser", "Virtqueue"]),
-        fuzzTarget("FuzzBackendMessages", ["CRingFence", "SharedMemory", "VirtioBlock", "VhostUser"]),
+        fuzzTarget(
+            "FuzzBlockRequests", ["BlockImage", "RingHarness", "SharedMemory", "VirtioBlock", "VhostUser", "Virtqueue"]),
+        fuzzTarget("FuzzBackendMessages", ["BlockImage", "CRingFence", "SharedMemory", "VirtioBlock", "VhostUser"]),
         fuzzTarget("FuzzXenResponses", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
         fuzzTarget("FuzzXenRequests", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
         fuzzTarget("FuzzPackedDriver", ["RingHarness", "SharedMemory", "Virtqueue"]),

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import BlockImage
 import Foundation
 import SharedMemory
 import VhostUser

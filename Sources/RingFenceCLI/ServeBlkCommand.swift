@@ -1,5 +1,6 @@
 import Adversary
 import ArgumentParser
+import BlockImage
 import Logging
 import SharedMemory
 import VhostUser

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockImage
 import SharedMemory
 import XenRing
 
@@ -45,7 +46,9 @@ struct ServeXenBlkCommand: ParsableCommand {
     func run() throws {
         let storage: any BlockStorage
         if let image {
-            storage = try FileStorage(path: image)
+            let file = try DeviceImage(path: image)
+            guard file.size >= 512 else { throw ValidationError("\(image) is smaller than one 512-byte sector") }
+            storage = file
         } else {
             storage = MemoryStorage(sectors: memorySectors ?? 0)
         }

@@ -1,3 +1,4 @@
+public import BlockImage
 public import VhostUser
 import Virtqueue
 

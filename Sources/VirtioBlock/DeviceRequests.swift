@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import BlockImage
 public import SharedMemory
 public import VhostUser
 public import Virtqueue

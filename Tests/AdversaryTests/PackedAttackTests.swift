@@ -1,4 +1,5 @@
 import Adversary
+import BlockImage
 import Foundation
 import SharedMemory
 import Testing

@@ -1,3 +1,4 @@
+import BlockImage
 import Foundation
 import SharedMemory
 import Synchronization

@@ -1,7 +1,6 @@
+import BlockImage
 import Foundation
 import Testing
-
-@testable import VirtioBlock
 
 /// A flush skips fdatasync only when nothing was modified since the last one: every
 /// write path marks the image dirty, and a fresh image starts dirty (writes a previous

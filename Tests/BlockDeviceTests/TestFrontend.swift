@@ -1,3 +1,4 @@
+import BlockImage
 import CRingFence
 import Foundation
 import SharedMemory

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import BlockImage
 import CRingFence
 import FuzzSupport
 import SharedMemory

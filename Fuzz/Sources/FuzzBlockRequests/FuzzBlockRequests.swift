@@ -1,3 +1,4 @@
+import BlockImage
 import FuzzSupport
 import RingHarness
 import SharedMemory

@@ -1,13 +1,18 @@
 #if canImport(Glibc)
-import Glibc
+public import Glibc
 #endif
 internal import CRingFence
 public import SharedMemory
 import Synchronization
 
-/// The file behind a virtio-blk device: positioned I/O only (no shared file offset, so
-/// queue threads need no lock), EINTR retried, short transfers continued.
+/// The file behind a block device, shared by both device sides (virtio-blk's
+/// `VirtioBlockDevice` and Xen's blkif backend): positioned I/O only (no shared file
+/// offset, so queue threads need no lock), EINTR retried, short transfers continued.
+/// Callers check ranges against `size` before calling (R3); nothing here trusts a peer.
 public final class DeviceImage: Sendable {
+    /// Bytes per sector, for both virtio-blk and blkif.
+    public static let sectorSize = 512
+
     public let path: String
     public let readOnly: Bool
     /// Bytes usable by the guest: the file size rounded down to whole sectors.
@@ -23,7 +28,7 @@ public final class DeviceImage: Sendable {
     /// previous server completed (a restart under a reconnecting driver) may still be
     /// only in the page cache.
     let dirty = Atomic<Bool>(true)
-    var isDirty: Bool { dirty.load(ordering: .acquiring) }
+    public var isDirty: Bool { dirty.load(ordering: .acquiring) }
 
     public init(path: String, readOnly: Bool = false, direct: Bool = false) throws(SystemError) {
         let mode = readOnly ? O_RDONLY : O_RDWR
@@ -38,7 +43,7 @@ public final class DeviceImage: Sendable {
         self.fd = fd
         self.path = path
         self.readOnly = readOnly
-        self.size = UInt64(max(0, st.st_size)) / UInt64(BlockProtocol.sectorSize) * UInt64(BlockProtocol.sectorSize)
+        self.size = UInt64(max(0, st.st_size)) / UInt64(Self.sectorSize) * UInt64(Self.sectorSize)
         if direct {
             let d = open(path, mode | O_CLOEXEC | RF_O_DIRECT)
             directFD = d >= 0 ? d : nil
@@ -53,16 +58,32 @@ public final class DeviceImage: Sendable {
     }
 
     /// Writes all of `buffer` at `offset`.
-    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
         guard let base = buffer.baseAddress else { return true }
         defer { dirty.store(true, ordering: .releasing) }
+        return positioned(UnsafeMutableRawPointer(mutating: base), count: buffer.count, at: offset, write: true)
+    }
+
+    /// Fills all of `buffer` from `offset`; bytes past the end of the file read as zeros.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let base = buffer.baseAddress else { return true }
+        return positioned(base, count: buffer.count, at: offset, write: false)
+    }
+
+    /// One pread/pwrite loop for both directions.
+    private func positioned(_ base: UnsafeMutableRawPointer, count: Int, at offset: UInt64, write: Bool) -> Bool {
         var done = 0
         var useDirect = directFD != nil
-        while done < buffer.count {
-            let n = pwrite(
-                useDirect ? directFD ?? fd : fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+        while done < count {
+            let fd = useDirect ? directFD ?? self.fd : self.fd
+            let position = off_t(offset) + off_t(done)
+            let n =
+                write ? pwrite(fd, base + done, count - done, position) : pread(fd, base + done, count - done, position)
             if n > 0 {
                 done += n
+            } else if n == 0 && !write {
+                (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: count - done)
+                return true
             } else if n < 0 && errno == EINTR {
                 continue
             } else if n < 0 && errno == EINVAL && useDirect {
@@ -75,12 +96,12 @@ public final class DeviceImage: Sendable {
     }
 
     /// Largest vector count one preadv/pwritev takes (Linux IOV_MAX).
-    static let maximumVectors = 1024
+    public static let maximumVectors = 1024
 
     /// One vectored transfer of all of `vectors` at `offset` (a chain's data pieces in a
     /// few system calls instead of one per piece). Short transfers are continued; a read
     /// past the end of the file gives zeros. `vectors` is consumed (advanced in place).
-    func transfer(_ vectors: UnsafeMutableBufferPointer<iovec>, at offset: UInt64, write: Bool) -> Bool {
+    public func transfer(_ vectors: UnsafeMutableBufferPointer<iovec>, at offset: UInt64, write: Bool) -> Bool {
         guard let base = vectors.baseAddress else { return true }
         defer { if write { dirty.store(true, ordering: .releasing) } }
         var first = 0
@@ -123,7 +144,8 @@ public final class DeviceImage: Sendable {
         }
     }
 
-    func flush() -> Bool {
+    /// fdatasync, skipped when nothing was modified since the last flush.
+    public func flush() -> Bool {
         guard dirty.exchange(false, ordering: .acquiringAndReleasing) else { return true }
         while fdatasync(fd) != 0 {
             if errno != EINTR {
@@ -135,13 +157,13 @@ public final class DeviceImage: Sendable {
     }
 
     /// Deallocates the range (reads return zeros afterwards).
-    func punchHole(at offset: UInt64, length: UInt64) -> Bool {
+    public func punchHole(at offset: UInt64, length: UInt64) -> Bool {
         fallocate(RF_FALLOC_FL_PUNCH_HOLE | RF_FALLOC_FL_KEEP_SIZE, offset, length)
     }
 
     /// Zeroes the range: ZERO_RANGE, else punch a hole (when unmapping is allowed), else
     /// write zeros — file systems differ in what they support.
-    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) -> Bool {
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) -> Bool {
         if fallocate(RF_FALLOC_FL_ZERO_RANGE | RF_FALLOC_FL_KEEP_SIZE, offset, length) { return true }
         if mayUnmap && punchHole(at: offset, length: length) { return true }
         let chunk = 1 << 16
@@ -155,6 +177,13 @@ public final class DeviceImage: Sendable {
             done += UInt64(n)
         }
         return true
+    }
+
+    /// Discards the range: punches a hole (the space is given back to the file system),
+    /// else zero-fills it where the file system cannot punch, so reads of a discarded
+    /// range return zeros either way.
+    public func discard(at offset: UInt64, length: UInt64) -> Bool {
+        punchHole(at: offset, length: length) || writeZeroes(at: offset, length: length, mayUnmap: false)
     }
 
     private func fallocate(_ mode: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {

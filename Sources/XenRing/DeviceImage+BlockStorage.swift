@@ -1,0 +1,26 @@
+public import BlockImage
+
+/// The file-backed disk a blkif backend serves: the same `DeviceImage` virtio-blk's
+/// device uses, so both device sides share one implementation of positioned I/O, flush
+/// and discard. The backend has checked every range against `sectorCount` (R3).
+extension DeviceImage: BlockStorage {
+    static let blkifSector = UInt64(BlkifLayout.sectorSize)
+
+    public var sectorCount: UInt64 { size / Self.blkifSector }
+
+    public func read(sector: UInt64, into buffer: UnsafeMutableRawPointer, bytes: Int) -> Bool {
+        read(into: UnsafeMutableRawBufferPointer(start: buffer, count: bytes), at: sector * Self.blkifSector)
+    }
+
+    public func write(sector: UInt64, from buffer: UnsafeRawPointer, bytes: Int) -> Bool {
+        write(from: UnsafeRawBufferPointer(start: buffer, count: bytes), at: sector * Self.blkifSector)
+    }
+
+    /// Punches a hole (zero-fill where the file system cannot). At most 16 MiB per
+    /// request, like `MemoryStorage`: the zero-fill fallback must not stall the backend
+    /// for long (R5); larger ones are refused (answered EOPNOTSUPP).
+    public func discard(sector: UInt64, sectors: UInt64) -> Bool {
+        guard sectors <= 32768 else { return false }
+        return discard(at: sector * Self.blkifSector, length: sectors * Self.blkifSector)
+    }
+}
