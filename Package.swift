@@ -75,7 +75,9 @@ let package = Package(
         ),
         .target(
             name: "Adversary",
-            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "RingHarness"],
+            dependencies: [
+                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "RingHarness",
+            ],
             swiftSettings: strict
         ),
         .executableTarget(
@@ -114,7 +116,9 @@ let package = Package(
         ),
         .testTarget(
             name: "XenRingTests",
-            dependencies: ["XenRing", "BlockImage", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness"],
+            dependencies: [
+                "XenRing", "BlockImage", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness", "Adversary",
+            ],
             swiftSettings: strict
         ),
         .testTarget(

@@ -1,3 +1,4 @@
+import Adversary
 import ArgumentParser
 import BlockImage
 import SharedMemory
@@ -71,7 +72,8 @@ struct ServeXenBlkCommand: ParsableCommand {
 
     func serveOne(_ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?) {
         do {
-            let connection = try XenBlkBackendConnection.accept(channel: channel, storage: storage, attack: attack)
+            let connection = try XenBlkBackendConnection.accept(
+                channel: channel, storage: storage, hooks: attack.map(XenBackendAdversary.init))
             let end = connection.run()
             let b = connection.backend
             print(
@@ -189,31 +191,13 @@ struct XenBlkCommand: ParsableCommand {
         }
     }
 
-    /// Each frontend attack on a fresh connection: a bad request must be refused and the
-    /// backend must keep serving; a corrupt ring must get the connection dropped.
+    /// Each frontend attack on a fresh connection, judged by `Auditor`: a bad request must
+    /// be refused and the backend must keep serving; a corrupt ring must get the
+    /// connection dropped.
     func audit() throws {
         let attacks = attack.flatMap(XenFrontendAttack.init(rawValue:)).map { [$0] } ?? XenFrontendAttack.allCases
-        var failed = false
-        for a in attacks {
-            let device = try XenBlkFrontendDevice.connect(channel: try UnixChannel.connect(path: socket))
-            device.timeout = timeout
-            let outcome = device.audit(a)
-            var ok: Bool
-            var after = ""
-            if a == .requestProducerJump {
-                ok = outcome == .dropped
-            } else {
-                ok = outcome == .refused(.error) || outcome == .refused(.notSupported)
-                var page = [UInt8](repeating: 0, count: 4096)
-                let served = (try? page.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }) != nil
-                after = served ? ", then served a good request" : ", then did NOT serve a good request"
-                ok = ok && served
-            }
-            print("audit \(a.rawValue): \(outcome)\(after) -> \(ok ? "ok" : "FAIL")")
-            failed = failed || !ok
-            if a != .requestProducerJump { device.disconnect() }
-        }
-        if failed { throw ExitCode(1) }
+        let records = try Auditor.auditXenBackend(socket: socket, attacks: attacks, timeout: timeout) { print($0) }
+        if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
     }
 
     func pattern(_ n: Int) -> [UInt8] {

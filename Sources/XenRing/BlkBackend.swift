@@ -20,11 +20,13 @@ public final class BlkBackend {
 
     @exclusivity(unchecked) var requestConsumer: UInt32 = 0
     @exclusivity(unchecked) var requestSnapshot: UInt32 = 0
-    @exclusivity(unchecked) var responseProducer: UInt32 = 0
+    /// Responses written so far (private, R1); the next one goes to slot
+    /// `responseProducer & mask`.
+    @exclusivity(unchecked) public private(set) var responseProducer: UInt32 = 0
     @exclusivity(unchecked) var publishedResponseProducer: UInt32 = 0
 
-    /// Misbehaviour to apply (adversary runs only; nil in normal service).
-    @exclusivity(unchecked) public var attack: XenBackendAttack?
+    /// The Adversary's hook points (nil in service).
+    @exclusivity(unchecked) public var hooks: (any XenBackendHooks)?
     @exclusivity(unchecked) public private(set) var rejectedRequests = 0
     @exclusivity(unchecked) public private(set) var lastRejection: Violation?
     @exclusivity(unchecked) public private(set) var servedRequests = 0
@@ -71,9 +73,9 @@ public final class BlkBackend {
                 status = .error
             }
             servedRequests += 1
-            if attack == .neverRespond { continue }
-            respond(id: id, operation: operation, status: status)
-            if attack == .duplicateResponse { respond(id: id, operation: operation, status: status) }
+            var response = BlkResponseFields(id: id, operation: operation, status: status.rawValue)
+            let copies = hooks?.willRespond(&response) ?? 1
+            for _ in 0..<max(0, copies) { respond(response) }
         }
         return handled
     }
@@ -131,14 +133,10 @@ public final class BlkBackend {
         let pageWrite = !write
         var mapped = 0
         defer {
-            if attack != .grantStillMapped {
+            if hooks?.shouldUnmapGrants(self, segments: mapped) ?? true {
                 for s in 0..<mapped { mapper.unmap(ref(s), write: pageWrite) }
             }
-            if attack == .grantFlagsScribbled {
-                for s in 0..<mapped {
-                    mapper.memory.flagsAtomicStore(ref(s), 0x00e2)
-                }
-            }
+            hooks?.didEndTransfer(self, segments: mapped)
         }
         var position = sector
         var ok = true
@@ -158,27 +156,25 @@ public final class BlkBackend {
         return ok ? .okay : .error
     }
 
+    /// Grant ref of segment `s` of the request being served (its private copy).
     @inline(__always)
-    func ref(_ s: Int) -> UInt32 {
+    public func ref(_ s: Int) -> UInt32 {
         scratch.loadUnaligned(
             fromByteOffset: BlkifLayout.segments + s * BlkifLayout.segmentSize + BlkifLayout.segmentGrantRef,
             as: UInt32.self)
     }
 
+    /// The shared slot of response `index` (wrapped into the ring).
+    public func responseSlot(_ index: UInt32) -> UnsafeMutableRawPointer {
+        ring + SharedRingLayout.headerSize + Int(index & mask) * BlkifLayout.slotSize
+    }
+
     /// Writes one response into the next slot (write-only, R1).
-    func respond(id: UInt64, operation: UInt8, status: BlkStatus) {
-        var id = id
-        var operation = operation
-        var rawStatus = status.rawValue
-        switch attack {
-        case .responseIdOutOfRange?: id = 1000
-        case .responseIdNotInFlight?: id = (id &+ 1) & UInt64(mask)
-        case .wrongOperation?: operation ^= 1
-        case .unknownStatus?: rawStatus = 7
-        default: break
-        }
-        let slot = ring + SharedRingLayout.headerSize + Int(responseProducer & mask) * BlkifLayout.slotSize
-        var words: (UInt64, UInt64) = (id, UInt64(operation) | UInt64(UInt16(bitPattern: rawStatus)) << 16)
+    func respond(_ response: BlkResponseFields) {
+        let slot = responseSlot(responseProducer)
+        var words: (UInt64, UInt64) = (
+            response.id, UInt64(response.operation) | UInt64(UInt16(bitPattern: response.status)) << 16
+        )
         withUnsafeBytes(of: &words) {
             slot.copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(slot), byteCount: BlkifLayout.responseSize)
         }
@@ -190,16 +186,9 @@ public final class BlkBackend {
     public func publishResponses() -> Bool {
         guard responseProducer != publishedResponseProducer else { return false }
         var new = responseProducer
-        switch attack {
-        case .responseProducerJump?: new = responseProducer &+ 1000
-        case .responseProducerBackwards?: new = publishedResponseProducer &- 3
-        default: break
-        }
+        if let hooks { new = hooks.willPublish(responseProducer: new, previous: publishedResponseProducer) }
         SharedAccess.store32Release(ring + SharedRingLayout.responseProducer, new)
-        if attack == .rewriteAfterPublish {
-            let last = ring + SharedRingLayout.headerSize + Int((responseProducer &- 1) & mask) * BlkifLayout.slotSize
-            SharedAccess.store64(last + BlkifLayout.responseId, 999)
-        }
+        hooks?.didPublish(self)
         SharedAccess.fullFence()
         let event = SharedAccess.load32(ring + SharedRingLayout.responseEvent)
         let old = publishedResponseProducer
@@ -215,13 +204,5 @@ public final class BlkBackend {
         SharedAccess.store32(ring + SharedRingLayout.requestEvent, requestConsumer &+ 1)
         SharedAccess.fullFence()
         return SharedAccess.load32Acquire(ring + SharedRingLayout.requestProducer) != requestConsumer
-    }
-}
-
-extension GrantTableMemory {
-    /// Raw flag store (adversary only: scribbling the frontend's grant entries).
-    func flagsAtomicStore(_ ref: UInt32, _ value: UInt16) {
-        guard Int(ref) < entryCount else { return }
-        flagsAtomic(ref).store(value, ordering: .releasing)
     }
 }

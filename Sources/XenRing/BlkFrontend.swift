@@ -101,6 +101,8 @@ public final class BlkFrontend {
     /// `violation != nil`, as one flag: the hot path tests this byte instead of copying the
     /// optional enum (whose String payloads make every copy an outlined retain/release).
     @exclusivity(unchecked) public private(set) var isBroken = false
+    /// The Adversary's hook points (nil in service).
+    @exclusivity(unchecked) public var hooks: (any XenFrontendHooks)?
 
     /// Takes over the ring page (SHARED_RING_INIT) and every frame but `ringFrame` as
     /// bounce pages.
@@ -284,7 +286,9 @@ public final class BlkFrontend {
             slot.storeBytes(
                 of: scratch.load(fromByteOffset: w &* 8, as: UInt64.self), toByteOffset: w &* 8, as: UInt64.self)
         }
-        if segments <= 1 {  // 32 bytes: header and one segment (or nr_sectors)
+        if let hooks {
+            postHooked(hooks, segments: segments)
+        } else if segments <= 1 {  // 32 bytes: header and one segment (or nr_sectors)
             copyWord(0)
             copyWord(1)
             copyWord(2)
@@ -305,7 +309,8 @@ public final class BlkFrontend {
     public func publish() -> Bool {
         guard !isBroken, requestProducer != publishedRequestProducer else { return false }
         let new = requestProducer
-        SharedAccess.store32Release(ring + SharedRingLayout.requestProducer, new)
+        SharedAccess.store32Release(
+            ring + SharedRingLayout.requestProducer, hooks?.willPublish(requestProducer: new) ?? new)
         SharedAccess.fullFence()
         let event = SharedAccess.load32(ring + SharedRingLayout.requestEvent)
         let old = publishedRequestProducer
@@ -474,45 +479,14 @@ public final class BlkFrontend {
 }
 
 extension BlkFrontend {
-    /// Adversary hook for auditing a backend: posts a request the backend must refuse
-    /// (or, for `.requestProducerJump`, corrupts req_prod). Built like any request (own
-    /// id, private copy, no grants), so a correct ERROR answer validates normally.
-    func postMalformed(_ attack: XenFrontendAttack, token: UInt64) throws(BlkSubmitError) {
-        if attack == .requestProducerJump {
-            if isBroken { throw .broken(stickyViolation()) }
-            SharedAccess.store32Release(ring + SharedRingLayout.requestProducer, requestProducer &+ 1000)
-            return
-        }
-        let id = try takeId()
-        scratch.initializeMemory(as: UInt8.self, repeating: 0, count: BlkifLayout.requestSize)  // all 112 bytes go out
-        build(operation: .read, id: id, sector: 0, segments: BlkifLayout.maxSegments)
-        func segment(_ s: Int, ref: UInt32, first: UInt8, last: UInt8) {
-            let p = scratch + BlkifLayout.segments + s * BlkifLayout.segmentSize
-            p.storeBytes(of: ref, toByteOffset: BlkifLayout.segmentGrantRef, as: UInt32.self)
-            p.storeBytes(of: first, toByteOffset: BlkifLayout.segmentFirstSector, as: UInt8.self)
-            p.storeBytes(of: last, toByteOffset: BlkifLayout.segmentLastSector, as: UInt8.self)
-        }
-        var count: UInt8 = 1
-        switch attack {
-        case .tooManySegments:
-            for s in 0..<BlkifLayout.maxSegments { segment(s, ref: 0, first: 0, last: 7) }
-            count = 12
-        case .firstAfterLast: segment(0, ref: 0, first: 5, last: 2)
-        case .lastSectorBeyondPage: segment(0, ref: 0, first: 0, last: 8)
-        case .grantRefOutOfRange: segment(0, ref: 0xffff_fff0, first: 0, last: 7)
-        case .grantNotGranted:
-            segment(0, ref: UInt32(truncatingIfNeeded: memory.grants.entryCount - 1), first: 0, last: 7)
-        case .sectorBeyondCapacity:
-            segment(0, ref: 0, first: 0, last: 7)
-            let sector = capacitySectors == .max ? UInt64.max - 3 : capacitySectors
-            scratch.storeBytes(of: sector, toByteOffset: BlkifLayout.sectorNumber, as: UInt64.self)
-        case .requestProducerJump: break
-        }
-        scratch.storeBytes(of: count, toByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
+    /// The request copy under a hook: every byte past what the request defines is zeroed,
+    /// the hook may rewrite any of them, and all of it goes into the slot.
+    @inline(never)
+    func postHooked(_ hooks: any XenFrontendHooks, segments: Int) {
+        let defined = Self.requestBytes(segments: segments)
+        (scratch + defined).initializeMemory(as: UInt8.self, repeating: 0, count: BlkifLayout.requestSize - defined)
+        hooks.willPost(scratch, frontend: self)
         let slot = ring + SharedRingLayout.headerSize + Int(requestProducer & mask) * BlkifLayout.slotSize
         slot.copyMemory(from: scratch, byteCount: BlkifLayout.requestSize)
-        requestProducer &+= 1
-        shadow[Int(id)] = Shadow(token: token, operation: .read, segmentCount: 0, active: true)
-        inFlightCount += 1
     }
 }

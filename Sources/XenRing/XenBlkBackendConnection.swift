@@ -14,21 +14,17 @@ public final class XenBlkBackendConnection {
     let table: SharedRegion
     let frames: SharedRegion
     let ringRef: UInt32
-    public let attack: XenBackendAttack?
+    /// The Adversary's hook points, shared with `backend` (nil in service).
+    public let hooks: (any XenBackendHooks)?
 
-    /// Announces `info` (or absurd values under a handshake attack), then validates and
-    /// maps what the frontend shares.
+    /// Announces `info` (as `hooks` may rewrite it), then validates and maps what the
+    /// frontend shares.
     public static func accept(
-        channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack? = nil,
+        channel: UnixChannel, storage: any BlockStorage, hooks: (any XenBackendHooks)? = nil,
         flushCache: Bool = true, discard: Bool = true, until deadline: Deadline = .after(seconds: 10)
     ) throws(XenConnectError) -> XenBlkBackendConnection {
         var node = XenBlkInfo(sectors: storage.sectorCount, flushCache: flushCache, discard: discard).node
-        switch attack {
-        case .sectorsZero?: node["sectors"] = "0"
-        case .sectorsHuge?: node["sectors"] = "\(UInt64(1) << 63)"
-        case .sectorSizeThree?: node["sector-size"] = "3"
-        default: break
-        }
+        hooks?.willAnnounce(&node)
         try channel.sendNode(node, until: deadline)
         let (theirs, fds) = try channel.receiveNode(maxDescriptors: 4, until: deadline)
         guard fds.count == 4 else { throw .setup("expected 4 descriptors, got \(fds.count)") }
@@ -75,16 +71,16 @@ public final class XenBlkBackendConnection {
         let ring: UnsafeMutableRawPointer
         do { ring = try mapper.map(UInt32(ref), write: true) } catch { throw .violation(error) }
         let backend = BlkBackend(ring: ring, mapper: mapper, storage: storage)
-        backend.attack = attack
+        backend.hooks = hooks
         try channel.sendNode(XenStoreNode(["state": "\(XenbusState.connected.rawValue)"]), until: deadline)
         return XenBlkBackendConnection(
             backend: backend, events: events, channel: channel, table: table, frames: frames, ringRef: UInt32(ref),
-            attack: attack)
+            hooks: hooks)
     }
 
     init(
         backend: BlkBackend, events: EventChannel, channel: UnixChannel, table: SharedRegion, frames: SharedRegion,
-        ringRef: UInt32, attack: XenBackendAttack?
+        ringRef: UInt32, hooks: (any XenBackendHooks)?
     ) {
         self.backend = backend
         self.events = events
@@ -92,7 +88,7 @@ public final class XenBlkBackendConnection {
         self.table = table
         self.frames = frames
         self.ringRef = ringRef
-        self.attack = attack
+        self.hooks = hooks
     }
 
     deinit { backend.mapper.unmap(ringRef, write: true) }
@@ -124,7 +120,7 @@ public final class XenBlkBackendConnection {
             if n > 0 {
                 spins = 0
                 lastWork = monotonicNanoseconds()
-                if attack == .eventStorm { storm() }
+                hooks?.didServe(self, requests: n)
                 if backend.publishResponses() && !events.notify() {
                     return drop(.notifierBlocked(role: "event channel"))
                 }
@@ -156,15 +152,6 @@ public final class XenBlkBackendConnection {
         events.mask()
         channel.shutdown()
         return .dropped(violation)
-    }
-
-    /// Event storm: 300 ms of events with no response, then the answer.
-    func storm() {
-        let end = Deadline.after(seconds: 0.3)
-        while !end.hasPassed {
-            events.outgoing.signal()
-            usleep(100)
-        }
     }
 
     func close() -> End {

@@ -206,47 +206,62 @@ public final class XenBlkFrontendDevice {
     }
 }
 
-/// What a backend did with a malformed request (an audit of the backend).
-public enum XenAuditOutcome: Equatable, Sendable, CustomStringConvertible {
-    /// Failed the request (the expected answer to a bad request).
-    case refused(BlkStatus)
-    /// Answered OKAY: the backend accepted a request it must refuse.
-    case accepted
-    /// Dropped the connection (the expected answer to a corrupt ring).
-    case dropped
-    /// Neither answered nor dropped within the deadline.
-    case silent
-
-    public var description: String {
-        switch self {
-        case .refused(let s): return "refused (\(s))"
-        case .accepted: return "ACCEPTED"
-        case .dropped: return "connection dropped"
-        case .silent: return "no answer"
-        }
-    }
-}
+// MARK: requests in flight
 
 extension XenBlkFrontendDevice {
-    /// Sends one frontend attack (`XenFrontendAttack`) and reports how the backend
-    /// reacted. Audit tool: the device is unusable afterwards for a ring corruption.
-    public func audit(_ attack: XenFrontendAttack) -> XenAuditOutcome {
-        let token = takeToken()
-        do { try front.postMalformed(attack, token: token) } catch { return .silent }
-        if attack == .requestProducerJump {
-            events.notify()
-            // The backend must drop the connection: the channel becomes readable (EOF).
-            do { try channel.waitReadable(until: .after(seconds: timeout)) } catch { return .silent }
-            return .dropped
-        }
-        kick()
-        do {
-            for c in try waitForCompletions(until: .after(seconds: timeout)) where c.token == token {
-                return c.status == .okay ? .accepted : .refused(c.status)
+    /// Posts a read of `buffer.count` bytes at `sector` without waiting; its completion
+    /// carries `token`. `kick()` publishes it. For callers that keep several requests in
+    /// flight (the benchmark); `read` is the blocking form.
+    public func submitRead(sector: UInt64, into buffer: UnsafeMutableRawBufferPointer, token: UInt64)
+        throws(XenBlkError)
+    {
+        do { try front.submitRead(sector: sector, into: buffer, token: token) } catch { throw submitError(error) }
+    }
+
+    /// Posts a write of `data` at `sector` without waiting (see `submitRead`).
+    public func submitWrite(sector: UInt64, from data: UnsafeRawBufferPointer, token: UInt64) throws(XenBlkError) {
+        do { try front.submitWrite(sector: sector, from: data, token: token) } catch { throw submitError(error) }
+    }
+
+    /// Posts a flush without waiting (see `submitRead`).
+    public func submitFlush(token: UInt64) throws(XenBlkError) {
+        do { try front.submitFlush(token: token) } catch { throw submitError(error) }
+    }
+
+    /// The next validated completion if one is ready; never blocks. A violation disables
+    /// the device (R6) and is thrown.
+    public func poll() throws(XenBlkError) -> BlkCompletion? {
+        try nextCompletionOrDisable()
+    }
+
+    /// Waits for the next completion, at most `timeout` seconds (then the device is
+    /// disabled, R5); nil when nothing is in flight. Wake-ups without a response are
+    /// counted and backed off (R5).
+    public func waitForCompletion() throws(XenBlkError) -> BlkCompletion? {
+        var deadline: Deadline?
+        var woke = false
+        while true {
+            let completion = try nextCompletionOrDisable()
+            if woke {
+                events.noteWake(productive: completion != nil)
+                woke = false
             }
-        } catch {
-            return .silent
+            if let completion { return completion }
+            if front.inFlightCount == 0 { return nil }
+            if front.enableNotifications() { continue }
+            // Read the clock only once waiting starts: per completion it would cost more
+            // than the checks themselves.
+            let until = deadline ?? .after(seconds: timeout)
+            deadline = until
+            try checkDeadline(until)
+            woke = events.wait(until: until)
         }
-        return .silent
+    }
+
+    /// True once the backend closed the connection before `deadline` (what it must do
+    /// after a corrupt ring).
+    public func waitForDisconnect(until deadline: Deadline) -> Bool {
+        do { try channel.waitReadable(until: deadline) } catch { return false }
+        return true
     }
 }

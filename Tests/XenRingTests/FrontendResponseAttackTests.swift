@@ -1,5 +1,6 @@
-import SharedMemory
+import Adversary
 import RingHarness
+import SharedMemory
 import Testing
 import Virtqueue
 @testable import XenRing
@@ -112,7 +113,7 @@ import Virtqueue
     /// The same through the adversarial backend: every response written twice.
     @Test func duplicateResponsesFromBackendDisableDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .duplicateResponse
+            p.back.hooks = XenBackendAdversary(.duplicateResponse)
             try p.serveAll()
             let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 2, inFlight: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -122,7 +123,7 @@ import Virtqueue
 
     @Test func wrongOperationDisablesDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .wrongOperation
+            p.back.hooks = XenBackendAdversary(.wrongOperation)
             try p.serveAll()
             let v = Violation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -132,7 +133,7 @@ import Virtqueue
 
     @Test func unknownStatusDisablesDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .unknownStatus
+            p.back.hooks = XenBackendAdversary(.unknownStatus)
             try p.serveAll()
             let v = Violation.xenResponseStatusUnknown(id: 0, status: 7)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -142,7 +143,7 @@ import Virtqueue
 
     @Test func responseIdOutOfRangeFromBackendDisablesDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .responseIdOutOfRange
+            p.back.hooks = XenBackendAdversary(.responseIdOutOfRange)
             try p.serveAll()
             let v = Violation.xenResponseIdOutOfRange(id: 1000, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -152,7 +153,7 @@ import Virtqueue
 
     @Test func responseProducerJumpFromBackendDisablesDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .responseProducerJump
+            p.back.hooks = XenBackendAdversary(.responseProducerJump)
             try p.serveAll()
             let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -162,7 +163,7 @@ import Virtqueue
 
     @Test func responseProducerBackwardsFromBackendDisablesDevice() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .responseProducerBackwards
+            p.back.hooks = XenBackendAdversary(.responseProducerBackwards)
             try p.serveAll()
             let v = Violation.xenResponseProducerWentBackwards(consumer: 0, producer: 0 &- 3)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -192,7 +193,7 @@ import Virtqueue
     /// reads it after the rewrite here, so it sees (and rejects) only the rewritten value.
     @Test func responseRewrittenBeforeConsumptionIsRejectedWhole() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .rewriteAfterPublish
+            p.back.hooks = XenBackendAdversary(.rewriteAfterPublish)
             try p.serveAll()
             let v = Violation.xenResponseIdOutOfRange(id: 999, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -233,7 +234,7 @@ import Virtqueue
     @Test func grantStillMappedAtCompletionQuarantinesPage() throws {
         try withReads(1) { p, tokens, other in
             let pages = p.front.availablePages
-            p.back.attack = .grantStillMapped
+            p.back.hooks = XenBackendAdversary(.grantStillMapped)
             try p.serveAll()
             let v = Violation.xenGrantStillMapped(ref: 8, flags: GrantLayout.permitAccess | GrantLayout.writing)
             #expect(throws: v) { try p.front.nextCompletion() }
@@ -248,7 +249,7 @@ import Virtqueue
     /// Backend scribbles the grant flags: the page is quarantined and the device disabled.
     @Test func grantFlagsScribbledQuarantinesPage() throws {
         try withReads(1) { p, tokens, other in
-            p.back.attack = .grantFlagsScribbled
+            p.back.hooks = XenBackendAdversary(.grantFlagsScribbled)
             try p.serveAll()
             let v = Violation.xenGrantFlagsScribbled(ref: 8, expected: GrantLayout.permitAccess, found: 0x00e2)
             #expect(throws: v) { try p.front.nextCompletion() }

@@ -1,3 +1,4 @@
+import Adversary
 import SharedMemory
 import Testing
 import Virtqueue
@@ -106,7 +107,7 @@ import Virtqueue
         defer { buffer.deallocate() }
         try p.front.submitRead(sector: 0, into: buffer, token: 1)
         _ = p.front.publish()
-        p.back.attack = .grantStillMapped
+        p.back.hooks = XenBackendAdversary(.grantStillMapped)
         try p.serveAll()
         #expect(throws: (any Error).self) { try p.front.nextCompletion() }
         _ = p.front.failAll()

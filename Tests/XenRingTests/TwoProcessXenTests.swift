@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Adversary
 import RingHarness
 import SharedMemory
 import Testing

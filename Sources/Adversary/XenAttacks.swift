@@ -1,5 +1,6 @@
-/// Backend misbehaviours the frontend must survive (issue #6, "Bad input"). Data plus
-/// hooks in `BlkBackend`; to be folded into the Adversary catalogue once it exists.
+/// Backend misbehaviours the Xen frontend must survive (issue #6, "Bad input"), as data;
+/// `XenBackendAdversary` plays them through the real backend's `XenBackendHooks`
+/// (`serve-xen-blk --attack NAME`).
 public enum XenBackendAttack: String, Sendable, CaseIterable {
     /// rsp_prod published far beyond the responses written (> ring size).
     case responseProducerJump = "rsp-prod-jump"
@@ -27,8 +28,10 @@ public enum XenBackendAttack: String, Sendable, CaseIterable {
     case neverRespond = "never-respond"
 }
 
-/// Frontend misbehaviours the backend must survive: the request is failed (ERROR) or,
-/// for ring-level corruption, the connection is dropped; the backend keeps serving.
+/// Frontend misbehaviours the Xen backend must survive: the request is failed (ERROR)
+/// or, for ring-level corruption, the connection is dropped; the backend keeps serving.
+/// `XenFrontendAdversary` plays them through the real frontend's `XenFrontendHooks`
+/// (`xen-blk audit`, verdict by `Auditor.auditXenBackend`).
 public enum XenFrontendAttack: String, Sendable, CaseIterable {
     case requestProducerJump = "req-prod-jump"
     case tooManySegments = "segments-12"
