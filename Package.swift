@@ -19,6 +19,7 @@ let package = Package(
         .library(name: "RingHarness", targets: ["RingHarness"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "Adversary", targets: ["Adversary"]),
+        .library(name: "BlockBench", targets: ["BlockBench"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -84,6 +85,7 @@ let package = Package(
             name: "RingFenceCLI",
             dependencies: [
                 "Adversary",
+                "BlockBench",
                 "BlockImage",
                 "SharedMemory",
                 "Virtqueue",
@@ -107,6 +109,16 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The benchmark loop both block transports run (blk bench, xen-blk bench, xen-bench).
+        // Above both transports, so neither carries benchmark code.
+        .target(
+            name: "BlockBench",
+            dependencies: [
+                "SharedMemory", "VirtioBlock", "XenRing",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            swiftSettings: strict
+        ),
         // Reference peer on Debian libxen-dev's ring.h/blkif.h macros, for the compatibility
         // tests only. The trusting benchmark baseline lives in Benchmarks/ (R8).
         .target(
@@ -118,6 +130,7 @@ let package = Package(
             name: "XenRingTests",
             dependencies: [
                 "XenRing", "BlockImage", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness", "Adversary",
+                "BlockBench",
             ],
             swiftSettings: strict
         ),

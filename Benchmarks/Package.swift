@@ -78,6 +78,7 @@ let package = Package(
             name: "xen-bench",
             dependencies: [
                 "CXenTrusting",
+                .product(name: "BlockBench", package: "RingFence"),
                 .product(name: "XenRing", package: "RingFence"),
                 .product(name: "SharedMemory", package: "RingFence"),
                 .product(name: "RingHarness", package: "RingFence"),

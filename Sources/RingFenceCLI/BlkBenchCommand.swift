@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockBench
 import Dispatch
 import Foundation
 import Histogram
@@ -8,12 +9,12 @@ import VirtioBlock
 
 enum BenchMode: String, ExpressibleByArgument, CaseIterable {
     case read, write, randread, randwrite, randrw
-    var random: Bool { self == .randread || self == .randwrite || self == .randrw }
+    var pattern: BlockBenchPattern { BlockBenchPattern(rawValue: rawValue) ?? .randread }
 }
 
 /// Shared between the per-queue worker threads and the progress line.
-final class BenchState: @unchecked Sendable {
-    let ios = Atomic<Int>(0)
+final class BenchState: Sendable {
+    let progress = BlockBenchProgress()
     let results = Mutex<[(Histogram<UInt64>, Int, VirtioError?)]>([])
 }
 
@@ -51,19 +52,26 @@ struct BlkBench: ParsableCommand {
         let state = BenchState()
         let group = DispatchGroup()
         let start = monotonicNanoseconds()
-        let end = start + UInt64(runtime * 1e9)
-        let (bsBytes, depth, mode) = (bs.bytes, iodepth, rw)
+        let bsBytes = bs.bytes
         for qi in 0..<disk.queueCount {
+            // Each queue runs the library's loop; sequential runs start queues apart.
+            var bench = BlockBench(
+                pattern: rw.pattern, blockSize: bsBytes, depth: iodepth, seconds: runtime, blocks: blocks)
+            bench.firstBlock = UInt64(qi) &* (blocks / UInt64(max(1, disk.queueCount)))
+            bench.seed &+= UInt64(qi)
+            bench.recordsLatency = true
+            let queueBench = bench
             DispatchQueue.global().async(group: group) {
-                let r = benchWorker(
-                    disk: disk, queue: qi, mode: mode, bs: bsBytes, depth: depth, blocks: blocks, end: end,
-                    state: state)
-                state.results.withLock { $0.append(r) }
+                let r = queueBench.run(disk.queue(qi), progress: state.progress)
+                let histogram =
+                    r.latencies
+                    ?? Histogram(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
+                state.results.withLock { $0.append((histogram, r.requests, r.firstError)) }
             }
         }
         while group.wait(timeout: .now() + 1) == .timedOut {
             let elapsed = Double(monotonicNanoseconds() - start) / 1e9
-            let ios = state.ios.load(ordering: .relaxed)
+            let ios = state.progress.completed
             let iops = Double(ios) / elapsed
             FileHandle.standardError.write(
                 Data(
@@ -110,68 +118,4 @@ struct BlkBench: ParsableCommand {
             throw ExitCode(1)
         }
     }
-}
-
-/// One queue's closed loop: keep `depth` requests in flight until `end`, record each
-/// request's submit-to-completion latency.
-func benchWorker(
-    disk: BlockDevice, queue: Int, mode: BenchMode, bs: Int, depth: Int, blocks: UInt64, end: UInt64,
-    state: BenchState
-) -> (Histogram<UInt64>, Int, VirtioError?) {
-    var histogram = Histogram<UInt64>(highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
-    let q = disk.queue(queue)
-    let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: bs * depth, alignment: 4096)
-    defer { buffers.deallocate() }
-    for i in 0..<buffers.count { buffers[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
-    var started = [UInt64](repeating: 0, count: depth)
-    var rng = UInt64(0x2545_f491_4f6c_dd1d) &+ UInt64(queue)
-    var sequential = UInt64(queue) &* (blocks / UInt64(max(1, disk.queueCount)))
-    var done = 0
-    var error: VirtioError?
-
-    func submit(_ slot: Int) throws(VirtioError) {
-        let block: UInt64
-        if mode.random {
-            rng ^= rng << 13
-            rng ^= rng >> 7
-            rng ^= rng << 17
-            block = rng % blocks
-        } else {
-            block = sequential % blocks
-            sequential &+= 1
-        }
-        let write: Bool
-        switch mode {
-        case .write, .randwrite: write = true
-        case .randrw: write = rng & (1 << 40) != 0
-        default: write = false
-        }
-        let buffer = UnsafeMutableRawBufferPointer(rebasing: buffers[slot * bs..<(slot + 1) * bs])
-        started[slot] = monotonicNanoseconds()
-        if write {
-            try q.submitWrite(offset: block * UInt64(bs), from: UnsafeRawBufferPointer(buffer), tag: UInt64(slot))
-        } else {
-            try q.submitRead(offset: block * UInt64(bs), into: buffer, tag: UInt64(slot))
-        }
-    }
-
-    do throws(VirtioError) {
-        for slot in 0..<depth { try submit(slot) }
-        while let c = q.wait() {
-            let slot = Int(c.tag)
-            let now = monotonicNanoseconds()
-            if case .failure(let e) = c.result {
-                if error == nil { error = e }
-                continue
-            }
-            _ = histogram.record(now - started[slot])
-            done += 1
-            state.ios.wrappingAdd(1, ordering: .relaxed)
-            if now < end && error == nil { try submit(slot) }
-        }
-    } catch let e {
-        if error == nil { error = e }
-        while q.wait() != nil {}
-    }
-    return (histogram, done, error)
 }

@@ -1,5 +1,6 @@
 import Adversary
 import ArgumentParser
+import BlockBench
 import BlockImage
 import SharedMemory
 import XenRing
@@ -179,7 +180,12 @@ struct XenBlkCommand: ParsableCommand {
             }
             print("verify: \(bytes) bytes at sector \(sector) read back intact")
         case .bench:
-            let r = try device.benchmark(seconds: seconds, depth: depth, write: writes)
+            let blockSectors = UInt64(4096 / BlkifLayout.sectorSize)
+            let bench = BlockBench(
+                pattern: writes ? .write : .read, blockSize: 4096, depth: depth, seconds: seconds,
+                blocks: info.sectors / blockSectors)
+            let r = bench.run(device)
+            if let error = r.firstError, r.errors == 0 { throw error }
             print(
                 "xen-blk bench: \(writes ? "write" : "read") 4 KiB, depth \(depth): \(r.requests) requests in "
                     + "\(format(r.seconds, 2)) s = \(format(r.requestsPerSecond, 0)) IOPS, "

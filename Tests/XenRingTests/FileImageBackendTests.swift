@@ -1,3 +1,4 @@
+import BlockBench
 import BlockImage
 import Foundation
 import RingHarness
@@ -32,5 +33,19 @@ import Testing
         #expect(back == [UInt8](repeating: 0, count: 8192))
         device.disconnect()
         thread.join()
+    }
+}
+
+/// The library's benchmark loop (`BlockBench`, what `xen-blk bench` runs) on an
+/// in-process backend: requests complete, none fail.
+@Suite struct XenBlkBenchTests {
+    @Test(arguments: [BlockBenchPattern.read, .write, .randrw])
+    func benchmarkLoopCompletesWithoutErrors(pattern: BlockBenchPattern) throws {
+        let (device, backend) = try connectedPair(sectors: 4096)
+        let r = BlockBench(pattern: pattern, blockSize: 4096, depth: 16, seconds: 0.1, blocks: 512).run(device)
+        #expect(r.requests > 0 && r.errors == 0 && r.firstError == nil)
+        #expect(r.bytes == r.requests * 4096)
+        device.disconnect()
+        backend.join()
     }
 }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Adversary
+import BlockBench
 import RingHarness
 import SharedMemory
 import Testing
@@ -44,8 +45,9 @@ func ringfenceBinary() -> String? {
             try back.withUnsafeMutableBytes { try device.read(sector: UInt64(round * 88), into: $0) }
             #expect(back == data)
         }
-        let r = try device.benchmark(seconds: 0.2, depth: 16)
-        #expect(r.requests > 0 && r.errors == 0)
+        let r = BlockBench(pattern: .read, blockSize: 4096, depth: 16, seconds: 0.2, blocks: device.info.sectors / 8)
+            .run(device)
+        #expect(r.requests > 0 && r.errors == 0 && r.firstError == nil)
         device.disconnect()
         #expect(child.wait(until: .after(seconds: 5)) == .exited(0))
     }

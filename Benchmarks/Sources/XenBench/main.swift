@@ -6,6 +6,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import BlockBench
 import CXenTrusting
 import RingHarness
 import SharedMemory
@@ -108,13 +109,18 @@ var cpuTrusting = 0.0
 var requestsHardened = 0
 var requestsTrusting = 0
 
-/// The hardened frontend: the library's benchmark loop (what `ringfence xen-blk bench` runs).
-@MainActor func runHardened() -> XenBenchReport {
+/// The hardened frontend: the library's benchmark loop (`BlockBench`, what `ringfence
+/// xen-blk bench` runs).
+@MainActor func runHardened() -> BlockBenchReport<XenBlkError> {
     let device = connect()
     defer { device.disconnect() }
     do {
         let cpu = threadCPUSeconds()
-        let r = try device.benchmark(seconds: seconds, depth: depth, write: write)
+        let bench = BlockBench(
+            pattern: write ? .write : .read, blockSize: 4096, depth: depth, seconds: seconds,
+            blocks: device.info.sectors / 8)
+        let r = bench.run(device)
+        if let error = r.firstError { throw error }
         cpuHardened += threadCPUSeconds() - cpu
         requestsHardened += r.requests
         guard r.errors == 0 else { fail("hardened run had \(r.errors) errors") }
@@ -163,7 +169,7 @@ if let only {
 }
 for round in 1...rounds {
     // Alternate which side goes first (ABBA), so drift in machine load cancels out.
-    var r = XenBenchReport(requests: 0, bytes: 0, seconds: 0, errors: 0)
+    var r = BlockBenchReport<XenBlkError>()
     var cRate = 0.0
     if round % 2 == 1 {
         r = runHardened()
