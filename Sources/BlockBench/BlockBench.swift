@@ -84,7 +84,13 @@ public struct BlockBench: Sendable {
         let bench: BlockBench
         let progress: BlockBenchProgress?
         let buffers: UnsafeMutableRawBufferPointer
+        /// `buffers.baseAddress`: buffer `slot` starts at `base + slot * blockSize`.
+        let base: UnsafeMutableRawPointer
         let started: UnsafeMutableBufferPointer<UInt64>
+        /// The pattern, decided once: random blocks, all writes, or a random mix.
+        let random: Bool
+        let writes: Bool
+        let mixed: Bool
         var rng: UInt64
         var sequential: UInt64
         var end: UInt64 = 0
@@ -93,8 +99,12 @@ public struct BlockBench: Sendable {
         init(bench: BlockBench, progress: BlockBenchProgress?) {
             self.bench = bench
             self.progress = progress
-            buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: bench.depth * bench.blockSize, alignment: 4096)
+            base = UnsafeMutableRawPointer.allocate(byteCount: bench.depth * bench.blockSize, alignment: 4096)
+            buffers = UnsafeMutableRawBufferPointer(start: base, count: bench.depth * bench.blockSize)
             for i in 0..<buffers.count { buffers[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
+            random = bench.pattern.isRandom
+            writes = bench.pattern == .write || bench.pattern == .randwrite
+            mixed = bench.pattern == .randrw
             started = UnsafeMutableBufferPointer.allocate(capacity: bench.depth)
             started.initialize(repeating: 0)
             rng = bench.seed
@@ -102,7 +112,7 @@ public struct BlockBench: Sendable {
         }
 
         func deallocate() {
-            buffers.deallocate()
+            base.deallocate()
             started.deallocate()
         }
 
@@ -186,7 +196,7 @@ public struct BlockBench: Sendable {
             _ slot: Int, on queue: Queue, report: inout BlockBenchReport<Queue.Failure>
         ) throws(Queue.Failure) {
             let block: UInt64
-            if bench.pattern.isRandom {
+            if random {
                 rng ^= rng << 13
                 rng ^= rng >> 7
                 rng ^= rng << 17
@@ -195,14 +205,8 @@ public struct BlockBench: Sendable {
                 block = sequential % bench.blocks
                 sequential &+= 1
             }
-            let write: Bool
-            switch bench.pattern {
-            case .write, .randwrite: write = true
-            case .randrw: write = rng & (1 << 40) != 0
-            case .read, .randread: write = false
-            }
-            let buffer = UnsafeMutableRawBufferPointer(
-                rebasing: buffers[slot &* bench.blockSize..<(slot &+ 1) &* bench.blockSize])
+            let write = writes || (mixed && rng & (1 << 40) != 0)
+            let buffer = UnsafeMutableRawBufferPointer(start: base + slot &* bench.blockSize, count: bench.blockSize)
             if bench.recordsLatency { started[slot] = monotonicNanoseconds() }
             try queue.submit(slot: slot, buffer: buffer, offset: block &* UInt64(bench.blockSize), write: write)
         }

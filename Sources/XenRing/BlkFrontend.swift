@@ -143,6 +143,7 @@ public final class BlkFrontend {
     /// Posts a read of `buffer.count` bytes at 512-byte `sector`; the data lands in
     /// `buffer` (private memory, which must stay valid until completion) only on OKAY.
     @discardableResult
+    @inlinable
     public func submitRead(sector: UInt64, into buffer: UnsafeMutableRawBufferPointer, token: UInt64)
         throws(BlkSubmitError) -> UInt16
     {
@@ -152,6 +153,7 @@ public final class BlkFrontend {
 
     /// Posts a write of `data` (copied into bounce pages now) at `sector`.
     @discardableResult
+    @inlinable
     public func submitWrite(sector: UInt64, from data: UnsafeRawBufferPointer, token: UInt64)
         throws(BlkSubmitError) -> UInt16
     {
@@ -196,6 +198,7 @@ public final class BlkFrontend {
         violation ?? .deadlineExceeded(milliseconds: 0)  // unreachable: isBroken implies a violation
     }
 
+    @usableFromInline
     func submitData(
         _ operation: BlkOperation, sector: UInt64, source: UnsafeRawPointer?,
         destination: UnsafeMutableRawPointer?, count: Int, token: UInt64

@@ -133,6 +133,7 @@ public final class XenBlkFrontendDevice {
         return nextToken
     }
 
+    @usableFromInline
     func submitError(_ e: BlkSubmitError) -> XenBlkError {
         if case .broken(let v) = e { return .broken(v) }
         return .submit(e)
@@ -176,7 +177,7 @@ public final class XenBlkFrontendDevice {
     }
 
     /// `front.nextCompletion()`, disabling the device on a violation.
-    @inline(__always)
+    @inlinable @inline(__always)
     func nextCompletionOrDisable() throws(XenBlkError) -> BlkCompletion? {
         do { return try front.nextCompletion() } catch { throw .broken(disable(error)) }
     }
@@ -188,6 +189,7 @@ public final class XenBlkFrontendDevice {
         }
     }
 
+    @usableFromInline
     func disable(_ v: Violation) -> Violation {
         let first = front.disable(v)
         events.mask()
@@ -211,7 +213,9 @@ public final class XenBlkFrontendDevice {
 extension XenBlkFrontendDevice {
     /// Posts a read of `buffer.count` bytes at `sector` without waiting; its completion
     /// carries `token`. `kick()` publishes it. For callers that keep several requests in
-    /// flight (the benchmark); `read` is the blocking form.
+    /// flight (the benchmark); `read` is the blocking form. Inlinable, like `poll`: the
+    /// benchmark loop calls them from another module once per request.
+    @inlinable
     public func submitRead(sector: UInt64, into buffer: UnsafeMutableRawBufferPointer, token: UInt64)
         throws(XenBlkError)
     {
@@ -219,6 +223,7 @@ extension XenBlkFrontendDevice {
     }
 
     /// Posts a write of `data` at `sector` without waiting (see `submitRead`).
+    @inlinable
     public func submitWrite(sector: UInt64, from data: UnsafeRawBufferPointer, token: UInt64) throws(XenBlkError) {
         do { try front.submitWrite(sector: sector, from: data, token: token) } catch { throw submitError(error) }
     }
@@ -230,6 +235,7 @@ extension XenBlkFrontendDevice {
 
     /// The next validated completion if one is ready; never blocks. A violation disables
     /// the device (R6) and is thrown.
+    @inlinable
     public func poll() throws(XenBlkError) -> BlkCompletion? {
         try nextCompletionOrDisable()
     }
