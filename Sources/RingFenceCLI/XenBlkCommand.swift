@@ -49,7 +49,7 @@ struct ServeXenBlkCommand: ParsableCommand {
         let storage: any BlockStorage
         if let image {
             let file = try DeviceImage(path: image)
-            guard file.size >= 512 else { throw ValidationError("\(image) is smaller than one 512-byte sector") }
+            guard file.size >= 512 else { throw ImageTooSmall(path: image) }
             storage = file
         } else {
             storage = MemoryStorage(sectors: memorySectors ?? 0)
@@ -69,6 +69,13 @@ struct ServeXenBlkCommand: ParsableCommand {
             serveOne(channel, storage: storage, attack: attack)
             served += 1
         }
+    }
+
+    /// An image without one whole sector (a 0-sector disk would only be refused by every
+    /// frontend's handshake); exit status 1, as for an image that cannot be opened.
+    struct ImageTooSmall: Error, CustomStringConvertible {
+        let path: String
+        var description: String { "\(path) is smaller than one 512-byte sector" }
     }
 
     func serveOne(_ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?) {
