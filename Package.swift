@@ -103,7 +103,6 @@ let package = Package(
             name: "XenRing",
             dependencies: [
                 "SharedMemory",
-                "Virtqueue",
                 "BlockImage",
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
@@ -129,7 +128,7 @@ let package = Package(
         .testTarget(
             name: "XenRingTests",
             dependencies: [
-                "XenRing", "BlockImage", "SharedMemory", "Virtqueue", "CXenPeer", "RingHarness", "Adversary",
+                "XenRing", "BlockImage", "SharedMemory", "CXenPeer", "RingHarness", "Adversary",
                 "BlockBench",
             ],
             swiftSettings: strict

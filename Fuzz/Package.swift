@@ -48,7 +48,7 @@ let package = Package(
         .target(
             name: "XenRing",
             dependencies: [
-                "SharedMemory", "Virtqueue", "BlockImage", .product(name: "Atomics", package: "swift-atomics"),
+                "SharedMemory", "BlockImage", .product(name: "Atomics", package: "swift-atomics"),
             ],
             swiftSettings: settings),
         .target(

@@ -78,41 +78,6 @@ public enum Violation: RuleViolation, Equatable {
     /// reason is that layer's own error; the ring only records that it is broken (R6).
     case brokenAbove(rule: Rule, reason: String)
 
-    // MARK: Xen
-
-    /// rsp_prod moved further than the requests in flight (or than the ring).
-    case xenResponseProducerBeyondInFlight(consumer: UInt32, producer: UInt32, inFlight: Int)
-    /// rsp_prod moved backwards.
-    case xenResponseProducerWentBackwards(consumer: UInt32, producer: UInt32)
-    /// A response id outside the shadow table.
-    case xenResponseIdOutOfRange(id: UInt64, ringSize: Int)
-    /// A response id that is not in flight (never posted, or completed already).
-    case xenResponseIdNotInFlight(id: UInt64)
-    /// A response whose operation does not echo its request's.
-    case xenResponseOperationMismatch(id: UInt64, expected: UInt8, got: UInt8)
-    /// A response status outside {OKAY, ERROR, EOPNOTSUPP}.
-    case xenResponseStatusUnknown(id: UInt64, status: Int16)
-    /// The backend still has a granted page mapped when the request completed.
-    case xenGrantStillMapped(ref: UInt32, flags: UInt16)
-    /// A grant entry's flags are not what the frontend wrote (nor what a mapping adds).
-    case xenGrantFlagsScribbled(ref: UInt32, expected: UInt16, found: UInt16)
-    /// A handshake (xenstore) value outside its sane range, or malformed.
-    case xenHandshakeValue(key: String, value: String)
-    /// The handshake did not follow Initialising → Initialised → Connected.
-    case xenHandshakeState(expected: UInt8, got: UInt8)
-    /// req_prod moved further than the ring can hold (RING_REQUEST_PROD_OVERFLOW).
-    case xenRequestProducerOverflow(consumer: UInt32, producer: UInt32, ringSize: Int)
-    /// A request with a segment count outside 1...11 (0 for flush/discard).
-    case xenRequestSegmentCount(id: UInt64, count: UInt8)
-    /// A segment with first_sect > last_sect or last_sect > 7.
-    case xenRequestSectorRange(id: UInt64, segment: Int, first: UInt8, last: UInt8)
-    /// A grant reference outside the grant table.
-    case xenGrantRefOutOfRange(ref: UInt32, entries: Int)
-    /// A grant reference that is not granted to us (or read-only where we must write).
-    case xenGrantNotGranted(ref: UInt32, flags: UInt16)
-    /// A request beyond the disk's capacity.
-    case xenSectorBeyondCapacity(id: UInt64, sector: UInt64, count: UInt64, capacity: UInt64)
-
     /// The rule this check enforces.
     public var rule: Rule {
         switch self {
@@ -130,13 +95,6 @@ public enum Violation: RuleViolation, Equatable {
         case .chainLengthOverflow: return .r4
         case .brokenAbove(let rule, _): return rule
         case .deadlineExceeded, .notificationStorm, .chainTooLong, .notifierBlocked: return .r5
-        case .xenResponseProducerBeyondInFlight, .xenResponseProducerWentBackwards,
-            .xenResponseIdOutOfRange, .xenResponseIdNotInFlight, .xenResponseOperationMismatch,
-            .xenResponseStatusUnknown, .xenHandshakeValue, .xenHandshakeState,
-            .xenRequestProducerOverflow, .xenRequestSegmentCount, .xenRequestSectorRange,
-            .xenSectorBeyondCapacity, .xenGrantFlagsScribbled:
-            return .r3
-        case .xenGrantStillMapped, .xenGrantRefOutOfRange, .xenGrantNotGranted: return .r7
         }
     }
 
@@ -200,39 +158,6 @@ public enum Violation: RuleViolation, Equatable {
         case .brokenAbove(_, let reason):
             return reason
 
-        case .xenResponseProducerBeyondInFlight(let c, let p, let n):
-            return "rsp_prod jumped from \(c) to \(p) with only \(n) requests in flight"
-        case .xenResponseProducerWentBackwards(let c, let p):
-            return "rsp_prod went backwards from \(c) to \(p)"
-        case .xenResponseIdOutOfRange(let id, let size):
-            return "response id \(id) is outside the ring of \(size)"
-        case .xenResponseIdNotInFlight(let id):
-            return "response id \(id) is not in flight"
-        case .xenResponseOperationMismatch(let id, let expected, let got):
-            return "response \(id) echoes operation \(got), request was \(expected)"
-        case .xenResponseStatusUnknown(let id, let status):
-            return "response \(id) has unknown status \(status)"
-        case .xenGrantStillMapped(let ref, let flags):
-            return "grant \(ref) still mapped at completion (flags 0x\(String(flags, radix: 16))); page quarantined"
-        case .xenGrantFlagsScribbled(let ref, let expected, let found):
-            return
-                "grant \(ref) flags 0x\(String(found, radix: 16)), expected 0x\(String(expected, radix: 16)); page quarantined"
-        case .xenHandshakeValue(let key, let value):
-            return "handshake value \(key)=\(value) is out of range"
-        case .xenHandshakeState(let expected, let got):
-            return "handshake state \(got), expected \(expected)"
-        case .xenRequestProducerOverflow(let c, let p, let size):
-            return "req_prod jumped from \(c) to \(p), more than the ring of \(size)"
-        case .xenRequestSegmentCount(let id, let n):
-            return "request \(id) has \(n) segments"
-        case .xenRequestSectorRange(let id, let seg, let first, let last):
-            return "request \(id) segment \(seg): sectors \(first)...\(last) do not fit a page"
-        case .xenGrantRefOutOfRange(let ref, let n):
-            return "grant ref \(ref) is outside the table of \(n) entries"
-        case .xenGrantNotGranted(let ref, let flags):
-            return "grant ref \(ref) is not granted for this access (flags 0x\(String(flags, radix: 16)))"
-        case .xenSectorBeyondCapacity(let id, let sector, let count, let cap):
-            return "request \(id): sectors \(sector)+\(count) beyond capacity \(cap)"
         }
     }
 }

@@ -1,5 +1,4 @@
 import SharedMemory
-public import Virtqueue
 
 /// The hardened blkif backend on one Xen PV ring ("blkback without trusting blkfront").
 ///
@@ -28,7 +27,7 @@ public final class BlkBackend {
     /// The Adversary's hook points (nil in service).
     @exclusivity(unchecked) public var hooks: (any XenBackendHooks)?
     @exclusivity(unchecked) public private(set) var rejectedRequests = 0
-    @exclusivity(unchecked) public private(set) var lastRejection: Violation?
+    @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
     @exclusivity(unchecked) public private(set) var servedRequests = 0
 
     public init(ring: UnsafeMutableRawPointer, mapper: GrantMapper, storage: any BlockStorage) {
@@ -44,7 +43,7 @@ public final class BlkBackend {
 
     /// Handles up to `budget` requests. Throws only for ring-level corruption, after
     /// which the connection must be dropped.
-    public func serve(budget: Int) throws(Violation) -> Int {
+    public func serve(budget: Int) throws(XenViolation) -> Int {
         var handled = 0
         while handled < budget {
             if requestConsumer == requestSnapshot {
@@ -65,7 +64,7 @@ public final class BlkBackend {
             let operation = scratch.load(fromByteOffset: BlkifLayout.operation, as: UInt8.self)
             let id = scratch.loadUnaligned(fromByteOffset: BlkifLayout.id, as: UInt64.self)
             let status: BlkStatus
-            do throws(Violation) {
+            do throws(XenViolation) {
                 status = try execute(operation: operation, id: id)
             } catch {
                 rejectedRequests += 1
@@ -81,7 +80,7 @@ public final class BlkBackend {
     }
 
     /// Validates the private copy in `scratch`, then does the I/O.
-    func execute(operation: UInt8, id: UInt64) throws(Violation) -> BlkStatus {
+    func execute(operation: UInt8, id: UInt64) throws(XenViolation) -> BlkStatus {
         let count = scratch.load(fromByteOffset: BlkifLayout.segmentCount, as: UInt8.self)
         let sector = scratch.loadUnaligned(fromByteOffset: BlkifLayout.sectorNumber, as: UInt64.self)
         switch BlkOperation(rawValue: operation) {
@@ -111,7 +110,7 @@ public final class BlkBackend {
         }
     }
 
-    func checkCapacity(id: UInt64, sector: UInt64, sectors: UInt64) throws(Violation) {
+    func checkCapacity(id: UInt64, sector: UInt64, sectors: UInt64) throws(XenViolation) {
         let (end, overflow) = sector.addingReportingOverflow(sectors)
         guard !overflow, end <= storage.sectorCount else {
             throw .xenSectorBeyondCapacity(id: id, sector: sector, count: sectors, capacity: storage.sectorCount)
@@ -128,7 +127,7 @@ public final class BlkBackend {
     }
 
     /// Maps every segment's grant (all or nothing), copies, unmaps.
-    func transfer(write: Bool, count: Int, sector: UInt64) throws(Violation) -> BlkStatus {
+    func transfer(write: Bool, count: Int, sector: UInt64) throws(XenViolation) -> BlkStatus {
         // A disk write reads the frontend's page; a disk read writes into it.
         let pageWrite = !write
         var mapped = 0

@@ -1,5 +1,4 @@
 import SharedMemory
-public import Virtqueue
 
 /// A validated blkif completion: request `token` (posted as ring id `id`) finished with
 /// a known status; for an OKAY read the data is already in the caller's buffer.
@@ -13,7 +12,7 @@ public struct BlkCompletion: Sendable, Equatable {
 /// Why a request could not be posted. Only `.broken` is the backend's fault.
 public enum BlkSubmitError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The device is disabled for further use (R6); reconnect to recover.
-    case broken(Violation)
+    case broken(XenViolation)
     /// Every ring slot is in flight; consume completions and retry.
     case full
     /// Not enough bounce pages or grant refs left (some may be quarantined, R7).
@@ -97,7 +96,7 @@ public final class BlkFrontend {
     @exclusivity(unchecked) public private(set) var responseConsumer: UInt32 = 0
     @exclusivity(unchecked) var responseSnapshot: UInt32 = 0
     @exclusivity(unchecked) public private(set) var inFlightCount = 0
-    @exclusivity(unchecked) public private(set) var violation: Violation?
+    @exclusivity(unchecked) public private(set) var violation: XenViolation?
     /// `violation != nil`, as one flag: the hot path tests this byte instead of copying the
     /// optional enum (whose String payloads make every copy an outlined retain/release).
     @exclusivity(unchecked) public private(set) var isBroken = false
@@ -194,7 +193,7 @@ public final class BlkFrontend {
 
     /// The violation that disabled the device (`disable` sets it before `isBroken`).
     @inline(never)
-    func stickyViolation() -> Violation {
+    func stickyViolation() -> XenViolation {
         violation ?? .deadlineExceeded(milliseconds: 0)  // unreachable: isBroken implies a violation
     }
 
@@ -325,7 +324,7 @@ public final class BlkFrontend {
 
     /// The next validated completion, nil when the backend has published nothing new.
     /// Throws (for good, R6) on the first violation; `failAll` then returns the tokens.
-    public func nextCompletion() throws(Violation) -> BlkCompletion? {
+    public func nextCompletion() throws(XenViolation) -> BlkCompletion? {
         if isBroken { throw stickyViolation() }
         if responseConsumer == responseSnapshot {
             let producer = SharedAccess.load32Acquire(ring + SharedRingLayout.responseProducer)
@@ -376,7 +375,7 @@ public final class BlkFrontend {
 
     /// The producer check failed: backwards (R3: never) or beyond what is in flight.
     @inline(never)
-    func rejectProducer(_ producer: UInt32) -> Violation {
+    func rejectProducer(_ producer: UInt32) -> XenViolation {
         if Int32(bitPattern: producer &- responseConsumer) < 0 {
             return disable(.xenResponseProducerWentBackwards(consumer: responseConsumer, producer: producer))
         }
@@ -387,7 +386,7 @@ public final class BlkFrontend {
     /// One of the response checks failed: names the first, in the order they are made,
     /// from the private copy of the response (never re-read, R2).
     @inline(never)
-    func rejectResponse(id rawId: UInt64, operation rawOperation: UInt8, status rawStatus: Int16) -> Violation {
+    func rejectResponse(id rawId: UInt64, operation rawOperation: UInt8, status rawStatus: Int16) -> XenViolation {
         guard rawId < UInt64(ringSize) else { return disable(.xenResponseIdOutOfRange(id: rawId, ringSize: ringSize)) }
         let id = Int(rawId)
         guard shadow[id].active else { return disable(.xenResponseIdNotInFlight(id: rawId)) }
@@ -448,7 +447,7 @@ public final class BlkFrontend {
     }
 
     /// Disables the device (sticky, R6) and returns the violation to throw.
-    public func disable(_ v: Violation) -> Violation {
+    public func disable(_ v: XenViolation) -> XenViolation {
         if violation == nil {
             violation = v
             isBroken = true

@@ -1,6 +1,5 @@
 import Atomics
 import SharedMemory
-public import Virtqueue
 
 /// The emulated grant table: v1 entries (`GrantLayout`) in a shared memfd, and the
 /// granted frames (4 KiB pages) in a second one. The frontend writes entries; the
@@ -129,7 +128,7 @@ public struct GrantMapper: @unchecked Sendable {
 
     /// Maps `ref` for reading (`write == false`) or writing; bounded retries on a racing
     /// frontend (R5).
-    public func map(_ ref: UInt32, write: Bool) throws(Violation) -> UnsafeMutableRawPointer {
+    public func map(_ ref: UInt32, write: Bool) throws(XenViolation) -> UnsafeMutableRawPointer {
         guard Int(ref) < memory.entryCount else {
             throw .xenGrantRefOutOfRange(ref: ref, entries: memory.entryCount)
         }

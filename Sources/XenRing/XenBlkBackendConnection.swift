@@ -2,7 +2,6 @@
 import Glibc
 #endif
 public import SharedMemory
-public import Virtqueue
 
 /// One frontend served by the hardened backend: the backend half of the handshake (the
 /// frontend's values and memfds are checked), then the request loop until the frontend
@@ -34,15 +33,15 @@ public final class XenBlkBackendConnection {
         do {
             let state = try theirs.state()
             guard state == .initialised else {
-                throw Violation.xenHandshakeState(expected: XenbusState.initialised.rawValue, got: state.rawValue)
+                throw XenViolation.xenHandshakeState(expected: XenbusState.initialised.rawValue, got: state.rawValue)
             }
             guard theirs["protocol"] == "x86_64-abi" else {
-                throw Violation.xenHandshakeValue(key: "protocol", value: theirs["protocol"] ?? "(missing)")
+                throw XenViolation.xenHandshakeValue(key: "protocol", value: theirs["protocol"] ?? "(missing)")
             }
             entries = try theirs.number("grant-entries", in: UInt64(GrantLayout.reservedEntries + 1)...65536)
             frameCount = try theirs.number("grant-frames", in: 1...262_144)
             ref = try theirs.number("ring-ref", in: 0...(entries - 1))
-        } catch let v as Violation {
+        } catch let v as XenViolation {
             throw .violation(v)
         } catch {
             throw .setup("\(error)")
@@ -97,7 +96,7 @@ public final class XenBlkBackendConnection {
     public enum End: Equatable, Sendable {
         case closed
         case idle
-        case dropped(Violation)
+        case dropped(XenViolation)
     }
 
     /// Serves until the frontend closes (Closing → Closed), hangs up, does no work for
@@ -148,7 +147,7 @@ public final class XenBlkBackendConnection {
     }
 
     /// R6 on the backend side: this connection ends, the process goes on.
-    func drop(_ violation: Violation) -> End {
+    func drop(_ violation: XenViolation) -> End {
         events.mask()
         channel.shutdown()
         return .dropped(violation)

@@ -1,10 +1,9 @@
 public import SharedMemory
-public import Virtqueue
 
 /// Why a block request failed.
 public enum XenBlkError: Error, Equatable, CustomStringConvertible {
     /// The device is disabled for further use (R6); every in-flight request fails so.
-    case broken(Violation)
+    case broken(XenViolation)
     case submit(BlkSubmitError)
     /// The backend answered ERROR or EOPNOTSUPP.
     case status(BlkStatus)
@@ -98,7 +97,7 @@ public final class XenBlkFrontendDevice {
         self.frames = frames
     }
 
-    public var violation: Violation? { front.violation }
+    public var violation: XenViolation? { front.violation }
 
     // MARK: blocking requests
 
@@ -190,7 +189,7 @@ public final class XenBlkFrontendDevice {
     }
 
     @usableFromInline
-    func disable(_ v: Violation) -> Violation {
+    func disable(_ v: XenViolation) -> XenViolation {
         let first = front.disable(v)
         events.mask()
         failedTokens += front.failAll()

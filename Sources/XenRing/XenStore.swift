@@ -1,5 +1,4 @@
 public import SharedMemory
-public import Virtqueue
 
 /// A xenstore directory as one handshake message: `key=value` lines, length-prefixed.
 ///
@@ -26,7 +25,7 @@ public struct XenStoreNode: Equatable, Sendable {
         return [UInt8(n & 0xff), UInt8((n >> 8) & 0xff), UInt8((n >> 16) & 0xff), UInt8(n >> 24)] + body
     }
 
-    public static func decode(body: [UInt8]) throws(Violation) -> XenStoreNode {
+    public static func decode(body: [UInt8]) throws(XenViolation) -> XenStoreNode {
         var node = XenStoreNode()
         var count = 0
         for line in body.split(separator: 10, omittingEmptySubsequences: true) {
@@ -48,7 +47,7 @@ public struct XenStoreNode: Equatable, Sendable {
     }
 
     /// A decimal value in `range`; anything else is a typed violation, never a trap.
-    public func number(_ key: String, in range: ClosedRange<UInt64>) throws(Violation) -> UInt64 {
+    public func number(_ key: String, in range: ClosedRange<UInt64>) throws(XenViolation) -> UInt64 {
         guard let text = values[key] else { throw .xenHandshakeValue(key: key, value: "(missing)") }
         guard !text.isEmpty, text.utf8.count <= 20, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
             let n = UInt64(text), range.contains(n)
@@ -57,7 +56,7 @@ public struct XenStoreNode: Equatable, Sendable {
     }
 
     /// "0" or "1"; absent means `default`.
-    public func flag(_ key: String, default value: Bool = false) throws(Violation) -> Bool {
+    public func flag(_ key: String, default value: Bool = false) throws(XenViolation) -> Bool {
         guard let text = values[key] else { return value }
         switch text {
         case "0": return false
@@ -66,7 +65,7 @@ public struct XenStoreNode: Equatable, Sendable {
         }
     }
 
-    public func state() throws(Violation) -> XenbusState {
+    public func state() throws(XenViolation) -> XenbusState {
         let n = try number("state", in: 0...8)
         guard let s = XenbusState(rawValue: UInt8(n)) else { throw .xenHandshakeValue(key: "state", value: "\(n)") }
         return s
@@ -76,7 +75,7 @@ public struct XenStoreNode: Equatable, Sendable {
 /// Why connecting (or serving a connection) failed.
 public enum XenConnectError: Error, Equatable, CustomStringConvertible {
     case channel(UnixChannel.Error)
-    case violation(Violation)
+    case violation(XenViolation)
     case setup(String)
 
     public var description: String {
@@ -154,7 +153,7 @@ public struct XenBlkInfo: Equatable, Sendable {
 
     /// Reads and clamps the backend's node: `sectors` 1...2^44, `sector-size` a power of
     /// two in 512...4096, features "0"/"1", `mode` "r"/"w".
-    public static func validate(_ node: XenStoreNode) throws(Violation) -> XenBlkInfo {
+    public static func validate(_ node: XenStoreNode) throws(XenViolation) -> XenBlkInfo {
         let state = try node.state()
         guard state == .initWait else {
             throw .xenHandshakeState(expected: XenbusState.initWait.rawValue, got: state.rawValue)

@@ -1,6 +1,5 @@
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// Frontend attacks on the backend (it does not trust blkfront either): a bad request is
@@ -35,7 +34,7 @@ import Virtqueue
         #expect(p.grantFlags(20) == GrantLayout.permitAccess, sourceLocation: sourceLocation)  // unmapped again
     }
 
-    func rejected(_ p: XenPair, _ v: Violation, _ status: Int16, sourceLocation: SourceLocation = #_sourceLocation)
+    func rejected(_ p: XenPair, _ v: XenViolation, _ status: Int16, sourceLocation: SourceLocation = #_sourceLocation)
         throws
     {
         #expect(status == BlkStatus.error.rawValue, sourceLocation: sourceLocation)
@@ -47,7 +46,7 @@ import Virtqueue
     @Test func requestProducerJumpDropsConnection() throws {
         let p = try XenPair()
         SharedAccess.store32Release(p.ring + SharedRingLayout.requestProducer, 33)
-        #expect(throws: Violation.xenRequestProducerOverflow(consumer: 0, producer: 33, ringSize: 32)) {
+        #expect(throws: XenViolation.xenRequestProducerOverflow(consumer: 0, producer: 33, ringSize: 32)) {
             try p.back.serve(budget: 64)
         }
         // A fresh connection (new backend ring state) serves a good frontend.
@@ -58,7 +57,7 @@ import Virtqueue
     @Test func requestProducerBackwardsDropsConnection() throws {
         let p = try XenPair()
         SharedAccess.store32Release(p.ring + SharedRingLayout.requestProducer, 0 &- 1)
-        #expect(throws: Violation.xenRequestProducerOverflow(consumer: 0, producer: 0 &- 1, ringSize: 32)) {
+        #expect(throws: XenViolation.xenRequestProducerOverflow(consumer: 0, producer: 0 &- 1, ringSize: 32)) {
             try p.back.serve(budget: 64)
         }
     }

@@ -2,7 +2,6 @@ import CXenPeer
 import SharedMemory
 import RingHarness
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// Compatibility with a real reference: the C peer in Tests/CXenPeer is built only on
@@ -57,7 +56,7 @@ import Virtqueue
                 }
                 if front.enableNotifications() { continue }
                 #expect(events.wait(until: deadline))
-                if deadline.hasPassed { throw Violation.deadlineExceeded(milliseconds: 5000) }
+                if deadline.hasPassed { throw XenViolation.deadlineExceeded(milliseconds: 5000) }
             }
         }
         // 40 rounds of a multi-segment write and read back (3 pages, last one partial).

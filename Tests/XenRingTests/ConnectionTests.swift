@@ -5,7 +5,6 @@ import Adversary
 import RingHarness
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// An in-process backend connection served on a dedicated thread.
@@ -83,7 +82,7 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         backend.join()
     }
 
-    static func expectHandshakeRefused(_ attack: XenBackendAttack, _ v: Violation) throws {
+    static func expectHandshakeRefused(_ attack: XenBackendAttack, _ v: XenViolation) throws {
         let (a, b) = try UnixChannel.pair()
         let backend = BackendThread(channels: [b], attacks: [attack])
         #expect(throws: XenConnectError.violation(v)) {
@@ -106,26 +105,28 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
     }
 
     @Test func handshakeMalformedValuesRefused() throws {
-        func info(_ edit: (inout XenStoreNode) -> Void) throws(Violation) -> XenBlkInfo {
+        func info(_ edit: (inout XenStoreNode) -> Void) throws(XenViolation) -> XenBlkInfo {
             var n = XenBlkInfo(sectors: 100).node
             edit(&n)
             return try XenBlkInfo.validate(n)
         }
-        #expect(throws: Violation.xenHandshakeValue(key: "sectors", value: "-1")) { try info { $0["sectors"] = "-1" } }
-        #expect(throws: Violation.xenHandshakeValue(key: "sectors", value: "99999999999999999999999")) {
+        #expect(throws: XenViolation.xenHandshakeValue(key: "sectors", value: "-1")) {
+            try info { $0["sectors"] = "-1" }
+        }
+        #expect(throws: XenViolation.xenHandshakeValue(key: "sectors", value: "99999999999999999999999")) {
             try info { $0["sectors"] = "99999999999999999999999" }
         }
-        #expect(throws: Violation.xenHandshakeValue(key: "sector-size", value: "1536")) {
+        #expect(throws: XenViolation.xenHandshakeValue(key: "sector-size", value: "1536")) {
             try info { $0["sector-size"] = "1536" }
         }
-        #expect(throws: Violation.xenHandshakeValue(key: "feature-discard", value: "yes")) {
+        #expect(throws: XenViolation.xenHandshakeValue(key: "feature-discard", value: "yes")) {
             try info { $0["feature-discard"] = "yes" }
         }
-        #expect(throws: Violation.xenHandshakeState(expected: 2, got: 4)) { try info { $0["state"] = "4" } }
-        #expect(throws: Violation.xenHandshakeValue(key: "(message)", value: "malformed line")) {
+        #expect(throws: XenViolation.xenHandshakeState(expected: 2, got: 4)) { try info { $0["state"] = "4" } }
+        #expect(throws: XenViolation.xenHandshakeValue(key: "(message)", value: "malformed line")) {
             try XenStoreNode.decode(body: Array("sectors\n".utf8))
         }
-        #expect(throws: Violation.xenHandshakeValue(key: "a", value: "duplicate")) {
+        #expect(throws: XenViolation.xenHandshakeValue(key: "a", value: "duplicate")) {
             try XenStoreNode.decode(body: Array("a=1\na=2\n".utf8))
         }
         #expect(try info { _ in }.sectors == 100)
@@ -162,7 +163,7 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         let (good, goodBackend) = try connectedPair()
         device.timeout = 0.3
         let data = page(2)
-        let v = Violation.deadlineExceeded(milliseconds: 300)
+        let v = XenViolation.deadlineExceeded(milliseconds: 300)
         let start = monotonicNanoseconds()
         #expect(throws: XenBlkError.broken(v)) { try data.withUnsafeBytes { try device.write(sector: 0, from: $0) } }
         // At the deadline: not before it, and not long after (the error names 300 ms
@@ -186,7 +187,7 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
         let (device, backend) = try connectedPair(attack: .wrongOperation)
         let (good, goodBackend) = try connectedPair()
         var buffer = [UInt8](repeating: 0, count: 4096)
-        let v = Violation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
+        let v = XenViolation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
         #expect(throws: XenBlkError.broken(v)) {
             try buffer.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }
         }

@@ -2,7 +2,6 @@ import Adversary
 import RingHarness
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// Backend attacks on the ring, seen by the hardened frontend (R2, R3, R6, R7). The test
@@ -33,7 +32,7 @@ import Virtqueue
     @Test func responseProducerJumpBeyondRingDisablesDevice() throws {
         try withReads(2) { p, tokens, other in
             p.setResponseProducer(33)
-            let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 33, inFlight: 2)
+            let v = XenViolation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 33, inFlight: 2)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -44,7 +43,7 @@ import Virtqueue
             p.writeResponse(slot: 0, id: 0, operation: 0, status: 0)
             p.writeResponse(slot: 1, id: 0, operation: 0, status: 0)
             p.setResponseProducer(2)
-            let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 2, inFlight: 1)
+            let v = XenViolation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 2, inFlight: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -60,7 +59,7 @@ import Virtqueue
             try p.front.submitRead(sector: 0, into: more, token: 7)
             _ = p.front.publish()
             p.setResponseProducer(1)
-            let v = Violation.xenResponseProducerWentBackwards(consumer: 2, producer: 1)
+            let v = XenViolation.xenResponseProducerWentBackwards(consumer: 2, producer: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: [7], other: other)
         }
@@ -70,7 +69,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.writeResponse(slot: 0, id: 32, operation: 0, status: 0)
             p.setResponseProducer(1)
-            let v = Violation.xenResponseIdOutOfRange(id: 32, ringSize: 32)
+            let v = XenViolation.xenResponseIdOutOfRange(id: 32, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -80,7 +79,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.writeResponse(slot: 0, id: .max, operation: 0, status: 0)
             p.setResponseProducer(1)
-            let v = Violation.xenResponseIdOutOfRange(id: .max, ringSize: 32)
+            let v = XenViolation.xenResponseIdOutOfRange(id: .max, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -90,7 +89,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.writeResponse(slot: 0, id: 5, operation: 0, status: 0)
             p.setResponseProducer(1)
-            let v = Violation.xenResponseIdNotInFlight(id: 5)
+            let v = XenViolation.xenResponseIdNotInFlight(id: 5)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -104,7 +103,7 @@ import Virtqueue
             p.writeResponse(slot: 1, id: 0, operation: 0, status: 0)
             p.setResponseProducer(2)
             #expect(try p.front.nextCompletion()?.token == 100)
-            let v = Violation.xenResponseIdNotInFlight(id: 0)
+            let v = XenViolation.xenResponseIdNotInFlight(id: 0)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: [101], other: other)
         }
@@ -115,7 +114,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.duplicateResponse)
             try p.serveAll()
-            let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 2, inFlight: 1)
+            let v = XenViolation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 2, inFlight: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -125,7 +124,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.wrongOperation)
             try p.serveAll()
-            let v = Violation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
+            let v = XenViolation.xenResponseOperationMismatch(id: 0, expected: 0, got: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -135,7 +134,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.unknownStatus)
             try p.serveAll()
-            let v = Violation.xenResponseStatusUnknown(id: 0, status: 7)
+            let v = XenViolation.xenResponseStatusUnknown(id: 0, status: 7)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -145,7 +144,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.responseIdOutOfRange)
             try p.serveAll()
-            let v = Violation.xenResponseIdOutOfRange(id: 1000, ringSize: 32)
+            let v = XenViolation.xenResponseIdOutOfRange(id: 1000, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -155,7 +154,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.responseProducerJump)
             try p.serveAll()
-            let v = Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
+            let v = XenViolation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -165,7 +164,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.responseProducerBackwards)
             try p.serveAll()
-            let v = Violation.xenResponseProducerWentBackwards(consumer: 0, producer: 0 &- 3)
+            let v = XenViolation.xenResponseProducerWentBackwards(consumer: 0, producer: 0 &- 3)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -195,7 +194,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.rewriteAfterPublish)
             try p.serveAll()
-            let v = Violation.xenResponseIdOutOfRange(id: 999, ringSize: 32)
+            let v = XenViolation.xenResponseIdOutOfRange(id: 999, ringSize: 32)
             #expect(throws: v) { try p.front.nextCompletion() }
             try expectDisabled(p, v, inFlight: tokens, other: other)
         }
@@ -236,7 +235,7 @@ import Virtqueue
             let pages = p.front.availablePages
             p.back.hooks = XenBackendAdversary(.grantStillMapped)
             try p.serveAll()
-            let v = Violation.xenGrantStillMapped(ref: 8, flags: GrantLayout.permitAccess | GrantLayout.writing)
+            let v = XenViolation.xenGrantStillMapped(ref: 8, flags: GrantLayout.permitAccess | GrantLayout.writing)
             #expect(throws: v) { try p.front.nextCompletion() }
             #expect(p.issuer.quarantined == [8])
             #expect(p.front.quarantinedFrames.count == 1)
@@ -251,7 +250,7 @@ import Virtqueue
         try withReads(1) { p, tokens, other in
             p.back.hooks = XenBackendAdversary(.grantFlagsScribbled)
             try p.serveAll()
-            let v = Violation.xenGrantFlagsScribbled(ref: 8, expected: GrantLayout.permitAccess, found: 0x00e2)
+            let v = XenViolation.xenGrantFlagsScribbled(ref: 8, expected: GrantLayout.permitAccess, found: 0x00e2)
             #expect(throws: v) { try p.front.nextCompletion() }
             #expect(p.issuer.quarantined == [8])
             try expectDisabled(p, v, inFlight: tokens, other: other)

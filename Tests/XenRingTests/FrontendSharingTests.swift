@@ -1,7 +1,6 @@
 import Adversary
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// R1 and R7 on the frontend: what it shares is written, never read back; pages are
@@ -59,8 +58,9 @@ import Virtqueue
         try data.withUnsafeBytes { _ = try p.front.submitWrite(sector: 0, from: $0, token: 1) }
         let ref = p.front.segmentRefs[0]
         #expect(p.grantFlags(ref) == GrantLayout.permitAccess | GrantLayout.readOnly)
-        #expect(throws: Violation.xenGrantNotGranted(ref: ref, flags: GrantLayout.permitAccess | GrantLayout.readOnly))
-        {
+        #expect(
+            throws: XenViolation.xenGrantNotGranted(ref: ref, flags: GrantLayout.permitAccess | GrantLayout.readOnly)
+        ) {
             try p.back.mapper.map(ref, write: true)
         }
     }

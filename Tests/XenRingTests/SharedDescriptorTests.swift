@@ -6,7 +6,6 @@ import RingHarness
 import SharedMemory
 import Synchronization
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// Issue 13 against serve-xen-blk's backend: descriptors of the wrong kind are refused at

@@ -6,7 +6,6 @@ import BlockBench
 import RingHarness
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// The `ringfence` executable SwiftPM built next to this test bundle.
@@ -57,14 +56,14 @@ func ringfenceBinary() -> String? {
     @Test(arguments: [
         (
             XenBackendAttack.responseProducerJump,
-            Violation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
+            XenViolation.xenResponseProducerBeyondInFlight(consumer: 0, producer: 1001, inFlight: 1)
         ),
         (.responseIdNotInFlight, .xenResponseIdNotInFlight(id: 1)),
         (.unknownStatus, .xenResponseStatusUnknown(id: 0, status: 7)),
         (.grantStillMapped, .xenGrantStillMapped(ref: 16, flags: GrantLayout.permitAccess | GrantLayout.writing)),
         (.grantFlagsScribbled, .xenGrantFlagsScribbled(ref: 16, expected: GrantLayout.permitAccess, found: 0x00e2)),
     ])
-    func backendAttackFromAnotherProcessDisablesDevice(attack: XenBackendAttack, expected: Violation) throws {
+    func backendAttackFromAnotherProcessDisablesDevice(attack: XenBackendAttack, expected: XenViolation) throws {
         let (device, child) = try Self.spawn(attack: attack)
         var buffer = [UInt8](repeating: 0, count: 4096)
         #expect(throws: XenBlkError.broken(expected)) {

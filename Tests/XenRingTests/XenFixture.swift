@@ -1,6 +1,5 @@
 import SharedMemory
 import Testing
-import Virtqueue
 @testable import XenRing
 
 /// One in-process frontend/backend pair on its own grant table and frames (two sealed
@@ -97,7 +96,7 @@ final class XenPair {
 /// The R6 contract: the violation is sticky, submits fail with it, `failAll` hands back
 /// exactly the in-flight tokens, and another device (`other`) is untouched.
 func expectDisabled(
-    _ pair: XenPair, _ v: Violation, inFlight: [UInt64], other: XenPair,
+    _ pair: XenPair, _ v: XenViolation, inFlight: [UInt64], other: XenPair,
     sourceLocation: SourceLocation = #_sourceLocation
 ) throws {
     let f = pair.front
