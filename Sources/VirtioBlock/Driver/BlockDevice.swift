@@ -19,14 +19,15 @@ import Synchronization
 /// first violation or timeout breaks the whole device (R6): every request fails with a
 /// `VirtioError` naming the rule; `reconnect()` recovers.
 ///
-/// Reconnect handoff (any number of queue threads): the thread that first sees the socket
-/// close (or calls `reconnect()`) owns the reconnection and touches only the control
-/// plane (`frontend`, `link`). Every queue's private state, ring and bounce pool stay its
-/// own driving thread's: the owner raises each queue's `attention` flag, a queue thread
-/// that sees it parks in `wait` (bounded by the reconnect deadline) until the generation
-/// changes, then resets its own ring, resubmits its own in-flight requests and announces
-/// its ring on the new connection under the `link` lock (`settle`).
-public final class BlockDevice: @unchecked Sendable {
+/// Ownership: the device owns its queues and a `DriverSupervisor` (failure sink,
+/// control-socket watch, reconnect state); each queue holds only the supervisor, so the hot
+/// path never calls back into the device. Reconnect with any number of queue threads: the
+/// thread that first sees the socket close (or calls `reconnect()`) becomes the owner and
+/// runs this device's control-plane part (`runReconnect`) through the supervisor; every
+/// queue's private state, ring and bounce pool stay its own driving thread's, which parks
+/// until the generation changes, then resets, resubmits and announces its own ring
+/// (`BlockQueue.settle`, `announce(queue:)`).
+public final class BlockDevice: ControlPlane, @unchecked Sendable {
     public struct Options: Sendable {
         /// Queues wanted (clamped to what the device offers).
         public var queues = 1
@@ -67,7 +68,7 @@ public final class BlockDevice: @unchecked Sendable {
     public let socketPath: String
     public let options: Options
     public let info: BlockInfo
-    /// The control connection. Guarded by `link`: touched only under its lock, or by the
+    /// The control connection. Used only under `supervisor.link`'s lock, or by the
     /// reconnection's owner while `link.reconnecting` keeps every other thread off it.
     var frontend: Frontend
     /// The connection before `frontend`, kept open (shut down) so a queue thread that
@@ -75,39 +76,11 @@ public final class BlockDevice: @unchecked Sendable {
     var retiredFrontend: Frontend?
     let region: SharedRegion
     let layout: DriverRegionLayout
+    /// Owned here; each holds `supervisor`, never this device.
     var queues: [BlockQueue] = []
-    /// Whether `link.failure` is set: one load for `isBroken`.
-    let broken = Atomic<Bool>(false)
+    /// Failure sink, control-socket watch and reconnect state, shared with the queues.
+    let supervisor: DriverSupervisor
     let convenienceLock = Mutex<Int>(0)
-    /// Who reconnects, and which connection each queue's ring is announced on.
-    let link: Locked<Link>
-    /// The control socket's descriptor (low 32 bits) and the connection generation it
-    /// belongs to (high 32 bits), for queue threads that block on it without the lock.
-    let control: Atomic<UInt64>
-
-    /// Reconnection state; see the handoff in the type's documentation.
-    struct Link {
-        /// Bumped by every successful reconnect.
-        var generation: UInt64 = 1
-        /// A thread owns a reconnect in progress: queue threads park, nobody else touches
-        /// `frontend`.
-        var reconnecting = false
-        var reconnectStarted = Deadline.now
-        /// Per queue: the generation its ring was last announced on.
-        var attached: [UInt64]
-        /// Queues announced before this generation hand back their in-flight requests as
-        /// failures (`dropReason`) before they re-attach: the device they were posted to
-        /// broke a rule and may have written their bounce memory (R6).
-        var dropBefore: UInt64 = 0
-        var dropReason = VirtioError.disconnected("reconnected after a failure")
-        var closed = false
-        /// The sticky failure (R6), until a reconnect ends it.
-        var failure: VirtioError?
-    }
-
-    static func controlWord(generation: UInt64, descriptor: Int32) -> UInt64 {
-        (generation << 32) | UInt64(UInt32(bitPattern: descriptor))
-    }
 
     /// Connects, negotiates, validates the config and sets up the queues.
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError) -> BlockDevice {
@@ -140,30 +113,38 @@ public final class BlockDevice: @unchecked Sendable {
         }
         let info = try Self.negotiate(frontend, options: options)
         self.info = info
-        link = Locked(Link(attached: Array(repeating: 1, count: info.queueCount)))
-        control = Atomic(Self.controlWord(generation: 1, descriptor: frontend.channel.channel.fileDescriptor))
-        layout = DriverRegionLayout(
+        let layout = DriverRegionLayout(
             queueCount: info.queueCount, queueSize: options.queueSize, indirectEntries: 0,
             bounceBytesPerQueue: max(options.bounceBytesPerQueue, 2 * info.maxTransfer + 8192))
+        self.layout = layout
+        let region: SharedRegion
         do {
             region = try SharedRegion(name: "ringfence-blk", size: layout.totalSize)
         } catch {
             throw .system(error.description)
         }
-        let ringFeatures = RingFeatures(eventIndex: info.features & FeatureBits.ringEventIndex != 0)
-        for q in 0..<info.queueCount {
-            let (ring, pool) = layout.makeDriverRing(
-                queue: q, region: region, guestBase: Self.guestBase, features: ringFeatures, format: ringFormat)
-            let kick: Notifier
-            let call: Notifier
+        self.region = region
+        var notifiers: [(kick: Notifier, call: Notifier)] = []
+        for _ in 0..<info.queueCount {
             do {
-                kick = try Notifier()
-                call = try Notifier()
+                notifiers.append((try Notifier(), try Notifier()))
             } catch {
                 throw .system(error.description)
             }
-            queues.append(BlockQueue(index: q, device: self, ring: ring, pool: pool, kick: kick, call: call))
         }
+        let supervisor = DriverSupervisor(
+            descriptor: frontend.channel.channel.fileDescriptor, wakers: notifiers.map(\.call), options: options)
+        self.supervisor = supervisor
+        let ringFeatures = RingFeatures(eventIndex: info.features & FeatureBits.ringEventIndex != 0)
+        let format: RingFormat = info.features & FeatureBits.ringPacked != 0 ? .packed : .split
+        queues = notifiers.indices.map { q in
+            let (ring, pool) = layout.makeDriverRing(
+                queue: q, region: region, guestBase: Self.guestBase, features: ringFeatures, format: format)
+            return BlockQueue(
+                index: q, supervisor: supervisor, info: info, options: options, ring: ring, pool: pool,
+                kick: notifiers[q].kick, call: notifiers[q].call)
+        }
+        supervisor.controlPlane = self
         try attachRings(frontend)
         frontend.operationDeadline = .distantFuture  // set-up done: per-message deadlines from here
     }
@@ -232,6 +213,19 @@ public final class BlockDevice: @unchecked Sendable {
         try frontend.setQueueEnabled(index: q.index, true)
     }
 
+    /// `ControlPlane`: a queue thread rebuilt its ring after a reconnect; announce it on
+    /// the new connection (under the supervisor's lock), one bound for the whole of it (R5).
+    func announce(queue index: Int) throws(VirtioError) {
+        do throws(VhostUserError) {
+            try frontend.bounded(by: .after(seconds: options.controlTimeout)) { () throws(VhostUserError) in
+                try attachQueue(queues[index], frontend)
+                try frontend.sync()
+            }
+        } catch {
+            throw VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
+        }
+    }
+
     // MARK: queues and state
 
     public var queueCount: Int { queues.count }
@@ -243,85 +237,11 @@ public final class BlockDevice: @unchecked Sendable {
     public func queue(_ i: Int) -> BlockQueue { queues[max(0, min(i, queues.count - 1))] }
 
     /// The sticky failure, if the device is broken.
-    public var failure: VirtioError? {
-        guard isBroken else { return nil }
-        return link.withLock { $0.failure }
-    }
+    public var failure: VirtioError? { supervisor.failure }
 
-    public var isBroken: Bool { broken.load(ordering: .acquiring) }
+    public var isBroken: Bool { supervisor.isBroken }
 
-    /// Marks the device broken (first failure wins) and reports it once. A timeout while
-    /// a reconnect is under way is not a failure: resubmission stamps fresh deadlines.
-    func fail(_ error: VirtioError) {
-        let first = link.withLock { l -> Bool in
-            if l.reconnecting, case .timeout = error { return false }
-            return recordFailure(error, in: &l)
-        }
-        guard first else { return }
-        // Wake threads blocked on other queues: they fail their requests now, not at
-        // their own deadlines (our own eventfds; the device cannot see this).
-        wakeQueues()
-        options.onFailure?(error)
-    }
-
-    /// Under `link`'s lock: records the failure and sends every queue to its slow path.
-    /// Returns whether it was the first.
-    func recordFailure(_ error: VirtioError, in l: inout Link) -> Bool {
-        raiseAttention()
-        guard l.failure == nil else { return false }
-        l.failure = error
-        broken.store(true, ordering: .releasing)
-        return true
-    }
-
-    /// Under `link`'s lock: every queue's next call takes its slow path (`settle`).
-    func raiseAttention() {
-        for q in queues { q.attention.store(true, ordering: .relaxed) }
-    }
-
-    /// Wakes every queue thread blocked on its call eventfd (ours; the device cannot see it).
-    func wakeQueues() {
-        for q in queues { q.callNotifier.signal() }
-    }
-
-    /// The control socket's descriptor and the generation tag it belongs to, read without
-    /// the lock by queue threads about to block on it.
-    var controlSnapshot: (descriptor: Int32, generation: UInt32) {
-        let word = control.load(ordering: .acquiring)
-        return (Int32(bitPattern: UInt32(truncatingIfNeeded: word)), UInt32(truncatingIfNeeded: word >> 32))
-    }
-
-    /// The control socket of connection `seen` became readable: the back-end closed it (or
-    /// spoke unasked, which it never may). With `reconnect`, this thread becomes the
-    /// reconnection's owner unless one is already under way (then the signal is stale).
-    func controlChannelSignalled(generation seen: UInt32) {
-        enum Verdict { case ignore, spoke, hungUp, reconnect }
-        let verdict = link.withLock { l -> Verdict in
-            guard !l.closed, !l.reconnecting, UInt32(truncatingIfNeeded: l.generation) == seen else { return .ignore }
-            var byte: UInt8 = 0
-            let n = recv(frontend.channel.channel.fileDescriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
-            if n > 0 { return .spoke }
-            if n < 0 && (errno == EAGAIN || errno == EINTR) { return .ignore }
-            guard options.reconnect else { return .hungUp }
-            beginReconnect(&l)
-            return .reconnect
-        }
-        switch verdict {
-        case .ignore: return
-        case .spoke: fail(.deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
-        case .hungUp: fail(.disconnected("back-end closed the vhost-user socket"))
-        case .reconnect:
-            wakeQueues()
-            try? runReconnect()  // a failure is recorded for every queue
-        }
-    }
-
-    /// Under `link`'s lock: the calling thread becomes the reconnection's owner.
-    func beginReconnect(_ l: inout Link) {
-        l.reconnecting = true
-        l.reconnectStarted = .now
-        raiseAttention()
-    }
+    // MARK: reconnect (the control plane; queues reach it only through `supervisor`)
 
     /// Reconnects to the same socket path, renegotiates (the back-end must offer what was
     /// acked before) and re-announces memory; each queue then rebuilds its ring and posts
@@ -330,20 +250,13 @@ public final class BlockDevice: @unchecked Sendable {
     /// another thread owns.
     public func reconnect() throws(VirtioError) {
         guard !socketPath.isEmpty else { throw .disconnected("no socket path to reconnect to") }
-        enum Role { case closed, owner, waiter }
-        let role = link.withLock { l -> Role in
-            if l.closed { return .closed }
-            if l.reconnecting { return .waiter }
-            beginReconnect(&l)
-            return .owner
-        }
-        switch role {
+        switch supervisor.claimReconnect() {
         case .closed: throw .disconnected("the device is closed")
         case .owner:
-            wakeQueues()
+            supervisor.wakeQueues()
             try runReconnect()
         case .waiter:
-            _ = awaitReconnect(until: .distantFuture, notifier: nil)
+            _ = supervisor.awaitReconnect(until: .distantFuture, notifier: nil)
             if let failure { throw failure }
         }
     }
@@ -352,11 +265,11 @@ public final class BlockDevice: @unchecked Sendable {
     /// Ends the reconnect (success or failure) before it returns.
     func runReconnect() throws(VirtioError) {
         // While `reconnecting` is set nobody else touches `frontend`.
-        let old = link.withLock { _ in frontend }
+        let old = supervisor.link.withLock { _ in frontend }
         old.close()
         guard !socketPath.isEmpty else {
             let error = VirtioError.disconnected("no socket path to reconnect to")
-            endReconnect(.failure(error))
+            supervisor.endReconnect(failing: error)
             throw error
         }
         let timeoutMs = UInt64(options.controlTimeout * 1000)
@@ -389,163 +302,38 @@ public final class BlockDevice: @unchecked Sendable {
                     throw VirtioError(error, replyTimeoutMilliseconds: timeoutMs)
                 }
                 f.operationDeadline = .distantFuture  // set-up done: per-message deadlines from here
-                endReconnect(.success(f))
+                supervisor.endReconnect(
+                    descriptor: f.channel.channel.fileDescriptor,
+                    install: {
+                        retiredFrontend = frontend
+                        frontend = f
+                    },
+                    discard: { f.close() })
                 return
             } catch {
                 lastError = error
                 // A malformed back-end is not waited for.
                 if error.violationCause != nil {
-                    endReconnect(.failure(error))
+                    supervisor.endReconnect(failing: error)
                     throw error
                 }
             }
             usleep(50_000)
         }
-        endReconnect(.failure(lastError))
+        supervisor.endReconnect(failing: lastError)
         throw lastError
-    }
-
-    /// Installs the new connection (a reconnect ends a failure: recovery is explicit, R6)
-    /// or records why there is none, then wakes every parked queue thread.
-    func endReconnect(_ outcome: Result<Frontend, VirtioError>) {
-        let first = link.withLock { l -> Bool in
-            l.reconnecting = false
-            raiseAttention()
-            switch outcome {
-            case .success(let f):
-                guard !l.closed else {
-                    f.close()
-                    return false
-                }
-                retiredFrontend = frontend
-                frontend = f
-                l.generation += 1
-                control.store(
-                    Self.controlWord(generation: l.generation, descriptor: f.channel.channel.fileDescriptor),
-                    ordering: .releasing)
-                if let previous = l.failure {
-                    if case .disconnected = previous {
-                    } else {
-                        l.dropBefore = l.generation
-                        l.dropReason = previous
-                    }
-                    l.failure = nil
-                    broken.store(false, ordering: .releasing)
-                }
-                return false
-            case .failure(let error):
-                return recordFailure(error, in: &l)
-            }
-        }
-        wakeQueues()
-        if first, case .failure(let error) = outcome { options.onFailure?(error) }
-    }
-
-    /// A queue's slow path, on its own driving thread while its `attention` flag is up:
-    /// reports a failure or a reconnect under way, or re-attaches the queue to the current
-    /// connection (reset, resubmit, announce) and lowers the flag.
-    func settle(_ q: BlockQueue) -> BlockQueue.Standing {
-        enum Step {
-            case done(BlockQueue.Standing)
-            case attach(generation: UInt64)
-        }
-        enum Announced {
-            case yes, retry
-            case lost(VirtioError)
-            case reconnect
-        }
-        // Each round returns, or attaches once, or ends a reconnect it started: a back-end
-        // that keeps dropping the connection during the attach gets a few rounds, no more.
-        for _ in 0..<4 {
-            let step = link.withLock { l -> Step in
-                if let failure = l.failure { return .done(.failed(failure)) }
-                if l.reconnecting { return .done(.reconnecting) }
-                if l.attached[q.index] == l.generation {
-                    q.attention.store(false, ordering: .relaxed)
-                    return .done(.ready)
-                }
-                if l.attached[q.index] < l.dropBefore && q.inFlight > 0 { return .done(.failed(l.dropReason)) }
-                return .attach(generation: l.generation)
-            }
-            let generation: UInt64
-            switch step {
-            case .done(let standing): return standing
-            case .attach(let g): generation = g
-            }
-            do throws(VirtioError) {
-                try q.resubmitAfterReconnect()
-            } catch {
-                fail(error)
-                continue
-            }
-            let announced = link.withLock { l -> Announced in
-                guard !l.reconnecting, l.generation == generation, l.failure == nil else { return .retry }
-                do throws(VhostUserError) {
-                    // One bound for the whole announcement, not one per message (R5).
-                    try frontend.bounded(by: .after(seconds: options.controlTimeout)) { () throws(VhostUserError) in
-                        try attachQueue(q, frontend)
-                        try frontend.sync()
-                    }
-                } catch {
-                    let e = VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
-                    if e.violationCause != nil { return .lost(e) }
-                    guard options.reconnect, !l.closed else { return .lost(e) }
-                    beginReconnect(&l)
-                    return .reconnect
-                }
-                l.attached[q.index] = generation
-                return .yes
-            }
-            switch announced {
-            case .yes: q.kickNotifier.signal()
-            case .retry: break
-            case .lost(let e): fail(e)
-            case .reconnect:
-                wakeQueues()
-                try? runReconnect()
-            }
-        }
-        fail(.disconnected("queue \(q.index) could not be attached to the back-end again"))
-        return .failed(failure ?? .disconnected("queue \(q.index) could not be attached to the back-end again"))
-    }
-
-    /// Parks a queue thread (or a `reconnect()` caller) while another thread reconnects.
-    /// Returns true once no reconnect is under way, false when `limit` passed first.
-    /// Bounded: past the owner's deadline plus a last attempt's replies, the device fails.
-    func awaitReconnect(until limit: Deadline, notifier: Notifier?) -> Bool {
-        let patience = options.reconnectTimeout + 8 * options.controlTimeout + 1
-        while true {
-            guard let started = link.withLock({ l in l.reconnecting ? l.reconnectStarted : nil }) else { return true }
-            let giveUp = Deadline(uptimeNanoseconds: started.uptimeNanoseconds &+ UInt64(patience * 1e9))
-            if giveUp.hasPassed {
-                fail(.disconnected("reconnect did not finish within \(Int(patience)) s"))
-                return true
-            }
-            if limit.hasPassed { return false }
-            let until = min(giveUp, limit, .after(seconds: 0.05))
-            guard let notifier else {
-                usleep(1000)
-                continue
-            }
-            // The owner signals every call eventfd when it is done; other wake-ups come
-            // from a back-end that kept the descriptor and are slowed down (R5).
-            if notifier.wait(until: until) > 0 { usleep(1000) }
-        }
     }
 
     /// Stops the rings (GET_VRING_BASE) and closes the connection. A reconnect under way
     /// closes what it connects.
     public func close() {
-        link.withLock { l in
-            guard !l.closed else { return }
-            l.closed = true
-            guard !l.reconnecting else { return }
-            if l.failure == nil {
+        supervisor.closeOnce { attached in
+            if let attached {
                 // One bound for the whole close, not one per queue: a silent back-end costs
                 // controlTimeout once, and the queues after the first timeout are not asked.
                 frontend.bounded(by: .after(seconds: options.controlTimeout)) {
-                    for q in queues where l.attached[q.index] == l.generation {
-                        do { _ = try frontend.getVringBase(index: q.index) } catch { break }
+                    for q in attached {
+                        do { _ = try frontend.getVringBase(index: q) } catch { break }
                     }
                 }
             }
@@ -559,19 +347,22 @@ public final class BlockDevice: @unchecked Sendable {
     public static let convenienceChunk = 128 << 10
     static let convenienceDepth = 8
 
-    /// Runs `total` bytes as chunks of at most `chunk`, several in flight, on queue 0.
+    /// The one place a convenience call's range is cut into requests: `total` bytes in
+    /// block-aligned pieces of at most `chunk`, up to `depth` in flight on queue 0. The
+    /// caller checked the whole range once; every piece is inside it, aligned, and within
+    /// the request limits by construction, so `submit` posts it unchecked.
     func pipeline(
-        total: Int, chunk: Int,
+        total: Int, chunk: Int, depth: Int = convenienceDepth,
         submit: (BlockQueue, _ at: Int, _ length: Int, _ tag: UInt64) throws(VirtioError) -> Void
     ) throws(VirtioError) {
         try convenienceLock.withLock { (_: inout Int) throws(VirtioError) in
             let q = queues[0]
-            let step = max(info.blockSize, min(chunk, info.maxTransfer) / info.blockSize * info.blockSize)
+            let step = max(info.blockSize, chunk / info.blockSize * info.blockSize)
             var next = 0
             var outstanding = 0
             var firstError: VirtioError?
             while true {
-                while next < total && outstanding < Self.convenienceDepth && firstError == nil {
+                while next < total && outstanding < depth && firstError == nil {
                     let length = min(step, total - next)
                     do throws(VirtioError) {
                         try submit(q, next, length, UInt64(next))
@@ -595,11 +386,14 @@ public final class BlockDevice: @unchecked Sendable {
         }
     }
 
+    /// Read and write pieces: the convenience size, never more than one request may carry.
+    var transferChunk: Int { min(Self.convenienceChunk, info.maxTransfer) }
+
     /// Reads `buffer.count` bytes at `offset` (block-aligned).
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VirtioError) {
-        try queues[0].checkRange(offset: offset, length: buffer.count, transferLimit: false)
-        try pipeline(total: buffer.count, chunk: Self.convenienceChunk) { (q, at, length, tag) throws(VirtioError) in
-            try q.submitRead(
+        try info.checkRange(offset: offset, length: buffer.count, transferLimit: false)
+        try pipeline(total: buffer.count, chunk: transferChunk) { (q, at, length, tag) throws(VirtioError) in
+            try q.postRead(
                 offset: offset + UInt64(at), into: UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + length]),
                 tag: tag)
         }
@@ -620,9 +414,9 @@ public final class BlockDevice: @unchecked Sendable {
     /// Writes `buffer` at `offset` (block-aligned).
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VirtioError) {
         guard !info.readOnly else { throw .readOnly }
-        try queues[0].checkRange(offset: offset, length: buffer.count, transferLimit: false)
-        try pipeline(total: buffer.count, chunk: Self.convenienceChunk) { (q, at, length, tag) throws(VirtioError) in
-            try q.submitWrite(
+        try info.checkRange(offset: offset, length: buffer.count, transferLimit: false)
+        try pipeline(total: buffer.count, chunk: transferChunk) { (q, at, length, tag) throws(VirtioError) in
+            try q.postWrite(
                 offset: offset + UInt64(at), from: UnsafeRawBufferPointer(rebasing: buffer[at..<at + length]), tag: tag)
         }
     }
@@ -644,24 +438,13 @@ public final class BlockDevice: @unchecked Sendable {
     }
 
     /// Discards (or, with `zeroes`, writes zeroes over) `length` bytes at `offset`,
-    /// split into requests the device accepts.
+    /// split into requests the device accepts, one at a time.
     public func discard(at offset: UInt64, length: Int, zeroes: Bool = false, unmap: Bool = false) throws(VirtioError) {
-        try queues[0].checkRange(offset: offset, length: length, transferLimit: false)
+        try info.checkRange(offset: offset, length: length, transferLimit: false)
+        try info.checkDiscard(zeroes: zeroes)
         let limit = Int(clamping: zeroes ? info.maxWriteZeroesBytes : info.maxDiscardBytes)
-        guard limit > 0 else {
-            throw .unsupported(zeroes ? "VIRTIO_BLK_F_WRITE_ZEROES" : "VIRTIO_BLK_F_DISCARD")
-        }
-        let chunk = max(info.blockSize, limit / info.blockSize * info.blockSize)
-        try convenienceLock.withLock { (_: inout Int) throws(VirtioError) in
-            let q = queues[0]
-            var at = 0
-            while at < length {
-                let n = min(chunk, length - at)
-                try q.submitDiscard(offset: offset + UInt64(at), length: n, zeroes: zeroes, unmap: unmap, tag: 0)
-                guard let c = q.wait() else { throw .system("queue lost track of its requests") }
-                if case .failure(let e) = c.result { throw e }
-                at += n
-            }
+        try pipeline(total: length, chunk: limit, depth: 1) { (q, at, n, _) throws(VirtioError) in
+            try q.postDiscard(offset: offset + UInt64(at), length: n, zeroes: zeroes, unmap: unmap, tag: 0)
         }
     }
 
@@ -701,29 +484,4 @@ public final class BlockDevice: @unchecked Sendable {
     public func flush() async throws(VirtioError) { try flushSync() }
 
     public func identify() async throws(VirtioError) -> String { try identifySync() }
-}
-
-/// A pthread mutex around a value. ThreadSanitizer sees pthread locks (it does not see
-/// `Synchronization.Mutex`'s futex on Linux), so a race it reports under this is real.
-final class Locked<Value>: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private var value: Value
-
-    init(_ value: Value) {
-        self.value = value
-        mutex = .allocate(capacity: 1)
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    func withLock<Result, E: Error>(_ body: (inout Value) throws(E) -> Result) throws(E) -> Result {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body(&value)
-    }
 }

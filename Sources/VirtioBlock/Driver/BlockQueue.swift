@@ -31,7 +31,9 @@ public struct BlockQueueStatistics: Sendable, Equatable {
 ///
 /// Not thread-safe: one thread per queue. A read's destination buffer must stay valid
 /// until its completion (or failure) has been returned. Only that thread ever touches the
-/// queue's state, also across a reconnect (see `BlockDevice`'s handoff).
+/// queue's state, also across a reconnect (see `BlockDevice`'s handoff). The queue holds
+/// its device's `DriverSupervisor`, never the device: failures go into it, and its slow
+/// path (`settle`) parks, resubmits and asks for its ring to be announced through it.
 ///
 /// Like `DriverQueue`, the mutable state lives behind owned raw pointers: class `var`s and
 /// `Array`s cost a dynamic exclusivity check and a uniqueness check per access, which
@@ -70,9 +72,11 @@ public final class BlockQueue {
         /// passes it, not on every check (a scan of every slot per request was most of
         /// the hardened driver's extra latency at iodepth 1).
         var deadlineBound = UInt64.max
+        /// The supervisor's `epoch` this queue last found itself attached and healthy at.
+        var settledEpoch: UInt64 = 0
     }
 
-    /// Where the device stands for this queue, as its slow path (`BlockDevice.settle`) sees it.
+    /// Where the device stands for this queue, as its slow path (`settle`) sees it.
     enum Standing {
         /// Attached to the current connection: the fast path may go on.
         case ready
@@ -87,11 +91,9 @@ public final class BlockQueue {
     static let headerSize = BlockProtocol.requestHeaderSize
 
     public let index: Int
-    /// For the cold paths only (failing, reconnecting, the control socket).
-    unowned let device: BlockDevice
-    /// Raised (under the device's lock) when the device failed or is reconnecting: the one
-    /// load the hot path pays for both; lowered only by this queue's thread in `settle`.
-    let attention = Atomic<Bool>(false)
+    /// Failure sink, control-socket watch and reconnect state of the device (shared with
+    /// its other queues). The hot path reads only its `epoch`.
+    let supervisor: DriverSupervisor
     let info: BlockInfo
     let requestTimeout: Double
     let timeoutNanoseconds: UInt64
@@ -114,14 +116,16 @@ public final class BlockQueue {
     let segments: UnsafeMutablePointer<Segment>
     let segmentCapacity: Int
 
-    init(index: Int, device: BlockDevice, ring: any DriverRing, pool: BouncePool, kick: Notifier, call: Notifier) {
+    init(
+        index: Int, supervisor: DriverSupervisor, info: BlockInfo, options: BlockDevice.Options, ring: any DriverRing,
+        pool: BouncePool, kick: Notifier, call: Notifier
+    ) {
         self.index = index
-        self.device = device
-        self.info = device.info
-        self.requestTimeout = device.options.requestTimeout
-        self.timeoutNanoseconds =
-            UInt64(max(0, min(device.options.requestTimeout, 1e9)) * 1e9) + coarseClockSlack
-        self.spinIterations = device.options.spinIterations
+        self.supervisor = supervisor
+        self.info = info
+        self.requestTimeout = options.requestTimeout
+        self.timeoutNanoseconds = UInt64(max(0, min(options.requestTimeout, 1e9)) * 1e9) + coarseClockSlack
+        self.spinIterations = options.spinIterations
         self.ring = ring
         self.pool = pool
         self.kickNotifier = kick
@@ -135,7 +139,7 @@ public final class BlockQueue {
         freeSlots = .allocate(capacity: n)
         failedSlots = .allocate(capacity: n)
         for i in 0..<n { freeSlots[i] = n - 1 - i }
-        segmentCapacity = device.info.segmentsPerRequest + 2
+        segmentCapacity = info.segmentsPerRequest + 2
         segments = .allocate(capacity: segmentCapacity)
     }
 
@@ -158,19 +162,15 @@ public final class BlockQueue {
     /// Reads `buffer.count` bytes at byte `offset` into `buffer` (valid until completion).
     public func submitRead(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64) throws(VirtioError)
     {
-        try checkRange(offset: offset, length: buffer.count)
-        try post(
-            .read, sector: offset / 512, data: buffer.count, writable: true, tag: tag,
-            source: nil, destination: buffer)
+        try info.checkRange(offset: offset, length: buffer.count)
+        try postRead(offset: offset, into: buffer, tag: tag)
     }
 
     /// Writes `buffer` at byte `offset` (copied into the bounce pool now).
     public func submitWrite(offset: UInt64, from buffer: UnsafeRawBufferPointer, tag: UInt64) throws(VirtioError) {
         guard !info.readOnly else { throw .readOnly }
-        try checkRange(offset: offset, length: buffer.count)
-        try post(
-            .write, sector: offset / 512, data: buffer.count, writable: false, tag: tag,
-            source: buffer, destination: nil)
+        try info.checkRange(offset: offset, length: buffer.count)
+        try postWrite(offset: offset, from: buffer, tag: tag)
     }
 
     public func submitFlush(tag: UInt64) throws(VirtioError) {
@@ -189,35 +189,35 @@ public final class BlockQueue {
     public func submitDiscard(offset: UInt64, length: Int, zeroes: Bool = false, unmap: Bool = false, tag: UInt64)
         throws(VirtioError)
     {
-        if zeroes {
-            guard info.supportsWriteZeroes else { throw .unsupported("VIRTIO_BLK_F_WRITE_ZEROES") }
-        } else {
-            guard info.supportsDiscard else { throw .unsupported("VIRTIO_BLK_F_DISCARD") }
-        }
-        guard !info.readOnly else { throw .readOnly }
-        try checkRange(offset: offset, length: length, transferLimit: false)
+        try info.checkDiscard(zeroes: zeroes)
+        try info.checkRange(offset: offset, length: length, transferLimit: false)
         let limit = zeroes ? info.maxWriteZeroesBytes : info.maxDiscardBytes
         guard UInt64(length) <= limit else { throw .invalidRequest("range of \(length) bytes exceeds \(limit)") }
+        try postDiscard(offset: offset, length: length, zeroes: zeroes, unmap: unmap, tag: tag)
+    }
+
+    // The `post...` calls take a range already checked (`BlockInfo.checkRange`): by the
+    // `submit...` call in front of them, or once for a whole convenience call.
+
+    @inline(__always)
+    func postRead(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64) throws(VirtioError) {
+        try post(
+            .read, sector: offset / 512, data: buffer.count, writable: true, tag: tag,
+            source: nil, destination: buffer)
+    }
+
+    @inline(__always)
+    func postWrite(offset: UInt64, from buffer: UnsafeRawBufferPointer, tag: UInt64) throws(VirtioError) {
+        try post(
+            .write, sector: offset / 512, data: buffer.count, writable: false, tag: tag,
+            source: buffer, destination: nil)
+    }
+
+    func postDiscard(offset: UInt64, length: Int, zeroes: Bool, unmap: Bool, tag: UInt64) throws(VirtioError) {
         try post(
             zeroes ? .writeZeroes : .discard, sector: 0, data: BlockProtocol.discardSegmentSize,
             writable: false, tag: tag, source: nil, destination: nil,
             range: (offset / 512, UInt32(truncatingIfNeeded: length / 512), unmap ? 1 : 0))
-    }
-
-    @inline(__always)
-    func checkRange(offset: UInt64, length: Int, transferLimit: Bool = true) throws(VirtioError) {
-        guard length > 0 else { throw .invalidRequest("length 0") }
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
-        guard !overflow, end <= info.capacityBytes else {
-            throw .outOfRange(offset: offset, length: UInt64(length), capacity: info.capacityBytes)
-        }
-        let mask = UInt64(info.blockSize) - 1  // a power of two (validated)
-        guard offset & mask == 0, UInt64(length) & mask == 0 else {
-            throw .invalidRequest("offset \(offset) and length \(length) must be multiples of \(info.blockSize)")
-        }
-        if transferLimit && length > info.maxTransfer {
-            throw .invalidRequest("\(length) bytes exceed the \(info.maxTransfer)-byte request limit")
-        }
     }
 
     func post(
@@ -225,9 +225,9 @@ public final class BlockQueue {
         source: UnsafeRawBufferPointer?, destination: UnsafeMutableRawBufferPointer?,
         range: (sector: UInt64, sectors: UInt32, flags: UInt32)? = nil
     ) throws(VirtioError) {
-        if attention.load(ordering: .relaxed) {
+        if needsSettling {
             // While another thread reconnects, the request waits in the private list.
-            if case .failed(let failure) = device.settle(self) { throw failure }
+            if case .failed(let failure) = settle() { throw failure }
         }
         guard state.pointee.freeCount > 0 else { throw .busy }
         let slotIndex = freeSlots[state.pointee.freeCount - 1]
@@ -324,7 +324,7 @@ public final class BlockQueue {
     @inline(__always)
     public func kick() {
         if ring.publish() {
-            if !kickNotifier.signal() { device.fail(.violation(.notifierBlocked(role: "kick"))) }
+            if !kickNotifier.signal() { supervisor.fail(.violation(.notifierBlocked(role: "kick"))) }
             state.pointee.statistics.kicks &+= 1
         }
     }
@@ -334,8 +334,8 @@ public final class BlockQueue {
     /// The next completion, or nil. Never blocks. After the device broke, hands back every
     /// request still in flight as a failure, one per call.
     public func poll() -> BlockCompletion? {
-        if attention.load(ordering: .relaxed) {
-            switch device.settle(self) {
+        if needsSettling {
+            switch settle() {
             case .ready: break
             case .failed(let failure): return nextFailure(failure)
             case .reconnecting: return nil
@@ -346,11 +346,24 @@ public final class BlockQueue {
         do {
             completion = try ring.nextCompletion()
         } catch {
-            device.fail(.violation(error))
-            return poll()
+            supervisor.fail(.violation(error))
+            return firstFailure()
         }
         guard let completion else { return nil }
-        return finish(completion)
+        if let c = finish(completion) { return c }
+        return firstFailure()
+    }
+
+    /// Whether the supervisor moved since this queue last settled: the device failed or a
+    /// reconnect started or ended. The hot path's only look at shared state.
+    @inline(__always)
+    var needsSettling: Bool { supervisor.epoch.load(ordering: .relaxed) != state.pointee.settledEpoch }
+
+    /// Right after this queue broke the device: the first of its requests handed back as
+    /// the failure (a loop-free `poll` tail, no recursion).
+    func firstFailure() -> BlockCompletion? {
+        if case .failed(let failure) = settle() { return nextFailure(failure) }
+        return nil
     }
 
     /// Validates the status byte (read once, R2) and the used length, copies read data
@@ -413,10 +426,12 @@ public final class BlockQueue {
         pool.copyOut(slice, at: Self.headerSize, validatedLength: count, to: d)
     }
 
+    /// The completion broke a virtio-blk rule: the ring and the device break (R6); nil,
+    /// and `poll` hands back the first failure.
     func breakDevice(_ v: BlockViolation) -> BlockCompletion? {
         ring.breakQueue(.brokenAbove(rule: v.rule, reason: v.detail))
-        device.fail(.deviceViolation(v))
-        return poll()
+        supervisor.fail(.deviceViolation(v))
+        return nil
     }
 
     /// Ends a slot's request: its private write data is zeroed (R7: none of it outlives
@@ -476,9 +491,9 @@ public final class BlockQueue {
         while true {
             if let c = poll() { return c }
             if state.pointee.activeCount == 0 { return nil }
-            if attention.load(ordering: .relaxed) {
+            if needsSettling {
                 // Failures are returned by poll; a reconnect under way parks this thread.
-                if !device.awaitReconnect(until: limit, notifier: callNotifier) { return nil }
+                if !supervisor.awaitReconnect(until: limit, notifier: callNotifier) { return nil }
                 continue
             }
             // While spinning, look at the clock and the deadlines only every 64 polls.
@@ -492,7 +507,7 @@ public final class BlockQueue {
                 state.pointee.deadlineBound = earliest
             }
             if now >= earliest {
-                device.fail(.timeout(milliseconds: UInt64(requestTimeout * 1000)))
+                supervisor.fail(.timeout(milliseconds: UInt64(requestTimeout * 1000)))
                 continue
             }
             if now >= limit.uptimeNanoseconds { return nil }
@@ -503,14 +518,14 @@ public final class BlockQueue {
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
-                if attention.load(ordering: .relaxed) { continue }
+                if needsSettling { continue }
                 state.pointee.statistics.spuriousNotifications &+= 1
                 state.pointee.wakeBackoff.note(productive: false)
                 state.pointee.wakeBackoff.pause(until: until)
             case .timedOut:
                 continue
             case .socket(let generation):
-                device.controlChannelSignalled(generation: generation)
+                supervisor.controlSocketSignalled(generation: generation)
             }
         }
     }
@@ -522,7 +537,7 @@ public final class BlockQueue {
     }
 
     func block(until deadline: Deadline) -> Wake {
-        let control = device.controlSnapshot
+        let control = supervisor.watch
         var fds = (
             pollfd(fd: callNotifier.fileDescriptor, events: Int16(POLLIN), revents: 0),
             pollfd(fd: control.descriptor, events: Int16(POLLIN), revents: 0)
@@ -545,10 +560,39 @@ public final class BlockQueue {
 
     // MARK: reconnect
 
+    /// This queue's slow path, on its own driving thread once the supervisor moved:
+    /// reports a failure or a reconnect under way, or re-attaches the queue to the current
+    /// connection (reset, resubmit, announce) and records the epoch it settled at.
+    func settle() -> Standing {
+        // Each round returns, or attaches once, or ends a reconnect it started: a back-end
+        // that keeps dropping the connection during the attach gets a few rounds, no more.
+        for _ in 0..<4 {
+            let generation: UInt64
+            switch supervisor.step(queue: index, inFlight: inFlight) {
+            case .ready(let epoch):
+                state.pointee.settledEpoch = epoch
+                return .ready
+            case .failed(let failure): return .failed(failure)
+            case .reconnecting: return .reconnecting
+            case .attach(let g): generation = g
+            }
+            do throws(VirtioError) {
+                try resubmitAfterReconnect()
+            } catch {
+                supervisor.fail(error)
+                continue
+            }
+            if supervisor.announce(queue: index, generation: generation) { kickNotifier.signal() }
+        }
+        let lost = VirtioError.disconnected("queue \(index) could not be attached to the back-end again")
+        supervisor.fail(lost)
+        return .failed(supervisor.failure ?? lost)
+    }
+
     /// After the back-end came back: a fresh ring, the same bounce slices, every request
     /// that had not completed posted again from the private in-flight list (qsd keeps no
     /// inflight log). Writes are idempotent, so re-executing one is safe; completed ones
-    /// are never resubmitted. Runs on this queue's own thread (`BlockDevice.settle`),
+    /// are never resubmitted. Runs on this queue's own thread (`settle`),
     /// before the ring is announced on the new connection.
     func resubmitAfterReconnect() throws(VirtioError) {
         ring.reset()

@@ -79,4 +79,34 @@ public struct BlockInfo: Sendable, Equatable {
             maxWriteZeroesBytes: limit(BlockProtocol.Feature.writeZeroes, config.maxWriteZeroesSectors),
             features: features, rawConfig: config)
     }
+
+    /// Refuses, before anything is shared (R3), a range past the capacity, misaligned, empty
+    /// or (with `transferLimit`) larger than one request may carry. The only range check:
+    /// `BlockQueue.submit...` call it per request, the convenience calls once for the whole
+    /// range before cutting it into requests that satisfy it by construction.
+    @inline(__always)
+    func checkRange(offset: UInt64, length: Int, transferLimit: Bool = true) throws(VirtioError) {
+        guard length > 0 else { throw .invalidRequest("length 0") }
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+        guard !overflow, end <= capacityBytes else {
+            throw .outOfRange(offset: offset, length: UInt64(length), capacity: capacityBytes)
+        }
+        let mask = UInt64(blockSize) - 1  // a power of two (validated)
+        guard offset & mask == 0, UInt64(length) & mask == 0 else {
+            throw .invalidRequest("offset \(offset) and length \(length) must be multiples of \(blockSize)")
+        }
+        if transferLimit && length > maxTransfer {
+            throw .invalidRequest("\(length) bytes exceed the \(maxTransfer)-byte request limit")
+        }
+    }
+
+    /// Refuses DISCARD (or WRITE_ZEROES) when it was not negotiated or the disk is read-only.
+    func checkDiscard(zeroes: Bool) throws(VirtioError) {
+        if zeroes {
+            guard supportsWriteZeroes else { throw .unsupported("VIRTIO_BLK_F_WRITE_ZEROES") }
+        } else {
+            guard supportsDiscard else { throw .unsupported("VIRTIO_BLK_F_DISCARD") }
+        }
+        guard !readOnly else { throw .readOnly }
+    }
 }
