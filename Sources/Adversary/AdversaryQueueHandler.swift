@@ -228,7 +228,7 @@ final class AdversaryQueueHandler: QueueHandler {
         case .closeMidIO:
             device.closeConnection()
         case .notificationStorm(let calls):
-            // Once per connection: the storm is 10^6 calls, not 10^6 per request.
+            // Once per connection: the storm is one burst of calls, not one per request.
             if let fd = device.callFD(queueIndex), device.observations.notificationsSent == 0 {
                 var one: UInt64 = 1
                 var sent = 0
