@@ -16,7 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
-        .library(name: "RingHarness", targets: ["RingHarness"]),
+        .library(name: "RingTestSupport", targets: ["RingTestSupport"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "Adversary", targets: ["Adversary"]),
         .library(name: "BlockBench", targets: ["BlockBench"]),
@@ -69,15 +69,17 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
             swiftSettings: strict
         ),
+        // Test support: in-process ring pairs, a misbehaving vhost-user-blk back-end, test
+        // threads, the two-process ring (also the `ringfence ring` demo). Not for production.
         .target(
-            name: "RingHarness",
+            name: "RingTestSupport",
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: strict
         ),
         .target(
             name: "Adversary",
             dependencies: [
-                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "RingHarness",
+                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing",
             ],
             swiftSettings: strict
         ),
@@ -89,7 +91,7 @@ let package = Package(
                 "BlockImage",
                 "SharedMemory",
                 "Virtqueue",
-                "RingHarness",
+                "RingTestSupport",
                 "VhostUser",
                 "VirtioBlock",
                 "XenRing",
@@ -128,20 +130,20 @@ let package = Package(
         .testTarget(
             name: "XenRingTests",
             dependencies: [
-                "XenRing", "BlockImage", "SharedMemory", "CXenPeer", "RingHarness", "Adversary",
+                "XenRing", "BlockImage", "SharedMemory", "CXenPeer", "RingTestSupport", "Adversary",
                 "BlockBench",
             ],
             swiftSettings: strict
         ),
         .testTarget(
             name: "SharedMemoryTests",
-            dependencies: ["SharedMemory", "CRingFence", "RingHarness"],
+            dependencies: ["SharedMemory", "CRingFence", "RingTestSupport"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "VirtqueueTests",
             dependencies: [
-                "Virtqueue", "SharedMemory", "RingHarness",
+                "Virtqueue", "SharedMemory", "RingTestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
                 .product(name: "Atomics", package: "swift-atomics"),
             ],
@@ -149,13 +151,13 @@ let package = Package(
         ),
         .testTarget(
             name: "VirtioBlockTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "RingHarness"],
+            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "RingTestSupport"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "BlockDeviceTests",
             dependencies: [
-                "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingHarness",
+                "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingTestSupport",
             ],
             swiftSettings: strict
         ),

@@ -58,7 +58,7 @@ let package = Package(
                 "TrustingRing",
                 .product(name: "Virtqueue", package: "RingFence"),
                 .product(name: "SharedMemory", package: "RingFence"),
-                .product(name: "RingHarness", package: "RingFence"),
+                .product(name: "RingTestSupport", package: "RingFence"),
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
@@ -81,7 +81,7 @@ let package = Package(
                 .product(name: "BlockBench", package: "RingFence"),
                 .product(name: "XenRing", package: "RingFence"),
                 .product(name: "SharedMemory", package: "RingFence"),
-                .product(name: "RingHarness", package: "RingFence"),
+                .product(name: "RingTestSupport", package: "RingFence"),
             ],
             path: "Sources/XenBench",
             swiftSettings: [.swiftLanguageMode(.v6)]

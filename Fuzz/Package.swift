@@ -52,21 +52,22 @@ let package = Package(
             ],
             swiftSettings: settings),
         .target(
-            name: "RingHarness",
+            name: "RingTestSupport",
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: settings),
         .target(name: "FuzzSupport", swiftSettings: settings),
         .target(name: "FuzzXenSupport", dependencies: ["SharedMemory", "XenRing"], swiftSettings: settings),
-        fuzzTarget("FuzzUsedRing", ["RingHarness", "Virtqueue"]),
-        fuzzTarget("FuzzDeviceChain", ["RingHarness", "SharedMemory", "Virtqueue"]),
+        fuzzTarget("FuzzUsedRing", ["RingTestSupport", "Virtqueue"]),
+        fuzzTarget("FuzzDeviceChain", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzGuestMemory", ["SharedMemory"]),
         fuzzTarget("FuzzVhostMessage", ["SharedMemory", "VhostUser"]),
         fuzzTarget(
-            "FuzzBlockRequests", ["BlockImage", "RingHarness", "SharedMemory", "VirtioBlock", "VhostUser", "Virtqueue"]),
+            "FuzzBlockRequests",
+            ["BlockImage", "RingTestSupport", "SharedMemory", "VirtioBlock", "VhostUser", "Virtqueue"]),
         fuzzTarget("FuzzBackendMessages", ["BlockImage", "CRingFence", "SharedMemory", "VirtioBlock", "VhostUser"]),
         fuzzTarget("FuzzXenResponses", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
         fuzzTarget("FuzzXenRequests", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
-        fuzzTarget("FuzzPackedDriver", ["RingHarness", "SharedMemory", "Virtqueue"]),
-        fuzzTarget("FuzzPackedDevice", ["RingHarness", "SharedMemory", "Virtqueue"]),
+        fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
+        fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
     ]
 )

@@ -2,8 +2,7 @@
 import Glibc
 #endif
 import Foundation
-public import RingHarness
-import SharedMemory
+public import SharedMemory
 import Virtqueue
 
 /// Why an audit could not run at all (a target's failure is a report row, not this).

@@ -1,7 +1,6 @@
 import Adversary
 import ArgumentParser
 import Foundation
-import RingHarness
 import SharedMemory
 
 #if canImport(Glibc)

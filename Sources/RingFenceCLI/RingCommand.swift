@@ -1,5 +1,5 @@
 import ArgumentParser
-import RingHarness
+import RingTestSupport
 import Virtqueue
 
 #if canImport(Glibc)

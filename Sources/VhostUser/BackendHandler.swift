@@ -23,7 +23,7 @@ public enum Refusal: Error, Sendable, CustomStringConvertible {
 /// payloads and checked descriptors (an eventfd `Notifier`, a sealed, mapped `GuestRegion`).
 ///
 /// `DeviceHandler` implements it for any `VhostUserDevice`; a wrapper of it can change
-/// what the back-end does at the protocol level (RingHarness's misbehaving peer). A
+/// what the back-end does at the protocol level (RingTestSupport's misbehaving peer). A
 /// method returns the reply payload, if the request has one; an error is a `Refusal`.
 /// All calls come from the connection's control thread.
 public protocol VhostUserBackendHandler: AnyObject {

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Synchronization
 import Testing

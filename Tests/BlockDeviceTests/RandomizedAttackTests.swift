@@ -1,6 +1,6 @@
 import Glibc
 import SharedMemory
-import RingHarness
+import RingTestSupport
 import Testing
 import VhostUser
 import VirtioBlock

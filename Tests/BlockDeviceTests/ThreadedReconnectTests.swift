@@ -1,6 +1,6 @@
 import BlockImage
 import Foundation
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Synchronization
 import Testing

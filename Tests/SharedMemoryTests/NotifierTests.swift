@@ -1,6 +1,6 @@
 import CRingFence
 import Glibc
-import RingHarness
+import RingTestSupport
 @testable import SharedMemory
 import Synchronization
 import Testing

@@ -1,6 +1,6 @@
 import CRingFence
 import Glibc
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 

@@ -1,5 +1,5 @@
 import Foundation
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 import VhostUser

@@ -1,6 +1,6 @@
 import PropertyBased
 import SharedMemory
-import RingHarness
+import RingTestSupport
 import Testing
 import Virtqueue
 

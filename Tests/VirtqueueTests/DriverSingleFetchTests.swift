@@ -1,4 +1,4 @@
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 import Virtqueue

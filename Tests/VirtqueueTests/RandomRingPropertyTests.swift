@@ -1,5 +1,5 @@
 import PropertyBased
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 import Virtqueue

@@ -1,5 +1,5 @@
 import Atomics
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 import Virtqueue

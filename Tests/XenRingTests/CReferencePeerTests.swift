@@ -1,6 +1,6 @@
 import CXenPeer
 import SharedMemory
-import RingHarness
+import RingTestSupport
 import Testing
 @testable import XenRing
 

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Adversary
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 @testable import XenRing

@@ -1,7 +1,7 @@
 import BlockBench
 import BlockImage
 import Foundation
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 @testable import XenRing

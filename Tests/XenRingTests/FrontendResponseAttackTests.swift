@@ -1,5 +1,5 @@
 import Adversary
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 @testable import XenRing

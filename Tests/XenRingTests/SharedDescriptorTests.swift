@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import CRingFence
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Synchronization
 import Testing

@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Adversary
 import BlockBench
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Testing
 @testable import XenRing

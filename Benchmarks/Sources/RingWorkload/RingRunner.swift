@@ -1,6 +1,6 @@
 import CBenchSupport
 import Foundation
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Synchronization
 import TrustingRing

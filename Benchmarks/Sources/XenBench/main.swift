@@ -8,7 +8,7 @@ import Glibc
 #endif
 import BlockBench
 import CXenTrusting
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import XenRing
 

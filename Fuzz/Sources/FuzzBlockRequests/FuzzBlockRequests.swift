@@ -1,6 +1,6 @@
 import BlockImage
 import FuzzSupport
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import VirtioBlock
 import VhostUser

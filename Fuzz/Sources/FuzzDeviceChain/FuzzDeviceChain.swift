@@ -1,5 +1,5 @@
 import FuzzSupport
-import RingHarness
+import RingTestSupport
 import SharedMemory
 import Virtqueue
 

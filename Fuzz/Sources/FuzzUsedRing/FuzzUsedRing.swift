@@ -1,5 +1,5 @@
 import FuzzSupport
-import RingHarness
+import RingTestSupport
 import Virtqueue
 
 /// The driver's used-ring processing with the fuzzer as the device: it posts requests,

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-public import SharedMemory
 
 /// A child process started with posix_spawn (no fork in a threaded Swift process), with
 /// chosen descriptors placed at fixed numbers from 3 up.

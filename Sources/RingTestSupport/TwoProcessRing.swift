@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import SharedMemory
+public import SharedMemory
 public import Virtqueue
 
 /// The setup message the driver process sends the device process, with three descriptors
