@@ -150,12 +150,12 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
-            name: "VirtioBlockTests",
+            name: "VirtioBlockDriverTests",
             dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "RingTestSupport"],
             swiftSettings: strict
         ),
         .testTarget(
-            name: "BlockDeviceTests",
+            name: "VirtioBlockDeviceTests",
             dependencies: [
                 "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "CRingFence", "RingTestSupport",
             ],

@@ -47,7 +47,7 @@ public enum DriverProbe {
             guard fm.createFile(atPath: path, contents: nil), truncate(path, off_t(imageSize)) == 0,
                 let img = try? DeviceImage(path: path)
             else { return nil }
-            return VirtioBlockDevice(image: img, options: BlockDeviceOptions())
+            return VirtioBlockDevice(image: img, options: VirtioBlockDeviceOptions())
         }
         guard let attackedDisk = image("attacked"), let neighbourDisk = image("neighbour") else {
             return ProbeResult(
@@ -61,7 +61,7 @@ public enum DriverProbe {
             server.stop()
             healthy.stop()
         }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.requestTimeout = settings.requestTimeout
         options.controlTimeout = settings.controlTimeout
         options.packedRing = settings.packedRing
@@ -73,7 +73,7 @@ public enum DriverProbe {
                 signature: .otherError, evidence: "listen: \(error)", seconds: 0, canaryFound: false,
                 neighbourOK: false, sharedBytesSearched: 0)
         }
-        let neighbour = try? BlockDevice.connect(socket: "\(directory)/neighbour.sock", options: options)
+        let neighbour = try? VirtioBlockDriver.connect(socket: "\(directory)/neighbour.sock", options: options)
         defer { neighbour?.close() }
 
         // Private to this process: lives only in a heap buffer a read overwrites.
@@ -113,15 +113,15 @@ public enum DriverProbe {
     /// and a poll once both are done: a duplicated id or a used mark in a slot never made
     /// available is only visible to a driver that looks then (as on an interrupt).
     static func script(
-        socket: String, options: BlockDevice.Options, rounds: Int, canary: [UInt8], pipelined: Bool = false
+        socket: String, options: VirtioBlockDriver.Options, rounds: Int, canary: [UInt8], pipelined: Bool = false
     ) -> ProbeResult {
         func failed(_ e: VirtioError) -> ProbeResult {
             ProbeResult(
                 signature: signature(of: e), evidence: e.description, seconds: 0, canaryFound: false,
                 neighbourOK: false, sharedBytesSearched: 0)
         }
-        let disk: BlockDevice
-        do { disk = try BlockDevice.connect(socket: socket, options: options) } catch { return failed(error) }
+        let disk: VirtioBlockDriver
+        do { disk = try VirtioBlockDriver.connect(socket: socket, options: options) } catch { return failed(error) }
         defer { disk.close() }
         let count = 4096
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
@@ -163,7 +163,7 @@ public enum DriverProbe {
 
     /// Two writes (the halves of `bytes`) in flight together on queue 0, both waited for,
     /// then one more poll with nothing in flight.
-    static func writePair(_ disk: BlockDevice, at offset: UInt64, _ bytes: [UInt8]) throws(VirtioError) {
+    static func writePair(_ disk: VirtioBlockDriver, at offset: UInt64, _ bytes: [UInt8]) throws(VirtioError) {
         let q = disk.queue(0)
         let half = bytes.count / 2
         try bytes.withUnsafeBytes { b in
@@ -194,7 +194,7 @@ public enum DriverProbe {
     }
 
     /// R6 check: a healthy device of the same process still reads back what it wrote.
-    public static func neighbourWorks(_ disk: BlockDevice?) -> Bool {
+    public static func neighbourWorks(_ disk: VirtioBlockDriver?) -> Bool {
         guard let disk else { return false }
         let pattern = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
         do throws(VirtioError) {

@@ -7,7 +7,7 @@ extension BlockBench {
     }
 }
 
-/// virtio-blk: one `BlockQueue` of a `BlockDevice` (`ringfence blk bench` runs one loop
+/// virtio-blk: one `BlockQueue` of a `VirtioBlockDriver` (`ringfence blk bench` runs one loop
 /// per queue). Its `wait` ends at the earliest request deadline (then the device broke).
 extension BlockQueue: BlockBenchQueue {
     public func submit(slot: Int, buffer: UnsafeMutableRawBufferPointer, offset: UInt64, write: Bool)

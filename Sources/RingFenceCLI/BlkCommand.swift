@@ -5,7 +5,7 @@ import Histogram
 import SharedMemory
 import VirtioBlock
 
-/// `ringfence blk`: a thin shell over `VirtioBlock.BlockDevice`.
+/// `ringfence blk`: a thin shell over `VirtioBlock.VirtioBlockDriver`.
 /// Exit 0 ok, 1 device or violation error (one line naming the rule), 2 usage.
 struct Blk: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -40,15 +40,16 @@ struct Blk: ParsableCommand {
     }
 
     /// Opens the device or exits 1 with the error.
-    func open(queueSize: Int = 128) throws -> BlockDevice {
-        var options = BlockDevice.Options()
+    func open(queueSize: Int = 128) throws -> VirtioBlockDriver {
+        var options = VirtioBlockDriver.Options()
         options.queues = queues
         options.requestTimeout = timeout
         options.controlTimeout = timeout
         options.reconnect = reconnect
         options.queueSize = queueSize
         options.packedRing = !noPacked
-        return try runOrExit { () throws(VirtioError) in try BlockDevice.connect(socket: socket, options: options) }
+        return try runOrExit { () throws(VirtioError) in try VirtioBlockDriver.connect(socket: socket, options: options)
+        }
     }
 }
 

@@ -75,7 +75,7 @@ struct ServeBlkCommand: ParsableCommand {
     func run() throws {
         var logger = Logger(label: "ringfence.serve-blk")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
-        var options = BlockDeviceOptions()
+        var options = VirtioBlockDeviceOptions()
         options.readOnly = readonly
         options.queueCount = queues
         options.queueSize = queueSize

@@ -107,7 +107,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
 
     /// Starts serving on a thread of its own (one connection: the driver's).
     public func start() {
-        var options = BlockDeviceOptions()
+        var options = VirtioBlockDeviceOptions()
         options.serial = "misbehaving-blk"
         options.queueCount = Int(max(1, min(queueNum, 64)))
         options.readOnly = features & BlockProtocol.Feature.readOnly != 0

@@ -13,7 +13,7 @@ final class AttackBed {
     let dir: String
     let server: AdversaryServer
     let neighbourServer: AdversaryServer
-    let neighbour: BlockDevice
+    let neighbour: VirtioBlockDriver
 
     init(_ name: String?, after: Int? = nil) throws {
         let dir = NSTemporaryDirectory() + "rf-bed-\(getpid())-\(name ?? "none")-\(UInt32.random(in: 0...UInt32.max))"
@@ -22,7 +22,7 @@ final class AttackBed {
         func device(_ file: String) throws -> VirtioBlockDevice {
             let path = "\(dir)/\(file).img"
             try Data(count: 4 << 20).write(to: URL(fileURLWithPath: path))
-            return VirtioBlockDevice(image: try DeviceImage(path: path), options: BlockDeviceOptions())
+            return VirtioBlockDevice(image: try DeviceImage(path: path), options: VirtioBlockDeviceOptions())
         }
         let attack = try name.map { try #require(Catalogue.attack(named: $0)) }
         let s = AdversaryServer(device: AdversaryDevice(inner: try device("a"), attack: attack, after: after))
@@ -31,11 +31,11 @@ final class AttackBed {
         try n.start(socketPath: "\(dir)/n.sock")
         server = s
         neighbourServer = n
-        neighbour = try BlockDevice.connect(socket: "\(dir)/n.sock", options: Self.options(2))
+        neighbour = try VirtioBlockDriver.connect(socket: "\(dir)/n.sock", options: Self.options(2))
     }
 
-    static func options(_ timeout: Double, packed: Bool = true) -> BlockDevice.Options {
-        var o = BlockDevice.Options()
+    static func options(_ timeout: Double, packed: Bool = true) -> VirtioBlockDriver.Options {
+        var o = VirtioBlockDriver.Options()
         o.requestTimeout = timeout
         o.controlTimeout = 1
         o.packedRing = packed
@@ -43,8 +43,8 @@ final class AttackBed {
     }
 
     /// Our driver acks VIRTIO_F_RING_PACKED whenever the device offers it (`packed`).
-    func connect(timeout: Double = 2, packed: Bool = true) throws(VirtioError) -> BlockDevice {
-        try BlockDevice.connect(socket: "\(dir)/a.sock", options: Self.options(timeout, packed: packed))
+    func connect(timeout: Double = 2, packed: Bool = true) throws(VirtioError) -> VirtioBlockDriver {
+        try VirtioBlockDriver.connect(socket: "\(dir)/a.sock", options: Self.options(timeout, packed: packed))
     }
 
     /// R6: the blast radius is the attacked device only.
@@ -75,7 +75,7 @@ func measure(_ body: () throws(VirtioError) -> Void) -> (VirtioError?, Double) {
 struct ContainedOutcomeTests {
     /// Connects, serves `after` good reads, then one 4 KiB read that meets the attack.
     func read(_ name: String, after: Int = 0, timeout: Double = 2) throws -> (
-        VirtioError?, Double, BlockDevice, AttackBed
+        VirtioError?, Double, VirtioBlockDriver, AttackBed
     ) {
         let bed = try AttackBed(name, after: after)
         let disk = try bed.connect(timeout: timeout)

@@ -20,7 +20,7 @@ struct PackedAttackTests {
     ]
 
     /// An attacked device with our driver connected over the packed ring.
-    func connect(_ name: String, timeout: Double = 2) throws -> (AttackBed, BlockDevice) {
+    func connect(_ name: String, timeout: Double = 2) throws -> (AttackBed, VirtioBlockDriver) {
         let bed = try AttackBed(name)
         let disk = try bed.connect(timeout: timeout)
         #expect(disk.ringFormat == .packed, "our driver acks the packed ring the adversary offers")
@@ -29,14 +29,14 @@ struct PackedAttackTests {
         return (bed, disk)
     }
 
-    func read(_ disk: BlockDevice) -> (VirtioError?, Double) {
+    func read(_ disk: VirtioBlockDriver) -> (VirtioError?, Double) {
         measure { () throws(VirtioError) in _ = try disk.read(at: 0, count: 4096) }
     }
 
     /// R6: `v` failed the request, within the deadline; the device stays broken with it;
     /// the second device of the process still works.
     func expectContained(
-        _ bed: AttackBed, _ disk: BlockDevice, _ outcome: (VirtioError?, Double), _ v: Violation,
+        _ bed: AttackBed, _ disk: VirtioBlockDriver, _ outcome: (VirtioError?, Double), _ v: Violation,
         sourceLocation: SourceLocation = #_sourceLocation
     ) throws {
         #expect(outcome.0 == .violation(v), sourceLocation: sourceLocation)
@@ -154,7 +154,7 @@ struct PackedAttackTests {
         let path = NSTemporaryDirectory() + "rf-offer-\(getpid()).img"
         defer { try? FileManager.default.removeItem(atPath: path) }
         try Data(count: 1 << 20).write(to: URL(fileURLWithPath: path))
-        let inner = VirtioBlockDevice(image: try DeviceImage(path: path), options: BlockDeviceOptions())
+        let inner = VirtioBlockDevice(image: try DeviceImage(path: path), options: VirtioBlockDeviceOptions())
         for a in Catalogue.all {
             let offered = AdversaryDevice(inner: inner, attack: a).features & FeatureBits.ringPacked != 0
             #expect(offered == (a.ring == .packed), "\(a.name)")

@@ -16,13 +16,14 @@ func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
     }
 }
 
-func open(_ qsd: QemuStorageDaemon, queues: Int = 1, reconnect: Bool = false, timeout: Double = 5) throws -> BlockDevice
+func open(_ qsd: QemuStorageDaemon, queues: Int = 1, reconnect: Bool = false, timeout: Double = 5) throws
+    -> VirtioBlockDriver
 {
-    var options = BlockDevice.Options()
+    var options = VirtioBlockDriver.Options()
     options.queues = queues
     options.reconnect = reconnect
     options.requestTimeout = timeout
-    return try BlockDevice.connect(socket: qsd.socket, options: options)
+    return try VirtioBlockDriver.connect(socket: qsd.socket, options: options)
 }
 
 @Suite(

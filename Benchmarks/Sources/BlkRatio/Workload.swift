@@ -28,7 +28,7 @@ struct Settings {
     var warmup = 0.5
     var depths = [1, 32]
     /// Polls before blocking, both drivers (the library's default is 256).
-    var spinIterations = BlockDevice.Options().spinIterations
+    var spinIterations = VirtioBlockDriver.Options().spinIterations
 }
 
 /// What one contestant did in one round (or, merged, over all rounds).
@@ -169,12 +169,12 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
     let queueSize = min(1024, max(128, 1 << (Int.bitWidth - (depth * 3 - 1).leadingZeroBitCount)))
     switch c.driver {
     case .hardened:
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queueSize = queueSize
         options.spinIterations = settings.spinIterations
-        let disk: BlockDevice
+        let disk: VirtioBlockDriver
         do {
-            disk = try BlockDevice.connect(socket: c.socket, options: options)
+            disk = try VirtioBlockDriver.connect(socket: c.socket, options: options)
         } catch {
             return RunResult(error: "connect \(c.socket): \(error)")
         }
@@ -249,10 +249,10 @@ func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Setting
 /// Reads `count` random blocks with both drivers, one at a time, and compares the bytes:
 /// proves the baseline really moves the data it is timed on. nil when all matched.
 func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
-    let disk: BlockDevice
+    let disk: VirtioBlockDriver
     let trusting: TrustingBlockDevice
     do {
-        disk = try BlockDevice.connect(socket: socket)
+        disk = try VirtioBlockDriver.connect(socket: socket)
     } catch {
         return "connect (hardened): \(error)"
     }
@@ -296,7 +296,7 @@ func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
 /// Nanoseconds one empty `poll()` costs each driver (nothing in flight): how long the
 /// 256-poll spin of `wait()` lasts before the driver blocks.
 func pollCost(socket: String, polls: Int) -> (hardened: Double, trusting: Double)? {
-    guard let disk = try? BlockDevice.connect(socket: socket) else { return nil }
+    guard let disk = try? VirtioBlockDriver.connect(socket: socket) else { return nil }
     let q = disk.queue(0)
     var t0 = monotonicNanoseconds()
     var got = 0

@@ -1,6 +1,6 @@
 // blk-ratio: virtio-blk 4 KiB randread, two contestants interleaved in one process.
 //
-//   blk-ratio drivers --backend NAME=SOCKET...   hardened BlockDevice vs the trusting
+//   blk-ratio drivers --backend NAME=SOCKET...   hardened VirtioBlockDriver vs the trusting
 //                                               baseline, against each back-end (issue 3:
 //                                               hardened >= 0.95x trusting IOPS)
 //   blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET

@@ -40,7 +40,7 @@ public enum TrustingBlockError: Error, CustomStringConvertible {
 ///   (a one-second poll timeout only so a dead back-end cannot hang a benchmark forever);
 ///   the control socket is not watched.
 ///
-/// Control path: the same `VhostUser.Frontend` as the hardened `BlockDevice` (the issue
+/// Control path: the same `VhostUser.Frontend` as the hardened `VirtioBlockDriver` (the issue
 /// allows it), the same features asked (so EVENT_IDX is negotiated the same way), the same
 /// synthetic addresses and sealed memfd; so the two drivers differ only in the data path.
 public final class TrustingBlockDevice {
@@ -84,7 +84,7 @@ public final class TrustingBlockDevice {
     let state: UnsafeMutablePointer<Counters>
     public var counters: Counters { state.pointee }
     public var inFlight: Int { state.pointee.inFlight }
-    /// Polls before blocking, as `BlockDevice.Options.spinIterations`.
+    /// Polls before blocking, as `VirtioBlockDriver.Options.spinIterations`.
     public let spinIterations: Int
     var closed = false
 
@@ -112,7 +112,7 @@ public final class TrustingBlockDevice {
         self.requestBytes = requestBytes
         try frontend.handshake()
         let raw = try frontend.getConfig(size: BlockConfig.size)
-        let acked = try frontend.setFeatures(BlockDevice.wantedFeatures)
+        let acked = try frontend.setFeatures(VirtioBlockDriver.wantedFeatures)
         capacityBytes = BlockConfig.decode(raw).capacity &* 512  // trusted as served
         eventIndex = acked & FeatureBits.ringEventIndex != 0
 

@@ -28,7 +28,7 @@ import VhostUser
 let imagePath = scratchImage(size: 1 << 20)
 let backend: Backend? = {
     guard let image = try? DeviceImage(path: imagePath) else { return nil }
-    var options = BlockDeviceOptions()
+    var options = VirtioBlockDeviceOptions()
     options.queueSize = 16
     var configuration = Backend.Configuration()
     configuration.messageDeadline = 0.05  // bounds a reply's send; serveQueued waits for no request

@@ -17,7 +17,7 @@ nonisolated(unsafe) let pair = try? RingPair(
     indirectEntries: 0, bounceBytesPerQueue: 1 << 14)
 let device: VirtioBlockDevice? = {
     guard let image = try? DeviceImage(path: imagePath) else { return nil }
-    var options = BlockDeviceOptions()
+    var options = VirtioBlockDeviceOptions()
     options.queueSize = 16
     options.maximumDiscardSegments = 4
     return VirtioBlockDevice(image: image, options: options)

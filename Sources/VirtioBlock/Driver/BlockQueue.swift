@@ -22,7 +22,7 @@ public struct BlockQueueStatistics: Sendable, Equatable {
     public var resubmitted: UInt64 = 0
 }
 
-/// One virtqueue of a `BlockDevice`: the synchronous hot path.
+/// One virtqueue of a `VirtioBlockDriver`: the synchronous hot path.
 ///
 /// `submit...` posts a request (copying write data into the bounce pool, R7); `poll()`
 /// returns a validated completion without blocking; `wait(until:)` spins briefly, then
@@ -31,7 +31,7 @@ public struct BlockQueueStatistics: Sendable, Equatable {
 ///
 /// Not thread-safe: one thread per queue. A read's destination buffer must stay valid
 /// until its completion (or failure) has been returned. Only that thread ever touches the
-/// queue's state, also across a reconnect (see `BlockDevice`'s handoff). The queue holds
+/// queue's state, also across a reconnect (see `VirtioBlockDriver`'s handoff). The queue holds
 /// its device's `DriverSupervisor`, never the device: failures go into it, and its slow
 /// path (`settle`) parks, resubmits and asks for its ring to be announced through it.
 ///
@@ -117,7 +117,8 @@ public final class BlockQueue {
     let segmentCapacity: Int
 
     init(
-        index: Int, supervisor: DriverSupervisor, info: BlockInfo, options: BlockDevice.Options, ring: any DriverRing,
+        index: Int, supervisor: DriverSupervisor, info: BlockInfo, options: VirtioBlockDriver.Options,
+        ring: any DriverRing,
         pool: BouncePool, kick: Notifier, call: Notifier
     ) {
         self.index = index

@@ -5,7 +5,7 @@ import SharedMemory
 import Synchronization
 import Virtqueue
 
-/// The control plane as the supervisor sees it: the `BlockDevice`, held weakly so that the
+/// The control plane as the supervisor sees it: the `VirtioBlockDriver`, held weakly so that the
 /// supervisor (which every queue holds) keeps no device alive and no queue ever holds or
 /// calls the device itself.
 protocol ControlPlane: AnyObject, Sendable {
@@ -17,7 +17,7 @@ protocol ControlPlane: AnyObject, Sendable {
     func runReconnect() throws(VirtioError)
 }
 
-/// What a `BlockDevice` and its queues share, and nothing else: the failure sink (R6: the
+/// What a `VirtioBlockDriver` and its queues share, and nothing else: the failure sink (R6: the
 /// first failure wins, wakes every queue, reaches `onFailure` once), the watch on the
 /// control socket, and the park/resume state of a reconnect. It holds no queue and only a
 /// weak reference to the device, so a queue's thread reaches the control plane only
@@ -72,7 +72,7 @@ final class DriverSupervisor: @unchecked Sendable {
     /// Set once by the device before any queue is handed out.
     weak var controlPlane: (any ControlPlane)?
 
-    init(descriptor: Int32, wakers: [Notifier], options: BlockDevice.Options) {
+    init(descriptor: Int32, wakers: [Notifier], options: VirtioBlockDriver.Options) {
         link = Locked(Link(descriptor: descriptor, attached: Array(repeating: 1, count: wakers.count)))
         control = Atomic(Self.controlWord(generation: 1, descriptor: descriptor))
         self.wakers = wakers

@@ -7,7 +7,7 @@ import Virtqueue
 /// Our blk driver against our blk device over the packed ring (issue 7): negotiated when
 /// offered, the ring wraps many times, data stays intact; split still works on request.
 @Suite struct PackedEndToEndTests {
-    static func exercise(_ disk: BlockDevice, rounds: Int) throws {
+    static func exercise(_ disk: VirtioBlockDriver, rounds: Int) throws {
         for round in 0..<rounds {
             let count = 512 * (1 + round % 9)
             let offset = UInt64((round * 4096) % (BackendFixture.imageSize - 8192))
@@ -22,10 +22,10 @@ import Virtqueue
     @Test func packedRingIsNegotiatedAndServesThroughManyWraps() throws {
         let fixture = try BackendFixture(queues: 2)
         defer { fixture.shutdown() }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queueSize = 8  // 3 slots per request: the ring wraps every few requests
         options.queues = 2
-        let disk = try BlockDevice.connect(socket: fixture.socketPath, options: options)
+        let disk = try VirtioBlockDriver.connect(socket: fixture.socketPath, options: options)
         defer { disk.close() }
         #expect(disk.ringFormat == .packed)
         try Self.exercise(disk, rounds: 200)
@@ -37,10 +37,10 @@ import Virtqueue
     @Test func splitRingIsUsedWhenPackedIsNotWanted() throws {
         let fixture = try BackendFixture()
         defer { fixture.shutdown() }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queueSize = 8
         options.packedRing = false
-        let disk = try BlockDevice.connect(socket: fixture.socketPath, options: options)
+        let disk = try VirtioBlockDriver.connect(socket: fixture.socketPath, options: options)
         defer { disk.close() }
         #expect(disk.ringFormat == .split)
         try Self.exercise(disk, rounds: 40)

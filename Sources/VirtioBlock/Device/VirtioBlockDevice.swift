@@ -3,7 +3,7 @@ public import VhostUser
 import Virtqueue
 
 /// Settings of a served virtio-blk device.
-public struct BlockDeviceOptions: Sendable {
+public struct VirtioBlockDeviceOptions: Sendable {
     public var readOnly = false
     public var queueCount = 1
     /// Largest ring the driver may set up; `seg_max` is derived from it.
@@ -44,11 +44,11 @@ public struct BlockDeviceOptions: Sendable {
 /// VIRTIO_BLK_S_IOERR (or used length 0 when it has no status byte) and never traps.
 public final class VirtioBlockDevice: VhostUserDevice {
     public let image: DeviceImage
-    public let options: BlockDeviceOptions
+    public let options: VirtioBlockDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
 
     public init(
-        image: DeviceImage, options: BlockDeviceOptions,
+        image: DeviceImage, options: VirtioBlockDeviceOptions,
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
     ) {
         self.image = image

@@ -68,7 +68,7 @@ import Virtqueue
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Data(count: 1 << 20).write(to: URL(fileURLWithPath: dir + "/d.img"))
-        let real = VirtioBlockDevice(image: try DeviceImage(path: dir + "/d.img"), options: BlockDeviceOptions())
+        let real = VirtioBlockDevice(image: try DeviceImage(path: dir + "/d.img"), options: VirtioBlockDeviceOptions())
         let device = WrappingDevice(real)
         var configuration = Backend.Configuration()
         configuration.pollInterval = 0.05

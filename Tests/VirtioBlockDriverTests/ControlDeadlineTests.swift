@@ -21,11 +21,11 @@ struct ControlDeadlineTests {
         backend.protocolFeatures = [.config, .multiQueue]
         defer { backend.stop() }
         backend.start()
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queues = 64
         options.controlTimeout = 1
         let (error, seconds) = failure { () throws(VirtioError) in
-            _ = try BlockDevice.connect(channel: backend.driverChannel, options: options)
+            _ = try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
         }
         #expect(error == .timeout(milliseconds: 1000), "got \(String(describing: error))")
         #expect(seconds < 2, "took \(seconds) s")

@@ -9,7 +9,7 @@ import Synchronization
 /// A virtio-blk disk behind a vhost-user back-end that is not trusted.
 ///
 /// ```swift
-/// let disk = try BlockDevice.connect(socket: "/tmp/vhost.sock")
+/// let disk = try VirtioBlockDriver.connect(socket: "/tmp/vhost.sock")
 /// try disk.write(at: 0, bytes: Array(repeating: 0xab, count: 4096))
 /// let back = try await disk.read(at: 0, count: 4096)
 /// ```
@@ -27,7 +27,7 @@ import Synchronization
 /// queue's private state, ring and bounce pool stay its own driving thread's, which parks
 /// until the generation changes, then resets, resubmits and announces its own ring
 /// (`BlockQueue.settle`, `announce(queue:)`).
-public final class BlockDevice: ControlPlane, @unchecked Sendable {
+public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
     public struct Options: Sendable {
         /// Queues wanted (clamped to what the device offers).
         public var queues = 1
@@ -83,7 +83,9 @@ public final class BlockDevice: ControlPlane, @unchecked Sendable {
     let convenienceLock = Mutex<Int>(0)
 
     /// Connects, negotiates, validates the config and sets up the queues.
-    public static func connect(socket path: String, options: Options = Options()) throws(VirtioError) -> BlockDevice {
+    public static func connect(socket path: String, options: Options = Options()) throws(VirtioError)
+        -> VirtioBlockDriver
+    {
         let frontend: Frontend
         do {
             frontend = try Frontend.connect(
@@ -91,14 +93,16 @@ public final class BlockDevice: ControlPlane, @unchecked Sendable {
         } catch {
             throw VirtioError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
         }
-        return try BlockDevice(path: path, frontend: frontend, options: options)
+        return try VirtioBlockDriver(path: path, frontend: frontend, options: options)
     }
 
     /// Uses an already connected channel (a socketpair with an in-process back-end).
-    public static func connect(channel: UnixChannel, options: Options = Options()) throws(VirtioError) -> BlockDevice {
+    public static func connect(channel: UnixChannel, options: Options = Options()) throws(VirtioError)
+        -> VirtioBlockDriver
+    {
         let frontend = Frontend(channel: channel, replyTimeout: options.controlTimeout)
         frontend.operationDeadline = .after(seconds: options.controlTimeout)
-        return try BlockDevice(path: "", frontend: frontend, options: options)
+        return try VirtioBlockDriver(path: "", frontend: frontend, options: options)
     }
 
     init(path: String, frontend: Frontend, options: Options) throws(VirtioError) {

@@ -20,7 +20,7 @@ import VirtioBlock
         configuration.firstMessageDeadline = 30
         configuration.pollInterval = 30
         backend = Backend(
-            device: VirtioBlockDevice(image: try DeviceImage(path: image), options: BlockDeviceOptions()),
+            device: VirtioBlockDevice(image: try DeviceImage(path: image), options: VirtioBlockDeviceOptions()),
             configuration: configuration)
     }
 

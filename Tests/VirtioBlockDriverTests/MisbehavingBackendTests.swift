@@ -10,7 +10,7 @@ import Virtqueue
 /// radius of a misbehaving device must be that device only (R6).
 final class Neighbour {
     let backend: MisbehavingBlockBackend
-    let disk: BlockDevice
+    let disk: VirtioBlockDriver
 
     init() throws {
         backend = try MisbehavingBlockBackend()
@@ -30,14 +30,15 @@ final class Neighbour {
     }
 }
 
-func attach(_ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1) throws(VirtioError) -> BlockDevice
+func attach(_ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1) throws(VirtioError)
+    -> VirtioBlockDriver
 {
     backend.start()
-    var options = BlockDevice.Options()
+    var options = VirtioBlockDriver.Options()
     options.requestTimeout = timeout
     options.controlTimeout = 1
     options.queues = queues
-    return try BlockDevice.connect(channel: backend.driverChannel, options: options)
+    return try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
 }
 
 /// Runs `body`, returns its VirtioError (nil if it succeeded) and the seconds it took.
@@ -53,7 +54,7 @@ func failure(_ body: () throws(VirtioError) -> Void) -> (VirtioError?, Double) {
 
 /// One read against a back-end misbehaving with `m`: returns the error it must produce.
 func readAgainst(_ m: BlockMisbehaviour, after: Int = 0, timeout: Double = 2) throws -> (
-    VirtioError?, Double, BlockDevice, MisbehavingBlockBackend
+    VirtioError?, Double, VirtioBlockDriver, MisbehavingBlockBackend
 ) {
     let backend = try MisbehavingBlockBackend(m, after: after)
     let disk = try attach(backend, timeout: timeout)
@@ -190,7 +191,7 @@ struct BlockDriverTests {
         c.sizeMax = 100
         c.blockSize = 4096
         c.numQueues = 0
-        let all = BlockDevice.wantedFeatures
+        let all = VirtioBlockDriver.wantedFeatures
         let info = try BlockInfo.validate(c, features: all, backendQueues: 8, requestedQueues: 4, queueSize: 128)
         #expect(info.capacityBytes == 1 << 20)
         #expect(info.segmentsPerRequest == 126)
@@ -274,10 +275,10 @@ struct BlockDriverTests {
         let backend = try MisbehavingBlockBackend()
         backend.start()
         defer { backend.stop() }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.requestTimeout = -1
         #expect(throws: VirtioError.invalidRequest("timeouts must be in (0, 86400] seconds")) {
-            _ = try BlockDevice.connect(channel: backend.driverChannel, options: options)
+            _ = try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
         }
     }
 }

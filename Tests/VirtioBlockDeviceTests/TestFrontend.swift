@@ -26,7 +26,7 @@ final class BackendFixture: @unchecked Sendable {
         var bytes = [UInt8](repeating: 0, count: Self.imageSize)
         for i in stride(from: 0, to: bytes.count, by: 512) { bytes[i] = UInt8(truncatingIfNeeded: i / 512) }
         try Data(bytes).write(to: URL(fileURLWithPath: imagePath))
-        var options = BlockDeviceOptions()
+        var options = VirtioBlockDeviceOptions()
         options.readOnly = readOnly
         options.queueCount = queues
         let image = try DeviceImage(path: imagePath, readOnly: readOnly)

@@ -11,7 +11,7 @@ import Testing
         let path = NSTemporaryDirectory() + "rf-vec-\(getpid()).img"
         defer { try? FileManager.default.removeItem(atPath: path) }
         try Data(count: 2 << 20).write(to: URL(fileURLWithPath: path))
-        let device = VirtioBlockDevice(image: try DeviceImage(path: path), options: BlockDeviceOptions())
+        let device = VirtioBlockDevice(image: try DeviceImage(path: path), options: VirtioBlockDeviceOptions())
         let handler = try #require(device.makeQueueHandler(queue: 0, features: 0) as? BlockRequestHandler)
         let pieces = 1500
         let sizes = (0..<pieces).map { 1 + ($0 * 37) % 1000 }

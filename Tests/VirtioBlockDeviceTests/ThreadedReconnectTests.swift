@@ -29,7 +29,7 @@ final class RestartableBackend: @unchecked Sendable {
 
     /// A fresh back-end (new image handle, new sessions) listening when this returns.
     func start() throws {
-        var options = BlockDeviceOptions()
+        var options = VirtioBlockDeviceOptions()
         options.queueCount = queues
         var configuration = Backend.Configuration()
         configuration.messageDeadline = 2
@@ -115,7 +115,7 @@ final class ReconnectProgress: Sendable {
 
     /// One queue's thread: rounds of `depth` writes to fresh versions of some blocks and
     /// `depth` reads of blocks whose writes already completed, all in flight together.
-    static func drive(_ disk: BlockDevice, queue index: Int, progress: ReconnectProgress) {
+    static func drive(_ disk: VirtioBlockDriver, queue index: Int, progress: ReconnectProgress) {
         let q = disk.queue(index)
         let writeBuffers = (0..<depth).map { _ in
             UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 4096)
@@ -203,7 +203,7 @@ final class ReconnectProgress: Sendable {
     func threadedReconnectKeepsCompletedWritesAndCompletesEachRequestOnce(queues: Int, packed: Bool) throws {
         let server = try RestartableBackend(queues: queues, imageSize: queues * Self.blocksPerQueue * Self.blockSize)
         defer { server.remove() }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queues = queues
         options.queueSize = 32  // 2 x depth requests of 3 descriptors
         options.reconnect = true
@@ -211,7 +211,7 @@ final class ReconnectProgress: Sendable {
         options.requestTimeout = 20
         options.reconnectTimeout = 20
         options.controlTimeout = 5
-        let disk = try BlockDevice.connect(socket: server.socketPath, options: options)
+        let disk = try VirtioBlockDriver.connect(socket: server.socketPath, options: options)
         defer { disk.close() }
         #expect(disk.queueCount == queues)
         #expect(disk.ringFormat == (packed ? .packed : .split))
@@ -264,14 +264,14 @@ final class ReconnectProgress: Sendable {
         let queues = 3
         let server = try RestartableBackend(queues: queues, imageSize: queues * Self.blocksPerQueue * Self.blockSize)
         defer { server.remove() }
-        var options = BlockDevice.Options()
+        var options = VirtioBlockDriver.Options()
         options.queues = queues
         options.queueSize = 32
         options.reconnect = true
         options.requestTimeout = 20
         options.reconnectTimeout = 0.5
         options.controlTimeout = 1
-        let disk = try BlockDevice.connect(socket: server.socketPath, options: options)
+        let disk = try VirtioBlockDriver.connect(socket: server.socketPath, options: options)
         defer { disk.close() }
         let progress = ReconnectProgress()
         let threads = (0..<queues).map { index in
