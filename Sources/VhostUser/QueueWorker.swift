@@ -162,22 +162,11 @@ final class QueueWorker: @unchecked Sendable {
 
     /// Blocks on the kick fd and our wake fd. Returns whether a kick arrived.
     private func waitForKick(timeoutNanoseconds: UInt64) -> Bool {
-        var fds = [
-            pollfd(fd: wake.fileDescriptor, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: kick?.fileDescriptor ?? -1, events: Int16(POLLIN), revents: 0),
-        ]
+        // The wake fd (ours, for stop) outranks the kick; a drained kick counter says
+        // nothing about how many requests exist (R5): the ring is the truth.
         let deadline = Deadline.after(nanoseconds: timeoutNanoseconds)
-        while !shouldStop {
-            let r = poll(&fds, 2, deadline.pollTimeoutMilliseconds)
-            if r < 0 && errno == EINTR { continue }
-            if r <= 0 { return false }
-            if fds[1].revents != 0 {
-                // A drained counter says nothing about how many requests exist (R5): the
-                // ring is the truth. POLLERR/POLLHUP on a broken eventfd just reads 0.
-                _ = kick?.drain()
-                return true
-            }
-            return false
+        if case .notified = EventWaiter.wait(for: kick, orReadable: wake.fileDescriptor, until: deadline) {
+            return true
         }
         return false
     }

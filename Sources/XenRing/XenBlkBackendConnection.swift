@@ -131,16 +131,10 @@ public final class XenBlkBackendConnection {
             let idleDeadline = Deadline(uptimeNanoseconds: lastWork &+ idleNanoseconds)
             if idleDeadline.hasPassed { return .idle }
             events.backoff.pause(until: idleDeadline)
-            var pfds = [
-                pollfd(fd: events.incoming.fileDescriptor, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: channel.fileDescriptor, events: Int16(POLLIN), revents: 0),
-            ]
-            let r = poll(&pfds, 2, idleDeadline.pollTimeoutMilliseconds)
-            if r < 0 { continue }
-            if r > 0 && pfds[1].revents != 0 { return close() }
-            if r > 0 {
-                events.incoming.drain()
-                woke = true
+            switch EventWaiter.wait(for: events.incoming, orReadable: channel.fileDescriptor, until: idleDeadline) {
+            case .other: return close()
+            case .notified: woke = true
+            case .timedOut: break
             }
             spins = 0
         }

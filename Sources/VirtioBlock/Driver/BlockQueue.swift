@@ -539,16 +539,11 @@ public final class BlockQueue {
 
     func block(until deadline: Deadline) -> Wake {
         let control = supervisor.watch
-        var fds = (
-            pollfd(fd: callNotifier.fileDescriptor, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: control.descriptor, events: Int16(POLLIN), revents: 0)
-        )
-        let r = withUnsafeMutableBytes(of: &fds) { raw in
-            Glibc.poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 2, deadline.pollTimeoutMilliseconds)
+        switch EventWaiter.wait(for: callNotifier, orReadable: control.descriptor, until: deadline) {
+        case .other: return .socket(generation: control.generation)
+        case .notified(let count): return count > 0 ? .notified : .timedOut
+        case .timedOut: return .timedOut
         }
-        if r <= 0 { return .timedOut }
-        if fds.1.revents != 0 { return .socket(generation: control.generation) }
-        return callNotifier.drain() > 0 ? .notified : .timedOut
     }
 
     func earliestDeadline() -> UInt64 {
