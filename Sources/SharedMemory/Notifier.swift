@@ -240,6 +240,19 @@ public struct WakeBackoff: Sendable {
         }
     }
 
+    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
+    /// free ones, the doubling pauses up to the maximum, then one per maximum pause. What a
+    /// storm can cost, as a bound tests and monitors can check.
+    public static func mostSpuriousWakeUps(in seconds: Double) -> Int {
+        var pause = firstPauseNanoseconds
+        var ramp = 1
+        while pause < maximumPauseNanoseconds {
+            pause *= 2
+            ramp += 1
+        }
+        return Int(threshold) + ramp + Int(max(0, seconds) * 1e9 / Double(maximumPauseNanoseconds)) + 1
+    }
+
     /// Sleeps for the current pause, but not past `deadline`.
     public func pause(until deadline: Deadline = .distantFuture) {
         guard pauseNanoseconds > 0 else { return }

@@ -289,18 +289,3 @@ struct ContainedOutcomeTests {
         #expect(acked != nil)
     }
 }
-
-extension WakeBackoff {
-    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
-    /// free ones, the doubling pauses up to the maximum, then one per maximum pause.
-    /// (The same helper is in each test target that measures a storm.)
-    static func mostSpuriousWakeUps(in seconds: Double) -> Int {
-        var pause = firstPauseNanoseconds
-        var ramp = 1
-        while pause < maximumPauseNanoseconds {
-            pause *= 2
-            ramp += 1
-        }
-        return Int(threshold) + ramp + Int(seconds * 1e9 / Double(maximumPauseNanoseconds)) + 1
-    }
-}

@@ -197,20 +197,6 @@ final class KickStorm: @unchecked Sendable {
     }
 }
 
-extension WakeBackoff {
-    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
-    /// free ones, the doubling pauses up to the maximum, then one per maximum pause.
-    static func mostSpuriousWakeUps(in seconds: Double) -> Int {
-        var pause = firstPauseNanoseconds
-        var ramp = 1
-        while pause < maximumPauseNanoseconds {
-            pause *= 2
-            ramp += 1
-        }
-        return Int(threshold) + ramp + Int(seconds * 1e9 / Double(maximumPauseNanoseconds)) + 1
-    }
-}
-
 extension TestFrontend {
     static func prepareHeader(_ f: TestFrontend, type: BlockProtocol.RequestType, sector: UInt64) {
         let header = BlockProtocol.encodeHeader(type: type, sector: sector)

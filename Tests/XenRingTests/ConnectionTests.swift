@@ -241,21 +241,6 @@ func page(_ seed: UInt8) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded:
     }
 }
 
-extension WakeBackoff {
-    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
-    /// free ones, the doubling pauses up to the maximum, then one per maximum pause.
-    /// (The same helper is in each test target that measures a storm.)
-    static func mostSpuriousWakeUps(in seconds: Double) -> Int {
-        var pause = firstPauseNanoseconds
-        var ramp = 1
-        while pause < maximumPauseNanoseconds {
-            pause *= 2
-            ramp += 1
-        }
-        return Int(threshold) + ramp + Int(seconds * 1e9 / Double(maximumPauseNanoseconds)) + 1
-    }
-}
-
 /// The frontend-attack catalogue as an audit over real connections: each malformed
 /// request is refused with ERROR and the backend keeps serving; the corrupt ring gets
 /// the connection dropped and the backend serves the next frontend.
