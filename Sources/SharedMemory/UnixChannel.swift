@@ -195,6 +195,23 @@ public final class UnixChannel: @unchecked Sendable {
     }
 
     /// Half-closes both directions (wakes a peer blocked on us).
+    /// What a readable stream socket means, found without consuming a byte or blocking:
+    /// the peer spoke, hung up, or nothing is there after all.
+    public enum PeerState: Equatable, Sendable { case quiet, spoke, hungUp }
+
+    /// Peeks at `fd` (MSG_PEEK | MSG_DONTWAIT), for a control socket a peer may only
+    /// answer on: readable then means it closed, or spoke unasked.
+    public static func peerState(of fd: Int32) -> PeerState {
+        var byte: UInt8 = 0
+        while true {
+            let n = recv(fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+            if n > 0 { return .spoke }
+            if n == 0 { return .hungUp }
+            if errno == EINTR { continue }
+            return errno == EAGAIN ? .quiet : .hungUp
+        }
+    }
+
     public func shutdown() { _ = Glibc.shutdown(fileDescriptor, Int32(SHUT_RDWR)) }
 }
 

@@ -169,13 +169,6 @@ public final class Frontend: @unchecked Sendable {
         }
     }
 
-    /// True when the back-end closed the socket or sent something unsolicited (a
-    /// back-end never speaks first on this channel). Never blocks.
-    public var peerHungUpOrSpoke: Bool {
-        var pfd = pollfd(fd: channel.channel.fileDescriptor, events: Int16(POLLIN), revents: 0)
-        return poll(&pfd, 1, 0) > 0
-    }
-
     /// Closes the connection (the back-end stops the rings).
     public func close() { channel.channel.shutdown() }
 

@@ -143,10 +143,11 @@ final class DriverSupervisor: @unchecked Sendable {
         enum Verdict { case ignore, spoke, hungUp, reconnect }
         let verdict = link.withLock { l -> Verdict in
             guard !l.closed, !l.reconnecting, UInt32(truncatingIfNeeded: l.generation) == seen else { return .ignore }
-            var byte: UInt8 = 0
-            let n = recv(l.descriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
-            if n > 0 { return .spoke }
-            if n < 0 && (errno == EAGAIN || errno == EINTR) { return .ignore }
+            switch UnixChannel.peerState(of: l.descriptor) {
+            case .spoke: return .spoke
+            case .quiet: return .ignore
+            case .hungUp: break
+            }
             guard reconnects else { return .hungUp }
             beginReconnect(&l)
             return .reconnect
