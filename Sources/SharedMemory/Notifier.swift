@@ -136,29 +136,18 @@ public final class Notifier: @unchecked Sendable {
         guard n > 0 else { return true }
         var count: UInt64?
         for line in buffer[..<n].split(separator: UInt8(ascii: "\n")) {
-            let text = String(decoding: line, as: UTF8.self)
-            let parts = text.split(separator: ":", maxSplits: 1)
-            guard parts.count == 2 else { continue }
-            let value = parts[1].trimmingCharacters(in: " \t")
-            if parts[0] == "eventfd-count" { count = UInt64(value, radix: 16) }
+            // "eventfd-count:   fffffffffffffffe" (hex, Linux's eventfd_show_fdinfo)
+            let fields = String(decoding: line, as: UTF8.self).split(whereSeparator: \.isWhitespace)
+            if fields.count == 2 && fields[0] == "eventfd-count:" { count = UInt64(fields[1], radix: 16) }
         }
         guard let count else { return true }
         return count >= 0xFFFF_FFFF_FFFF_FFFE
     }
 }
 
-extension Substring {
-    fileprivate func trimmingCharacters(in set: String) -> Substring {
-        var s = self
-        while let c = s.first, set.contains(c) { s = s.dropFirst() }
-        while let c = s.last, set.contains(c) { s = s.dropLast() }
-        return s
-    }
-}
-
 /// One thread per process that frees `signal()` calls blocked by a peer (see `Notifier`).
-/// It looks every `tick` while notifiers exist and sleeps while none do; its work per
-/// tick is one atomic load per notifier.
+/// Started with the first notifier; it looks every `tick`, and its work per tick is one
+/// atomic load per notifier (fdinfo is read only for a write seen in progress twice).
 final class NotifierWatchdog: @unchecked Sendable {
     static let shared = NotifierWatchdog()
     /// A blocked write is freed within two ticks.
@@ -199,82 +188,5 @@ final class NotifierWatchdog: @unchecked Sendable {
             for n in snapshot { n.watchdogTick() }
             snapshot.removeAll(keepingCapacity: true)
         }
-    }
-}
-
-/// The one back-off policy for wake-ups that bring no work (R5): after `threshold`
-/// spurious wake-ups in a row, each further one is followed by a pause that doubles from
-/// `firstPause` up to `maximumPause` (XSA-391's "lateeoi" throttling), so a storm costs the
-/// peer time instead of costing us a CPU. A productive wake-up resets it.
-public struct WakeBackoff: Sendable {
-    public static let threshold: UInt64 = 16
-    public static let firstPauseNanoseconds: UInt64 = 50_000
-    public static let maximumPauseNanoseconds: UInt64 = 10_000_000
-
-    /// Spurious wake-ups seen in all.
-    public private(set) var spuriousTotal: UInt64 = 0
-    /// Spurious wake-ups since the last productive one.
-    public private(set) var consecutive: UInt64 = 0
-    /// The pause before the next wait (0 while wake-ups bring work).
-    public private(set) var pauseNanoseconds: UInt64 = 0
-    /// The longest pause applied so far (observability for storms).
-    public private(set) var longestPauseNanoseconds: UInt64 = 0
-
-    public init() {}
-
-    /// Records whether the last wake-up found work.
-    @inline(__always)
-    public mutating func note(productive: Bool) {
-        if productive {
-            if consecutive != 0 {
-                consecutive = 0
-                pauseNanoseconds = 0
-            }
-            return
-        }
-        spuriousTotal &+= 1
-        consecutive &+= 1
-        if consecutive > Self.threshold {
-            pauseNanoseconds = min(max(pauseNanoseconds &* 2, Self.firstPauseNanoseconds), Self.maximumPauseNanoseconds)
-            longestPauseNanoseconds = max(longestPauseNanoseconds, pauseNanoseconds)
-        }
-    }
-
-    /// The most wake-ups without work the policy lets through in `seconds`: `threshold`
-    /// free ones, the doubling pauses up to the maximum, then one per maximum pause. What a
-    /// storm can cost, as a bound tests and monitors can check.
-    public static func mostSpuriousWakeUps(in seconds: Double) -> Int {
-        var pause = firstPauseNanoseconds
-        var ramp = 1
-        while pause < maximumPauseNanoseconds {
-            pause *= 2
-            ramp += 1
-        }
-        return Int(threshold) + ramp + Int(max(0, seconds) * 1e9 / Double(maximumPauseNanoseconds)) + 1
-    }
-
-    /// Sleeps for the current pause, but not past `deadline`.
-    public func pause(until deadline: Deadline = .distantFuture) {
-        guard pauseNanoseconds > 0 else { return }
-        let now = monotonicNanoseconds()
-        guard deadline.uptimeNanoseconds > now else { return }
-        sleepNanoseconds(min(pauseNanoseconds, deadline.uptimeNanoseconds - now))
-    }
-}
-
-/// The one log rate limit for what a peer can repeat at will (refused control messages,
-/// rejected chains): the first `burst` events are logged, then only the 2^k-th, so a peer
-/// looping on garbage grows the log by O(log n) lines while `count` still says how many.
-public struct LogThrottle: Sendable {
-    public static let burst: UInt64 = 8
-    public private(set) var count: UInt64 = 0
-
-    public init() {}
-
-    /// Counts one event; true when this one should be logged.
-    @inline(__always)
-    public mutating func admit() -> Bool {
-        count &+= 1
-        return count <= Self.burst || count & (count &- 1) == 0
     }
 }
