@@ -21,4 +21,35 @@ struct cxen_net_layout {
     uint32_t max_tx_size, nr_slots_min;
 };
 void cxen_net_layout(struct cxen_net_layout *out);
+
+/// What both netif peers share: the tx and rx ring pages, the v1 grant table, the granted
+/// frames, and two eventfds (one to signal the peer, one the peer signals).
+struct cxen_net_env {
+    void *tx_sring;
+    void *rx_sring;
+    void *gnttab;
+    uint32_t gnttab_entries;
+    void *frames;
+    uint32_t nr_frames;
+    int evt_to_peer;
+    int evt_from_peer;
+};
+
+/// Loopback netback on BACK_RING_INIT / RING_COPY_REQUEST / RING_PUSH_RESPONSES_AND_CHECK_NOTIFY
+/// / RING_FINAL_CHECK_FOR_REQUESTS: every tx frame (more_data chains, extra info skipped and
+/// answered NETIF_RSP_NULL) is answered OKAY and sent back whole on the rx ring, one posted
+/// rx request per 4 KiB. Serves until `max_frames` frames are echoed or nothing happens
+/// for `idle_timeout_ms`. Returns the frames echoed, or -3 on a malformed request.
+long cxen_net_back_loopback(const struct cxen_net_env *env, uint64_t max_frames, int idle_timeout_ms);
+
+/// Netfront on SHARED_RING_INIT / FRONT_RING_INIT / RING_GET_REQUEST /
+/// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY / RING_FINAL_CHECK_FOR_RESPONSES. Posts `rx_slots`
+/// rx requests (refs `first_ref...`, frames `first_frame...`), then sends `frames` frames,
+/// frame n of `sizes[n % nsizes]` bytes with byte i = (i * 7 + n) & 0xff, in 4 KiB slots
+/// (tx refs and frames after the rx ones), one frame at a time, and checks that each
+/// comes back byte for byte on the rx ring. Returns frames verified; -1 timeout, -2 an
+/// id it never posted, -4 a frame that differs, -5 a tx status not OKAY.
+long cxen_net_front_echo(const struct cxen_net_env *env, uint32_t first_ref, uint32_t first_frame,
+                         uint32_t rx_slots, uint64_t frames, const uint32_t *sizes, uint32_t nsizes,
+                         int timeout_ms);
 #endif
