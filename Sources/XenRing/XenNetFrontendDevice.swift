@@ -148,7 +148,7 @@ public final class XenNetFrontendDevice {
     }
 
     /// Waits until at least one tx completion arrives (R5: deadline, storms backed off).
-    func waitForTx(until deadline: Deadline) throws(XenNetError) {
+    public func waitForTx(until deadline: Deadline) throws(XenNetError) {
         var woke = false
         while true {
             let n = try reapTx()
@@ -185,6 +185,26 @@ public final class XenNetFrontendDevice {
             if front.enableNotifications() { continue }
             if deadline.hasPassed { return nil }
             woke = events.wait(until: deadline)
+        }
+    }
+
+    /// The next received frame if one is ready; never blocks. (`kick()` re-posts pages.)
+    public func poll(into buffer: UnsafeMutableRawBufferPointer) throws(XenNetError) -> NetReceivedFrame? {
+        try call({ () throws(XenViolation) in try front.nextReceived(into: buffer) })
+    }
+
+    /// Waits until the backend publishes a response on either ring, at most until
+    /// `deadline` (then the device is disabled, R5); a wake-up without one is counted and
+    /// backed off.
+    public func waitForWork(until deadline: Deadline) throws(XenNetError) {
+        while true {
+            if front.enableNotifications() { return }
+            try checkDeadline(deadline)
+            if events.wait(until: deadline) {
+                let productive = front.enableNotifications()
+                events.noteWake(productive: productive)
+                if productive { return }
+            }
         }
     }
 
