@@ -58,6 +58,8 @@ public final class NetBackend {
     @exclusivity(unchecked) public private(set) var rxResponseProducer: UInt32 = 0
     @exclusivity(unchecked) var rxPublished: UInt32 = 0
 
+    /// The Adversary's hook points (nil in service).
+    @exclusivity(unchecked) public var hooks: (any XenNetBackendHooks)?
     @exclusivity(unchecked) public private(set) var rejectedFrames = 0
     @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
     @exclusivity(unchecked) public private(set) var txFrames = 0
@@ -207,16 +209,21 @@ public final class NetBackend {
             let bytes = k == first ? firstBytes : Int(slot.size)
             let page = try mapper.map(slot.ref, write: false)
             SharedAccess.copy(from: page + Int(slot.offset), to: frame + length, count: bytes)
-            mapper.unmap(slot.ref, write: false)
+            if hooks?.shouldUnmapGrant(self, ref: slot.ref) ?? true { mapper.unmap(slot.ref, write: false) }
             length += bytes
         }
         return length
     }
 
     func respondTx(id: UInt16, status: NetStatus) {
-        let slot = txRing + SharedRingLayout.headerSize + Int(txResponseProducer & txMask) * NetifLayout.txSlotSize
-        SharedAccess.store32(slot, UInt32(id) | UInt32(UInt16(bitPattern: status.rawValue)) << 16)
-        txResponseProducer &+= 1
+        var response = NetTxResponseFields(id: id, status: status.rawValue)
+        let copies = hooks?.willRespondTx(&response) ?? 1
+        for _ in 0..<max(0, copies) {
+            let slot =
+                txRing + SharedRingLayout.headerSize + Int(txResponseProducer & txMask) * NetifLayout.txSlotSize
+            SharedAccess.store32(slot, UInt32(response.id) | UInt32(UInt16(bitPattern: response.status)) << 16)
+            txResponseProducer &+= 1
+        }
     }
 
     // MARK: rx (backend → frontend)
@@ -225,6 +232,8 @@ public final class NetBackend {
     /// a GSO extra-info slot after the first when given. Needs every slot posted first
     /// (whole frames only, as netback). Throws only for what drops the connection.
     public func send(_ data: UnsafeRawBufferPointer, gso: NetGSO? = nil) throws(XenViolation) -> NetSendResult {
+        var gso = gso
+        hooks?.willSendRx(gso: &gso)
         let count = data.count
         guard count > 0, count <= NetifLayout.maxFrameSize, let source = data.baseAddress else {
             return .invalidLength(count)
@@ -253,18 +262,20 @@ public final class NetBackend {
             do throws(XenViolation) {
                 let target = try mapper.map(ref, write: true)
                 target.copyMemory(from: source + offset, byteCount: bytes)
-                mapper.unmap(ref, write: true)
+                if hooks?.shouldUnmapGrant(self, ref: ref) ?? true { mapper.unmap(ref, write: true) }
             } catch {
                 failure = failure ?? error
                 status = NetStatus.error.rawValue
             }
             var flags: UInt16 = s < dataSlots - 1 ? NetFlags.rxMoreData : 0
             if s == 0 && gso != nil { flags |= NetFlags.rxExtraInfo }
-            writeRxResponse(UInt64(id) | UInt64(flags) << 32 | UInt64(UInt16(bitPattern: status)) << 48)
+            respondRx(NetRxResponseFields(id: id, offset: 0, flags: flags, status: status))
             if s == 0, let gso {
                 rxConsumer &+= 1  // the extra segment uses up a posted request, unread
-                writeRxResponse(
-                    UInt64(NetExtraType.gso.rawValue) | UInt64(gso.size) << 16 | UInt64(gso.type.rawValue) << 32)
+                var extra =
+                    UInt64(NetExtraType.gso.rawValue) | UInt64(gso.size) << 16 | UInt64(gso.type.rawValue) << 32
+                hooks?.willWriteRxExtra(&extra)
+                writeRxResponse(extra)
             }
             offset += bytes
         }
@@ -282,6 +293,16 @@ public final class NetBackend {
         rxRing + SharedRingLayout.headerSize + Int(position & rxMask) * NetifLayout.rxSlotSize
     }
 
+    func respondRx(_ fields: NetRxResponseFields) {
+        var response = fields
+        let copies = hooks?.willRespondRx(&response) ?? 1
+        for _ in 0..<max(0, copies) {
+            writeRxResponse(
+                UInt64(response.id) | UInt64(response.offset) << 16 | UInt64(response.flags) << 32
+                    | UInt64(UInt16(bitPattern: response.status)) << 48)
+        }
+    }
+
     func writeRxResponse(_ word: UInt64) {
         SharedAccess.store64(rxSlot(rxResponseProducer), word)
         rxResponseProducer &+= 1
@@ -294,11 +315,17 @@ public final class NetBackend {
     public func publishResponses() -> Bool {
         var notify = false
         if txResponseProducer != txPublished {
-            notify = Self.publish(txRing, txResponseProducer, previous: txPublished) || notify
+            let new =
+                hooks?.willPublish(rx: false, responseProducer: txResponseProducer, previous: txPublished)
+                ?? txResponseProducer
+            notify = Self.publish(txRing, new, previous: txPublished) || notify
             txPublished = txResponseProducer
         }
         if rxResponseProducer != rxPublished {
-            notify = Self.publish(rxRing, rxResponseProducer, previous: rxPublished) || notify
+            let new =
+                hooks?.willPublish(rx: true, responseProducer: rxResponseProducer, previous: rxPublished)
+                ?? rxResponseProducer
+            notify = Self.publish(rxRing, new, previous: rxPublished) || notify
             rxPublished = rxResponseProducer
         }
         return notify

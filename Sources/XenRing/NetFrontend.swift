@@ -132,6 +132,8 @@ public final class NetFrontend {
 
     @exclusivity(unchecked) public private(set) var violation: XenViolation?
     @exclusivity(unchecked) public private(set) var isBroken = false
+    /// The Adversary's hook points (nil in service).
+    @exclusivity(unchecked) public var hooks: (any XenNetFrontendHooks)?
 
     /// Pages for tx bounce buffers and for posted rx buffers: every frame of the grant
     /// table but the two rings, split in half unless `rxPages` says otherwise (at most
@@ -208,20 +210,28 @@ public final class NetFrontend {
 
     /// One tx request, stored whole into the next slot (R1).
     func writeTxRequest(ref: UInt32, offset: UInt16, flags: UInt16, id: UInt16, size: UInt16) {
+        storeTxSlot((ref, UInt32(offset) | UInt32(flags) << 16, UInt32(id) | UInt32(size) << 16), isExtra: false)
+    }
+
+    /// Stores one whole 12-byte slot (R1), through the hook if one is set.
+    func storeTxSlot(_ words: (UInt32, UInt32, UInt32), isExtra: Bool) {
+        var words = words
+        if let hooks {
+            withUnsafeMutableBytes(of: &words) { b in
+                if let base = b.baseAddress { hooks.willPostTx(base, isExtra: isExtra, frontend: self) }
+            }
+        }
         let slot = txRing + SharedRingLayout.headerSize + Int(txRequestProducer & txMask) * NetifLayout.txSlotSize
-        SharedAccess.store32(slot, ref)
-        SharedAccess.store32(slot + 4, UInt32(offset) | UInt32(flags) << 16)
-        SharedAccess.store32(slot + 8, UInt32(id) | UInt32(size) << 16)
+        SharedAccess.store32(slot, words.0)
+        SharedAccess.store32(slot + 4, words.1)
+        SharedAccess.store32(slot + 8, words.2)
         txRequestProducer &+= 1
     }
 
     /// A GSO extra-info segment in the next tx slot (the slot's last 4 bytes zeroed).
     func writeTxExtra(_ gso: NetGSO) {
-        let slot = txRing + SharedRingLayout.headerSize + Int(txRequestProducer & txMask) * NetifLayout.txSlotSize
-        SharedAccess.store32(slot, UInt32(NetExtraType.gso.rawValue) | UInt32(gso.size) << 16)
-        SharedAccess.store32(slot + 4, UInt32(gso.type.rawValue))
-        SharedAccess.store32(slot + 8, 0)
-        txRequestProducer &+= 1
+        storeTxSlot(
+            (UInt32(NetExtraType.gso.rawValue) | UInt32(gso.size) << 16, UInt32(gso.type.rawValue), 0), isExtra: true)
     }
 
     /// Publishes the tx req_prod; true if the backend asked to be notified (decided from
@@ -229,7 +239,8 @@ public final class NetFrontend {
     public func publishTx() -> Bool {
         guard !isBroken, txRequestProducer != txPublished else { return false }
         let new = txRequestProducer
-        SharedAccess.store32Release(txRing + SharedRingLayout.requestProducer, new)
+        SharedAccess.store32Release(
+            txRing + SharedRingLayout.requestProducer, hooks?.willPublishTx(requestProducer: new) ?? new)
         SharedAccess.fullFence()
         let event = SharedAccess.load32(txRing + SharedRingLayout.requestEvent)
         let old = txPublished

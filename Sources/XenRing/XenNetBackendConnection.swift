@@ -95,9 +95,12 @@ public final class XenNetBackendConnection {
 
     public static func accept(
         channel: UnixChannel, mode: XenNetMode = .loopback, hub: XenNetSwitch? = nil,
-        info: XenNetInfo = XenNetInfo(), until deadline: Deadline = .after(seconds: 10)
+        info: XenNetInfo = XenNetInfo(), hooks: (any XenNetBackendHooks)? = nil,
+        until deadline: Deadline = .after(seconds: 10)
     ) throws(XenConnectError) -> XenNetBackendConnection {
-        try channel.sendNode(info.node, until: deadline)
+        var node = info.node
+        hooks?.willAnnounce(&node)
+        try channel.sendNode(node, until: deadline)
         let (theirs, fds) = try channel.receiveNode(maxDescriptors: 4, until: deadline)
         guard fds.count == 4 else { throw .setup("expected 4 descriptors, got \(fds.count)") }
         let request: XenNetFrontendRequest
@@ -137,6 +140,7 @@ public final class XenNetBackendConnection {
             throw .violation(.xenHandshakeValue(key: "rx-ring-ref", value: "same page as tx-ring-ref"))
         }
         let backend = NetBackend(txRing: txRing, rxRing: rxRing, mapper: mapper)
+        backend.hooks = hooks
         try channel.sendNode(XenStoreNode(["state": "\(XenbusState.connected.rawValue)"]), until: deadline)
         return XenNetBackendConnection(
             backend: backend, events: events, mode: mode, hub: mode == .switch ? (hub ?? XenNetSwitch()) : nil,
@@ -205,6 +209,7 @@ public final class XenNetBackendConnection {
             if n > 0 || sent > 0 {
                 spins = 0
                 lastWork = monotonicNanoseconds()
+                backend.hooks?.didServe(self, frames: n + sent)
                 if backend.publishResponses() && !events.notify() {
                     return drop(.notifierBlocked(role: "event channel"))
                 }
