@@ -19,6 +19,8 @@ public enum XenNetMode: String, Sendable, CaseIterable {
 public final class XenNetPort: Sendable {
     public static let capacity = 256
     let queue = Mutex<[[UInt8]]>([])
+    /// Frames queued, readable without the lock (the loopback hot path checks it per frame).
+    let queued = Atomic<Int>(0)
     let droppedCount = Atomic<Int>(0)
 
     public init() {}
@@ -29,6 +31,7 @@ public final class XenNetPort: Sendable {
         let accepted = queue.withLock { q in
             guard q.count < Self.capacity else { return false }
             q.append(frame)
+            queued.store(q.count, ordering: .relaxed)
             return true
         }
         if !accepted { droppedCount.add(1, ordering: .relaxed) }
@@ -36,14 +39,22 @@ public final class XenNetPort: Sendable {
 
     func takeAll() -> [[UInt8]] {
         queue.withLock { q in
-            defer { q = [] }
+            defer {
+                q = []
+                queued.store(0, ordering: .relaxed)
+            }
             return q
         }
     }
 
-    func putBack(_ frames: [[UInt8]]) { queue.withLock { q in q.insert(contentsOf: frames, at: 0) } }
+    func putBack(_ frames: [[UInt8]]) {
+        queue.withLock { q in
+            q.insert(contentsOf: frames, at: 0)
+            queued.store(q.count, ordering: .relaxed)
+        }
+    }
 
-    var isEmpty: Bool { queue.withLock { $0.isEmpty } }
+    var isEmpty: Bool { queued.load(ordering: .relaxed) == 0 }
 }
 
 /// A learning switch between the frontends served in switch mode: a frame goes to the
@@ -176,8 +187,8 @@ public final class XenNetBackendConnection {
     }
 
     /// Frames delivered by the frontend, by mode.
-    public private(set) var framesReceived = 0
-    public private(set) var bytesReceived = 0
+    @exclusivity(unchecked) public private(set) var framesReceived = 0
+    @exclusivity(unchecked) public private(set) var bytesReceived = 0
 
     /// Serves until the frontend closes, hangs up, does no work for `idleTimeout` seconds,
     /// or corrupts a ring (dropped). Wake-ups without work are backed off with the shared
@@ -190,16 +201,29 @@ public final class XenNetBackendConnection {
         while true {
             let n: Int
             let sent: Int
-            do {
+            var sendFailure: XenViolation?
+            do throws(XenViolation) {
                 n = try backend.serveTx(budget: Self.txBudget) { frame in
                     framesReceived += 1
                     bytesReceived += frame.bytes.count
                     switch mode {
-                    case .loopback: port.enqueue(Array(frame.bytes))
+                    case .loopback:
+                        // Straight back into a posted rx page when nothing is queued (no copy
+                        // of our own); queued otherwise, in order.
+                        if port.isEmpty && sendFailure == nil {
+                            do throws(XenViolation) {
+                                if try backend.send(frame.bytes, gso: frame.gso) != .noBuffers { return }
+                            } catch {
+                                sendFailure = error
+                                return
+                            }
+                        }
+                        port.enqueue(Array(frame.bytes))
                     case .switch: hub?.forward(Array(frame.bytes), from: port)
                     case .sink: break
                     }
                 }
+                if let sendFailure { throw sendFailure }
                 sent = try flushPort()
             } catch { return drop(error) }
             if woke {

@@ -34,8 +34,8 @@ public final class XenNetFrontendDevice {
     /// Tokens failed by `failAll` after a violation.
     public private(set) var failedTokens: [UInt64] = []
     /// Tx completions reaped while waiting for something else.
-    public private(set) var txCompleted = 0
-    public private(set) var txFailed = 0
+    @exclusivity(unchecked) public private(set) var txCompleted = 0
+    @exclusivity(unchecked) public private(set) var txFailed = 0
 
     /// Grant entries (one page) and frames: the two rings, 128 rx and 128 tx pages.
     public static let grantEntries = 512

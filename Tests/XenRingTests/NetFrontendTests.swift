@@ -54,14 +54,16 @@ import Testing
         #expect(Array(buffer[0..<9000]) == data)
     }
 
-    /// R7: a tx bounce page holds the frame and zeroes, an rx page is zeroed before it is
-    /// posted again (what the backend wrote into it last time is gone).
+    /// R7: an rx page is zeroed before its first grant (whatever was in the memfd) and
+    /// never written by us after that; a tx bounce page holds the frame and zeroes.
     @Test func bouncePagesAreZeroedOnReuse() throws {
         let pair = try NetPair(rxPages: 1)
+        pair.memory.page(2).initializeMemory(as: UInt8.self, repeating: 0x77, count: 4096)
         pair.front.refillRx()
         _ = pair.front.publishRx()
         let ref = pair.rxRequestRef(0)
         let page = try pair.back.mapper.map(ref, write: true)
+        #expect(UnsafeRawBufferPointer(start: page, count: 4096).allSatisfy { $0 == 0 })
         page.initializeMemory(as: UInt8.self, repeating: 0xee, count: 4096)
         pair.back.mapper.unmap(ref, write: true)
         pair.writeRxResponse(slot: 0, id: 0, status: 10)
@@ -69,8 +71,9 @@ import Testing
         var buffer = [UInt8](repeating: 0, count: 64)
         #expect(try buffer.withUnsafeMutableBytes { try pair.front.nextReceived(into: $0) }?.length == 10)
         #expect(pair.front.refillRx() == 1)
+        // Reposted: only what this backend wrote itself (0xee), nothing of ours.
         let again = try pair.back.mapper.map(pair.rxRequestRef(1), write: true)
-        #expect(UnsafeRawBufferPointer(start: again, count: 4096).allSatisfy { $0 == 0 })
+        #expect(UnsafeRawBufferPointer(start: again, count: 4096).allSatisfy { $0 == 0xee })
         pair.back.mapper.unmap(pair.rxRequestRef(1), write: true)
         // tx: bytes past the frame are zero even where an earlier, longer frame was.
         try [UInt8](repeating: 0xab, count: 3000).withUnsafeBytes { try pair.front.submit(frame: $0, token: 1) }

@@ -62,6 +62,19 @@ func fmt(_ v: Double, _ d: Int) -> String {
     return "\(whole)." + String(repeating: "0", count: d - f.count) + f
 }
 
+/// CPU seconds (user + system) this process has used: it runs one busy thread, the
+/// frontend, so this is the frontend's own cost, which other load disturbs far less
+/// than throughput.
+func processCPUSeconds() -> Double {
+    var u = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &u)
+    return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+}
+nonisolated(unsafe) var cpuHardened = 0.0
+nonisolated(unsafe) var cpuTrusting = 0.0
+nonisolated(unsafe) var framesHardened = 0
+nonisolated(unsafe) var framesTrusting = 0
+
 let socket = "/tmp/xen-net-bench-\(getpid()).sock"
 let child: ChildProcess
 do { child = try ChildProcess(executable: currentExecutablePath(), arguments: ["backend", socket]) } catch {
@@ -92,6 +105,7 @@ func connect() -> XenNetFrontendDevice {
     let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 64)
     defer { out.deallocate() }
     var received = 0
+    let cpu = processCPUSeconds()
     let start = monotonicNanoseconds()
     let end = start &+ UInt64(seconds * 1e9)
     do throws(XenNetError) {
@@ -116,6 +130,8 @@ func connect() -> XenNetFrontendDevice {
         }
     } catch { fail("hardened: \(error)") }
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+    cpuHardened += processCPUSeconds() - cpu
+    framesHardened += received
     return (Double(received) / elapsed, received)
 }
 
@@ -144,11 +160,14 @@ func connect() -> XenNetFrontendDevice {
         evt_from_peer: device.events.incoming.fileDescriptor)
     let out = UnsafeMutablePointer<UInt8>.allocate(capacity: 65536)
     defer { out.deallocate() }
+    let cpu = processCPUSeconds()
     let start = monotonicNanoseconds()
     let n = xen_net_trusting_run(
         &env, rxRefs, rxFrame, UInt32(rxSlots), txRefs, txFrame, UInt32(depth), UInt32(size), UInt64(frames), out,
         5000)
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+    cpuTrusting += processCPUSeconds() - cpu
+    framesTrusting += n
     guard n == frames else { fail("trusting C run: \(n) of \(frames) frames") }
     return Double(n) / elapsed
 }
@@ -158,6 +177,7 @@ print(
         + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
 for size in sizes {
     var ratios: [Double] = []
+    (cpuHardened, cpuTrusting, framesHardened, framesTrusting) = (0, 0, 0, 0)
     var hardenedTotal = 0.0
     var trustingTotal = 0.0
     for round in 1...rounds {
@@ -181,6 +201,11 @@ for size in sizes {
             "\(size) B round \(round): hardened Swift \(fmt(hardened, 0)) frames/s, trusting C \(fmt(trusting, 0)) "
                 + "frames/s, ratio \(fmt(ratio, 3))")
     }
+    let usHardened = cpuHardened / Double(max(1, framesHardened)) * 1e6
+    let usTrusting = cpuTrusting / Double(max(1, framesTrusting)) * 1e6
+    print(
+        "\(size) B frontend CPU per frame: hardened \(fmt(usHardened, 3)) us, trusting \(fmt(usTrusting, 3)) us "
+            + "(ratio \(fmt(usTrusting / usHardened, 3)))")
     let sorted = ratios.sorted()
     print(
         "\(size) B median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) (mean frames/s hardened "
