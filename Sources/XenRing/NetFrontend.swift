@@ -108,16 +108,20 @@ public final class NetFrontend {
     let txRing: UnsafeMutableRawPointer
     let rxRing: UnsafeMutableRawPointer
 
-    let txShadow: PrivateTable<TxShadow>
-    let rxShadow: PrivateTable<RxShadow>
+    /// The tables own their memory; the hot path indexes their base pointers (a field
+    /// access then touches that field, not a copy of the whole element).
+    let tables:
+        (tx: PrivateTable<TxShadow>, rx: PrivateTable<RxShadow>, dirty: PrivateTable<Int>, zeroed: PrivateTable<Bool>)
+    let txShadow: UnsafeMutablePointer<TxShadow>
+    let rxShadow: UnsafeMutablePointer<RxShadow>
     let freeTxIds: PrivateStack<UInt16>
     let txFrames: PrivateStack<UInt32>
     let rxFrames: PrivateStack<UInt32>
     /// Bytes of each tx page that may be non-zero (private): a page is zeroed beyond the
     /// payload up to here on reuse, so it never holds more than the frame it carries.
-    let txDirty: PrivateTable<Int>
+    let txDirty: UnsafeMutablePointer<Int>
     /// rx pages zeroed once before their first grant.
-    let rxZeroed: PrivateTable<Bool>
+    let rxZeroed: UnsafeMutablePointer<Bool>
     @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
 
     @exclusivity(unchecked) var txRequestProducer: UInt32 = 0
@@ -155,8 +159,17 @@ public final class NetFrontend {
             SharedAccess.store32(ring + SharedRingLayout.requestEvent, 1)
             SharedAccess.store32(ring + SharedRingLayout.responseEvent, 1)
         }
-        txShadow = PrivateTable(repeating: TxShadow(), count: NetifLayout.txRingSize)
-        rxShadow = PrivateTable(repeating: RxShadow(), count: NetifLayout.rxRingSize)
+        tables = (
+            PrivateTable(repeating: TxShadow(), count: NetifLayout.txRingSize),
+            PrivateTable(repeating: RxShadow(), count: NetifLayout.rxRingSize),
+            // Unknown contents at first: the first use zeroes the whole page past the payload.
+            PrivateTable(repeating: SharedRingLayout.pageSize, count: memory.grants.frameCount),
+            PrivateTable(repeating: false, count: memory.grants.frameCount)
+        )
+        txShadow = tables.tx.base
+        rxShadow = tables.rx.base
+        txDirty = tables.dirty.base
+        rxZeroed = tables.zeroed.base
         freeTxIds = PrivateStack(capacity: NetifLayout.txRingSize)
         for id in (0..<NetifLayout.txRingSize).reversed() { freeTxIds.push(UInt16(id)) }
         var pages = (0..<memory.grants.frameCount).map { UInt32($0) }
@@ -167,9 +180,6 @@ public final class NetFrontend {
         let tx = pages.dropFirst(rxCount).prefix(NetifLayout.txRingSize)
         txFrames = PrivateStack(capacity: tx.count)
         for frame in tx.reversed() { txFrames.push(frame) }
-        // Unknown contents at first: the first use zeroes the whole page past the payload.
-        txDirty = PrivateTable(repeating: SharedRingLayout.pageSize, count: memory.grants.frameCount)
-        rxZeroed = PrivateTable(repeating: false, count: memory.grants.frameCount)
     }
 
     /// Bounce pages still usable for tx (quarantined ones excluded).
