@@ -23,7 +23,8 @@ struct xen_net_trusting_env {
 
 /// SHARED_RING_INIT / FRONT_RING_INIT on both rings; posts `rx_slots` rx requests (grant
 /// `rx_refs[i]` of frame `rx_frame + i`), then keeps `depth` frames of `size` bytes (at
-/// most 4096, one slot each; grant `tx_refs[k]` of frame `tx_frame + k`) in flight on tx
+/// most 4096, one slot each, copied from a private buffer into the page of `tx_frame + k`,
+/// granted as `tx_refs[k]`) in flight on tx
 /// until `frames` frames have come back on rx (loopback backend), copying each out.
 /// Returns frames received, -1 on a timeout.
 long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t *rx_refs, uint32_t rx_frame,
