@@ -59,7 +59,11 @@ public final class NetBackend {
     @exclusivity(unchecked) var rxPublished: UInt32 = 0
 
     /// The Adversary's hook points (nil in service).
-    @exclusivity(unchecked) public var hooks: (any XenNetBackendHooks)?
+    @exclusivity(unchecked) public var hooks: (any XenNetBackendHooks)? {
+        didSet { hooked = hooks != nil }
+    }
+    /// `hooks != nil` as one byte, for the hot path.
+    @exclusivity(unchecked) var hooked = false
     @exclusivity(unchecked) public private(set) var rejectedFrames = 0
     @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
     @exclusivity(unchecked) public private(set) var txFrames = 0
@@ -209,7 +213,7 @@ public final class NetBackend {
             let bytes = k == first ? firstBytes : Int(slot.size)
             let page = try mapper.map(slot.ref, write: false)
             SharedAccess.copy(from: page + Int(slot.offset), to: frame + length, count: bytes)
-            if hooks?.shouldUnmapGrant(self, ref: slot.ref) ?? true { mapper.unmap(slot.ref, write: false) }
+            if !hooked || hooks?.shouldUnmapGrant(self, ref: slot.ref) ?? true { mapper.unmap(slot.ref, write: false) }
             length += bytes
         }
         return length
@@ -217,7 +221,7 @@ public final class NetBackend {
 
     func respondTx(id: UInt16, status: NetStatus) {
         var response = NetTxResponseFields(id: id, status: status.rawValue)
-        let copies = hooks?.willRespondTx(&response) ?? 1
+        let copies = hooked ? hooks?.willRespondTx(&response) ?? 1 : 1
         for _ in 0..<max(0, copies) {
             let slot =
                 txRing + SharedRingLayout.headerSize + Int(txResponseProducer & txMask) * NetifLayout.txSlotSize
@@ -233,7 +237,7 @@ public final class NetBackend {
     /// (whole frames only, as netback). Throws only for what drops the connection.
     public func send(_ data: UnsafeRawBufferPointer, gso: NetGSO? = nil) throws(XenViolation) -> NetSendResult {
         var gso = gso
-        hooks?.willSendRx(gso: &gso)
+        if hooked { hooks?.willSendRx(gso: &gso) }
         let count = data.count
         guard count > 0, count <= NetifLayout.maxFrameSize, let source = data.baseAddress else {
             return .invalidLength(count)
@@ -262,7 +266,7 @@ public final class NetBackend {
             do throws(XenViolation) {
                 let target = try mapper.map(ref, write: true)
                 target.copyMemory(from: source + offset, byteCount: bytes)
-                if hooks?.shouldUnmapGrant(self, ref: ref) ?? true { mapper.unmap(ref, write: true) }
+                if !hooked || hooks?.shouldUnmapGrant(self, ref: ref) ?? true { mapper.unmap(ref, write: true) }
             } catch {
                 failure = failure ?? error
                 status = NetStatus.error.rawValue
@@ -295,7 +299,7 @@ public final class NetBackend {
 
     func respondRx(_ fields: NetRxResponseFields) {
         var response = fields
-        let copies = hooks?.willRespondRx(&response) ?? 1
+        let copies = hooked ? hooks?.willRespondRx(&response) ?? 1 : 1
         for _ in 0..<max(0, copies) {
             writeRxResponse(
                 UInt64(response.id) | UInt64(response.offset) << 16 | UInt64(response.flags) << 32

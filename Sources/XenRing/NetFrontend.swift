@@ -142,7 +142,12 @@ public final class NetFrontend {
     @exclusivity(unchecked) public private(set) var violation: XenViolation?
     @exclusivity(unchecked) public private(set) var isBroken = false
     /// The Adversary's hook points (nil in service).
-    @exclusivity(unchecked) public var hooks: (any XenNetFrontendHooks)?
+    @exclusivity(unchecked) public var hooks: (any XenNetFrontendHooks)? {
+        didSet { hooked = hooks != nil }
+    }
+    /// `hooks != nil` as one byte: the hot path tests it without loading (and retaining)
+    /// the existential.
+    @exclusivity(unchecked) var hooked = false
 
     /// Pages for tx bounce buffers and for posted rx buffers: every frame of the grant
     /// table but the two rings, split in half unless `rxPages` says otherwise (at most
@@ -237,7 +242,7 @@ public final class NetFrontend {
     /// Stores one whole 12-byte slot (R1), through the hook if one is set.
     func storeTxSlot(_ words: (UInt32, UInt32, UInt32), isExtra: Bool) {
         var words = words
-        if let hooks {
+        if hooked, let hooks {
             withUnsafeMutableBytes(of: &words) { b in
                 if let base = b.baseAddress { hooks.willPostTx(base, isExtra: isExtra, frontend: self) }
             }
@@ -261,7 +266,7 @@ public final class NetFrontend {
         guard !isBroken, txRequestProducer != txPublished else { return false }
         let new = txRequestProducer
         SharedAccess.store32Release(
-            txRing + SharedRingLayout.requestProducer, hooks?.willPublishTx(requestProducer: new) ?? new)
+            txRing + SharedRingLayout.requestProducer, hooked ? hooks?.willPublishTx(requestProducer: new) ?? new : new)
         SharedAccess.fullFence()
         let event = SharedAccess.load32(txRing + SharedRingLayout.requestEvent)
         let old = txPublished
