@@ -152,10 +152,13 @@ public final class XenNetBackendConnection {
         }
         let backend = NetBackend(txRing: txRing, rxRing: rxRing, mapper: mapper)
         backend.hooks = hooks
-        try channel.sendNode(XenStoreNode(["state": "\(XenbusState.connected.rawValue)"]), until: deadline)
-        return XenNetBackendConnection(
+        // Attached to the switch before the frontend hears Connected, so a frame sent to
+        // it right after its handshake is not flooded past it.
+        let connection = XenNetBackendConnection(
             backend: backend, events: events, mode: mode, hub: mode == .switch ? (hub ?? XenNetSwitch()) : nil,
             channel: channel, table: table, frames: frames, ringRefs: (request.txRingRef, request.rxRingRef))
+        try channel.sendNode(XenStoreNode(["state": "\(XenbusState.connected.rawValue)"]), until: deadline)
+        return connection
     }
 
     init(
