@@ -20,7 +20,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     let issuer = GrantIssuer(memory: pair.memory)
     let front = NetFrontend(memory: NetFrontendMemory(grants: pair.memory), grants: issuer, rxPages: 8)
     var inFlight = Set<UInt64>()
-    for token in 1...UInt64(input.byte() % 5) {
+    for token in UInt64(1)..<(1 + UInt64(input.byte() % 5)) {
         let length = 1 + Int(input.integer(UInt16.self)) % frame.count
         let gso = input.byte() & 1 == 0 ? nil : NetGSO(type: .tcpv4, size: 1448)
         do {
