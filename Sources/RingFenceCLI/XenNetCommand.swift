@@ -1,3 +1,4 @@
+import Adversary
 import ArgumentParser
 import Foundation
 import SharedMemory
@@ -13,7 +14,8 @@ struct ServeXenNetCommand: ParsableCommand {
             Listens on a Unix socket; each connection runs the xenstore-like handshake, maps \
             the frontend's grant table and frames (sealed memfds) and serves its tx and rx \
             rings: --loopback sends every frame back, --switch forwards between the \
-            connected frontends (learning source MACs), --sink drops them.
+            connected frontends (learning source MACs), --sink drops them. --attack makes \
+            this backend misbehave (for audits).
             """)
 
     enum Mode: String, EnumerableFlag {
@@ -33,7 +35,13 @@ struct ServeXenNetCommand: ParsableCommand {
     @Option(help: "Seconds without traffic before a connection is closed.")
     var idle: Double = 30
 
+    @Option(help: "Misbehave: \(XenNetBackendAttack.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var attack: String?
+
     func validate() throws {
+        if let attack, XenNetBackendAttack(rawValue: attack) == nil {
+            throw ValidationError("unknown attack \(attack)")
+        }
         guard connections >= 0 else { throw ValidationError("--connections must be >= 0") }
         guard idle > 0, idle <= 3600 else { throw ValidationError("--idle must be in (0, 3600]") }
     }
@@ -44,7 +52,8 @@ struct ServeXenNetCommand: ParsableCommand {
             FileHandle.standardError.write(Data("ringfence serve-xen-net: error: \(error)\n".utf8))
             throw ExitCode(1)
         }
-        print("serve-xen-net: \(mode.rawValue) on \(socket)")
+        let attack = self.attack.flatMap(XenNetBackendAttack.init(rawValue:))
+        print("serve-xen-net: \(mode.rawValue) on \(socket)\(attack.map { " (attack \($0.rawValue))" } ?? "")")
         let hub = XenNetSwitch()
         let group = DispatchGroup()
         let netMode = mode.netMode
@@ -57,15 +66,19 @@ struct ServeXenNetCommand: ParsableCommand {
             group.enter()
             Thread.detachNewThread { [group] in
                 defer { group.leave() }
-                Self.serveOne(channel, mode: netMode, hub: hub, idle: idle, number: n)
+                Self.serveOne(channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack)
             }
         }
         group.wait()
     }
 
-    static func serveOne(_ channel: UnixChannel, mode: XenNetMode, hub: XenNetSwitch, idle: Double, number: Int) {
+    static func serveOne(
+        _ channel: UnixChannel, mode: XenNetMode, hub: XenNetSwitch, idle: Double, number: Int,
+        attack: XenNetBackendAttack?
+    ) {
         do {
-            let connection = try XenNetBackendConnection.accept(channel: channel, mode: mode, hub: hub)
+            let connection = try XenNetBackendConnection.accept(
+                channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
             let end = connection.run(idleTimeout: idle)
             let b = connection.backend
             print(

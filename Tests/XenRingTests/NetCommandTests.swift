@@ -27,12 +27,13 @@ import Testing
     }
 
     /// A server in `mode` for `connections` connections on a fresh socket.
-    static func serve(_ mode: String, connections: Int) throws -> (ChildProcess, String) {
+    static func serve(_ mode: String, connections: Int, attack: String? = nil) throws -> (ChildProcess, String) {
         let exe = try #require(ringfenceBinary(), "ringfence must be built next to the tests")
         let socket = "/tmp/ringfence-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         let server = try ChildProcess(
             executable: exe,
-            arguments: ["serve-xen-net", "--socket", socket, "--\(mode)", "--connections", "\(connections)"])
+            arguments: ["serve-xen-net", "--socket", socket, "--\(mode)", "--connections", "\(connections)"]
+                + (attack.map { ["--attack", $0] } ?? []))
         for _ in 0..<200 where access(socket, F_OK) != 0 { usleep(10_000) }
         return (server, socket)
     }
@@ -67,5 +68,18 @@ import Testing
         let gone = try Self.run(["xen-net", "--socket", "/tmp/ringfence-no-such.sock", "--timeout", "0.5", "info"])
         #expect(gone.0 == 1)
         #expect(gone.1.contains("ringfence xen-net: error:"))
+    }
+
+    /// A misbehaving netback in another process: the frontend names the rule and exits 1.
+    @Test func attackingBackendMakesPingExitOneNamingTheRule() throws {
+        let (server, socket) = try Self.serve("loopback", connections: 1, attack: "net-rx-offset-past-page")
+        let ping = try Self.run(["xen-net", "--socket", socket, "ping", "--count", "1"])
+        #expect(ping.0 == 1)
+        #expect(
+            ping.1.contains(
+                "ringfence xen-net: error: device disabled: R3 (validate before use): rx response 0: offset 4090"))
+        #expect(server.wait(until: .after(seconds: 10)) == .exited(0))
+        unlink(socket)
+        #expect(try Self.run(["serve-xen-net", "--socket", socket, "--attack", "no-such"]).0 == 2)
     }
 }
