@@ -131,7 +131,10 @@ public final class NetFrontend {
     /// Request slots (data and extra info) not answered yet.
     @exclusivity(unchecked) public private(set) var txSlotsInFlight = 0
     @exclusivity(unchecked) var txExtrasInFlight = 0
-    @exclusivity(unchecked) public private(set) var txFramesInFlight = 0
+    @exclusivity(unchecked) var framesInFlight = 0
+    /// Frames posted on tx and not completed yet. (Computed: a client module reading a
+    /// public stored var would check exclusivity dynamically on every read.)
+    public var txFramesInFlight: Int { framesInFlight }
 
     @exclusivity(unchecked) var rxRequestProducer: UInt32 = 0
     @exclusivity(unchecked) var rxPublished: UInt32 = 0
@@ -231,7 +234,7 @@ public final class NetFrontend {
         txShadow[Int(head)].remaining = slots
         txSlotsInFlight += slots + extras
         txExtrasInFlight += extras
-        txFramesInFlight += 1
+        framesInFlight += 1
     }
 
     /// One tx request, stored whole into the next slot (R1).
@@ -324,7 +327,7 @@ public final class NetFrontend {
                 let done = NetTxCompletion(token: txShadow[head].token, status: txShadow[head].status)
                 txShadow[head] = TxShadow()
                 freeTxIds.push(UInt16(truncatingIfNeeded: head))
-                txFramesInFlight -= 1
+                framesInFlight -= 1
                 return done
             }
         }
@@ -561,7 +564,7 @@ public final class NetFrontend {
         }
         txSlotsInFlight = 0
         txExtrasInFlight = 0
-        txFramesInFlight = 0
+        framesInFlight = 0
         for id in 0..<rxRingSize where rxShadow[id].active {
             if let frame = try? releaseRx(id) { rxFrames.push(frame) }
         }
