@@ -209,6 +209,10 @@ public final class NetFrontend {
         let extras = gso == nil ? 0 : 1
         guard txSlotsInFlight + slots + extras <= txRingSize, freeTxIds.count >= slots else { throw .full }
         guard txFrames.count >= slots, grants.available >= slots else { throw .noBounceSpace }
+        if slots == 1 && extras == 0 {
+            postSingle(source, count: count, token: token)
+            return
+        }
         var head: UInt16 = 0
         var offset = 0
         for s in 0..<slots {
@@ -235,6 +239,24 @@ public final class NetFrontend {
         txSlotsInFlight += slots + extras
         txExtrasInFlight += extras
         framesInFlight += 1
+    }
+
+    /// A frame of one slot without extra info (the common case, up to 4 KiB): the loop of
+    /// `submit` without its bookkeeping. The caller checked ids, pages and refs.
+    @inline(__always)
+    func postSingle(_ source: UnsafeRawPointer, count: Int, token: UInt64) {
+        guard let id = freeTxIds.pop(), let frameNumber = txFrames.pop() else { return }
+        let bounce = memory.grants.page(frameNumber)
+        bounce.copyMemory(from: source, byteCount: count)
+        let dirty = txDirty[Int(frameNumber)]
+        if dirty > count { (bounce + count).initializeMemory(as: UInt8.self, repeating: 0, count: dirty &- count) }
+        txDirty[Int(frameNumber)] = count
+        let ref = grants.grant(frame: frameNumber, readOnly: true) ?? 0
+        writeTxRequest(ref: ref, offset: 0, flags: 0, id: id, size: UInt16(truncatingIfNeeded: count))
+        txShadow[Int(id)] = TxShadow(
+            token: token, head: id, ref: ref, frame: frameNumber, active: true, remaining: 1, status: .okay)
+        txSlotsInFlight &+= 1
+        framesInFlight &+= 1
     }
 
     /// One tx request, stored whole into the next slot (R1).
