@@ -1,0 +1,512 @@
+/// A block device that trusts no byte its transport returns (docs/verified-block.md):
+/// each 4 KiB block is sealed with AES-256-GCM, bound to the device, its index and its
+/// version; the versions are covered by a Merkle tree whose root lives in a local anchor
+/// file. Any lie (flipped bits, another block, an old version, a rolled-back device, a
+/// write not stored) is a `PayloadViolation`; the first one breaks the device (R6) and no
+/// unverified byte reaches the caller.
+///
+/// One owner at a time (not thread-safe), like the transports below it.
+public final class VerifiedBlockDevice {
+    public struct Options: Sendable {
+        /// fdatasync the anchor on every write batch (crash-safe for a client kernel crash
+        /// too); false syncs it at `flush()` and at version reservations only (a client
+        /// kernel crash between flushes then reads as a root mismatch, never as corrupt data).
+        public var syncAnchorOnWrite = true
+        /// Blocks per transport batch (and per anchor update of a write).
+        public var maxBatch = 64
+        public init() {}
+    }
+
+    /// Versions reserved in the anchor at a time (one synced anchor write per this many).
+    static let reserveStep: UInt64 = 1 << 16
+    static let zeroTag = [UInt8](repeating: 0, count: 16)
+
+    public let transport: any BlockTransport
+    public let layout: VerifiedLayout
+    public let deviceID: [UInt8]
+    public let options: Options
+    let sealer: BlockSealer
+    let anchor: AnchorFile
+    var durable: AnchorState
+    var versions: [UInt64]
+    var slots: [UInt8]
+    var tags: [UInt8]
+    var tree: MerkleTree
+    var nextVersion: UInt64
+    var highestVersion: UInt64
+    var pendingBlocks: Set<UInt64> = []
+    let scratch: UnsafeMutableRawBufferPointer
+    /// The first violation or transport failure; every later call throws it (R6).
+    public private(set) var failure: VerifiedBlockError?
+
+    /// Called once with the failure that broke the device.
+    public var onFailure: ((VerifiedBlockError) -> Void)?
+
+    public var blocks: UInt64 { layout.blocks }
+    public var rootHash: [UInt8] { tree.root }
+    public var pendingWrites: Int { durable.pending.count }
+    public var isBroken: Bool { failure != nil }
+
+    private init(
+        transport: any BlockTransport, layout: VerifiedLayout, sealer: BlockSealer, anchor: AnchorFile,
+        durable: AnchorState, versions: [UInt64], slots: [UInt8], tags: [UInt8], options: Options
+    ) {
+        self.transport = transport
+        self.layout = layout
+        self.deviceID = durable.deviceID
+        self.sealer = sealer
+        self.anchor = anchor
+        self.durable = durable
+        self.versions = versions
+        self.slots = slots
+        self.tags = tags
+        self.options = options
+        var leaves: [[UInt8]] = []
+        leaves.reserveCapacity(versions.count)
+        for i in 0..<versions.count {
+            leaves.append(
+                MerkleTree.leaf(
+                    block: UInt64(i), version: versions[i], slot: Int(slots[i]), tag: tags.slice(16 * i, 16)))
+        }
+        tree = MerkleTree(leaves: leaves)
+        nextVersion = durable.reservedVersion
+        highestVersion = versions.max() ?? 0
+        scratch = .allocate(byteCount: max(1, options.maxBatch) * VerifiedLayout.slotSize, alignment: 4096)
+        scratch.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+
+    deinit { scratch.deallocate() }
+
+    // MARK: format and open
+
+    /// Formats `transport` as a new verified device (a fresh random identity) and writes
+    /// its anchor. Nothing is zeroed: records of any other identity do not count.
+    public static func format(
+        transport: any BlockTransport, key: [UInt8], anchorPath: String, options: Options = Options()
+    ) throws(VerifiedBlockError) -> VerifiedBlockDevice {
+        guard key.count == 32 else { throw .local("the key must be 32 bytes, got \(key.count)") }
+        guard let layout = VerifiedLayout(capacity: transport.capacityBytes) else {
+            throw .invalidRequest("a \(transport.capacityBytes)-byte disk holds no verified block")
+        }
+        var rng = SystemRandomNumberGenerator()
+        let id = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        var sb = Superblock(deviceID: id, blocks: layout.blocks).encode()
+        let written: Result<Void, TransportError> = sb.withUnsafeMutableBytes { buffer in
+            do throws(TransportError) {
+                try transport.transfer([TransportRequest(offset: 0, buffer: buffer, write: true)])
+                try transport.flushWrites()
+                return .success(())
+            } catch { return .failure(error) }
+        }
+        if case .failure(let e) = written { throw .transport(e) }
+        var leaves: [[UInt8]] = []
+        for i in 0..<layout.blocks { leaves.append(MerkleTree.leaf(block: i, version: 0, slot: 0, tag: zeroTag)) }
+        let state = AnchorState(
+            deviceID: id, blocks: layout.blocks, root: MerkleTree(leaves: leaves).root, committedVersion: 0,
+            reservedVersion: 1, pending: [])
+        _ = try AnchorFile.create(path: anchorPath, state: state)
+        return try open(transport: transport, key: key, anchorPath: anchorPath, options: options)
+    }
+
+    /// Opens a formatted device: checks the superblock against the anchor, reads every
+    /// slot record, checks the tree they make against the anchored root, resolves the
+    /// writes in flight at a crash (each block to its old or new content), and commits.
+    public static func open(
+        transport: any BlockTransport, key: [UInt8], anchorPath: String, options: Options = Options()
+    ) throws(VerifiedBlockError) -> VerifiedBlockDevice {
+        guard key.count == 32 else { throw .local("the key must be 32 bytes, got \(key.count)") }
+        let (anchor, state) = try AnchorFile.load(path: anchorPath)
+        guard state.deviceID.count == 16, state.blocks >= 1,
+            let fits = VerifiedLayout(capacity: transport.capacityBytes),
+            fits.blocks >= state.blocks
+        else {
+            throw .violation(
+                .deviceMismatch(
+                    "the disk of \(transport.capacityBytes) bytes cannot hold the anchored \(state.blocks) blocks"))
+        }
+        let layout = VerifiedLayout(blocks: state.blocks)
+        let sealer = BlockSealer(keyMaterial: key, deviceID: state.deviceID)
+        let sb = try readRaw(transport, offset: 0, count: VerifiedLayout.superblockSize)
+        guard let superblock = Superblock.decode(sb) else {
+            throw .violation(.deviceMismatch("no verified-block superblock"))
+        }
+        guard superblock.deviceID == state.deviceID, superblock.blocks == state.blocks else {
+            throw .violation(
+                .deviceMismatch(
+                    "superblock names device \(hexString(superblock.deviceID)) of \(superblock.blocks) blocks"))
+        }
+        let records = try readRecords(transport, layout: layout, deviceID: state.deviceID)
+        var pendingVersion: [UInt64: UInt64] = [:]
+        for p in state.pending where p.block < state.blocks { pendingVersion[p.block] = p.version }
+        let n = Int(state.blocks)
+        var versions = [UInt64](repeating: 0, count: n)
+        var slots = [UInt8](repeating: 0, count: n)
+        var tags = [UInt8](repeating: 0, count: 16 * n)
+        var candidates: [UInt64: (slot: Int, record: SlotRecord)] = [:]
+        for b in 0..<n {
+            let limit = pendingVersion[UInt64(b)]
+            var best: (Int, SlotRecord)?
+            for s in 0..<2 {
+                guard let r = records[2 * b + s], r.block == UInt64(b), r.version > 0,
+                    r.version < state.reservedVersion
+                else { continue }
+                if let limit, r.version >= limit {
+                    if r.version == limit { candidates[UInt64(b)] = (s, r) }
+                    continue
+                }
+                if best == nil || r.version > best?.1.version ?? 0 { best = (s, r) }
+            }
+            if let (s, r) = best {
+                versions[b] = r.version
+                slots[b] = UInt8(s)
+                tags.put(r.tag, at: 16 * b)
+            }
+        }
+        var leaves: [[UInt8]] = []
+        leaves.reserveCapacity(n)
+        for b in 0..<n {
+            leaves.append(
+                MerkleTree.leaf(
+                    block: UInt64(b), version: versions[b], slot: Int(slots[b]), tag: tags.slice(16 * b, 16)))
+        }
+        guard MerkleTree(leaves: leaves).root == state.root else {
+            let seen = versions.max() ?? 0
+            if seen < state.committedVersion {
+                throw .violation(.rolledBackRoot(anchoredVersion: state.committedVersion, deviceVersion: seen))
+            }
+            throw .violation(.rootMismatch)
+        }
+        let device = VerifiedBlockDevice(
+            transport: transport, layout: layout, sealer: sealer, anchor: anchor, durable: state, versions: versions,
+            slots: slots, tags: tags, options: options)
+        if !state.pending.isEmpty { try device.recover(candidates: candidates) }
+        return device
+    }
+
+    /// Each write in flight at a crash becomes new if its slot authenticates, else old; a
+    /// left-over record of a lost write is erased so that the next open picks the live slot.
+    func recover(candidates: [UInt64: (slot: Int, record: SlotRecord)]) throws(VerifiedBlockError) {
+        var erase: [UInt64] = []
+        for p in durable.pending where p.block < blocks {
+            let b = Int(p.block)
+            let other = versions[b] == 0 ? 0 : 1 - Int(slots[b])
+            if let c = candidates[p.block], c.record.version == p.version {
+                let raw = try Self.readRaw(
+                    transport, offset: layout.slotOffset(block: p.block, slot: c.slot), count: VerifiedLayout.blockSize)
+                let ok = raw.withUnsafeBytes { sealed in
+                    scratch.withMemoryRebound(to: UInt8.self) { _ in
+                        sealer.open(
+                            sealed, tag: c.record.tag, block: p.block, version: p.version,
+                            into: UnsafeMutableRawBufferPointer(rebasing: scratch[0..<VerifiedLayout.blockSize]))
+                    }
+                }
+                if ok {
+                    apply(block: p.block, version: p.version, slot: c.slot, tag: c.record.tag)
+                    continue
+                }
+            }
+            erase.append(layout.recordOffset(block: p.block, slot: other))
+        }
+        if !erase.isEmpty {
+            var zero = [UInt8](repeating: 0, count: VerifiedLayout.recordSize * erase.count)
+            let r: Result<Void, TransportError> = zero.withUnsafeMutableBytes { z in
+                let requests = erase.enumerated().map { i, off in
+                    TransportRequest(
+                        offset: off,
+                        buffer: UnsafeMutableRawBufferPointer(
+                            rebasing: z[(i * VerifiedLayout.recordSize)..<((i + 1) * VerifiedLayout.recordSize)]),
+                        write: true)
+                }
+                do throws(TransportError) {
+                    try transport.transfer(requests)
+                    return .success(())
+                } catch { return .failure(error) }
+            }
+            if case .failure(let e) = r { throw fail(.transport(e)) }
+        }
+        try flush()
+    }
+
+    // MARK: reads
+
+    /// Reads whole blocks from `block` into `buffer` (a multiple of 4096 bytes). On any
+    /// failure `buffer` is zeroed: nothing unverified, nothing partial.
+    public func read(block first: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VerifiedBlockError) {
+        do throws(VerifiedBlockError) {
+            let count = try checkRange(first, buffer.count)
+            var k = 0
+            while k < count {
+                let n = min(options.maxBatch, count - k)
+                try readChunk(
+                    first + UInt64(k),
+                    n,
+                    UnsafeMutableRawBufferPointer(
+                        rebasing: buffer[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
+                k += n
+            }
+        } catch {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            throw error
+        }
+    }
+
+    public func read(block: UInt64, count: Int) throws(VerifiedBlockError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: max(0, count) * VerifiedLayout.blockSize)
+        let r: Result<Void, VerifiedBlockError> = out.withUnsafeMutableBytes { b in
+            do throws(VerifiedBlockError) {
+                try read(block: block, into: b)
+                return .success(())
+            } catch { return .failure(error) }
+        }
+        if case .failure(let e) = r { throw e }
+        return out
+    }
+
+    func readChunk(_ first: UInt64, _ n: Int, _ out: UnsafeMutableRawBufferPointer) throws(VerifiedBlockError) {
+        if let failure { throw failure }
+        var requests: [TransportRequest] = []
+        requests.reserveCapacity(n)
+        for j in 0..<n {
+            let b = Int(first) + j
+            if versions[b] == 0 { continue }
+            requests.append(
+                TransportRequest(
+                    offset: layout.slotOffset(block: UInt64(b), slot: Int(slots[b])), buffer: slotScratch(j),
+                    write: false))
+        }
+        if !requests.isEmpty {
+            do { try transport.transfer(requests) } catch { throw fail(.transport(error)) }
+        }
+        var failures: [(Int, PayloadViolation)] = []
+        for j in 0..<n {
+            let b = Int(first) + j
+            let dest = UnsafeMutableRawBufferPointer(
+                rebasing: out[(j * VerifiedLayout.blockSize)..<((j + 1) * VerifiedLayout.blockSize)])
+            if versions[b] == 0 {
+                dest.initializeMemory(as: UInt8.self, repeating: 0)
+                continue
+            }
+            if let v = check(block: UInt64(b), slot: UnsafeRawBufferPointer(slotScratch(j)), into: dest) {
+                failures.append((j, v))
+            }
+        }
+        guard let (firstFailed, firstViolation) = failures.first else { return }
+        throw fail(.violation(tornOrFirst(first, n, failures, firstFailed, firstViolation)))
+    }
+
+    /// Several blocks of one multi-block write (consecutive versions) of which some are
+    /// current and others missing or stale: the back-end stored only part of that write.
+    func tornOrFirst(
+        _ first: UInt64, _ n: Int, _ failures: [(Int, PayloadViolation)], _ firstFailed: Int, _ v: PayloadViolation
+    ) -> PayloadViolation {
+        guard n > 1, failures.count < n else { return v }
+        let base = versions[Int(first)]
+        guard base > 0 else { return v }
+        for j in 0..<n where versions[Int(first) + j] != base &+ UInt64(j) { return v }
+        for (_, f) in failures {
+            switch f {
+            case .staleVersion, .writeNotStored: continue
+            default: return v
+            }
+        }
+        return .tornWrite(firstBlock: first, blocks: n, missing: first + UInt64(firstFailed))
+    }
+
+    /// The data must authenticate as this block's current version; only if it does not is
+    /// the slot's record read, to name the lie.
+    func check(block b: UInt64, slot: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer)
+        -> PayloadViolation?
+    {
+        let i = Int(b)
+        let tag = tags.slice(16 * i, 16)
+        if sealer.open(
+            UnsafeRawBufferPointer(rebasing: slot[0..<VerifiedLayout.blockSize]), tag: tag, block: b,
+            version: versions[i], into: out)
+        {
+            return nil
+        }
+        out.initializeMemory(as: UInt8.self, repeating: 0)
+        let record = SlotRecord.decode(
+            Array(slot[VerifiedLayout.blockSize..<VerifiedLayout.slotSize]), deviceID: deviceID)
+        guard let record else { return .writeNotStored(block: b, version: versions[i]) }
+        if record.block != b { return .wrongBlock(block: b, got: record.block) }
+        if record.version < versions[i] {
+            return .staleVersion(block: b, expected: versions[i], got: record.version)
+        }
+        return .tagMismatch(block: b)
+    }
+
+    // MARK: writes
+
+    /// Writes whole blocks from `block`. Acknowledged writes are verified on every later
+    /// read and durable (as old-or-new at a crash) once `flush()` returns.
+    public func write(block first: UInt64, from data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
+        let count = try checkRange(first, data.count)
+        var k = 0
+        while k < count {
+            let n = min(options.maxBatch, count - k)
+            try writeChunk(
+                first + UInt64(k),
+                n,
+                UnsafeRawBufferPointer(
+                    rebasing: data[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
+            k += n
+        }
+    }
+
+    public func write(block: UInt64, bytes: [UInt8]) throws(VerifiedBlockError) {
+        let r: Result<Void, VerifiedBlockError> = bytes.withUnsafeBytes { b in
+            do throws(VerifiedBlockError) {
+                try write(block: block, from: b)
+                return .success(())
+            } catch { return .failure(error) }
+        }
+        if case .failure(let e) = r { throw e }
+    }
+
+    func writeChunk(_ first: UInt64, _ n: Int, _ data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
+        if let failure { throw failure }
+        // A block written twice since the last flush would overwrite its durable slot.
+        var needFlush = durable.pending.count + n > AnchorFile.maxPending
+        for j in 0..<n where pendingBlocks.contains(first + UInt64(j)) { needFlush = true }
+        if needFlush { try flush() }
+        let v0 = nextVersion
+        nextVersion += UInt64(n)
+        var sync = options.syncAnchorOnWrite
+        if nextVersion > durable.reservedVersion {
+            durable.reservedVersion = nextVersion + Self.reserveStep
+            sync = true
+        }
+        for j in 0..<n { durable.pending.append(.init(block: first + UInt64(j), version: v0 + UInt64(j))) }
+        do { try anchor.store(durable, sync: sync) } catch { throw fail(error) }
+        var requests: [TransportRequest] = []
+        var sealedTags: [[UInt8]] = []
+        var targets: [Int] = []
+        for j in 0..<n {
+            let b = first + UInt64(j)
+            let target = versions[Int(b)] == 0 ? 0 : 1 - Int(slots[Int(b)])
+            let slot = slotScratch(j)
+            guard
+                let tag = sealer.seal(
+                    UnsafeRawBufferPointer(
+                        rebasing: data[(j * VerifiedLayout.blockSize)..<((j + 1) * VerifiedLayout.blockSize)]),
+                    block: b, version: v0 + UInt64(j),
+                    into: UnsafeMutableRawBufferPointer(rebasing: slot[0..<VerifiedLayout.blockSize]))
+            else { throw fail(.local("AES-GCM seal failed")) }
+            let record = SlotRecord(block: b, version: v0 + UInt64(j), tag: tag).encode(deviceID: deviceID)
+            record.withUnsafeBytes {
+                UnsafeMutableRawBufferPointer(rebasing: slot[VerifiedLayout.blockSize..<VerifiedLayout.slotSize])
+                    .copyMemory(from: $0)
+            }
+            requests.append(
+                TransportRequest(offset: layout.slotOffset(block: b, slot: target), buffer: slot, write: true))
+            sealedTags.append(tag)
+            targets.append(target)
+            pendingBlocks.insert(b)
+        }
+        do { try transport.transfer(requests) } catch { throw fail(.transport(error)) }
+        for j in 0..<n {
+            apply(block: first + UInt64(j), version: v0 + UInt64(j), slot: targets[j], tag: sealedTags[j])
+        }
+    }
+
+    func apply(block b: UInt64, version: UInt64, slot: Int, tag: [UInt8]) {
+        let i = Int(b)
+        versions[i] = version
+        slots[i] = UInt8(slot)
+        tags.put(tag, at: 16 * i)
+        tree.update(i, leaf: MerkleTree.leaf(block: b, version: version, slot: slot, tag: tag))
+        highestVersion = max(highestVersion, version)
+    }
+
+    /// Makes every acknowledged write durable: the back-end flushes, then the anchor takes
+    /// the new root and forgets the writes in flight.
+    public func flush() throws(VerifiedBlockError) {
+        if let failure { throw failure }
+        do { try transport.flushWrites() } catch { throw fail(.transport(error)) }
+        durable.root = tree.root
+        durable.committedVersion = highestVersion
+        durable.pending = []
+        do { try anchor.store(durable, sync: true) } catch { throw fail(error) }
+        pendingBlocks = []
+    }
+
+    /// Flushes what is pending (if the device is healthy).
+    public func close() {
+        if failure == nil && !durable.pending.isEmpty { try? flush() }
+    }
+
+    // MARK: helpers
+
+    func slotScratch(_ j: Int) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(
+            rebasing: scratch[(j * VerifiedLayout.slotSize)..<((j + 1) * VerifiedLayout.slotSize)])
+    }
+
+    func checkRange(_ first: UInt64, _ bytes: Int) throws(VerifiedBlockError) -> Int {
+        guard bytes > 0, bytes % VerifiedLayout.blockSize == 0 else {
+            throw .invalidRequest("\(bytes) bytes is not a positive multiple of \(VerifiedLayout.blockSize)")
+        }
+        let count = bytes / VerifiedLayout.blockSize
+        guard first < blocks, UInt64(count) <= blocks - first else {
+            throw .invalidRequest("blocks \(first)+\(count) are beyond the \(blocks) blocks of the device")
+        }
+        return count
+    }
+
+    func fail(_ e: VerifiedBlockError) -> VerifiedBlockError {
+        if let failure { return failure }
+        failure = e
+        onFailure?(e)
+        return e
+    }
+
+    static func readRaw(_ t: any BlockTransport, offset: UInt64, count: Int) throws(VerifiedBlockError) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        let r: Result<Void, TransportError> = b.withUnsafeMutableBytes { buffer in
+            do throws(TransportError) {
+                try t.transfer([TransportRequest(offset: offset, buffer: buffer, write: false)])
+                return .success(())
+            } catch { return .failure(error) }
+        }
+        if case .failure(let e) = r { throw .transport(e) }
+        return b
+    }
+
+    /// Every slot's record, in batches; nil where a record is not this device's.
+    static func readRecords(_ t: any BlockTransport, layout: VerifiedLayout, deviceID: [UInt8])
+        throws(VerifiedBlockError) -> [SlotRecord?]
+    {
+        let total = Int(layout.blocks) * 2
+        var out: [SlotRecord?] = []
+        out.reserveCapacity(total)
+        let batch = 64
+        var buffer = [UInt8](repeating: 0, count: batch * VerifiedLayout.recordSize)
+        var i = 0
+        while i < total {
+            let n = min(batch, total - i)
+            let start = i
+            let r: Result<Void, TransportError> = buffer.withUnsafeMutableBytes { all in
+                let requests = (0..<n).map { k in
+                    TransportRequest(
+                        offset: layout.recordOffset(block: UInt64((start + k) / 2), slot: (start + k) % 2),
+                        buffer: UnsafeMutableRawBufferPointer(
+                            rebasing: all[(k * VerifiedLayout.recordSize)..<((k + 1) * VerifiedLayout.recordSize)]),
+                        write: false)
+                }
+                do throws(TransportError) {
+                    try t.transfer(requests)
+                    return .success(())
+                } catch { return .failure(error) }
+            }
+            if case .failure(let e) = r { throw .transport(e) }
+            for k in 0..<n {
+                out.append(
+                    SlotRecord.decode(
+                        buffer.slice(k * VerifiedLayout.recordSize, VerifiedLayout.recordSize), deviceID: deviceID))
+            }
+            i += n
+        }
+        return out
+    }
+}
