@@ -96,6 +96,7 @@ let package = Package(
                 "RingTestSupport",
                 "VhostUser",
                 "VirtioBlock",
+                "VerifiedBlock",
                 "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -18,6 +18,7 @@ struct RingFence: ParsableCommand {
             XenBlkCommand.self,
             AuditCommand.self,
             AuditOneCommand.self,
+            SealCommand.self,
         ])
 }
 

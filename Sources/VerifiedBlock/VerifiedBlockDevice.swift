@@ -238,8 +238,7 @@ public final class VerifiedBlockDevice {
             while k < count {
                 let n = min(options.maxBatch, count - k)
                 try readChunk(
-                    first + UInt64(k),
-                    n,
+                    (0..<UInt64(n)).map { first + UInt64(k) + $0 },
                     UnsafeMutableRawBufferPointer(
                         rebasing: buffer[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
                 k += n
@@ -262,12 +261,36 @@ public final class VerifiedBlockDevice {
         return out
     }
 
-    func readChunk(_ first: UInt64, _ n: Int, _ out: UnsafeMutableRawBufferPointer) throws(VerifiedBlockError) {
+    /// Reads the blocks `list` (any order, any blocks) into consecutive 4 KiB pieces of
+    /// `buffer`: the random-access form, up to `options.maxBatch` in flight at once.
+    public func read(blocks list: [UInt64], into buffer: UnsafeMutableRawBufferPointer) throws(VerifiedBlockError) {
+        do throws(VerifiedBlockError) {
+            guard buffer.count == list.count * VerifiedLayout.blockSize, !list.isEmpty else {
+                throw .invalidRequest("\(list.count) blocks need \(list.count * VerifiedLayout.blockSize) bytes")
+            }
+            for b in list where b >= blocks { throw .invalidRequest("block \(b) is beyond the \(blocks) blocks") }
+            var k = 0
+            while k < list.count {
+                let n = min(options.maxBatch, list.count - k)
+                try readChunk(
+                    Array(list[k..<k + n]),
+                    UnsafeMutableRawBufferPointer(
+                        rebasing: buffer[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
+                k += n
+            }
+        } catch {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            throw error
+        }
+    }
+
+    func readChunk(_ list: [UInt64], _ out: UnsafeMutableRawBufferPointer) throws(VerifiedBlockError) {
         if let failure { throw failure }
+        let n = list.count
         var requests: [TransportRequest] = []
         requests.reserveCapacity(n)
         for j in 0..<n {
-            let b = Int(first) + j
+            let b = Int(list[j])
             if versions[b] == 0 { continue }
             requests.append(
                 TransportRequest(
@@ -279,7 +302,7 @@ public final class VerifiedBlockDevice {
         }
         var failures: [(Int, PayloadViolation)] = []
         for j in 0..<n {
-            let b = Int(first) + j
+            let b = Int(list[j])
             let dest = UnsafeMutableRawBufferPointer(
                 rebasing: out[(j * VerifiedLayout.blockSize)..<((j + 1) * VerifiedLayout.blockSize)])
             if versions[b] == 0 {
@@ -291,25 +314,27 @@ public final class VerifiedBlockDevice {
             }
         }
         guard let (firstFailed, firstViolation) = failures.first else { return }
-        throw fail(.violation(tornOrFirst(first, n, failures, firstFailed, firstViolation)))
+        throw fail(.violation(tornOrFirst(list, failures, firstFailed, firstViolation)))
     }
 
     /// Several blocks of one multi-block write (consecutive versions) of which some are
     /// current and others missing or stale: the back-end stored only part of that write.
     func tornOrFirst(
-        _ first: UInt64, _ n: Int, _ failures: [(Int, PayloadViolation)], _ firstFailed: Int, _ v: PayloadViolation
+        _ list: [UInt64], _ failures: [(Int, PayloadViolation)], _ firstFailed: Int, _ v: PayloadViolation
     ) -> PayloadViolation {
+        let n = list.count
         guard n > 1, failures.count < n else { return v }
+        let first = list[0]
         let base = versions[Int(first)]
         guard base > 0 else { return v }
-        for j in 0..<n where versions[Int(first) + j] != base &+ UInt64(j) { return v }
+        for j in 0..<n where list[j] != first &+ UInt64(j) || versions[Int(list[j])] != base &+ UInt64(j) { return v }
         for (_, f) in failures {
             switch f {
             case .staleVersion, .writeNotStored: continue
             default: return v
             }
         }
-        return .tornWrite(firstBlock: first, blocks: n, missing: first + UInt64(firstFailed))
+        return .tornWrite(firstBlock: first, blocks: n, missing: list[firstFailed])
     }
 
     /// The data must authenticate as this block's current version; only if it does not is
@@ -346,8 +371,7 @@ public final class VerifiedBlockDevice {
         while k < count {
             let n = min(options.maxBatch, count - k)
             try writeChunk(
-                first + UInt64(k),
-                n,
+                (0..<UInt64(n)).map { first + UInt64(k) + $0 },
                 UnsafeRawBufferPointer(
                     rebasing: data[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
             k += n
@@ -364,11 +388,31 @@ public final class VerifiedBlockDevice {
         if case .failure(let e) = r { throw e }
     }
 
-    func writeChunk(_ first: UInt64, _ n: Int, _ data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
+    /// Writes consecutive 4 KiB pieces of `data` to the blocks `list` (distinct, any order):
+    /// the random-access form, up to `options.maxBatch` in flight at once.
+    public func write(blocks list: [UInt64], from data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
+        guard data.count == list.count * VerifiedLayout.blockSize, !list.isEmpty else {
+            throw .invalidRequest("\(list.count) blocks need \(list.count * VerifiedLayout.blockSize) bytes")
+        }
+        guard Set(list).count == list.count else { throw .invalidRequest("a block appears twice in one write") }
+        for b in list where b >= blocks { throw .invalidRequest("block \(b) is beyond the \(blocks) blocks") }
+        var k = 0
+        while k < list.count {
+            let n = min(options.maxBatch, list.count - k)
+            try writeChunk(
+                Array(list[k..<k + n]),
+                UnsafeRawBufferPointer(
+                    rebasing: data[(k * VerifiedLayout.blockSize)..<((k + n) * VerifiedLayout.blockSize)]))
+            k += n
+        }
+    }
+
+    func writeChunk(_ list: [UInt64], _ data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
         if let failure { throw failure }
+        let n = list.count
         // A block written twice since the last flush would overwrite its durable slot.
         var needFlush = durable.pending.count + n > AnchorFile.maxPending
-        for j in 0..<n where pendingBlocks.contains(first + UInt64(j)) { needFlush = true }
+        for b in list where pendingBlocks.contains(b) { needFlush = true }
         if needFlush { try flush() }
         let v0 = nextVersion
         nextVersion += UInt64(n)
@@ -377,13 +421,13 @@ public final class VerifiedBlockDevice {
             durable.reservedVersion = nextVersion + Self.reserveStep
             sync = true
         }
-        for j in 0..<n { durable.pending.append(.init(block: first + UInt64(j), version: v0 + UInt64(j))) }
+        for j in 0..<n { durable.pending.append(.init(block: list[j], version: v0 + UInt64(j))) }
         do { try anchor.store(durable, sync: sync) } catch { throw fail(error) }
         var requests: [TransportRequest] = []
         var sealedTags: [[UInt8]] = []
         var targets: [Int] = []
         for j in 0..<n {
-            let b = first + UInt64(j)
+            let b = list[j]
             let target = versions[Int(b)] == 0 ? 0 : 1 - Int(slots[Int(b)])
             let slot = slotScratch(j)
             guard
@@ -406,7 +450,7 @@ public final class VerifiedBlockDevice {
         }
         do { try transport.transfer(requests) } catch { throw fail(.transport(error)) }
         for j in 0..<n {
-            apply(block: first + UInt64(j), version: v0 + UInt64(j), slot: targets[j], tag: sealedTags[j])
+            apply(block: list[j], version: v0 + UInt64(j), slot: targets[j], tag: sealedTags[j])
         }
     }
 

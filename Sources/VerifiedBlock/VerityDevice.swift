@@ -181,7 +181,9 @@ public final class VerityDevice {
         do { data = try FileTransport(path: path).capacityBytes } catch { throw .transport(error) }
         let blocks = max(1, (data + UInt64(VerityLayout.blockSize) - 1) / UInt64(VerityLayout.blockSize))
         guard let layout = VerityLayout(dataBlocks: blocks) else { throw .invalidRequest("image too large") }
-        guard truncate(path, off_t(layout.totalBytes)) == 0 else { throw .local("cannot resize \(path): errno \(errno)") }
+        guard truncate(path, off_t(layout.totalBytes)) == 0 else {
+            throw .local("cannot resize \(path): errno \(errno)")
+        }
         let file: FileTransport
         do { file = try FileTransport(path: path, writable: true) } catch { throw .transport(error) }
         var below: [UInt8] = []  // the level under construction's input hashes
@@ -193,7 +195,9 @@ public final class VerityDevice {
             let r: Result<Void, TransportError> = buffer.withUnsafeMutableBytes { all in
                 let part = UnsafeMutableRawBufferPointer(rebasing: all[0..<(n * VerityLayout.blockSize)])
                 do throws(TransportError) {
-                    try file.transfer([TransportRequest(offset: b * UInt64(VerityLayout.blockSize), buffer: part, write: false)])
+                    try file.transfer([
+                        TransportRequest(offset: b * UInt64(VerityLayout.blockSize), buffer: part, write: false)
+                    ])
                 } catch { return .failure(error) }
                 for k in 0..<n {
                     below += VerityLayout.dataHash(
