@@ -81,7 +81,7 @@ let package = Package(
         .target(
             name: "Adversary",
             dependencies: [
-                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing",
+                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "VerifiedBlock",
             ],
             swiftSettings: strict
         ),
