@@ -68,12 +68,14 @@ struct VerifiedOptions: ParsableArguments {
         if format {
             return .sealed(
                 try runVerified { () throws(VerifiedBlockError) in
-                    try VerifiedBlockDevice.format(transport: transport, key: keyBytes, anchorPath: anchorPath)
+                    try VerifiedBlockDevice.format(
+                        transport: transport, key: keyBytes, anchorPath: anchorPath)
                 })
         }
         return .sealed(
             try runVerified { () throws(VerifiedBlockError) in
-                try VerifiedBlockDevice.open(transport: transport, key: keyBytes, anchorPath: anchorPath)
+                try VerifiedBlockDevice.open(
+                    transport: transport, key: keyBytes, anchorPath: anchorPath)
             })
     }
 }

@@ -3,20 +3,17 @@ import Glibc
 #endif
 
 /// What the client keeps locally and trusts: the device's identity and size, the Merkle
-/// root as of the last flush, the highest version that root holds, the version counter's
-/// reservation (no nonce below it is ever used again) and the writes since the last flush.
+/// root as of the last flush, the highest version that root holds, the first version
+/// handed out after that flush (every later write has a version at or above it, so a crash
+/// needs no list of writes in flight), and the version counter's reservation (no nonce
+/// below it is ever used again).
 public struct AnchorState: Equatable, Sendable {
     public var deviceID: [UInt8]
     public var blocks: UInt64
     public var root: [UInt8]
     public var committedVersion: UInt64
     public var reservedVersion: UInt64
-    public var pending: [PendingWrite]
-
-    public struct PendingWrite: Equatable, Sendable {
-        public var block: UInt64
-        public var version: UInt64
-    }
+    public var flushVersion: UInt64
 }
 
 /// The anchor file: two 4 KiB records written alternately, each with a sequence number and
@@ -25,9 +22,7 @@ public struct AnchorState: Equatable, Sendable {
 final class AnchorFile {
     static let recordSize = 4096
     static let magic: [UInt8] = Array("RFVBANCH".utf8)
-    static let pendingOffset = 96
     static let checksumOffset = recordSize - 32
-    static let maxPending = (checksumOffset - pendingOffset) / 16
 
     let path: String
     let fd: Int32
@@ -69,7 +64,6 @@ final class AnchorFile {
 
     /// Writes the next record over the older one; `sync` waits until it is on stable storage.
     func store(_ state: AnchorState, sync: Bool) throws(VerifiedBlockError) {
-        guard state.pending.count <= Self.maxPending else { throw .local("anchor: too many pending writes") }
         let seq = sequence + 1
         let b = Self.encode(state, sequence: seq)
         let n = b.withUnsafeBytes { pwrite(fd, $0.baseAddress, Self.recordSize, off_t(Int(seq % 2) * Self.recordSize)) }
@@ -87,11 +81,7 @@ final class AnchorFile {
         b.put(s.root, at: 40)
         b.putLE(s.committedVersion, at: 72)
         b.putLE(s.reservedVersion, at: 80)
-        b.putLE32(UInt32(s.pending.count), at: 88)
-        for (i, p) in s.pending.enumerated() {
-            b.putLE(p.block, at: pendingOffset + 16 * i)
-            b.putLE(p.version, at: pendingOffset + 16 * i + 8)
-        }
+        b.putLE(s.flushVersion, at: 88)
         b.put(Hash.sha256(b.slice(0, checksumOffset)), at: checksumOffset)
         return b
     }
@@ -100,16 +90,9 @@ final class AnchorFile {
         guard b.count == recordSize, b.slice(0, 8) == magic,
             Hash.sha256(b.slice(0, checksumOffset)) == b.slice(checksumOffset, 32)
         else { return nil }
-        let count = Int(b.le32(at: 88))
-        guard count <= maxPending else { return nil }
-        var pending: [AnchorState.PendingWrite] = []
-        for i in 0..<count {
-            pending.append(
-                .init(block: b.le64(at: pendingOffset + 16 * i), version: b.le64(at: pendingOffset + 16 * i + 8)))
-        }
         let state = AnchorState(
             deviceID: b.slice(16, 16), blocks: b.le64(at: 32), root: b.slice(40, 32),
-            committedVersion: b.le64(at: 72), reservedVersion: b.le64(at: 80), pending: pending)
+            committedVersion: b.le64(at: 72), reservedVersion: b.le64(at: 80), flushVersion: b.le64(at: 88))
         return (b.le64(at: 8), state)
     }
 }

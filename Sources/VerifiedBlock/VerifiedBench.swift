@@ -81,19 +81,23 @@ public struct VerifiedBench {
         return Array(set)
     }
 
-    /// The same requests the verified layer makes (4 KiB at a slot's data) straight on the transport.
+    /// The same requests the verified layer makes (4 KiB at a slot's data) straight on the
+    /// transport. Plain writes go to the slot the flushed root does not use (never read
+    /// again), so the bench leaves the verified device intact.
     func plain(
         _ device: VerifiedBlockDevice, buffer: UnsafeMutableRawBufferPointer, seconds: Double,
         rng: inout SystemRandomNumberGenerator
     ) -> Phase {
         var phase = Phase()
+        if pattern == .write { try? device.flush() }
         let start = monotonicNanoseconds()
         let end = start + UInt64(seconds * 1e9)
         while true {
             let list = randomBlocks(device, rng: &rng)
             let requests = list.enumerated().map { k, b in
                 TransportRequest(
-                    offset: device.layout.slotOffset(block: b, slot: Int(device.slots[Int(b)])),
+                    offset: device.layout.slotOffset(
+                        block: b, slot: pattern == .write ? 1 - Int(device.slots[Int(b)]) : Int(device.slots[Int(b)])),
                     buffer: UnsafeMutableRawBufferPointer(
                         rebasing: buffer[(k * VerifiedLayout.blockSize)..<((k + 1) * VerifiedLayout.blockSize)]),
                     write: pattern == .write)

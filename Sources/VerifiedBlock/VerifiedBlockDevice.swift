@@ -8,11 +8,7 @@
 /// One owner at a time (not thread-safe), like the transports below it.
 public final class VerifiedBlockDevice {
     public struct Options: Sendable {
-        /// fdatasync the anchor on every write batch (crash-safe for a client kernel crash
-        /// too); false syncs it at `flush()` and at version reservations only (a client
-        /// kernel crash between flushes then reads as a root mismatch, never as corrupt data).
-        public var syncAnchorOnWrite = true
-        /// Blocks per transport batch (and per anchor update of a write).
+        /// Blocks per transport batch.
         public var maxBatch = 64
         public init() {}
     }
@@ -44,7 +40,8 @@ public final class VerifiedBlockDevice {
 
     public var blocks: UInt64 { layout.blocks }
     public var rootHash: [UInt8] { tree.root }
-    public var pendingWrites: Int { durable.pending.count }
+    /// Blocks written since the last flush (old or new after a crash until the next one).
+    public var pendingWrites: Int { pendingBlocks.count }
     public var isBroken: Bool { failure != nil }
 
     private init(
@@ -103,14 +100,15 @@ public final class VerifiedBlockDevice {
         for i in 0..<layout.blocks { leaves.append(MerkleTree.leaf(block: i, version: 0, slot: 0, tag: zeroTag)) }
         let state = AnchorState(
             deviceID: id, blocks: layout.blocks, root: MerkleTree(leaves: leaves).root, committedVersion: 0,
-            reservedVersion: 1, pending: [])
+            reservedVersion: 1, flushVersion: 1)
         _ = try AnchorFile.create(path: anchorPath, state: state)
         return try open(transport: transport, key: key, anchorPath: anchorPath, options: options)
     }
 
     /// Opens a formatted device: checks the superblock against the anchor, reads every
-    /// slot record, checks the tree they make against the anchored root, resolves the
-    /// writes in flight at a crash (each block to its old or new content), and commits.
+    /// slot record, checks the tree of the flushed versions (below `flushVersion`) against
+    /// the anchored root, resolves the writes since that flush (each block to its old or
+    /// its new content) and commits.
     public static func open(
         transport: any BlockTransport, key: [UInt8], anchorPath: String, options: Options = Options()
     ) throws(VerifiedBlockError) -> VerifiedBlockDevice {
@@ -136,22 +134,20 @@ public final class VerifiedBlockDevice {
                     "superblock names device \(hexString(superblock.deviceID)) of \(superblock.blocks) blocks"))
         }
         let records = try readRecords(transport, layout: layout, deviceID: state.deviceID)
-        var pendingVersion: [UInt64: UInt64] = [:]
-        for p in state.pending where p.block < state.blocks { pendingVersion[p.block] = p.version }
         let n = Int(state.blocks)
         var versions = [UInt64](repeating: 0, count: n)
         var slots = [UInt8](repeating: 0, count: n)
         var tags = [UInt8](repeating: 0, count: 16 * n)
         var candidates: [UInt64: (slot: Int, record: SlotRecord)] = [:]
         for b in 0..<n {
-            let limit = pendingVersion[UInt64(b)]
             var best: (Int, SlotRecord)?
             for s in 0..<2 {
                 guard let r = records[2 * b + s], r.block == UInt64(b), r.version > 0,
                     r.version < state.reservedVersion
                 else { continue }
-                if let limit, r.version >= limit {
-                    if r.version == limit { candidates[UInt64(b)] = (s, r) }
+                if r.version >= state.flushVersion {
+                    // Written after the last flush: new if it authenticates (`recover`).
+                    if r.version > candidates[UInt64(b)]?.record.version ?? 0 { candidates[UInt64(b)] = (s, r) }
                     continue
                 }
                 if best == nil || r.version > best?.1.version ?? 0 { best = (s, r) }
@@ -179,33 +175,28 @@ public final class VerifiedBlockDevice {
         let device = VerifiedBlockDevice(
             transport: transport, layout: layout, sealer: sealer, anchor: anchor, durable: state, versions: versions,
             slots: slots, tags: tags, options: options)
-        if !state.pending.isEmpty { try device.recover(candidates: candidates) }
+        if !candidates.isEmpty { try device.recover(candidates: candidates) }
         return device
     }
 
-    /// Each write in flight at a crash becomes new if its slot authenticates, else old; a
-    /// left-over record of a lost write is erased so that the next open picks the live slot.
+    /// Each block written after the last flush becomes new if its slot authenticates, else
+    /// old; the record of a write that did not land whole is erased, so that the next open
+    /// (whose flush version is then above it) cannot take it for the flushed content.
     func recover(candidates: [UInt64: (slot: Int, record: SlotRecord)]) throws(VerifiedBlockError) {
         var erase: [UInt64] = []
-        for p in durable.pending where p.block < blocks {
-            let b = Int(p.block)
-            let other = versions[b] == 0 ? 0 : 1 - Int(slots[b])
-            if let c = candidates[p.block], c.record.version == p.version {
-                let raw = try Self.readRaw(
-                    transport, offset: layout.slotOffset(block: p.block, slot: c.slot), count: VerifiedLayout.blockSize)
-                let ok = raw.withUnsafeBytes { sealed in
-                    scratch.withMemoryRebound(to: UInt8.self) { _ in
-                        sealer.open(
-                            sealed, tag: c.record.tag, block: p.block, version: p.version,
-                            into: UnsafeMutableRawBufferPointer(rebasing: scratch[0..<VerifiedLayout.blockSize]))
-                    }
-                }
-                if ok {
-                    apply(block: p.block, version: p.version, slot: c.slot, tag: c.record.tag)
-                    continue
-                }
+        for (block, c) in candidates.sorted(by: { $0.key < $1.key }) {
+            let raw = try Self.readRaw(
+                transport, offset: layout.slotOffset(block: block, slot: c.slot), count: VerifiedLayout.blockSize)
+            let ok = raw.withUnsafeBytes { sealed in
+                sealer.open(
+                    sealed, tag: c.record.tag, block: block, version: c.record.version,
+                    into: UnsafeMutableRawBufferPointer(rebasing: scratch[0..<VerifiedLayout.blockSize]))
             }
-            erase.append(layout.recordOffset(block: p.block, slot: other))
+            if ok {
+                apply(block: block, version: c.record.version, slot: c.slot, tag: c.record.tag)
+            } else {
+                erase.append(layout.recordOffset(block: block, slot: c.slot))
+            }
         }
         if !erase.isEmpty {
             var zero = [UInt8](repeating: 0, count: VerifiedLayout.recordSize * erase.count)
@@ -410,25 +401,22 @@ public final class VerifiedBlockDevice {
     func writeChunk(_ list: [UInt64], _ data: UnsafeRawBufferPointer) throws(VerifiedBlockError) {
         if let failure { throw failure }
         let n = list.count
-        // A block written twice since the last flush would overwrite its durable slot.
-        var needFlush = durable.pending.count + n > AnchorFile.maxPending
-        for b in list where pendingBlocks.contains(b) { needFlush = true }
-        if needFlush { try flush() }
         let v0 = nextVersion
         nextVersion += UInt64(n)
-        var sync = options.syncAnchorOnWrite
         if nextVersion > durable.reservedVersion {
+            // No version of the new step is used before the reservation is on stable storage.
             durable.reservedVersion = nextVersion + Self.reserveStep
-            sync = true
+            do { try anchor.store(durable, sync: true) } catch { throw fail(error) }
         }
-        for j in 0..<n { durable.pending.append(.init(block: list[j], version: v0 + UInt64(j))) }
-        do { try anchor.store(durable, sync: sync) } catch { throw fail(error) }
         var requests: [TransportRequest] = []
         var sealedTags: [[UInt8]] = []
         var targets: [Int] = []
         for j in 0..<n {
             let b = list[j]
-            let target = versions[Int(b)] == 0 ? 0 : 1 - Int(slots[Int(b)])
+            // Never over the slot the anchored root holds: a block written again before a
+            // flush goes back to its unflushed slot.
+            let live = Int(slots[Int(b)])
+            let target = pendingBlocks.contains(b) ? live : (versions[Int(b)] == 0 ? 0 : 1 - live)
             let slot = slotScratch(j)
             guard
                 let tag = sealer.seal(
@@ -464,20 +452,20 @@ public final class VerifiedBlockDevice {
     }
 
     /// Makes every acknowledged write durable: the back-end flushes, then the anchor takes
-    /// the new root and forgets the writes in flight.
+    /// the new root, and versions from here on count as written after this flush.
     public func flush() throws(VerifiedBlockError) {
         if let failure { throw failure }
         do { try transport.flushWrites() } catch { throw fail(.transport(error)) }
         durable.root = tree.root
         durable.committedVersion = highestVersion
-        durable.pending = []
+        durable.flushVersion = nextVersion
         do { try anchor.store(durable, sync: true) } catch { throw fail(error) }
         pendingBlocks = []
     }
 
-    /// Flushes what is pending (if the device is healthy).
+    /// Flushes what was written since the last flush (if the device is healthy).
     public func close() {
-        if failure == nil && !durable.pending.isEmpty { try? flush() }
+        if failure == nil && !pendingBlocks.isEmpty { try? flush() }
     }
 
     // MARK: helpers

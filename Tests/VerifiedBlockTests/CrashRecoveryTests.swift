@@ -35,7 +35,7 @@ struct CrashRecoveryTests {
             return false
         }
         try d.write(block: 1, bytes: block(2))
-        let reserved = d.durable.reservedVersion
+        let reserved = d.nextVersion
         store.onWrite = nil
         let again = try bed.open()
         #expect(try again.read(block: 1, count: 1) == block(1))
@@ -57,5 +57,45 @@ struct CrashRecoveryTests {
         bed.transport.onWrite = nil
         let again = try bed.open()
         #expect(try again.read(block: 3, count: 2) == block(3) + [UInt8](repeating: 0, count: 4096))
+    }
+
+    @Test func rewriteBeforeFlushNeverTouchesTheDurableSlot() throws {
+        let bed = Bed()
+        let d = try bed.format()
+        try d.write(block: 2, bytes: block(1))
+        try d.flush()
+        let durableSlot = Int(d.liveSlotOffset(2))
+        let before = Array(bed.transport.bytes[durableSlot..<durableSlot + 4608])
+        try d.write(block: 2, bytes: block(2))
+        try d.write(block: 2, bytes: block(3))
+        #expect(bed.transport.flushes == 2, "no flush forced by the rewrite")
+        #expect(Array(bed.transport.bytes[durableSlot..<durableSlot + 4608]) == before)
+        let again = try bed.open()
+        #expect(try again.read(block: 2, count: 1) == block(3))
+    }
+
+    @Test func tornRewriteBeforeFlushReadsTheFlushedContent() throws {
+        let bed = Bed()
+        let d = try bed.format()
+        try d.write(block: 4, bytes: block(1))
+        try d.flush()
+        try d.write(block: 4, bytes: block(2))
+        let target = d.liveSlotOffset(4)
+        let store = bed.transport
+        store.onWrite = { offset, data in
+            guard offset == target else { return true }
+            // Only the record lands: its data is still the previous write's.
+            store.bytes.withUnsafeMutableBytes { disk in
+                UnsafeMutableRawBufferPointer(rebasing: disk[Int(offset) + 4096..<Int(offset) + 4608])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[4096..<4608]))
+            }
+            return false
+        }
+        try d.write(block: 4, bytes: block(3))
+        store.onWrite = nil
+        let again = try bed.open()
+        #expect(try again.read(block: 4, count: 1) == block(1))
+        let third = try bed.open()
+        #expect(try third.read(block: 4, count: 1) == block(1))
     }
 }

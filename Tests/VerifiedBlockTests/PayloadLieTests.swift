@@ -194,3 +194,35 @@ struct PayloadLieTests {
         #expect(!d.isBroken)
     }
 }
+
+@Suite("VerifiedBlock: random access and the bench")
+struct RandomAccessTests {
+    @Test func scatteredBlocksRoundTrip() throws {
+        let bed = Bed()
+        let d = try bed.format()
+        let list: [UInt64] = [90, 3, 57, 4]
+        let data = list.flatMap { block(UInt8(truncatingIfNeeded: $0)) }
+        try data.withUnsafeBytes { try d.write(blocks: list, from: $0) }
+        var back = [UInt8](repeating: 0, count: data.count)
+        try back.withUnsafeMutableBytes { try d.read(blocks: list.reversed(), into: $0) }
+        #expect(back == list.reversed().flatMap { block(UInt8(truncatingIfNeeded: $0)) })
+        let twice = failure { try data.withUnsafeBytes { try d.write(blocks: [1, 2, 1, 3], from: $0) } }
+        #expect(twice == .invalidRequest("a block appears twice in one write"))
+        #expect(!d.isBroken)
+    }
+
+    @Test func benchLeavesTheDeviceIntact() throws {
+        let bed = Bed()
+        let d = try bed.format()
+        try d.write(block: 0, bytes: block(9, count: 8))
+        try d.flush()
+        for pattern in [VerifiedBench.Pattern.write, .read] {
+            let r = VerifiedBench(pattern: pattern, depth: 4, seconds: 0.05).run(d)
+            #expect(r.verified.errors == 0 && r.plain.errors == 0 && r.aeadFloor.errors == 0)
+            #expect(r.verified.requests > 0 && r.plain.requests > 0 && r.aeadFloor.requests > 0)
+        }
+        try d.flush()
+        let again = try bed.open()
+        for b in 0..<again.blocks { _ = try again.read(block: b, count: 1) }
+    }
+}
