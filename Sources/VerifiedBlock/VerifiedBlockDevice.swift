@@ -10,6 +10,10 @@ public final class VerifiedBlockDevice {
     public struct Options: Sendable {
         /// Blocks per transport batch.
         public var maxBatch = 64
+        /// Most blocks a device may have: the verified tree lives in memory (about 100
+        /// bytes a block), so a back-end announcing an absurd capacity gets only this much
+        /// of it used (format) or is refused (open). 1 << 22 blocks = 16 GiB.
+        public var maxBlocks: UInt64 = 1 << 22
         public init() {}
     }
 
@@ -82,9 +86,10 @@ public final class VerifiedBlockDevice {
         transport: any BlockTransport, key: [UInt8], anchorPath: String, options: Options = Options()
     ) throws(VerifiedBlockError) -> VerifiedBlockDevice {
         guard key.count == 32 else { throw .local("the key must be 32 bytes, got \(key.count)") }
-        guard let layout = VerifiedLayout(capacity: transport.capacityBytes) else {
+        guard let fits = VerifiedLayout(capacity: transport.capacityBytes) else {
             throw .invalidRequest("a \(transport.capacityBytes)-byte disk holds no verified block")
         }
+        let layout = VerifiedLayout(blocks: min(fits.blocks, max(1, options.maxBlocks)))
         var rng = SystemRandomNumberGenerator()
         let id = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
         var sb = Superblock(deviceID: id, blocks: layout.blocks).encode()
@@ -114,6 +119,9 @@ public final class VerifiedBlockDevice {
     ) throws(VerifiedBlockError) -> VerifiedBlockDevice {
         guard key.count == 32 else { throw .local("the key must be 32 bytes, got \(key.count)") }
         let (anchor, state) = try AnchorFile.load(path: anchorPath)
+        guard state.blocks <= max(1, options.maxBlocks) else {
+            throw .local("the anchor names \(state.blocks) blocks, more than maxBlocks \(options.maxBlocks)")
+        }
         guard state.deviceID.count == 16, state.blocks >= 1,
             let fits = VerifiedLayout(capacity: transport.capacityBytes),
             fits.blocks >= state.blocks

@@ -226,3 +226,31 @@ struct RandomAccessTests {
         for b in 0..<again.blocks { _ = try again.read(block: b, count: 1) }
     }
 }
+
+/// A back-end that announces an absurd capacity (R4/R5: no unbounded allocation).
+final class HugeTransport: BlockTransport {
+    let inner = MemoryTransport(capacity: 1 << 20)
+    var capacityBytes: UInt64 { 1 << 62 }
+    func transfer(_ requests: [TransportRequest]) throws(TransportError) {
+        for r in requests where r.offset >= 1 << 20 {
+            throw TransportError(rule: nil, "beyond the test's memory")
+        }
+        try inner.transfer(requests)
+    }
+    func flushWrites() throws(TransportError) {}
+}
+
+@Suite("VerifiedBlock: sizes the back-end announces")
+struct AnnouncedSizeTests {
+    @Test func absurdCapacityIsCappedAtFormat() throws {
+        var options = VerifiedBlockDevice.Options()
+        options.maxBlocks = 64
+        let anchor = NSTemporaryDirectory() + "vb-huge-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: anchor) }
+        let d = try VerifiedBlockDevice.format(
+            transport: HugeTransport(), key: [UInt8](repeating: 1, count: 32), anchorPath: anchor, options: options)
+        #expect(d.blocks == 64)
+        try d.write(block: 63, bytes: block(63))
+        #expect(try d.read(block: 63, count: 1) == block(63))
+    }
+}
