@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Histogram
 import SharedMemory
+import VerifiedBlock
 import VirtioBlock
 
 /// `ringfence blk`: a thin shell over `VirtioBlock.VirtioBlockDriver`.
@@ -246,6 +247,12 @@ struct BlkFlush: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the device's write cache.")
     @ParentCommand var blk: Blk
     func run() throws {
+        if blk.verified.enabled {
+            return try blk.withVerified { disk in
+                if case .sealed(let d) = disk { try runVerified { () throws(VerifiedBlockError) in try d.flush() } }
+                print("flushed")
+            }
+        }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in try disk.flush() }
@@ -259,6 +266,7 @@ struct BlkDiscard: ParsableCommand {
     @Option var offset: Size
     @Option var length: Size
     func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("discard bypasses the verified layer") }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in try disk.discard(at: UInt64(offset.bytes), length: length.bytes) }
@@ -273,6 +281,7 @@ struct BlkWriteZeroes: ParsableCommand {
     @Option var length: Size
     @Flag(help: "Allow the device to unmap the range.") var unmap = false
     func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("write-zeroes bypasses the verified layer") }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in

@@ -86,6 +86,8 @@ struct VerifiedCommandTests {
         #expect(plain.status == 0)
         let usage = try runRingfence(["blk", "--socket", server.socket, "--key", "k", "info"])
         #expect(usage.status == 2)
+        #expect(try runRingfence(v + ["discard", "--offset", "0", "--length", "4k"]).status == 2)
+        #expect(try runRingfence(v + ["flush"]).stdout == "flushed\n")
     }
 
     @Test func sealedImageServedAndCheckedAgainstTheRootHash() throws {
