@@ -197,6 +197,11 @@ enum VerifiedDisk {
         print(line("plain:     ", r.plain))
         print(line("verified:  ", r.verified))
         print(line("AEAD floor:", r.aeadFloor) + " (AES-256-GCM \(write ? "seal" : "open") of 4 KiB, one core)")
+        let t = r.verifiedSplit
+        let per = { (ns: UInt64) in format(Double(ns) / Double(max(1, t.blocks)) / 1000, 2) }
+        print(
+            "  verified, per block: \(write ? "seal" : "open and check") \(per(t.cryptoNanoseconds)) us, "
+                + "transfer \(per(t.transferNanoseconds)) us\(write ? ", tree \(per(t.treeNanoseconds)) us" : "")")
         print("  ratio verified / (plain + AEAD floor) = \(format(r.ratio, 3)) (target <= 1.25)")
     }
 }

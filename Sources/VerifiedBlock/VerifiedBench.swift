@@ -28,6 +28,8 @@ public struct VerifiedBench {
         public var plain = Phase()
         public var verified = Phase()
         public var aeadFloor = Phase()
+        /// The verified phases' split (`VerifiedBlockDevice.Timing`).
+        public var verifiedSplit = VerifiedBlockDevice.Timing()
         /// Verified cost per request over (plain + AEAD floor); the target is <= 1.25.
         public var ratio: Double {
             let budget = plain.microsecondsPerRequest + aeadFloor.microsecondsPerRequest
@@ -66,10 +68,17 @@ public struct VerifiedBench {
             }
             try? device.flush()
         }
+        let before = pattern == .write ? device.writeTiming : device.readTiming
         for _ in 0..<2 {
             report.plain.add(plain(device, buffer: buffer, seconds: seconds * 0.2, rng: &rng))
             report.verified.add(verified(device, buffer: buffer, seconds: seconds * 0.2, rng: &rng))
         }
+        let after = pattern == .write ? device.writeTiming : device.readTiming
+        report.verifiedSplit = VerifiedBlockDevice.Timing(
+            blocks: after.blocks &- before.blocks,
+            cryptoNanoseconds: after.cryptoNanoseconds &- before.cryptoNanoseconds,
+            transferNanoseconds: after.transferNanoseconds &- before.transferNanoseconds,
+            treeNanoseconds: after.treeNanoseconds &- before.treeNanoseconds)
         return report
     }
 
