@@ -17,12 +17,16 @@ enum Hash {
 
 /// A binary Merkle tree over the blocks' (index, version, slot, tag), kept whole in private
 /// memory once it has been checked against the anchored root: every node is verified once,
-/// at open, and a write updates one path (log2 n hashes).
+/// at open. A write replaces its leaf; the paths above changed leaves are recomputed when
+/// the root is next asked for (at a flush), each inner node once however many of its
+/// leaves changed.
 struct MerkleTree {
     let leafCount: Int
     let width: Int
     /// Node k at bytes k*32 ..< k*32+32; the root is node 1, leaf i is node width+i.
     private var nodes: [UInt8]
+    /// Leaves replaced since the root was last computed.
+    private var dirty: [Int] = []
 
     init(leaves: [[UInt8]]) {
         leafCount = leaves.count
@@ -59,14 +63,19 @@ struct MerkleTree {
     }
 
     mutating func update(_ i: Int, leaf: [UInt8]) {
-        var k = width + i
-        nodes.put(leaf, at: k * 32)
-        k /= 2
-        while k >= 1 {
-            recompute(k)
-            k /= 2
-        }
+        nodes.put(leaf, at: (width + i) * 32)
+        dirty.append(width + i)
     }
 
-    var root: [UInt8] { nodes.slice(32, 32) }
+    /// The root over every leaf as it is now.
+    mutating func root() -> [UInt8] {
+        var level = dirty
+        dirty.removeAll()
+        // All dirty nodes of one level sit at the same depth: go up level by level.
+        while let first = level.first, first > 1 {
+            level = Array(Set(level.map { $0 / 2 }))
+            for k in level { recompute(k) }
+        }
+        return nodes.slice(32, 32)
+    }
 }

@@ -45,7 +45,7 @@ public final class VerifiedBlockDevice {
     public var onFailure: ((VerifiedBlockError) -> Void)?
 
     public var blocks: UInt64 { layout.blocks }
-    public var rootHash: [UInt8] { tree.root }
+    public var rootHash: [UInt8] { tree.root() }
     /// Blocks written since the last flush (old or new after a crash until the next one).
     public var pendingWrites: Int { pendingBlocks.count }
     public var isBroken: Bool { failure != nil }
@@ -116,8 +116,9 @@ public final class VerifiedBlockDevice {
         if case .failure(let e) = written { throw .transport(e) }
         var leaves: [[UInt8]] = []
         for i in 0..<layout.blocks { leaves.append(MerkleTree.leaf(block: i, version: 0, slot: 0, tag: zeroTag)) }
+        var empty = MerkleTree(leaves: leaves)
         let state = AnchorState(
-            deviceID: id, blocks: layout.blocks, root: MerkleTree(leaves: leaves).root, committedVersion: 0,
+            deviceID: id, blocks: layout.blocks, root: empty.root(), committedVersion: 0,
             reservedVersion: 1, flushVersion: 1)
         _ = try AnchorFile.create(path: anchorPath, state: state)
         return try open(transport: transport, key: key, anchorPath: anchorPath, options: options)
@@ -186,7 +187,8 @@ public final class VerifiedBlockDevice {
                 MerkleTree.leaf(
                     block: UInt64(b), version: versions[b], slot: Int(slots[b]), tag: tags.slice(16 * b, 16)))
         }
-        guard MerkleTree(leaves: leaves).root == state.root else {
+        var flushed = MerkleTree(leaves: leaves)
+        guard flushed.root() == state.root else {
             let seen = versions.max() ?? 0
             if seen < state.committedVersion {
                 throw .violation(.rolledBackRoot(anchoredVersion: state.committedVersion, deviceVersion: seen))
@@ -491,7 +493,7 @@ public final class VerifiedBlockDevice {
     public func flush() throws(VerifiedBlockError) {
         if let failure { throw failure }
         do { try transport.flushWrites() } catch { throw fail(.transport(error)) }
-        durable.root = tree.root
+        durable.root = tree.root()
         durable.committedVersion = highestVersion
         durable.flushVersion = nextVersion
         do { try anchor.store(durable, sync: true) } catch { throw fail(error) }
