@@ -123,8 +123,8 @@ extension AdversaryQueueHandler {
                 device.payload.withLock { $0.replaced[sector] = old }
             }
             let length = inner.execute(chain)
-            if !isWrite, let old = device.payload.withLock({ $0.replaced[sector] }), old.count == dataIn {
-                scatterData(old)
+            if !isWrite, let old = device.payload.withLock({ $0.replaced[sector] }), old.count >= dataIn {
+                scatterData(Array(old.prefix(dataIn)))
             }
             queue.complete(head: head, length: length)
         case .rollback:

@@ -306,9 +306,12 @@ public final class VerifiedBlockDevice {
         for j in 0..<n {
             let b = Int(list[j])
             if versions[b] == 0 { continue }
+            // The data only: the tag and version are in private memory. The record is
+            // fetched only to name a lie (below).
             requests.append(
                 TransportRequest(
-                    offset: layout.slotOffset(block: UInt64(b), slot: Int(slots[b])), buffer: slotScratch(j),
+                    offset: layout.slotOffset(block: UInt64(b), slot: Int(slots[b])),
+                    buffer: UnsafeMutableRawBufferPointer(rebasing: slotScratch(j)[0..<VerifiedLayout.blockSize]),
                     write: false))
         }
         let t0 = monotonicNanoseconds()
@@ -321,7 +324,7 @@ public final class VerifiedBlockDevice {
             readTiming.transferNanoseconds &+= t1 &- t0
             readTiming.cryptoNanoseconds &+= monotonicNanoseconds() &- t1
         }
-        var failures: [(Int, PayloadViolation)] = []
+        var failed: [Int] = []
         for j in 0..<n {
             let b = Int(list[j])
             let dest = UnsafeMutableRawBufferPointer(
@@ -330,10 +333,21 @@ public final class VerifiedBlockDevice {
                 dest.initializeMemory(as: UInt8.self, repeating: 0)
                 continue
             }
-            if let v = check(block: UInt64(b), slot: UnsafeRawBufferPointer(slotScratch(j)), into: dest) {
-                failures.append((j, v))
+            let data = UnsafeRawBufferPointer(rebasing: slotScratch(j)[0..<VerifiedLayout.blockSize])
+            if !sealer.open(data, tag: tags.slice(16 * b, 16), block: UInt64(b), version: versions[b], into: dest) {
+                dest.initializeMemory(as: UInt8.self, repeating: 0)
+                failed.append(j)
             }
         }
+        guard !failed.isEmpty else { return }
+        // Detected. Read the failed slots whole (data and record) to name the lie.
+        let whole = failed.map { j in
+            TransportRequest(
+                offset: layout.slotOffset(block: list[j], slot: Int(slots[Int(list[j])])), buffer: slotScratch(j),
+                write: false)
+        }
+        do { try transport.transfer(whole) } catch { throw fail(.transport(error)) }
+        let failures = failed.map { j in (j, name(block: list[j], slot: UnsafeRawBufferPointer(slotScratch(j)))) }
         guard let (firstFailed, firstViolation) = failures.first else { return }
         throw fail(.violation(tornOrFirst(list, failures, firstFailed, firstViolation)))
     }
@@ -358,20 +372,10 @@ public final class VerifiedBlockDevice {
         return .tornWrite(firstBlock: first, blocks: n, missing: list[firstFailed])
     }
 
-    /// The data must authenticate as this block's current version; only if it does not is
-    /// the slot's record read, to name the lie.
-    func check(block b: UInt64, slot: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer)
-        -> PayloadViolation?
-    {
+    /// Names the lie of a block whose data did not authenticate, from the slot's record as
+    /// the back-end returns it on a second read (untrusted: only the name depends on it).
+    func name(block b: UInt64, slot: UnsafeRawBufferPointer) -> PayloadViolation {
         let i = Int(b)
-        let tag = tags.slice(16 * i, 16)
-        if sealer.open(
-            UnsafeRawBufferPointer(rebasing: slot[0..<VerifiedLayout.blockSize]), tag: tag, block: b,
-            version: versions[i], into: out)
-        {
-            return nil
-        }
-        out.initializeMemory(as: UInt8.self, repeating: 0)
         let record = SlotRecord.decode(
             Array(slot[VerifiedLayout.blockSize..<VerifiedLayout.slotSize]), deviceID: deviceID)
         guard let record else { return .writeNotStored(block: b, version: versions[i]) }

@@ -211,6 +211,26 @@ struct RandomAccessTests {
         #expect(!d.isBroken)
     }
 
+    /// A healthy read moves the data only (the tag is in memory); the record is fetched
+    /// only after a failed check, to name the lie.
+    @Test func healthyReadTransfersTheDataOnly() throws {
+        let bed = Bed()
+        let d = try bed.format()
+        try d.write(block: 5, bytes: block(5))
+        var sizes: [Int] = []
+        bed.transport.onRead = { _, buffer in sizes.append(buffer.count) }
+        _ = try d.read(block: 5, count: 1)
+        #expect(sizes == [4096])
+        let target = d.liveSlotOffset(5)
+        bed.transport.onRead = { offset, buffer in
+            sizes.append(buffer.count)
+            if offset == target { buffer[9] ^= 1 }
+        }
+        sizes = []
+        #expect(failure { _ = try d.read(block: 5, count: 1) } == .violation(.tagMismatch(block: 5)))
+        #expect(sizes == [4096, 4608])
+    }
+
     @Test func benchLeavesTheDeviceIntact() throws {
         let bed = Bed()
         let d = try bed.format()
