@@ -134,4 +134,80 @@ struct ServeBlkCrashTests {
         print(
             "crash test: \(gen) generations, in-flight blocks recovered as new \(outcomes.new), as old \(outcomes.old)")
     }
+
+    /// The other side: the client (`ringfence blk --key --anchor verify`, writing a seeded
+    /// pattern over 12 MiB) is SIGKILLed at a random moment, three times; each time a fresh
+    /// client opens the device (recovering what was in flight) and every block holds the
+    /// previous round's pattern or this round's.
+    @Test func killedClientLeavesEveryBlockOldOrNew() throws {
+        let dir = NSTemporaryDirectory() + "vb-client-crash-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = dir + "/disk.img"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil))
+        #expect(truncate(image, 32 << 20) == 0)
+        let server = try ServeBlk(image: image, socket: dir + "/blk.sock")
+        defer { server.stop() }
+        let v = ["blk", "--socket", server.socket, "--key", dir + "/key", "--anchor", dir + "/anchor"]
+        let format = try ChildProcess(
+            executable: ringfenceBinary, arguments: v + ["format"], stdout: open("/dev/null", O_WRONLY))
+        #expect(format.wait(until: .after(seconds: 30)) == .exited(0))
+        let blocks = 3072
+        // One whole run first: its pattern is the first "old", its duration sets when to kill.
+        let start = monotonicNanoseconds()
+        let full = try ChildProcess(
+            executable: ringfenceBinary, arguments: v + ["verify", "--size", "12M", "--seed", "1"],
+            stdout: open("/dev/null", O_WRONLY))
+        #expect(full.wait(until: .after(seconds: 60)) == .exited(0))
+        let whole = Double(monotonicNanoseconds() - start) / 1000
+        var previous: UInt64? = 1
+        var outcomes = (old: 0, new: 0)
+        for seed: UInt64 in 2...4 {
+            let client = try ChildProcess(
+                executable: ringfenceBinary, arguments: v + ["verify", "--size", "12M", "--seed", "\(seed)"],
+                stdout: open("/dev/null", O_WRONLY))
+            usleep(UInt32(Double.random(in: 0.2...0.7) * whole))
+            client.kill()
+            let driver = try server.connect()
+            defer { driver.close() }
+            let key = try #require(FileManager.default.contents(atPath: dir + "/key"))
+            let device = try VerifiedBlockDevice.open(transport: driver, key: [UInt8](key), anchorPath: dir + "/anchor")
+            let all = try device.read(block: 0, count: blocks)
+            let new = verifyPattern(seed: seed, count: blocks * 4096)
+            let old =
+                previous.map { verifyPattern(seed: $0, count: blocks * 4096) }
+                ?? [UInt8](repeating: 0, count: blocks * 4096)
+            for b in 0..<blocks {
+                let range = (b * 4096)..<((b + 1) * 4096)
+                if all[range] == new[range] {
+                    outcomes.new += 1
+                } else if all[range] == old[range] {
+                    outcomes.old += 1
+                } else {
+                    Issue.record("seed \(seed): block \(b) is neither the old nor the new pattern")
+                    return
+                }
+            }
+            // Make this round's state the next round's "old": finish the pattern.
+            try device.write(block: 0, bytes: new)
+            try device.flush()
+            previous = seed
+        }
+        print("client crash test: blocks found new \(outcomes.new), old \(outcomes.old)")
+    }
+}
+
+/// `ringfence blk verify`'s pattern (splitmix64 per 8-byte word, keyed by offset).
+func verifyPattern(seed: UInt64, count: Int) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var i = 0
+    while i < count {
+        var z = seed &+ UInt64(i) &* 0x9e37_79b9_7f4a_7c15
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        z ^= z >> 31
+        for k in 0..<min(8, count - i) { bytes[i + k] = UInt8(truncatingIfNeeded: z >> (8 * UInt64(k))) }
+        i += 8
+    }
+    return bytes
 }
