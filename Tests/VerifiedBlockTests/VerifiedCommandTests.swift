@@ -146,4 +146,30 @@ struct VerifiedCommandTests {
         #expect(
             lie.stderr.contains("verified block 3: sealed data does not authenticate (tag mismatch)"), "\(lie.stderr)")
     }
+
+    @Test func xenBlkVerityOverServeXenBlk() throws {
+        let s = try Scratch(size: 0)
+        try Data((0..<(64 * 4096)).map { UInt8(truncatingIfNeeded: $0 &* 3) }).write(to: URL(fileURLWithPath: s.image))
+        let seal = try runRingfence(["seal", s.image])
+        #expect(seal.status == 0, "\(seal.stderr)")
+        let root = seal.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let socket = s.dir + "/xen.sock"
+        let server = try ChildProcess(
+            executable: ringfenceBinary, arguments: ["serve-xen-blk", "--socket", socket, "--image", s.image],
+            stdout: open("/dev/null", O_WRONLY))
+        defer {
+            _ = kill(server.pid, SIGTERM)
+            if server.wait(until: .after(seconds: 3)) == nil { server.kill() }
+        }
+        let end = Deadline.after(seconds: 10)
+        while !FileManager.default.fileExists(atPath: socket) && !end.hasPassed { usleep(10_000) }
+        usleep(50_000)
+        let ok = try runRingfence(["xen-blk", "--socket", socket, "--root-hash", root, "verify", "--count", "88"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(ok.stdout.contains("verify OK (verity): 45056 bytes"))
+        try flipByte(s.image, at: 3 * 4096 + 1)
+        let lie = try runRingfence(["xen-blk", "--socket", socket, "--root-hash", root, "read", "--sector", "24"])
+        #expect(lie.status == 1)
+        #expect(lie.stderr.contains("verity: data block 3 at level 0 does not match its hash"), "\(lie.stderr)")
+    }
 }
