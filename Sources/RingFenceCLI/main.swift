@@ -20,6 +20,7 @@ struct RingFence: ParsableCommand {
             XenNet.self,
             AuditCommand.self,
             AuditOneCommand.self,
+            SealCommand.self,
         ])
 }
 
