@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
+        .library(name: "VirtioFS", targets: ["VirtioFS"]),
         .library(name: "RingTestSupport", targets: ["RingTestSupport"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "Adversary", targets: ["Adversary"]),
@@ -67,6 +68,13 @@ let package = Package(
         .target(
             name: "VirtioBlock",
             dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
+            swiftSettings: strict
+        ),
+        // virtio-fs: FUSE wire format, the driver (Driver/) and the device over a host
+        // directory (Device/).
+        .target(
+            name: "VirtioFS",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
             swiftSettings: strict
         ),
         // Test support: in-process ring pairs, a misbehaving vhost-user-blk back-end, test
@@ -167,8 +175,13 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "VirtioFSDriverTests",
+            dependencies: ["VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "InteropTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["VirtioBlock", "VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
     ]
