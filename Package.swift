@@ -102,6 +102,7 @@ let package = Package(
                 "RingTestSupport",
                 "VhostUser",
                 "VirtioBlock",
+                "VirtioFS",
                 "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

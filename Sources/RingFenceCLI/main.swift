@@ -12,6 +12,7 @@ struct RingFence: ParsableCommand {
             DemoCommand.self,
             Blk.self,
             ServeBlkCommand.self,
+            Fs.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,

@@ -11,12 +11,29 @@ final class Virtiofsd: @unchecked Sendable {
     let socket: String
     var process: Process?
 
+    /// Whether `deinit` removes the directory (not for a daemon sharing another's).
+    let owner: Bool
+
     init() throws {
         let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory()
         directory = "\(base)/ringfence-vfsd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         shared = "\(directory)/shared"
         socket = "\(directory)/vfs.sock"
+        owner = true
         try FileManager.default.createDirectory(atPath: shared, withIntermediateDirectories: true)
+        try start()
+    }
+
+    /// A second daemon on `other`'s directory (the first one exited with its front-end).
+    init(sharing other: Virtiofsd) throws {
+        directory = other.directory
+        shared = other.shared
+        socket = "\(other.directory)/vfs-\(UInt32.random(in: 0...UInt32.max)).sock"
+        owner = false
+        try start()
+    }
+
+    func start() throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Self.path)
         p.arguments = ["--socket-path=\(socket)", "-o", "source=\(shared)", "-o", "cache=none"]
@@ -40,6 +57,10 @@ final class Virtiofsd: @unchecked Sendable {
 
     deinit {
         stop()
-        try? FileManager.default.removeItem(atPath: directory)
+        if owner {
+            try? FileManager.default.removeItem(atPath: directory)
+        } else {
+            try? FileManager.default.removeItem(atPath: socket)
+        }
     }
 }

@@ -127,8 +127,10 @@ extension VirtioFSDriver {
     /// Removes a file, symlink or empty directory.
     public func remove(_ path: String) throws(FSError) {
         try withParent(path) { (parent, name) throws(FSError) in
+            // Held across the removal: virtiofsd (like the kernel) removes only what was
+            // looked up.
             let e = try lookup(parent: parent, name: name)
-            try forget(e.nodeID)
+            defer { try? forget(e.nodeID) }
             if e.attributes.type == .directory {
                 try removeDirectory(parent: parent, name: name)
             } else {
@@ -139,6 +141,8 @@ extension VirtioFSDriver {
 
     public func rename(_ from: String, to: String, flags: UInt32 = 0) throws(FSError) {
         try withParent(from) { (oldParent, oldName) throws(FSError) in
+            let source = try lookup(parent: oldParent, name: oldName)
+            defer { try? forget(source.nodeID) }
             try withParent(to) { (newParent, newName) throws(FSError) in
                 try rename(parent: oldParent, name: oldName, newParent: newParent, newName: newName, flags: flags)
             }
