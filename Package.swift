@@ -181,6 +181,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "VirtioFSDeviceTests",
+            dependencies: ["VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "InteropTests",
             dependencies: ["VirtioBlock", "VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict

@@ -13,6 +13,7 @@ struct RingFence: ParsableCommand {
             Blk.self,
             ServeBlkCommand.self,
             Fs.self,
+            ServeFsCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
