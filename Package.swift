@@ -87,7 +87,7 @@ let package = Package(
         .target(
             name: "Adversary",
             dependencies: [
-                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing",
+                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "VirtioFS",
             ],
             swiftSettings: strict
         ),
@@ -172,7 +172,9 @@ let package = Package(
         ),
         .testTarget(
             name: "AdversaryTests",
-            dependencies: ["Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: [
+                "Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "VirtioFS",
+            ],
             swiftSettings: strict
         ),
         .testTarget(
