@@ -1,3 +1,4 @@
+import Adversary
 import ArgumentParser
 import Logging
 import SharedMemory
@@ -40,6 +41,15 @@ struct ServeFsCommand: ParsableCommand {
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
+
+    @Option(help: "Misbehave: one attack of the fs catalogue (`ringfence audit --device fs --list`).")
+    var attack: String?
+
+    func validate() throws {
+        if let attack, FSCatalogue.attack(named: attack) == nil {
+            throw ValidationError("unknown fs attack '\(attack)'; `ringfence audit --device fs --list` shows them")
+        }
+    }
 
     func run() throws {
         var logger = Logger(label: "ringfence.serve-fs")
@@ -85,7 +95,11 @@ struct ServeFsCommand: ParsableCommand {
             logger.error("\(error)")
             throw ExitCode(1)
         }
-        let backend = Backend(device: device, onEvent: onEvent)
+        // With --attack: the same device, misbehaving through the hooks.
+        let served: any VhostUserDevice =
+            attack.flatMap(FSCatalogue.attack(named:)).map { FSAdversaryDevice(inner: device, attack: $0) } ?? device
+        if let attack { logger.notice("attack \(attack)") }
+        let backend = Backend(device: served, onEvent: onEvent)
         logger.info("serving \(dir) as tag \(tag)\(readonly ? " (read-only)" : ""), \(queues) request queue(s)")
         try startSignalWaiter(signals) { received in
             log.notice("signal \(received): shutting down")

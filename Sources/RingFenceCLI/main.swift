@@ -20,6 +20,7 @@ struct RingFence: ParsableCommand {
             XenBlkCommand.self,
             AuditCommand.self,
             AuditOneCommand.self,
+            AuditOneFSCommand.self,
         ])
 }
 
