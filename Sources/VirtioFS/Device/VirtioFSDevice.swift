@@ -31,6 +31,7 @@ public struct VirtioFSDeviceOptions: Sendable {
         if requestQueues < 1 || requestQueues > 63 { return "request queues \(requestQueues) is not in 1...63" }
         if maximumInodes < 16 { return "at least 16 inodes" }
         if maximumHandles < 1 { return "at least 1 handle" }
+        if maximumTransfer < 4096 || maximumTransfer > 1 << 20 { return "transfer limit must be 4 KiB...1 MiB" }
         return nil
     }
 }
