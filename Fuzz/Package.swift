@@ -55,6 +55,9 @@ let package = Package(
             name: "RingTestSupport",
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: settings),
+        .target(
+            name: "VirtioFS", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            swiftSettings: settings),
         .target(name: "FuzzSupport", swiftSettings: settings),
         .target(name: "FuzzXenSupport", dependencies: ["SharedMemory", "XenRing"], swiftSettings: settings),
         fuzzTarget("FuzzUsedRing", ["RingTestSupport", "Virtqueue"]),
@@ -69,5 +72,6 @@ let package = Package(
         fuzzTarget("FuzzXenRequests", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
         fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
+        fuzzTarget("FuzzFuseReplies", ["VirtioFS"]),
     ]
 )

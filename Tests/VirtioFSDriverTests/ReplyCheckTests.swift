@@ -35,6 +35,13 @@ struct ReplyCheckTests {
         }
     }
 
+    /// Found by FuzzFuseReplies: a copy shorter than the used length trapped.
+    @Test func copyShorterThanTheUsedLengthIsRefusedWithoutTrapping() {
+        #expect(throws: FSViolation.replyTooShort(usedLength: 16)) {
+            try FSReply.checkHeader(header(len: 120, error: 0, unique: 7), usedLength: 120, unique: 7)
+        }
+    }
+
     @Test func uniqueOfAnotherRequestIsAViolation() {
         #expect(throws: FSViolation.uniqueMismatch(expected: 7, got: 9)) {
             try FSReply.checkHeader(header(len: 16, error: 0, unique: 9), usedLength: 16, unique: 7)

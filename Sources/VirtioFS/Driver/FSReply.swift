@@ -59,6 +59,9 @@ public enum FSReply {
     public static func checkHeader(_ reply: [UInt8], usedLength: UInt32, unique: UInt64) throws(FSViolation) -> (
         error: Int32, body: ArraySlice<UInt8>
     ) {
+        // The caller's copy holds the used length (found by FuzzFuseReplies: a shorter
+        // copy trapped when the body was cut out).
+        guard Int(usedLength) <= reply.count else { throw .replyTooShort(usedLength: UInt32(clamping: reply.count)) }
         var r = FuseReader(reply)
         guard usedLength >= UInt32(FuseProtocol.outHeaderSize), let header = FuseOutHeader.decode(&r) else {
             throw .replyTooShort(usedLength: usedLength)
