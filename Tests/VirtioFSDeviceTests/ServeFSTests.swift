@@ -1,4 +1,6 @@
+import Dispatch
 import Foundation
+import Synchronization
 import Testing
 import VirtioFS
 
@@ -101,5 +103,38 @@ struct ServeFSTests {
         defer { fs.close() }
         try fs.writeFile("again", bytes: [1, 2, 3])
         #expect(try fs.readFile("again") == [1, 2, 3])
+    }
+}
+
+/// The driver's calls are thread-safe: threads share it, requests spread over the queues.
+@Suite(.serialized)
+struct ConcurrentDriverTests {
+    @Test func threadsShareTheDriverAcrossTwoRequestQueues() throws {
+        let h = try FSDeviceHarness(queues: 2)
+        defer { h.shutdown() }
+        let fs = try h.connect(queues: 2)
+        defer { fs.close() }
+        #expect(fs.info.requestQueues == 2)
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            let data = pattern(300_000 + t, seed: UInt64(t + 1))
+            do throws(FSError) {
+                for round in 0..<5 {
+                    try fs.writeFile("t\(t)-\(round)", bytes: data)
+                    guard try fs.readFile("t\(t)-\(round)") == data else {
+                        failures.withLock { $0.append("thread \(t) round \(round): data differs") }
+                        return
+                    }
+                    _ = try fs.listDirectory("/")
+                }
+            } catch {
+                failures.withLock { $0.append("thread \(t): \(error)") }
+            }
+        }
+        #expect(failures.withLock { $0 } == [])
+        #expect(!fs.isBroken)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: h.root).count == 20)
+        try fs.flushForgets()
+        #expect(h.device.held.inodes == 1)
     }
 }
