@@ -73,5 +73,6 @@ let package = Package(
         fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzFuseReplies", ["VirtioFS"]),
+        fuzzTarget("FuzzFSRequests", ["RingTestSupport", "SharedMemory", "VhostUser", "VirtioFS", "Virtqueue"]),
     ]
 )
