@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
+        .library(name: "VirtioFS", targets: ["VirtioFS"]),
         .library(name: "RingTestSupport", targets: ["RingTestSupport"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "Adversary", targets: ["Adversary"]),
@@ -71,6 +72,13 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
             swiftSettings: strict
         ),
+        // virtio-fs: FUSE wire format, the driver (Driver/) and the device over a host
+        // directory (Device/).
+        .target(
+            name: "VirtioFS",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            swiftSettings: strict
+        ),
         // Test support: in-process ring pairs, a misbehaving vhost-user-blk back-end, test
         // threads, the two-process ring (also the `ringfence ring` demo). Not for production.
         .target(
@@ -82,6 +90,7 @@ let package = Package(
             name: "Adversary",
             dependencies: [
                 "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "VerifiedBlock",
+                "VirtioFS",
             ],
             swiftSettings: strict
         ),
@@ -97,6 +106,7 @@ let package = Package(
                 "VhostUser",
                 "VirtioBlock",
                 "VerifiedBlock",
+                "VirtioFS",
                 "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -181,12 +191,24 @@ let package = Package(
         ),
         .testTarget(
             name: "AdversaryTests",
-            dependencies: ["Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: [
+                "Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "VirtioFS",
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtioFSDriverTests",
+            dependencies: ["VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtioFSDeviceTests",
+            dependencies: ["VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["VirtioBlock", "VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
     ]

@@ -12,6 +12,8 @@ struct RingFence: ParsableCommand {
             DemoCommand.self,
             Blk.self,
             ServeBlkCommand.self,
+            Fs.self,
+            ServeFsCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
@@ -21,6 +23,7 @@ struct RingFence: ParsableCommand {
             AuditCommand.self,
             AuditOneCommand.self,
             SealCommand.self,
+            AuditOneFSCommand.self,
         ])
 }
 
