@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
+        .library(name: "VirtioNet", targets: ["VirtioNet"]),
         .library(name: "RingTestSupport", targets: ["RingTestSupport"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "Adversary", targets: ["Adversary"]),
@@ -69,6 +70,11 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "CRingFence"],
             swiftSettings: strict
         ),
+        .target(
+            name: "VirtioNet",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser"],
+            swiftSettings: strict
+        ),
         // Test support: in-process ring pairs, a misbehaving vhost-user-blk back-end, test
         // threads, the two-process ring (also the `ringfence ring` demo). Not for production.
         .target(
@@ -94,6 +100,7 @@ let package = Package(
                 "RingTestSupport",
                 "VhostUser",
                 "VirtioBlock",
+                "VirtioNet",
                 "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -162,13 +169,23 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "VirtioNetDriverTests",
+            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtioNetDeviceTests",
+            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory", "RingTestSupport"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "AdversaryTests",
             dependencies: ["Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["VirtioBlock", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
     ]
