@@ -144,7 +144,7 @@ struct ServeBlkCommand: ParsableCommand {
 
 /// Waits for one of `signals` (blocked in every thread) on a detached pthread that
 /// inherits the caller's mask, then calls `handler`.
-private func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) throws {
+func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) throws {
     final class Waiter: @unchecked Sendable {
         var signals: sigset_t
         let handler: @Sendable (Int32) -> Void

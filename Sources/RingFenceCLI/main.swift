@@ -12,6 +12,8 @@ struct RingFence: ParsableCommand {
             DemoCommand.self,
             Blk.self,
             ServeBlkCommand.self,
+            Net.self,
+            ServeNetCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
