@@ -100,6 +100,8 @@ public final class NetQueuePair {
             (rxSlices + i).initialize(to: r)
             (txSlices + i).initialize(to: t)
         }
+        // A transmitted frame's used len means nothing (DPDK writes stale values): never read.
+        self.tx.usedLengthIgnored = true
         self.rx.disableInterrupts()
         self.tx.disableInterrupts()
         refill()
