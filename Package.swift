@@ -85,7 +85,7 @@ let package = Package(
         .target(
             name: "Adversary",
             dependencies: [
-                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing",
+                "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "VirtioNet", "XenRing",
             ],
             swiftSettings: strict
         ),
@@ -180,7 +180,9 @@ let package = Package(
         ),
         .testTarget(
             name: "AdversaryTests",
-            dependencies: ["Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: [
+                "Adversary", "BlockImage", "VirtioBlock", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory",
+            ],
             swiftSettings: strict
         ),
         .testTarget(

@@ -107,7 +107,7 @@ public enum NetProtocol {
 
 /// `struct virtio_net_hdr` (12 bytes, little-endian). Decoding only reads bytes; each side
 /// validates (`NetHeaderCheck`) before it acts on a field (R3).
-public struct NetHeader: Sendable, Equatable {
+public struct NetHeader: Sendable, Hashable {
     public var flags: UInt8 = 0
     public var gsoType: UInt8 = 0
     public var headerLength: UInt16 = 0
