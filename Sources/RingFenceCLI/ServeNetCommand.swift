@@ -33,6 +33,9 @@ struct ServeNetCommand: ParsableCommand {
     @Flag(help: "Count and drop every frame.")
     var sink = false
 
+    @Option(help: "With --switch: also switch to and from this Linux TAP interface (created if missing).")
+    var tap: String?
+
     @Option(help: "MAC address of the device (one socket only; default: random, locally administered).")
     var mac: String?
 
@@ -64,6 +67,7 @@ struct ServeNetCommand: ParsableCommand {
         guard [`switch`, loopback, sink].filter({ $0 }).count == 1 else {
             throw ValidationError("exactly one of --switch, --loopback, --sink")
         }
+        if tap != nil && !`switch` { throw ValidationError("--tap needs --switch") }
         if mac != nil && socket.count > 1 { throw ValidationError("--mac needs a single --socket") }
         if let mac, parseMAC(mac) == nil { throw ValidationError("--mac \(mac) is not aa:bb:cc:dd:ee:ff") }
     }
@@ -113,7 +117,16 @@ struct ServeNetCommand: ParsableCommand {
             listeners.append(try UnixListener(path: path))
             logger.info("\(path): port with MAC \(formatMAC(device.mac)), MTU \(mtu), \(queuePairs) queue pair(s)")
         }
-        logger.info("\(mode.rawValue) of \(socket.count) port(s)")
+        var tapPort: NetTap?
+        if let tap {
+            do {
+                tapPort = try NetTap(name: tap, fabric: fabric, mtu: mtu)
+            } catch {
+                throw ValidationError("--tap \(tap): \(error)")
+            }
+            logger.info("TAP \(tap) is a port of the switch")
+        }
+        logger.info("\(mode.rawValue) of \(socket.count) port(s)\(tap == nil ? "" : " and a TAP")")
         let all = backends
         try startSignalWaiter(signals) { received in
             log.notice("signal \(received): shutting down")
@@ -126,6 +139,7 @@ struct ServeNetCommand: ParsableCommand {
         }
         try backends[0].run(listener: listeners[0])
         for t in threads { t.join() }
+        tapPort?.stop()
         let s = fabric.statistics
         logger.info(
             "stopped: \(s.framesIn) frames in (\(s.bytesIn) bytes), \(s.framesDelivered) delivered, \(s.framesDropped) dropped, \(s.framesRejected) rejected"

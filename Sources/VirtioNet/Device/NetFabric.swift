@@ -130,10 +130,10 @@ public final class NetFabric: Sendable {
 
     public var statistics: NetFabricStatistics { stats.withLock { $0 } }
 
-    /// A new port with these inboxes.
-    func register(inboxes: [NetInbox]) -> NetPort {
+    /// A new port with these inboxes (or a TAP).
+    func register(inboxes: [NetInbox], tap: NetTap? = nil) -> NetPort {
         table.withLock { t in
-            let port = NetPort(id: t.nextPort, inboxes: inboxes)
+            let port = NetPort(id: t.nextPort, inboxes: inboxes, tap: tap)
             t.nextPort += 1
             t.ports[port.id] = port
             return port
@@ -159,13 +159,13 @@ public final class NetFabric: Sendable {
         case .sink:
             break
         case .loopback:
-            delivered = port.inbox(pair).put(frames, count: count)
+            delivered = port.deliver(frames, count: count, pair: pair)
         case .switch:
             for i in 0..<count {
                 let (targets, flood) = destinations(of: frames[i], from: port)
                 if flood { flooded += 1 }
                 for t in targets {
-                    delivered += t.inbox(pair).put(frames + i, count: 1)
+                    delivered += t.deliver(frames + i, count: 1, pair: pair)
                 }
             }
         }
@@ -213,11 +213,21 @@ public final class NetFabric: Sendable {
 final class NetPort: Sendable {
     let id: Int
     let inboxes: [NetInbox]
+    /// A TAP port has no inboxes: frames for it are written to the TAP.
+    let tap: NetTap?
 
-    init(id: Int, inboxes: [NetInbox]) {
+    init(id: Int, inboxes: [NetInbox], tap: NetTap? = nil) {
         self.id = id
         self.inboxes = inboxes
+        self.tap = tap
     }
 
-    func inbox(_ pair: Int) -> NetInbox { inboxes[pair % inboxes.count] }
+    func inbox(_ pair: Int) -> NetInbox { inboxes[pair % max(1, inboxes.count)] }
+
+    /// Hands frames to this port's front-end (its inbox) or TAP; returns how many it took.
+    func deliver(_ frames: UnsafePointer<FrameRef>, count: Int, pair: Int) -> Int {
+        if let tap { return tap.write(frames, count: count) }
+        guard !inboxes.isEmpty else { return 0 }
+        return inbox(pair).put(frames, count: count)
+    }
 }
