@@ -33,10 +33,19 @@ enum NetConfigLie: Sendable, Hashable {
     case status(UInt16)
 }
 
+/// The families of the net section.
+public enum NetAttackGroup: String, Sendable, CaseIterable {
+    case receive = "net receive"
+    case control = "net control queue"
+    case config = "net config space"
+    case liveness = "liveness"
+    case toctou = "time of check / time of use"
+}
+
 /// One named misbehaviour of a virtio-net device against a driver.
 public struct NetAttack: Sendable, Hashable, Identifiable, CustomStringConvertible {
     public let name: String
-    public let group: AttackGroup
+    public let group: NetAttackGroup
     public let rule: Rule
     public let hook: HookPoint
     public let summary: String
@@ -62,7 +71,7 @@ public enum NetCatalogue {
         buffers: Int = 1
     ) -> NetAttack {
         NetAttack(
-            name: name, group: .payload, rule: rule, hook: .completion, summary: summary, expectation: must,
+            name: name, group: .receive, rule: rule, hook: .completion, summary: summary, expectation: must,
             expected: Set(expected),
             behaviour: .receive(header: header, frameLength: frameLength, usedLength: usedLength, buffers: buffers))
     }
@@ -131,7 +140,7 @@ public enum NetCatalogue {
             summary: "control commands are never answered", expectation: "give up at the command's deadline",
             expected: [.timeout], behaviour: .controlNever),
         NetAttack(
-            name: "net-control-ack-garbage", group: .payload, rule: .r3, hook: .completion,
+            name: "net-control-ack-garbage", group: .control, rule: .r3, hook: .completion,
             summary: "control commands answered with ack 7", expectation: "accept only OK; anything but ERR is a fault",
             expected: [v("controlAckInvalid")], behaviour: .controlAck(7)),
         NetAttack(
@@ -415,4 +424,43 @@ public enum NetDriverProbe {
 private final class ChannelBox: @unchecked Sendable {
     let channel: UnixChannel
     init(_ channel: UnixChannel) { self.channel = channel }
+}
+
+extension NetCatalogue {
+    /// Runs `attacks` against our net driver (`NetDriverProbe`, in this process: the driver
+    /// never traps on device data) and renders the report as Markdown.
+    public static func auditSelf(_ attacks: [NetAttack], progress: (NetDriverProbe.Result) -> Void = { _ in })
+        -> (markdown: String, contained: Bool)
+    {
+        var rows: [String] = []
+        var contained = true
+        for a in attacks {
+            let r = NetDriverProbe.run(a)
+            progress(r)
+            let ok = a.expected.contains(r.signature)
+            contained = contained && ok
+            let evidence = r.evidence.replacingAll("|", with: "/")
+            rows.append(
+                "| \(a.name) | \(a.rule.rawValue) | \(r.signature) | \(ok ? "yes" : "**no**") | \(Int(r.milliseconds)) ms | \(evidence) |"
+            )
+        }
+        let header = """
+            # virtio-net adversary against the RingFence net driver
+
+            \(attacks.count) attacks (`ringfence audit --device net --list`); every outcome \(contained ? "is" : "is NOT") one the catalogue expects.
+
+            | attack | rule | outcome | as expected | time | evidence |
+            |---|---|---|---|---|---|
+
+            """
+        return (header + rows.joined(separator: "\n") + "\n", contained)
+    }
+}
+
+extension String {
+    fileprivate func replacingAll(_ target: Character, with replacement: String) -> String {
+        var out = ""
+        for c in self { if c == target { out += replacement } else { out.append(c) } }
+        return out
+    }
 }

@@ -26,6 +26,7 @@ struct AuditCommand: ParsableCommand {
             """)
 
     @Option(help: "self, linux-guest or command.") var target: AuditTarget = .self
+    @Option(help: "blk, or net (the virtio-net section; target self only).") var device = "blk"
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("attack-after"), help: "Requests served correctly before each attack starts.")
@@ -39,6 +40,14 @@ struct AuditCommand: ParsableCommand {
     @Argument(parsing: .postTerminator, help: "The command to audit (after --).") var command: [String] = []
 
     func validate() throws {
+        guard device == "blk" || device == "net" else { throw ValidationError("--device blk or net") }
+        if device == "net" {
+            guard target == .self else { throw ValidationError("--device net audits our driver only (--target self)") }
+            if let bad = only.first(where: { NetCatalogue.attack(named: $0) == nil }) {
+                throw ValidationError("unknown net attack '\(bad)'")
+            }
+            return
+        }
         if target == .command && command.isEmpty && !list {
             throw ValidationError("--target command needs a command after --")
         }
@@ -46,6 +55,19 @@ struct AuditCommand: ParsableCommand {
     }
 
     func run() throws {
+        if device == "net" {
+            if list {
+                for a in NetCatalogue.all { print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)") }
+                return
+            }
+            let attacks = only.isEmpty ? NetCatalogue.all : only.compactMap(NetCatalogue.attack(named:))
+            let (markdown, contained) = NetCatalogue.auditSelf(attacks) { r in
+                FileHandle.standardError.write(Data("\(r.attack): \(r.signature)\n".utf8))
+            }
+            print(markdown, terminator: "")
+            if !contained { throw ExitCode(1) }
+            return
+        }
         if list {
             for a in Catalogue.all {
                 print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)")
