@@ -65,6 +65,9 @@ public struct NetAttack: Sendable, Hashable, Identifiable, CustomStringConvertib
 public enum NetCatalogue {
     static func v(_ name: String) -> Signature { .violation(name) }
 
+    /// A used length of "the buffer's writable length + 1", whatever the driver posted.
+    static let beyondPosted = UInt32.max
+
     static func receive(
         _ name: String, _ rule: Rule, _ summary: String, must: String, _ expected: [Signature],
         header: NetHeader = NetHeader(numBuffers: 1), frameLength: Int = 60, usedLength: UInt32? = nil,
@@ -106,8 +109,8 @@ public enum NetCatalogue {
             "net-used-len-below-header", .r3, "a receive buffer's used len is 11 (the header is 12)",
             must: "refuse a used len shorter than the header", [v("usedLengthShorterThanHeader")], usedLength: 11),
         receive(
-            "net-used-len-beyond-posted", .r3, "a receive buffer's used len exceeds the buffer posted",
-            must: "refuse a length above the posted size", [v("usedLengthTooLarge")], usedLength: 2049),
+            "net-used-len-beyond-posted", .r3, "a receive buffer's used len is one more than the buffer posted",
+            must: "refuse a length above the posted size", [v("usedLengthTooLarge")], usedLength: beyondPosted),
         receive(
             "net-gso-garbage", .r3, "gso_type 0x7f on a frame (no GSO negotiated)",
             must: "refuse offloads that were not negotiated", [v("headerInvalid")],
@@ -185,9 +188,14 @@ public final class NetAdversaryDevice: VhostUserDevice, @unchecked Sendable {
     let reads = Atomic<Int>(0)
     let stormStarted = Atomic<Bool>(false)
 
-    public init(inner: VirtioNetDevice, attack: NetAttack) {
+    /// Seconds after the receive queue first runs before a receive attack fires (a real
+    /// driver such as testpmd flushes its queues when forwarding starts).
+    public let delay: Double
+
+    public init(inner: VirtioNetDevice, attack: NetAttack, delay: Double = 0) {
         self.inner = inner
         self.attack = attack
+        self.delay = delay
     }
 
     public var features: UInt64 {
@@ -219,7 +227,7 @@ public final class NetAdversaryDevice: VhostUserDevice, @unchecked Sendable {
         let real = inner.makeQueueHandler(queue: queue, features: features)
         switch attack.behaviour {
         case .receive, .headerFlip:
-            if queue == 0 { return NetAdversaryReceive(attack.behaviour, real: real) }
+            if queue == 0 { return NetAdversaryReceive(attack.behaviour, real: real, delay: delay) }
         case .controlNever, .controlAck, .controlLate:
             if queue == NetProtocol.controlQueue(pairs: inner.options.queuePairs) {
                 return NetAdversaryControl(attack.behaviour)
@@ -256,10 +264,13 @@ final class NetAdversaryReceive: QueueHandler {
     let real: any QueueHandler
     var chain = DescriptorChain()
     var fired = false
+    let delay: Double
+    var firstServe: UInt64 = 0
 
-    init(_ behaviour: NetBehaviour, real: any QueueHandler) {
+    init(_ behaviour: NetBehaviour, real: any QueueHandler, delay: Double = 0) {
         self.behaviour = behaviour
         self.real = real
+        self.delay = delay
     }
 
     func attach(wake: QueueWake) { real.attach(wake: wake) }
@@ -268,6 +279,10 @@ final class NetAdversaryReceive: QueueHandler {
 
     func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         guard !fired else { return try real.serve(queue, memory: memory, budget: budget) }
+        if firstServe == 0 { firstServe = monotonicNanoseconds() }
+        guard monotonicNanoseconds() - firstServe >= UInt64(delay * 1e9) else {
+            return try real.serve(queue, memory: memory, budget: budget)
+        }
         var header = NetHeader(numBuffers: 1)
         var frameLength = 60
         var usedLength: UInt32?
@@ -285,18 +300,23 @@ final class NetAdversaryReceive: QueueHandler {
             bytes.withUnsafeBytes { src in
                 if let s = src.baseAddress { base.copyMemory(from: s, byteCount: n) }
             }
-            queue.complete(head: chain.head, length: usedLength ?? UInt32(n))
-            if case .headerFlip = behaviour { flip(base + 10) }
+            var length = usedLength ?? UInt32(n)
+            if length == NetCatalogue.beyondPosted { length = UInt32(clamping: chain.writableLength + 1) }
+            queue.complete(head: chain.head, length: length)
+            if case .headerFlip = behaviour { flip(base + 10, keeping: memory) }
             done += 1
         }
         fired = done > 0
         return done
     }
 
-    /// num_buffers toggled 1 <-> 0 for 200 ms from a thread of its own.
-    func flip(_ p: UnsafeMutableRawPointer) {
+    /// num_buffers toggled 1 <-> 0 for 200 ms from a thread of its own, which holds the
+    /// memory table so the mapping outlives a disconnect or a table change meanwhile.
+    func flip(_ p: UnsafeMutableRawPointer, keeping memory: GuestMemory) {
         let address = UInt(bitPattern: p)
+        let held = MemoryHold(memory)
         _ = try? spawnThread {
+            withExtendedLifetime(held) {}
             guard let q = UnsafeMutableRawPointer(bitPattern: address) else { return }
             let end = monotonicNanoseconds() + 200_000_000
             var v: UInt16 = 0
@@ -305,6 +325,7 @@ final class NetAdversaryReceive: QueueHandler {
                 v ^= 1
             }
             SharedAccess.store16(q, 1)
+            withExtendedLifetime(held) {}
         }
     }
 }
@@ -390,7 +411,8 @@ public enum NetDriverProbe {
         var options = VirtioNetDriver.Options()
         options.queueSize = 16
         options.queuePairs = 2
-        options.controlTimeout = 0.5
+        options.controlTimeout = 5
+        options.commandTimeout = 0.5
         options.partialChecksum = true
         let net: VirtioNetDriver
         do {
@@ -463,4 +485,10 @@ extension String {
         for c in self { if c == target { out += replacement } else { out.append(c) } }
         return out
     }
+}
+
+/// Keeps a memory table (and so its mappings) alive on another thread.
+private final class MemoryHold: @unchecked Sendable {
+    let memory: GuestMemory
+    init(_ memory: GuestMemory) { self.memory = memory }
 }

@@ -39,11 +39,17 @@ struct AuditCommand: ParsableCommand {
     @Flag(help: "List the catalogue and exit.") var list = false
     @Argument(parsing: .postTerminator, help: "The command to audit (after --).") var command: [String] = []
 
+    /// `--only a,b --only c` as names.
+    var netNames: [String] { only.flatMap { $0.split(separator: ",").map(String.init) } }
+
     func validate() throws {
         guard device == "blk" || device == "net" else { throw ValidationError("--device blk or net") }
         if device == "net" {
-            guard target == .self else { throw ValidationError("--device net audits our driver only (--target self)") }
-            if let bad = only.first(where: { NetCatalogue.attack(named: $0) == nil }) {
+            guard target != .linuxGuest else { throw ValidationError("--device net: targets self and command") }
+            if target == .command && command.isEmpty && !list {
+                throw ValidationError("--target command needs a command after --")
+            }
+            if let bad = netNames.first(where: { NetCatalogue.attack(named: $0) == nil }) {
                 throw ValidationError("unknown net attack '\(bad)'")
             }
             return
@@ -60,7 +66,16 @@ struct AuditCommand: ParsableCommand {
                 for a in NetCatalogue.all { print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)") }
                 return
             }
-            let attacks = only.isEmpty ? NetCatalogue.all : only.compactMap(NetCatalogue.attack(named:))
+            let attacks = netNames.isEmpty ? NetCatalogue.all : netNames.compactMap(NetCatalogue.attack(named:))
+            if target == .command {
+                let rows = NetCommandAudit.run(attacks, command: command, seconds: deadline ?? 5) { r in
+                    FileHandle.standardError.write(Data("\(r.attack.name): \(r.effect)\n".utf8))
+                }
+                print(
+                    NetCommandAudit.markdown(rows, title: "virtio-net adversary against a driver", command: command),
+                    terminator: "")
+                return
+            }
             let (markdown, contained) = NetCatalogue.auditSelf(attacks) { r in
                 FileHandle.standardError.write(Data("\(r.attack): \(r.signature)\n".utf8))
             }

@@ -48,6 +48,7 @@ struct NetConnection: ParsableArguments {
         var options = VirtioNetDriver.Options()
         options.queueSize = queueSize
         options.controlTimeout = timeout
+        options.commandTimeout = timeout
         options.packedRing = !noPacked
         options.mergeableRxBuffers = !noMergeable
         options.controlQueue = !noCtrl

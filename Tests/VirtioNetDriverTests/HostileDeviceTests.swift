@@ -15,7 +15,8 @@ import Virtqueue
         let fixture = try NetFixture(mode: .loopback, options: device) { HostileNetDevice($0, hostility) }
         var options = options
         options.queueSize = 16
-        options.controlTimeout = 0.5
+        options.controlTimeout = 5
+        options.commandTimeout = 0.5
         return (
             fixture,
             { () throws(NetError) in try VirtioNetDriver.connect(socket: fixture.socketPath, options: options) }

@@ -25,8 +25,11 @@ public final class VirtioNetDriver: @unchecked Sendable {
         /// Queue pairs wanted (clamped to what the device offers; more than 1 needs MQ).
         public var queuePairs = 1
         public var queueSize = 256
-        /// Deadline of each control-queue command and of each control-plane operation.
+        /// Deadline of each vhost-user control-plane operation (connect with negotiation
+        /// and ring set-up, close) as a whole.
         public var controlTimeout: Double = 5
+        /// Deadline of each control-queue command (R5: a device that never acks breaks).
+        public var commandTimeout: Double = 1
         /// Use mergeable receive buffers when offered (2 KiB buffers, frames merged).
         public var mergeableRxBuffers = true
         /// Use the control queue when offered (a vhost-user back-end such as DPDK's
@@ -90,8 +93,10 @@ public final class VirtioNetDriver: @unchecked Sendable {
         self.socketPath = path
         self.options = options
         self.frontend = frontend
-        guard options.controlTimeout > 0, options.controlTimeout <= 86400 else {
-            throw .invalidRequest("control timeout must be in (0, 86400] seconds")
+        guard options.controlTimeout > 0, options.controlTimeout <= 86400, options.commandTimeout > 0,
+            options.commandTimeout <= 86400
+        else {
+            throw .invalidRequest("control and command timeouts must be in (0, 86400] seconds")
         }
         guard SplitLayout.isValidQueueSize(options.queueSize), options.queueSize >= 4 else {
             throw .invalidRequest("queue size \(options.queueSize) is not a power of two >= 4")
@@ -146,7 +151,7 @@ public final class VirtioNetDriver: @unchecked Sendable {
             do {
                 control = NetControlQueue(
                     ring: ring.0, pool: ring.1, kick: try Notifier(), call: try Notifier(), supervisor: supervisor,
-                    timeout: options.controlTimeout)
+                    timeout: options.commandTimeout)
             } catch {
                 throw .system(error.description)
             }
