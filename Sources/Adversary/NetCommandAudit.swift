@@ -17,6 +17,9 @@ public enum NetCommandAudit {
         public let safe: Bool
     }
 
+    /// Evidence lines kept per attack (the last ones).
+    nonisolated(unsafe) public static var maximumEvidence = 8
+
     public static func run(
         _ attacks: [NetAttack], command: [String], environment: [String: String] = [:], seconds: Double = 5,
         stopSeconds: Double = 10, delay: Double = 2, progress: (Row) -> Void = { _ in }
@@ -99,19 +102,21 @@ public enum NetCommandAudit {
         }
         try? out.close()
         let log = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
-        var evidence = log.split(separator: "\n").map(String.init).filter { line in
+        var evidence = log.split(whereSeparator: \.isNewline).map(String.init).filter { line in
             let l = line.lowercased()
             return
                 (l.contains("error") || l.contains("drop") || l.contains("invalid") || l.contains("fail")
                 || l.contains("segmentation") || l.contains("abort") || l.contains("rx-packets")
-                || l.contains("rx-error") || l.contains("rx-nombuf") || l.contains("bad") || l.contains("mac"))
+                || l.contains("rx-error") || l.contains("rx-nombuf") || l.contains("bad") || l.contains("mac")
+                || l.contains("rx_stat") || l.contains("guest-log") || l.contains("panic")
+                || l.contains("run-guest: fail"))
                 && !l.contains("promiscuous") && !l.contains("allmulticast")
         }
         var seen = Set<String>()
         evidence = evidence.filter { seen.insert($0.trimmingCharacters(in: .whitespaces)).inserted }
         let fired = events.all.contains { $0.contains("queue 0 started") }
         if !fired { effect += "; its receive queue never started (attack not delivered)" }
-        return Row(attack: attack, effect: effect, evidence: Array(evidence.suffix(6)), safe: safe)
+        return Row(attack: attack, effect: effect, evidence: Array(evidence.suffix(maximumEvidence)), safe: safe)
     }
 
     static func describeExit(_ p: Process, early: Bool) -> String {
