@@ -100,4 +100,59 @@ struct LinuxGuestNetTests {
         #expect(serverLog.contains(" 0 rejected"), "\(serverLog.suffix(1000))")
         #expect(!serverLog.contains("failed"), "no queue failed: \(serverLog.suffix(2000))")
     }
+
+    /// The guest reaches a TAP: serve-net --switch --tap, the TAP moved into a network
+    /// namespace the test creates, the guest pings the namespace kernel's link-local address.
+    @Test(
+        .enabled(
+            if: getuid() == 0 && FileManager.default.fileExists(atPath: "/dev/net/tun")
+                && FileManager.default.isExecutableFile(atPath: NetTapTests.ip),
+            "needs root, /dev/net/tun and ip(8)"))
+    func linuxGuestReachesATapInANamespace() throws {
+        guard let binary = Interop.ringfenceBinary else {
+            Issue.record("ringfence binary not built (swift build first)")
+            return
+        }
+        #expect(try Interop.buildGuestImage(), "guest image builds")
+        let tag = "\(getpid() % 100_000)"
+        let namespace = "rfgn\(tag)"
+        let tap = "rfg\(tag)"
+        let work = "/tmp/rf-interop-nettap-\(tag)"
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        try #require(try Interop.run([NetTapTests.ip, "netns", "add", namespace]).status == 0)
+        defer { _ = try? Interop.run([NetTapTests.ip, "netns", "del", namespace]) }
+        let socket = "\(work)/a.sock"
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: binary)
+        server.arguments = ["serve-net", "--socket", socket, "--switch", "--tap", tap]
+        let log = "\(work)/serve.log"
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        let logHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        server.standardOutput = logHandle
+        server.standardError = logHandle
+        try server.run()
+        defer { if server.isRunning { server.terminate() } }
+        let ready = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        #expect(try Interop.run([NetTapTests.ip, "link", "set", tap, "netns", namespace]).status == 0)
+        #expect(
+            try Interop.run([
+                NetTapTests.ip, "netns", "exec", namespace, NetTapTests.ip, "link", "set", tap, "address",
+                "02:00:00:00:00:aa", "up",
+            ]).status == 0)
+
+        let guest = try Self.boot(
+            name: "g", last: "0c", socket: socket, peer: "fe80::ff:fe00:aa", packed: false, work: work)
+        guest.waitUntilExit()
+        let console = (try? String(contentsOfFile: "\(work)/g.console", encoding: .utf8)) ?? ""
+        #expect(guest.terminationStatus == 0, "guest: \(console.suffix(1500))")
+        #expect(console.contains("5 packets received"), "the namespace's kernel answered every ping")
+        server.terminate()
+        server.waitUntilExit()
+        try? logHandle.close()
+        let serverLog = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        #expect(serverLog.contains("TAP \(tap) is a port of the switch"), "\(serverLog.suffix(1000))")
+        #expect(serverLog.contains(" 0 rejected"), "\(serverLog.suffix(1000))")
+    }
 }
