@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "BlockImage", targets: ["BlockImage"]),
         .library(name: "VirtioBlock", targets: ["VirtioBlock"]),
+        .library(name: "VirtioNet", targets: ["VirtioNet"]),
         .library(name: "VirtioFS", targets: ["VirtioFS"]),
         .library(name: "RingTestSupport", targets: ["RingTestSupport"]),
         .library(name: "XenRing", targets: ["XenRing"]),
@@ -79,6 +80,11 @@ let package = Package(
             dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
             swiftSettings: strict
         ),
+        .target(
+            name: "VirtioNet",
+            dependencies: ["SharedMemory", "Virtqueue", "VhostUser"],
+            swiftSettings: strict
+        ),
         // Test support: in-process ring pairs, a misbehaving vhost-user-blk back-end, test
         // threads, the two-process ring (also the `ringfence ring` demo). Not for production.
         .target(
@@ -90,7 +96,7 @@ let package = Package(
             name: "Adversary",
             dependencies: [
                 "SharedMemory", "Virtqueue", "VhostUser", "BlockImage", "VirtioBlock", "XenRing", "VerifiedBlock",
-                "VirtioFS",
+                "VirtioFS", "VirtioNet",
             ],
             swiftSettings: strict
         ),
@@ -107,6 +113,7 @@ let package = Package(
                 "VirtioBlock",
                 "VerifiedBlock",
                 "VirtioFS",
+                "VirtioNet",
                 "XenRing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -190,9 +197,20 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "VirtioNetDriverTests",
+            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VirtioNetDeviceTests",
+            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory", "RingTestSupport"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "AdversaryTests",
             dependencies: [
                 "Adversary", "BlockImage", "VirtioBlock", "VhostUser", "Virtqueue", "SharedMemory", "VirtioFS",
+                "VirtioNet",
             ],
             swiftSettings: strict
         ),
@@ -208,7 +226,7 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["VirtioBlock", "VirtioFS", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["VirtioBlock", "VirtioFS", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
             swiftSettings: strict
         ),
     ]

@@ -50,6 +50,29 @@ let package = Package(
             path: "Sources/BlkRatio",
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // The deliberately trusting virtio-net transmitter (R8: exists only here).
+        .target(
+            name: "TrustingNet",
+            dependencies: [
+                "TrustingRing",
+                .product(name: "Virtqueue", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+                .product(name: "VhostUser", package: "RingFence"),
+                .product(name: "VirtioNet", package: "RingFence"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // Hardened VirtioNetDriver vs the trusting transmitter, interleaved (issue 15).
+        .executableTarget(
+            name: "net-ratio",
+            dependencies: [
+                "TrustingNet",
+                .product(name: "VirtioNet", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+            ],
+            path: "Sources/NetRatio",
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         // The workloads shared by the benchmarks and ring-ratio.
         .target(
             name: "RingWorkload",

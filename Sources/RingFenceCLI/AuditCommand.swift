@@ -17,6 +17,7 @@ enum AuditTarget: String, ExpressibleByArgument, CaseIterable {
 enum AuditDevice: String, ExpressibleByArgument, CaseIterable {
     case blk
     case fs
+    case net
 }
 
 /// `ringfence audit`: aims the adversary catalogue at a driver and reports what it did.
@@ -32,7 +33,7 @@ struct AuditCommand: ParsableCommand {
             """)
 
     @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
-    @Option(help: "Device class whose catalogue runs: blk or fs (self and linux-guest only).")
+    @Option(help: "Device class whose catalogue runs: blk, fs (self, linux-guest) or net (self, command).")
     var device: AuditDevice = .blk
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
@@ -46,7 +47,22 @@ struct AuditCommand: ParsableCommand {
     @Flag(help: "List the catalogue and exit.") var list = false
     @Argument(parsing: .postTerminator, help: "The command to audit (after --).") var command: [String] = []
 
+    /// `--only a,b --only c` as names.
+    var onlyNames: [String] { only.flatMap { $0.split(separator: ",").map(String.init) } }
+
     func validate() throws {
+        if device == .net {
+            guard target == .self || target == .command else {
+                throw ValidationError("--device net: targets self and command")
+            }
+            if target == .command && command.isEmpty && !list {
+                throw ValidationError("--target command needs a command after --")
+            }
+            if let bad = onlyNames.first(where: { NetCatalogue.attack(named: $0) == nil }) {
+                throw ValidationError("unknown net attack '\(bad)'")
+            }
+            return
+        }
         if target == .command && command.isEmpty && !list {
             throw ValidationError("--target command needs a command after --")
         }
@@ -68,6 +84,7 @@ struct AuditCommand: ParsableCommand {
 
     func run() throws {
         if device == .fs { return try runFS() }
+        if device == .net { return try runNet() }
         if list && target != .xenNet {
             for a in Catalogue.all {
                 print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)")
@@ -106,6 +123,29 @@ extension AuditCommand {
         print("# Xen netif audit\n")
         print(Auditor.xenNetMarkdown(records), terminator: "")
         if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
+    }
+
+    /// The virtio-net section (`NetCatalogue`) against our driver or any driver program.
+    func runNet() throws {
+        if list {
+            for a in NetCatalogue.all { print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)") }
+            return
+        }
+        let attacks = onlyNames.isEmpty ? NetCatalogue.all : onlyNames.compactMap(NetCatalogue.attack(named:))
+        if target == .command {
+            let rows = NetCommandAudit.run(attacks, command: command, seconds: deadline ?? 5) { r in
+                FileHandle.standardError.write(Data("\(r.attack.name): \(r.effect)\n".utf8))
+            }
+            print(
+                NetCommandAudit.markdown(rows, title: "virtio-net adversary against a driver", command: command),
+                terminator: "")
+            return
+        }
+        let (markdown, contained) = NetCatalogue.auditSelf(attacks) { r in
+            FileHandle.standardError.write(Data("\(r.attack): \(r.signature)\n".utf8))
+        }
+        print(markdown, terminator: "")
+        if !contained { throw ExitCode(1) }
     }
 
     /// The fs catalogue (`FSCatalogue`) against our driver or Linux's virtiofs.

@@ -14,6 +14,8 @@ struct RingFence: ParsableCommand {
             ServeBlkCommand.self,
             Fs.self,
             ServeFsCommand.self,
+            Net.self,
+            ServeNetCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,

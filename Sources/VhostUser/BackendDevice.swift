@@ -52,6 +52,13 @@ public protocol QueueHandler: AnyObject {
 
     /// The kick wait timed out (a timer, about once per `Backend.Configuration.idleTick`).
     func idle(_ queue: any DeviceRing, memory: GuestMemory)
+
+    /// Before the thread starts: how to wake it when work arrives from elsewhere.
+    func attach(wake: QueueWake)
+
+    /// The queue is stopping (on its thread): complete any chain still held; returns how
+    /// many were completed (they are published before GET_VRING_BASE answers).
+    func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int
 }
 
 extension VhostUserDevice {
@@ -62,6 +69,21 @@ extension VhostUserDevice {
 extension QueueHandler {
     public func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {}
     public func idle(_ queue: any DeviceRing, memory: GuestMemory) {}
+    public func attach(wake: QueueWake) {}
+    public func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int { 0 }
+}
+
+/// Wakes a queue's thread from elsewhere (its `serve` then runs again): for work that
+/// arrives from another queue, not from the driver's kick (net: frames another port's
+/// transmit queue delivered to this receive queue). Signalling never blocks (our own
+/// eventfd, drained by the worker).
+public final class QueueWake: Sendable {
+    let notifier: Notifier
+
+    /// The worker passes its own wake notifier; a test may pass any eventfd of its own.
+    public init(_ notifier: Notifier) { self.notifier = notifier }
+
+    public func signal() { _ = notifier.signal() }
 }
 
 /// What the back-end reports: for logs (the CLI), tests and audits.

@@ -70,6 +70,7 @@ final class QueueWorker: @unchecked Sendable {
     }
 
     func start() throws(SystemError) {
+        handler.attach(wake: QueueWake(wake))
         thread = try spawnThread { [self] in run() }
     }
 
@@ -124,7 +125,7 @@ final class QueueWorker: @unchecked Sendable {
             let timeout =
                 kick == nil ? timing.pollingIntervalNanoseconds : UInt64(timing.idleTick * 1e9)
             let blockStart = monotonicNanoseconds()
-            let kicked = waitForKick(timeoutNanoseconds: timeout)
+            let (kicked, woken) = waitForKick(timeoutNanoseconds: timeout)
             queue.disableNotifications()
             if kick != nil {
                 let blocked = monotonicNanoseconds() &- blockStart
@@ -140,11 +141,14 @@ final class QueueWorker: @unchecked Sendable {
                 kickBackoff.note(productive: false)
                 kickBackoff.pause()
             }
-            if !kicked && kick != nil && !shouldStop {
+            if !kicked && kick != nil && !shouldStop && !woken {
                 handler.idle(queue, memory: memory)
                 publish()
             }
         }
+        // Chains a handler still holds (net: a frame waiting for more receive buffers)
+        // are completed before GET_VRING_BASE reads the index.
+        if !queue.isBroken && handler.stopping(queue, memory: memory) > 0 { publish() }
     }
 
     private func publish() {
@@ -160,14 +164,18 @@ final class QueueWorker: @unchecked Sendable {
         err?.signal()
     }
 
-    /// Blocks on the kick fd and our wake fd. Returns whether a kick arrived.
-    private func waitForKick(timeoutNanoseconds: UInt64) -> Bool {
-        // The wake fd (ours, for stop) outranks the kick; a drained kick counter says
-        // nothing about how many requests exist (R5): the ring is the truth.
+    /// Blocks on the kick fd and our wake fd. Returns whether a kick arrived, and whether
+    /// the handler's `QueueWake` (work from another queue) ended the wait.
+    private func waitForKick(timeoutNanoseconds: UInt64) -> (kicked: Bool, woken: Bool) {
+        // The wake fd (ours, for stop and `QueueWake`) outranks the kick; a drained kick
+        // counter says nothing about how many requests exist (R5): the ring is the truth.
         let deadline = Deadline.after(nanoseconds: timeoutNanoseconds)
-        if case .notified = EventWaiter.wait(for: kick, orReadable: wake.fileDescriptor, until: deadline) {
-            return true
+        switch EventWaiter.wait(for: kick, orReadable: wake.fileDescriptor, until: deadline) {
+        case .notified: return (true, false)
+        case .other:
+            if !shouldStop { wake.drain() }
+            return (false, true)
+        case .timedOut: return (false, false)
         }
-        return false
     }
 }

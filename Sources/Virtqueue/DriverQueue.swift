@@ -96,6 +96,8 @@ public final class DriverQueue {
         var freeCount = 0
         var inFlightCount = 0
         var indirectThreshold = 1
+        /// Completions report length 0 whatever the device wrote (see `usedLengthIgnored`).
+        var usedLengthIgnored = false
         var health = QueueHealth()
     }
 
@@ -126,6 +128,14 @@ public final class DriverQueue {
     public var indirectThreshold: Int {
         get { state.pointee.indirectThreshold }
         set { state.pointee.indirectThreshold = newValue }
+    }
+
+    /// For a queue whose chains are all device-readable (virtio-net transmit): the used
+    /// length means nothing there, so it is never loaded and every completion reports 0
+    /// (real back-ends such as DPDK's write stale values into it). Kept across `reset()`.
+    public var usedLengthIgnored: Bool {
+        get { state.pointee.usedLengthIgnored }
+        set { state.pointee.usedLengthIgnored = newValue }
     }
 
     /// Takes over a ring whose memory was zeroed (a fresh region or `reset()`).
@@ -165,7 +175,8 @@ public final class DriverQueue {
         }
         inFlight.reset()
         let threshold = state.pointee.indirectThreshold
-        state.pointee = State(freeCount: n, indirectThreshold: threshold)
+        let ignored = state.pointee.usedLengthIgnored
+        state.pointee = State(freeCount: n, indirectThreshold: threshold, usedLengthIgnored: ignored)
     }
 
     // MARK: posting
@@ -284,7 +295,7 @@ public final class DriverQueue {
         }
         let element = memory.used + SplitLayout.usedEntryOffset(Int(lastUsed & mask))
         let untrustedID = SharedAccess.load32(element)
-        let untrustedLength = SharedAccess.load32(element + 4)
+        let untrustedLength = state.pointee.usedLengthIgnored ? 0 : SharedAccess.load32(element + 4)
         let record: InFlightTable.Entry
         do {
             record = try inFlight.check(id: untrustedID, length: untrustedLength, queueSize: queueSize)

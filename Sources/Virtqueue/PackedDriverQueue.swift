@@ -31,6 +31,8 @@ public final class PackedDriverQueue {
         /// Head flags of the first chain added since the last publish, held back.
         var pending = DeferredFlags()
         var indirectThreshold = 1
+        /// Completions report length 0 whatever the device wrote (see `usedLengthIgnored`).
+        var usedLengthIgnored = false
         var health = QueueHealth()
     }
 
@@ -57,6 +59,13 @@ public final class PackedDriverQueue {
         set { state.pointee.indirectThreshold = newValue }
     }
 
+    /// As `DriverQueue.usedLengthIgnored`: every completion reports 0, the length is never
+    /// loaded. Kept across `reset()`.
+    public var usedLengthIgnored: Bool {
+        get { state.pointee.usedLengthIgnored }
+        set { state.pointee.usedLengthIgnored = newValue }
+    }
+
     /// Takes over a ring whose memory was zeroed. `memory.descriptors` is the descriptor
     /// ring, `memory.avail` the driver area, `memory.used` the device area.
     public init(memory: DriverRingMemory, features: RingFeatures) {
@@ -79,7 +88,9 @@ public final class PackedDriverQueue {
         memory.avail.initializeMemory(as: UInt8.self, repeating: 0, count: PackedLayout.eventAreaSize)
         memory.used.initializeMemory(as: UInt8.self, repeating: 0, count: PackedLayout.eventAreaSize)
         buffers.reset()
-        state.pointee = State(freeSlots: size, freeIDs: size, indirectThreshold: state.pointee.indirectThreshold)
+        state.pointee = State(
+            freeSlots: size, freeIDs: size, indirectThreshold: state.pointee.indirectThreshold,
+            usedLengthIgnored: state.pointee.usedLengthIgnored)
     }
 
     /// Slots and ids used as indices are private, or a device value already checked
@@ -193,7 +204,7 @@ public final class PackedDriverQueue {
             throw breakQueue(.packedUsedWrapCounter(slot: slot, flags: untrustedFlags, wrap: position.wrap))
         }
         let untrustedID = SharedAccess.load16(d + PackedLayout.descID)
-        let untrustedLength = SharedAccess.load32(d + PackedLayout.descLen)
+        let untrustedLength = state.pointee.usedLengthIgnored ? 0 : SharedAccess.load32(d + PackedLayout.descLen)
         let record: InFlightTable.Entry
         do {
             record = try buffers.check(id: UInt32(untrustedID), length: untrustedLength, queueSize: queueSize)

@@ -18,6 +18,8 @@ public protocol DriverRing: AnyObject {
     var violation: Violation? { get }
     var isBroken: Bool { get }
     var indirectThreshold: Int { get set }
+    /// Completions report length 0 and the device's value is never loaded (all-readable chains).
+    var usedLengthIgnored: Bool { get set }
     /// Posts one request (visible at the next `publish()`); returns its head / buffer id.
     @discardableResult
     func add(_ segments: UnsafeBufferPointer<Segment>, token: UInt64) throws(SubmitError) -> UInt16

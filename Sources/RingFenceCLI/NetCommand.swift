@@ -1,0 +1,226 @@
+import ArgumentParser
+import Foundation
+import SharedMemory
+import VirtioNet
+
+/// `ringfence net`: a thin shell over `VirtioNet.VirtioNetDriver` and `NetTraffic`.
+/// Exit 0 ok, 1 device or violation error (one line naming the rule), 2 usage.
+struct Net: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "net",
+        abstract: "Talk to a vhost-user-net back-end with the hardened virtio-net driver.",
+        subcommands: [NetInfoCommand.self, NetSend.self, NetReceive.self, NetPing.self, NetBench.self])
+
+    @OptionGroup var connection: NetConnection
+}
+
+/// What every `net` subcommand takes (before the subcommand's name).
+struct NetConnection: ParsableArguments {
+    @Option(help: "Path of the back-end's vhost-user socket.")
+    var socket: String
+
+    @Option(name: .customLong("queue-size"), help: "Ring size (power of two).")
+    var queueSize = 256
+
+    @Option(help: "Deadline in seconds of connecting and of each control command.")
+    var timeout: Double = 5
+
+    @Flag(name: .customLong("no-packed"), help: "Use split virtqueues even if packed ones are offered.")
+    var noPacked = false
+
+    @Flag(name: .customLong("no-mergeable"), help: "Do not use mergeable receive buffers.")
+    var noMergeable = false
+
+    @Flag(name: .customLong("no-ctrl"), help: "Do not use the control queue (DPDK's vhost back-end leaves it to QEMU).")
+    var noCtrl = false
+
+    @Option(help: "Destination MAC of the frames sent.")
+    var dst = "02:00:00:00:00:01"
+
+    func validate() throws {
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+        guard parseMAC(dst) != nil else { throw ValidationError("--dst \(dst) is not aa:bb:cc:dd:ee:ff") }
+    }
+
+    var destination: [UInt8] { parseMAC(dst) ?? [2, 0, 0, 0, 0, 1] }
+
+    func open() throws -> VirtioNetDriver {
+        var options = VirtioNetDriver.Options()
+        options.queueSize = queueSize
+        options.controlTimeout = timeout
+        options.commandTimeout = timeout
+        options.packedRing = !noPacked
+        options.mergeableRxBuffers = !noMergeable
+        options.controlQueue = !noCtrl
+        return try netOrExit { () throws(NetError) in try VirtioNetDriver.connect(socket: socket, options: options) }
+    }
+}
+
+/// Runs a device operation; a `NetError` becomes one line on stderr and exit 1.
+func netOrExit<T>(_ body: () throws(NetError) -> T) throws -> T {
+    do {
+        return try body()
+    } catch {
+        FileHandle.standardError.write(Data("ringfence net: error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+struct NetInfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated config.")
+    @ParentCommand var net: Net
+    var connection: NetConnection { net.connection }
+
+    func run() throws {
+        let net = try connection.open()
+        defer { net.close() }
+        let i = net.info
+        print("mac:         \(formatMAC(i.mac))\(i.macReplaced ? " (random: the device offered none usable)" : "")")
+        print("mtu:         \(i.mtu) (frames up to \(i.maximumFrame) bytes)")
+        print("link:        \(i.linkUp ? "up" : "down")")
+        print("queue pairs: \(i.queuePairs) of \(i.maximumQueuePairs)")
+        print("ring:        \(net.ringFormat.rawValue)")
+        print("rx buffers:  \(i.mergeableRxBuffers ? "mergeable (2048 bytes)" : "one per frame")")
+        print("control:     \(i.hasControlQueue ? "yes" : "no")")
+        print("features:    0x\(String(i.features, radix: 16))")
+    }
+}
+
+struct NetSend: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "send", abstract: "Send test frames.")
+    @ParentCommand var net: Net
+    var connection: NetConnection { net.connection }
+    @Option(help: "Frames to send.") var count = 1
+    @Option(help: "Frame size in bytes (14...MTU+18).") var size = 64
+
+    func run() throws {
+        let net = try connection.open()
+        defer { net.close() }
+        let pair = net.pair(0)
+        let batch = NetFrameBatch(capacity: 1, frameCapacity: max(14, size))
+        for seq in 0..<count {
+            batch.removeAll()
+            batch.append(
+                NetTraffic.frame(dst: connection.destination, src: net.info.mac, size: size, sequence: UInt64(seq)))
+            let deadline = Deadline.after(seconds: connection.timeout)
+            while try netOrExit({ () throws(NetError) in try pair.transmit(batch) }) == 0 {
+                guard pair.waitForTransmitRoom(until: deadline) else {
+                    FileHandle.standardError.write(Data("ringfence net: error: transmit ring stayed full\n".utf8))
+                    throw ExitCode(1)
+                }
+            }
+        }
+        print("sent \(count) frame(s) of \(size) bytes from \(formatMAC(net.info.mac))")
+    }
+}
+
+struct NetReceive: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "receive", abstract: "Receive frames and show them.")
+    @ParentCommand var net: Net
+    var connection: NetConnection { net.connection }
+    @Option(help: "Frames to wait for.") var count = 1
+    @Option(help: "Seconds to wait in all.") var wait: Double = 5
+
+    func run() throws {
+        let net = try connection.open()
+        defer { net.close() }
+        let pair = net.pair(0)
+        let batch = NetFrameBatch(capacity: 32, frameCapacity: net.info.maximumFrame)
+        var got = 0
+        let deadline = Deadline.after(seconds: wait)
+        while got < count && !deadline.hasPassed {
+            batch.removeAll()
+            let n = try netOrExit { () throws(NetError) in try pair.receive(into: batch, limit: count - got) }
+            for i in 0..<n {
+                let f = batch[i]
+                let head = f.prefix(32).map { String(format: "%02x", $0) }.joined()
+                print("\(f.count) bytes \(formatMAC(Array(f[6..<12]))) > \(formatMAC(Array(f[0..<6]))): \(head)")
+            }
+            got += n
+            if n == 0 { _ = pair.waitForReceive(until: deadline) }
+        }
+        if got < count {
+            FileHandle.standardError.write(Data("ringfence net: received \(got) of \(count) frame(s)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct NetPing: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ping",
+        abstract: "Exchange frames with a peer that returns them (serve-net --loopback, testpmd macswap).",
+        discussion: "Every byte of every frame that comes back is verified (the MACs may come back swapped).")
+    @ParentCommand var net: Net
+    var connection: NetConnection { net.connection }
+    @Option(help: "Frames to exchange.") var count = 10
+    @Option(help: "Frame size in bytes.") var size = 64
+    @Option(help: "Seconds to wait for each frame.") var wait: Double = 2
+    @Flag(help: "One line per frame.") var verbose = false
+
+    func run() throws {
+        let net = try connection.open()
+        defer { net.close() }
+        let verbose = self.verbose
+        let r = try netOrExit { () throws(NetError) in
+            try NetTraffic.ping(
+                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size, count: count, timeout: wait
+            ) { seq, us in
+                if verbose { print("\(size) bytes: seq=\(seq) time=\(format(us, 1)) us") }
+            }
+        }
+        print(
+            "\(r.sent) sent, \(r.received) returned intact, \(r.mismatched) wrong; rtt min/avg/max \(format(r.minimumMicroseconds, 1))/\(format(r.averageMicroseconds, 1))/\(format(r.maximumMicroseconds, 1)) us"
+        )
+        if r.received != count || r.mismatched != 0 { throw ExitCode(1) }
+    }
+}
+
+struct NetBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "testpmd-like throughput: Mpps and Gbit/s, each second and in all.")
+    @ParentCommand var net: Net
+    var connection: NetConnection { net.connection }
+    @Flag(help: "Transmit only.") var tx = false
+    @Flag(help: "Receive only.") var rx = false
+    @Flag(help: "Transmit and receive.") var both = false
+    @Option(help: "Frame size in bytes.") var size = 64
+    @Option(help: "Seconds to run.") var duration: Double = 10
+    @Option(help: "Frames per transmit/receive call.") var batch = 32
+    @Flag(help: "One JSON object at the end instead of text.") var json = false
+
+    func validate() throws {
+        guard [tx, rx, both].filter({ $0 }).count <= 1 else { throw ValidationError("one of --tx, --rx, --both") }
+        guard duration > 0, duration <= 3600 else { throw ValidationError("--duration in (0, 3600]") }
+        guard batch >= 1, batch <= 1024 else { throw ValidationError("--batch in 1...1024") }
+    }
+
+    func run() throws {
+        let net = try connection.open()
+        defer { net.close() }
+        let direction: NetTraffic.Direction = rx ? .rx : both ? .both : .tx
+        let json = self.json
+        let r = try netOrExit { () throws(NetError) in
+            try NetTraffic.bench(
+                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size, direction: direction,
+                seconds: duration, batchSize: batch
+            ) { s in
+                if !json { print(line(s, prefix: "  ")) }
+            }
+        }
+        if json {
+            print(
+                "{\"direction\":\"\(direction.rawValue)\",\"size\":\(size),\"seconds\":\(format(r.seconds, 3)),\"ring\":\"\(net.ringFormat.rawValue)\",\"tx_frames\":\(r.txFrames),\"rx_frames\":\(r.rxFrames),\"tx_mpps\":\(format(r.txMpps, 3)),\"rx_mpps\":\(format(r.rxMpps, 3)),\"tx_gbps\":\(format(r.txGbps, 3)),\"rx_gbps\":\(format(r.rxGbps, 3))}"
+            )
+        } else {
+            print(line(r, prefix: "total "))
+        }
+    }
+
+    func line(_ s: NetTraffic.BenchSample, prefix: String) -> String {
+        var parts: [String] = []
+        if s.txFrames > 0 || !rx { parts.append("tx \(format(s.txMpps, 3)) Mpps \(format(s.txGbps, 3)) Gbit/s") }
+        if s.rxFrames > 0 || rx || both { parts.append("rx \(format(s.rxMpps, 3)) Mpps \(format(s.rxGbps, 3)) Gbit/s") }
+        return prefix + "\(format(s.seconds, 2)) s: " + parts.joined(separator: ", ")
+    }
+}
