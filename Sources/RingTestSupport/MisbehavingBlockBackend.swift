@@ -47,6 +47,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     let channel: UnixChannel
     let image: DeviceImage
     let stopped = Atomic<Bool>(false)
+    let holding = Atomic<Bool>(false)
     let state = Mutex<Report>(Report())
     /// The driver's shared memory as last announced (kept mapped for the leak probe).
     let sharedRegions = Mutex<[GuestRegion]>([])
@@ -129,6 +130,12 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     }
 
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    /// While `true`, the device leaves every request on the ring unserved (a device that
+    /// completes late); once `false` again it serves them within its idle tick (1 s).
+    public func holdRequests(_ hold: Bool) { holding.store(hold, ordering: .releasing) }
+
+    var isHolding: Bool { holding.load(ordering: .acquiring) }
 
     /// A copy of every byte the driver shared (the leak probe: whatever the driver keeps
     /// private must never show up here).

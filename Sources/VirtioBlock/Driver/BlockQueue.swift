@@ -488,6 +488,13 @@ public final class BlockQueue {
     /// broken) or `until` (then: nil). Wake-ups without completions are counted and,
     /// when they keep coming, backed off so a storm cannot burn the CPU (R5).
     public func wait(until limit: Deadline = .distantFuture) -> BlockCompletion? {
+        wait(until: limit, orWake: nil)
+    }
+
+    /// `wait(until:)` that also returns nil once `wake` is signalled (an async engine's
+    /// thread: new work arrived). With nil, inlined into `wait(until:)` as it was.
+    @inline(__always)
+    func wait(until limit: Deadline, orWake wake: Notifier?) -> BlockCompletion? {
         var spins = 0
         while true {
             if let c = poll() { return c }
@@ -515,7 +522,9 @@ public final class BlockQueue {
             if spinning { continue }
             if ring.enableInterrupts() { continue }
             let until = Deadline(uptimeNanoseconds: min(earliest, limit.uptimeNanoseconds))
-            switch block(until: until) {
+            switch block(until: until, orWake: wake) {
+            case .woken:
+                return nil
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
@@ -535,10 +544,21 @@ public final class BlockQueue {
         case notified, timedOut
         /// The control socket of connection `generation` is readable.
         case socket(generation: UInt32)
+        /// The async engine's wake eventfd.
+        case woken
     }
 
-    func block(until deadline: Deadline) -> Wake {
+    @inline(__always)
+    func block(until deadline: Deadline, orWake wake: Notifier?) -> Wake {
         let control = supervisor.watch
+        if let wake {
+            switch EventWaiter.wait(for: callNotifier, orReadable: control.descriptor, orWoken: wake, until: deadline) {
+            case .other: return .socket(generation: control.generation)
+            case .woken: return .woken
+            case .notified(let count): return count > 0 ? .notified : .timedOut
+            case .timedOut: return .timedOut
+            }
+        }
         switch EventWaiter.wait(for: callNotifier, orReadable: control.descriptor, until: deadline) {
         case .other: return .socket(generation: control.generation)
         case .notified(let count): return count > 0 ? .notified : .timedOut

@@ -80,7 +80,11 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
     var queues: [BlockQueue] = []
     /// Failure sink, control-socket watch and reconnect state, shared with the queues.
     let supervisor: DriverSupervisor
-    let convenienceLock = Mutex<Int>(0)
+    /// Queue 0's owner: the convenience calls, or the async engine while it has requests
+    /// in flight (a class, so the engine holds it without holding the device).
+    let convenienceLock = Locked<Int>(0)
+    /// The async calls' engine on queue 0, started by the first of them.
+    let asyncEngine = Mutex<AsyncEngineSlot>(.none)
 
     /// Connects, negotiates, validates the config and sets up the queues.
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError)
@@ -343,6 +347,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
             }
             frontend.close()
         }
+        stopAsyncEngine()
     }
 
     // MARK: convenience (queue 0, serialized)
@@ -474,18 +479,4 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }.get()
         return String(decoding: id.prefix(got), as: UTF8.self)
     }
-
-    // MARK: async convenience (blocks the calling thread at most until the deadlines)
-
-    public func read(at offset: UInt64, count: Int) async throws(VirtioError) -> [UInt8] {
-        try readBytes(at: offset, count: count)
-    }
-
-    public func write(at offset: UInt64, bytes: [UInt8]) async throws(VirtioError) {
-        try writeBytes(at: offset, bytes: bytes)
-    }
-
-    public func flush() async throws(VirtioError) { try flushSync() }
-
-    public func identify() async throws(VirtioError) -> String { try identifySync() }
 }
