@@ -47,6 +47,8 @@ package protocol IOTransport: AnyObject, SendableMetatype {
     func exclusively(_ body: () -> Void)
     /// The failure of requests still queued when the engine stops.
     var closedFailure: Failure { get }
+    /// The engine stopped and nothing is in flight: the last call on its thread.
+    func engineStopped()
 }
 
 /// Where an operation's outcome goes.
@@ -247,7 +249,10 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         while true {
             let stopping = absorb()
             if pendingHead == pending.count && inFlight.isEmpty {
-                if stopping { return }
+                if stopping {
+                    transport.engineStopped()
+                    return
+                }
                 if sleepIfIdle() { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
                 continue
             }
@@ -376,4 +381,10 @@ extension IOEngine {
         if let bytes { op.fill(from: bytes) }
         return await perform(op)
     }
+}
+
+/// An async call on a device that was closed first (or while the call waited to be posted).
+public struct DeviceClosedError: Error, Sendable, Equatable, CustomStringConvertible {
+    public init() {}
+    public var description: String { "the device is closed" }
 }

@@ -44,6 +44,15 @@ public final class EventChannel: @unchecked Sendable {
         return false
     }
 
+    /// `wait(until:)` that also returns (false) once `wake` is signalled: an async
+    /// engine's thread, woken for new work.
+    package func wait(until deadline: Deadline, orWoken wake: Notifier) -> Bool {
+        if isMasked { return false }
+        backoff.pause(until: deadline)
+        if case .notified = EventWaiter.wait(for: incoming, orWoken: wake, until: deadline) { return true }
+        return false
+    }
+
     /// Reports whether the last wake-up found work; drives the spurious-event backoff.
     @inline(__always)
     public func noteWake(productive: Bool) {

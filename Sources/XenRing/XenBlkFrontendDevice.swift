@@ -1,7 +1,7 @@
 public import SharedMemory
 
 /// Why a block request failed.
-public enum XenBlkError: Error, Equatable, CustomStringConvertible {
+public enum XenBlkError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The device is disabled for further use (R6); every in-flight request fails so.
     case broken(XenViolation)
     case submit(BlkSubmitError)

@@ -236,4 +236,6 @@ final class BlockQueueTransport: IOTransport {
     func exclusively(_ body: () -> Void) { lock.withLock { _ in body() } }
 
     var closedFailure: VirtioError { .disconnected("the device is closed") }
+
+    func engineStopped() {}
 }
