@@ -12,6 +12,8 @@ public import Virtqueue
 /// transport only through the back-end's hook points, so the attacks run against the same
 /// code path `serve-blk` ships (and the same device can be aimed at any driver).
 public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecked Sendable {
+    // @unchecked Sendable: configuration is immutable; what the queue and control threads
+    // record is in `state` (a Mutex) and atomics.
     public let inner: VirtioBlockDevice
     public let attack: Attack?
     /// Requests served correctly before the attack starts.
@@ -338,6 +340,8 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 /// A raw range of the mapped shared memory, handed to a racing thread. The mapping stays
 /// alive because the box also holds the `GuestMemory` that owns it.
 struct RaceTarget: @unchecked Sendable {
+    // @unchecked Sendable: a range of shared memory the racing thread scribbles on by design
+    // (it is the attack); `memory` keeps the mapping alive.
     let memory: GuestMemory
     let bytes: UnsafeMutableRawBufferPointer
 }

@@ -33,6 +33,10 @@ public enum BlockMisbehaviour: Sendable, Equatable {
 /// `MisbehavingQueueHandler` (speaking unasked). Not a second back-end: every check and
 /// every reply path is the one `serve-blk` ships.
 public final class MisbehavingBlockBackend: @unchecked Sendable {
+    // @unchecked Sendable: the identity (`config`, `features`, `queueNum`,
+    // `protocolFeatures`) is set by the test before `start()` and only read after it; what
+    // the serving thread changes is in `state`, `backend`, `sharedRegions` (mutexes) and
+    // atomics (test support).
     public let misbehaviour: BlockMisbehaviour
     /// Requests served correctly before the data-plane misbehaviour starts.
     public let after: Int

@@ -13,6 +13,9 @@ public import SharedMemory
 ///
 /// Not thread-safe: one owner (the device's control path).
 public final class Frontend: @unchecked Sendable {
+    // @unchecked Sendable: handed between threads, used by one at a time. The blk driver
+    // calls it only under its supervisor's lock or as the reconnect's single owner; its
+    // mutable state (features, deadlines) is never touched by two threads at once.
     /// Protocol features we accept; BACKEND_REQ, PAGEFAULT, HOST_NOTIFIER and the rest
     /// add attack surface we do not need.
     public static let acceptedProtocolFeatures: ProtocolFeatures = [.replyAck, .config, .multiQueue]

@@ -37,6 +37,8 @@ public struct QueueTiming: Sendable {
 /// One running queue: its thread, its ring, its handler. Everything here is touched only
 /// by the queue's thread between `start` and `stop` (the join in `stop` hands it back).
 final class QueueWorker: @unchecked Sendable {
+    // @unchecked Sendable: see above; `start` hands the state to the thread and the join in
+    // `stop` hands it back (both are synchronization points), `stopping` is atomic.
     let index: Int
     let queue: any DeviceRing
     let memory: GuestMemory

@@ -36,6 +36,7 @@ public enum BlkSubmitError: Error, Equatable, Sendable, CustomStringConvertible 
 /// The frontend's view of the shared memory: the ring page, and the grant table with its
 /// frames (frame `ringFrame` holds the ring; the others are bounce pages).
 public struct BlkFrontendMemory: @unchecked Sendable {
+    // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
     public let grants: GrantTableMemory
     public let ringFrame: UInt32
 

@@ -11,6 +11,9 @@ public import SharedMemory
 /// backend alike, so an event storm slows this device down instead of spinning the
 /// process. Once the device is disabled the channel is masked: no more sends, no waits.
 public final class EventChannel: @unchecked Sendable {
+    // @unchecked Sendable: the notifiers are thread-safe; `isMasked` and `backoff` belong to
+    // the device's one driving thread (the frontend's owner, the async engine's I/O thread,
+    // or the backend connection's thread), which is the only one that waits or masks.
     public let incoming: Notifier
     public let outgoing: Notifier
     @exclusivity(unchecked) public private(set) var isMasked = false

@@ -5,6 +5,8 @@ import SharedMemory
 /// granted frames (4 KiB pages) in a second one. The frontend writes entries; the
 /// "hypervisor" half of the backend sets GTF_reading/GTF_writing while it maps a page.
 public struct GrantTableMemory: @unchecked Sendable {
+    // @unchecked Sendable: immutable pointers into mappings both peers share by design;
+    // every access through them is a `SharedAccess` load or store that expects a racing peer.
     public let entries: UnsafeMutableRawPointer
     public let entryCount: Int
     public let frames: UnsafeMutableRawPointer
@@ -118,6 +120,7 @@ public final class GrantIssuer {
 /// entry, pin it with GTF_reading/GTF_writing, hand out the page; the frontend wrote the
 /// entry and may rewrite it at any time, so each field is loaded once (R2).
 public struct GrantMapper: @unchecked Sendable {
+    // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
     public let memory: GrantTableMemory
     public let domain: UInt16
 

@@ -28,6 +28,11 @@ import Synchronization
 /// until the generation changes, then resets, resubmits and announces its own ring
 /// (`BlockQueue.settle`, `announce(queue:)`).
 public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
+    // @unchecked Sendable: the mutable control-plane state (`frontend`, `retiredFrontend`) is
+    // used only under `supervisor.link`'s lock or by the reconnect's single owner; the
+    // convenience calls and the async engine take `convenienceLock` for queue 0;
+    // `asyncEngine` is a Mutex; each other queue belongs to one thread by contract
+    // (`queue(_:)`); everything else is immutable after `init`.
     public struct Options: Sendable {
         /// Queues wanted (clamped to what the device offers).
         public var queues = 1
