@@ -101,7 +101,9 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
         self.offset = offset
         self.delivery = delivery
         buffer = .allocate(byteCount: max(count, 0), alignment: 64)
-        if count > 0 { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+        // A read's bytes are returned only once the device filled all of them; writes are
+        // filled by `fill`; GET_ID may come back short, so its buffer starts zeroed.
+        if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     deinit { buffer.deallocate() }
@@ -190,10 +192,11 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// drain, so synchronous callers of the same queue get their turn.
     let budget: Int
 
-    package init(transport: Transport, budget: Int = 4096) throws(SystemError) {
+    package init(transport: Transport, budget: Int = 4096, spinIterations: Int = 512) throws(SystemError) {
         self.transport = transport
         self.wake = try Notifier()
         self.budget = budget
+        self.spinIterations = spinIterations
         try spawnThread { [self] in run() }.detach()
     }
 
@@ -202,6 +205,11 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// cancellation rule.
     package var held: Int { heldCount.load(ordering: .relaxed) }
     let heldCount = Atomic<Int>(0)
+    /// Operations in the inbox (or a stop request): lets the thread look without the lock.
+    let queued = Atomic<Int>(0)
+    /// Polls of the transport before the thread sleeps (new work or a completion while
+    /// spinning costs no eventfd write and no wake-up).
+    let spinIterations: Int
 
     /// Queues `operation`; false when the engine has stopped.
     package func enqueue(_ operation: Operation) -> Bool {
@@ -209,6 +217,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             if s.stopping { return (false, false) }
             heldCount.add(1, ordering: .relaxed)
             s.operations.append(operation)
+            queued.add(1, ordering: .releasing)
             defer { s.sleeping = false }
             return (true, s.sleeping)
         }
@@ -235,12 +244,16 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// finish (or fail by their deadline), then the thread ends.
     package func stop() {
         inbox.withLock { $0.stopping = true }
+        queued.add(1, ordering: .releasing)
         wake.signal()
     }
 
     // MARK: the engine thread
 
     var pending: [Operation] = []
+    /// The inbox's array between two `absorb`s (swapped, so neither side reallocates).
+    var spare: [Operation] = []
+    var stopSeen = false
     var pendingHead = 0
     var inFlight: [UInt64: (Operation, Int)] = [:]
     var nextTag: UInt64 = 1
@@ -262,17 +275,20 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
 
     /// Moves the inbox into `pending`; true once the engine is stopping.
     func absorb() -> Bool {
-        let (incoming, stopping) = inbox.withLock { s -> ([Operation], Bool) in
+        if queued.load(ordering: .acquiring) == 0 { return stopSeen }
+        let stopping = inbox.withLock { s -> Bool in
             s.sleeping = false
-            let taken = s.operations
-            s.operations.removeAll(keepingCapacity: true)
-            return (taken, s.stopping)
+            swap(&s.operations, &spare)
+            queued.store(0, ordering: .relaxed)
+            return s.stopping
         }
+        stopSeen = stopping
         if pendingHead > 0 && pendingHead == pending.count {
             pending.removeAll(keepingCapacity: true)
             pendingHead = 0
         }
-        pending.append(contentsOf: incoming)
+        pending.append(contentsOf: spare)
+        spare.removeAll(keepingCapacity: true)
         if stopping {
             while pendingHead < pending.count {
                 let op = pending[pendingHead]
@@ -315,6 +331,19 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
                 failHead()
                 continue
             }
+            // Spin first: under load the next completion or request comes within
+            // microseconds, and then nobody pays for an eventfd or a wake-up.
+            var spins = 0
+            while spins < spinIterations && queued.load(ordering: .relaxed) == 0 {
+                if let c = transport.nextCompletion() {
+                    handled += 1
+                    complete(tag: c.tag, failure: c.failure)
+                    progress = true
+                    break
+                }
+                spins += 1
+            }
+            if progress || queued.load(ordering: .relaxed) != 0 { continue }
             if sleepIfIdle() { transport.waitForCompletion(orWake: wake) }
         }
     }

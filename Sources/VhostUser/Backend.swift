@@ -38,7 +38,11 @@ public final class Backend: Sendable {
     /// Control messages refused so far, over all connections (logged rate-limited).
     public var refusals: UInt64 { refusalCount.load(ordering: .relaxed) }
 
+    /// A back-end serving `device`.
+    ///
     /// - Parameters:
+    ///   - device: the device class: features, config space, queue handlers.
+    ///   - configuration: limits and timing of the transport (queue size, threads, deadlines).
     ///   - replyHook: lets an adversary tamper with control replies; nil in production.
     ///   - handler: wraps the framework's handler of each connection to change what the
     ///     back-end does at the protocol level (a misbehaving test peer); nil in production.

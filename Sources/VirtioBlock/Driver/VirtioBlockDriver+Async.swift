@@ -75,7 +75,7 @@ extension VirtioBlockDriver {
                     queue: queues[0], region: region, lock: convenienceLock,
                     pieceBytes: max(info.blockSize, transferChunk / info.blockSize * info.blockSize))
                 do throws(SystemError) {
-                    let engine = try IOEngine(transport: transport)
+                    let engine = try IOEngine(transport: transport, spinIterations: options.spinIterations)
                     slot = .running(engine)
                     return engine
                 } catch {
