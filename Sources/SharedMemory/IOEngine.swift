@@ -78,9 +78,17 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
     // @unchecked: `kind`, `offset`, `buffer`, `delivery` are immutable; the `engine...`
     // fields are touched only by the engine thread; `cancelled` is atomic and `waiter`
     // is under its mutex.
+    /// What the engine hands the awaiting caller: done (the caller copies the bytes out of
+    /// `buffer`, which the engine no longer touches), failed, or cancelled.
+    enum Outcome {
+        case done
+        case failed(Failure)
+        case cancelled
+    }
+
     enum Waiter {
         case notInstalled
-        case waiting(UnsafeContinuation<Result<[UInt8], Failure>?, Never>)
+        case waiting(UnsafeContinuation<Outcome, Never>)
         /// Cancelled before the continuation was installed, or resumed.
         case over
     }
@@ -122,45 +130,52 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
     /// posted stay the engine's until the device completes them.
     package func cancel() {
         cancelled.store(true, ordering: .releasing)
-        let continuation = waiter.withLock { w -> UnsafeContinuation<Result<[UInt8], Failure>?, Never>? in
+        let continuation = waiter.withLock { w -> UnsafeContinuation<Outcome, Never>? in
             defer { w = .over }
             if case .waiting(let c) = w { return c }
             return nil
         }
-        continuation?.resume(returning: nil)
+        continuation?.resume(returning: .cancelled)
     }
 
-    /// Suspends until the outcome (nil: cancelled).
+    /// Suspends until the outcome (nil: cancelled). The bytes of a read are copied here, on
+    /// the caller's thread, not on the engine's.
     func outcome(install: () -> Void) async -> Result<[UInt8], Failure>? {
-        await withUnsafeContinuation { (c: UnsafeContinuation<Result<[UInt8], Failure>?, Never>) in
+        let outcome = await withUnsafeContinuation { (c: UnsafeContinuation<Outcome, Never>) in
             let over = waiter.withLock { w -> Bool in
                 if case .over = w { return true }
                 w = .waiting(c)
                 return false
             }
             if over {
-                c.resume(returning: nil)
+                c.resume(returning: .cancelled)
             } else {
                 install()
             }
+        }
+        switch outcome {
+        case .cancelled: return nil
+        case .failed(let failure): return .failure(failure)
+        case .done: return .success(kind == .read || kind == .identify ? [UInt8](UnsafeRawBufferPointer(buffer)) : [])
         }
     }
 
     /// Engine thread: every piece is done; hands the outcome over (once).
     func deliver() {
-        let result: Result<[UInt8], Failure>
-        if let failure = engineFailure {
-            result = .failure(failure)
-        } else if kind == .read || kind == .identify {
-            result = .success([UInt8](UnsafeRawBufferPointer(buffer)))
-        } else {
-            result = .success([])
-        }
         switch delivery {
         case .stream(let tag, let sink):
+            let result: Result<[UInt8], Failure>
+            if let failure = engineFailure {
+                result = .failure(failure)
+            } else if kind == .read || kind == .identify {
+                result = .success([UInt8](UnsafeRawBufferPointer(buffer)))
+            } else {
+                result = .success([])
+            }
             sink(IOCompletion(tag: tag, result: result))
         case .caller:
-            let continuation = waiter.withLock { w -> UnsafeContinuation<Result<[UInt8], Failure>?, Never>? in
+            let result: Outcome = engineFailure.map { .failed($0) } ?? .done
+            let continuation = waiter.withLock { w -> UnsafeContinuation<Outcome, Never>? in
                 defer { w = .over }
                 if case .waiting(let c) = w { return c }
                 return nil
