@@ -62,7 +62,9 @@ package enum IODelivery<Failure: Error & Sendable>: Sendable {
 /// A completion as a stream delivers it: the caller's tag and the bytes read (empty for
 /// writes and flushes), or the failure.
 public struct IOCompletion<Failure: Error & Sendable>: Sendable {
+    /// The tag the request was posted with.
     public let tag: UInt64
+    /// The bytes read (empty for writes and flushes), or the failure.
     public let result: Result<[UInt8], Failure>
 
     package init(tag: UInt64, result: Result<[UInt8], Failure>) {
@@ -429,6 +431,8 @@ extension IOEngine {
 
 /// An async call on a device that was closed first (or while the call waited to be posted).
 public struct DeviceClosedError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The error.
     public init() {}
+    /// "the device is closed"
     public var description: String { "the device is closed" }
 }

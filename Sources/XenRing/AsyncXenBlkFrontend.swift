@@ -18,6 +18,7 @@ import Synchronization
 /// answers it, or the device is disabled (timeout or violation, R5/R6; pages the backend
 /// still maps stay quarantined, R7): late data never lands in memory another request owns.
 public final class AsyncXenBlkFrontend: Sendable {
+    /// The disk as the backend announced it (validated).
     public let info: XenBlkInfo
     let engine: IOEngine<XenBlkTransport>
 

@@ -9,6 +9,7 @@ public struct XenStoreNode: Equatable, Sendable {
     public static let maximumBytes = 4096
     public static let maximumKeys = 32
 
+    /// A node holding `values`.
     public init(_ values: [String: String] = [:]) { self.values = values }
 
     public subscript(key: String) -> String? {
@@ -133,11 +134,16 @@ extension UnixChannel {
 public struct XenBlkInfo: Equatable, Sendable {
     /// Capacity in 512-byte sectors (blkif's unit, whatever `sector-size` says).
     public var sectors: UInt64
+    /// Logical sector size the backend announced (512...4096); blkif sectors stay 512 bytes.
     public var sectorSize: UInt32
+    /// The backend accepts BLKIF_OP_FLUSH_DISKCACHE.
     public var flushCache: Bool
+    /// The backend accepts BLKIF_OP_DISCARD.
     public var discard: Bool
+    /// Mode "r": the backend refuses writes.
     public var readOnly: Bool
 
+    /// Disk parameters as a backend announces them.
     public init(
         sectors: UInt64, sectorSize: UInt32 = 512, flushCache: Bool = true, discard: Bool = true, readOnly: Bool = false
     ) {

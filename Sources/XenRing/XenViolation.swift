@@ -42,6 +42,7 @@ public enum XenViolation: RuleViolation, Equatable {
     /// and saturated the counter); the watchdog had to free it.
     case notifierBlocked(role: String)
 
+    /// The rule the failed check enforces.
     public var rule: Rule {
         switch self {
         case .xenResponseProducerBeyondInFlight, .xenResponseProducerWentBackwards,
@@ -55,6 +56,7 @@ public enum XenViolation: RuleViolation, Equatable {
         }
     }
 
+    /// The check that failed, without the rule prefix.
     public var detail: String {
         switch self {
         case .xenResponseProducerBeyondInFlight(let c, let p, let n):
