@@ -7,11 +7,16 @@ import SharedMemory
 public struct GrantTableMemory: @unchecked Sendable {
     // @unchecked Sendable: immutable pointers into mappings both peers share by design;
     // every access through them is a `SharedAccess` load or store that expects a racing peer.
+    /// The grant entries (shared: the peer may rewrite them, R2).
     public let entries: UnsafeMutableRawPointer
+    /// Entries in the table.
     public let entryCount: Int
+    /// The granted frames, `frameCount` pages.
     public let frames: UnsafeMutableRawPointer
+    /// Frames available to grant.
     public let frameCount: Int
 
+    /// A table of `entryCount` entries at `entries` over `frameCount` frames at `frames`.
     public init(entries: UnsafeMutableRawPointer, entryCount: Int, frames: UnsafeMutableRawPointer, frameCount: Int) {
         self.entries = entries
         self.entryCount = entryCount
@@ -25,6 +30,7 @@ public struct GrantTableMemory: @unchecked Sendable {
             at: (entries + Int(ref) * GrantLayout.entrySize).assumingMemoryBound(to: UInt16.AtomicRepresentation.self))
     }
 
+    /// The page of `frame` (the caller bounds `frame` by `frameCount`).
     @inline(__always)
     public func page(_ frame: UInt32) -> UnsafeMutableRawPointer {
         frames + Int(frame) * SharedRingLayout.pageSize
@@ -44,11 +50,15 @@ public enum GrantEndResult: Equatable, Sendable {
 /// from the table, R1) and revokes them with an atomic try-end. A ref whose revocation
 /// fails is never reused.
 public final class GrantIssuer {
+    /// The table the grants are written into.
     public let memory: GrantTableMemory
+    /// The domain grants are issued to.
     public let backendDomain: UInt16
     private let free: PrivateStack<UInt32>
+    /// Refs whose grant could not be ended (the peer still maps the page): never reused (R7).
     @exclusivity(unchecked) public private(set) var quarantined: [UInt32] = []
 
+    /// An issuer over `memory`; refs below `GrantLayout.reservedEntries` are never handed out.
     public init(memory: GrantTableMemory, backendDomain: UInt16 = 0) {
         self.memory = memory
         self.backendDomain = backendDomain
@@ -68,6 +78,7 @@ public final class GrantIssuer {
         }
     }
 
+    /// Refs free to grant.
     public var available: Int { free.count }
 
     @inline(__always)
@@ -122,8 +133,10 @@ public final class GrantIssuer {
 public struct GrantMapper: @unchecked Sendable {
     // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
     public let memory: GrantTableMemory
+    /// The backend's domain: only grants to it are honoured.
     public let domain: UInt16
 
+    /// A mapper over `memory` for `domain`.
     public init(memory: GrantTableMemory, domain: UInt16 = 0) {
         self.memory = memory
         self.domain = domain
