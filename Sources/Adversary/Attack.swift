@@ -63,6 +63,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
     /// (a packed-ring attack against a driver that acked the split ring). Never a pass.
     case notApplicable
 
+    /// The signature as the report prints it.
     public var description: String {
         switch self {
         case .violation(let name): return "violation \(name)"
@@ -87,9 +88,13 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
 /// One named misbehaviour: what it does, which rule of docs/design.md it tests, what a
 /// hardened driver must do about it, and where it hooks into the device side.
 public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible {
+    /// The catalogue name (`ringfence audit --only NAME`).
     public let name: String
+    /// What the attack goes after.
     public let group: AttackGroup
+    /// The rule a driver must enforce to contain it.
     public let rule: Rule
+    /// Where in the real device the attack acts.
     public let hook: HookPoint
     /// One line: what the device does.
     public let summary: String
@@ -106,9 +111,13 @@ public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible 
     public let ring: RingFormat
     let behaviour: Behaviour
 
+    /// The name.
     public var id: String { name }
+    /// The name.
     public var description: String { name }
 
+    /// Attacks are identified by name.
     public static func == (a: Attack, b: Attack) -> Bool { a.name == b.name }
+    /// Hashes the name.
     public func hash(into h: inout Hasher) { h.combine(name) }
 }
