@@ -55,12 +55,16 @@ public protocol QueueHandler: AnyObject {
 }
 
 extension VhostUserDevice {
+    /// No chain limit beyond the queue size.
     public var maximumChainLength: Int { 0 }
+    /// Nothing to record.
     public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {}
 }
 
 extension QueueHandler {
+    /// Nothing to do before used.idx is published.
     public func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {}
+    /// Nothing to do on an idle tick.
     public func idle(_ queue: any DeviceRing, memory: GuestMemory) {}
 }
 
@@ -85,6 +89,7 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     /// SET_FEATURES accepted (says which ring format the queues will use).
     case featuresAcked(connection: Int, features: UInt64)
 
+    /// One line naming the event.
     public var description: String {
         switch self {
         case .listening(let p): return "listening on \(p)"

@@ -38,6 +38,7 @@ public enum Request: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case setStatus = 39
     case getStatus = 40
 
+    /// The request's name as the spec spells it.
     public var description: String {
         switch self {
         case .getFeatures: return "GET_FEATURES"
@@ -80,37 +81,59 @@ public enum Request: UInt32, Sendable, CaseIterable, CustomStringConvertible {
 
 /// Header flag bits.
 public enum HeaderFlags {
+    /// The version field of the flags.
     public static let versionMask: UInt32 = 0x3
+    /// The only protocol version.
     public static let version: UInt32 = 0x1
+    /// VHOST_USER_REPLY_MASK: the message is a reply.
     public static let reply: UInt32 = 0x4
+    /// VHOST_USER_NEED_REPLY_MASK: the sender wants a REPLY_ACK.
     public static let needReply: UInt32 = 0x8
 }
 
 /// Virtio and vhost-user feature bits RingFence negotiates.
 public enum FeatureBits {
+    /// VIRTIO_RING_F_INDIRECT_DESC.
     public static let ringIndirectDescriptors: UInt64 = 1 << 28
+    /// VIRTIO_RING_F_EVENT_IDX.
     public static let ringEventIndex: UInt64 = 1 << 29
     /// VHOST_USER_F_PROTOCOL_FEATURES.
     public static let protocolFeatures: UInt64 = 1 << 30
+    /// VIRTIO_F_VERSION_1.
     public static let version1: UInt64 = 1 << 32
+    /// VIRTIO_F_ACCESS_PLATFORM (never acked).
     public static let accessPlatform: UInt64 = 1 << 33
+    /// VIRTIO_F_RING_PACKED.
     public static let ringPacked: UInt64 = 1 << 34
 }
 
 /// VHOST_USER_PROTOCOL_F_* bits.
 public struct ProtocolFeatures: OptionSet, Sendable, Hashable {
+    /// The bits.
     public let rawValue: UInt64
+    /// A set from raw bits.
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
+    /// VHOST_USER_PROTOCOL_F_MQ.
     public static let multiQueue = ProtocolFeatures(rawValue: 1 << 0)
+    /// VHOST_USER_PROTOCOL_F_LOG_SHMFD (never acked).
     public static let logSharedMemory = ProtocolFeatures(rawValue: 1 << 1)
+    /// VHOST_USER_PROTOCOL_F_REPLY_ACK.
     public static let replyAck = ProtocolFeatures(rawValue: 1 << 3)
+    /// VHOST_USER_PROTOCOL_F_BACKEND_REQ (never acked).
     public static let backendRequest = ProtocolFeatures(rawValue: 1 << 5)
+    /// VHOST_USER_PROTOCOL_F_PAGEFAULT (never acked).
     public static let pageFault = ProtocolFeatures(rawValue: 1 << 8)
+    /// VHOST_USER_PROTOCOL_F_CONFIG.
     public static let config = ProtocolFeatures(rawValue: 1 << 9)
+    /// VHOST_USER_PROTOCOL_F_HOST_NOTIFIER (never acked).
     public static let hostNotifier = ProtocolFeatures(rawValue: 1 << 11)
+    /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (never acked).
     public static let inflightSharedMemory = ProtocolFeatures(rawValue: 1 << 12)
+    /// VHOST_USER_PROTOCOL_F_RESET_DEVICE.
     public static let resetDevice = ProtocolFeatures(rawValue: 1 << 13)
+    /// VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS.
     public static let configureMemSlots = ProtocolFeatures(rawValue: 1 << 15)
+    /// VHOST_USER_PROTOCOL_F_STATUS (never acked).
     public static let status = ProtocolFeatures(rawValue: 1 << 16)
 }

@@ -31,6 +31,7 @@ public struct QueueTiming: Sendable {
     /// Poll interval for a ring whose front-end sent no kick fd (polling mode).
     public var pollingIntervalNanoseconds: UInt64 = 200_000
 
+    /// The defaults.
     public init() {}
 }
 
