@@ -36,6 +36,7 @@ public protocol DriverRing: AnyObject {
 }
 
 extension DriverRing {
+    /// Posts `segments` as one chain carrying `token`; returns the head id.
     @discardableResult
     public func add(_ segments: [Segment], token: UInt64) throws(SubmitError) -> UInt16 {
         try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
@@ -43,10 +44,12 @@ extension DriverRing {
 }
 
 extension DriverQueue: DriverRing {
+    /// Split.
     public var format: RingFormat { .split }
 }
 
 extension PackedDriverQueue: DriverRing {
+    /// Packed.
     public var format: RingFormat { .packed }
 }
 
@@ -72,11 +75,14 @@ public protocol DeviceRing: AnyObject {
 }
 
 extension DeviceQueue: DeviceRing {
+    /// Split.
     public var format: RingFormat { .split }
+    /// The next available index (GET_VRING_BASE).
     public var vringBase: UInt32 { UInt32(lastAvail) }
 }
 
 extension PackedDeviceQueue: DeviceRing {
+    /// Packed.
     public var format: RingFormat { .packed }
 }
 
