@@ -76,8 +76,9 @@ public struct AuditRecord: Sendable, Codable, Equatable {
 public struct AuditReport: Sendable, Codable, Equatable {
     /// What was audited.
     public var target: String
-    /// One row per attack, in catalogue order.
+    /// One row per attack, in the order they ran.
     public var records: [AuditRecord]
+    /// Wall time of the whole audit, in seconds.
     public var seconds: Double
 
     /// A report of `records` against `target`.

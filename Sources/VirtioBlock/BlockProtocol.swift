@@ -50,6 +50,7 @@ public enum BlockProtocol {
         public static let configWCE: UInt64 = 1 << 11
         /// VIRTIO_BLK_F_MQ: `num_queues` request queues.
         public static let multiQueue: UInt64 = 1 << 12
+        /// VIRTIO_BLK_F_DISCARD: VIRTIO_BLK_T_DISCARD is supported.
         public static let discard: UInt64 = 1 << 13
         /// VIRTIO_BLK_F_WRITE_ZEROES: VIRTIO_BLK_T_WRITE_ZEROES is supported.
         public static let writeZeroes: UInt64 = 1 << 14

@@ -132,6 +132,7 @@ public final class GrantIssuer {
 /// entry and may rewrite it at any time, so each field is loaded once (R2).
 public struct GrantMapper: @unchecked Sendable {
     // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
+    /// The frontend's table as mapped by the backend.
     public let memory: GrantTableMemory
     /// The backend's domain: only grants to it are honoured.
     public let domain: UInt16

@@ -52,6 +52,8 @@ public final class VirtioBlockDevice: VhostUserDevice {
     public let options: VirtioBlockDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
 
+    /// A device serving `image` with `options` (check them first with
+    /// `VirtioBlockDeviceOptions.validate()`).
     public init(
         image: DeviceImage, options: VirtioBlockDeviceOptions,
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
