@@ -3,14 +3,23 @@ public import Virtqueue
 
 /// The families of misbehaviour the catalogue covers (issue 5's list, one per row).
 public enum AttackGroup: String, Sendable, CaseIterable, Codable {
+    /// Used-ring corruption.
     case usedRing = "used ring"
+    /// Values rewritten between check and use.
     case toctou = "time of check / time of use"
+    /// Shared memory overwritten outside the rings.
     case vandalism = "shared-memory vandalism"
+    /// Bad virtio-blk payloads.
     case payload = "blk payload"
+    /// Bad config space.
     case config = "config space"
+    /// vhost-user control-plane attacks.
     case controlPlane = "control plane"
+    /// Silence, storms and slowness.
     case liveness = "liveness"
+    /// Attacks on the driver's shared memory.
     case memory = "memory"
+    /// Searches shared memory for the driver's private data.
     case leak = "leak probe"
     /// Packed-ring misbehaviour (issue 7): only with VIRTIO_F_RING_PACKED negotiated.
     case packedRing = "packed ring"

@@ -8,13 +8,17 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     case unaffected
     /// Requests succeeded with wrong bytes (allowed by the threat model, but noted).
     case acceptedBadData = "silently accepted bad data"
+    /// The target died of a signal.
     case crashed = "crashed with signal"
+    /// The target did not finish before the deadline.
     case hung = "hung past deadline"
+    /// The private canary showed up in shared memory (R7 broken).
     case leakedCanary = "leaked canary"
     /// Our target only: the healthy second device of the same process was disturbed.
     case neighbourDisturbed = "disturbed another device"
     /// Guest targets: the kernel reported an oops or BUG.
     case kernelOops = "kernel oops or BUG"
+    /// Guest targets: the kernel reported a hung task.
     case hungTask = "hung task"
     /// Guest targets: I/O errors surfaced to user space (contained, the device failed).
     case ioError = "I/O error"

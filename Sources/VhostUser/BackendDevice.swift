@@ -70,7 +70,9 @@ extension QueueHandler {
 
 /// What the back-end reports: for logs (the CLI), tests and audits.
 public enum BackendEvent: Sendable, CustomStringConvertible {
+    /// Listening on `path`.
     case listening(path: String)
+    /// A front-end connected.
     case connected(connection: Int)
     /// A message arrived and passed the header checks (for trace logs).
     case message(connection: Int, request: UInt32, size: UInt32, descriptors: Int)
@@ -78,7 +80,9 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     case disconnected(connection: Int, reason: VhostUserError?)
     /// A request was refused (answered with a failure, or the connection dropped).
     case rejected(connection: Int, request: UInt32, reason: String)
+    /// A queue started serving with `size` descriptors.
     case queueStarted(queue: Int, size: Int)
+    /// A queue stopped at available index `index`.
     case queueStopped(queue: Int, index: UInt16)
     /// The driver broke a queue (rule R6: that queue stops, the others keep going).
     case queueFailed(queue: Int, Violation)

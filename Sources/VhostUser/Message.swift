@@ -3,13 +3,17 @@ public import SharedMemory
 /// Everything that can be wrong with a vhost-user message or exchange. The peer's mistakes
 /// are values, never traps (R4).
 public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The socket failed or the peer went away.
     case channel(UnixChannel.Error)
     /// Header version bits are not 1.
     case badVersion(flags: UInt32)
     /// The size field exceeds what any message of that type may carry.
     case sizeTooLarge(request: UInt32, size: UInt32, limit: Int)
+    /// A payload of the wrong size for its request.
     case payloadSize(expected: Int, got: Int)
+    /// A payload shorter than its fields.
     case payloadTooShort(need: Int, have: Int)
+    /// A payload whose values are not acceptable.
     case invalidPayload(String)
     /// A request code we do not implement.
     case unknownRequest(UInt32)
@@ -132,7 +136,9 @@ public enum MessageRules {
 
     /// How many descriptors a request carries.
     public enum Descriptors: Sendable, Equatable {
+        /// No descriptor.
         case none
+        /// Exactly one descriptor.
         case one
         /// One unless the payload's bit 8 (no-descriptor) is set.
         case vringFile

@@ -3,39 +3,73 @@
 /// Only what RingFence speaks is named. Requests outside this set are "unknown": a back-end
 /// answers them per the spec (or drops the connection), a front-end never sends them.
 public enum Request: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// VHOST_USER_GET_FEATURES.
     case getFeatures = 1
+    /// VHOST_USER_SET_FEATURES.
     case setFeatures = 2
+    /// VHOST_USER_SET_OWNER.
     case setOwner = 3
+    /// VHOST_USER_RESET_OWNER.
     case resetOwner = 4
+    /// VHOST_USER_SET_MEM_TABLE.
     case setMemTable = 5
+    /// VHOST_USER_SET_LOG_BASE.
     case setLogBase = 6
+    /// VHOST_USER_SET_LOG_FD.
     case setLogFD = 7
+    /// VHOST_USER_SET_VRING_NUM.
     case setVringNum = 8
+    /// VHOST_USER_SET_VRING_ADDR.
     case setVringAddr = 9
+    /// VHOST_USER_SET_VRING_BASE.
     case setVringBase = 10
+    /// VHOST_USER_GET_VRING_BASE.
     case getVringBase = 11
+    /// VHOST_USER_SET_VRING_KICK.
     case setVringKick = 12
+    /// VHOST_USER_SET_VRING_CALL.
     case setVringCall = 13
+    /// VHOST_USER_SET_VRING_ERR.
     case setVringErr = 14
+    /// VHOST_USER_GET_PROTOCOL_FEATURES.
     case getProtocolFeatures = 15
+    /// VHOST_USER_SET_PROTOCOL_FEATURES.
     case setProtocolFeatures = 16
+    /// VHOST_USER_GET_QUEUE_NUM.
     case getQueueNum = 17
+    /// VHOST_USER_SET_VRING_ENABLE.
     case setVringEnable = 18
+    /// VHOST_USER_SEND_RARP.
     case sendRARP = 19
+    /// VHOST_USER_NET_SET_MTU.
     case netSetMTU = 20
+    /// VHOST_USER_SET_BACKEND_REQ_FD.
     case setBackendReqFD = 21
+    /// VHOST_USER_IOTLB_MSG.
     case iotlbMessage = 22
+    /// VHOST_USER_SET_VRING_ENDIAN.
     case setVringEndian = 23
+    /// VHOST_USER_GET_CONFIG.
     case getConfig = 24
+    /// VHOST_USER_SET_CONFIG.
     case setConfig = 25
+    /// VHOST_USER_GET_INFLIGHT_FD.
     case getInflightFD = 31
+    /// VHOST_USER_SET_INFLIGHT_FD.
     case setInflightFD = 32
+    /// VHOST_USER_RESET_DEVICE.
     case resetDevice = 34
+    /// VHOST_USER_VRING_KICK.
     case vringKick = 35
+    /// VHOST_USER_GET_MAX_MEM_SLOTS.
     case getMaxMemSlots = 36
+    /// VHOST_USER_ADD_MEM_REG.
     case addMemReg = 37
+    /// VHOST_USER_REM_MEM_REG.
     case remMemReg = 38
+    /// VHOST_USER_SET_STATUS.
     case setStatus = 39
+    /// VHOST_USER_GET_STATUS.
     case getStatus = 40
 
     /// The request's name as the spec spells it.

@@ -17,16 +17,23 @@ public enum BlockProtocol {
     public enum RequestType: UInt32, Sendable, CaseIterable {
         case read = 0  // VIRTIO_BLK_T_IN
         case write = 1  // VIRTIO_BLK_T_OUT
+        /// VIRTIO_BLK_T_FLUSH.
         case flush = 4
+        /// VIRTIO_BLK_T_GET_ID.
         case getID = 8
+        /// VIRTIO_BLK_T_DISCARD.
         case discard = 11
+        /// VIRTIO_BLK_T_WRITE_ZEROES.
         case writeZeroes = 13
     }
 
     /// VIRTIO_BLK_S_* status values (anything else is a violation, R3).
     public enum Status: UInt8, Sendable {
+        /// VIRTIO_BLK_S_OK.
         case ok = 0
+        /// VIRTIO_BLK_S_IOERR.
         case ioError = 1
+        /// VIRTIO_BLK_S_UNSUPP.
         case unsupported = 2
     }
 

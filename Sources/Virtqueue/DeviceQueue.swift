@@ -54,8 +54,11 @@ public enum ChainFetch: Equatable, Sendable {
 
 /// Why a ring the driver announced cannot be used at all.
 public enum RingSetupError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The queue size is not a power of two in range.
     case invalidQueueSize(Int)
+    /// A part of the ring is not aligned as the spec requires.
     case misaligned(part: String)
+    /// A part of the ring is outside the mapped memory.
     case unmapped(part: String, TranslationError)
 
     /// One line naming the part that is unusable.

@@ -17,6 +17,7 @@ public enum SubmitError: Error, Equatable, Sendable, CustomStringConvertible {
     case broken(Violation)
     /// Not enough free descriptors now; poll completions and retry.
     case full
+    /// A request without segments.
     case emptyChain
     /// More segments than the queue (or the indirect table) can carry.
     case tooManySegments(Int)

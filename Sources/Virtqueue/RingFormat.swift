@@ -2,7 +2,9 @@ public import SharedMemory
 
 /// Which virtqueue format a queue uses (VIRTIO_F_RING_PACKED negotiated or not).
 public enum RingFormat: String, Sendable, Equatable, CaseIterable {
+    /// The split virtqueue (descriptor table, available and used rings).
     case split
+    /// The packed virtqueue (VIRTIO_F_RING_PACKED).
     case packed
 }
 

@@ -39,6 +39,7 @@ public struct GrantTableMemory: @unchecked Sendable {
 
 /// How ending foreign access went (Linux's `gnttab_try_end_foreign_access`).
 public enum GrantEndResult: Equatable, Sendable {
+    /// The grant ended: the page is ours again.
     case ended
     /// The backend still claims a mapping: the ref and its page are quarantined (R7).
     case stillMapped(flags: UInt16)

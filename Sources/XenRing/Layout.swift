@@ -105,26 +105,40 @@ public enum GrantLayout {
 
 /// blkif operations this module speaks.
 public enum BlkOperation: UInt8, Sendable, CaseIterable {
+    /// BLKIF_OP_READ.
     case read = 0
+    /// BLKIF_OP_WRITE.
     case write = 1
+    /// BLKIF_OP_FLUSH_DISKCACHE.
     case flush = 3
+    /// BLKIF_OP_DISCARD.
     case discard = 5
 }
 
 /// blkif response status: only these three are accepted from a backend (R3).
 public enum BlkStatus: Int16, Sendable {
+    /// BLKIF_RSP_OKAY.
     case okay = 0
+    /// BLKIF_RSP_ERROR.
     case error = -1
+    /// BLKIF_RSP_EOPNOTSUPP.
     case notSupported = -2
 }
 
 /// xenbus states (`io/xenbus.h`).
 public enum XenbusState: UInt8, Sendable {
+    /// XenbusStateUnknown.
     case unknown = 0
+    /// XenbusStateInitialising.
     case initialising = 1
+    /// XenbusStateInitWait.
     case initWait = 2
+    /// XenbusStateInitialised.
     case initialised = 3
+    /// XenbusStateConnected.
     case connected = 4
+    /// XenbusStateClosing.
     case closing = 5
+    /// XenbusStateClosed.
     case closed = 6
 }

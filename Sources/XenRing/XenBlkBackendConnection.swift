@@ -96,8 +96,11 @@ public final class XenBlkBackendConnection {
 
     /// How a connection ended.
     public enum End: Equatable, Sendable {
+        /// The frontend closed the connection.
         case closed
+        /// No request within the idle timeout.
         case idle
+        /// The frontend broke a rule; the connection was dropped (R6).
         case dropped(XenViolation)
     }
 

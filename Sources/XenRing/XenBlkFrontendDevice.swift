@@ -4,6 +4,7 @@ public import SharedMemory
 public enum XenBlkError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The device is disabled for further use (R6); every in-flight request fails so.
     case broken(XenViolation)
+    /// The request could not be posted (refused locally, or no room).
     case submit(BlkSubmitError)
     /// The backend answered ERROR or EOPNOTSUPP.
     case status(BlkStatus)

@@ -83,8 +83,11 @@ public struct XenStoreNode: Equatable, Sendable {
 
 /// Why connecting (or serving a connection) failed.
 public enum XenConnectError: Error, Equatable, CustomStringConvertible {
+    /// The socket failed or the peer went away.
     case channel(UnixChannel.Error)
+    /// The peer broke a rule of the handshake.
     case violation(XenViolation)
+    /// Setting up our side failed (memory, eventfds).
     case setup(String)
 
     /// The node as `key=value` pairs.
