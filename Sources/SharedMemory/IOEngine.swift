@@ -47,6 +47,8 @@ package protocol IOTransport: AnyObject, SendableMetatype {
     func exclusively(_ body: () -> Void)
     /// The failure of requests still queued when the engine stops.
     var closedFailure: Failure { get }
+    /// The failure of a request that found no room with nothing in flight (it never will).
+    var noRoomFailure: Failure { get }
     /// The engine stopped and nothing is in flight: the last call on its thread.
     func engineStopped()
 }
@@ -410,7 +412,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     func failHead() {
         guard pendingHead < pending.count else { return }
         let op = pending[pendingHead]
-        op.engineFailure = op.engineFailure ?? transport.closedFailure
+        op.engineFailure = op.engineFailure ?? transport.noRoomFailure
         op.engineCut = op.total
         pendingHead += 1
         if op.engineOutstanding == 0 { release(op) }

@@ -165,5 +165,8 @@ final class XenBlkTransport: IOTransport {
 
     var closedFailure: XenBlkAsyncFailure { .closed }
 
+    /// Quarantined bounce pages (R7) can leave too few for an 11-page request.
+    var noRoomFailure: XenBlkAsyncFailure { .device(.submit(.noBounceSpace)) }
+
     func engineStopped() { device.disconnect() }
 }

@@ -237,5 +237,7 @@ final class BlockQueueTransport: IOTransport {
 
     var closedFailure: VirtioError { .disconnected("the device is closed") }
 
+    var noRoomFailure: VirtioError { .busy }
+
     func engineStopped() {}
 }
