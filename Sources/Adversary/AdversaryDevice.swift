@@ -12,7 +12,11 @@ public import Virtqueue
 /// transport only through the back-end's hook points, so the attacks run against the same
 /// code path `serve-blk` ships (and the same device can be aimed at any driver).
 public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecked Sendable {
+    // @unchecked Sendable: configuration is immutable; what the queue and control threads
+    // record is in `state` (a Mutex) and atomics.
+    /// The real device every request is served by.
     public let inner: VirtioBlockDevice
+    /// The attack switched on (nil: an honest device).
     public let attack: Attack?
     /// Requests served correctly before the attack starts.
     public let after: Int
@@ -24,17 +28,25 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 
     /// What the adversary saw and did (evidence for the report).
     public struct Observations: Sendable {
+        /// Requests served.
         public var requests = 0
+        /// Requests (or messages) the attack acted on.
         public var attacked = 0
+        /// Config-space reads answered.
         public var configReads = 0
+        /// errno of each attempt to shrink the driver's memfd (a sealed one refuses).
         public var truncateErrno: [Int32] = []
+        /// Size of the driver's memory region as found.
         public var memfdSize: Int64 = -1
+        /// Call notifications sent (storm attacks).
         public var notificationsSent = 0
+        /// Shared-memory dumps taken (`leak-probe`).
         public var dumps = 0
         /// The ring format of the last SET_FEATURES (nil: features never acked).
         public var negotiatedRing: RingFormat?
         /// `packed-toctou-used-descriptor`: used descriptors rewritten after the driver read them.
         public var rewrittenDescriptors = 0
+        /// Free-form evidence lines.
         public var notes: [String] = []
     }
 
@@ -63,6 +75,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     /// Lives as long as the device: its fd is what `reply-with-fd` attaches.
     let strayNotifier = try? Notifier()
 
+    /// A device serving `inner` with `attack` on after `after` good requests (the attack's default when nil).
     public init(
         inner: VirtioBlockDevice, attack: Attack?, after: Int? = nil, dumpPath: String? = nil,
         negotiationPath: String? = nil
@@ -95,6 +108,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 
     var behaviour: Behaviour? { attack?.behaviour }
 
+    /// What it saw and did so far.
     public var observations: Observations { state.withLock { $0.observations } }
 
     /// Set by the server for each connection: how `close-mid-io` hangs up.
@@ -123,10 +137,14 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     public var isApplicable: Bool {
         attack?.ring != .packed || observations.negotiatedRing == .packed
     }
+    /// The real device's protocol features.
     public var protocolFeatures: ProtocolFeatures { inner.protocolFeatures }
+    /// The real device's queue count.
     public var queueCount: Int { inner.queueCount }
+    /// The real device's chain limit.
     public var maximumChainLength: Int { inner.maximumChainLength }
 
+    /// Config space, as the attack rewrites it (config attacks) or as the real device has it.
     public func readConfig(offset: UInt32, size: Int) -> [UInt8]? {
         let reads = state.withLock { s in
             s.observations.configReads += 1
@@ -146,8 +164,10 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         return c.read(offset: offset, size: size)
     }
 
+    /// Passed to the real device.
     public func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool { inner.writeConfig(offset: offset, bytes: bytes) }
 
+    /// The real device's handler for `queue`, wrapped by the attack's hooks.
     public func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler {
         let handler = inner.makeQueueHandler(queue: queue, features: features)
         guard let blk = handler as? BlockRequestHandler else { return handler }
@@ -161,6 +181,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
             device: self, inner: blk, queue: queue, behaviour: applicable ? attack?.behaviour : nil)
     }
 
+    /// Ends the connection's attack threads, then tells the real device.
     public func frontendDisconnected() {
         inner.frontendDisconnected()
         state.withLock { s in
@@ -172,6 +193,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         }
     }
 
+    /// Records what the control plane announced (rings, eventfds, memory) for the attacks that need it.
     public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {
         switch request {
         case .setVringAddr:
@@ -231,6 +253,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 
     // MARK: ControlReplyHook
 
+    /// Lets a control-plane attack rewrite (or drop) a reply.
     public func willSend(_ reply: Message, answering request: Request) -> Message? {
         switch behaviour {
         case .unofferedFeatures? where request == .getFeatures:
@@ -347,6 +370,8 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
 /// A raw range of the mapped shared memory, handed to a racing thread. The mapping stays
 /// alive because the box also holds the `GuestMemory` that owns it.
 struct RaceTarget: @unchecked Sendable {
+    // @unchecked Sendable: a range of shared memory the racing thread scribbles on by design
+    // (it is the attack); `memory` keeps the mapping alive.
     let memory: GuestMemory
     let bytes: UnsafeMutableRawBufferPointer
 }

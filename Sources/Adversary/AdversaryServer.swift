@@ -6,9 +6,12 @@ import VirtioBlock
 /// Serves an `AdversaryDevice` through the real `Backend`, one front-end at a time. Only
 /// the accept loop is its own: each connection gets a closer (for `close-mid-io`).
 public final class AdversaryServer: Sendable {
+    /// The attacked device.
     public let device: AdversaryDevice
+    /// The real back-end serving it.
     public let backend: Backend
 
+    /// A server for `device` (short ticks by default, so timer-driven attacks act quickly).
     public init(
         device: AdversaryDevice, configuration: Backend.Configuration = AdversaryServer.configuration,
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
@@ -43,6 +46,7 @@ public final class AdversaryServer: Sendable {
         Thread.detachNewThread { [self] in run(listener: listener) }
     }
 
+    /// Stops serving; `run(listener:)` returns.
     public func stop() {
         device.release()
         backend.stop()

@@ -3,14 +3,23 @@ public import Virtqueue
 
 /// The families of misbehaviour the catalogue covers (issue 5's list, one per row).
 public enum AttackGroup: String, Sendable, CaseIterable, Codable {
+    /// Used-ring corruption.
     case usedRing = "used ring"
+    /// Values rewritten between check and use.
     case toctou = "time of check / time of use"
+    /// Shared memory overwritten outside the rings.
     case vandalism = "shared-memory vandalism"
+    /// Bad virtio-blk payloads.
     case payload = "blk payload"
+    /// Bad config space.
     case config = "config space"
+    /// vhost-user control-plane attacks.
     case controlPlane = "control plane"
+    /// Silence, storms and slowness.
     case liveness = "liveness"
+    /// Attacks on the driver's shared memory.
     case memory = "memory"
+    /// Searches shared memory for the driver's private data.
     case leak = "leak probe"
     /// Packed-ring misbehaviour (issue 7): only with VIRTIO_F_RING_PACKED negotiated.
     case packedRing = "packed ring"
@@ -63,6 +72,7 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
     /// (a packed-ring attack against a driver that acked the split ring). Never a pass.
     case notApplicable
 
+    /// The signature as the report prints it.
     public var description: String {
         switch self {
         case .violation(let name): return "violation \(name)"
@@ -87,9 +97,13 @@ public enum Signature: Hashable, Sendable, Codable, CustomStringConvertible {
 /// One named misbehaviour: what it does, which rule of docs/design.md it tests, what a
 /// hardened driver must do about it, and where it hooks into the device side.
 public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible {
+    /// The catalogue name (`ringfence audit --only NAME`).
     public let name: String
+    /// What the attack goes after.
     public let group: AttackGroup
+    /// The rule a driver must enforce to contain it.
     public let rule: Rule
+    /// Where in the real device the attack acts.
     public let hook: HookPoint
     /// One line: what the device does.
     public let summary: String
@@ -106,9 +120,13 @@ public struct Attack: Sendable, Hashable, Identifiable, CustomStringConvertible 
     public let ring: RingFormat
     let behaviour: Behaviour
 
+    /// The name.
     public var id: String { name }
+    /// The name.
     public var description: String { name }
 
+    /// Attacks are identified by name.
     public static func == (a: Attack, b: Attack) -> Bool { a.name == b.name }
+    /// Hashes the name.
     public func hash(into h: inout Hasher) { h.combine(name) }
 }

@@ -8,13 +8,17 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     case unaffected
     /// Requests succeeded with wrong bytes (allowed by the threat model, but noted).
     case acceptedBadData = "silently accepted bad data"
+    /// The target died of a signal.
     case crashed = "crashed with signal"
+    /// The target did not finish before the deadline.
     case hung = "hung past deadline"
+    /// The private canary showed up in shared memory (R7 broken).
     case leakedCanary = "leaked canary"
     /// Our target only: the healthy second device of the same process was disturbed.
     case neighbourDisturbed = "disturbed another device"
     /// Guest targets: the kernel reported an oops or BUG.
     case kernelOops = "kernel oops or BUG"
+    /// Guest targets: the kernel reported a hung task.
     case hungTask = "hung task"
     /// Guest targets: I/O errors surfaced to user space (contained, the device failed).
     case ioError = "I/O error"
@@ -39,17 +43,24 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
 
 /// One row of the report.
 public struct AuditRecord: Sendable, Codable, Equatable {
+    /// The attack's name.
     public var attack: String
+    /// The attack's group.
     public var group: String
+    /// The rule the attack tests.
     public var rule: String
+    /// What the target did.
     public var outcome: Outcome
     /// Seconds until the target reported the fault (or the script ended).
     public var seconds: Double
+    /// The line that shows it (error message, kernel log, ...).
     public var evidence: String
     /// For our driver: whether the outcome is the one the catalogue expects.
     public var asExpected: Bool?
+    /// For our driver: the error signature it reported.
     public var signature: String?
 
+    /// A row for `attack`.
     public init(
         attack: Attack, outcome: Outcome, seconds: Double, evidence: String, asExpected: Bool? = nil,
         signature: String? = nil
@@ -67,10 +78,14 @@ public struct AuditRecord: Sendable, Codable, Equatable {
 
 /// The whole report: Markdown for people, JSON for tools.
 public struct AuditReport: Sendable, Codable, Equatable {
+    /// What was audited.
     public var target: String
+    /// One row per attack, in the order they ran.
     public var records: [AuditRecord]
+    /// Wall time of the whole audit, in seconds.
     public var seconds: Double
 
+    /// A report of `records` against `target`.
     public init(target: String, records: [AuditRecord], seconds: Double) {
         self.target = target
         self.records = records
@@ -112,6 +127,7 @@ public struct AuditReport: Sendable, Codable, Equatable {
         return lines.joined(separator: "\n") + "\n"
     }
 
+    /// The report as pretty-printed JSON.
     public func json() throws -> Data {
         let e = JSONEncoder()
         e.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -7,6 +7,7 @@ import Virtqueue
 
 /// Why an audit could not run at all (a target's failure is a report row, not this).
 public struct AuditError: Error, CustomStringConvertible {
+    /// What went wrong.
     public let description: String
     init(_ description: String) { self.description = description }
 }
@@ -21,6 +22,7 @@ public struct Auditor: Sendable {
     /// The `ringfence` executable to spawn (`audit-one`, `serve-blk --attack`).
     public let executable: String
 
+    /// An auditor that spawns `executable` for every attack.
     public init(after: Int? = nil, imageDir: String? = nil, executable: String = currentExecutablePath()) {
         self.after = after
         self.imageDir = imageDir
@@ -46,6 +48,7 @@ public struct Auditor: Sendable {
 
     // MARK: self
 
+    /// Runs `attacks` against RingFence's own driver, each in a fresh child process, `deadline` seconds each.
     public func runSelf(_ attacks: [Attack], deadline: Double) -> AuditReport {
         let start = monotonicNanoseconds()
         var records: [AuditRecord] = []
@@ -95,6 +98,7 @@ public struct Auditor: Sendable {
 
     // MARK: command
 
+    /// Runs `attacks` against `command` (with `{socket}` replaced by the attacked device's socket), `deadline` seconds each.
     public func runCommand(_ attacks: [Attack], command: [String], deadline: Double) -> AuditReport {
         let start = monotonicNanoseconds()
         var records: [AuditRecord] = []
@@ -196,6 +200,7 @@ public struct Auditor: Sendable {
 
     // MARK: linux-guest
 
+    /// Runs `attacks` against Linux's virtio_blk in the test guest under QEMU (`scripts/guest`), `deadline` seconds each.
     public func runLinuxGuest(_ attacks: [Attack], deadline: Double) throws(AuditError) -> AuditReport {
         let repo = repositoryRoot()
         let runGuest = repo + "/scripts/guest/run-guest.sh"

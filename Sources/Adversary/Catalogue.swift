@@ -93,6 +93,7 @@ enum Behaviour: Sendable, Hashable {
 
 /// The catalogue: every misbehaviour RingFence can aim at a driver, as data.
 public enum Catalogue {
+    /// The attack called `name`, if any.
     public static func attack(named name: String) -> Attack? { all.first { $0.name == name } }
 
     /// Names in catalogue order.
@@ -108,8 +109,11 @@ public enum Catalogue {
         return .success(picked)
     }
 
+    /// A name that is not in the catalogue.
     public struct UnknownAttack: Error, CustomStringConvertible {
+        /// The unknown name.
         public let name: String
+        /// One line pointing to `ringfence audit --list`.
         public var description: String { "unknown attack '\(name)' (see `ringfence audit --list`)" }
     }
 
@@ -125,6 +129,7 @@ public enum Catalogue {
 
     static func v(_ name: String) -> Signature { .violation(name) }
 
+    /// Every attack, in report order.
     public static let all: [Attack] = [
         // used ring
         a(

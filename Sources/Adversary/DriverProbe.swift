@@ -10,6 +10,7 @@ import Virtqueue
 
 /// What our driver did against one attack, measured inside the process that ran it.
 public struct ProbeResult: Sendable, Codable, Equatable {
+    /// How our driver failed (or that it did not).
     public var signature: Signature
     /// The error line (or what was checked when nothing failed).
     public var evidence: String
@@ -19,18 +20,24 @@ public struct ProbeResult: Sendable, Codable, Equatable {
     public var canaryFound: Bool
     /// A second device of the same process still read back what it wrote (R6).
     public var neighbourOK: Bool
+    /// Bytes of shared memory searched for the canary.
     public var sharedBytesSearched: Int
 }
 
 /// Runs our `VirtioBlock` driver through a fixed I/O script against an attacked device,
 /// with a healthy second device in the same process and a private canary.
 public enum DriverProbe {
+    /// Timeouts and length of the I/O script.
     public struct Settings: Sendable {
+        /// The driver's per-request deadline, seconds.
         public var requestTimeout = 1.5
+        /// The driver's control-plane deadline, seconds.
         public var controlTimeout = 1.0
+        /// Rounds of the write/read/flush script.
         public var rounds = 4
         /// Whether our driver acks VIRTIO_F_RING_PACKED when offered (it does by default).
         public var packedRing = true
+        /// The defaults the audit uses.
         public init() {}
     }
 
@@ -181,6 +188,7 @@ public enum DriverProbe {
         if let failure = disk.failure { throw failure }
     }
 
+    /// The signature an error maps to (its rule and kind).
     public static func signature(of error: VirtioError) -> Signature {
         switch error {
         case .violation(let v): return .violation(Signature.name(of: v))

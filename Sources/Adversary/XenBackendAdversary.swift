@@ -9,12 +9,15 @@ public import XenRing
 /// `AdversaryDevice` does for virtio-blk. Pass it as `hooks` to
 /// `XenBlkBackendConnection.accept` (or set `BlkBackend.hooks`).
 public final class XenBackendAdversary: XenBackendHooks {
+    /// The misbehaviour switched on.
     public let attack: XenBackendAttack
     /// Flags written over a grant entry by `grant-flags-scribbled`.
     public static let scribbledFlags: UInt16 = 0x00e2
 
+    /// A hook set playing `attack`.
     public init(_ attack: XenBackendAttack) { self.attack = attack }
 
+    /// Handshake attacks rewrite the backend's node.
     public func willAnnounce(_ node: inout XenStoreNode) {
         switch attack {
         case .sectorsZero: node["sectors"] = "0"
@@ -24,6 +27,7 @@ public final class XenBackendAdversary: XenBackendHooks {
         }
     }
 
+    /// Response attacks rewrite a response (or answer it twice, or never).
     public func willRespond(_ response: inout BlkResponseFields) -> Int {
         switch attack {
         case .responseIdOutOfRange: response.id = 1000
@@ -37,8 +41,10 @@ public final class XenBackendAdversary: XenBackendHooks {
         return 1
     }
 
+    /// `grant-still-mapped` keeps the pages mapped after answering.
     public func shouldUnmapGrants(_ backend: BlkBackend, segments: Int) -> Bool { attack != .grantStillMapped }
 
+    /// Grant attacks scribble on the grant entries after a transfer.
     public func didEndTransfer(_ backend: BlkBackend, segments: Int) {
         guard attack == .grantFlagsScribbled else { return }
         let memory = backend.mapper.memory
@@ -50,6 +56,7 @@ public final class XenBackendAdversary: XenBackendHooks {
         }
     }
 
+    /// Producer attacks move `rsp_prod` where it must not go.
     public func willPublish(responseProducer: UInt32, previous: UInt32) -> UInt32 {
         switch attack {
         case .responseProducerJump: return responseProducer &+ 1000

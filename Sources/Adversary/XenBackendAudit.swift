@@ -4,11 +4,14 @@ import XenRing
 /// One frontend attack against a Xen backend, judged: what the backend did, whether it
 /// still served a good request afterwards, and whether that is what §1 of design.md asks.
 public struct XenAuditRecord: Sendable, Equatable, CustomStringConvertible {
+    /// The frontend attack.
     public let attack: XenFrontendAttack
+    /// What the backend did about it.
     public let outcome: XenAuditOutcome
     /// Whether a good request was served on the same connection after the malformed one
     /// (nil for a ring corruption, after which the connection must be gone).
     public let servedAfter: Bool?
+    /// Whether the outcome is what design.md §1 asks of a backend.
     public let isSafe: Bool
 
     /// One line, as `ringfence xen-blk audit` prints it.

@@ -5,11 +5,14 @@ public import XenRing
 /// `XenFrontendHooks`, to audit a backend. The hook fires on the next request only, so
 /// the same device can then check that the backend still serves a good one.
 public final class XenFrontendAdversary: XenFrontendHooks {
+    /// The misbehaviour switched on.
     public let attack: XenFrontendAttack
     var armed = true
 
+    /// A hook set playing `attack`.
     public init(_ attack: XenFrontendAttack) { self.attack = attack }
 
+    /// Rewrites the request before it is published.
     public func willPost(_ request: UnsafeMutableRawPointer, frontend: BlkFrontend) {
         guard armed, attack != .requestProducerJump else { return }
         armed = false
@@ -80,6 +83,7 @@ public enum XenAuditOutcome: Equatable, Sendable, CustomStringConvertible {
     /// Neither answered nor dropped within the deadline.
     case silent
 
+    /// One line: the backend's answer.
     public var description: String {
         switch self {
         case .refused(let s): return "refused (\(s))"

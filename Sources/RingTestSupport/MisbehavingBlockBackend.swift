@@ -33,6 +33,10 @@ public enum BlockMisbehaviour: Sendable, Equatable {
 /// `MisbehavingQueueHandler` (speaking unasked). Not a second back-end: every check and
 /// every reply path is the one `serve-blk` ships.
 public final class MisbehavingBlockBackend: @unchecked Sendable {
+    // @unchecked Sendable: the identity (`config`, `features`, `queueNum`,
+    // `protocolFeatures`) is set by the test before `start()` and only read after it; what
+    // the serving thread changes is in `state`, `backend`, `sharedRegions` (mutexes) and
+    // atomics (test support).
     public let misbehaviour: BlockMisbehaviour
     /// Requests served correctly before the data-plane misbehaviour starts.
     public let after: Int
@@ -47,6 +51,7 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     let channel: UnixChannel
     let image: DeviceImage
     let stopped = Atomic<Bool>(false)
+    let holding = Atomic<Bool>(false)
     let state = Mutex<Report>(Report())
     /// The driver's shared memory as last announced (kept mapped for the leak probe).
     let sharedRegions = Mutex<[GuestRegion]>([])
@@ -129,6 +134,12 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     }
 
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    /// While `true`, the device leaves every request on the ring unserved (a device that
+    /// completes late); once `false` again it serves them within its idle tick (1 s).
+    public func holdRequests(_ hold: Bool) { holding.store(hold, ordering: .releasing) }
+
+    var isHolding: Bool { holding.load(ordering: .acquiring) }
 
     /// A copy of every byte the driver shared (the leak probe: whatever the driver keeps
     /// private must never show up here).

@@ -42,6 +42,7 @@ final class MisbehavingQueueHandler: QueueHandler {
     }
 
     func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        if peer.isHolding { return 0 }
         if peer.misbehaviour == .unsolicitedMessage && peer.report.requestsServed >= peer.after {
             return try speakUnasked(queue, memory: memory, budget: budget)
         }

@@ -6,6 +6,8 @@ import Glibc
 /// queues share the 2-core pool with the test runner, so a peer queued there may not run
 /// until some other test finishes.)
 public final class TestThread: @unchecked Sendable {
+    // @unchecked Sendable: `thread` and `started` are written once in `init`, before the
+    // object is shared; `join` only reads them (test support).
     private var thread = pthread_t()
     private let body: @Sendable () -> Void
     private var started = false

@@ -5,6 +5,8 @@ import Glibc
 /// A child process started with posix_spawn (no fork in a threaded Swift process), with
 /// chosen descriptors placed at fixed numbers from 3 up.
 public final class ChildProcess: @unchecked Sendable {
+    // @unchecked Sendable: `pid` is immutable; `reaped` is written by `wait`/`kill`, which
+    // one owner calls (the auditor's loop, the demo): not for concurrent waits.
     public let pid: Int32
     private var reaped: Int32?
 

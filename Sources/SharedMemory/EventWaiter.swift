@@ -39,3 +39,39 @@ public enum EventWaiter {
         }
     }
 }
+
+extension EventWaiter {
+    /// What `wait(for:orReadable:orWoken:until:)` woke to.
+    package enum WakeOutcome: Equatable, Sendable {
+        case notified(count: UInt64)
+        case other
+        /// The private wake eventfd was signalled (and has been drained).
+        case woken
+        case timedOut
+    }
+
+    /// `wait(for:orReadable:until:)` plus a private wake eventfd (an async engine's: new
+    /// work arrived). The other descriptor outranks the wake, the wake the notifier.
+    package static func wait(
+        for notifier: Notifier, orReadable other: Int32 = -1, orWoken wake: Notifier, until deadline: Deadline
+    ) -> WakeOutcome {
+        var fds = (
+            pollfd(fd: other, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: wake.fileDescriptor, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: notifier.fileDescriptor, events: Int16(POLLIN), revents: 0)
+        )
+        while true {
+            let r = withUnsafeMutableBytes(of: &fds) { raw in
+                poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 3, deadline.pollTimeoutMilliseconds)
+            }
+            if r < 0 && errno == EINTR { continue }
+            if r <= 0 { return .timedOut }
+            if fds.0.revents != 0 { return .other }
+            if fds.1.revents != 0 {
+                wake.drain()
+                return .woken
+            }
+            return .notified(count: notifier.drain())
+        }
+    }
+}

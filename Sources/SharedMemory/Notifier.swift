@@ -17,6 +17,8 @@ import Synchronization
 /// - `wait` polls (poll ignores the flags) and drains.
 /// Owns its descriptor.
 public final class Notifier: @unchecked Sendable {
+    // @unchecked Sendable: an immutable descriptor (eventfd operations are thread-safe in
+    // the kernel) and atomic counters.
     public let fileDescriptor: Int32
     /// Odd while `signal()` is inside write(2); the watchdog compares two ticks.
     let writes = Atomic<UInt64>(0)
@@ -149,6 +151,7 @@ public final class Notifier: @unchecked Sendable {
 /// Started with the first notifier; it looks every `tick`, and its work per tick is one
 /// atomic load per notifier (fdinfo is read only for a write seen in progress twice).
 final class NotifierWatchdog: @unchecked Sendable {
+    // @unchecked Sendable: its members are in a Mutex, `started` is atomic.
     static let shared = NotifierWatchdog()
     /// A blocked write is freed within two ticks.
     static let tickNanoseconds: UInt64 = 20_000_000

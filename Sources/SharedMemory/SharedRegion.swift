@@ -9,6 +9,8 @@ internal import CRingFence
 /// the peer cannot truncate the file under our mapping and SIGBUS us, and cannot undo
 /// the seals. Regions we map from a peer must already carry `F_SEAL_SHRINK`.
 public final class SharedRegion: @unchecked Sendable {
+    // @unchecked Sendable: immutable mapping and descriptor; the bytes are shared memory by
+    // design, accessed through `SharedAccess`/`GuestMemory`, never as Swift-owned state.
     /// Base of the mapping in this process. Never announced to a peer (R7).
     public let base: UnsafeMutableRawPointer
     public let size: Int

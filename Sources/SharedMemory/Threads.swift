@@ -17,6 +17,7 @@ public struct SpawnedThread: Sendable {
 /// workers, the notifier watchdog, servers).
 public func spawnThread(_ body: @escaping @Sendable () -> Void) throws(SystemError) -> SpawnedThread {
     final class Box: @unchecked Sendable {
+        // @unchecked Sendable: an immutable @Sendable closure, carried through pthread_create.
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
     }

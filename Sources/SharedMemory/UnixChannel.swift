@@ -9,6 +9,8 @@ internal import CRingFence
 /// MSG_CMSG_CLOEXEC; descriptors beyond what the caller accepts are closed, MSG_CTRUNC is
 /// an error, and every receive has a deadline (rule R5).
 public final class UnixChannel: @unchecked Sendable {
+    // @unchecked Sendable: an immutable descriptor; the kernel serializes socket calls (one
+    // reader and one writer at a time is the callers' contract, as for any socket).
     public let fileDescriptor: Int32
     public static let maximumDescriptors = 16
 
@@ -217,6 +219,7 @@ public final class UnixChannel: @unchecked Sendable {
 
 /// A listening `AF_UNIX` socket at a path; removes the path on close.
 public final class UnixListener: @unchecked Sendable {
+    // @unchecked Sendable: an immutable descriptor and path.
     public let fileDescriptor: Int32
     public let path: String
 

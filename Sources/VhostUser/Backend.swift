@@ -11,6 +11,7 @@ import Virtqueue
 /// out the request (memory table, vrings, queue threads). Device semantics live behind
 /// `VhostUserDevice`.
 public final class Backend: Sendable {
+    /// Limits and timing of the transport.
     public struct Configuration: Sendable {
         /// Time allowed for the rest of a message once its first byte arrived (R5).
         public var messageDeadline: Double = 5
@@ -21,12 +22,16 @@ public final class Backend: Sendable {
         public var pollInterval: Double = 0.2
         /// Largest ring accepted (SET_VRING_NUM).
         public var maximumQueueSize: Int = SplitLayout.maximumQueueSize
+        /// Spin, block and idle timing of the queue threads.
         public var queueTiming = QueueTiming()
 
+        /// The defaults.
         public init() {}
     }
 
+    /// The device served.
     public let device: any VhostUserDevice
+    /// The transport settings.
     public let configuration: Configuration
     let report: @Sendable (BackendEvent) -> Void
     let replyHook: (any ControlReplyHook)?
@@ -38,7 +43,11 @@ public final class Backend: Sendable {
     /// Control messages refused so far, over all connections (logged rate-limited).
     public var refusals: UInt64 { refusalCount.load(ordering: .relaxed) }
 
+    /// A back-end serving `device`.
+    ///
     /// - Parameters:
+    ///   - device: the device class: features, config space, queue handlers.
+    ///   - configuration: limits and timing of the transport (queue size, threads, deadlines).
     ///   - replyHook: lets an adversary tamper with control replies; nil in production.
     ///   - handler: wraps the framework's handler of each connection to change what the
     ///     back-end does at the protocol level (a misbehaving test peer); nil in production.
@@ -59,6 +68,7 @@ public final class Backend: Sendable {
     /// Asks `run` and `serve` to return (within `pollInterval`).
     public func stop() { stopping.store(true, ordering: .releasing) }
 
+    /// True once `stop()` was called.
     public var isStopping: Bool { stopping.load(ordering: .acquiring) }
 
     /// Listens at `socketPath` and serves front-ends one after another until `stop()`.

@@ -62,12 +62,16 @@ public protocol QueueHandler: AnyObject {
 }
 
 extension VhostUserDevice {
+    /// No chain limit beyond the queue size.
     public var maximumChainLength: Int { 0 }
+    /// Nothing to record.
     public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {}
 }
 
 extension QueueHandler {
+    /// Nothing to do before used.idx is published.
     public func beforePublish(_ queue: any DeviceRing, memory: GuestMemory) {}
+    /// Nothing to do on an idle tick.
     public func idle(_ queue: any DeviceRing, memory: GuestMemory) {}
     public func attach(wake: QueueWake) {}
     public func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int { 0 }
@@ -88,7 +92,9 @@ public final class QueueWake: Sendable {
 
 /// What the back-end reports: for logs (the CLI), tests and audits.
 public enum BackendEvent: Sendable, CustomStringConvertible {
+    /// Listening on `path`.
     case listening(path: String)
+    /// A front-end connected.
     case connected(connection: Int)
     /// A message arrived and passed the header checks (for trace logs).
     case message(connection: Int, request: UInt32, size: UInt32, descriptors: Int)
@@ -96,7 +102,9 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     case disconnected(connection: Int, reason: VhostUserError?)
     /// A request was refused (answered with a failure, or the connection dropped).
     case rejected(connection: Int, request: UInt32, reason: String)
+    /// A queue started serving with `size` descriptors.
     case queueStarted(queue: Int, size: Int)
+    /// A queue stopped at available index `index`.
     case queueStopped(queue: Int, index: UInt16)
     /// The driver broke a queue (rule R6: that queue stops, the others keep going).
     case queueFailed(queue: Int, Violation)
@@ -107,6 +115,7 @@ public enum BackendEvent: Sendable, CustomStringConvertible {
     /// SET_FEATURES accepted (says which ring format the queues will use).
     case featuresAcked(connection: Int, features: UInt64)
 
+    /// One line naming the event.
     public var description: String {
         switch self {
         case .listening(let p): return "listening on \(p)"

@@ -9,6 +9,7 @@ public enum Refusal: Error, Sendable, CustomStringConvertible {
     /// Malformed (or a handler that gives up on the front-end): the connection is dropped.
     case malformed(VhostUserError)
 
+    /// One line naming what was refused.
     public var description: String {
         switch self {
         case .refused(let why): return why

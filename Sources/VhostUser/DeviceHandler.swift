@@ -6,6 +6,7 @@ import Virtqueue
 /// the vrings and their worker threads; the device owns semantics, `RequestDispatcher`
 /// the protocol checks. One per connection, used on its control thread only.
 public final class DeviceHandler: VhostUserBackendHandler {
+    /// The device served.
     public let device: any VhostUserDevice
     let connection: Int
     let configuration: Backend.Configuration
@@ -42,12 +43,15 @@ public final class DeviceHandler: VhostUserBackendHandler {
 
     // MARK: VhostUserBackendHandler
 
+    /// Passes the request to the device's hook (if it records control traffic).
     public func requestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {
         device.controlRequestReceived(request, payload: payload, descriptors: descriptors)
     }
 
+    /// The device's features (ring and VERSION_1 bits included).
     public func getFeatures() -> UInt64 { offeredFeatures }
 
+    /// Acks `features`; bits not offered are refused (R3).
     public func setFeatures(_ features: UInt64) throws(Refusal) {
         guard features & ~offeredFeatures == 0 else {
             throw .refused("features 0x\(String(features & ~offeredFeatures, radix: 16)) were not offered")
@@ -56,14 +60,19 @@ public final class DeviceHandler: VhostUserBackendHandler {
         report(.featuresAcked(connection: connection, features: features))
     }
 
+    /// Accepted (no state).
     public func setOwner() {}
 
+    /// Stops every ring.
     public func resetOwner() { resetRings() }
 
+    /// Stops every ring.
     public func resetDevice() { resetRings() }
 
+    /// The protocol features offered.
     public func getProtocolFeatures() -> ProtocolFeatures { offeredProtocol }
 
+    /// Acks `features`; bits not offered are refused (R3).
     public func setProtocolFeatures(_ features: ProtocolFeatures) throws(Refusal) {
         guard offeredProtocol.isSuperset(of: features) else {
             throw .refused(
@@ -72,22 +81,27 @@ public final class DeviceHandler: VhostUserBackendHandler {
         }
     }
 
+    /// The device's queue count.
     public func getQueueNum() -> UInt64 { UInt64(vrings.count) }
 
+    /// Most memory regions accepted.
     public func getMaxMemSlots() -> UInt64 { UInt64(GuestMemory.maximumRegions) }
 
+    /// Maps the driver's memory (sealed, bounded, no overlap) and replaces the table (R4, R7).
     public func setMemTable(_ regions: [GuestRegion]) throws(Refusal) {
         let new: GuestMemory
         do { new = try GuestMemory(regions) } catch { throw .refused(error.description) }
         replaceMemory(with: new)
     }
 
+    /// Adds one region (checked as for SET_MEM_TABLE).
     public func addMemReg(_ region: GuestRegion) throws(Refusal) {
         var new = memory
         do { try new.add(region) } catch { throw .refused(error.description) }
         replaceMemory(with: new)
     }
 
+    /// Removes a region (refused if it is not in the table).
     public func remMemReg(_ region: MemoryRegionDescription) throws(Refusal) {
         var new = memory
         guard new.remove(guestAddress: region.guestAddress, size: region.size) else {
@@ -96,6 +110,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         replaceMemory(with: new)
     }
 
+    /// Sets a queue's size (checked against the configured limit).
     public func setVringNum(_ state: VringState) throws(Refusal) {
         let ring = try vring(state.index, stopped: true)
         let n = Int(state.num)
@@ -106,6 +121,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         ring.size = n
     }
 
+    /// Sets a queue's next available index (packed: index and wrap counters).
     public func setVringBase(_ state: VringState) throws(Refusal) {
         let ring = try vring(state.index, stopped: true)
         guard packed || state.num <= UInt32(UInt16.max) else {
@@ -114,6 +130,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         ring.base = state.num
     }
 
+    /// Sets a queue's ring addresses (inside mapped memory, aligned).
     public func setVringAddr(_ address: VringAddress) throws(Refusal) {
         let ring = try vring(address.index, stopped: true)
         guard address.flags == 0 else {
@@ -125,6 +142,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         ring.address = address
     }
 
+    /// Stops the queue and returns its next available index.
     public func getVringBase(_ state: VringState) throws(Refusal) -> VringState {
         let ring = try vring(state.index, stopped: false)
         stopWorker(Int(state.index))
@@ -133,6 +151,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         return VringState(index: state.index, num: ring.base)
     }
 
+    /// Sets (or clears) the queue's kick eventfd.
     public func setVringKick(_ file: VringFile, _ kick: Notifier?) throws(Refusal) {
         let ring = try vring(UInt32(file.index), stopped: false)
         stopWorker(Int(file.index))
@@ -143,14 +162,17 @@ public final class DeviceHandler: VhostUserBackendHandler {
         try startIfReady(Int(file.index))
     }
 
+    /// Sets (or clears) the queue's call eventfd.
     public func setVringCall(_ file: VringFile, _ call: Notifier?) throws(Refusal) {
         try vring(UInt32(file.index), stopped: false).call.replace(with: call)
     }
 
+    /// Sets (or clears) the queue's error eventfd.
     public func setVringErr(_ file: VringFile, _ err: Notifier?) throws(Refusal) {
         try vring(UInt32(file.index), stopped: false).err = err
     }
 
+    /// Enables or disables a queue.
     public func setVringEnable(_ state: VringState) throws(Refusal) {
         let ring = try vring(state.index, stopped: false)
         guard state.num <= 1 else { throw .refused("SET_VRING_ENABLE with \(state.num)") }
@@ -158,6 +180,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         if ring.enabled { try startIfReady(Int(state.index)) } else { stopWorker(Int(state.index)) }
     }
 
+    /// Reads the device's config space (the device may refuse the range).
     public func getConfig(offset: UInt32, size: Int, flags: UInt32) throws(Refusal) -> [UInt8] {
         guard let bytes = device.readConfig(offset: offset, size: size) else {
             throw .refused("config read \(offset)+\(size) refused by the device")
@@ -165,6 +188,7 @@ public final class DeviceHandler: VhostUserBackendHandler {
         return bytes
     }
 
+    /// Writes the device's config space (the device decides).
     public func setConfig(offset: UInt32, bytes: [UInt8], flags: UInt32) throws(Refusal) {
         guard device.writeConfig(offset: offset, bytes: bytes) else {
             throw .refused("config write \(offset)+\(bytes.count) refused by the device")

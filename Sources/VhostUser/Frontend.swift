@@ -13,12 +13,16 @@ public import SharedMemory
 ///
 /// Not thread-safe: one owner (the device's control path).
 public final class Frontend: @unchecked Sendable {
+    // @unchecked Sendable: handed between threads, used by one at a time. The blk driver
+    // calls it only under its supervisor's lock or as the reconnect's single owner; its
+    // mutable state (features, deadlines) is never touched by two threads at once.
     /// Protocol features we accept; BACKEND_REQ, PAGEFAULT, HOST_NOTIFIER and the rest
     /// add attack surface we do not need.
     public static let acceptedProtocolFeatures: ProtocolFeatures = [.replyAck, .config, .multiQueue]
     /// The most queues we will ever set up, whatever GET_QUEUE_NUM says.
     public static let maximumQueues = 64
 
+    /// The control socket.
     public let channel: MessageChannel
     /// Seconds every message (send, then its reply) may take.
     public var replyTimeout: Double
@@ -30,10 +34,12 @@ public final class Frontend: @unchecked Sendable {
     public private(set) var offeredFeatures: UInt64 = 0
     /// What we acknowledged with SET_FEATURES.
     public private(set) var ackedFeatures: UInt64 = 0
+    /// Protocol features acked (only REPLY_ACK, CONFIG and MQ are ever asked for).
     public private(set) var protocolFeatures: ProtocolFeatures = []
     /// GET_QUEUE_NUM, clamped to 1...maximumQueues (1 without MQ).
     public private(set) var queueCount = 1
 
+    /// A front-end on a connected `channel`; each reply must come within `replyTimeout` seconds.
     public init(channel: UnixChannel, replyTimeout: Double = 5) {
         self.channel = MessageChannel(channel)
         self.replyTimeout = replyTimeout

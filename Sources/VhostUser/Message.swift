@@ -3,13 +3,17 @@ public import SharedMemory
 /// Everything that can be wrong with a vhost-user message or exchange. The peer's mistakes
 /// are values, never traps (R4).
 public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The socket failed or the peer went away.
     case channel(UnixChannel.Error)
     /// Header version bits are not 1.
     case badVersion(flags: UInt32)
     /// The size field exceeds what any message of that type may carry.
     case sizeTooLarge(request: UInt32, size: UInt32, limit: Int)
+    /// A payload of the wrong size for its request.
     case payloadSize(expected: Int, got: Int)
+    /// A payload shorter than its fields.
     case payloadTooShort(need: Int, have: Int)
+    /// A payload whose values are not acceptable.
     case invalidPayload(String)
     /// A request code we do not implement.
     case unknownRequest(UInt32)
@@ -24,6 +28,7 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The back-end lacks something we require.
     case unsupported(String)
 
+    /// One line naming what is wrong.
     public var description: String {
         switch self {
         case .channel(let e): return "vhost-user channel: \(e)"
@@ -44,20 +49,28 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
 
 /// The 12-byte header: `u32 request; u32 flags; u32 size`.
 public struct MessageHeader: Sendable, Equatable {
+    /// Bytes of the header.
     public static let size = 12
+    /// The request code.
     public var request: UInt32
+    /// Version and reply bits.
     public var flags: UInt32
+    /// Bytes of payload that follow.
     public var size: UInt32
 
+    /// A header.
     public init(request: UInt32, flags: UInt32, size: UInt32) {
         self.request = request
         self.flags = flags
         self.size = size
     }
 
+    /// The message is a reply.
     public var isReply: Bool { flags & HeaderFlags.reply != 0 }
+    /// The sender asked for a REPLY_ACK.
     public var needsReply: Bool { flags & HeaderFlags.needReply != 0 }
 
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter(capacity: Self.size)
         w.write(request)
@@ -80,16 +93,21 @@ public struct MessageHeader: Sendable, Equatable {
 /// A whole message: header, payload, and the descriptors that came with it (owned by
 /// whoever holds the message; `closeDescriptors()` when not kept).
 public struct Message: Sendable {
+    /// The header.
     public var header: MessageHeader
+    /// The payload bytes.
     public var payload: [UInt8]
+    /// Descriptors that came with the message (owned by it until adopted or closed).
     public var descriptors: [Int32]
 
+    /// A message with `payload` and `descriptors`.
     public init(header: MessageHeader, payload: [UInt8], descriptors: [Int32] = []) {
         self.header = header
         self.payload = payload
         self.descriptors = descriptors
     }
 
+    /// A message for `request` with an encoded payload.
     public init(
         _ request: Request, flags: UInt32 = HeaderFlags.version, payload: [UInt8] = [], descriptors: [Int32] = []
     ) {
@@ -98,12 +116,15 @@ public struct Message: Sendable {
         self.descriptors = descriptors
     }
 
+    /// The request, if the code is known.
     public var request: Request? { Request(rawValue: header.request) }
 
+    /// Closes every descriptor still attached (what is not adopted is closed, R4).
     public func closeDescriptors() {
         for fd in descriptors { closeDescriptor(fd) }
     }
 
+    /// Header and payload.
     public var encoded: [UInt8] { header.encoded + payload }
 }
 
@@ -113,8 +134,11 @@ public enum MessageRules {
     /// No message RingFence accepts is larger; checked before the body is read.
     public static let maximumPayload = 4096
 
+    /// How many descriptors a request carries.
     public enum Descriptors: Sendable, Equatable {
+        /// No descriptor.
         case none
+        /// Exactly one descriptor.
         case one
         /// One unless the payload's bit 8 (no-descriptor) is set.
         case vringFile
@@ -153,6 +177,7 @@ public enum MessageRules {
         }
     }
 
+    /// The descriptors `request` must carry; any other count is refused (R3).
     public static func descriptors(_ request: Request) -> Descriptors {
         switch request {
         case .setMemTable: return .perRegion
@@ -166,10 +191,13 @@ public enum MessageRules {
 /// Reads and writes whole messages on a `UnixChannel`, with a deadline on every read and
 /// the size bounded before the body is read.
 public struct MessageChannel: Sendable {
+    /// The socket.
     public let channel: UnixChannel
 
+    /// A message channel over `channel`.
     public init(_ channel: UnixChannel) { self.channel = channel }
 
+    /// Sends `message` with its descriptors, within `deadline` (R5).
     public func send(
         _ message: Message, until deadline: Deadline = .after(seconds: UnixChannel.defaultSendTimeout)
     ) throws(VhostUserError) {

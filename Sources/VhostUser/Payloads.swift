@@ -44,14 +44,19 @@ public protocol WirePayload: Sendable {
 
 /// `u64` payloads (features, acks, queue counts, kick/call descriptors' index word).
 public struct U64Payload: WirePayload, Equatable {
+    /// Bytes on the wire.
     public static let size = 8
+    /// The value.
     public var value: UInt64
+    /// A payload carrying `value`.
     public init(_ value: UInt64) { self.value = value }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter()
         w.write(value)
         return w.bytes
     }
+    /// Decodes exactly `size` bytes (anything else is refused, R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> U64Payload {
         guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
         var r = PayloadReader(bytes)
@@ -61,19 +66,25 @@ public struct U64Payload: WirePayload, Equatable {
 
 /// `struct vhost_vring_state { unsigned int index; unsigned int num; }`
 public struct VringState: WirePayload, Equatable {
+    /// Bytes on the wire.
     public static let size = 8
+    /// The queue index.
     public var index: UInt32
+    /// The number (ring size, or base index).
     public var num: UInt32
+    /// A payload for queue `index`.
     public init(index: UInt32, num: UInt32) {
         self.index = index
         self.num = num
     }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter()
         w.write(index)
         w.write(num)
         return w.bytes
     }
+    /// Decodes exactly `size` bytes (anything else is refused, R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringState {
         guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
         var r = PayloadReader(bytes)
@@ -84,13 +95,21 @@ public struct VringState: WirePayload, Equatable {
 /// `struct vhost_vring_addr`: index, flags, then descriptor, used, avail and log addresses
 /// (front-end virtual addresses, except the log's).
 public struct VringAddress: WirePayload, Equatable {
+    /// Bytes on the wire.
     public static let size = 40
+    /// The queue index.
     public var index: UInt32
+    /// VHOST_VRING_F_LOG (never used).
     public var flags: UInt32
+    /// User address of the descriptor table.
     public var descriptor: UInt64
+    /// User address of the used ring.
     public var used: UInt64
+    /// User address of the available ring.
     public var avail: UInt64
+    /// Log address (never used).
     public var log: UInt64
+    /// A payload for queue `index`.
     public init(index: UInt32, flags: UInt32 = 0, descriptor: UInt64, used: UInt64, avail: UInt64, log: UInt64 = 0) {
         self.index = index
         self.flags = flags
@@ -99,6 +118,7 @@ public struct VringAddress: WirePayload, Equatable {
         self.avail = avail
         self.log = log
     }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter(capacity: Self.size)
         w.write(index)
@@ -109,6 +129,7 @@ public struct VringAddress: WirePayload, Equatable {
         w.write(log)
         return w.bytes
     }
+    /// Decodes exactly `size` bytes (anything else is refused, R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringAddress {
         guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
         var r = PayloadReader(bytes)
@@ -121,11 +142,17 @@ public struct VringAddress: WirePayload, Equatable {
 
 /// One memory region: guest address, size, front-end virtual address, offset in the fd.
 public struct MemoryRegionDescription: Sendable, Equatable {
+    /// Bytes on the wire.
     public static let size = 32
+    /// Guest physical address of the region.
     public var guestAddress: UInt64
+    /// Bytes of the region.
     public var size: UInt64
+    /// The front-end's user address of the region (what ring addresses are given in).
     public var userAddress: UInt64
+    /// Offset of the region in the descriptor's file.
     public var mmapOffset: UInt64
+    /// A region description.
     public init(guestAddress: UInt64, size: UInt64, userAddress: UInt64, mmapOffset: UInt64) {
         self.guestAddress = guestAddress
         self.size = size
@@ -147,9 +174,13 @@ public struct MemoryRegionDescription: Sendable, Equatable {
 
 /// SET_MEM_TABLE: `u32 nregions; u32 padding; regions[nregions]`, one fd per region.
 public struct MemoryTable: WirePayload, Equatable {
+    /// Most regions accepted (VHOST_MEMORY_BASELINE_NREGIONS).
     public static let maximumRegions = 8
+    /// The regions, one descriptor each.
     public var regions: [MemoryRegionDescription]
+    /// A table of `regions`.
     public init(regions: [MemoryRegionDescription]) { self.regions = regions }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter(capacity: 8 + regions.count * MemoryRegionDescription.size)
         w.write(UInt32(regions.count))
@@ -157,6 +188,7 @@ public struct MemoryTable: WirePayload, Equatable {
         for r in regions { r.write(to: &w) }
         return w.bytes
     }
+    /// Decodes the count, bounded by `maximumRegions`, then exactly that many regions (R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> MemoryTable {
         var r = PayloadReader(bytes)
         let count = try r.read(UInt32.self)
@@ -175,15 +207,20 @@ public struct MemoryTable: WirePayload, Equatable {
 
 /// ADD_MEM_REG / REM_MEM_REG: `u64 padding; region`.
 public struct SingleMemoryRegion: WirePayload, Equatable {
+    /// Bytes on the wire (`u64 padding` and one region).
     public static let size = 40
+    /// The region.
     public var region: MemoryRegionDescription
+    /// A payload for `region`.
     public init(_ region: MemoryRegionDescription) { self.region = region }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter(capacity: Self.size)
         w.write(UInt64(0))
         region.write(to: &w)
         return w.bytes
     }
+    /// Decodes exactly `size` bytes (anything else is refused, R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> SingleMemoryRegion {
         guard bytes.count == size else { throw .payloadSize(expected: size, got: bytes.count) }
         var r = PayloadReader(bytes)
@@ -195,17 +232,24 @@ public struct SingleMemoryRegion: WirePayload, Equatable {
 /// SET_VRING_KICK / SET_VRING_CALL / SET_VRING_ERR: queue index in bits 0-7, bit 8 set
 /// when no descriptor accompanies the message.
 public struct VringFile: WirePayload, Equatable {
+    /// Bytes on the wire.
     public static let size = 8
+    /// VHOST_USER_VRING_NOFD_MASK.
     public static let noDescriptorFlag: UInt64 = 1 << 8
+    /// The queue index.
     public var index: UInt8
+    /// No descriptor accompanies the message (polling mode).
     public var noDescriptor: Bool
+    /// A payload for queue `index`.
     public init(index: UInt8, noDescriptor: Bool = false) {
         self.index = index
         self.noDescriptor = noDescriptor
     }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         U64Payload(UInt64(index) | (noDescriptor ? Self.noDescriptorFlag : 0)).encoded
     }
+    /// Decodes exactly `size` bytes (anything else is refused, R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> VringFile {
         let v = try U64Payload.decode(bytes).value
         guard v & ~(0xff | noDescriptorFlag) == 0 else {
@@ -217,17 +261,23 @@ public struct VringFile: WirePayload, Equatable {
 
 /// GET_CONFIG / SET_CONFIG: `u32 offset; u32 size; u32 flags; u8 payload[size]`.
 public struct ConfigSpace: WirePayload, Equatable {
+    /// Bytes before the payload.
     public static let headerSize = 12
     /// Largest config space accepted (VHOST_USER_MAX_CONFIG_SIZE).
     public static let maximumSize = 256
+    /// Offset into the config space.
     public var offset: UInt32
+    /// VHOST_SET_CONFIG_TYPE_* flags.
     public var flags: UInt32
+    /// The config bytes.
     public var payload: [UInt8]
+    /// A config access at `offset`.
     public init(offset: UInt32 = 0, flags: UInt32 = 0, payload: [UInt8]) {
         self.offset = offset
         self.flags = flags
         self.payload = payload
     }
+    /// Little-endian bytes.
     public var encoded: [UInt8] {
         var w = PayloadWriter(capacity: Self.headerSize + payload.count)
         w.write(offset)
@@ -236,6 +286,7 @@ public struct ConfigSpace: WirePayload, Equatable {
         w.bytes += payload
         return w.bytes
     }
+    /// Decodes the header and a payload of exactly the announced size, at most `maximumSize` (R3).
     public static func decode(_ bytes: [UInt8]) throws(VhostUserError) -> ConfigSpace {
         var r = PayloadReader(bytes)
         let offset = try r.read(UInt32.self)

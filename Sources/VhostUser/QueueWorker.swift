@@ -31,12 +31,15 @@ public struct QueueTiming: Sendable {
     /// Poll interval for a ring whose front-end sent no kick fd (polling mode).
     public var pollingIntervalNanoseconds: UInt64 = 200_000
 
+    /// The defaults.
     public init() {}
 }
 
 /// One running queue: its thread, its ring, its handler. Everything here is touched only
 /// by the queue's thread between `start` and `stop` (the join in `stop` hands it back).
 final class QueueWorker: @unchecked Sendable {
+    // @unchecked Sendable: see above; `start` hands the state to the thread and the join in
+    // `stop` hands it back (both are synchronization points), `stopping` is atomic.
     let index: Int
     let queue: any DeviceRing
     let memory: GuestMemory

@@ -22,8 +22,10 @@ public struct RequestDispatcher {
     /// REPLY_ACK negotiated: refusals are answered, successes acked when asked.
     public private(set) var replyAck = false
 
+    /// A dispatcher with no state yet.
     public init() {}
 
+    /// Checks `message` (size, descriptors, state) and calls `handler`, or refuses it (R3).
     public mutating func dispatch(_ message: Message, to handler: any VhostUserBackendHandler) -> DispatchOutcome {
         let descriptors = ReceivedDescriptors(message.descriptors)
         let code = message.header.request

@@ -4,40 +4,62 @@ import VhostUser
 public enum BlockProtocol {
     /// Sector addressing unit, independent of `blk_size`.
     public static let sectorSize = 512
+    /// Bytes of the request header `{le32 type; le32 ioprio; le64 sector}`.
     public static let requestHeaderSize = 16
+    /// Bytes of the status the device writes last.
     public static let statusSize = 1
     /// VIRTIO_BLK_ID_BYTES.
     public static let idSize = 20
     /// `struct virtio_blk_discard_write_zeroes`.
     public static let discardSegmentSize = 16
 
+    /// VIRTIO_BLK_T_* request types.
     public enum RequestType: UInt32, Sendable, CaseIterable {
         case read = 0  // VIRTIO_BLK_T_IN
         case write = 1  // VIRTIO_BLK_T_OUT
+        /// VIRTIO_BLK_T_FLUSH.
         case flush = 4
+        /// VIRTIO_BLK_T_GET_ID.
         case getID = 8
+        /// VIRTIO_BLK_T_DISCARD.
         case discard = 11
+        /// VIRTIO_BLK_T_WRITE_ZEROES.
         case writeZeroes = 13
     }
 
+    /// VIRTIO_BLK_S_* status values (anything else is a violation, R3).
     public enum Status: UInt8, Sendable {
+        /// VIRTIO_BLK_S_OK.
         case ok = 0
+        /// VIRTIO_BLK_S_IOERR.
         case ioError = 1
+        /// VIRTIO_BLK_S_UNSUPP.
         case unsupported = 2
     }
 
     /// Device feature bits.
     public enum Feature {
+        /// VIRTIO_BLK_F_SIZE_MAX: `size_max` bounds one segment.
         public static let sizeMax: UInt64 = 1 << 1
+        /// VIRTIO_BLK_F_SEG_MAX: `seg_max` bounds the segments of a request.
         public static let segMax: UInt64 = 1 << 2
+        /// VIRTIO_BLK_F_GEOMETRY (legacy; never acked).
         public static let geometry: UInt64 = 1 << 4
+        /// VIRTIO_BLK_F_RO: the device is read-only.
         public static let readOnly: UInt64 = 1 << 5
+        /// VIRTIO_BLK_F_BLK_SIZE: `blk_size` is the logical block size.
         public static let blockSize: UInt64 = 1 << 6
+        /// VIRTIO_BLK_F_FLUSH: VIRTIO_BLK_T_FLUSH is supported.
         public static let flush: UInt64 = 1 << 9
+        /// VIRTIO_BLK_F_TOPOLOGY (never acked).
         public static let topology: UInt64 = 1 << 10
+        /// VIRTIO_BLK_F_CONFIG_WCE (never acked).
         public static let configWCE: UInt64 = 1 << 11
+        /// VIRTIO_BLK_F_MQ: `num_queues` request queues.
         public static let multiQueue: UInt64 = 1 << 12
+        /// VIRTIO_BLK_F_DISCARD: VIRTIO_BLK_T_DISCARD is supported.
         public static let discard: UInt64 = 1 << 13
+        /// VIRTIO_BLK_F_WRITE_ZEROES: VIRTIO_BLK_T_WRITE_ZEROES is supported.
         public static let writeZeroes: UInt64 = 1 << 14
     }
 
@@ -68,30 +90,52 @@ public enum BlockProtocol {
 /// Decoding never trusts the values: `BlockConfig.decode` only reads bytes; the driver
 /// validates and clamps (`validated(...)`) before using any of them (R3).
 public struct BlockConfig: Sendable, Equatable {
+    /// Bytes of the config this type covers.
     public static let size = 60
 
+    /// `capacity`: the disk size in 512-byte sectors.
     public var capacity: UInt64 = 0  // in 512-byte sectors
+    /// `size_max`: largest segment in bytes (0: no limit).
     public var sizeMax: UInt32 = 0
+    /// `seg_max`: most data segments per request.
     public var segMax: UInt32 = 0
+    /// `geometry.cylinders` (legacy).
     public var cylinders: UInt16 = 0
+    /// `geometry.heads` (legacy).
     public var heads: UInt8 = 0
+    /// `geometry.sectors` (legacy).
     public var sectors: UInt8 = 0
+    /// `blk_size`: the logical block size.
     public var blockSize: UInt32 = 512
+    /// `topology.physical_block_exp`.
     public var physicalBlockExponent: UInt8 = 0
+    /// `topology.alignment_offset`.
     public var alignmentOffset: UInt8 = 0
+    /// `topology.min_io_size`.
     public var minIOSize: UInt16 = 0
+    /// `topology.opt_io_size`.
     public var optIOSize: UInt32 = 0
+    /// `writeback` (CONFIG_WCE).
     public var writeback: UInt8 = 0
+    /// `num_queues`: request queues offered.
     public var numQueues: UInt16 = 1
+    /// `max_discard_sectors`: sectors per discard range.
     public var maxDiscardSectors: UInt32 = 0
+    /// `max_discard_seg`: ranges per DISCARD request.
     public var maxDiscardSegments: UInt32 = 0
+    /// `discard_sector_alignment`.
     public var discardSectorAlignment: UInt32 = 0
+    /// `max_write_zeroes_sectors`: sectors per write-zeroes range.
     public var maxWriteZeroesSectors: UInt32 = 0
+    /// `max_write_zeroes_seg`: ranges per WRITE_ZEROES request.
     public var maxWriteZeroesSegments: UInt32 = 0
+    /// `write_zeroes_may_unmap`.
     public var writeZeroesMayUnmap: UInt8 = 0
 
+    /// An all-zero config with `blk_size` 512 and one queue.
     public init() {}
 
+    /// The 60 little-endian bytes of config space.
     public var encoded: [UInt8] {
         var b = [UInt8](repeating: 0, count: Self.size)
         BlockProtocol.put(capacity, into: &b, at: 0)

@@ -26,14 +26,19 @@ public struct BounceSlice: Sendable, Equatable {
 ///
 /// Not thread-safe: one pool per queue.
 public final class BouncePool {
+    /// Allocation unit in bytes (one cache line).
     public static let granule = 64
 
+    /// Local address of the pool.
     public let base: UnsafeMutableRawPointer
+    /// The address the device knows the pool by (synthetic, R7).
     public let guestAddress: UInt64
+    /// Bytes of the pool.
     public let size: Int
     let granuleCount: Int
     var bitmap: [UInt64]
     var hint = 0
+    /// Bytes currently allocated.
     public private(set) var bytesInUse = 0
 
     /// `base` must be zeroed memory of `size` bytes inside the shared region that the

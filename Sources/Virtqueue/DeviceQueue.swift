@@ -2,21 +2,29 @@ public import SharedMemory
 
 /// One translated buffer of a descriptor chain: local memory the device may access.
 public struct ChainSegment: @unchecked Sendable {
+    /// The local bytes (bounds-checked translation of the descriptor).
     public let buffer: UnsafeMutableRawBufferPointer
+    /// The address the driver gave.
     public let guestAddress: UInt64
+    /// The device may write this segment (VRING_DESC_F_WRITE).
     public let deviceWritable: Bool
 }
 
 /// A descriptor chain the device popped. Reuse one instance across pops (no allocation
 /// on the hot path once its array has grown).
 public struct DescriptorChain: @unchecked Sendable {
+    /// The chain's head descriptor id (what `complete` takes).
     public internal(set) var head: UInt16 = 0
+    /// The translated segments, readable first.
     public internal(set) var segments: [ChainSegment] = []
     /// Index of the first device-writable segment (== segments.count if none).
     public internal(set) var firstWritable = 0
+    /// Bytes the device may read.
     public internal(set) var readableLength: UInt64 = 0
+    /// Bytes the device may write.
     public internal(set) var writableLength: UInt64 = 0
 
+    /// An empty chain to pop into.
     public init() { segments.reserveCapacity(16) }
 
     mutating func reset(head: UInt16) {
@@ -27,7 +35,9 @@ public struct DescriptorChain: @unchecked Sendable {
         writableLength = 0
     }
 
+    /// The device-readable segments.
     public var readable: ArraySlice<ChainSegment> { segments[..<firstWritable] }
+    /// The device-writable segments.
     public var writable: ArraySlice<ChainSegment> { segments[firstWritable...] }
 }
 
@@ -44,10 +54,14 @@ public enum ChainFetch: Equatable, Sendable {
 
 /// Why a ring the driver announced cannot be used at all.
 public enum RingSetupError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The queue size is not a power of two in range.
     case invalidQueueSize(Int)
+    /// A part of the ring is not aligned as the spec requires.
     case misaligned(part: String)
+    /// A part of the ring is outside the mapped memory.
     case unmapped(part: String, TranslationError)
 
+    /// One line naming the part that is unusable.
     public var description: String {
         switch self {
         case .invalidQueueSize(let n): return "queue size \(n) is not a power of two in 1...32768"
@@ -64,7 +78,9 @@ public enum RingSetupError: Error, Equatable, Sendable, CustomStringConvertible 
 /// through `GuestMemory.translate` (R7); every walk is bounded by the table size (R5).
 /// A malformed chain is an error for that chain; a malformed ring index breaks the queue.
 public final class DeviceQueue {
+    /// Descriptors in the ring.
     public let queueSize: UInt16
+    /// Negotiated ring features.
     public let features: RingFeatures
     let mask: UInt16
     let descriptors: UnsafeMutableRawPointer
@@ -91,7 +107,9 @@ public final class DeviceQueue {
     public var lastAvail: UInt16 { state.pointee.lastAvail }
     /// Private used.idx; published by `publishUsed()`.
     public var usedIndex: UInt16 { state.pointee.usedIndex }
+    /// The driver's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
+    /// True once a violation broke the queue.
     public var isBroken: Bool { state.pointee.health.broken }
 
     /// Largest indirect table accepted, in descriptors: the queue size unless the device

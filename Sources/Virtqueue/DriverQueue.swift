@@ -3,8 +3,11 @@ import SharedMemory
 /// A validated completion: the device finished the request posted with `token`, and
 /// claims to have written `length` bytes, which is at most what the request offered.
 public struct Completion: Sendable, Equatable {
+    /// The token given to `add`.
     public let token: UInt64
+    /// The chain's head id.
     public let head: UInt16
+    /// Bytes the device wrote (checked against what was posted as writable, R3).
     public let length: UInt32
 }
 
@@ -14,10 +17,12 @@ public enum SubmitError: Error, Equatable, Sendable, CustomStringConvertible {
     case broken(Violation)
     /// Not enough free descriptors now; poll completions and retry.
     case full
+    /// A request without segments.
     case emptyChain
     /// More segments than the queue (or the indirect table) can carry.
     case tooManySegments(Int)
 
+    /// One line naming why the request was not posted.
     public var description: String {
         switch self {
         case .broken(let v): return "queue broken: \(v)"
@@ -30,16 +35,23 @@ public enum SubmitError: Error, Equatable, Sendable, CustomStringConvertible {
 
 /// Local view of a ring the driver placed in its own shared region.
 public struct DriverRingMemory: @unchecked Sendable {
+    /// Descriptors in the ring.
     public let queueSize: UInt16
+    /// Local address of the descriptor table.
     public let descriptors: UnsafeMutableRawPointer
+    /// Local address of the available ring.
     public let avail: UnsafeMutableRawPointer
+    /// Local address of the used ring (written by the device).
     public let used: UnsafeMutableRawPointer
     /// Indirect tables: `queueSize` tables of `indirectTableEntries` descriptors each,
     /// one per possible head (so a table is free exactly when its head is).
     public let indirect: UnsafeMutableRawPointer?
+    /// The address the device knows the indirect tables by.
     public let indirectGuestAddress: UInt64
+    /// Descriptors per indirect table.
     public let indirectTableEntries: Int
 
+    /// A view of a ring placed at these local addresses.
     public init(
         queueSize: UInt16, descriptors: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer,
         used: UnsafeMutableRawPointer, indirect: UnsafeMutableRawPointer? = nil,
@@ -101,8 +113,11 @@ public final class DriverQueue {
         var health = QueueHealth()
     }
 
+    /// The ring's memory.
     public let memory: DriverRingMemory
+    /// Negotiated ring features.
     public let features: RingFeatures
+    /// Descriptors in the ring.
     public let queueSize: UInt16
     let mask: UInt16
     /// Masks an index into the private tables (0 for the degenerate empty queue).
@@ -116,12 +131,16 @@ public final class DriverQueue {
     /// tables above: memory this queue allocated, never a structure the device wrote.
     let state: UnsafeMutablePointer<State>
 
+    /// Descriptors free to post.
     public var freeCount: Int { state.pointee.freeCount }
+    /// Requests posted and not completed.
     public var inFlightCount: Int { state.pointee.inFlightCount }
     /// Next used element to consume.
     public var lastUsed: UInt16 { state.pointee.lastUsed }
 
+    /// The device's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
+    /// True once a violation broke the queue.
     public var isBroken: Bool { state.pointee.health.broken }
 
     /// Segments above which a request goes through an indirect table (if negotiated).

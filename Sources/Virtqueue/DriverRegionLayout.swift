@@ -3,19 +3,28 @@ public import SharedMemory
 /// How a driver lays out one sealed shared region: for each queue its split ring, its
 /// indirect tables and its bounce pool. Everything else the driver owns stays private.
 public struct DriverRegionLayout: Sendable, Equatable {
+    /// One queue's part of the region.
     public struct QueueArea: Sendable, Equatable {
+        /// Where its split ring sits.
         public let ring: SplitRingPlacement
+        /// Offset of its indirect tables.
         public let indirectOffset: Int
+        /// Descriptors per indirect table.
         public let indirectEntries: Int
+        /// Offset of its bounce pool.
         public let bounceOffset: Int
+        /// Bytes of its bounce pool.
         public let bounceSize: Int
     }
 
+    /// Descriptors per queue.
     public let queueSize: Int
+    /// Each queue's part, in queue order.
     public let queues: [QueueArea]
     /// Region size, page-aligned.
     public let totalSize: Int
 
+    /// A layout for `queueCount` queues of `queueSize`, each with `indirectEntries` per indirect table and `bounceBytesPerQueue` of bounce pool.
     public init(queueCount: Int, queueSize: Int, indirectEntries: Int, bounceBytesPerQueue: Int) {
         func align(_ x: Int, _ a: Int) -> Int { (x + a - 1) & ~(a - 1) }
         var offset = 0

@@ -10,12 +10,15 @@ public import SharedMemory
 /// extent is known but whose content is bad is `.rejected` (complete it, go on); a chain
 /// whose extent or id is unusable breaks the queue.
 public final class PackedDeviceQueue {
+    /// Descriptors in the ring.
     public let queueSize: UInt16
+    /// Negotiated ring features.
     public let features: RingFeatures
     let size: Int
     let ring: UnsafeMutableRawPointer
     let driverArea: UnsafeMutableRawPointer
     let deviceArea: UnsafeMutableRawPointer
+    /// Most descriptors an indirect table may hold.
     public let indirectLimit: Int
 
     /// The private indices and counters, behind an owned pointer (the queues' one
@@ -37,12 +40,18 @@ public final class PackedDeviceQueue {
     /// indexed only by ids already checked `< size`.
     let chainSlots: UnsafeMutablePointer<UInt16>
 
+    /// Next slot the device looks at for an available descriptor.
     public var nextAvail: UInt16 { state.pointee.avail.slot }
+    /// Wrap counter of `nextAvail`.
     public var availWrap: Bool { state.pointee.avail.wrap }
+    /// Next slot the device writes a used descriptor into.
     public var usedIndex: UInt16 { state.pointee.used.slot }
+    /// Wrap counter of `usedIndex`.
     public var usedWrap: Bool { state.pointee.used.wrap }
 
+    /// The driver's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
+    /// True once a violation broke the queue.
     public var isBroken: Bool { state.pointee.health.broken }
 
     /// Sets up a queue on a ring announced by guest addresses (descriptor ring, driver

@@ -36,24 +36,31 @@ public final class PackedDriverQueue {
         var health = QueueHealth()
     }
 
+    /// The ring's memory.
     public let memory: DriverRingMemory
+    /// Negotiated ring features.
     public let features: RingFeatures
+    /// Descriptors in the ring.
     public let queueSize: UInt16
     let size: Int
     /// Per buffer id: what was posted (token, writable bytes, ring slots), and the free ids.
     let buffers: InFlightTable
     let state: UnsafeMutablePointer<State>
 
+    /// The device's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
+    /// True once a violation broke the queue.
     public var isBroken: Bool { state.pointee.health.broken }
     /// Free ring slots.
     public var freeCount: Int { state.pointee.freeSlots }
+    /// Requests posted and not completed.
     public var inFlightCount: Int { state.pointee.inFlightCount }
     /// Next slot the driver looks at for a used descriptor, and its wrap counter.
     public var lastUsed: (slot: UInt16, wrap: Bool) { (state.pointee.used.slot, state.pointee.used.wrap) }
     /// Next slot the driver fills, and its wrap counter.
     public var nextAvail: (slot: UInt16, wrap: Bool) { (state.pointee.avail.slot, state.pointee.avail.wrap) }
 
+    /// Segments above which a request goes through an indirect table (if negotiated).
     public var indirectThreshold: Int {
         get { state.pointee.indirectThreshold }
         set { state.pointee.indirectThreshold = newValue }
@@ -156,6 +163,7 @@ public final class PackedDriverQueue {
         return id
     }
 
+    /// Posts `segments` as one chain carrying `token`; returns the buffer id.
     @discardableResult
     public func add(_ segments: [Segment], token: UInt64) throws(SubmitError) -> UInt16 {
         try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
@@ -233,6 +241,7 @@ public final class PackedDriverQueue {
         return buffers.failAll()
     }
 
+    /// Tokens of the requests in flight.
     public var inFlightTokens: [UInt64] { buffers.tokens }
 
     // MARK: interrupt suppression

@@ -10,33 +10,50 @@
 /// available with AVAIL = its wrap counter and USED = the opposite; the device marks it
 /// used with AVAIL = USED = its wrap counter. Both wrap counters start at 1.
 public enum PackedLayout {
+    /// Bytes of one packed descriptor.
     public static let descriptorSize = 16
+    /// Largest queue size.
     public static let maximumQueueSize = 32768
 
     // Descriptor fields.
+    /// Offset of `addr` in a descriptor.
     public static let descAddr = 0
+    /// Offset of `len`.
     public static let descLen = 8
+    /// Offset of `id`.
     public static let descID = 12
+    /// Offset of `flags`.
     public static let descFlags = 14
 
     // Descriptor flags.
+    /// VIRTQ_DESC_F_NEXT.
     public static let flagNext: UInt16 = 1
+    /// VIRTQ_DESC_F_WRITE.
     public static let flagWrite: UInt16 = 2
+    /// VIRTQ_DESC_F_INDIRECT.
     public static let flagIndirect: UInt16 = 4
+    /// VIRTQ_DESC_F_AVAIL.
     public static let flagAvail: UInt16 = 1 << 7
+    /// VIRTQ_DESC_F_USED.
     public static let flagUsed: UInt16 = 1 << 15
 
     // Event suppression structure (driver area and device area).
+    /// Offset of `off_wrap` in an event suppression area.
     public static let eventOffWrap = 0
+    /// Offset of `flags` in an event suppression area.
     public static let eventFlags = 2
+    /// Bytes of an event suppression area.
     public static let eventAreaSize = 4
+    /// RING_EVENT_FLAGS_ENABLE.
     public static let eventFlagEnable: UInt16 = 0
+    /// RING_EVENT_FLAGS_DISABLE.
     public static let eventFlagDisable: UInt16 = 1
     /// Only with VIRTIO_F_RING_EVENT_IDX: notify when the ring reaches off_wrap.
     public static let eventFlagDescriptor: UInt16 = 2
     /// off_wrap: bit 15 is the wrap counter, bits 0-14 the ring offset.
     public static let eventWrapBit: UInt16 = 1 << 15
 
+    /// Bytes of a descriptor ring of `n` entries.
     public static func ringSize(_ n: Int) -> Int { 16 * n }
 
     /// The packed ring has no power-of-two requirement.

@@ -2,7 +2,9 @@ public import SharedMemory
 
 /// Which virtqueue format a queue uses (VIRTIO_F_RING_PACKED negotiated or not).
 public enum RingFormat: String, Sendable, Equatable, CaseIterable {
+    /// The split virtqueue (descriptor table, available and used rings).
     case split
+    /// The packed virtqueue (VIRTIO_F_RING_PACKED).
     case packed
 }
 
@@ -38,6 +40,7 @@ public protocol DriverRing: AnyObject {
 }
 
 extension DriverRing {
+    /// Posts `segments` as one chain carrying `token`; returns the head id.
     @discardableResult
     public func add(_ segments: [Segment], token: UInt64) throws(SubmitError) -> UInt16 {
         try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
@@ -45,10 +48,12 @@ extension DriverRing {
 }
 
 extension DriverQueue: DriverRing {
+    /// Split.
     public var format: RingFormat { .split }
 }
 
 extension PackedDriverQueue: DriverRing {
+    /// Packed.
     public var format: RingFormat { .packed }
 }
 
@@ -74,11 +79,14 @@ public protocol DeviceRing: AnyObject {
 }
 
 extension DeviceQueue: DeviceRing {
+    /// Split.
     public var format: RingFormat { .split }
+    /// The next available index (GET_VRING_BASE).
     public var vringBase: UInt32 { UInt32(lastAvail) }
 }
 
 extension PackedDeviceQueue: DeviceRing {
+    /// Packed.
     public var format: RingFormat { .packed }
 }
 

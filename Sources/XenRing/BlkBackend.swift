@@ -10,10 +10,13 @@ import SharedMemory
 /// - R1: responses are written, never read back; rsp_prod and its notify decision come
 ///   from private state.
 public final class BlkBackend {
+    /// Slots of the ring (32 for one page).
     public let ringSize: Int
     let mask: UInt32
     let ring: UnsafeMutableRawPointer
+    /// Maps the frontend's grants (checking each entry once, R2).
     public let mapper: GrantMapper
+    /// The disk served.
     public let storage: any BlockStorage
     let scratch: UnsafeMutableRawPointer
 
@@ -30,6 +33,7 @@ public final class BlkBackend {
     @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
     @exclusivity(unchecked) public private(set) var servedRequests = 0
 
+    /// A backend on the shared ring page `ring`, mapping grants with `mapper`, serving `storage`.
     public init(ring: UnsafeMutableRawPointer, mapper: GrantMapper, storage: any BlockStorage) {
         self.ring = ring
         self.mapper = mapper

@@ -3,9 +3,13 @@ import SharedMemory
 /// A validated blkif completion: request `token` (posted as ring id `id`) finished with
 /// a known status; for an OKAY read the data is already in the caller's buffer.
 public struct BlkCompletion: Sendable, Equatable {
+    /// The caller's token of the request.
     public let token: UInt64
+    /// The ring id the request was posted with.
     public let id: UInt16
+    /// The request's operation (the response echoed it, checked).
     public let operation: BlkOperation
+    /// The backend's answer: OKAY, ERROR or EOPNOTSUPP.
     public let status: BlkStatus
 }
 
@@ -22,6 +26,7 @@ public enum BlkSubmitError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The request does not fit the capacity the backend announced.
     case beyondCapacity(sector: UInt64, sectors: UInt64)
 
+    /// One line naming what was refused.
     public var description: String {
         switch self {
         case .broken(let v): return "device disabled: \(v)"
@@ -36,14 +41,19 @@ public enum BlkSubmitError: Error, Equatable, Sendable, CustomStringConvertible 
 /// The frontend's view of the shared memory: the ring page, and the grant table with its
 /// frames (frame `ringFrame` holds the ring; the others are bounce pages).
 public struct BlkFrontendMemory: @unchecked Sendable {
+    // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
+    /// The grant table and its frames.
     public let grants: GrantTableMemory
+    /// The frame that holds the shared ring.
     public let ringFrame: UInt32
 
+    /// The frontend's memory: `ringFrame` holds the ring, the other frames are bounce pages.
     public init(grants: GrantTableMemory, ringFrame: UInt32 = 0) {
         self.grants = grants
         self.ringFrame = ringFrame
     }
 
+    /// The shared ring page (accessed only through `SharedAccess`).
     public var ring: UnsafeMutableRawPointer { grants.page(ringFrame) }
 }
 
@@ -70,11 +80,15 @@ public final class BlkFrontend {
         var active = false
     }
 
+    /// The shared ring and bounce pages.
     public let memory: BlkFrontendMemory
+    /// Slots of the ring (32 for one page).
     public let ringSize: Int
+    /// The disk size the backend announced, in 512-byte sectors: requests beyond it are refused locally.
     public let capacitySectors: UInt64
     let mask: UInt32
     let ring: UnsafeMutableRawPointer
+    /// Grants the bounce pages to the backend, one per segment, and ends them.
     public let grants: GrantIssuer
 
     /// The tables own their memory; the hot path indexes their base pointers directly
@@ -87,10 +101,12 @@ public final class BlkFrontend {
     let segmentRefs: UnsafeMutablePointer<UInt32>
     let segmentFrames: UnsafeMutablePointer<UInt32>
     let freeFrames: PrivateStack<UInt32>
+    /// Bounce pages the backend still mapped when their request ended: never reused (R7).
     @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
     /// The request built privately, then copied whole into its slot (R1).
     let scratch: UnsafeMutableRawPointer
 
+    /// Responses consumed so far (private, R1).
     @exclusivity(unchecked) var requestProducer: UInt32 = 0
     @exclusivity(unchecked) var publishedRequestProducer: UInt32 = 0
     @exclusivity(unchecked) public private(set) var responseConsumer: UInt32 = 0

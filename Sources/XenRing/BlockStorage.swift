@@ -11,9 +11,11 @@ public protocol BlockStorage: AnyObject {
 /// An in-memory disk (tests, benchmarks). A file-backed disk is `DeviceImage`
 /// (BlockImage), the one virtio-blk serves too (`DeviceImage+BlockStorage.swift`).
 public final class MemoryStorage: BlockStorage {
+    /// Size in 512-byte sectors.
     public let sectorCount: UInt64
     let bytes: UnsafeMutableRawPointer
 
+    /// A zeroed disk of `sectors` 512-byte sectors.
     public init(sectors: Int) {
         sectorCount = UInt64(max(0, sectors))
         bytes = UnsafeMutableRawPointer.allocate(byteCount: max(1, sectors * 512), alignment: 4096)
@@ -22,18 +24,22 @@ public final class MemoryStorage: BlockStorage {
 
     deinit { bytes.deallocate() }
 
+    /// Copies `n` bytes at `sector` into `buffer` (the backend checked the range, R3).
     public func read(sector: UInt64, into buffer: UnsafeMutableRawPointer, bytes n: Int) -> Bool {
         buffer.copyMemory(from: bytes + Int(sector) * 512, byteCount: n)
         return true
     }
 
+    /// Copies `n` bytes from `buffer` to `sector` (the backend checked the range, R3).
     public func write(sector: UInt64, from buffer: UnsafeRawPointer, bytes n: Int) -> Bool {
         (bytes + Int(sector) * 512).copyMemory(from: buffer, byteCount: n)
         return true
     }
 
+    /// Nothing to flush in memory.
     public func flush() -> Bool { true }
 
+    /// Zeroes the range; false for more than 32768 sectors at once.
     public func discard(sector: UInt64, sectors: UInt64) -> Bool {
         guard sectors <= 32768 else { return false }
         (bytes + Int(sector) * 512).initializeMemory(as: UInt8.self, repeating: 0, count: Int(sectors) * 512)

@@ -6,12 +6,15 @@ public import BlockImage
 extension DeviceImage: BlockStorage {
     static let blkifSector = UInt64(BlkifLayout.sectorSize)
 
+    /// The image size in 512-byte sectors (rounded down).
     public var sectorCount: UInt64 { size / Self.blkifSector }
 
+    /// Reads `bytes` at `sector`; false on an I/O error (the backend checked the range).
     public func read(sector: UInt64, into buffer: UnsafeMutableRawPointer, bytes: Int) -> Bool {
         read(into: UnsafeMutableRawBufferPointer(start: buffer, count: bytes), at: sector * Self.blkifSector)
     }
 
+    /// Writes `bytes` at `sector`; false on an I/O error (the backend checked the range).
     public func write(sector: UInt64, from buffer: UnsafeRawPointer, bytes: Int) -> Bool {
         write(from: UnsafeRawBufferPointer(start: buffer, count: bytes), at: sector * Self.blkifSector)
     }

@@ -11,18 +11,27 @@ public import SharedMemory
 /// backend alike, so an event storm slows this device down instead of spinning the
 /// process. Once the device is disabled the channel is masked: no more sends, no waits.
 public final class EventChannel: @unchecked Sendable {
+    // @unchecked Sendable: the notifiers are thread-safe; `isMasked` and `backoff` belong to
+    // the device's one driving thread (the frontend's owner, the async engine's I/O thread,
+    // or the backend connection's thread), which is the only one that waits or masks.
+    /// Events from the peer.
     public let incoming: Notifier
+    /// Events to the peer.
     public let outgoing: Notifier
+    /// True once the device was disabled: no more sends or waits.
     @exclusivity(unchecked) public private(set) var isMasked = false
     @exclusivity(unchecked) public private(set) var backoff = WakeBackoff()
 
+    /// Events that brought no work.
     public var spuriousEvents: UInt64 { backoff.spuriousTotal }
     /// Current pause before the next wait (0 when events carry work).
     public var backoffNanoseconds: UInt64 { backoff.pauseNanoseconds }
     /// Largest pause applied so far (observability for storms).
     public var longestBackoffNanoseconds: UInt64 { backoff.longestPauseNanoseconds }
+    /// Spurious events in a row before the backoff starts.
     public static var spuriousThreshold: UInt64 { WakeBackoff.threshold }
 
+    /// A channel over two eventfds (one each way).
     public init(incoming: Notifier, outgoing: Notifier) {
         self.incoming = incoming
         self.outgoing = outgoing
@@ -41,6 +50,15 @@ public final class EventChannel: @unchecked Sendable {
         if isMasked { return false }
         backoff.pause(until: deadline)
         if case .notified = EventWaiter.wait(for: incoming, until: deadline) { return true }
+        return false
+    }
+
+    /// `wait(until:)` that also returns (false) once `wake` is signalled: an async
+    /// engine's thread, woken for new work.
+    package func wait(until deadline: Deadline, orWoken wake: Notifier) -> Bool {
+        if isMasked { return false }
+        backoff.pause(until: deadline)
+        if case .notified = EventWaiter.wait(for: incoming, orWoken: wake, until: deadline) { return true }
         return false
     }
 

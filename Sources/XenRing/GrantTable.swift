@@ -5,11 +5,18 @@ import SharedMemory
 /// granted frames (4 KiB pages) in a second one. The frontend writes entries; the
 /// "hypervisor" half of the backend sets GTF_reading/GTF_writing while it maps a page.
 public struct GrantTableMemory: @unchecked Sendable {
+    // @unchecked Sendable: immutable pointers into mappings both peers share by design;
+    // every access through them is a `SharedAccess` load or store that expects a racing peer.
+    /// The grant entries (shared: the peer may rewrite them, R2).
     public let entries: UnsafeMutableRawPointer
+    /// Entries in the table.
     public let entryCount: Int
+    /// The granted frames, `frameCount` pages.
     public let frames: UnsafeMutableRawPointer
+    /// Frames available to grant.
     public let frameCount: Int
 
+    /// A table of `entryCount` entries at `entries` over `frameCount` frames at `frames`.
     public init(entries: UnsafeMutableRawPointer, entryCount: Int, frames: UnsafeMutableRawPointer, frameCount: Int) {
         self.entries = entries
         self.entryCount = entryCount
@@ -23,6 +30,7 @@ public struct GrantTableMemory: @unchecked Sendable {
             at: (entries + Int(ref) * GrantLayout.entrySize).assumingMemoryBound(to: UInt16.AtomicRepresentation.self))
     }
 
+    /// The page of `frame` (the caller bounds `frame` by `frameCount`).
     @inline(__always)
     public func page(_ frame: UInt32) -> UnsafeMutableRawPointer {
         frames + Int(frame) * SharedRingLayout.pageSize
@@ -31,6 +39,7 @@ public struct GrantTableMemory: @unchecked Sendable {
 
 /// How ending foreign access went (Linux's `gnttab_try_end_foreign_access`).
 public enum GrantEndResult: Equatable, Sendable {
+    /// The grant ended: the page is ours again.
     case ended
     /// The backend still claims a mapping: the ref and its page are quarantined (R7).
     case stillMapped(flags: UInt16)
@@ -42,11 +51,15 @@ public enum GrantEndResult: Equatable, Sendable {
 /// from the table, R1) and revokes them with an atomic try-end. A ref whose revocation
 /// fails is never reused.
 public final class GrantIssuer {
+    /// The table the grants are written into.
     public let memory: GrantTableMemory
+    /// The domain grants are issued to.
     public let backendDomain: UInt16
     private let free: PrivateStack<UInt32>
+    /// Refs whose grant could not be ended (the peer still maps the page): never reused (R7).
     @exclusivity(unchecked) public private(set) var quarantined: [UInt32] = []
 
+    /// An issuer over `memory`; refs below `GrantLayout.reservedEntries` are never handed out.
     public init(memory: GrantTableMemory, backendDomain: UInt16 = 0) {
         self.memory = memory
         self.backendDomain = backendDomain
@@ -66,6 +79,7 @@ public final class GrantIssuer {
         }
     }
 
+    /// Refs free to grant.
     public var available: Int { free.count }
 
     @inline(__always)
@@ -118,9 +132,13 @@ public final class GrantIssuer {
 /// entry, pin it with GTF_reading/GTF_writing, hand out the page; the frontend wrote the
 /// entry and may rewrite it at any time, so each field is loaded once (R2).
 public struct GrantMapper: @unchecked Sendable {
+    // @unchecked Sendable: as `GrantTableMemory` (immutable pointers, shared-access loads).
+    /// The frontend's table as mapped by the backend.
     public let memory: GrantTableMemory
+    /// The backend's domain: only grants to it are honoured.
     public let domain: UInt16
 
+    /// A mapper over `memory` for `domain`.
     public init(memory: GrantTableMemory, domain: UInt16 = 0) {
         self.memory = memory
         self.domain = domain

@@ -7,7 +7,9 @@ public import SharedMemory
 /// frontend's values and memfds are checked), then the request loop until the frontend
 /// closes, goes quiet, or corrupts the ring (connection dropped, R6 on the backend side).
 public final class XenBlkBackendConnection {
+    /// The hardened ring end.
     public let backend: BlkBackend
+    /// The event channel to and from the frontend.
     public let events: EventChannel
     let channel: UnixChannel
     let table: SharedRegion
@@ -94,8 +96,11 @@ public final class XenBlkBackendConnection {
 
     /// How a connection ended.
     public enum End: Equatable, Sendable {
+        /// The frontend closed the connection.
         case closed
+        /// No request within the idle timeout.
         case idle
+        /// The frontend broke a rule; the connection was dropped (R6).
         case dropped(XenViolation)
     }
 

@@ -1,13 +1,15 @@
 public import SharedMemory
 
 /// Why a block request failed.
-public enum XenBlkError: Error, Equatable, CustomStringConvertible {
+public enum XenBlkError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The device is disabled for further use (R6); every in-flight request fails so.
     case broken(XenViolation)
+    /// The request could not be posted (refused locally, or no room).
     case submit(BlkSubmitError)
     /// The backend answered ERROR or EOPNOTSUPP.
     case status(BlkStatus)
 
+    /// One line; a disabled device names the rule.
     public var description: String {
         switch self {
         case .broken(let v): return "device disabled: \(v)"
@@ -23,8 +25,11 @@ public enum XenBlkError: Error, Equatable, CustomStringConvertible {
 /// Owns its grant table and frames (two sealed memfds, R7) and its eventfds. One owner
 /// at a time.
 public final class XenBlkFrontendDevice {
+    /// The disk as the backend announced it (validated and clamped).
     public let info: XenBlkInfo
+    /// The hardened ring end.
     public let front: BlkFrontend
+    /// The event channel to and from the backend.
     public let events: EventChannel
     let channel: UnixChannel
     let table: SharedRegion
@@ -40,6 +45,7 @@ public final class XenBlkFrontendDevice {
 
     /// Grant entries (one page of v1 entries) and frames (ring + 11 pages per slot).
     public static let grantEntries = 512
+    /// Frames shared: the ring page plus 11 bounce pages per ring slot.
     public static let frameCount = 1 + BlkifLayout.ringSize * BlkifLayout.maxSegments
 
     /// Runs the frontend half of the handshake on `channel`: reads the backend's node
@@ -97,28 +103,33 @@ public final class XenBlkFrontendDevice {
         self.frames = frames
     }
 
+    /// The backend's first violation, if the device is disabled.
     public var violation: XenViolation? { front.violation }
 
     // MARK: blocking requests
 
+    /// Reads `buffer.count` bytes (a multiple of 512, at most 11 pages) at `sector`, blocking until the deadline.
     public func read(sector: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(XenBlkError) {
         let token = takeToken()
         do { try front.submitRead(sector: sector, into: buffer, token: token) } catch { throw submitError(error) }
         try complete(token)
     }
 
+    /// Writes `data` (a multiple of 512, at most 11 pages) at `sector`, blocking until the deadline.
     public func write(sector: UInt64, from data: UnsafeRawBufferPointer) throws(XenBlkError) {
         let token = takeToken()
         do { try front.submitWrite(sector: sector, from: data, token: token) } catch { throw submitError(error) }
         try complete(token)
     }
 
+    /// BLKIF_OP_FLUSH_DISKCACHE, blocking until the deadline.
     public func flush() throws(XenBlkError) {
         let token = takeToken()
         do { try front.submitFlush(token: token) } catch { throw submitError(error) }
         try complete(token)
     }
 
+    /// Discards `sectors` sectors at `sector` (blkif_request_discard), blocking until the deadline.
     public func discard(sector: UInt64, sectors: UInt64) throws(XenBlkError) {
         let token = takeToken()
         do { try front.submitDiscard(sector: sector, sectors: sectors, token: token) } catch {

@@ -1,10 +1,14 @@
 /// One response as the backend is about to write it, raw: a hook may set any value,
 /// including ones no honest backend sends.
 public struct BlkResponseFields: Sendable, Equatable {
+    /// The request id echoed.
     public var id: UInt64
+    /// The operation echoed.
     public var operation: UInt8
+    /// BLKIF_RSP_* status.
     public var status: Int16
 
+    /// The fields of one response.
     public init(id: UInt64, operation: UInt8, status: Int16) {
         self.id = id
         self.operation = operation
@@ -36,12 +40,19 @@ public protocol XenBackendHooks: AnyObject {
 }
 
 extension XenBackendHooks {
+    /// Announces the node unchanged.
     public func willAnnounce(_ node: inout XenStoreNode) {}
+    /// Writes the response once, unchanged.
     public func willRespond(_ response: inout BlkResponseFields) -> Int { 1 }
+    /// Unmaps every page.
     public func shouldUnmapGrants(_ backend: BlkBackend, segments: Int) -> Bool { true }
+    /// Nothing to do.
     public func didEndTransfer(_ backend: BlkBackend, segments: Int) {}
+    /// Publishes `responseProducer` unchanged.
     public func willPublish(responseProducer: UInt32, previous: UInt32) -> UInt32 { responseProducer }
+    /// Nothing to do.
     public func didPublish(_ backend: BlkBackend) {}
+    /// Nothing to do.
     public func didServe(_ connection: XenBlkBackendConnection, requests: Int) {}
 }
 
@@ -57,6 +68,8 @@ public protocol XenFrontendHooks: AnyObject {
 }
 
 extension XenFrontendHooks {
+    /// Posts the request unchanged.
     public func willPost(_ request: UnsafeMutableRawPointer, frontend: BlkFrontend) {}
+    /// Publishes `requestProducer` unchanged.
     public func willPublish(requestProducer: UInt32) -> UInt32 { requestProducer }
 }

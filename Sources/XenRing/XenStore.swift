@@ -5,17 +5,23 @@ public import SharedMemory
 /// The peer writes these, so decoding is strict (R3/R4): bounded size and key count,
 /// keys `[a-z0-9-]`, printable values, decimal numbers that must fit, no duplicates.
 public struct XenStoreNode: Equatable, Sendable {
+    /// The keys and values.
     public private(set) var values: [String: String] = [:]
+    /// Largest encoded node accepted.
     public static let maximumBytes = 4096
+    /// Most keys accepted in one node.
     public static let maximumKeys = 32
 
+    /// A node holding `values`.
     public init(_ values: [String: String] = [:]) { self.values = values }
 
+    /// The value of `key`, if present.
     public subscript(key: String) -> String? {
         get { values[key] }
         set { values[key] = newValue }
     }
 
+    /// A 4-byte little-endian length, then `key=value` lines sorted by key.
     public var encoded: [UInt8] {
         var body: [UInt8] = []
         for key in values.keys.sorted() {
@@ -25,6 +31,8 @@ public struct XenStoreNode: Equatable, Sendable {
         return [UInt8(n & 0xff), UInt8((n >> 8) & 0xff), UInt8((n >> 16) & 0xff), UInt8(n >> 24)] + body
     }
 
+    /// Parses `key=value` lines, refusing more than `maximumKeys` keys, malformed keys or
+    /// values, and duplicates (R3).
     public static func decode(body: [UInt8]) throws(XenViolation) -> XenStoreNode {
         var node = XenStoreNode()
         var count = 0
@@ -65,6 +73,7 @@ public struct XenStoreNode: Equatable, Sendable {
         }
     }
 
+    /// The `state` key as a `XenbusState` (refused if missing or unknown).
     public func state() throws(XenViolation) -> XenbusState {
         let n = try number("state", in: 0...8)
         guard let s = XenbusState(rawValue: UInt8(n)) else { throw .xenHandshakeValue(key: "state", value: "\(n)") }
@@ -74,10 +83,14 @@ public struct XenStoreNode: Equatable, Sendable {
 
 /// Why connecting (or serving a connection) failed.
 public enum XenConnectError: Error, Equatable, CustomStringConvertible {
+    /// The socket failed or the peer went away.
     case channel(UnixChannel.Error)
+    /// The peer broke a rule of the handshake.
     case violation(XenViolation)
+    /// Setting up our side failed (memory, eventfds).
     case setup(String)
 
+    /// The node as `key=value` pairs.
     public var description: String {
         switch self {
         case .channel(let e): return "control channel: \(e)"
@@ -133,11 +146,16 @@ extension UnixChannel {
 public struct XenBlkInfo: Equatable, Sendable {
     /// Capacity in 512-byte sectors (blkif's unit, whatever `sector-size` says).
     public var sectors: UInt64
+    /// Logical sector size the backend announced (512...4096); blkif sectors stay 512 bytes.
     public var sectorSize: UInt32
+    /// The backend accepts BLKIF_OP_FLUSH_DISKCACHE.
     public var flushCache: Bool
+    /// The backend accepts BLKIF_OP_DISCARD.
     public var discard: Bool
+    /// Mode "r": the backend refuses writes.
     public var readOnly: Bool
 
+    /// Disk parameters as a backend announces them.
     public init(
         sectors: UInt64, sectorSize: UInt32 = 512, flushCache: Bool = true, discard: Bool = true, readOnly: Bool = false
     ) {

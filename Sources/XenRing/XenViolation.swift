@@ -64,6 +64,7 @@ public enum XenViolation: RuleViolation, Equatable {
     /// not add up to the frame's (or a frame outside 14...65535 bytes).
     case xenNetRequestSize(id: UInt16, offset: UInt16, size: UInt16)
 
+    /// The rule the failed check enforces.
     public var rule: Rule {
         switch self {
         case .xenResponseProducerBeyondInFlight, .xenResponseProducerWentBackwards,
@@ -80,6 +81,7 @@ public enum XenViolation: RuleViolation, Equatable {
         }
     }
 
+    /// The check that failed, without the rule prefix.
     public var detail: String {
         switch self {
         case .xenResponseProducerBeyondInFlight(let c, let p, let n):

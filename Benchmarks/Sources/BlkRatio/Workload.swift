@@ -9,6 +9,8 @@ import VirtioBlock
 /// Which driver a contestant uses.
 enum DriverKind: String {
     case hardened, trusting
+    /// The hardened driver's async calls from a task group (issue 20).
+    case async
 }
 
 /// One side of a comparison: a driver against a back-end socket.
@@ -29,6 +31,8 @@ struct Settings {
     var depths = [1, 32]
     /// Polls before blocking, both drivers (the library's default is 256).
     var spinIterations = VirtioBlockDriver.Options().spinIterations
+    /// Run the pool ticker beside synchronous rounds too (async mode).
+    var ticker = false
 }
 
 /// What one contestant did in one round (or, merged, over all rounds).
@@ -41,6 +45,8 @@ struct RunResult {
     var requests = 0
     var kicks = 0
     var sleeps = 0
+    /// Lateness of a 1 ms `Task.sleep` ticker on the pool during the round (async mode).
+    var ticker: Histogram<UInt64>?
 
     var iops: Double { seconds > 0 ? Double(ios) / seconds : 0 }
     func percentileMicroseconds(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
@@ -53,6 +59,9 @@ struct RunResult {
         requests += other.requests
         kicks += other.kicks
         sleeps += other.sleeps
+        if let t = other.ticker {
+            if ticker == nil { ticker = t } else { ticker?.add(t) }
+        }
     }
 }
 
@@ -168,7 +177,7 @@ func closedLoop<D: LoopDriver>(
 func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
     let queueSize = min(1024, max(128, 1 << (Int.bitWidth - (depth * 3 - 1).leadingZeroBitCount)))
     switch c.driver {
-    case .hardened:
+    case .hardened, .async:
         var options = VirtioBlockDriver.Options()
         options.queueSize = queueSize
         options.spinIterations = settings.spinIterations
@@ -184,9 +193,19 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: settings.blockSize * depth, alignment: 4096)
         defer { buffers.deallocate() }
         buffers.initializeMemory(as: UInt8.self, repeating: 0x5a)
-        var r = closedLoop(
-            HardenedLoop(queue: disk.queue(0), buffers: buffers, blockSize: settings.blockSize), depth: depth,
-            blockSize: settings.blockSize, blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        if c.driver == .async {
+            var r = asyncRound(disk: disk, depth: depth, settings: settings, seconds: seconds, seed: seed)
+            let s = disk.queue(0).statistics  // the engine is idle once every read returned
+            r.kicks = Int(s.kicks)
+            r.sleeps = Int(s.spuriousNotifications)
+            return r
+        }
+        let loop = {
+            closedLoop(
+                HardenedLoop(queue: disk.queue(0), buffers: buffers, blockSize: settings.blockSize), depth: depth,
+                blockSize: settings.blockSize, blocks: blocks, warmup: settings.warmup, seconds: seconds, seed: seed)
+        }
+        var r = settings.ticker ? syncRoundWithTicker(loop, warmup: settings.warmup, seconds: seconds) : loop()
         let s = disk.queue(0).statistics
         r.requests = Int(s.completed)
         r.kicks = Int(s.kicks)
@@ -234,6 +253,7 @@ func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Setting
             log(
                 "  round \(round + 1)/\(settings.rounds) \(c.label) depth \(depth): "
                     + "\(Int(r.iops)) IOPS, p50 \(r.percentileMicroseconds(50)) us, p99 \(r.percentileMicroseconds(99)) us"
+                    + ", \(r.requests) requests, \(r.kicks) kicks, \(r.sleeps) sleeps or spurious wake-ups"
                     + (r.error.map { " ERROR \($0)" } ?? ""))
             results[c.label] = r
         }

@@ -3,6 +3,10 @@
 //   blk-ratio drivers --backend NAME=SOCKET...   hardened VirtioBlockDriver vs the trusting
 //                                               baseline, against each back-end (issue 3:
 //                                               hardened >= 0.95x trusting IOPS)
+//   blk-ratio async --socket SOCKET             async reads from a task group vs the
+//                                               synchronous queue API, one back-end, with a
+//                                               1 ms Task.sleep ticker on the pool (issue 20:
+//                                               >= 0.8x, ticker lateness p99 < 5 ms)
 //   blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET
 //                                               the hardened driver against two back-ends
 //                                               (issue 4: serve-blk >= 1.0x qsd)
@@ -16,6 +20,7 @@ func usage(_ code: Int32 = 2) -> Never {
     print("""
         usage: blk-ratio drivers --backend NAME=SOCKET [--backend NAME=SOCKET]... [options]
                blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET [options]
+               blk-ratio async --socket SOCKET [options]   (async calls vs queue API)
                blk-ratio check --socket SOCKET   (both drivers read the same random blocks
                                                   and must return the same bytes)
                blk-ratio poll-cost --socket SOCKET   (ns per empty poll of each driver)
@@ -33,7 +38,7 @@ func usage(_ code: Int32 = 2) -> Never {
     exit(code)
 }
 
-enum Mode: String { case drivers, devices, run, check, pollCost = "poll-cost" }
+enum Mode: String { case drivers, devices, run, check, async, pollCost = "poll-cost" }
 
 func parse() -> (Mode, Settings, [(String, String)]) {
     var args = CommandLine.arguments.dropFirst()
@@ -82,7 +87,8 @@ func parse() -> (Mode, Settings, [(String, String)]) {
     }
     if !depths.isEmpty { settings.depths = depths }
     guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1,
-        mode != .check || targets.count == 1, mode != .pollCost || targets.count == 1
+        mode != .check || targets.count == 1, mode != .pollCost || targets.count == 1,
+        mode != .async || targets.count == 1
     else { usage() }
     if mode == .pollCost {
         guard let (h, t) = pollCost(socket: targets[0].1, polls: 2_000_000) else {
@@ -101,6 +107,10 @@ func parse() -> (Mode, Settings, [(String, String)]) {
         exit(0)
     }
     if mode == .run { targets = [(driver.rawValue, targets[0].1)] }
+    if mode == .async {
+        settings.ticker = true
+        if depths.isEmpty { settings.depths = [32] }
+    }
     return (mode, settings, targets)
 }
 
@@ -185,6 +195,26 @@ case .devices:
             Contestant(label: aName, driver: .hardened, socket: aSocket),
             Contestant(label: bName, driver: .hardened, socket: bSocket), depth: depth, settings: settings, log: log)
         print("| \(depth) | \(cells(p.a)) | \(cells(p.b)) | \(ratioCell(p)) |")
+        for e in [p.a.error, p.b.error].compactMap({ $0 }) {
+            failed = true
+            log("error: \(e)")
+        }
+    }
+case .async:
+    let socket = targets[0].1
+    print("| iodepth | async IOPS | p50 µs | p99 µs | queue API IOPS | p50 µs | p99 µs | ratio async/sync (totals) | median of rounds [range] | ticker lateness p50 / p99 / max ms, async | same, sync |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    func lateness(_ r: RunResult) -> String {
+        guard let t = r.ticker else { return "n/a" }
+        func ms(_ p: Double) -> String { f(Double(t.valueAtPercentile(p)) / 1e6, 2) }
+        return "\(ms(50)) / \(ms(99)) / \(f(Double(t.max) / 1e6, 2))"
+    }
+    for depth in settings.depths {
+        log("async vs queue API, iodepth \(depth) (load \(loadAverage())):")
+        let p = comparePair(
+            Contestant(label: "async", driver: .async, socket: socket),
+            Contestant(label: "queue", driver: .hardened, socket: socket), depth: depth, settings: settings, log: log)
+        print("| \(depth) | \(cells(p.a)) | \(cells(p.b)) | \(ratioCell(p)) | \(lateness(p.a)) | \(lateness(p.b)) |")
         for e in [p.a.error, p.b.error].compactMap({ $0 }) {
             failed = true
             log("error: \(e)")

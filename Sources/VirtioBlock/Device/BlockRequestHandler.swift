@@ -13,12 +13,15 @@ public import Virtqueue
 /// byte. Pieces may be split anywhere across descriptors (and regions), so everything is
 /// addressed as byte offsets into the readable or writable part of the chain.
 public final class BlockRequestHandler: QueueHandler {
+    /// The device whose image this queue serves.
     public let device: VirtioBlockDevice
+    /// The queue this handler serves.
     public let queueIndex: Int
     var chain = DescriptorChain()
     let identifier: [UInt8]
     /// Requests served, and how many ended with a status other than OK (for tests and logs).
     public private(set) var served = 0
+    /// Requests answered with IOERR or UNSUPP.
     public private(set) var failed = 0
     /// Malformed chains seen (each completed with used length 0).
     public private(set) var rejected = 0
@@ -38,6 +41,7 @@ public final class BlockRequestHandler: QueueHandler {
         identifier = id
     }
 
+    /// Pops at most `budget` chains, serves each and completes it (a malformed one with length 0); throws only when the ring itself is broken.
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         var count = 0
         while count < budget {

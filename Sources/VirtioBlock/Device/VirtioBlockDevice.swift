@@ -4,7 +4,9 @@ import Virtqueue
 
 /// Settings of a served virtio-blk device.
 public struct VirtioBlockDeviceOptions: Sendable {
+    /// Offer VIRTIO_BLK_F_RO: writes, discards and write-zeroes are answered IOERR.
     public var readOnly = false
+    /// Request queues offered (1...64, `num_queues`).
     public var queueCount = 1
     /// Largest ring the driver may set up; `seg_max` is derived from it.
     public var queueSize = 256
@@ -21,6 +23,7 @@ public struct VirtioBlockDeviceOptions: Sendable {
     /// Offer VIRTIO_F_RING_PACKED (the driver picks the ring format).
     public var packedRing = true
 
+    /// The defaults: one queue of up to 256, 512-byte blocks, writable.
     public init() {}
 
     /// Why a set of options cannot serve.
@@ -43,10 +46,14 @@ public struct VirtioBlockDeviceOptions: Sendable {
 /// once into private memory (R2) and checked (R3); a malformed request completes with
 /// VIRTIO_BLK_S_IOERR (or used length 0 when it has no status byte) and never traps.
 public final class VirtioBlockDevice: VhostUserDevice {
+    /// The file served.
     public let image: DeviceImage
+    /// The settings it serves with.
     public let options: VirtioBlockDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
 
+    /// A device serving `image` with `options` (check them first with
+    /// `VirtioBlockDeviceOptions.validate()`).
     public init(
         image: DeviceImage, options: VirtioBlockDeviceOptions,
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
@@ -56,9 +63,12 @@ public final class VirtioBlockDevice: VhostUserDevice {
         self.onEvent = onEvent
     }
 
+    /// Read-only by option or because the image was opened read-only.
     public var readOnly: Bool { options.readOnly || image.readOnly }
+    /// The image size in 512-byte sectors (rounded down).
     public var capacitySectors: UInt64 { image.size / UInt64(BlockProtocol.sectorSize) }
 
+    /// Feature bits offered: VERSION_1, ring features and the blk features the options allow.
     public var features: UInt64 {
         typealias F = BlockProtocol.Feature
         var f =
@@ -69,8 +79,10 @@ public final class VirtioBlockDevice: VhostUserDevice {
         return f
     }
 
+    /// Protocol features offered: CONFIG (the driver reads the capacity from config space).
     public var protocolFeatures: ProtocolFeatures { .config }
 
+    /// Request queues offered.
     public var queueCount: Int { options.queueCount }
 
     /// `seg_max` + 2 (header and status): what Linux sizes its indirect tables by.
@@ -101,10 +113,12 @@ public final class VirtioBlockDevice: VhostUserDevice {
     /// The config space is read-only here (no CONFIG_WCE offered).
     public func writeConfig(offset: UInt32, bytes: [UInt8]) -> Bool { false }
 
+    /// A handler for one queue, on that queue's thread.
     public func makeQueueHandler(queue: Int, features: UInt64) -> any QueueHandler {
         BlockRequestHandler(device: self, queue: queue)
     }
 
+    /// The front-end left: the image is flushed.
     public func frontendDisconnected() {
         _ = image.flush()
     }

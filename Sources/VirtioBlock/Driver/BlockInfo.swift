@@ -3,6 +3,7 @@ import SharedMemory
 /// The device's geometry after validation: every field is clamped into a sane range or
 /// refused (R3). The driver uses only this, never the raw `BlockConfig`.
 public struct BlockInfo: Sendable, Equatable {
+    /// Disk size in bytes (config `capacity` * 512, checked to fit 63 bits).
     public let capacityBytes: UInt64
     /// Logical block size: a power of two in 512...65536 (512 without BLK_SIZE).
     public let blockSize: Int
@@ -14,12 +15,17 @@ public struct BlockInfo: Sendable, Equatable {
     public let maxTransfer: Int
     /// Queues we use: min(config num_queues, GET_QUEUE_NUM, asked), at least 1.
     public let queueCount: Int
+    /// VIRTIO_BLK_F_RO was offered: writes are refused locally.
     public let readOnly: Bool
+    /// VIRTIO_BLK_F_FLUSH was negotiated.
     public let supportsFlush: Bool
+    /// VIRTIO_BLK_F_DISCARD was negotiated.
     public let supportsDiscard: Bool
+    /// VIRTIO_BLK_F_WRITE_ZEROES was negotiated.
     public let supportsWriteZeroes: Bool
     /// Largest discard / write-zeroes range per request, in bytes.
     public let maxDiscardBytes: UInt64
+    /// Largest WRITE_ZEROES range one request may carry, in bytes.
     public let maxWriteZeroesBytes: UInt64
     /// Negotiated virtio feature bits.
     public let features: UInt64

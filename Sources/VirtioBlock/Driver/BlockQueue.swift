@@ -8,17 +8,23 @@ import Virtqueue
 /// The outcome of one request: `bytes` transferred into the caller's buffer (reads and
 /// GET_ID), or 0.
 public struct BlockCompletion: Sendable, Equatable {
+    /// The tag given when the request was submitted.
     public let tag: UInt64
+    /// Bytes transferred into the caller's buffer (reads, GET_ID; 0 otherwise), or why it failed.
     public let result: Result<Int, VirtioError>
 }
 
 /// Counters a caller (or the audit) can read.
 public struct BlockQueueStatistics: Sendable, Equatable {
+    /// Requests posted to the ring.
     public var submitted: UInt64 = 0
+    /// Completions handed back by `poll()`/`wait()` (validated).
     public var completed: UInt64 = 0
+    /// Notifications sent to the device (only when it asked for them, R1).
     public var kicks: UInt64 = 0
     /// Wake-ups that brought no completion (a storm is backed off, R5).
     public var spuriousNotifications: UInt64 = 0
+    /// Requests posted again after a reconnect.
     public var resubmitted: UInt64 = 0
 }
 
@@ -90,6 +96,7 @@ public final class BlockQueue {
     static let statusSentinel: UInt8 = 0xff
     static let headerSize = BlockProtocol.requestHeaderSize
 
+    /// The queue's index on the device.
     public let index: Int
     /// Failure sink, control-socket watch and reconnect state of the device (shared with
     /// its other queues). The hot path reads only its `epoch`.
@@ -156,6 +163,7 @@ public final class BlockQueue {
     /// Requests submitted and not yet handed back by `poll()`.
     public var inFlight: Int { state.pointee.activeCount }
 
+    /// Counters of this queue (read on its own thread).
     public var statistics: BlockQueueStatistics { state.pointee.statistics }
 
     // MARK: submission
@@ -174,6 +182,7 @@ public final class BlockQueue {
         try postWrite(offset: offset, from: buffer, tag: tag)
     }
 
+    /// Posts a FLUSH (refused locally if the device did not offer VIRTIO_BLK_F_FLUSH).
     public func submitFlush(tag: UInt64) throws(VirtioError) {
         guard info.supportsFlush else { throw .unsupported("VIRTIO_BLK_F_FLUSH") }
         try post(.flush, sector: 0, data: 0, writable: false, tag: tag, source: nil, destination: nil)
@@ -488,6 +497,13 @@ public final class BlockQueue {
     /// broken) or `until` (then: nil). Wake-ups without completions are counted and,
     /// when they keep coming, backed off so a storm cannot burn the CPU (R5).
     public func wait(until limit: Deadline = .distantFuture) -> BlockCompletion? {
+        wait(until: limit, orWake: nil)
+    }
+
+    /// `wait(until:)` that also returns nil once `wake` is signalled (an async engine's
+    /// thread: new work arrived). With nil, inlined into `wait(until:)` as it was.
+    @inline(__always)
+    func wait(until limit: Deadline, orWake wake: Notifier?) -> BlockCompletion? {
         var spins = 0
         while true {
             if let c = poll() { return c }
@@ -515,7 +531,9 @@ public final class BlockQueue {
             if spinning { continue }
             if ring.enableInterrupts() { continue }
             let until = Deadline(uptimeNanoseconds: min(earliest, limit.uptimeNanoseconds))
-            switch block(until: until) {
+            switch block(until: until, orWake: wake) {
+            case .woken:
+                return nil
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
@@ -535,10 +553,21 @@ public final class BlockQueue {
         case notified, timedOut
         /// The control socket of connection `generation` is readable.
         case socket(generation: UInt32)
+        /// The async engine's wake eventfd.
+        case woken
     }
 
-    func block(until deadline: Deadline) -> Wake {
+    @inline(__always)
+    func block(until deadline: Deadline, orWake wake: Notifier?) -> Wake {
         let control = supervisor.watch
+        if let wake {
+            switch EventWaiter.wait(for: callNotifier, orReadable: control.descriptor, orWoken: wake, until: deadline) {
+            case .other: return .socket(generation: control.generation)
+            case .woken: return .woken
+            case .notified(let count): return count > 0 ? .notified : .timedOut
+            case .timedOut: return .timedOut
+            }
+        }
         switch EventWaiter.wait(for: callNotifier, orReadable: control.descriptor, until: deadline) {
         case .other: return .socket(generation: control.generation)
         case .notified(let count): return count > 0 ? .notified : .timedOut

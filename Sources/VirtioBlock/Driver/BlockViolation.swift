@@ -14,8 +14,10 @@ public enum BlockViolation: RuleViolation, Equatable {
     /// The vhost-user back-end broke the control protocol (bad reply, wrong size, fds).
     case controlProtocol(String)
 
+    /// Every virtio-blk payload check validates what the device wrote (R3).
     public var rule: Rule { .r3 }
 
+    /// The check that failed, without the rule prefix.
     public var detail: String {
         switch self {
         case .blockStatusInvalid(let status):

@@ -29,6 +29,8 @@ protocol ControlPlane: AnyObject, Sendable {
 /// where it parks until the generation changes, then resets, resubmits and announces its
 /// own ring on its own thread.
 final class DriverSupervisor: @unchecked Sendable {
+    // @unchecked Sendable: shared state is in `link` (a pthread mutex) or atomics; the weak
+    // `controlPlane` is set once, by the device's `init`, before any queue can reach it.
     /// Reconnection and failure state, and the lock the device's control connection is
     /// used under.
     struct Link {
@@ -320,6 +322,7 @@ final class DriverSupervisor: @unchecked Sendable {
 /// A pthread mutex around a value. ThreadSanitizer sees pthread locks (it does not see
 /// `Synchronization.Mutex`'s futex on Linux), so a race it reports under this is real.
 final class Locked<Value>: @unchecked Sendable {
+    // @unchecked Sendable: `value` is read and written only inside `withLock`.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private var value: Value
 

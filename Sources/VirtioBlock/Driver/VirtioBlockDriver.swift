@@ -28,9 +28,16 @@ import Synchronization
 /// until the generation changes, then resets, resubmits and announces its own ring
 /// (`BlockQueue.settle`, `announce(queue:)`).
 public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
+    // @unchecked Sendable: the mutable control-plane state (`frontend`, `retiredFrontend`) is
+    // used only under `supervisor.link`'s lock or by the reconnect's single owner; the
+    // convenience calls and the async engine take `convenienceLock` for queue 0;
+    // `asyncEngine` is a Mutex; each other queue belongs to one thread by contract
+    // (`queue(_:)`); everything else is immutable after `init`.
+    /// What `connect` negotiates and how the driver waits (every field has a safe default).
     public struct Options: Sendable {
         /// Queues wanted (clamped to what the device offers).
         public var queues = 1
+        /// Ring size of each queue (a power of two, at least 4).
         public var queueSize = 128
         /// Per-request deadline in seconds (R5).
         public var requestTimeout: Double = 10
@@ -38,6 +45,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         /// ring set-up, a reconnect attempt, a close (R5: not per message, so a back-end
         /// that answers each message just in time cannot stretch it).
         public var controlTimeout: Double = 5
+        /// Bytes of the sealed bounce pool per queue (raised to twice the largest request if smaller).
         public var bounceBytesPerQueue = 4 << 20
         /// When the back-end goes away: reconnect and resubmit in-flight requests
         /// instead of failing them. Safe with one thread per queue: one thread reconnects,
@@ -51,11 +59,13 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         public var packedRing = true
         /// Called once with the first failure of the device (rate-limited logging, R6).
         public var onFailure: (@Sendable (VirtioError) -> Void)?
+        /// The defaults: one queue of 128, 10 s per request, 5 s per control operation.
         public init() {}
     }
 
     /// Synthetic addresses announced to the back-end (R7): never our real pointers.
     public static let guestBase: UInt64 = 0x1_0000_0000
+    /// Synthetic user address of the shared region announced to the back-end (R7).
     public static let userBase: UInt64 = 0x5a5a_0000_0000
 
     /// The features we ask for; SET_FEATURES acks only those the back-end offered.
@@ -65,8 +75,11 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         | BlockProtocol.Feature.flush | BlockProtocol.Feature.readOnly | BlockProtocol.Feature.multiQueue
         | BlockProtocol.Feature.discard | BlockProtocol.Feature.writeZeroes
 
+    /// The back-end's socket path (empty when connected over a channel).
     public let socketPath: String
+    /// The options the device was connected with.
     public let options: Options
+    /// The validated geometry and features of the disk.
     public let info: BlockInfo
     /// The control connection. Used only under `supervisor.link`'s lock, or by the
     /// reconnection's owner while `link.reconnecting` keeps every other thread off it.
@@ -80,7 +93,11 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
     var queues: [BlockQueue] = []
     /// Failure sink, control-socket watch and reconnect state, shared with the queues.
     let supervisor: DriverSupervisor
-    let convenienceLock = Mutex<Int>(0)
+    /// Queue 0's owner: the convenience calls, or the async engine while it has requests
+    /// in flight (a class, so the engine holds it without holding the device).
+    let convenienceLock = Locked<Int>(0)
+    /// The async calls' engine on queue 0, started by the first of them.
+    let asyncEngine = Mutex<AsyncEngineSlot>(.none)
 
     /// Connects, negotiates, validates the config and sets up the queues.
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError)
@@ -232,6 +249,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
 
     // MARK: queues and state
 
+    /// Queues in use (what was asked, clamped to what the device offers).
     public var queueCount: Int { queues.count }
 
     /// Split or packed: packed when VIRTIO_F_RING_PACKED was offered and wanted.
@@ -243,6 +261,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
     /// The sticky failure, if the device is broken.
     public var failure: VirtioError? { supervisor.failure }
 
+    /// True once a violation or timeout broke the device (until `reconnect()`).
     public var isBroken: Bool { supervisor.isBroken }
 
     // MARK: reconnect (the control plane; queues reach it only through `supervisor`)
@@ -343,6 +362,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
             }
             frontend.close()
         }
+        stopAsyncEngine()
     }
 
     // MARK: convenience (queue 0, serialized)
@@ -403,6 +423,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }
     }
 
+    /// Reads `count` bytes at `offset` (block-aligned) into a new array, blocking this thread.
     public func read(at offset: UInt64, count: Int) throws(VirtioError) -> [UInt8] {
         try readBytes(at: offset, count: count)
     }
@@ -425,6 +446,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }
     }
 
+    /// Writes `bytes` at `offset` (block-aligned), blocking this thread.
     public func write(at offset: UInt64, bytes: [UInt8]) throws(VirtioError) {
         try writeBytes(at: offset, bytes: bytes)
     }
@@ -435,6 +457,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }.get()
     }
 
+    /// Flushes the device's write cache, blocking this thread.
     public func flush() throws(VirtioError) { try flushSync() }
 
     func flushSync() throws(VirtioError) {
@@ -452,6 +475,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }
     }
 
+    /// Writes zeroes over `length` bytes at `offset` (WRITE_ZEROES, optionally unmapping).
     public func writeZeroes(at offset: UInt64, length: Int, unmap: Bool = false) throws(VirtioError) {
         try discard(at: offset, length: length, zeroes: true, unmap: unmap)
     }
@@ -474,18 +498,4 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         }.get()
         return String(decoding: id.prefix(got), as: UTF8.self)
     }
-
-    // MARK: async convenience (blocks the calling thread at most until the deadlines)
-
-    public func read(at offset: UInt64, count: Int) async throws(VirtioError) -> [UInt8] {
-        try readBytes(at: offset, count: count)
-    }
-
-    public func write(at offset: UInt64, bytes: [UInt8]) async throws(VirtioError) {
-        try writeBytes(at: offset, bytes: bytes)
-    }
-
-    public func flush() async throws(VirtioError) { try flushSync() }
-
-    public func identify() async throws(VirtioError) -> String { try identifySync() }
 }

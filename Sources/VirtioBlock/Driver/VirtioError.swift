@@ -48,6 +48,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// One line; device faults start with the rule they broke.
     public var description: String {
         switch self {
         case .violation(let v): return v.description

@@ -1,0 +1,440 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+// The machinery behind every transport's `async` calls (virtio-blk, Xen blk): one I/O thread
+// per engine drives a synchronous queue (submit/poll/wait) and resumes the callers'
+// continuations, so no cooperative-pool thread ever blocks on an eventfd or a socket.
+// `package`: shared by the device modules, not a public API of its own.
+
+/// What an async request does.
+package enum IOKind: Sendable {
+    case read, write, flush
+    /// The device's identity string into the buffer (virtio-blk GET_ID).
+    case identify
+}
+
+/// One request as the transport posts it: `buffer` is engine-owned memory that stays
+/// allocated until the transport has handed back this piece's completion (reads land in
+/// it, writes are copied from it into the transport's bounce memory when posted).
+package struct IOPiece {
+    package let kind: IOKind
+    /// Bytes from the start of the disk.
+    package let offset: UInt64
+    package let buffer: UnsafeMutableRawBufferPointer
+}
+
+/// A synchronous queue an `IOEngine` drives from its thread: the only thread that ever
+/// calls these methods while the engine owns the queue.
+package protocol IOTransport: AnyObject, SendableMetatype {
+    associatedtype Failure: Error & Sendable
+    /// Largest piece one request may carry (a multiple of the block size).
+    var maxPieceBytes: Int { get }
+    /// Posts a piece (unpublished). False: no room now, retry after a completion.
+    func post(_ piece: IOPiece, tag: UInt64) throws(Failure) -> Bool
+    /// Publishes what was posted (and notifies the device if it wants it).
+    func publish()
+    /// The next completion, never blocking; after the device broke, each request still in
+    /// flight comes back as its failure.
+    func nextCompletion() -> (tag: UInt64, failure: Failure?)?
+    var inFlight: Int { get }
+    /// Blocks until a completion may be ready, `wake` was signalled, or a request deadline
+    /// acted (the transport breaks the device then, R5).
+    func waitForCompletion(orWake wake: Notifier)
+    /// Runs `body` with the queue to itself (a queue shared with synchronous callers takes
+    /// their lock). `body` returns only with nothing in flight.
+    func exclusively(_ body: () -> Void)
+    /// The failure of requests still queued when the engine stops.
+    var closedFailure: Failure { get }
+    /// The failure of a request that found no room with nothing in flight (it never will).
+    var noRoomFailure: Failure { get }
+    /// The engine stopped and nothing is in flight: the last call on its thread.
+    func engineStopped()
+}
+
+/// Where an operation's outcome goes.
+package enum IODelivery<Failure: Error & Sendable>: Sendable {
+    /// One awaiting caller.
+    case caller
+    /// A stream of completions: `sink` gets this operation's, tagged.
+    case stream(tag: UInt64, sink: @Sendable (IOCompletion<Failure>) -> Void)
+}
+
+/// A completion as a stream delivers it: the caller's tag and the bytes read (empty for
+/// writes and flushes), or the failure.
+public struct IOCompletion<Failure: Error & Sendable>: Sendable {
+    /// The tag the request was posted with.
+    public let tag: UInt64
+    /// The bytes read (empty for writes and flushes), or the failure.
+    public let result: Result<[UInt8], Failure>
+
+    package init(tag: UInt64, result: Result<[UInt8], Failure>) {
+        self.tag = tag
+        self.result = result
+    }
+}
+
+/// One async call (cut into pieces by the engine). The buffer is the engine's until every
+/// posted piece has completed (or the device was reset): a cancelled caller is resumed at
+/// once, but the memory a late completion lands in is never handed to anyone else.
+package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable {
+    // @unchecked: `kind`, `offset`, `buffer`, `delivery` are immutable; the `engine...`
+    // fields are touched only by the engine thread; `cancelled` is atomic and `waiter`
+    // is under its mutex.
+    /// What the engine hands the awaiting caller: done (the caller copies the bytes out of
+    /// `buffer`, which the engine no longer touches), failed, or cancelled.
+    enum Outcome {
+        case done
+        case failed(Failure)
+        case cancelled
+    }
+
+    enum Waiter {
+        case notInstalled
+        case waiting(UnsafeContinuation<Outcome, Never>)
+        /// Cancelled before the continuation was installed, or resumed.
+        case over
+    }
+
+    let kind: IOKind
+    let offset: UInt64
+    let buffer: UnsafeMutableRawBufferPointer
+    let delivery: IODelivery<Failure>
+    let cancelled = Atomic<Bool>(false)
+    let waiter = Mutex<Waiter>(.notInstalled)
+    /// Engine thread only: bytes cut into pieces so far, pieces in flight, first failure.
+    var engineCut = 0
+    var engineOutstanding = 0
+    var engineFailure: Failure?
+
+    package init(kind: IOKind, offset: UInt64, count: Int, delivery: IODelivery<Failure>) {
+        self.kind = kind
+        self.offset = offset
+        self.delivery = delivery
+        buffer = .allocate(byteCount: max(count, 0), alignment: 64)
+        // A read's bytes are returned only once the device filled all of them; writes are
+        // filled by `fill`; GET_ID may come back short, so its buffer starts zeroed.
+        if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Write data, copied in before the operation is queued.
+    package func fill(from bytes: [UInt8]) {
+        bytes.withUnsafeBytes { b in buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: b.prefix(buffer.count))) }
+    }
+
+    var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+
+    /// Units the engine cuts: bytes, or one for a request without data range.
+    var total: Int { kind == .flush || kind == .identify ? 1 : buffer.count }
+
+    /// The caller's task was cancelled: resumes it (with nil) now. The pieces already
+    /// posted stay the engine's until the device completes them.
+    package func cancel() {
+        cancelled.store(true, ordering: .releasing)
+        let continuation = waiter.withLock { w -> UnsafeContinuation<Outcome, Never>? in
+            defer { w = .over }
+            if case .waiting(let c) = w { return c }
+            return nil
+        }
+        continuation?.resume(returning: .cancelled)
+    }
+
+    /// Suspends until the outcome (nil: cancelled). The bytes of a read are copied here, on
+    /// the caller's thread, not on the engine's.
+    func outcome(install: () -> Void) async -> Result<[UInt8], Failure>? {
+        let outcome = await withUnsafeContinuation { (c: UnsafeContinuation<Outcome, Never>) in
+            let over = waiter.withLock { w -> Bool in
+                if case .over = w { return true }
+                w = .waiting(c)
+                return false
+            }
+            if over {
+                c.resume(returning: .cancelled)
+            } else {
+                install()
+            }
+        }
+        switch outcome {
+        case .cancelled: return nil
+        case .failed(let failure): return .failure(failure)
+        case .done: return .success(kind == .read || kind == .identify ? [UInt8](UnsafeRawBufferPointer(buffer)) : [])
+        }
+    }
+
+    /// Engine thread: every piece is done; hands the outcome over (once).
+    func deliver() {
+        switch delivery {
+        case .stream(let tag, let sink):
+            let result: Result<[UInt8], Failure>
+            if let failure = engineFailure {
+                result = .failure(failure)
+            } else if kind == .read || kind == .identify {
+                result = .success([UInt8](UnsafeRawBufferPointer(buffer)))
+            } else {
+                result = .success([])
+            }
+            sink(IOCompletion(tag: tag, result: result))
+        case .caller:
+            let result: Outcome = engineFailure.map { .failed($0) } ?? .done
+            let continuation = waiter.withLock { w -> UnsafeContinuation<Outcome, Never>? in
+                defer { w = .over }
+                if case .waiting(let c) = w { return c }
+                return nil
+            }
+            continuation?.resume(returning: result)
+        }
+    }
+}
+
+/// Drives one `IOTransport` from a thread of its own. Callers enqueue operations (never
+/// blocking: a short lock, and an eventfd write only when the thread sleeps); the thread
+/// posts them, waits for completions and resumes the callers.
+package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
+    // @unchecked: `transport` is touched only by the engine thread; `inbox` is under its
+    // mutex; `wake` is an eventfd (thread-safe).
+    package typealias Operation = IOOperation<Transport.Failure>
+
+    struct Inbox {
+        var operations: [Operation] = []
+        /// The engine thread is (about to be) blocked: the next submitter signals `wake`.
+        var sleeping = false
+        var stopping = false
+    }
+
+    let transport: Transport
+    let wake: Notifier
+    let inbox = Mutex<Inbox>(Inbox())
+    /// Completions handled per exclusive hold of a shared queue before the engine lets it
+    /// drain, so synchronous callers of the same queue get their turn.
+    let budget: Int
+
+    package init(transport: Transport, budget: Int = 4096, spinIterations: Int = 512) throws(SystemError) {
+        self.transport = transport
+        self.wake = try Notifier()
+        self.budget = budget
+        self.spinIterations = spinIterations
+        try spawnThread { [self] in run() }.detach()
+    }
+
+    /// Operations accepted whose memory the engine still holds: queued, or with a piece
+    /// the device has not completed (a cancelled caller's included). For tests of the
+    /// cancellation rule.
+    package var held: Int { heldCount.load(ordering: .relaxed) }
+    let heldCount = Atomic<Int>(0)
+    /// Operations in the inbox (or a stop request): lets the thread look without the lock.
+    let queued = Atomic<Int>(0)
+    /// Polls of the transport before the thread sleeps (new work or a completion while
+    /// spinning costs no eventfd write and no wake-up).
+    let spinIterations: Int
+
+    /// Queues `operation`; false when the engine has stopped.
+    package func enqueue(_ operation: Operation) -> Bool {
+        let (accepted, signal) = inbox.withLock { s -> (Bool, Bool) in
+            if s.stopping { return (false, false) }
+            heldCount.add(1, ordering: .relaxed)
+            s.operations.append(operation)
+            queued.add(1, ordering: .releasing)
+            defer { s.sleeping = false }
+            return (true, s.sleeping)
+        }
+        if signal { wake.signal() }
+        return accepted
+    }
+
+    /// Runs `operation` for an awaiting caller: suspends (never blocks) until its outcome;
+    /// nil if the caller's task was cancelled (then it returns promptly).
+    package func perform(_ operation: Operation) async -> Result<[UInt8], Transport.Failure>? {
+        await withTaskCancellationHandler {
+            await operation.outcome {
+                if !enqueue(operation) {
+                    operation.engineFailure = transport.closedFailure
+                    operation.deliver()
+                }
+            }
+        } onCancel: {
+            operation.cancel()
+        }
+    }
+
+    /// Stops taking operations; those queued fail with `closedFailure`, those in flight
+    /// finish (or fail by their deadline), then the thread ends.
+    package func stop() {
+        inbox.withLock { $0.stopping = true }
+        queued.add(1, ordering: .releasing)
+        wake.signal()
+    }
+
+    // MARK: the engine thread
+
+    var pending: [Operation] = []
+    /// The inbox's array between two `absorb`s (swapped, so neither side reallocates).
+    var spare: [Operation] = []
+    var stopSeen = false
+    var pendingHead = 0
+    var inFlight: [UInt64: (Operation, Int)] = [:]
+    var nextTag: UInt64 = 1
+
+    func run() {
+        while true {
+            let stopping = absorb()
+            if pendingHead == pending.count && inFlight.isEmpty {
+                if stopping {
+                    transport.engineStopped()
+                    return
+                }
+                if sleepIfIdle() { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
+                continue
+            }
+            transport.exclusively { busy() }
+        }
+    }
+
+    /// Moves the inbox into `pending`; true once the engine is stopping.
+    func absorb() -> Bool {
+        if queued.load(ordering: .acquiring) == 0 { return stopSeen }
+        let stopping = inbox.withLock { s -> Bool in
+            s.sleeping = false
+            swap(&s.operations, &spare)
+            queued.store(0, ordering: .relaxed)
+            return s.stopping
+        }
+        stopSeen = stopping
+        if pendingHead > 0 && pendingHead == pending.count {
+            pending.removeAll(keepingCapacity: true)
+            pendingHead = 0
+        }
+        pending.append(contentsOf: spare)
+        spare.removeAll(keepingCapacity: true)
+        if stopping {
+            while pendingHead < pending.count {
+                let op = pending[pendingHead]
+                pendingHead += 1
+                op.engineFailure = op.engineFailure ?? transport.closedFailure
+                op.engineCut = op.total
+                if op.engineOutstanding == 0 { release(op) }
+            }
+        }
+        return stopping
+    }
+
+    /// Marks the thread asleep unless work arrived; true: block now.
+    func sleepIfIdle() -> Bool {
+        inbox.withLock { s in
+            guard s.operations.isEmpty && !s.stopping else { return false }
+            s.sleeping = true
+            return true
+        }
+    }
+
+    /// With the queue to itself: post, publish, collect, wait, until nothing is in flight
+    /// and nothing is pending (or the budget is spent and what is in flight drained).
+    func busy() {
+        var handled = 0
+        while true {
+            _ = absorb()
+            if handled < budget { submitPending() }
+            transport.publish()
+            var progress = false
+            while let c = transport.nextCompletion() {
+                progress = true
+                handled += 1
+                complete(tag: c.tag, failure: c.failure)
+            }
+            if progress { continue }
+            if inFlight.isEmpty {
+                if handled >= budget || pendingHead == pending.count { return }
+                // Nothing in flight and the head cannot be posted: it never will be.
+                failHead()
+                continue
+            }
+            // Spin first: under load the next completion or request comes within
+            // microseconds, and then nobody pays for an eventfd or a wake-up.
+            var spins = 0
+            while spins < spinIterations && queued.load(ordering: .relaxed) == 0 {
+                if let c = transport.nextCompletion() {
+                    handled += 1
+                    complete(tag: c.tag, failure: c.failure)
+                    progress = true
+                    break
+                }
+                spins += 1
+            }
+            if progress || queued.load(ordering: .relaxed) != 0 { continue }
+            if sleepIfIdle() { transport.waitForCompletion(orWake: wake) }
+        }
+    }
+
+    func submitPending() {
+        while pendingHead < pending.count {
+            let op = pending[pendingHead]
+            let total = op.total
+            let whole = op.kind == .flush || op.kind == .identify
+            while op.engineCut < total && op.engineFailure == nil && !op.isCancelled {
+                let length = whole ? op.buffer.count : min(transport.maxPieceBytes, total - op.engineCut)
+                let start = whole ? 0 : op.engineCut
+                let piece = IOPiece(
+                    kind: op.kind, offset: op.offset + UInt64(start),
+                    buffer: UnsafeMutableRawBufferPointer(rebasing: op.buffer[start..<start + length]))
+                let tag = nextTag
+                do throws(Transport.Failure) {
+                    guard try transport.post(piece, tag: tag) else { return }  // full: after a completion
+                } catch {
+                    op.engineFailure = error
+                    break
+                }
+                nextTag &+= 1
+                inFlight[tag] = (op, op.engineCut)
+                op.engineOutstanding += 1
+                op.engineCut += whole ? 1 : length
+            }
+            pendingHead += 1
+            op.engineCut = total
+            if op.engineOutstanding == 0 { release(op) }
+        }
+    }
+
+    func complete(tag: UInt64, failure: Transport.Failure?) {
+        guard let (op, _) = inFlight.removeValue(forKey: tag) else { return }
+        op.engineOutstanding -= 1
+        if let failure, op.engineFailure == nil { op.engineFailure = failure }
+        if op.engineOutstanding == 0 && op.engineCut >= op.total { release(op) }
+    }
+
+    /// Every piece of `op` is done (or was never posted): its memory goes back with it.
+    func release(_ op: Operation) {
+        heldCount.subtract(1, ordering: .relaxed)
+        op.deliver()
+    }
+
+    func failHead() {
+        guard pendingHead < pending.count else { return }
+        let op = pending[pendingHead]
+        op.engineFailure = op.engineFailure ?? transport.noRoomFailure
+        op.engineCut = op.total
+        pendingHead += 1
+        if op.engineOutstanding == 0 { release(op) }
+    }
+}
+
+extension IOEngine {
+    /// An awaiting caller's operation of `kind` over `count` bytes at `offset` (write data
+    /// in `bytes`).
+    package func run(_ kind: IOKind, offset: UInt64, count: Int, bytes: [UInt8]? = nil) async
+        -> Result<[UInt8], Transport.Failure>?
+    {
+        let op = Operation(kind: kind, offset: offset, count: count, delivery: .caller)
+        if let bytes { op.fill(from: bytes) }
+        return await perform(op)
+    }
+}
+
+/// An async call on a device that was closed first (or while the call waited to be posted).
+public struct DeviceClosedError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The error.
+    public init() {}
+    /// "the device is closed"
+    public var description: String { "the device is closed" }
+}

@@ -1,0 +1,20 @@
+import SharedMemory
+import Testing
+import XenRing
+
+/// The code of the XenRing article "Use a Xen blk disk from async code", run as written.
+@Test func articleUseAXenBlkDiskFromAsyncCodeRuns() async throws {
+    let (front, back) = try UnixChannel.pair()
+    let server = try spawnThread {
+        let storage = MemoryStorage(sectors: 2048)  // 1 MiB in memory, the backend's
+        guard let connection = try? XenBlkBackendConnection.accept(channel: back, storage: storage) else { return }
+        _ = connection.run(idleTimeout: 5)
+    }
+    let disk = try AsyncXenBlkFrontend(XenBlkFrontendDevice.connect(channel: front))
+    try await disk.write(sector: 8, bytes: [UInt8](repeating: 0x5a, count: 4096))
+    let page = try await disk.read(sector: 8, count: 4096)
+    try await disk.flush()
+    #expect(page.allSatisfy { $0 == 0x5a })
+    disk.close()  // Closing -> Closed once idle
+    server.join()
+}

@@ -1,0 +1,88 @@
+import Adversary
+import SharedMemory
+import Testing
+@testable import XenRing
+
+/// `AsyncXenBlkFrontend` against the real backend (`XenBlkBackendConnection` on a thread,
+/// over a socketpair with real eventfds and memfds), and against one that never answers.
+@Suite("async Xen blk frontend", .serialized)
+struct AsyncXenTests {
+    /// 300 concurrent awaiting reads (pieces of 4 KiB and of more than one blkif request)
+    /// all complete with their own data.
+    @Test(.timeLimit(.minutes(1))) func concurrentAwaitingReadsReturnTheirOwnBlocks() async throws {
+        let (device, backend) = try connectedPair(sectors: 4096)
+        let disk = try AsyncXenBlkFrontend(device)
+        for i in 0..<64 { try await disk.write(sector: UInt64(i) * 8, bytes: page(UInt8(i))) }
+        let big = (0..<(100 << 10)).map { UInt8(truncatingIfNeeded: $0 ^ ($0 >> 10)) }
+        try await disk.write(sector: 1024, bytes: big)
+        try await disk.flush()
+        let correct = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for r in 0..<300 {
+                group.addTask {
+                    if r % 50 == 0 { return try await disk.read(sector: 1024, count: big.count) == big }
+                    let i = r % 64
+                    return try await disk.read(sector: UInt64(i) * 8, count: 4096) == page(UInt8(i))
+                }
+            }
+            var correct = 0
+            for try await ok in group where ok { correct += 1 }
+            return correct
+        }
+        #expect(correct == 300)
+        await #expect(throws: XenBlkError.submit(.beyondCapacity(sector: 4096, sectors: 8))) {
+            try await disk.read(sector: 4096, count: 4096)
+        }
+        await #expect(throws: XenBlkError.submit(.invalidLength(100))) { try await disk.read(sector: 0, count: 100) }
+        disk.close()
+        await #expect(throws: DeviceClosedError()) { try await disk.read(sector: 0, count: 4096) }
+        backend.join()
+    }
+
+    /// A backend that never answers: 100 awaiting reads hold no pool thread (a ticker keeps
+    /// running while all are parked), a cancelled one returns at once (before the device's
+    /// deadline) while its request stays held, and at the deadline the device is disabled
+    /// (R5, R6) and every request fails with it. Ordering, not timing: other suites share
+    /// the pool.
+    @Test(.timeLimit(.minutes(2))) func silentBackendStarvesNothingAndCancellationIsPrompt() async throws {
+        let (device, backend) = try connectedPair(attack: .neverRespond)
+        device.timeout = 10
+        let disk = try AsyncXenBlkFrontend(device)
+        let v = XenViolation.deadlineExceeded(milliseconds: 10000)
+        let cancelled = Task { try await disk.read(sector: 0, count: 4096) }
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            for r in 0..<100 {
+                group.addTask {
+                    do {
+                        _ = try await disk.read(sector: UInt64(r % 16) * 8, count: 4096)
+                        return false
+                    } catch let e as XenBlkError {
+                        return e == .broken(v)
+                    }
+                }
+            }
+            #expect(try await eventually(within: 8) { disk.engine.held == 101 })
+            cancelled.cancel()
+            let result = await cancelled.result
+            #expect(throws: CancellationError.self) { try result.get() }
+            for _ in 0..<5 { try await Task.sleep(for: .milliseconds(1)) }
+            #expect(disk.engine.held == 101)  // the cancelled request's memory is still held
+            var failedSo = 0
+            for try await ok in group where ok { failedSo += 1 }
+            #expect(failedSo == 100)
+        }
+        #expect(try await eventually { disk.engine.held == 0 })
+        await #expect(throws: XenBlkError.broken(v)) { try await disk.flush() }
+        disk.close()
+        backend.join()
+    }
+}
+
+/// Polls `condition` every millisecond until it holds or `seconds` pass.
+func eventually(within seconds: Double = 5, _ condition: () throws -> Bool) async throws -> Bool {
+    let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+    while ContinuousClock.now < end {
+        if try condition() { return true }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+    return try condition()
+}
