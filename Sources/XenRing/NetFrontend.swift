@@ -76,8 +76,12 @@ public struct NetFrontendMemory: @unchecked Sendable {
 ///   posted, answering their own ring position, `offset + status` within the page,
 ///   extra-info types known and at most one per type, GSO fields valid.
 /// - R5: more_data chains at most `maxSlotsPerFrame` and within what was published.
-/// - R6/R7: the first violation disables the device; every page is a private bounce page,
-///   zeroed before it is granted again; a grant the backend still maps is quarantined.
+/// - R6/R7: the first violation disables the device; every page is a private bounce page;
+///   a tx page holds its frame and zeroes only (zeroed past the payload on reuse); an rx
+///   page is zeroed whenever its audience changes (before the first grant of each
+///   `NetFrontend`, i.e. of each connection) and otherwise holds only what this
+///   connection's backend wrote (see `refillRx`); a grant the backend still maps is
+///   quarantined.
 ///
 /// Not thread-safe: one owner at a time.
 public final class NetFrontend {
@@ -366,10 +370,14 @@ public final class NetFrontend {
         var posted = 0
         while rxPosted < rxRingSize, grants.available > 0, let frameNumber = rxFrames.pop() {
             let id = Int(rxRequestProducer & rxMask)
-            // R7: an rx page is zeroed before its first grant and never written by us after
-            // that: all it can hold is what this same backend wrote into it, so re-zeroing
-            // on reuse would hide nothing from it (and cost ~12% of a 64-byte echo, as the
-            // same reasoning found for blkif reads).
+            // R7: an rx page's audience is this frontend's backend, and only it. The page is
+            // zeroed before this frontend first grants it (so nothing of an earlier
+            // connection or backend on the same memory survives, `rxZeroed` is per
+            // instance), rx and tx pages are disjoint pools fixed at init, we never write
+            // an rx page after zeroing it, and a disabled frontend grants nothing. So on
+            // reuse the page can only hold bytes this same backend wrote itself: re-zeroing
+            // hides nothing from anyone (and costs ~35 ns of frontend CPU per frame, a
+            // fifth of a 64-byte echo; docs/xen.md "Netif", zeroing).
             if !rxZeroed[Int(frameNumber)] {
                 memory.grants.page(frameNumber).initializeMemory(
                     as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)

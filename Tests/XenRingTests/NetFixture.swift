@@ -164,3 +164,10 @@ func expectNetDisabled(
     #expect(f.txFramesInFlight == 0 && f.rxPosted == 0, sourceLocation: sourceLocation)
     #expect(try other.roundTrip(), sourceLocation: sourceLocation)
 }
+
+extension GrantTableMemory {
+    /// The frame grant entry `ref` names (read as the backend would).
+    func grantedFrame(_ ref: UInt32) -> UInt32 {
+        entries.load(fromByteOffset: Int(ref) * GrantLayout.entrySize + GrantLayout.frame, as: UInt32.self)
+    }
+}

@@ -87,6 +87,55 @@ import Testing
         pair.back.mapper.unmap(pair.txRequestRef(1), write: false)
     }
 
+    /// R7 for rx pages: a page's audience is one connection's backend. Reused within the
+    /// connection it holds only what that backend wrote; when the audience changes (a new
+    /// frontend on the same memory, as a reconnect to another backend would be) every page
+    /// is zeroed before its first grant; after a reset (a violation, `failAll`) no page is
+    /// granted again; rx and tx pages never trade places.
+    @Test func rxPagesAreZeroedWhenTheirAudienceChanges() throws {
+        let pair = try NetPair(rxPages: 4)
+        let rxFrames = Set<UInt32>(2..<6)
+        #expect(pair.front.refillRx() == 4)
+        _ = pair.front.publishRx()
+        for n in 0..<4 {
+            let frame = [UInt8](repeating: 0xe0 | UInt8(n), count: 4096)
+            #expect(try frame.withUnsafeBytes { try pair.back.send($0) } == .sent(slots: 1))
+        }
+        _ = pair.back.publishResponses()
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        for _ in 0..<4 {
+            #expect(try buffer.withUnsafeMutableBytes { try pair.front.nextReceived(into: $0) }?.length == 4096)
+        }
+        // Every rx page now holds a whole frame of the first backend's.
+        for frame in rxFrames {
+            #expect(
+                UnsafeRawBufferPointer(start: pair.memory.page(frame), count: 4096).allSatisfy { $0 & 0xf0 == 0xe0 })
+        }
+        // A tx frame: its page is never one of the rx pages.
+        try [UInt8](repeating: 0xab, count: 100).withUnsafeBytes { try pair.front.submit(frame: $0, token: 1) }
+        #expect(!rxFrames.contains(pair.memory.grantedFrame(pair.txRequestRef(0))))
+
+        // New connection: a new issuer and frontend on the same memory (the audience may be
+        // another backend). Each page it grants is zero, whatever the last one left.
+        let issuer = GrantIssuer(memory: pair.memory, backendDomain: 7)
+        let next = NetFrontend(memory: NetFrontendMemory(grants: pair.memory), grants: issuer, rxPages: 4)
+        #expect(next.refillRx() == 4)
+        let mapper = GrantMapper(memory: pair.memory, domain: 7)
+        for index in UInt32(0)..<4 {
+            let ref = pair.rxRequestRef(index)
+            #expect(rxFrames.contains(pair.memory.grantedFrame(ref)))
+            let page = try mapper.map(ref, write: true)
+            #expect(UnsafeRawBufferPointer(start: page, count: 4096).allSatisfy { $0 == 0 })
+            mapper.unmap(ref, write: true)
+        }
+
+        // Reset: once disabled, the frontend hands its pages to nobody.
+        _ = next.disable(.xenNetChainIncomplete(slots: 0))
+        _ = next.failAll()
+        #expect(next.rxPosted == 0)
+        #expect(next.refillRx() == 0)
+    }
+
     @Test func rxErrorStatusFailsTheFrameNotTheDevice() throws {
         let pair = try NetPair()
         pair.front.refillRx()
