@@ -70,17 +70,21 @@ public struct AuditReport: Sendable, Codable, Equatable {
     public var target: String
     public var records: [AuditRecord]
     public var seconds: Double
+    /// Guest targets: the kernel audited (nil for drivers in processes).
+    public var kernel: GuestKernel?
 
-    public init(target: String, records: [AuditRecord], seconds: Double) {
+    public init(target: String, records: [AuditRecord], seconds: Double, kernel: GuestKernel? = nil) {
         self.target = target
         self.records = records
         self.seconds = seconds
+        self.kernel = kernel
     }
 
     /// A Markdown table: attack, rule, outcome, time to detect, evidence; then a tally.
     public var markdown: String {
         let withExpected = records.contains { $0.asExpected != nil }
-        var lines = [
+        var lines = kernel.map { [$0.markdown] } ?? []
+        lines += [
             "| # | attack | rule | outcome | detect (s) | evidence |" + (withExpected ? " expected |" : ""),
             "|---|---|---|---|---|---|" + (withExpected ? "---|" : ""),
         ]
