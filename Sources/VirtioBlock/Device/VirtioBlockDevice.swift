@@ -46,13 +46,16 @@ public final class VirtioBlockDevice: VhostUserDevice {
     public let image: DeviceImage
     public let options: VirtioBlockDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
+    /// Requests, bytes, failures and violations served so far (for metrics and logs).
+    public let counters: BlockDeviceCounters
 
     public init(
-        image: DeviceImage, options: VirtioBlockDeviceOptions,
+        image: DeviceImage, options: VirtioBlockDeviceOptions, counters: BlockDeviceCounters = BlockDeviceCounters(),
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
     ) {
         self.image = image
         self.options = options
+        self.counters = counters
         self.onEvent = onEvent
     }
 
