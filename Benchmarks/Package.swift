@@ -86,6 +86,21 @@ let package = Package(
             path: "Sources/XenBench",
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // The deliberately trusting Xen netif frontend in C, on libxen-dev's ring.h/netif.h
+        // macros (R8: exists only here; the root's Tests/CXenPeer/netpeer.c is the tests' peer).
+        .target(name: "CXenNetTrusting", cSettings: [.define("_GNU_SOURCE")]),
+        // Hardened XenRing netfront vs the trusting C netfront, same loopback netback
+        // process, same run, 64 B and 1500 B frames (issue 17). docs/xen.md.
+        .executableTarget(
+            name: "xen-net-bench",
+            dependencies: [
+                "CXenNetTrusting",
+                .product(name: "XenRing", package: "RingFence"),
+                .product(name: "SharedMemory", package: "RingFence"),
+            ],
+            path: "Sources/XenNetBench",
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
         .executableTarget(
             name: "RingBenchmarks",
             dependencies: [

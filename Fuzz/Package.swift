@@ -67,6 +67,8 @@ let package = Package(
         fuzzTarget("FuzzBackendMessages", ["BlockImage", "CRingFence", "SharedMemory", "VirtioBlock", "VhostUser"]),
         fuzzTarget("FuzzXenResponses", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
         fuzzTarget("FuzzXenRequests", ["FuzzXenSupport", "SharedMemory", "Virtqueue", "XenRing"]),
+        fuzzTarget("FuzzNetResponses", ["FuzzXenSupport", "SharedMemory", "XenRing"]),
+        fuzzTarget("FuzzNetRequests", ["FuzzXenSupport", "SharedMemory", "XenRing"]),
         fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
     ]

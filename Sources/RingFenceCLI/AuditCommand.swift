@@ -11,6 +11,7 @@ enum AuditTarget: String, ExpressibleByArgument, CaseIterable {
     case `self`
     case linuxGuest = "linux-guest"
     case command
+    case xenNet = "xen-net"
 }
 
 /// `ringfence audit`: aims the adversary catalogue at a driver and reports what it did.
@@ -27,7 +28,7 @@ struct AuditCommand: ParsableCommand {
             socket path, otherwise the path is appended). Markdown to stdout, progress to stderr.
             """)
 
-    @Option(help: "self, linux-guest or command.") var target: AuditTarget = .self
+    @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("attack-after"), help: "Requests served correctly before each attack starts.")
@@ -54,6 +55,12 @@ struct AuditCommand: ParsableCommand {
         if target == .command && command.isEmpty && !list {
             throw ValidationError("--target command needs a command after --")
         }
+        if target == .xenNet {
+            let known = Set(
+                XenNetBackendAttack.allCases.map(\.rawValue) + XenNetFrontendAttack.allCases.map(\.rawValue))
+            if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
+            return
+        }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
         if guestKernel != nil && target != .linuxGuest {
             throw ValidationError("--kernel, --modules, --modules-deb and --config need --target linux-guest")
@@ -78,7 +85,7 @@ struct AuditCommand: ParsableCommand {
     }
 
     func run() throws {
-        if list {
+        if list && target != .xenNet {
             for a in Catalogue.all {
                 print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)")
             }
@@ -91,9 +98,31 @@ struct AuditCommand: ParsableCommand {
         case .self: report = auditor.runSelf(attacks, deadline: deadline ?? 25)
         case .linuxGuest: report = try auditor.runLinuxGuest(attacks, deadline: deadline ?? 60)
         case .command: report = auditor.runCommand(attacks, command: command, deadline: deadline ?? 30)
+        case .xenNet: return try runXenNet()
         }
         print(report.markdown, terminator: "")
         if let json { try report.json().write(to: URL(fileURLWithPath: json)) }
+    }
+}
+
+extension AuditCommand {
+    /// `--target xen-net`: every netif attack in process (our netfront against a
+    /// misbehaving netback, our netback against a misbehaving netfront); exit 1 if one
+    /// was not contained.
+    func runXenNet() throws {
+        let backend = XenNetBackendAttack.allCases.filter { only.isEmpty || only.contains($0.rawValue) }
+        let frontend = XenNetFrontendAttack.allCases.filter { only.isEmpty || only.contains($0.rawValue) }
+        if list {
+            for a in backend { print("\(a.rawValue)\tnetfront\t\(a.expectedViolation ?? "stays up")") }
+            for a in frontend { print("\(a.rawValue)\tnetback\t\(a.mustDrop ? "dropped" : "refused")") }
+            return
+        }
+        let records = Auditor.auditXenNet(
+            backendAttacks: backend, frontendAttacks: frontend, timeout: min(deadline ?? 2, 30)
+        ) { FileHandle.standardError.write(Data("\($0)\n".utf8)) }
+        print("# Xen netif audit\n")
+        print(Auditor.xenNetMarkdown(records), terminator: "")
+        if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
     }
 }
 

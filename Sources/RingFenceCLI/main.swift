@@ -16,6 +16,8 @@ struct RingFence: ParsableCommand {
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
             XenBlkCommand.self,
+            ServeXenNetCommand.self,
+            XenNet.self,
             AuditCommand.self,
             AuditOneCommand.self,
         ])

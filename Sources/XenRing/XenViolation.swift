@@ -41,6 +41,28 @@ public enum XenViolation: RuleViolation, Equatable {
     /// The peer made a notification of ours block on a shared eventfd (cleared O_NONBLOCK
     /// and saturated the counter); the watchdog had to free it.
     case notifierBlocked(role: String)
+    /// netif: an rx response id that is not the request posted at its ring position.
+    case xenNetRxIdOutOfOrder(id: UInt16, expected: UInt16)
+    /// netif: an rx response whose `offset + status` runs past its page.
+    case xenNetRxOffsetBeyondPage(id: UInt16, offset: UInt16, size: Int16)
+    /// netif: a status outside NETIF_RSP_{DROPPED,ERROR,OKAY,NULL} (tx) or below
+    /// DROPPED (rx).
+    case xenNetStatusUnknown(ring: String, id: UInt16, status: Int16)
+    /// netif: a NETIF_RSP_NULL tx response with no extra-info slot outstanding.
+    case xenNetUnexpectedNullResponse(position: UInt32)
+    /// netif: an extra-info segment of a type this direction does not carry.
+    case xenNetExtraInfoType(type: UInt8)
+    /// netif: more extra-info segments than types, or one type twice.
+    case xenNetExtraInfoChain(count: Int)
+    /// netif: a GSO segment with a type or size the frame cannot have.
+    case xenNetGSOField(type: UInt8, size: UInt16)
+    /// netif: a more_data chain longer than a frame may be (or than the slots posted).
+    case xenNetChainTooLong(slots: Int, limit: Int)
+    /// netif: a frame's chain (more_data or extra info) runs past the published producer.
+    case xenNetChainIncomplete(slots: Int)
+    /// netif: a tx request whose offset and size do not fit its page, or whose sizes do
+    /// not add up to the frame's (or a frame outside 14...65535 bytes).
+    case xenNetRequestSize(id: UInt16, offset: UInt16, size: UInt16)
 
     public var rule: Rule {
         switch self {
@@ -48,8 +70,11 @@ public enum XenViolation: RuleViolation, Equatable {
             .xenResponseIdOutOfRange, .xenResponseIdNotInFlight, .xenResponseOperationMismatch,
             .xenResponseStatusUnknown, .xenHandshakeValue, .xenHandshakeState,
             .xenRequestProducerOverflow, .xenRequestSegmentCount, .xenRequestSectorRange,
-            .xenSectorBeyondCapacity, .xenGrantFlagsScribbled:
+            .xenSectorBeyondCapacity, .xenGrantFlagsScribbled, .xenNetRxIdOutOfOrder, .xenNetRxOffsetBeyondPage,
+            .xenNetStatusUnknown, .xenNetUnexpectedNullResponse, .xenNetExtraInfoType, .xenNetExtraInfoChain,
+            .xenNetGSOField, .xenNetRequestSize:
             return .r3
+        case .xenNetChainTooLong, .xenNetChainIncomplete: return .r5
         case .xenGrantStillMapped, .xenGrantRefOutOfRange, .xenGrantNotGranted: return .r7
         case .deadlineExceeded, .notifierBlocked: return .r5
         }
@@ -94,6 +119,26 @@ public enum XenViolation: RuleViolation, Equatable {
             return "device did not complete within \(ms) ms"
         case .notifierBlocked(let role):
             return "the peer made a write to the shared \(role) eventfd block (O_NONBLOCK cleared, counter saturated)"
+        case .xenNetRxIdOutOfOrder(let id, let expected):
+            return "rx response id \(id) answers the slot of id \(expected)"
+        case .xenNetRxOffsetBeyondPage(let id, let offset, let size):
+            return "rx response \(id): offset \(offset) + size \(size) runs past the page"
+        case .xenNetStatusUnknown(let ring, let id, let status):
+            return "\(ring) response \(id) has unknown status \(status)"
+        case .xenNetUnexpectedNullResponse(let position):
+            return "tx response \(position) is NETIF_RSP_NULL with no extra-info slot outstanding"
+        case .xenNetExtraInfoType(let type):
+            return "extra-info type \(type) is not valid here"
+        case .xenNetExtraInfoChain(let n):
+            return "extra-info chain of \(n) segments (at most one per type)"
+        case .xenNetGSOField(let type, let size):
+            return "GSO segment type \(type) size \(size) is invalid"
+        case .xenNetChainTooLong(let slots, let limit):
+            return "frame chain of \(slots) slots, limit \(limit)"
+        case .xenNetChainIncomplete(let slots):
+            return "frame chain of \(slots) slots runs past the published producer"
+        case .xenNetRequestSize(let id, let offset, let size):
+            return "tx request \(id): offset \(offset) size \(size) does not fit"
         }
     }
 }

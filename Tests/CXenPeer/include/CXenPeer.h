@@ -5,6 +5,7 @@
 #ifndef CXENPEER_H
 #define CXENPEER_H
 #include <stdint.h>
+#include "CXenNetPeer.h"
 
 /// Offsets and sizes exactly as the C compiler sees Xen's headers.
 struct cxen_layout {

@@ -1,0 +1,314 @@
+import Adversary
+import ArgumentParser
+import Foundation
+import SharedMemory
+import XenRing
+
+/// `ringfence serve-xen-net`: the hardened netif backend, every connection on its own
+/// thread; a frontend that corrupts a ring is dropped, the others go on.
+struct ServeXenNetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve-xen-net",
+        abstract: "Serve Xen-style netif frontends over emulated PV rings.",
+        discussion: """
+            Listens on a Unix socket; each connection runs the xenstore-like handshake, maps \
+            the frontend's grant table and frames (sealed memfds) and serves its tx and rx \
+            rings: --loopback sends every frame back, --switch forwards between the \
+            connected frontends (learning source MACs), --sink drops them. --attack makes \
+            this backend misbehave (for audits).
+            """)
+
+    enum Mode: String, EnumerableFlag {
+        case loopback, `switch`, sink
+        var netMode: XenNetMode { XenNetMode(rawValue: rawValue) ?? .loopback }
+    }
+
+    @Option(help: "Unix socket to listen on.")
+    var socket: String
+
+    @Flag(help: "Where frames go.")
+    var mode: Mode = .loopback
+
+    @Option(help: "Stop after this many connections ended (0 = serve forever).")
+    var connections: Int = 0
+
+    @Option(help: "Seconds without traffic before a connection is closed.")
+    var idle: Double = 30
+
+    @Option(help: "Misbehave: \(XenNetBackendAttack.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var attack: String?
+
+    func validate() throws {
+        if let attack, XenNetBackendAttack(rawValue: attack) == nil {
+            throw ValidationError("unknown attack \(attack)")
+        }
+        guard connections >= 0 else { throw ValidationError("--connections must be >= 0") }
+        guard idle > 0, idle <= 3600 else { throw ValidationError("--idle must be in (0, 3600]") }
+    }
+
+    func run() throws {
+        let listener: UnixListener
+        do { listener = try UnixListener(path: socket) } catch {
+            FileHandle.standardError.write(Data("ringfence serve-xen-net: error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        let attack = self.attack.flatMap(XenNetBackendAttack.init(rawValue:))
+        print("serve-xen-net: \(mode.rawValue) on \(socket)\(attack.map { " (attack \($0.rawValue))" } ?? "")")
+        let hub = XenNetSwitch()
+        let group = DispatchGroup()
+        let netMode = mode.netMode
+        let idle = self.idle
+        var accepted = 0
+        while connections == 0 || accepted < connections {
+            guard let channel = try? listener.accept(until: .after(seconds: 3600)) else { continue }
+            accepted += 1
+            let n = accepted
+            group.enter()
+            Thread.detachNewThread { [group] in
+                defer { group.leave() }
+                Self.serveOne(channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack)
+            }
+        }
+        group.wait()
+    }
+
+    static func serveOne(
+        _ channel: UnixChannel, mode: XenNetMode, hub: XenNetSwitch, idle: Double, number: Int,
+        attack: XenNetBackendAttack?
+    ) {
+        do {
+            let connection = try XenNetBackendConnection.accept(
+                channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
+            let end = connection.run(idleTimeout: idle)
+            let b = connection.backend
+            print(
+                "serve-xen-net: connection \(number) \(end): \(b.txFrames) frames in (\(connection.bytesReceived) bytes), "
+                    + "\(b.rxFrames) out, \(b.rejectedFrames) rejected, \(connection.port.dropped) dropped"
+                    + (b.lastRejection.map { " (last: \($0))" } ?? ""))
+        } catch {
+            print("serve-xen-net: connection \(number) refused: \(error)")
+        }
+    }
+}
+
+/// `ringfence xen-net`: the hardened netif frontend. Exit 0 ok, 1 device or violation
+/// error (one line naming the rule), 2 usage.
+struct XenNet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xen-net",
+        abstract: "Talk to a Xen-style netif backend through the hardened netfront.",
+        subcommands: [XenNetInfoCommand.self, XenNetPing.self, XenNetBench.self])
+
+    @Option(help: "Unix socket of the backend.")
+    var socket: String
+
+    @Option(help: ArgumentHelp("Deadline in seconds for connecting and for each wait."))
+    var timeout: Double = 5
+
+    func validate() throws {
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+    }
+
+    func open() throws -> XenNetFrontendDevice {
+        try orExit { () throws(XenConnectError) -> XenNetFrontendDevice in
+            let deadline = Deadline.after(seconds: timeout)
+            let channel: UnixChannel
+            do throws(UnixChannel.Error) { channel = try UnixChannel.connect(path: socket, until: deadline) } catch {
+                throw .channel(error)
+            }
+            let device = try XenNetFrontendDevice.connect(channel: channel, until: deadline)
+            device.timeout = timeout
+            return device
+        }
+    }
+}
+
+/// One line on stderr and exit 1 for a device or violation error.
+func orExit<T, E: Error>(_ body: () throws(E) -> T) throws -> T {
+    do { return try body() } catch {
+        FileHandle.standardError.write(Data("ringfence xen-net: error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+func jsonString(_ s: String) -> String {
+    "\"" + s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "'") + "\""
+}
+
+struct XenNetInfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated handshake.")
+    @ParentCommand var net: XenNet
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func run() throws {
+        let device = try net.open()
+        defer { device.disconnect() }
+        let i = device.info
+        let f = device.front
+        if json {
+            print(
+                "{\"mac\":\"\(i.macString)\",\"rx_copy\":true,\"sg\":\(i.scatterGather),\"gso_tcpv4\":\(i.gsoTCPv4),"
+                    + "\"max_queues\":\(i.maxQueues),\"tx_ring\":\(f.txRingSize),\"rx_ring\":\(f.rxRingSize),"
+                    + "\"rx_posted\":\(f.rxPosted),\"tx_pages\":\(f.availableTxPages)}")
+        } else {
+            print("mac:           \(i.macString)")
+            print("features:      rx-copy, \(i.scatterGather ? "sg" : "no sg"), \(i.gsoTCPv4 ? "gso-tcpv4" : "no gso")")
+            print("queues:        1 (backend offers \(i.maxQueues))")
+            print("rings:         tx \(f.txRingSize) slots, rx \(f.rxRingSize) slots")
+            print("pages:         \(f.rxPosted) rx posted, \(f.availableTxPages) tx bounce")
+        }
+    }
+}
+
+/// An Ethernet frame to the backend's MAC from a locally administered one (ethertype
+/// 0x88b5, local experimental) carrying `sequence` and a pattern.
+func pingFrame(to mac: [UInt8], size: Int, sequence: Int) -> [UInt8] {
+    var frame = mac + [0x02, 0, 0, 0, 0, 0x01] + [0x88, 0xb5]
+    for i in frame.count..<size { frame.append(UInt8(truncatingIfNeeded: i &* 31 &+ sequence)) }
+    if size >= 18 {
+        for k in 0..<4 { frame[14 + k] = UInt8(truncatingIfNeeded: sequence >> (8 * k)) }
+    }
+    return Array(frame.prefix(size))
+}
+
+struct XenNetPing: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ping", abstract: "Send frames and check each comes back byte for byte (loopback backend).")
+    @ParentCommand var net: XenNet
+    @Option(help: "Frames to send.") var count: Int = 4
+    @Option(help: "Frame size in bytes (14...65535; 4k etc. allowed).") var size: Size = Size(64)
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        guard count >= 1, count <= 1_000_000 else { throw ValidationError("--count must be 1...1000000") }
+        guard size.bytes >= 14, size.bytes <= NetifLayout.maxFrameSize else {
+            throw ValidationError("--size must be 14...65535")
+        }
+    }
+
+    func run() throws {
+        let device = try net.open()
+        defer { device.disconnect() }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var received = 0
+        var mismatched = 0
+        var rtts: [Double] = []
+        for seq in 0..<count {
+            let frame = pingFrame(to: device.info.mac, size: size.bytes, sequence: seq)
+            let start = monotonicNanoseconds()
+            try orExit { try frame.withUnsafeBytes { try device.send($0, token: UInt64(seq)) } }
+            let got = try orExit { () throws -> NetReceivedFrame? in
+                try buffer.withUnsafeMutableBytes { try device.receive(into: $0, until: .after(seconds: net.timeout)) }
+            }
+            let us = Double(monotonicNanoseconds() - start) / 1000
+            guard let got else {
+                if !json { print("seq \(seq): no reply within \(format(net.timeout, 1)) s") }
+                continue
+            }
+            received += 1
+            let ok = got.status == .okay && got.length == frame.count && Array(buffer[0..<got.length]) == frame
+            if !ok { mismatched += 1 }
+            rtts.append(us)
+            if !json {
+                print("\(got.length) bytes: seq \(seq) time \(format(us, 1)) us\(ok ? "" : " MISMATCH")")
+            }
+        }
+        let mean = rtts.isEmpty ? 0 : rtts.reduce(0, +) / Double(rtts.count)
+        if json {
+            print(
+                "{\"sent\":\(count),\"received\":\(received),\"mismatched\":\(mismatched),\"size\":\(size.bytes),"
+                    + "\"rtt_us\":{\"min\":\(format(rtts.min() ?? 0, 1)),\"mean\":\(format(mean, 1)),"
+                    + "\"max\":\(format(rtts.max() ?? 0, 1))}}")
+        } else {
+            print(
+                "\(count) sent, \(received) received, \(mismatched) mismatched; rtt min/mean/max "
+                    + "\(format(rtts.min() ?? 0, 1))/\(format(mean, 1))/\(format(rtts.max() ?? 0, 1)) us")
+        }
+        if received < count || mismatched > 0 { throw ExitCode(1) }
+    }
+}
+
+struct XenNetBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "Send frames as fast as the ring allows; frames/s and MiB/s both ways.")
+    @ParentCommand var net: XenNet
+    @Option(help: "Frame size in bytes (14...65535; 1500, 9k, 64k...).") var size: Size = Size(1500)
+    @Option(help: "Seconds to run.") var seconds: Double = 5
+    @Option(help: "Frames in flight on tx (1...128).") var depth: Int = 32
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        guard size.bytes >= 14, size.bytes <= NetifLayout.maxFrameSize else {
+            throw ValidationError("--size must be 14...65535")
+        }
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        guard depth >= 1, depth <= 128 else { throw ValidationError("--depth must be 1...128") }
+    }
+
+    func run() throws {
+        let device = try net.open()
+        defer { device.disconnect() }
+        let frame = pingFrame(to: device.info.mac, size: size.bytes, sequence: 0)
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let start = monotonicNanoseconds()
+        let end = start &+ UInt64(seconds * 1e9)
+        var nextProgress = start &+ 1_000_000_000
+        var received = 0
+        var token: UInt64 = 0
+        var failure: (any Error)?
+        loop: while monotonicNanoseconds() < end {
+            do {
+                while device.front.txFramesInFlight < depth {
+                    do {
+                        try frame.withUnsafeBytes { try device.submit($0, token: token) }
+                    } catch XenNetError.submit(.full), XenNetError.submit(.noBounceSpace) { break }
+                    token &+= 1
+                }
+                device.kick()
+                var progressed = try device.reapTx() > 0
+                while try buffer.withUnsafeMutableBytes({ try device.poll(into: $0) }) != nil {
+                    received += 1
+                    progressed = true
+                }
+                if !progressed { try device.waitForWork(until: .after(seconds: net.timeout)) }
+            } catch {
+                failure = error
+                break loop
+            }
+            let now = monotonicNanoseconds()
+            if now >= nextProgress && !json {
+                let elapsed = Double(now - start) / 1e9
+                let fps = Double(device.txCompleted) / elapsed
+                FileHandle.standardError.write(
+                    Data(
+                        "\r[\(format(elapsed, 0))s/\(format(seconds, 0))s] \(format(fps, 0)) frames/s, \(format(fps * Double(size.bytes) / 1_048_576, 1)) MiB/s   "
+                            .utf8))
+                nextProgress = now &+ 1_000_000_000
+            }
+        }
+        if !json { FileHandle.standardError.write(Data("\r\u{1b}[K".utf8)) }
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e9
+        let sent = device.txCompleted
+        let fps = Double(sent) / elapsed
+        let mib = fps * Double(size.bytes) / 1_048_576
+        let rxFps = Double(received) / elapsed
+        if json {
+            print(
+                "{\"size\":\(size.bytes),\"depth\":\(depth),\"seconds\":\(format(elapsed, 3)),\"tx_frames\":\(sent),"
+                    + "\"tx_failed\":\(device.txFailed),\"tx_fps\":\(format(fps, 1)),\"tx_mib_s\":\(format(mib, 2)),"
+                    + "\"rx_frames\":\(received),\"rx_fps\":\(format(rxFps, 1)),"
+                    + "\"spurious_events\":\(device.events.spuriousEvents),"
+                    + "\"error\":\(failure.map { jsonString("\($0)") } ?? "null")}")
+        } else {
+            print("xen-net bench: \(size.bytes)-byte frames, depth \(depth), \(format(elapsed, 2)) s")
+            print(
+                "  tx: \(sent) frames = \(format(fps, 0)) frames/s, \(format(mib, 1)) MiB/s, \(device.txFailed) failed")
+            print("  rx: \(received) frames = \(format(rxFps, 0)) frames/s")
+        }
+        if let failure {
+            FileHandle.standardError.write(Data("ringfence xen-net: error: \(failure)\n".utf8))
+            throw ExitCode(1)
+        }
+        if device.txFailed > 0 { throw ExitCode(1) }
+    }
+}

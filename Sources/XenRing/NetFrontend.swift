@@ -1,0 +1,614 @@
+import SharedMemory
+
+/// A validated tx completion: every slot of the frame posted with `token` was answered.
+public struct NetTxCompletion: Sendable, Equatable {
+    public let token: UInt64
+    /// OKAY only if every slot was; else the first ERROR or DROPPED seen.
+    public let status: NetStatus
+}
+
+/// GSO metadata of a frame (the `netif_extra_info` GSO segment), validated.
+public struct NetGSO: Sendable, Equatable {
+    public var type: NetGSOType
+    public var size: UInt16
+
+    public init(type: NetGSOType, size: UInt16) {
+        self.type = type
+        self.size = size
+    }
+}
+
+/// A validated received frame: `length` bytes were copied into the caller's buffer (at
+/// most its size: `truncated` says the frame was longer). A frame the backend failed
+/// (ERROR/DROPPED in a slot) has that status and no bytes.
+public struct NetReceivedFrame: Sendable, Equatable {
+    public let length: Int
+    public let status: NetStatus
+    public let slots: Int
+    public let flags: UInt16
+    public let gso: NetGSO?
+    public let truncated: Bool
+}
+
+/// Why a frame could not be posted. Only `.broken` is the backend's fault.
+public enum NetSubmitError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The device is disabled for further use (R6); reconnect to recover.
+    case broken(XenViolation)
+    /// Not enough free tx slots; consume completions and retry.
+    case full
+    /// Not enough bounce pages or grant refs left (some may be quarantined, R7).
+    case noBounceSpace
+    /// Frames are 1...65535 bytes.
+    case invalidLength(Int)
+
+    public var description: String {
+        switch self {
+        case .broken(let v): return "device disabled: \(v)"
+        case .full: return "tx ring full"
+        case .noBounceSpace: return "no bounce pages or grant refs left"
+        case .invalidLength(let n): return "invalid frame length \(n) (1...65535)"
+        }
+    }
+}
+
+/// The frontend's view of the shared memory: the two ring pages and the bounce pages,
+/// all frames of one grant table.
+public struct NetFrontendMemory: @unchecked Sendable {
+    public let grants: GrantTableMemory
+    public let txRingFrame: UInt32
+    public let rxRingFrame: UInt32
+
+    public init(grants: GrantTableMemory, txRingFrame: UInt32 = 0, rxRingFrame: UInt32 = 1) {
+        self.grants = grants
+        self.txRingFrame = txRingFrame
+        self.rxRingFrame = rxRingFrame
+    }
+}
+
+/// The hardened netif frontend on one tx and one rx ring ("netfront without trusting
+/// netback": the checks Linux added after XSA-391/392/403, in one mode, always on).
+///
+/// - R1: requests are built privately and stored whole; ids, grant refs, pages and both
+///   req_prods live in private shadow state and are never read back.
+/// - R2: rsp_prod is loaded once per batch (acquire), each response copied once.
+/// - R3: `rsp_prod - rsp_cons <=` slots in flight, never backwards; tx ids in flight,
+///   statuses known (NULL only for an outstanding extra-info slot); rx ids in range,
+///   posted, answering their own ring position, `offset + status` within the page,
+///   extra-info types known and at most one per type, GSO fields valid.
+/// - R5: more_data chains at most `maxSlotsPerFrame` and within what was published.
+/// - R6/R7: the first violation disables the device; every page is a private bounce page,
+///   zeroed before it is granted again; a grant the backend still maps is quarantined.
+///
+/// Not thread-safe: one owner at a time.
+public final class NetFrontend {
+    struct TxShadow {
+        var token: UInt64 = 0
+        var head: UInt16 = 0
+        var ref: UInt32 = .max
+        var frame: UInt32 = .max
+        /// Posted and not answered yet.
+        var active = false
+        /// On the head: slots of the frame not answered yet, and the worst status.
+        var remaining = 0
+        var status = NetStatus.okay
+    }
+
+    struct RxShadow {
+        var ref: UInt32 = .max
+        var frame: UInt32 = .max
+        var active = false
+    }
+
+    public let memory: NetFrontendMemory
+    public let grants: GrantIssuer
+    public let txRingSize = NetifLayout.txRingSize
+    public let rxRingSize = NetifLayout.rxRingSize
+    let txMask: UInt32
+    let rxMask: UInt32
+    let txRing: UnsafeMutableRawPointer
+    let rxRing: UnsafeMutableRawPointer
+
+    /// The tables own their memory; the hot path indexes their base pointers (a field
+    /// access then touches that field, not a copy of the whole element).
+    let tables:
+        (tx: PrivateTable<TxShadow>, rx: PrivateTable<RxShadow>, dirty: PrivateTable<Int>, zeroed: PrivateTable<Bool>)
+    let txShadow: UnsafeMutablePointer<TxShadow>
+    let rxShadow: UnsafeMutablePointer<RxShadow>
+    let freeTxIds: PrivateStack<UInt16>
+    let txFrames: PrivateStack<UInt32>
+    let rxFrames: PrivateStack<UInt32>
+    /// Bytes of each tx page that may be non-zero (private): a page is zeroed beyond the
+    /// payload up to here on reuse, so it never holds more than the frame it carries.
+    let txDirty: UnsafeMutablePointer<Int>
+    /// rx pages zeroed once before their first grant.
+    let rxZeroed: UnsafeMutablePointer<Bool>
+    @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
+
+    @exclusivity(unchecked) var txRequestProducer: UInt32 = 0
+    @exclusivity(unchecked) var txPublished: UInt32 = 0
+    @exclusivity(unchecked) var txResponseConsumer: UInt32 = 0
+    @exclusivity(unchecked) var txSnapshot: UInt32 = 0
+    /// Request slots (data and extra info) not answered yet.
+    @exclusivity(unchecked) public private(set) var txSlotsInFlight = 0
+    @exclusivity(unchecked) var txExtrasInFlight = 0
+    @exclusivity(unchecked) var framesInFlight = 0
+    /// Frames posted on tx and not completed yet. (Computed: a client module reading a
+    /// public stored var would check exclusivity dynamically on every read.)
+    public var txFramesInFlight: Int { framesInFlight }
+
+    @exclusivity(unchecked) var rxRequestProducer: UInt32 = 0
+    @exclusivity(unchecked) var rxPublished: UInt32 = 0
+    @exclusivity(unchecked) var rxResponseConsumer: UInt32 = 0
+    @exclusivity(unchecked) var rxSnapshot: UInt32 = 0
+    @exclusivity(unchecked) public private(set) var rxPosted = 0
+
+    @exclusivity(unchecked) public private(set) var violation: XenViolation?
+    @exclusivity(unchecked) public private(set) var isBroken = false
+    /// The Adversary's hook points (nil in service).
+    @exclusivity(unchecked) public var hooks: (any XenNetFrontendHooks)? {
+        didSet { hooked = hooks != nil }
+    }
+    /// `hooks != nil` as one byte: the hot path tests it without loading (and retaining)
+    /// the existential.
+    @exclusivity(unchecked) var hooked = false
+
+    /// Pages for tx bounce buffers and for posted rx buffers: every frame of the grant
+    /// table but the two rings, split in half unless `rxPages` says otherwise (at most
+    /// one ring's worth of each).
+    public init(memory: NetFrontendMemory, grants: GrantIssuer, rxPages: Int? = nil) {
+        self.memory = memory
+        self.grants = grants
+        txMask = UInt32(NetifLayout.txRingSize - 1)
+        rxMask = UInt32(NetifLayout.rxRingSize - 1)
+        txRing = memory.grants.page(memory.txRingFrame)
+        rxRing = memory.grants.page(memory.rxRingFrame)
+        for ring in [txRing, rxRing] {
+            ring.initializeMemory(as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)
+            SharedAccess.store32(ring + SharedRingLayout.requestEvent, 1)
+            SharedAccess.store32(ring + SharedRingLayout.responseEvent, 1)
+        }
+        tables = (
+            PrivateTable(repeating: TxShadow(), count: NetifLayout.txRingSize),
+            PrivateTable(repeating: RxShadow(), count: NetifLayout.rxRingSize),
+            // Unknown contents at first: the first use zeroes the whole page past the payload.
+            PrivateTable(repeating: SharedRingLayout.pageSize, count: memory.grants.frameCount),
+            PrivateTable(repeating: false, count: memory.grants.frameCount)
+        )
+        txShadow = tables.tx.base
+        rxShadow = tables.rx.base
+        txDirty = tables.dirty.base
+        rxZeroed = tables.zeroed.base
+        freeTxIds = PrivateStack(capacity: NetifLayout.txRingSize)
+        for id in (0..<NetifLayout.txRingSize).reversed() { freeTxIds.push(UInt16(id)) }
+        var pages = (0..<memory.grants.frameCount).map { UInt32($0) }
+        pages.removeAll { $0 == memory.txRingFrame || $0 == memory.rxRingFrame }
+        let rxCount = min(NetifLayout.rxRingSize, max(0, min(rxPages ?? pages.count / 2, pages.count)))
+        rxFrames = PrivateStack(capacity: rxCount)
+        for frame in pages.prefix(rxCount).reversed() { rxFrames.push(frame) }
+        let tx = pages.dropFirst(rxCount).prefix(NetifLayout.txRingSize)
+        txFrames = PrivateStack(capacity: tx.count)
+        for frame in tx.reversed() { txFrames.push(frame) }
+    }
+
+    /// Bounce pages still usable for tx (quarantined ones excluded).
+    public var availableTxPages: Int { txFrames.count }
+
+    // MARK: tx
+
+    /// Posts one frame (copied now into zeroed bounce pages, granted read-only), split in
+    /// 4 KiB slots chained with more_data; a GSO segment follows the first slot when given.
+    /// `publishTx()` makes it visible.
+    public func submit(frame: UnsafeRawBufferPointer, token: UInt64, gso: NetGSO? = nil) throws(NetSubmitError) {
+        if isBroken { throw .broken(stickyViolation()) }
+        let count = frame.count
+        guard count > 0, count <= NetifLayout.maxFrameSize, let source = frame.baseAddress else {
+            throw .invalidLength(count)
+        }
+        let page = SharedRingLayout.pageSize
+        let slots = (count + page - 1) / page
+        let extras = gso == nil ? 0 : 1
+        guard txSlotsInFlight + slots + extras <= txRingSize, freeTxIds.count >= slots else { throw .full }
+        guard txFrames.count >= slots, grants.available >= slots else { throw .noBounceSpace }
+        if slots == 1 && extras == 0 {
+            postSingle(source, count: count, token: token)
+            return
+        }
+        var head: UInt16 = 0
+        var offset = 0
+        for s in 0..<slots {
+            guard let id = freeTxIds.pop(), let frameNumber = txFrames.pop() else { break }  // counted above
+            let bytes = min(page, count - offset)
+            let bounce = memory.grants.page(frameNumber)
+            // R7: the page holds this frame's bytes and zeroes, nothing older: what an
+            // earlier, longer frame left past this payload is zeroed (tracked privately).
+            bounce.copyMemory(from: source + offset, byteCount: bytes)
+            let dirty = txDirty[Int(frameNumber)]
+            if dirty > bytes { (bounce + bytes).initializeMemory(as: UInt8.self, repeating: 0, count: dirty - bytes) }
+            txDirty[Int(frameNumber)] = bytes
+            let ref = grants.grant(frame: frameNumber, readOnly: true) ?? 0  // counted above
+            if s == 0 { head = id }
+            var flags: UInt16 = s < slots - 1 ? NetFlags.txMoreData : 0
+            if s == 0 && extras > 0 { flags |= NetFlags.txExtraInfo }
+            // The first slot's size is the whole frame's (netif.h).
+            writeTxRequest(ref: ref, offset: 0, flags: flags, id: id, size: UInt16(s == 0 ? count : bytes))
+            txShadow[Int(id)] = TxShadow(token: token, head: head, ref: ref, frame: frameNumber, active: true)
+            if s == 0, let gso { writeTxExtra(gso) }
+            offset += bytes
+        }
+        txShadow[Int(head)].remaining = slots
+        txSlotsInFlight += slots + extras
+        txExtrasInFlight += extras
+        framesInFlight += 1
+    }
+
+    /// A frame of one slot without extra info (the common case, up to 4 KiB): the loop of
+    /// `submit` without its bookkeeping. The caller checked ids, pages and refs.
+    @inline(__always)
+    func postSingle(_ source: UnsafeRawPointer, count: Int, token: UInt64) {
+        guard let id = freeTxIds.pop(), let frameNumber = txFrames.pop() else { return }
+        let bounce = memory.grants.page(frameNumber)
+        bounce.copyMemory(from: source, byteCount: count)
+        let dirty = txDirty[Int(frameNumber)]
+        if dirty > count { (bounce + count).initializeMemory(as: UInt8.self, repeating: 0, count: dirty &- count) }
+        txDirty[Int(frameNumber)] = count
+        let ref = grants.grant(frame: frameNumber, readOnly: true) ?? 0
+        writeTxRequest(ref: ref, offset: 0, flags: 0, id: id, size: UInt16(truncatingIfNeeded: count))
+        txShadow[Int(id)] = TxShadow(
+            token: token, head: id, ref: ref, frame: frameNumber, active: true, remaining: 1, status: .okay)
+        txSlotsInFlight &+= 1
+        framesInFlight &+= 1
+    }
+
+    /// One tx request, stored whole into the next slot (R1).
+    func writeTxRequest(ref: UInt32, offset: UInt16, flags: UInt16, id: UInt16, size: UInt16) {
+        storeTxSlot((ref, UInt32(offset) | UInt32(flags) << 16, UInt32(id) | UInt32(size) << 16), isExtra: false)
+    }
+
+    /// Stores one whole 12-byte slot (R1), through the hook if one is set.
+    func storeTxSlot(_ words: (UInt32, UInt32, UInt32), isExtra: Bool) {
+        var words = words
+        if hooked, let hooks {
+            withUnsafeMutableBytes(of: &words) { b in
+                if let base = b.baseAddress { hooks.willPostTx(base, isExtra: isExtra, frontend: self) }
+            }
+        }
+        let slot = txRing + SharedRingLayout.headerSize + Int(txRequestProducer & txMask) * NetifLayout.txSlotSize
+        SharedAccess.store32(slot, words.0)
+        SharedAccess.store32(slot + 4, words.1)
+        SharedAccess.store32(slot + 8, words.2)
+        txRequestProducer &+= 1
+    }
+
+    /// A GSO extra-info segment in the next tx slot (the slot's last 4 bytes zeroed).
+    func writeTxExtra(_ gso: NetGSO) {
+        storeTxSlot(
+            (UInt32(NetExtraType.gso.rawValue) | UInt32(gso.size) << 16, UInt32(gso.type.rawValue), 0), isExtra: true)
+    }
+
+    /// Publishes the tx req_prod; true if the backend asked to be notified (decided from
+    /// the private last-published value, R1).
+    public func publishTx() -> Bool {
+        guard !isBroken, txRequestProducer != txPublished else { return false }
+        let new = txRequestProducer
+        SharedAccess.store32Release(
+            txRing + SharedRingLayout.requestProducer, hooked ? hooks?.willPublishTx(requestProducer: new) ?? new : new)
+        SharedAccess.fullFence()
+        let event = SharedAccess.load32(txRing + SharedRingLayout.requestEvent)
+        let old = txPublished
+        txPublished = new
+        return new &- event < new &- old
+    }
+
+    /// The next validated tx completion (a frame whose slots were all answered); nil
+    /// when nothing new is published. Throws (for good, R6) on the first violation.
+    public func nextTxCompletion() throws(XenViolation) -> NetTxCompletion? {
+        if isBroken { throw stickyViolation() }
+        while true {
+            if txResponseConsumer == txSnapshot {
+                let producer = SharedAccess.load32Acquire(txRing + SharedRingLayout.responseProducer)
+                let delta = producer &- txResponseConsumer
+                if delta == 0 { return nil }
+                guard delta <= UInt32(truncatingIfNeeded: txSlotsInFlight) else {
+                    throw rejectProducer(producer, consumer: txResponseConsumer, inFlight: txSlotsInFlight)
+                }
+                txSnapshot = producer
+            }
+            let position = txResponseConsumer
+            let slot = txRing + SharedRingLayout.headerSize + Int(position & txMask) * NetifLayout.txSlotSize
+            let word = SharedAccess.load32(slot)  // id and status, one copy (R2)
+            txResponseConsumer &+= 1
+            let rawId = UInt16(truncatingIfNeeded: word)
+            let rawStatus = Int16(bitPattern: UInt16(truncatingIfNeeded: word >> 16))
+            if rawStatus == NetStatus.null.rawValue {
+                // The answer to an extra-info slot: only as many as we posted.
+                guard txExtrasInFlight > 0 else { throw disable(.xenNetUnexpectedNullResponse(position: position)) }
+                txExtrasInFlight -= 1
+                txSlotsInFlight -= 1
+                continue
+            }
+            guard Int(rawId) < txRingSize else {
+                throw disable(.xenResponseIdOutOfRange(id: UInt64(rawId), ringSize: txRingSize))
+            }
+            let id = Int(rawId)
+            guard txShadow[id].active else { throw disable(.xenResponseIdNotInFlight(id: UInt64(rawId))) }
+            guard let status = NetStatus(rawValue: rawStatus), status != .null else {
+                throw disable(.xenNetStatusUnknown(ring: "tx", id: rawId, status: rawStatus))
+            }
+            txShadow[id].active = false
+            txSlotsInFlight -= 1
+            let ref = txShadow[id].ref
+            let frameNumber = txShadow[id].frame
+            txShadow[id].ref = .max
+            if !endGrant(ref, frame: frameNumber, readOnly: true) { throw stickyViolation() }
+            txFrames.push(frameNumber)
+            let head = Int(txShadow[id].head)
+            if status != .okay && txShadow[head].status == .okay { txShadow[head].status = status }
+            txShadow[head].remaining -= 1
+            if id != head { freeTxIds.push(rawId) }
+            if txShadow[head].remaining == 0 {
+                let done = NetTxCompletion(token: txShadow[head].token, status: txShadow[head].status)
+                txShadow[head] = TxShadow()
+                freeTxIds.push(UInt16(truncatingIfNeeded: head))
+                framesInFlight -= 1
+                return done
+            }
+        }
+    }
+
+    // MARK: rx
+
+    /// Posts every free rx page (zeroed, granted writable) as an rx request; id is the
+    /// ring position (as Linux's netfront), so a response must answer its own slot.
+    /// Returns how many were posted; `publishRx()` makes them visible.
+    @discardableResult
+    public func refillRx() -> Int {
+        guard !isBroken else { return 0 }
+        var posted = 0
+        while rxPosted < rxRingSize, grants.available > 0, let frameNumber = rxFrames.pop() {
+            let id = Int(rxRequestProducer & rxMask)
+            // R7: an rx page is zeroed before its first grant and never written by us after
+            // that: all it can hold is what this same backend wrote into it, so re-zeroing
+            // on reuse would hide nothing from it (and cost ~12% of a 64-byte echo, as the
+            // same reasoning found for blkif reads).
+            if !rxZeroed[Int(frameNumber)] {
+                memory.grants.page(frameNumber).initializeMemory(
+                    as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)
+                rxZeroed[Int(frameNumber)] = true
+            }
+            guard let ref = grants.grant(frame: frameNumber, readOnly: false) else {
+                rxFrames.push(frameNumber)
+                break
+            }
+            let slot = rxRing + SharedRingLayout.headerSize + id * NetifLayout.rxSlotSize
+            SharedAccess.store64(slot, UInt64(id) | UInt64(ref) << 32)
+            rxShadow[id] = RxShadow(ref: ref, frame: frameNumber, active: true)
+            rxRequestProducer &+= 1
+            rxPosted += 1
+            posted += 1
+        }
+        return posted
+    }
+
+    /// Publishes the rx req_prod; true if the backend asked to be notified.
+    public func publishRx() -> Bool {
+        guard !isBroken, rxRequestProducer != rxPublished else { return false }
+        let new = rxRequestProducer
+        SharedAccess.store32Release(rxRing + SharedRingLayout.requestProducer, new)
+        SharedAccess.fullFence()
+        let event = SharedAccess.load32(rxRing + SharedRingLayout.requestEvent)
+        let old = rxPublished
+        rxPublished = new
+        return new &- event < new &- old
+    }
+
+    /// The next validated received frame, its bytes copied into `buffer`; nil when no
+    /// response is published. A frame is all its slots (first, extra info, more_data),
+    /// which must all be published (netback publishes whole frames). Throws (for good,
+    /// R6) on the first violation; the pages of the frame go back to the rx pool.
+    public func nextReceived(into buffer: UnsafeMutableRawBufferPointer) throws(XenViolation) -> NetReceivedFrame? {
+        if isBroken { throw stickyViolation() }
+        if rxResponseConsumer == rxSnapshot {
+            let producer = SharedAccess.load32Acquire(rxRing + SharedRingLayout.responseProducer)
+            let delta = producer &- rxResponseConsumer
+            if delta == 0 { return nil }
+            guard delta <= UInt32(truncatingIfNeeded: rxPosted) else {
+                throw rejectProducer(producer, consumer: rxResponseConsumer, inFlight: rxPosted)
+            }
+            rxSnapshot = producer
+        }
+        var length = 0
+        var slots = 0
+        var status = NetStatus.okay
+        var truncated = false
+        var firstFlags: UInt16 = 0
+        var gso: NetGSO?
+        var more = true
+        while more {
+            // R5: a chain no longer than a frame may be, and within what was published.
+            guard slots < NetifLayout.maxSlotsPerFrame else {
+                throw disable(.xenNetChainTooLong(slots: slots + 1, limit: NetifLayout.maxSlotsPerFrame))
+            }
+            guard rxResponseConsumer != rxSnapshot else { throw disable(.xenNetChainIncomplete(slots: slots)) }
+            let position = rxResponseConsumer
+            let word = SharedAccess.load64(rxSlot(position))  // one copy of the response (R2)
+            rxResponseConsumer &+= 1
+            let rawId = UInt16(truncatingIfNeeded: word)
+            let offset = UInt16(truncatingIfNeeded: word >> 16)
+            let flags = UInt16(truncatingIfNeeded: word >> 32)
+            let rawStatus = Int16(bitPattern: UInt16(truncatingIfNeeded: word >> 48))
+            let frameNumber = try takeRxSlot(id: rawId, position: position)
+            if slots == 0 { firstFlags = flags }
+            slots += 1
+            if rawStatus < 0 {
+                guard let failed = NetStatus(rawValue: rawStatus) else {
+                    throw disable(.xenNetStatusUnknown(ring: "rx", id: rawId, status: rawStatus))
+                }
+                if status == .okay { status = failed }
+            } else {
+                guard Int(offset) + Int(rawStatus) <= SharedRingLayout.pageSize else {
+                    throw disable(.xenNetRxOffsetBeyondPage(id: rawId, offset: offset, size: rawStatus))
+                }
+                let bytes = Int(rawStatus)
+                let room = max(0, buffer.count - length)
+                if bytes > room { truncated = true }
+                if let base = buffer.baseAddress, room > 0, status == .okay {
+                    SharedAccess.copy(
+                        from: memory.grants.page(frameNumber) + Int(offset), to: base + length,
+                        count: min(bytes, room))
+                }
+                length += min(bytes, room)
+            }
+            rxFrames.push(frameNumber)
+            if slots == 1 && flags & NetFlags.rxExtraInfo != 0 { gso = try takeRxExtras() }
+            more = flags & NetFlags.rxMoreData != 0
+        }
+        if status != .okay { length = 0 }
+        return NetReceivedFrame(
+            length: length, status: status, slots: slots, flags: firstFlags, gso: gso, truncated: truncated)
+    }
+
+    @inline(__always)
+    func rxSlot(_ position: UInt32) -> UnsafeMutableRawPointer {
+        rxRing + SharedRingLayout.headerSize + Int(position & rxMask) * NetifLayout.rxSlotSize
+    }
+
+    /// Checks an rx response id (in range, posted, answering its own position) and revokes
+    /// its grant before the page is read (XSA-396 order); returns the page's frame.
+    func takeRxSlot(id rawId: UInt16, position: UInt32) throws(XenViolation) -> UInt32 {
+        guard Int(rawId) < rxRingSize else {
+            throw disable(.xenResponseIdOutOfRange(id: UInt64(rawId), ringSize: rxRingSize))
+        }
+        let id = Int(rawId)
+        guard rxShadow[id].active else { throw disable(.xenResponseIdNotInFlight(id: UInt64(rawId))) }
+        let expected = UInt16(truncatingIfNeeded: position & rxMask)
+        guard rawId == expected else { throw disable(.xenNetRxIdOutOfOrder(id: rawId, expected: expected)) }
+        return try releaseRx(id)
+    }
+
+    /// Ends the rx grant of `id` and frees its slot; the page's frame, or the violation if
+    /// the backend still maps it (page quarantined).
+    func releaseRx(_ id: Int) throws(XenViolation) -> UInt32 {
+        let shadow = rxShadow[id]
+        rxShadow[id] = RxShadow()
+        rxPosted -= 1
+        if !endGrant(shadow.ref, frame: shadow.frame, readOnly: false) { throw stickyViolation() }
+        return shadow.frame
+    }
+
+    /// The extra-info segments after a first rx slot: each consumes the rx request posted
+    /// at its position (whose page goes back to the pool unread). Types GSO and HASH only
+    /// (MCAST is a tx-side request), at most one of each, GSO fields valid.
+    func takeRxExtras() throws(XenViolation) -> NetGSO? {
+        var seen: UInt8 = 0
+        var count = 0
+        var gso: NetGSO?
+        var more = true
+        while more {
+            count += 1
+            guard count <= NetifLayout.maxExtras else { throw disable(.xenNetExtraInfoChain(count: count)) }
+            guard rxResponseConsumer != rxSnapshot else { throw disable(.xenNetChainIncomplete(slots: count)) }
+            let position = rxResponseConsumer
+            let word = SharedAccess.load64(rxSlot(position))
+            rxResponseConsumer &+= 1
+            let id = Int(position & rxMask)
+            guard rxShadow[id].active else { throw disable(.xenResponseIdNotInFlight(id: UInt64(id))) }
+            rxFrames.push(try releaseRx(id))
+            let type = UInt8(truncatingIfNeeded: word)
+            let flags = UInt8(truncatingIfNeeded: word >> 8)
+            guard type == NetExtraType.gso.rawValue || type == NetExtraType.hash.rawValue else {
+                throw disable(.xenNetExtraInfoType(type: type))
+            }
+            guard seen & (1 << type) == 0 else { throw disable(.xenNetExtraInfoChain(count: count)) }
+            seen |= 1 << type
+            if type == NetExtraType.gso.rawValue {
+                let size = UInt16(truncatingIfNeeded: word >> 16)
+                let rawType = UInt8(truncatingIfNeeded: word >> 32)
+                guard size > 0, let gsoType = NetGSOType(rawValue: rawType) else {
+                    throw disable(.xenNetGSOField(type: rawType, size: size))
+                }
+                gso = NetGSO(type: gsoType, size: size)
+            }
+            more = flags & NetFlags.extraMore != 0
+        }
+        return gso
+    }
+
+    // MARK: grants, failure
+
+    /// Revokes one grant (one compare-exchange); a page the backend still maps is
+    /// quarantined and the device disabled (R7, XSA-396). False on failure.
+    func endGrant(_ ref: UInt32, frame: UInt32, readOnly: Bool) -> Bool {
+        guard ref != .max else { return true }
+        guard let found = grants.tryEndAccess(ref, readOnly: readOnly) else { return true }
+        quarantinedFrames.append(frame)
+        if found & (GrantLayout.reading | GrantLayout.writing) != 0 {
+            _ = disable(.xenGrantStillMapped(ref: ref, flags: found))
+        } else {
+            _ = disable(
+                .xenGrantFlagsScribbled(ref: ref, expected: GrantIssuer.expectedFlags(readOnly: readOnly), found: found)
+            )
+        }
+        return false
+    }
+
+    func rejectProducer(_ producer: UInt32, consumer: UInt32, inFlight: Int) -> XenViolation {
+        if Int32(bitPattern: producer &- consumer) < 0 {
+            return disable(.xenResponseProducerWentBackwards(consumer: consumer, producer: producer))
+        }
+        return disable(.xenResponseProducerBeyondInFlight(consumer: consumer, producer: producer, inFlight: inFlight))
+    }
+
+    func stickyViolation() -> XenViolation {
+        violation ?? .deadlineExceeded(milliseconds: 0)  // unreachable: isBroken implies a violation
+    }
+
+    /// Disables the device (sticky, R6) and returns the violation to throw.
+    public func disable(_ v: XenViolation) -> XenViolation {
+        if violation == nil {
+            violation = v
+            isBroken = true
+        }
+        return violation ?? v
+    }
+
+    /// Hands back the tokens of every frame in flight (after a violation or a timeout),
+    /// revoking all grants, tx and rx; pages still mapped stay quarantined.
+    public func failAll() -> [UInt64] {
+        var tokens: [UInt64] = []
+        for id in 0..<txRingSize where txShadow[id].ref != .max || txShadow[id].remaining > 0 {
+            let s = txShadow[id]
+            if s.ref != .max && endGrant(s.ref, frame: s.frame, readOnly: true) { txFrames.push(s.frame) }
+            if s.remaining > 0 { tokens.append(s.token) }
+        }
+        for id in 0..<txRingSize where txShadow[id].active || txShadow[id].remaining > 0 {
+            txShadow[id] = TxShadow()
+            freeTxIds.push(UInt16(id))
+        }
+        txSlotsInFlight = 0
+        txExtrasInFlight = 0
+        framesInFlight = 0
+        for id in 0..<rxRingSize where rxShadow[id].active {
+            if let frame = try? releaseRx(id) { rxFrames.push(frame) }
+        }
+        return tokens
+    }
+
+    /// RING_FINAL_CHECK_FOR_RESPONSES on both rings: asks for an event at the next
+    /// response, then re-checks after a full fence. True if something is waiting.
+    public func enableNotifications() -> Bool {
+        guard !isBroken else { return false }
+        var pending = false
+        for (ring, consumer, snapshot) in [
+            (txRing, txResponseConsumer, txSnapshot), (rxRing, rxResponseConsumer, rxSnapshot),
+        ] {
+            if consumer != snapshot { return true }
+            if SharedAccess.load32Acquire(ring + SharedRingLayout.responseProducer) != consumer { return true }
+            SharedAccess.store32(ring + SharedRingLayout.responseEvent, consumer &+ 1)
+        }
+        SharedAccess.fullFence()
+        for (ring, consumer) in [(txRing, txResponseConsumer), (rxRing, rxResponseConsumer)] {
+            pending = pending || SharedAccess.load32Acquire(ring + SharedRingLayout.responseProducer) != consumer
+        }
+        return pending
+    }
+}

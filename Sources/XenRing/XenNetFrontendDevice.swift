@@ -1,0 +1,245 @@
+public import SharedMemory
+
+/// Why a netif operation failed.
+public enum XenNetError: Error, Equatable, CustomStringConvertible {
+    /// The device is disabled for further use (R6).
+    case broken(XenViolation)
+    case submit(NetSubmitError)
+
+    public var description: String {
+        switch self {
+        case .broken(let v): return "device disabled: \(v)"
+        case .submit(let e): return e.description
+        }
+    }
+}
+
+/// A connected netif frontend: handshake, shared memory, one event channel for both
+/// rings, and the hardened `NetFrontend`, with sends and deadline-bounded receives.
+///
+/// Owns its grant table and frames (two sealed memfds, R7) and its eventfds. One owner at
+/// a time.
+public final class XenNetFrontendDevice {
+    public let info: XenNetInfo
+    public let front: NetFrontend
+    public let events: EventChannel
+    let channel: UnixChannel
+    let table: SharedRegion
+    let frames: SharedRegion
+    /// Seconds a wait may take before the device is declared dead (R5); values outside
+    /// (0, 3600] fall back to 5.
+    public var timeout: Double = 5 {
+        didSet { if !(timeout > 0 && timeout <= 3600) { timeout = 5 } }
+    }
+    /// Tokens failed by `failAll` after a violation.
+    public private(set) var failedTokens: [UInt64] = []
+    /// Tx completions reaped while waiting for something else.
+    @exclusivity(unchecked) public private(set) var txCompleted = 0
+    @exclusivity(unchecked) public private(set) var txFailed = 0
+
+    /// Grant entries (one page) and frames: the two rings, 128 rx and 128 tx pages.
+    public static let grantEntries = 512
+    public static let frameCount = 2 + 128 + 128
+
+    /// Runs the frontend half of the handshake on `channel`: validates the backend's
+    /// node, shares the grant table, frames and eventfds, waits for Connected.
+    public static func connect(channel: UnixChannel, until deadline: Deadline = .after(seconds: 10))
+        throws(XenConnectError) -> XenNetFrontendDevice
+    {
+        let (node, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
+        let info: XenNetInfo
+        do { info = try XenNetInfo.validate(node) } catch { throw .violation(error) }
+        let table: SharedRegion
+        let frames: SharedRegion
+        let toBack: Notifier
+        let fromBack: Notifier
+        do {
+            table = try SharedRegion(name: "xen-net-grant-table", size: grantEntries * GrantLayout.entrySize)
+            frames = try SharedRegion(name: "xen-net-frames", size: frameCount * SharedRingLayout.pageSize)
+            toBack = try Notifier()
+            fromBack = try Notifier()
+        } catch { throw .setup("\(error)") }
+        let memory = GrantTableMemory(
+            entries: table.base, entryCount: grantEntries, frames: frames.base, frameCount: frameCount)
+        let issuer = GrantIssuer(memory: memory)
+        let front = NetFrontend(memory: NetFrontendMemory(grants: memory), grants: issuer, rxPages: 128)
+        guard let txRef = issuer.grant(frame: 0, readOnly: false), let rxRef = issuer.grant(frame: 1, readOnly: false)
+        else { throw .setup("no grant refs for the rings") }
+        let mine = XenStoreNode([
+            "state": "\(XenbusState.initialised.rawValue)", "tx-ring-ref": "\(txRef)", "rx-ring-ref": "\(rxRef)",
+            "event-channel": "1", "request-rx-copy": "1", "feature-rx-notify": "1", "feature-sg": "1",
+            "feature-gso-tcpv4": info.gsoTCPv4 ? "1" : "0", "multi-queue-num-queues": "1", "protocol": "x86_64-abi",
+            "grant-entries": "\(grantEntries)", "grant-frames": "\(frameCount)",
+        ])
+        try channel.sendNode(
+            mine,
+            descriptors: [table.fileDescriptor, frames.fileDescriptor, toBack.fileDescriptor, fromBack.fileDescriptor],
+            until: deadline)
+        let (reply, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
+        let state: XenbusState
+        do { state = try reply.state() } catch { throw .violation(error) }
+        guard state == .connected else {
+            throw .violation(.xenHandshakeState(expected: XenbusState.connected.rawValue, got: state.rawValue))
+        }
+        let device = XenNetFrontendDevice(
+            info: info, front: front, events: EventChannel(incoming: fromBack, outgoing: toBack),
+            channel: channel, table: table, frames: frames)
+        device.front.refillRx()
+        device.kick()
+        return device
+    }
+
+    init(
+        info: XenNetInfo, front: NetFrontend, events: EventChannel, channel: UnixChannel, table: SharedRegion,
+        frames: SharedRegion
+    ) {
+        self.info = info
+        self.front = front
+        self.events = events
+        self.channel = channel
+        self.table = table
+        self.frames = frames
+    }
+
+    public var violation: XenViolation? { front.violation }
+
+    /// Posts one frame (bounced now); `kick()` publishes it. GSO only if the backend
+    /// offered it.
+    public func submit(_ frame: UnsafeRawBufferPointer, token: UInt64, gso: NetGSO? = nil) throws(XenNetError) {
+        do { try front.submit(frame: frame, token: token, gso: info.gsoTCPv4 ? gso : nil) } catch {
+            if case .broken(let v) = error { throw .broken(v) }
+            throw .submit(error)
+        }
+    }
+
+    /// Sends one frame, reaping completions (waiting, within the deadline) while the ring
+    /// or the bounce pages are full.
+    public func send(_ frame: UnsafeRawBufferPointer, token: UInt64 = 0) throws(XenNetError) {
+        let deadline = Deadline.after(seconds: timeout)
+        while true {
+            do {
+                try submit(frame, token: token)
+                kick()
+                return
+            } catch .submit(.full), .submit(.noBounceSpace) {
+                try waitForTx(until: deadline)
+            }
+        }
+    }
+
+    /// Publishes both rings (tx frames, refilled rx pages), notifying once if asked.
+    public func kick() {
+        var notify = front.publishTx()
+        front.refillRx()
+        notify = front.publishRx() || notify
+        if notify && !events.notify() { _ = disable(.notifierBlocked(role: "event channel")) }
+    }
+
+    /// Reaps every tx completion published so far; returns how many.
+    @discardableResult
+    public func reapTx() throws(XenNetError) -> Int {
+        var n = 0
+        while let c = try call({ () throws(XenViolation) in try front.nextTxCompletion() }) {
+            n += 1
+            txCompleted += 1
+            if c.status != .okay { txFailed += 1 }
+        }
+        return n
+    }
+
+    /// Waits until at least one tx completion arrives (R5: deadline, storms backed off).
+    public func waitForTx(until deadline: Deadline) throws(XenNetError) {
+        var woke = false
+        while true {
+            let n = try reapTx()
+            if woke {
+                events.noteWake(productive: n > 0)
+                woke = false
+            }
+            if n > 0 { return }
+            if front.enableNotifications() { continue }
+            try checkDeadline(deadline)
+            woke = events.wait(until: deadline)
+        }
+    }
+
+    /// The next received frame (copied into `buffer`), waiting until `deadline`; tx
+    /// completions are reaped meanwhile and rx pages re-posted. A timeout here is the
+    /// caller's (nil): a quiet network is not a fault.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer, until deadline: Deadline) throws(XenNetError)
+        -> NetReceivedFrame?
+    {
+        var woke = false
+        while true {
+            let reaped = try reapTx()
+            let frame = try call({ () throws(XenViolation) in try front.nextReceived(into: buffer) })
+            if woke {
+                events.noteWake(productive: reaped > 0 || frame != nil)
+                woke = false
+            }
+            if let frame {
+                kick()  // re-post the pages just freed
+                return frame
+            }
+            if reaped > 0 { continue }
+            if front.enableNotifications() { continue }
+            if deadline.hasPassed { return nil }
+            woke = events.wait(until: deadline)
+        }
+    }
+
+    /// The next received frame if one is ready; never blocks. (`kick()` re-posts pages.)
+    public func poll(into buffer: UnsafeMutableRawBufferPointer) throws(XenNetError) -> NetReceivedFrame? {
+        try call({ () throws(XenViolation) in try front.nextReceived(into: buffer) })
+    }
+
+    /// Waits until the backend publishes a response on either ring, at most until
+    /// `deadline` (then the device is disabled, R5); a wake-up without one is counted and
+    /// backed off.
+    public func waitForWork(until deadline: Deadline) throws(XenNetError) {
+        while true {
+            if front.enableNotifications() { return }
+            try checkDeadline(deadline)
+            if events.wait(until: deadline) {
+                let productive = front.enableNotifications()
+                events.noteWake(productive: productive)
+                if productive { return }
+            }
+        }
+    }
+
+    /// A ring call, disabling the device on a violation (R6).
+    func call<T>(_ body: () throws(XenViolation) -> T) throws(XenNetError) -> T {
+        do { return try body() } catch { throw .broken(disable(error)) }
+    }
+
+    func checkDeadline(_ deadline: Deadline) throws(XenNetError) {
+        if deadline.hasPassed {
+            throw .broken(disable(.deadlineExceeded(milliseconds: UInt64(timeout * 1000))))
+        }
+    }
+
+    func disable(_ v: XenViolation) -> XenViolation {
+        let first = front.disable(v)
+        events.mask()
+        failedTokens += front.failAll()
+        return first
+    }
+
+    /// True once the backend closed the connection before `deadline` (what it does after
+    /// a corrupt ring).
+    public func waitForDisconnect(until deadline: Deadline) -> Bool {
+        do { try channel.waitReadable(until: deadline) } catch { return false }
+        return true
+    }
+
+    /// Closing → Closed, then drops the channel.
+    public func disconnect() {
+        let deadline = Deadline.after(seconds: 2)
+        do {
+            try channel.sendNode(XenStoreNode(["state": "\(XenbusState.closing.rawValue)"]), until: deadline)
+            _ = try channel.receiveNode(maxDescriptors: 0, until: deadline)
+        } catch {}
+        channel.shutdown()
+    }
+}
