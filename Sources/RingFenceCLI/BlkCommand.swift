@@ -34,6 +34,8 @@ struct Blk: ParsableCommand {
     @Flag(name: .customLong("no-packed"), help: "Use split virtqueues even if the back-end offers packed ones.")
     var noPacked = false
 
+    @OptionGroup var wait: WaitOptions
+
     func validate() throws {
         guard queues >= 1, queues <= 64 else { throw ValidationError("--queues must be 1...64") }
         guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
@@ -48,6 +50,7 @@ struct Blk: ParsableCommand {
         options.reconnect = reconnect
         options.queueSize = queueSize
         options.packedRing = !noPacked
+        options.wait = wait.strategy
         return try runOrExit { () throws(VirtioError) in try VirtioBlockDriver.connect(socket: socket, options: options)
         }
     }

@@ -71,6 +71,8 @@ struct ServeBlkCommand: ParsableCommand {
             valueName: "addr"))
     var metrics: String?
 
+    @OptionGroup var wait: WaitOptions
+
     func validate() throws {
         if let metrics { _ = try MetricsAddress(parsing: metrics) }
         if let attack, Catalogue.attack(named: attack) == nil {
@@ -133,6 +135,7 @@ struct ServeBlkCommand: ParsableCommand {
         let dumpMetrics: @Sendable () -> Void = { log.notice("metrics (SIGUSR1):\n\(serverMetrics.text)") }
         var configuration = attack == nil ? Backend.Configuration() : AdversaryServer.configuration
         configuration.maximumQueueSize = queueSize
+        configuration.queueTiming.wait = wait.strategy
         if let attack = attack.flatMap(Catalogue.attack(named:)) {
             // The same device and back-end, misbehaving through the hooks.
             let adversary = AdversaryDevice(

@@ -1,4 +1,4 @@
-public import SharedMemory
+import SharedMemory
 import Synchronization
 
 /// What a `VirtioBlockDevice` has served since it was made, counted by the queue threads

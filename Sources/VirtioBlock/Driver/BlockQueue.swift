@@ -20,6 +20,8 @@ public struct BlockQueueStatistics: Sendable, Equatable {
     /// Wake-ups that brought no completion (a storm is backed off, R5).
     public var spuriousNotifications: UInt64 = 0
     public var resubmitted: UInt64 = 0
+    /// Times `wait` blocked on the call eventfd (0 under `WaitStrategy.poll`).
+    public var blocks: UInt64 = 0
 }
 
 /// One virtqueue of a `VirtioBlockDriver`: the synchronous hot path.
@@ -74,6 +76,8 @@ public final class BlockQueue {
         var deadlineBound = UInt64.max
         /// The supervisor's `epoch` this queue last found itself attached and healthy at.
         var settledEpoch: UInt64 = 0
+        /// How long `wait` polls before blocking (adapts under `.adaptive`).
+        var spin: AdaptiveSpin
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -97,7 +101,6 @@ public final class BlockQueue {
     let info: BlockInfo
     let requestTimeout: Double
     let timeoutNanoseconds: UInt64
-    let spinIterations: Int
     let ring: any DriverRing
     let pool: BouncePool
     let kickNotifier: Notifier
@@ -126,7 +129,6 @@ public final class BlockQueue {
         self.info = info
         self.requestTimeout = options.requestTimeout
         self.timeoutNanoseconds = UInt64(max(0, min(options.requestTimeout, 1e9)) * 1e9) + coarseClockSlack
-        self.spinIterations = options.spinIterations
         self.ring = ring
         self.pool = pool
         self.kickNotifier = kick
@@ -134,7 +136,7 @@ public final class BlockQueue {
         let n = Int(ring.queueSize)
         slotCount = n
         state = .allocate(capacity: 1)
-        state.initialize(to: State(freeCount: n))
+        state.initialize(to: State(freeCount: n, spin: AdaptiveSpin(options.wait)))
         slots = .allocate(capacity: n)
         slots.initialize(repeating: Slot(), count: n)
         freeSlots = .allocate(capacity: n)
@@ -483,12 +485,15 @@ public final class BlockQueue {
         }
     }
 
-    /// Waits for the next completion: spins briefly, then blocks on the call eventfd and
-    /// the control socket until the earliest request deadline (then: timeout, device
-    /// broken) or `until` (then: nil). Wake-ups without completions are counted and,
-    /// when they keep coming, backed off so a storm cannot burn the CPU (R5).
+    /// Waits for the next completion: polls for as long as the wait strategy says (by
+    /// time; `.poll` never stops), then blocks on the call eventfd and the control socket
+    /// until the earliest request deadline (then: timeout, device broken) or `until`
+    /// (then: nil). Wake-ups without completions are counted and, when they keep coming,
+    /// backed off so a storm cannot burn the CPU (R5).
     public func wait(until limit: Deadline = .distantFuture) -> BlockCompletion? {
         var spins = 0
+        var spinStart: UInt64 = 0
+        var spinning = state.pointee.spin.limit > 0
         while true {
             if let c = poll() { return c }
             if state.pointee.activeCount == 0 { return nil }
@@ -499,9 +504,10 @@ public final class BlockQueue {
             }
             // While spinning, look at the clock and the deadlines only every 64 polls.
             spins += 1
-            let spinning = spins <= spinIterations
             if spinning && spins & 63 != 0 { continue }
             let now = monotonicNanoseconds()
+            if spinStart == 0 { spinStart = now }
+            spinning = now &- spinStart < state.pointee.spin.limit
             var earliest = state.pointee.deadlineBound
             if now >= earliest {
                 earliest = earliestDeadline()
@@ -515,7 +521,11 @@ public final class BlockQueue {
             if spinning { continue }
             if ring.enableInterrupts() { continue }
             let until = Deadline(uptimeNanoseconds: min(earliest, limit.uptimeNanoseconds))
-            switch block(until: until) {
+            state.pointee.statistics.blocks &+= 1
+            let woken = block(until: until)
+            state.pointee.spin.noteBlock(
+                nanoseconds: monotonicNanoseconds() &- now, productive: woken == .notified)
+            switch woken {
             case .notified:
                 // A completion may follow; if none does, it was spurious.
                 if let c = poll() { return c }
@@ -531,7 +541,7 @@ public final class BlockQueue {
         }
     }
 
-    enum Wake {
+    enum Wake: Equatable {
         case notified, timedOut
         /// The control socket of connection `generation` is readable.
         case socket(generation: UInt32)
