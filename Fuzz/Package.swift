@@ -55,6 +55,9 @@ let package = Package(
             name: "RingTestSupport",
             dependencies: ["SharedMemory", "Virtqueue", "CRingFence", "VhostUser", "BlockImage", "VirtioBlock"],
             swiftSettings: settings),
+        .target(
+            name: "VirtioFS", dependencies: ["SharedMemory", "Virtqueue", "VhostUser", "CRingFence"],
+            swiftSettings: settings),
         .target(name: "FuzzSupport", swiftSettings: settings),
         .target(name: "FuzzXenSupport", dependencies: ["SharedMemory", "XenRing"], swiftSettings: settings),
         fuzzTarget("FuzzUsedRing", ["RingTestSupport", "Virtqueue"]),
@@ -71,5 +74,7 @@ let package = Package(
         fuzzTarget("FuzzNetRequests", ["FuzzXenSupport", "SharedMemory", "XenRing"]),
         fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
+        fuzzTarget("FuzzFuseReplies", ["VirtioFS"]),
+        fuzzTarget("FuzzFSRequests", ["RingTestSupport", "SharedMemory", "VhostUser", "VirtioFS", "Virtqueue"]),
     ]
 )

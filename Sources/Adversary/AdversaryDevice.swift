@@ -48,9 +48,18 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
         var memory: GuestMemory?
         var closeConnection: (@Sendable () -> Void)?
         var lastDump = Date.distantPast
+        /// Set by `arm(after:)`: replaces `after` (a probe that sets the disk up first).
+        var armedAfter: Int?
+    }
+
+    /// Starts the attack after `requests` more requests from now on (a probe's set-up done).
+    public func arm(after requests: Int = 0) {
+        state.withLock { $0.armedAfter = $0.observations.requests + requests }
     }
 
     let state = Mutex<State>(State())
+    /// What the payload lies remember across requests (`PayloadLies.swift`).
+    let payload = Mutex<PayloadMemory>(PayloadMemory())
     /// Lives as long as the device: its fd is what `reply-with-fd` attaches.
     let strayNotifier = try? Notifier()
 
@@ -323,7 +332,7 @@ public final class AdversaryDevice: VhostUserDevice, ControlReplyHook, @unchecke
     func takeRequest() -> Bool {
         state.withLock { s in
             s.observations.requests += 1
-            let attacked = s.observations.requests > after
+            let attacked = s.observations.requests > (s.armedAfter ?? after)
             if attacked { s.observations.attacked += 1 }
             return attacked
         }

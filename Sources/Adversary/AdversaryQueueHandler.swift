@@ -112,6 +112,8 @@ final class AdversaryQueueHandler: QueueHandler {
             return type == BlockProtocol.RequestType.read.rawValue && chain.writableLength > 1
         case .identifierWithoutNul:
             return type == BlockProtocol.RequestType.getID.rawValue
+        case .payloadLie(let lie)?:
+            return payloadEligible(lie, chain)
         default:
             return true
         }
@@ -208,6 +210,8 @@ final class AdversaryQueueHandler: QueueHandler {
                 ring[slot + 1] = 0xff
             }
             queue.complete(head: head, length: inner.execute(chain))
+        case .payloadLie(let lie):
+            payloadLie(lie, queue)
         case .scribbleBounce:
             let length = inner.execute(chain)
             if let first = chain.segments.first, first.guestAddress >= 256,

@@ -48,8 +48,14 @@ enum Behaviour: Sendable, Hashable {
     case leakProbe
     // packed ring
     case packed(PackedLie)
+    // payload lies (issue 18): well-formed completions carrying wrong bytes
+    case payloadLie(PayloadLie)
 
     enum LengthLie: Sendable, Hashable { case overflow, zero, statusOnly }
+    /// What a lying back-end returns or stores instead of the truth (`PayloadLies.swift`).
+    enum PayloadLie: Sendable, Hashable {
+        case flipBit, otherBlock, olderVersion, rollback, writeDropped, tornWrite
+    }
     /// Packed-ring lies that need raw ring bytes or a particular order of completions.
     enum PackedLie: Sendable, Hashable {
         /// A used descriptor whose AVAIL/USED bits carry the other lap's wrap counter.

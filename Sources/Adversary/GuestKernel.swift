@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// Your own kernel for `ringfence audit --target linux-guest` (`--kernel`, `--modules`,
 /// `--modules-deb`, `--config`): scripts/guest/build-image.sh builds the guest around it.

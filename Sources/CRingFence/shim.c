@@ -12,6 +12,8 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <linux/openat2.h>
+#include <stdio.h>
 
 const unsigned int RF_MFD_CLOEXEC = MFD_CLOEXEC;
 const unsigned int RF_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
@@ -138,4 +140,29 @@ const int RF_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
 const int RF_O_DIRECT = O_DIRECT;
 int rf_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+// virtio-fs device
+const uint64_t RF_RESOLVE_BENEATH = RESOLVE_BENEATH;
+const uint64_t RF_RESOLVE_NO_MAGICLINKS = RESOLVE_NO_MAGICLINKS;
+const uint64_t RF_RESOLVE_NO_SYMLINKS = RESOLVE_NO_SYMLINKS;
+const int RF_O_PATH = O_PATH;
+const int RF_O_NOFOLLOW = O_NOFOLLOW;
+const int RF_O_DIRECTORY = O_DIRECTORY;
+const int RF_O_NOATIME = O_NOATIME;
+const int RF_AT_EMPTY_PATH = AT_EMPTY_PATH;
+const int RF_AT_SYMLINK_NOFOLLOW = AT_SYMLINK_NOFOLLOW;
+const int RF_AT_REMOVEDIR = AT_REMOVEDIR;
+const unsigned int RF_RENAME_NOREPLACE = RENAME_NOREPLACE;
+const unsigned int RF_RENAME_EXCHANGE = RENAME_EXCHANGE;
+int rf_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
+    struct open_how how = {.flags = flags, .mode = mode, .resolve = resolve};
+    long r;
+    do {
+        r = syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    } while (r < 0 && errno == EINTR);
+    return (int)r;
+}
+int rf_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags) {
+    return renameat2(olddirfd, oldpath, newdirfd, newpath, flags);
 }

@@ -14,6 +14,11 @@ enum AuditTarget: String, ExpressibleByArgument, CaseIterable {
     case xenNet = "xen-net"
 }
 
+enum AuditDevice: String, ExpressibleByArgument, CaseIterable {
+    case blk
+    case fs
+}
+
 /// `ringfence audit`: aims the adversary catalogue at a driver and reports what it did.
 struct AuditCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -29,6 +34,8 @@ struct AuditCommand: ParsableCommand {
             """)
 
     @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
+    @Option(help: "Device class whose catalogue runs: blk or fs (self and linux-guest only).")
+    var device: AuditDevice = .blk
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("attack-after"), help: "Requests served correctly before each attack starts.")
@@ -61,7 +68,18 @@ struct AuditCommand: ParsableCommand {
             if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
             return
         }
+        if device == .fs {
+            if target == .command { throw ValidationError("--device fs audits self or linux-guest") }
+            for n in only.flatMap({ $0.split(separator: ",") }) where FSCatalogue.attack(named: String(n)) == nil {
+                throw ValidationError("unknown fs attack '\(n)' (see `ringfence audit --device fs --list`)")
+            }
+            return
+        }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
+        if guestKernel != nil && device == .fs {
+            throw ValidationError(
+                "--kernel, --modules, --modules-deb and --config audit virtio_blk (--device blk) only")
+        }
         if guestKernel != nil && target != .linuxGuest {
             throw ValidationError("--kernel, --modules, --modules-deb and --config need --target linux-guest")
         }
@@ -85,6 +103,7 @@ struct AuditCommand: ParsableCommand {
     }
 
     func run() throws {
+        if device == .fs { return try runFS() }
         if list && target != .xenNet {
             for a in Catalogue.all {
                 print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)")
@@ -123,6 +142,45 @@ extension AuditCommand {
         print("# Xen netif audit\n")
         print(Auditor.xenNetMarkdown(records), terminator: "")
         if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
+    }
+
+    /// The fs catalogue (`FSCatalogue`) against our driver or Linux's virtiofs.
+    func runFS() throws {
+        if list {
+            for a in FSCatalogue.all { print("\(a.name)\t\(a.rule.rawValue)\tfs\t\(a.summary)") }
+            return
+        }
+        let names = Set(only.flatMap { $0.split(separator: ",") }.map(String.init))
+        let attacks = names.isEmpty ? FSCatalogue.all : FSCatalogue.all.filter { names.contains($0.name) }
+        let auditor = FSAuditor(imageDir: imageDir)
+        let report: AuditReport
+        switch target {
+        case .self: report = auditor.runSelf(attacks, deadline: deadline ?? 25)
+        case .linuxGuest:
+            report = try auditor.runLinuxGuest(
+                attacks, deadline: deadline ?? 60, repository: FileManager.default.currentDirectoryPath)
+        case .command, .xenNet: throw ValidationError("--device fs audits self or linux-guest")
+        }
+        print(report.markdown, terminator: "")
+        if let json { try report.json().write(to: URL(fileURLWithPath: json)) }
+    }
+}
+
+/// `ringfence audit-one-fs`: one fs attack against our driver, in this (fresh) process.
+/// Used by `audit --device fs`; writes an `FSProbeResult` as JSON.
+struct AuditOneFSCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "audit-one-fs", abstract: "Run one fs attack against our driver in this process (used by audit).",
+        shouldDisplay: false)
+
+    @Option var attack: String
+    @Option var dir: String
+    @Option var result: String
+
+    func run() throws {
+        guard let a = FSCatalogue.attack(named: attack) else { throw ValidationError("unknown attack \(attack)") }
+        let r = FSProbe.run(a, directory: dir)
+        try JSONEncoder().encode(r).write(to: URL(fileURLWithPath: result))
     }
 }
 

@@ -36,6 +36,14 @@ struct BlkBench: ParsableCommand {
     }
 
     func run() throws {
+        if blk.verified.enabled {
+            guard rw == .randread || rw == .randwrite, bs.bytes == 4096 else {
+                throw ValidationError("verified bench runs --rw randread or randwrite with --bs 4k")
+            }
+            return try blk.withVerified {
+                try $0.bench(write: rw == .randwrite, depth: min(iodepth, 64), seconds: runtime)
+            }
+        }
         let queueSize = max(128, 1 << (Int.bitWidth - (iodepth * 3 - 1).leadingZeroBitCount))
         let disk = try blk.open(queueSize: min(queueSize, 1024))
         defer { disk.close() }

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Histogram
 import SharedMemory
+import VerifiedBlock
 import VirtioBlock
 
 /// `ringfence blk`: a thin shell over `VirtioBlock.VirtioBlockDriver`.
@@ -13,7 +14,7 @@ struct Blk: ParsableCommand {
         abstract: "Talk to a vhost-user-blk back-end with the hardened virtio-blk driver.",
         subcommands: [
             BlkInfo.self, BlkRead.self, BlkWrite.self, BlkVerify.self, BlkFlush.self, BlkDiscard.self,
-            BlkWriteZeroes.self, BlkBench.self,
+            BlkWriteZeroes.self, BlkBench.self, BlkFormat.self,
         ])
 
     @Option(help: "Path of the back-end's vhost-user socket.")
@@ -35,6 +36,9 @@ struct Blk: ParsableCommand {
     var noPacked = false
 
     @OptionGroup var wait: WaitOptions
+
+    @OptionGroup(title: "Verified payload (docs/verified-block.md)")
+    var verified: VerifiedOptions
 
     func validate() throws {
         guard queues >= 1, queues <= 64 else { throw ValidationError("--queues must be 1...64") }
@@ -100,6 +104,7 @@ struct BlkInfo: ParsableCommand {
     @ParentCommand var blk: Blk
 
     func run() throws {
+        if blk.verified.enabled { return try blk.withVerified { $0.info() } }
         let disk = try blk.open()
         defer { disk.close() }
         let i = disk.info
@@ -127,6 +132,14 @@ struct BlkRead: ParsableCommand {
     @Option(help: "Write the bytes here instead of stdout.") var output: String?
 
     func run() throws {
+        if blk.verified.enabled {
+            guard offset.bytes % 4096 == 0, length.bytes % 4096 == 0, length.bytes > 0 else {
+                throw ValidationError("verified reads are whole 4 KiB blocks")
+            }
+            return try blk.withVerified {
+                try $0.read(block: UInt64(offset.bytes / 4096), count: length.bytes / 4096, output: output)
+            }
+        }
         let disk = try blk.open()
         defer { disk.close() }
         let out: FileHandle
@@ -170,6 +183,10 @@ struct BlkWrite: ParsableCommand {
         } else {
             data = FileHandle.standardInput.readDataToEndOfFile()
         }
+        if blk.verified.enabled {
+            guard offset.bytes % 4096 == 0 else { throw ValidationError("verified writes are whole 4 KiB blocks") }
+            return try blk.withVerified { try $0.write(block: UInt64(offset.bytes / 4096), data: [UInt8](data)) }
+        }
         let disk = try blk.open()
         defer { disk.close() }
         guard data.count % disk.info.blockSize == 0, data.count > 0 else {
@@ -207,6 +224,9 @@ struct BlkVerify: ParsableCommand {
     @Option var seed: UInt64 = 1
 
     func run() throws {
+        if blk.verified.enabled {
+            return try blk.withVerified { try $0.verify(blocks: max(1, size.bytes / 4096), seed: seed) }
+        }
         let disk = try blk.open()
         defer { disk.close() }
         let total = size.bytes
@@ -230,6 +250,12 @@ struct BlkFlush: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the device's write cache.")
     @ParentCommand var blk: Blk
     func run() throws {
+        if blk.verified.enabled {
+            return try blk.withVerified { disk in
+                if case .sealed(let d) = disk { try runVerified { () throws(VerifiedBlockError) in try d.flush() } }
+                print("flushed")
+            }
+        }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in try disk.flush() }
@@ -243,6 +269,7 @@ struct BlkDiscard: ParsableCommand {
     @Option var offset: Size
     @Option var length: Size
     func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("discard bypasses the verified layer") }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in try disk.discard(at: UInt64(offset.bytes), length: length.bytes) }
@@ -257,6 +284,7 @@ struct BlkWriteZeroes: ParsableCommand {
     @Option var length: Size
     @Flag(help: "Allow the device to unmap the range.") var unmap = false
     func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("write-zeroes bypasses the verified layer") }
         let disk = try blk.open()
         defer { disk.close() }
         try runOrExit { () throws(VirtioError) in
@@ -279,6 +307,32 @@ extension RingFence {
                 Foundation.exit(2)
             }
             exit(withError: error)
+        }
+    }
+}
+
+extension Blk {
+    /// Runs `body` on the verified layer (`--key`/`--anchor` or `--root-hash`) over this driver.
+    func withVerified(format: Bool = false, _ body: (VerifiedDisk) throws -> Void) throws {
+        let driver = try open()
+        defer { driver.close() }
+        let disk = try verified.open(driver, format: format)
+        defer { disk.close() }
+        try body(disk)
+    }
+}
+
+struct BlkFormat: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "format",
+        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).")
+    @ParentCommand var blk: Blk
+
+    func run() throws {
+        guard blk.verified.key != nil else { throw ValidationError("format needs --key FILE and --anchor FILE") }
+        try blk.withVerified(format: true) { disk in
+            print("formatted: \(disk.blocks) verified blocks of 4096 bytes")
+            disk.info()
         }
     }
 }

@@ -16,7 +16,8 @@ struct DemoCommand: ParsableCommand {
         abstract: "Show RingFence working on an embedded default device, no set-up needed.",
         discussion: """
             Starts `ringfence serve-blk` on a temporary 64 MiB image (a child process), runs the \
-            hardened driver against it (info, verify, a short bench), then audits the driver \
+            hardened driver against it (info, verify, a short bench), shows each payload lie passing \
+            the plain driver and caught by the verified layer (VerifiedBlock), then audits the driver \
             against every attack of the catalogue (each in a fresh child process) and prints the table.
             """)
 
@@ -60,6 +61,9 @@ struct DemoCommand: ParsableCommand {
             var command = try RingFence.parseAsRoot(["blk", "--socket", socket] + arguments)
             try command.run()
         }
+        print(
+            "\n== 4b. payload lies: a back-end returning wrong bytes, through the plain driver and the verified layer")
+        if !demoPayloadLies(directory: dir) { throw ExitCode(1) }
         if skipAudit { return }
         print("\n== 5. audit: every attack of the catalogue against our driver, each in a fresh child process")
         let report = Auditor(after: nil, imageDir: nil).runSelf(Catalogue.all, deadline: 25)

@@ -4,6 +4,7 @@ import BlockBench
 import BlockImage
 import Foundation
 import SharedMemory
+import VerifiedBlock
 import VirtioBlock
 import XenRing
 
@@ -145,13 +146,16 @@ struct XenBlkCommand: ParsableCommand {
             disables the device with a typed violation.
             """)
 
-    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench, audit }
+    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench, audit, format }
 
     @Option(help: "Unix socket of the backend.")
     var socket: String
 
-    @Argument(help: "info | read | write | verify | bench | audit")
+    @Argument(help: "info | read | write | verify | bench | audit | format (verified mode)")
     var action: Action
+
+    @OptionGroup(title: "Verified payload (docs/verified-block.md)")
+    var verified: VerifiedOptions
 
     @Option(help: "First 512-byte sector.")
     var sector: UInt64 = 0
@@ -197,6 +201,7 @@ struct XenBlkCommand: ParsableCommand {
         let device = try XenBlkFrontendDevice.connect(channel: channel, until: handshake)
         device.timeout = timeout
         defer { device.disconnect() }
+        if verified.enabled || action == .format { return try runInVerifiedMode(device) }
         let info = device.info
         let bytes = count * BlkifLayout.sectorSize
         switch action {
@@ -237,8 +242,31 @@ struct XenBlkCommand: ParsableCommand {
                     + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
                     + "\(device.events.spuriousEvents) spurious events")
             if r.errors > 0 { throw ExitCode(1) }
-        case .audit:
-            break  // handled before connecting
+        case .audit, .format:
+            break  // audit: handled before connecting; format: verified mode
+        }
+    }
+
+    /// Verified mode: the same actions through `VerifiedBlock` (blocks of 4 KiB: --sector
+    /// is rounded down to a block, --count sectors give the blocks).
+    func runInVerifiedMode(_ device: XenBlkFrontendDevice) throws {
+        guard verified.enabled else { throw ValidationError("format needs --key FILE and --anchor FILE") }
+        let disk = try verified.open(device, format: action == .format)
+        defer { disk.close() }
+        let block = sector / 8
+        let blocks = max(1, count / 8)
+        switch action {
+        case .format:
+            print("formatted: \(disk.blocks) verified blocks of 4096 bytes")
+            disk.info()
+        case .info: disk.info()
+        case .read:
+            let data = try runVerified { () throws(VerifiedBlockError) in try disk.read(block: block, count: blocks) }
+            printHex(data, base: block * 4096)
+        case .write: try disk.write(block: block, data: pattern(blocks * 4096))
+        case .verify: try disk.verify(blocks: blocks, seed: UInt64(seed))
+        case .bench: try disk.bench(write: writes, depth: depth, seconds: seconds)
+        case .audit: break
         }
     }
 

@@ -12,6 +12,8 @@ struct RingFence: ParsableCommand {
             DemoCommand.self,
             Blk.self,
             ServeBlkCommand.self,
+            Fs.self,
+            ServeFsCommand.self,
             RingCommand.self,
             RingDeviceCommand.self,
             ServeXenBlkCommand.self,
@@ -20,6 +22,8 @@ struct RingFence: ParsableCommand {
             XenNet.self,
             AuditCommand.self,
             AuditOneCommand.self,
+            SealCommand.self,
+            AuditOneFSCommand.self,
         ])
 }
 

@@ -63,6 +63,24 @@ extern const int RF_FALLOC_FL_PUNCH_HOLE;
 extern const int RF_FALLOC_FL_ZERO_RANGE;
 extern const int RF_O_DIRECT;
 
+// virtio-fs device (host directory)
+/// openat2(2) with RESOLVE_* flags (glibc has no wrapper). Returns a descriptor or -1.
+int rf_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+/// renameat2(2). Returns 0 or -1 (errno set).
+int rf_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
+extern const uint64_t RF_RESOLVE_BENEATH;
+extern const uint64_t RF_RESOLVE_NO_MAGICLINKS;
+extern const uint64_t RF_RESOLVE_NO_SYMLINKS;
+extern const int RF_O_PATH;
+extern const int RF_O_NOFOLLOW;
+extern const int RF_O_DIRECTORY;
+extern const int RF_O_NOATIME;
+extern const int RF_AT_EMPTY_PATH;
+extern const int RF_AT_SYMLINK_NOFOLLOW;
+extern const int RF_AT_REMOVEDIR;
+extern const unsigned int RF_RENAME_NOREPLACE;
+extern const unsigned int RF_RENAME_EXCHANGE;
+
 #ifdef __cplusplus
 }
 #endif

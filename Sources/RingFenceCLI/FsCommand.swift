@@ -1,0 +1,290 @@
+import ArgumentParser
+import Foundation
+import VirtioFS
+
+/// `ringfence fs`: a thin shell over `VirtioFS.VirtioFSDriver`.
+/// Exit 0 ok, 1 device or violation error (one line naming the rule), 2 usage.
+struct Fs: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fs",
+        abstract: "Use a vhost-user-fs back-end (virtiofsd, serve-fs) with the hardened virtio-fs driver.",
+        subcommands: [
+            FsLs.self, FsStat.self, FsCat.self, FsGet.self, FsPut.self, FsMkdir.self, FsRm.self, FsMv.self,
+            FsTree.self, FsBenchCommand.self,
+        ])
+
+    @Option(help: "Path of the back-end's vhost-user socket.")
+    var socket: String
+
+    @Option(help: "Request queues to use (clamped to what the device offers).")
+    var queues: Int = 1
+
+    @Option(help: "Deadline in seconds for connecting and for each request.")
+    var timeout: Double = 10
+
+    @Option(help: "Tag to report when the back-end serves no config space.")
+    var tag = "ringfence"
+
+    func validate() throws {
+        guard queues >= 1, queues <= 64 else { throw ValidationError("--queues must be 1...64") }
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+    }
+
+    func open() throws -> VirtioFSDriver {
+        var options = VirtioFSDriver.Options()
+        options.queues = queues
+        options.requestTimeout = timeout
+        options.controlTimeout = timeout
+        options.tag = tag
+        return try fsOrExit { () throws(FSError) in try VirtioFSDriver.connect(socket: socket, options: options) }
+    }
+}
+
+/// Runs a file-system operation; an `FSError` becomes one line on stderr and exit 1.
+func fsOrExit<T>(_ body: () throws(FSError) -> T) throws -> T {
+    do {
+        return try body()
+    } catch {
+        FileHandle.standardError.write(Data("ringfence fs: error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+func describe(_ t: FuseProtocol.FileType) -> String {
+    switch t {
+    case .regular: return "file"
+    case .directory: return "directory"
+    case .symlink: return "symlink"
+    case .fifo: return "fifo"
+    case .socket: return "socket"
+    case .characterDevice: return "character device"
+    case .blockDevice: return "block device"
+    }
+}
+
+func typeLetter(_ t: FuseProtocol.FileType) -> String {
+    switch t {
+    case .regular: return "-"
+    case .directory: return "d"
+    case .symlink: return "l"
+    case .fifo: return "p"
+    case .socket: return "s"
+    case .characterDevice: return "c"
+    case .blockDevice: return "b"
+    }
+}
+
+func permissionString(_ p: UInt32) -> String {
+    let chars = Array("rwxrwxrwx")
+    return String((0..<9).map { i in p & (1 << (8 - i)) != 0 ? chars[i] : "-" })
+}
+
+/// Progress on stderr, at most every 64 MiB or at the end.
+final class FsProgress {
+    let total: Int
+    let label: String
+    var last = 0
+    init(total: Int, label: String) {
+        self.total = total
+        self.label = label
+    }
+    func update(_ done: Int) {
+        guard done - last >= 64 << 20 || done == total else { return }
+        last = done
+        let percent = total > 0 ? done * 100 / total : 100
+        FileHandle.standardError.write(Data("\(label): \(done >> 20) MiB of \(total >> 20) MiB (\(percent)%)\n".utf8))
+    }
+}
+
+struct FsLs: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory.")
+    @ParentCommand var fs: Fs
+    @Argument var path = "/"
+    @Flag(name: .shortAndLong, help: "Type, permissions and size too.") var long = false
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        let entries = try fsOrExit { () throws(FSError) in try d.listDirectory(path) }.sorted { $0.name < $1.name }
+        for e in entries {
+            let a = e.entry.attributes
+            if long {
+                print("\(typeLetter(a.type))\(permissionString(a.permissions)) \(a.size)\t\(e.name)")
+            } else {
+                print(e.name)
+            }
+        }
+    }
+}
+
+struct FsStat: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stat", abstract: "Show a file's attributes.")
+    @ParentCommand var fs: Fs
+    @Argument var path: String
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        let a = try fsOrExit { () throws(FSError) in try d.stat(path) }
+        print("type:        \(describe(a.type))")
+        print("size:        \(a.size)")
+        print("permissions: 0\(String(a.permissions, radix: 8)) (\(permissionString(a.permissions)))")
+        print("links:       \(a.links)")
+        print("owner:       \(a.uid):\(a.gid)")
+        print("inode:       \(a.inodeNumber) (nodeid \(a.nodeID))")
+        print("modified:    \(a.modificationTime.seconds).\(a.modificationTime.nanoseconds)")
+    }
+}
+
+struct FsCat: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "cat", abstract: "Print a file to stdout.")
+    @ParentCommand var fs: Fs
+    @Argument var path: String
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        let bytes = try fsOrExit { () throws(FSError) in try d.readFile(path) }
+        FileHandle.standardOutput.write(Data(bytes))
+    }
+}
+
+struct FsGet: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "get", abstract: "Copy a file to the local disk.")
+    @ParentCommand var fs: Fs
+    @Argument(help: "Path in the shared directory.") var remote: String
+    @Argument(help: "Local file to write.") var local: String
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        let size = try fsOrExit { () throws(FSError) in try d.stat(remote) }.size
+        let progress = FsProgress(total: Int(size), label: "get \(remote)")
+        let bytes = try fsOrExit { () throws(FSError) in try d.readFile(remote) { progress.update($0) } }
+        guard FileManager.default.createFile(atPath: local, contents: Data(bytes)) else {
+            FileHandle.standardError.write(Data("ringfence fs: cannot write \(local)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct FsPut: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "put", abstract: "Copy a local file in.")
+    @ParentCommand var fs: Fs
+    @Argument(help: "Local file to read.") var local: String
+    @Argument(help: "Path in the shared directory.") var remote: String
+
+    func run() throws {
+        guard let data = FileManager.default.contents(atPath: local) else {
+            FileHandle.standardError.write(Data("ringfence fs: cannot read \(local)\n".utf8))
+            throw ExitCode(1)
+        }
+        let d = try fs.open()
+        defer { d.close() }
+        let progress = FsProgress(total: data.count, label: "put \(remote)")
+        try fsOrExit { () throws(FSError) in try d.writeFile(remote, bytes: Array(data)) { progress.update($0) } }
+    }
+}
+
+struct FsMkdir: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "mkdir", abstract: "Create a directory.")
+    @ParentCommand var fs: Fs
+    @Argument var path: String
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        try fsOrExit { () throws(FSError) in try d.makeDirectory(path) }
+    }
+}
+
+struct FsRm: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rm", abstract: "Remove a file, symlink or empty directory.")
+    @ParentCommand var fs: Fs
+    @Argument var path: String
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        try fsOrExit { () throws(FSError) in try d.remove(path) }
+    }
+}
+
+struct FsMv: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "mv", abstract: "Rename (RENAME2).")
+    @ParentCommand var fs: Fs
+    @Argument var from: String
+    @Argument var to: String
+    @Flag(name: .customLong("no-replace"), help: "Fail if the target exists.") var noReplace = false
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        try fsOrExit { () throws(FSError) in
+            try d.rename(from, to: to, flags: noReplace ? FuseProtocol.RenameFlag.noReplace : 0)
+        }
+    }
+}
+
+struct FsTree: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "tree", abstract: "List a directory recursively.")
+    @ParentCommand var fs: Fs
+    @Argument var path = "/"
+    @Option(help: "Deepest level shown.") var depth = 16
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        print(path)
+        try walk(d, path, prefix: "", level: 1)
+    }
+
+    func walk(_ d: VirtioFSDriver, _ dir: String, prefix: String, level: Int) throws {
+        guard level <= depth else { return }
+        let entries = try fsOrExit { () throws(FSError) in try d.listDirectory(dir) }.sorted { $0.name < $1.name }
+        for (i, e) in entries.enumerated() {
+            let last = i == entries.count - 1
+            print("\(prefix)\(last ? "└── " : "├── ")\(e.name)\(e.entry.attributes.type == .directory ? "/" : "")")
+            if e.entry.attributes.type == .directory {
+                try walk(
+                    d, dir == "/" ? e.name : "\(dir)/\(e.name)", prefix: prefix + (last ? "    " : "│   "),
+                    level: level + 1)
+            }
+        }
+    }
+}
+
+struct FsBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "stat and lookup ops/s, 4 KiB random reads, 1 MiB sequential reads of one file.")
+    @ParentCommand var fs: Fs
+    @Option(help: "File to read (created with --size bytes when missing).") var file = "ringfence-bench.bin"
+    @Option(help: "Size of the file when it is created.") var size: Size = Size(64 << 20)
+    @Option(help: "Seconds per measurement.") var seconds: Double = 2
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        guard seconds > 0, seconds <= 600 else { throw ValidationError("--seconds must be in (0, 600]") }
+        guard size.bytes >= 1 << 20, size.bytes <= 1 << 32 else { throw ValidationError("--size must be 1M...4G") }
+    }
+
+    func run() throws {
+        let d = try fs.open()
+        defer { d.close() }
+        let r = try fsOrExit { () throws(FSError) in
+            try FSBench.run(d, path: file, fileSize: size.bytes, seconds: seconds) { step in
+                if !json { FileHandle.standardError.write(Data("bench: \(step)\n".utf8)) }
+            }
+        }
+        if json {
+            print(r.json)
+        } else {
+            print("stat:              \(format(r.statPerSecond, 0)) ops/s")
+            print("lookup+forget:     \(format(r.lookupPerSecond, 0)) ops/s")
+            print("4 KiB random read: \(format(r.randomRead4KPerSecond, 0)) ops/s")
+            print("1 MiB seq read:    \(format(r.sequentialReadMiBPerSecond, 1)) MiB/s")
+        }
+    }
+}

@@ -1,0 +1,111 @@
+import Adversary
+import ArgumentParser
+import Logging
+import SharedMemory
+import VhostUser
+import VirtioFS
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `ringfence serve-fs`: serve a directory as a hardened vhost-user-fs device (a thin
+/// shell over `VhostUser.Backend` + `VirtioFSDevice`).
+struct ServeFsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve-fs",
+        abstract: "Serve a directory as a hardened vhost-user-fs (virtio-fs) device.",
+        discussion: """
+            Listens on --socket and serves one front-end (QEMU's vhost-user-fs-pci, or \
+            `ringfence fs`) at a time, until SIGINT or SIGTERM; the socket is removed on exit. \
+            Nothing the driver sends reaches outside --dir.
+            """)
+
+    @Option(help: "Unix socket path to listen on.")
+    var socket: String
+
+    @Option(help: "Directory to serve.")
+    var dir: String
+
+    @Flag(help: "Refuse every change (EROFS).")
+    var readonly = false
+
+    @Option(help: "Number of request queues (1...63; the hiprio queue is extra).")
+    var queues = 1
+
+    @Option(help: "Mount tag in config space (1...36 bytes).")
+    var tag = "ringfence"
+
+    @Option(name: .customLong("max-inodes"), help: "Inodes a driver may hold before LOOKUP answers ENFILE.")
+    var maxInodes = 16384
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    @Option(help: "Misbehave: one attack of the fs catalogue (`ringfence audit --device fs --list`).")
+    var attack: String?
+
+    func validate() throws {
+        if let attack, FSCatalogue.attack(named: attack) == nil {
+            throw ValidationError("unknown fs attack '\(attack)'; `ringfence audit --device fs --list` shows them")
+        }
+    }
+
+    func run() throws {
+        var logger = Logger(label: "ringfence.serve-fs")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        var options = VirtioFSDeviceOptions(directory: dir)
+        options.readOnly = readonly
+        options.requestQueues = queues
+        options.tag = tag
+        options.maximumInodes = maxInodes
+        if let problem = options.validate() { throw ValidationError(problem) }
+        // Every inode is an O_PATH descriptor: allow as many as the hard limit permits.
+        var limit = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let log = logger
+        let onEvent: @Sendable (BackendEvent) -> Void = { event in
+            switch event {
+            case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
+                log.warning("\(event)")
+            case .disconnected(_, let reason) where reason != nil:
+                log.warning("\(event)")
+            case .message:
+                log.trace("\(event)")
+            case .queueStarted, .queueStopped:
+                log.debug("\(event)")
+            default:
+                log.info("\(event)")
+            }
+        }
+        let device: VirtioFSDevice
+        do {
+            device = try VirtioFSDevice(options: options, onEvent: onEvent)
+        } catch {
+            logger.error("\(error)")
+            throw ExitCode(1)
+        }
+        // With --attack: the same device, misbehaving through the hooks.
+        let served: any VhostUserDevice =
+            attack.flatMap(FSCatalogue.attack(named:)).map { FSAdversaryDevice(inner: device, attack: $0) } ?? device
+        if let attack { logger.notice("attack \(attack)") }
+        let backend = Backend(device: served, onEvent: onEvent)
+        logger.info("serving \(dir) as tag \(tag)\(readonly ? " (read-only)" : ""), \(queues) request queue(s)")
+        try startSignalWaiter(signals) { received in
+            log.notice("signal \(received): shutting down")
+            backend.stop()
+        }
+        try backend.run(socketPath: socket)
+        logger.info("stopped; removed \(socket)")
+    }
+}
