@@ -84,18 +84,22 @@ public struct AuditReport: Sendable, Codable, Equatable {
     public var records: [AuditRecord]
     /// Wall time of the whole audit, in seconds.
     public var seconds: Double
+    /// Guest targets: the kernel audited (nil for drivers in processes).
+    public var kernel: GuestKernel?
 
-    /// A report of `records` against `target`.
-    public init(target: String, records: [AuditRecord], seconds: Double) {
+    /// A report of `records` against `target` (and, for guest targets, the kernel audited).
+    public init(target: String, records: [AuditRecord], seconds: Double, kernel: GuestKernel? = nil) {
         self.target = target
         self.records = records
         self.seconds = seconds
+        self.kernel = kernel
     }
 
     /// A Markdown table: attack, rule, outcome, time to detect, evidence; then a tally.
     public var markdown: String {
         let withExpected = records.contains { $0.asExpected != nil }
-        var lines = [
+        var lines = kernel.map { [$0.markdown] } ?? []
+        lines += [
             "| # | attack | rule | outcome | detect (s) | evidence |" + (withExpected ? " expected |" : ""),
             "|---|---|---|---|---|---|" + (withExpected ? "---|" : ""),
         ]

@@ -21,11 +21,17 @@ public struct Auditor: Sendable {
     public let imageDir: String?
     /// The `ringfence` executable to spawn (`audit-one`, `serve-blk --attack`).
     public let executable: String
+    /// Your own kernel for `linux-guest` (nil: the Debian kernel scripts/guest builds).
+    public let guestKernel: GuestKernelSource?
 
     /// An auditor that spawns `executable` for every attack.
-    public init(after: Int? = nil, imageDir: String? = nil, executable: String = currentExecutablePath()) {
+    public init(
+        after: Int? = nil, imageDir: String? = nil, guestKernel: GuestKernelSource? = nil,
+        executable: String = currentExecutablePath()
+    ) {
         self.after = after
         self.imageDir = imageDir
+        self.guestKernel = guestKernel
         self.executable = executable
     }
 
@@ -210,24 +216,51 @@ public struct Auditor: Sendable {
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64") else {
             throw AuditError("qemu-system-x86_64 is not installed (scripts/guest/build-image.sh installs it)")
         }
+        let images =
+            imageDir ?? guestKernel.map { repo + "/.build-guest-kernels/" + $0.imageName }
+            ?? ProcessInfo.processInfo.environment["RINGFENCE_GUEST_DIR"] ?? repo + "/.build-guest"
+        if let guestKernel { try buildImage(guestKernel, into: images, repo: repo) }
         let start = monotonicNanoseconds()
         var records: [AuditRecord] = []
+        var booted: String?
         for (i, a) in attacks.enumerated() {
             progress(i + 1, attacks.count, a.name, start)
-            records.append(runGuestOne(a, runGuest: runGuest, deadline: deadline))
+            let (record, release) = runGuestOne(a, runGuest: runGuest, images: images, deadline: deadline)
+            records.append(record)
+            booted = booted ?? release
         }
         progress(attacks.count + 1, attacks.count, "done", start)
+        var kernel = (try? String(contentsOfFile: images + "/kernel.txt", encoding: .utf8))
+            .flatMap(GuestKernel.init(kernelTxt:))
+        kernel?.booted = booted
+        let name = kernel.map { "Linux \($0.release) virtio_blk (QEMU TCG guest)" }
         return AuditReport(
-            target: "Linux 6.1 virtio_blk (Debian kernel, QEMU TCG guest)", records: records,
-            seconds: Double(monotonicNanoseconds() &- start) / 1e9)
+            target: name ?? "Linux 6.1 virtio_blk (Debian kernel, QEMU TCG guest)", records: records,
+            seconds: Double(monotonicNanoseconds() &- start) / 1e9, kernel: kernel)
     }
 
-    func runGuestOne(_ a: Attack, runGuest: String, deadline: Double) -> AuditRecord {
+    /// scripts/guest/build-image.sh around your own kernel (cached by the script).
+    func buildImage(_ source: GuestKernelSource, into dir: String, repo: String) throws(AuditError) {
+        let log = NSTemporaryDirectory() + "rf-audit-build-\(getpid()).log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        FileHandle.standardError.write(Data("audit: building the guest image in \(dir)\n".utf8))
+        let status = runToCompletion(
+            ["/bin/bash", repo + "/scripts/guest/build-image.sh"] + source.buildArguments + [dir], output: log,
+            deadline: 600)
+        guard status == 0 else {
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            let why = text.split(whereSeparator: \.isNewline).last.map(String.init) ?? "no output"
+            throw AuditError("the guest image for your kernel could not be built: \(why)")
+        }
+    }
+
+    func runGuestOne(_ a: Attack, runGuest: String, images: String, deadline: Double) -> (AuditRecord, String?) {
         let dir = scratch(a.name)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let dump = a.name == "leak-probe" ? dir + "/dump.bin" : nil
         guard let server = startServer(a, dir: dir, imageSize: 64 << 20, dump: dump) else {
-            return AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "serve-blk did not start")
+            return (AuditRecord(attack: a, outcome: .notRun, seconds: 0, evidence: "serve-blk did not start"), nil)
         }
         defer { stopServer(server) }
         var canaryBytes = [UInt8](repeating: 0, count: 12)
@@ -240,8 +273,8 @@ public struct Auditor: Sendable {
         var arguments = [
             runGuest, "--script", script, "--blk-socket", dir + "/s.sock", "--timeout", "\(Int(deadline))",
             "--console", console, "--quiet", "--append", "sysctl.kernel.hung_task_timeout_secs=5",
+            "--image-dir", images,
         ]
-        if let imageDir { arguments += ["--image-dir", imageDir] }
         // Packed attacks need the guest's vhost-user-blk-pci device to offer the packed ring.
         if a.ring == .packed { arguments += ["--packed", "on"] }
         let t0 = monotonicNanoseconds()
@@ -254,13 +287,14 @@ public struct Auditor: Sendable {
         let hostLog = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
         var (outcome, evidence) = GuestConsole.classify(
             console: text.isEmpty ? hostLog : text, exitStatus: status ?? -1, timedOut: status == nil || status == 124)
-        if let skipped = notApplicable(a, dir: dir) { return skipped }
+        let booted = GuestConsole.bootedRelease(console: text)
+        if let skipped = notApplicable(a, dir: dir) { return (skipped, booted) }
         if let dump, let bytes = FileManager.default.contents(atPath: dump) {
             let found = DriverProbe.contains([UInt8](bytes), Array(canary.utf8))
             evidence += "; \(bytes.count) bytes of shared memory dumped, canary " + (found ? "FOUND" : "not found")
             if found { outcome = .leakedCanary }
         }
-        return AuditRecord(attack: a, outcome: outcome, seconds: seconds, evidence: evidence)
+        return (AuditRecord(attack: a, outcome: outcome, seconds: seconds, evidence: evidence), booted)
     }
 
     /// Runs a command with stdout+stderr into `output`; nil if it outlived `deadline`.

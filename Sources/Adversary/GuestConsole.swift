@@ -32,6 +32,9 @@ public enum GuestConsole {
             return (.kernelOops, excerpt(lines, around: l))
         }
         if let l = first(["blocked for more than", "hung_task"]) { return (.hungTask, excerpt(lines, around: l)) }
+        if let l = first(["RINGFENCE-GUEST-ERROR: loading module"]) {
+            return (.notRun, "the image's modules did not load (a harness problem, not a finding): " + l)
+        }
         if timedOut { return (.hung, "guest did not finish: " + notable(lines)) }
         guard lines.contains(where: { $0.contains("RINGFENCE-GUEST-START") }) else {
             return (
@@ -53,6 +56,13 @@ public enum GuestConsole {
             return (.clean, first(["RF-SIZE"]).map { "I/O script passed; \($0)" } ?? "I/O script passed")
         }
         return (.contained, "script ended early (exit \(exitStatus)): " + lines.suffix(3).joined(separator: " ⏎ "))
+    }
+
+    /// The release the guest's init printed (`RINGFENCE-GUEST-START kernel=...`).
+    public static func bootedRelease(console: String) -> String? {
+        guard let r = console.range(of: "RINGFENCE-GUEST-START kernel=") else { return nil }
+        let release = console[r.upperBound...].prefix { !$0.isWhitespace }
+        return release.isEmpty ? nil : String(release)
     }
 
     /// Kernel lines about the device (what the driver said before it stopped).

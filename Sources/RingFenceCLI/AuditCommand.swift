@@ -27,7 +27,9 @@ struct AuditCommand: ParsableCommand {
         abstract: "Run the malicious-device catalogue against a driver; print a report.",
         discussion: """
             Targets: `self` (our VirtioBlock driver, each attack in a fresh child process), \
-            `linux-guest` (Linux 6.1 virtio_blk in a QEMU TCG guest, see scripts/guest), \
+            `linux-guest` (Linux virtio_blk in a QEMU TCG guest, see scripts/guest: Debian's 6.1 \
+            kernel, or your own with --kernel BZIMAGE and its modules from --modules DIR or \
+            --modules-deb FILE; the report names the kernel and its CONFIG_VIRTIO*/SWIOTLB/... flags), \
             `command` (any program after `--`; `{socket}` in its arguments is replaced by the \
             socket path, otherwise the path is appended). Markdown to stdout, progress to stderr.
             """)
@@ -44,6 +46,16 @@ struct AuditCommand: ParsableCommand {
         name: .customLong("image-dir"),
         help: "Guest image folder (linux-guest; default .build-guest or $RINGFENCE_GUEST_DIR).")
     var imageDir: String?
+    @Option(help: "linux-guest: audit this kernel (a bzImage) instead of Debian's 6.1.")
+    var kernel: String?
+    @Option(help: "linux-guest: --kernel's modules (lib/modules/RELEASE, or a root that holds it).")
+    var modules: String?
+    @Option(
+        name: .customLong("modules-deb"),
+        help: "linux-guest: a linux-image .deb with the modules (and the kernel when --kernel is absent).")
+    var modulesDeb: String?
+    @Option(help: "linux-guest: --kernel's .config (default: boot/config-RELEASE next to the modules).")
+    var config: String?
     @Flag(help: "List the catalogue and exit.") var list = false
     @Argument(parsing: .postTerminator, help: "The command to audit (after --).") var command: [String] = []
 
@@ -80,6 +92,30 @@ struct AuditCommand: ParsableCommand {
             return
         }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
+        if guestKernel != nil && device == .fs {
+            throw ValidationError(
+                "--kernel, --modules, --modules-deb and --config audit virtio_blk (--device blk) only")
+        }
+        if guestKernel != nil && target != .linuxGuest {
+            throw ValidationError("--kernel, --modules, --modules-deb and --config need --target linux-guest")
+        }
+        if modules != nil && modulesDeb != nil { throw ValidationError("give --modules or --modules-deb, not both") }
+        if kernel == nil && modulesDeb == nil && guestKernel != nil {
+            throw ValidationError("--modules and --config need --kernel")
+        }
+        for file in [kernel, modulesDeb, config].compactMap({ $0 }) where !FileManager.default.fileExists(atPath: file)
+        {
+            throw ValidationError("no such file: \(file)")
+        }
+    }
+
+    /// Your own kernel, with paths made absolute (the image is built from the repository).
+    var guestKernel: GuestKernelSource? {
+        guard kernel != nil || modules != nil || modulesDeb != nil || config != nil else { return nil }
+        func absolute(_ p: String?) -> String? { p.map { URL(fileURLWithPath: $0).standardizedFileURL.path } }
+        return GuestKernelSource(
+            kernel: absolute(kernel), modules: absolute(modules), modulesDeb: absolute(modulesDeb),
+            config: absolute(config))
     }
 
     func run() throws {
@@ -92,7 +128,7 @@ struct AuditCommand: ParsableCommand {
             return
         }
         let attacks = only.isEmpty ? Catalogue.all : ((try? Catalogue.select(only).get()) ?? [])
-        let auditor = Auditor(after: attackAfter, imageDir: imageDir)
+        let auditor = Auditor(after: attackAfter, imageDir: imageDir, guestKernel: guestKernel)
         let report: AuditReport
         switch target {
         case .self: report = auditor.runSelf(attacks, deadline: deadline ?? 25)

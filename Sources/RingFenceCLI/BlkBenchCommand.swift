@@ -27,7 +27,7 @@ struct BlkBench: ParsableCommand {
     @Option var iodepth: Int = 1
     @Option(help: "Seconds to run.") var runtime: Double = 10
     @Option(help: "Bytes of the disk to cover (default: all of it).") var size: Size?
-    @Flag(help: "Print the result as JSON.") var json = false
+    @Flag(help: "Print the result as JSON (fio's names: iops, bw in KiB/s, lat_ns percentiles).") var json = false
 
     func validate() throws {
         guard iodepth >= 1, iodepth <= 1024 else { throw ValidationError("--iodepth must be 1...1024") }
@@ -107,13 +107,10 @@ struct BlkBench: ParsableCommand {
         let p999 = us(histogram.valueAtPercentile(99.9))
         let mean = histogram.mean / 1000
         if json {
-            print(
-                String(
-                    format:
-                        "{\"rw\":\"%@\",\"bs\":%d,\"iodepth\":%d,\"queues\":%d,\"runtime_s\":%.3f,\"ios\":%d,\"iops\":%.1f,\"mib_s\":%.2f,\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p99\":%.2f,\"p99_9\":%.2f},\"error\":%@}",
-                    rw.rawValue, bs.bytes, iodepth, disk.queueCount, elapsed, total, iops, mib, mean, p50, p99, p999,
-                    firstError.map { "\"\(String(describing: $0).replacingOccurrences(of: "\"", with: "'"))\"" }
-                        ?? "null"))
+            let result = BlockBenchResult(
+                rw: rw.rawValue, bs: bs.bytes, iodepth: iodepth, queues: disk.queueCount, seconds: elapsed, ios: total,
+                latencies: histogram, error: firstError.map { "\($0)" })
+            print(result.json)
         } else {
             print(
                 "\(rw.rawValue): bs=\(bs.bytes) iodepth=\(iodepth) queues=\(disk.queueCount) runtime=\(String(format: "%.1f", elapsed))s"

@@ -35,6 +35,8 @@ struct Blk: ParsableCommand {
     @Flag(name: .customLong("no-packed"), help: "Use split virtqueues even if the back-end offers packed ones.")
     var noPacked = false
 
+    @OptionGroup var wait: WaitOptions
+
     @OptionGroup(title: "Verified payload (docs/verified-block.md)")
     var verified: VerifiedOptions
 
@@ -52,6 +54,7 @@ struct Blk: ParsableCommand {
         options.reconnect = reconnect
         options.queueSize = queueSize
         options.packedRing = !noPacked
+        options.wait = wait.strategy
         return try runOrExit { () throws(VirtioError) in try VirtioBlockDriver.connect(socket: socket, options: options)
         }
     }

@@ -65,7 +65,16 @@ struct ServeBlkCommand: ParsableCommand {
         help: "With --attack: write the ring format the front-end acked (split or packed) to this file.")
     var negotiationFile: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at ADDR: a Unix socket path or 127.0.0.1:PORT (SIGUSR1 logs them too).",
+            valueName: "addr"))
+    var metrics: String?
+
+    @OptionGroup var wait: WaitOptions
+
     func validate() throws {
+        if let metrics { _ = try MetricsAddress(parsing: metrics) }
         if let attack, Catalogue.attack(named: attack) == nil {
             throw ValidationError("unknown attack '\(attack)'; `ringfence audit --list` shows the catalogue")
         }
@@ -91,11 +100,24 @@ struct ServeBlkCommand: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         let deviceImage = try DeviceImage(path: image, readOnly: readonly, direct: direct)
         let log = logger
+        let counters = BlockDeviceCounters()
+        let serverMetrics = ServerMetrics(server: "serve-blk", source: counters)
+        let endpoint = try metrics.map { try MetricsEndpoint(try MetricsAddress(parsing: $0), metrics: serverMetrics) }
+        defer { endpoint?.removeSocket() }
+        if let endpoint { logger.notice("metrics on \(endpoint.bound)") }
         let onEvent: @Sendable (BackendEvent) -> Void = { event in
+            switch event {
+            case .connected(let c): serverMetrics.connected(c)
+            case .disconnected: serverMetrics.disconnected()
+            case .rejected(let c, _, _): serverMetrics.refused(connection: c)
+            case .queueFailed(_, let v): serverMetrics.violation(v.rule)
+            default: break
+            }
             switch event {
             case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")
@@ -109,9 +131,11 @@ struct ServeBlkCommand: ParsableCommand {
                 log.info("\(event)")
             }
         }
-        let device = VirtioBlockDevice(image: deviceImage, options: options, onEvent: onEvent)
+        let device = VirtioBlockDevice(image: deviceImage, options: options, counters: counters, onEvent: onEvent)
+        let dumpMetrics: @Sendable () -> Void = { log.notice("metrics (SIGUSR1):\n\(serverMetrics.text)") }
         var configuration = attack == nil ? Backend.Configuration() : AdversaryServer.configuration
         configuration.maximumQueueSize = queueSize
+        configuration.queueTiming.wait = wait.strategy
         if let attack = attack.flatMap(Catalogue.attack(named:)) {
             // The same device and back-end, misbehaving through the hooks.
             let adversary = AdversaryDevice(
@@ -120,7 +144,7 @@ struct ServeBlkCommand: ParsableCommand {
             logger.notice(
                 "attack \(attack.name) (\(attack.rule.rawValue)) after \(adversary.after) request(s): \(attack.summary)"
             )
-            try startSignalWaiter(signals) { received in
+            try startSignalWaiter(signals, onDump: dumpMetrics) { received in
                 log.notice("signal \(received): shutting down")
                 server.stop()
             }
@@ -133,7 +157,7 @@ struct ServeBlkCommand: ParsableCommand {
         )
         // A plain pthread inherits the mask (Foundation's Thread resets it, which let a
         // SIGTERM kill the process by default action before the socket was removed).
-        try startSignalWaiter(signals) { received in
+        try startSignalWaiter(signals, onDump: dumpMetrics) { received in
             log.notice("signal \(received): shutting down")
             backend.stop()
         }
@@ -143,17 +167,26 @@ struct ServeBlkCommand: ParsableCommand {
 }
 
 /// Waits for one of `signals` (blocked in every thread) on a detached pthread that
-/// inherits the caller's mask, then calls `handler`.
-func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) throws {
+/// inherits the caller's mask: SIGUSR1 calls `onDump` and waits on, any other calls
+/// `handler` and ends the wait.
+func startSignalWaiter(
+    _ signals: sigset_t, onDump: @escaping @Sendable () -> Void = {},
+    _ handler: @escaping @Sendable (Int32) -> Void
+) throws {
     final class Waiter: @unchecked Sendable {
         var signals: sigset_t
         let handler: @Sendable (Int32) -> Void
-        init(_ signals: sigset_t, _ handler: @escaping @Sendable (Int32) -> Void) {
+        let onDump: @Sendable () -> Void
+        init(
+            _ signals: sigset_t, _ onDump: @escaping @Sendable () -> Void,
+            _ handler: @escaping @Sendable (Int32) -> Void
+        ) {
             self.signals = signals
             self.handler = handler
+            self.onDump = onDump
         }
     }
-    let box = Unmanaged.passRetained(Waiter(signals, handler)).toOpaque()
+    let box = Unmanaged.passRetained(Waiter(signals, onDump, handler)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(
         &thread, nil,
@@ -161,9 +194,15 @@ func startSignalWaiter(_ signals: sigset_t, _ handler: @escaping @Sendable (Int3
             guard let arg else { return nil }
             let waiter = Unmanaged<Waiter>.fromOpaque(arg).takeRetainedValue()
             var received: Int32 = 0
-            while sigwait(&waiter.signals, &received) != 0 {}
-            waiter.handler(received)
-            return nil
+            while true {
+                while sigwait(&waiter.signals, &received) != 0 {}
+                if received == SIGUSR1 {
+                    waiter.onDump()
+                    continue
+                }
+                waiter.handler(received)
+                return nil
+            }
         }, box)
     guard rc == 0 else {
         Unmanaged<Waiter>.fromOpaque(box).release()

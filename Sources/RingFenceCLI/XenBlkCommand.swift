@@ -2,8 +2,10 @@ import Adversary
 import ArgumentParser
 import BlockBench
 import BlockImage
+import Foundation
 import SharedMemory
 import VerifiedBlock
+import VirtioBlock
 import XenRing
 
 #if canImport(Glibc)
@@ -40,8 +42,15 @@ struct ServeXenBlkCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Serve an in-memory disk of this many sectors.", visibility: .hidden))
     var memorySectors: Int?
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at ADDR: a Unix socket path or 127.0.0.1:PORT (SIGUSR1 logs them too).",
+            valueName: "addr"))
+    var metrics: String?
+
     func validate() throws {
         guard (socket == nil) != (fd == nil) else { throw ValidationError("give exactly one of --socket or --fd") }
+        if let metrics { _ = try MetricsAddress(parsing: metrics) }
         guard (image == nil) != (memorySectors == nil) else { throw ValidationError("give --image FILE") }
         if let attack, XenBackendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
     }
@@ -56,19 +65,33 @@ struct ServeXenBlkCommand: ParsableCommand {
             storage = MemoryStorage(sectors: memorySectors ?? 0)
         }
         let attack = self.attack.flatMap(XenBackendAttack.init(rawValue:))
+        // SIGUSR1 (blocked before any thread exists) logs the metrics; INT and TERM keep
+        // their default action.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGUSR1)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let serverMetrics = ServerMetrics(server: "serve-xen-blk")
+        let endpoint = try metrics.map { try MetricsEndpoint(try MetricsAddress(parsing: $0), metrics: serverMetrics) }
+        defer { endpoint?.removeSocket() }
+        let dumpMetrics: @Sendable () -> Void = {
+            FileHandle.standardError.write(Data("serve-xen-blk: metrics (SIGUSR1):\n\(serverMetrics.text)".utf8))
+        }
+        try startSignalWaiter(signals, onDump: dumpMetrics) { _ in }
         if let fd {
-            serveOne(UnixChannel(adopting: fd), storage: storage, attack: attack)
+            serveOne(UnixChannel(adopting: fd), storage: storage, attack: attack, metrics: serverMetrics, number: 1)
             return
         }
         let listener = try UnixListener(path: socket ?? "")
         print(
             "serve-xen-blk: \(storage.sectorCount) sectors on \(socket ?? "")\(attack.map { " (attack \($0.rawValue))" } ?? "")"
         )
+        if let endpoint { FileHandle.standardError.write(Data("serve-xen-blk: metrics on \(endpoint.bound)\n".utf8)) }
         var served = 0
         while connections == 0 || served < connections {
             guard let channel = try? listener.accept(until: .after(seconds: 3600)) else { continue }
-            serveOne(channel, storage: storage, attack: attack)
             served += 1
+            serveOne(channel, storage: storage, attack: attack, metrics: serverMetrics, number: served)
         }
     }
 
@@ -79,16 +102,31 @@ struct ServeXenBlkCommand: ParsableCommand {
         var description: String { "\(path) is smaller than one 512-byte sector" }
     }
 
-    func serveOne(_ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?) {
+    /// Serves one frontend; its counts reach `metrics` when it ends (requests, rejections by
+    /// rule, the violation that dropped it, or the refusal of its handshake).
+    func serveOne(
+        _ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?, metrics: ServerMetrics,
+        number: Int
+    ) {
+        metrics.connected(number)
+        defer { metrics.disconnected() }
         do {
             let connection = try XenBlkBackendConnection.accept(
                 channel: channel, storage: storage, hooks: attack.map(XenBackendAdversary.init))
             let end = connection.run()
             let b = connection.backend
+            metrics.add(
+                BlockDeviceStatistics(
+                    requests: b.servedRequests, failed: b.rejectedRequests,
+                    violations: Dictionary(uniqueKeysWithValues: b.rejectionsByRule.map { ($0.key.rawValue, $0.value) })
+                ),
+                connection: number)
+            if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
                     + (b.lastRejection.map { " (last: \($0))" } ?? ""))
         } catch {
+            metrics.refused(connection: number)
             print("serve-xen-blk: connection refused: \(error)")
         }
     }

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import SharedMemory
+public import SharedMemory
 import Synchronization
 import Virtqueue
 
@@ -30,6 +30,10 @@ public struct QueueTiming: Sendable {
     public var idleTick: Double = 1.0
     /// Poll interval for a ring whose front-end sent no kick fd (polling mode).
     public var pollingIntervalNanoseconds: UInt64 = 200_000
+    /// `.adaptive` (default): the spin above, adapting; `.poll`: never block on the kick
+    /// eventfd (one CPU busy per queue, the `idle` hook still runs every `idleTick`);
+    /// `.spin(nanoseconds:)`: a fixed spin; `.interrupts`: block at once.
+    public var wait: WaitStrategy = .adaptive
 
     /// The defaults.
     public init() {}
@@ -94,6 +98,13 @@ final class QueueWorker: @unchecked Sendable {
         var spinStart: UInt64 = 0
         let maximumSpin = max(timing.maximumSpinNanoseconds, timing.spinNanoseconds)
         var spinLimit = timing.spinNanoseconds
+        switch timing.wait {
+        case .adaptive: break
+        case .poll: spinLimit = .max
+        case .spin(let ns): spinLimit = ns
+        }
+        let adaptive = timing.wait == .adaptive
+        var lastIdle = monotonicNanoseconds()
         queue.disableNotifications()
         while !shouldStop {
             if queue.isBroken {
@@ -117,6 +128,11 @@ final class QueueWorker: @unchecked Sendable {
             let now = monotonicNanoseconds()
             if spinStart == 0 { spinStart = now }
             if now &- spinStart < spinLimit {
+                if spinLimit == .max && now &- lastIdle >= UInt64(timing.idleTick * 1e9) {
+                    lastIdle = now
+                    handler.idle(queue, memory: memory)
+                    publish()
+                }
                 sched_yield()
                 continue
             }
@@ -130,7 +146,7 @@ final class QueueWorker: @unchecked Sendable {
             let blockStart = monotonicNanoseconds()
             let (kicked, woken) = waitForKick(timeoutNanoseconds: timeout)
             queue.disableNotifications()
-            if kick != nil {
+            if kick != nil && adaptive {
                 let blocked = monotonicNanoseconds() &- blockStart
                 if kicked && blocked < maximumSpin {
                     spinLimit = min(maximumSpin, max(spinLimit &* 2, 4_000))

@@ -1,4 +1,4 @@
-import SharedMemory
+public import SharedMemory
 
 /// The hardened blkif backend on one Xen PV ring ("blkback without trusting blkfront").
 ///
@@ -31,6 +31,8 @@ public final class BlkBackend {
     @exclusivity(unchecked) public var hooks: (any XenBackendHooks)?
     @exclusivity(unchecked) public private(set) var rejectedRequests = 0
     @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
+    /// Rejected requests by the rule each broke (for an operator's metrics).
+    @exclusivity(unchecked) public private(set) var rejectionsByRule: [Rule: Int] = [:]
     @exclusivity(unchecked) public private(set) var servedRequests = 0
 
     /// A backend on the shared ring page `ring`, mapping grants with `mapper`, serving `storage`.
@@ -73,6 +75,7 @@ public final class BlkBackend {
             } catch {
                 rejectedRequests += 1
                 lastRejection = error
+                rejectionsByRule[error.rule, default: 0] += 1
                 status = .error
             }
             servedRequests += 1

@@ -70,4 +70,48 @@ struct AuditReportTests {
         ).1
         #expect(evidence.contains("id 135 out of range"))
     }
+
+    @Test func guestModuleLoadFailureIsNotAFinding() {
+        let console = """
+            RINGFENCE-GUEST-START kernel=6.1.0-57-cloud-amd64 uptime=1.2\r
+            RINGFENCE-GUEST-ERROR: loading module virtio_blk failed\r
+            RINGFENCE-GUEST-RESULT: rc=254 uptime=1.3\r
+            """
+        let (outcome, evidence) = GuestConsole.classify(console: console, exitStatus: 254, timedOut: false)
+        #expect(outcome == .notRun)
+        #expect(evidence.contains("loading module virtio_blk failed"))
+        #expect(GuestConsole.bootedRelease(console: console) == "6.1.0-57-cloud-amd64")
+        #expect(GuestConsole.bootedRelease(console: "qemu: Failed to read from slave.\n") == nil)
+    }
+
+    @Test func reportNamesTheGuestKernel() throws {
+        let text = """
+            release=6.1.0-57-cloud-amd64
+            source=linux-image-6.1.0-57-cloud-amd64 6.1.192-3
+            sha256=1a7ac0c40b10b98353b6f85fa9a0d4f2703287979567e19629d35ad2d777d124
+            CONFIG_SWIOTLB=y
+            CONFIG_VIRTIO_BLK=m
+            CONFIG_INTEL_TDX_GUEST=n
+            CONFIG_VIRTIO_BALLOON=m
+            """
+        var kernel = try #require(GuestKernel(kernelTxt: text))
+        #expect(kernel.release == "6.1.0-57-cloud-amd64")
+        #expect(kernel.config.count == 4)
+        var report = try sample()
+        report.kernel = kernel
+        let lines = report.markdown.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        #expect(
+            lines[0]
+                == "Kernel: `6.1.0-57-cloud-amd64`, from linux-image-6.1.0-57-cloud-amd64 6.1.192-3, sha256 `1a7ac0c40b10b983`."
+        )
+        #expect(lines[1] == "Config: VIRTIO_BLK=m, SWIOTLB=y, INTEL_TDX_GUEST=n (all `CONFIG_VIRTIO*` in the JSON).")
+        #expect(lines[2] == "")
+        #expect(lines[3] == "| # | attack | rule | outcome | detect (s) | evidence | expected |")
+        kernel.booted = "6.1.0-57-amd64"
+        #expect(kernel.markdown.contains("(**booted as `6.1.0-57-amd64`**)"))
+        report.kernel = kernel
+        #expect(try JSONDecoder().decode(AuditReport.self, from: try report.json()) == report)
+        #expect(GuestKernel(kernelTxt: "source=x\n") == nil)
+        #expect(GuestKernel(kernelTxt: "release=r\nconfig=unknown\n")?.markdown.contains("Config: unknown") == true)
+    }
 }

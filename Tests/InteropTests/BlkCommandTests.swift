@@ -84,7 +84,22 @@ struct BlkCommandTests {
         let bench = try ringfence(
             s + ["bench", "--rw", "randrw", "--bs", "4k", "--iodepth", "4", "--runtime", "1", "--json"])
         #expect(bench.status == 0, "\(bench.stderr)")
-        #expect(bench.stdout.contains("\"iops\":"))
-        #expect(bench.stdout.contains("\"p99_9\":"))
+        // Encoded from BlockBenchResult (Codable), with fio's names where they mean the same.
+        let object = try JSONSerialization.jsonObject(with: Data(bench.stdout.utf8)) as? [String: Any]
+        let result = try #require(object, "\(bench.stdout)")
+        #expect(
+            Set(result.keys)
+                == [
+                    "rw", "bs", "iodepth", "queues", "runtime", "total_ios", "io_bytes", "iops", "bw", "lat_ns",
+                    "error",
+                ])
+        #expect(result["rw"] as? String == "randrw")
+        #expect(result["bs"] as? Int == 4096)
+        #expect((result["iops"] as? Double ?? 0) > 0)
+        #expect(result["error"] is NSNull)
+        let latency = try #require(result["lat_ns"] as? [String: Any])
+        let percentiles = try #require(latency["percentile"] as? [String: Int])
+        #expect(Set(percentiles.keys) == ["50.000000", "90.000000", "99.000000", "99.900000"])
+        #expect((percentiles["50.000000"] ?? 0) <= (percentiles["99.900000"] ?? 0))
     }
 }

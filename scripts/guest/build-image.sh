@@ -3,15 +3,24 @@
 # initramfs that loads the virtio modules, runs a test script and powers off.
 #
 #   scripts/guest/build-image.sh [--force] [OUTDIR]
+#   scripts/guest/build-image.sh --kernel BZIMAGE [--modules DIR | --modules-deb FILE]
+#                                [--config FILE] [--force] OUTDIR
+#   scripts/guest/build-image.sh --modules-deb FILE [--force] OUTDIR
 #
 # OUTDIR defaults to <repo>/.build-guest. Outputs:
 #   OUTDIR/vmlinuz            kernel (from linux-image-6.1*-amd64, never installed)
 #   OUTDIR/initramfs.cpio.gz  base initramfs (no test script inside)
 #   OUTDIR/modules.txt        modules in the image, "name: deps..."
 #   OUTDIR/stamp              what was built from (kernel package + version)
+#   OUTDIR/kernel.txt         release=, source=, then the CONFIG_ lines that matter
 #
+# Your own kernel (--kernel): a bzImage; its modules from DIR (lib/modules/REL,
+# or a root holding lib/modules/REL) or from a linux-image .deb (kernel taken
+# from the .deb when --kernel is absent); none: virtio_blk must be built in.
+# Config from --config, else boot/config-REL next to the modules, if any.
 # Cached: nothing is done when the outputs exist, are newer than this script
-# and were built from the kernel package that linux-image-amd64 depends on now.
+# and were built from the same inputs (the kernel package that
+# linux-image-amd64 depends on now, or the sha256 of the given files).
 # Concurrent invocations are serialised with flock on OUTDIR/.lock.
 # Uses only Debian packages; installs busybox-static, cpio, qemu-system-x86,
 # qemu-system-common with apt-get when (and only when) they are missing.
@@ -26,14 +35,33 @@ REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 
 FORCE=0
 OUTDIR=""
+KERNEL_IN=""
+MODULES_IN=""
+MODULES_DEB=""
+CONFIG_IN=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) FORCE=1; shift ;;
-        -h|--help) sed -n '2,17p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --kernel) [ $# -ge 2 ] || die "--kernel needs a file"; KERNEL_IN="$2"; shift 2 ;;
+        --modules) [ $# -ge 2 ] || die "--modules needs a folder"; MODULES_IN="$2"; shift 2 ;;
+        --modules-deb) [ $# -ge 2 ] || die "--modules-deb needs a file"; MODULES_DEB="$2"; shift 2 ;;
+        --config) [ $# -ge 2 ] || die "--config needs a file"; CONFIG_IN="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$SCRIPT" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option: $1" ;;
         *) [ -z "$OUTDIR" ] || die "only one OUTDIR may be given"; OUTDIR="$1"; shift ;;
     esac
 done
+CUSTOM=0
+if [ -n "$KERNEL_IN$MODULES_IN$MODULES_DEB$CONFIG_IN" ]; then
+    CUSTOM=1
+    [ -n "$OUTDIR" ] || die "--kernel/--modules/--modules-deb need an OUTDIR (not the default .build-guest)"
+    [ -z "$MODULES_IN" ] || [ -z "$MODULES_DEB" ] || die "give --modules or --modules-deb, not both"
+    [ -n "$KERNEL_IN" ] || [ -n "$MODULES_DEB" ] || die "--modules/--config need --kernel"
+    for f in "$KERNEL_IN" "$MODULES_DEB" "$CONFIG_IN"; do
+        [ -z "$f" ] || [ -f "$f" ] || die "not a file: $f"
+    done
+    [ -z "$MODULES_IN" ] || [ -d "$MODULES_IN" ] || die "not a folder: $MODULES_IN"
+fi
 OUTDIR="${OUTDIR:-$REPO_ROOT/.build-guest}"
 mkdir -p "$OUTDIR" || die "cannot create $OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -88,11 +116,18 @@ fi
 { [ -n "$BUSYBOX" ] && [ -x "$BUSYBOX" ]; } || die "static busybox not found (package busybox-static)"
 
 # --- resolve the kernel package -------------------------------------------------
+sha() { sha256sum "$1" | cut -c1-16; }
+if [ $CUSTOM -eq 1 ]; then
+    KPKG="custom"
+    WANT_STAMP="custom kernel=${KERNEL_IN:+$(sha "$KERNEL_IN")} deb=${MODULES_DEB:+$(sha "$MODULES_DEB")}"
+    WANT_STAMP="$WANT_STAMP modules=${MODULES_IN:+$(readlink -f "$MODULES_IN")} config=${CONFIG_IN:+$(sha "$CONFIG_IN")}"
+else
 KPKG="$(apt-cache depends linux-image-amd64 2>/dev/null \
         | sed -n 's/^ *Depends: *\(linux-image-6\.1[^ ]*-amd64\)$/\1/p' | head -n1)"
 [ -n "$KPKG" ] || die "cannot resolve linux-image-6.1*-amd64 from 'apt-cache depends linux-image-amd64' (run apt-get update?)"
 KVER_PKG="$(apt-cache policy "$KPKG" | sed -n 's/^ *Candidate: *//p')"
 WANT_STAMP="kernel-package=$KPKG version=$KVER_PKG"
+fi
 
 # --- cache check ----------------------------------------------------------------
 exec 9>"$OUTDIR/.lock"
@@ -100,32 +135,75 @@ flock 9 || die "cannot lock $OUTDIR/.lock"
 
 up_to_date() {
     local f
-    for f in vmlinuz initramfs.cpio.gz modules.txt stamp; do
+    for f in vmlinuz initramfs.cpio.gz modules.txt stamp kernel.txt; do
         [ -s "$OUTDIR/$f" ] && [ "$OUTDIR/$f" -nt "$SCRIPT" ] || return 1
     done
     [ "$(head -n1 "$OUTDIR/stamp")" = "$WANT_STAMP" ]
 }
 if [ $FORCE -eq 0 ] && up_to_date; then
-    log "up to date: $OUTDIR ($KPKG $KVER_PKG)"
+    log "up to date: $OUTDIR ($KPKG ${KVER_PKG:-})"
     exit 0
 fi
 
 # --- download and extract (never installed) ------------------------------------
 WORK="$(mktemp -d "$OUTDIR/.work.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-log "downloading $KPKG ($KVER_PKG)"
-( cd "$WORK" && apt-get download "$KPKG" ) >"$WORK/download.log" 2>&1 \
-    || { cat "$WORK/download.log" >&2; die "apt-get download $KPKG failed"; }
-DEB="$(find "$WORK" -maxdepth 1 -name '*.deb' -print -quit)"
-[ -n "$DEB" ] || die "apt-get download produced no .deb"
-dpkg -x "$DEB" "$WORK/x" || die "dpkg -x $DEB failed"
 
-VMLINUZ="$(find "$WORK/x/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null || true)"
-[ -n "$VMLINUZ" ] || die "no boot/vmlinuz-* in $KPKG"
-KREL="${VMLINUZ##*/vmlinuz-}"
-MODDIR="$WORK/x/lib/modules/$KREL"
-[ -d "$MODDIR" ] || die "no lib/modules/$KREL in $KPKG"
-KCONFIG="$WORK/x/boot/config-$KREL"
+# The release a bzImage announces: the string at 0x200 + the 16-bit pointer at 0x20E.
+bzimage_release() {
+    local magic off
+    magic="$(dd if="$1" bs=1 skip=$((0x202)) count=4 2>/dev/null)"
+    [ "$magic" = "HdrS" ] || return 1
+    off="$(od -An -tu2 -j $((0x20E)) -N2 "$1" | tr -d ' ')"
+    dd if="$1" bs=1 skip=$((off + 0x200)) count=256 2>/dev/null | tr '\0' '\n' | head -n1 | cut -d' ' -f1
+}
+
+MODDIR=""
+KCONFIG=""
+if [ $CUSTOM -eq 0 ] || [ -n "$MODULES_DEB" ]; then
+    if [ $CUSTOM -eq 0 ]; then
+        log "downloading $KPKG ($KVER_PKG)"
+        ( cd "$WORK" && apt-get download "$KPKG" ) >"$WORK/download.log" 2>&1 \
+            || { cat "$WORK/download.log" >&2; die "apt-get download $KPKG failed"; }
+        DEB="$(find "$WORK" -maxdepth 1 -name '*.deb' -print -quit)"
+        [ -n "$DEB" ] || die "apt-get download produced no .deb"
+    else
+        DEB="$MODULES_DEB"
+        KPKG="$(dpkg-deb -f "$DEB" Package 2>/dev/null)" || die "$DEB is not a .deb"
+        KVER_PKG="$(dpkg-deb -f "$DEB" Version 2>/dev/null || true)"
+    fi
+    dpkg -x "$DEB" "$WORK/x" || die "dpkg -x $DEB failed"
+    VMLINUZ="$(find "$WORK/x/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null || true)"
+    if [ -n "$KERNEL_IN" ]; then
+        VMLINUZ="$KERNEL_IN"
+    fi
+    [ -n "$VMLINUZ" ] || die "no boot/vmlinuz-* in $KPKG (give --kernel)"
+    KREL="$(bzimage_release "$VMLINUZ" || true)"
+    [ -n "$KREL" ] || KREL="${VMLINUZ##*/vmlinuz-}"
+    MODDIR="$WORK/x/lib/modules/$KREL"
+    [ -d "$MODDIR" ] || die "no lib/modules/$KREL in $KPKG (kernel and package do not match)"
+    KCONFIG="$WORK/x/boot/config-$KREL"
+else
+    VMLINUZ="$KERNEL_IN"
+    KREL="$(bzimage_release "$VMLINUZ")" || die "$VMLINUZ is not a bzImage (no HdrS header)"
+    [ -n "$KREL" ] || die "cannot read the release from $VMLINUZ"
+    if [ -n "$MODULES_IN" ]; then
+        for d in "$MODULES_IN" "$MODULES_IN/lib/modules/$KREL" "$MODULES_IN/$KREL"; do
+            if [ -f "$d/modules.builtin" ] || [ -f "$d/modules.dep" ] || [ -d "$d/kernel" ]; then
+                MODDIR="$(cd "$d" && pwd)"; break
+            fi
+        done
+        [ -n "$MODDIR" ] || MODDIR="$(cd "$MODULES_IN" && pwd)"   # a plain folder of .ko files
+        for c in "$MODULES_IN/boot/config-$KREL" "$MODDIR/../../../boot/config-$KREL" "$MODDIR/build/.config"; do
+            if [ -f "$c" ]; then KCONFIG="$c"; break; fi
+        done
+    fi
+    KPKG="custom kernel $(basename "$VMLINUZ")"
+    KVER_PKG=""
+fi
+[ -z "$CONFIG_IN" ] || KCONFIG="$CONFIG_IN"
+[ -n "$KCONFIG" ] || KCONFIG="$WORK/no-config"
+log "kernel $KREL from $KPKG${MODDIR:+, modules from ${MODULES_IN:-${MODULES_DEB:-the package}}}"
 
 # ext2 support: built in (EXT2_FS=y or EXT4_USE_FOR_EXT2 with EXT4_FS=y) or modules.
 if [ -f "$KCONFIG" ]; then
@@ -143,6 +221,7 @@ mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,mnt,etc,lib/rf
 
 find_ko() {   # module name (underscores) -> path; file names may use '-' or '_'
     local pat="${1//_/[-_]}"
+    [ -n "$MODDIR" ] || return 0
     find "$MODDIR" \( -name "$pat.ko" -o -name "$pat.ko.xz" -o -name "$pat.ko.zst" -o -name "$pat.ko.gz" \) \
         -print -quit
 }
@@ -158,11 +237,19 @@ declare -A SEEN=()
 DEPS_FILE="$STAGE/lib/rf-modules/deps"
 : >"$DEPS_FILE"
 add_module() {
-    local m="$1" f raw deps d deps_arr
+    local m="$1" top="${2:-}" f raw deps d deps_arr magic
     [ -z "${SEEN[$m]:-}" ] || return 0
     SEEN[$m]=1
     if is_builtin "$m"; then log "module $m is built in"; return 0; fi
     f="$(find_ko "$m")"
+    if [ -z "$f" ] && [ $CUSTOM -eq 1 ] && [ -n "$top" ]; then
+        # Your own kernel may build a wanted module in, or lack an optional one.
+        if [ "$m" = virtio_blk ] && [ -n "$MODDIR" ] && ! grep -q '^CONFIG_VIRTIO_BLK=y' "$KCONFIG" 2>/dev/null; then
+            die "virtio_blk is neither in $MODDIR nor built in (CONFIG_VIRTIO_BLK=y)"
+        fi
+        log "module $m not found: assumed built in or not needed"
+        return 0
+    fi
     [ -n "$f" ] || die "module $m not found in $KPKG"
     case "$f" in
         *.ko.xz)  xz -dc "$f" >"$STAGE/lib/rf-modules/$m.ko" || die "xz -d $f failed" ;;
@@ -170,13 +257,15 @@ add_module() {
         *.ko.gz)  gzip -dc "$f" >"$STAGE/lib/rf-modules/$m.ko" || die "gzip -d $f failed" ;;
         *)        cp "$f" "$STAGE/lib/rf-modules/$m.ko" ;;
     esac
+    magic="$(ko_field vermagic "$STAGE/lib/rf-modules/$m.ko" | cut -d' ' -f1)"
+    [ -z "$magic" ] || [ "$magic" = "$KREL" ] || die "module $m is built for $magic, the kernel is $KREL"
     raw="$(ko_field depends "$STAGE/lib/rf-modules/$m.ko" | tr ',-' ' _')"
     deps="${EXTRA_DEPS[$m]:-} $raw"
     read -r -a deps_arr <<<"$deps"
     for d in "${deps_arr[@]}"; do add_module "$d"; done
     echo "$m: ${deps_arr[*]}" >>"$DEPS_FILE"
 }
-for m in $WANTED_MODULES; do add_module "$m"; done
+for m in $WANTED_MODULES; do add_module "$m" top; done
 # Names of built-in modules (so the init can tell "built in" from "missing").
 if [ -f "$MODDIR/modules.builtin" ]; then
     sed 's#.*/##; s/\.ko$//; s/-/_/g' "$MODDIR/modules.builtin" | LC_ALL=C sort -u >"$STAGE/lib/rf-modules/builtin"
@@ -309,10 +398,23 @@ fi
 log "packing initramfs ($(wc -l <"$DEPS_FILE") modules)"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 ) \
     | gzip -9n >"$WORK/initramfs.cpio.gz" || die "cpio/gzip failed"
-cp "$VMLINUZ" "$WORK/vmlinuz"
+cp "$VMLINUZ" "$WORK/vmlinuz" || die "cannot copy $VMLINUZ"
 cp "$DEPS_FILE" "$WORK/modules.txt"
 { echo "$WANT_STAMP"; echo "kernel-release=$KREL"; echo "busybox=$BUSYBOX"; date -u +built=%FT%TZ; } >"$WORK/stamp"
-for f in vmlinuz initramfs.cpio.gz modules.txt stamp; do
+# What the audit report names: the release and the config flags that decide how the
+# kernel treats a device (virtio hardening, bounce buffers, confidential guests, checks).
+{
+    echo "release=$KREL"
+    echo "source=$KPKG${KVER_PKG:+ $KVER_PKG}"
+    echo "sha256=$(sha256sum "$VMLINUZ" | cut -d' ' -f1)"
+    if [ -f "$KCONFIG" ]; then
+        grep -E '^(# )?CONFIG_(VIRTIO[A-Z0-9_]*|SWIOTLB|DMA_RESTRICTED_POOL|ARCH_HAS_RESTRICTED_VIRTIO_MEMORY_ACCESS|AMD_MEM_ENCRYPT|INTEL_TDX_GUEST|BLK_DEV_INTEGRITY|HARDENED_USERCOPY|FORTIFY_SOURCE|INIT_ON_ALLOC_DEFAULT_ON|INIT_ON_FREE_DEFAULT_ON|BUG_ON_DATA_CORRUPTION|DEBUG_LIST|KASAN|UBSAN|PANIC_ON_OOPS|HUNG_TASK_PANIC|DETECT_HUNG_TASK|FUSE_FS|EXT4_FS|IKCONFIG)[= ]' "$KCONFIG" \
+            | sed 's/^# \(CONFIG_[A-Z0-9_]*\) is not set$/\1=n/' | LC_ALL=C sort -u
+    else
+        echo "config=unknown (give --config, or a modules folder or .deb with boot/config-$KREL)"
+    fi
+} >"$WORK/kernel.txt"
+for f in vmlinuz initramfs.cpio.gz modules.txt stamp kernel.txt; do
     mv -f "$WORK/$f" "$OUTDIR/$f"
 done
 log "built $OUTDIR: vmlinuz ($KREL), initramfs.cpio.gz ($(du -k "$OUTDIR/initramfs.cpio.gz" | cut -f1) KiB)"

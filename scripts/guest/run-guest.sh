@@ -100,6 +100,9 @@ stale=0
 for f in vmlinuz initramfs.cpio.gz stamp; do
     if [ ! -s "$IMAGE_DIR/$f" ] || [ "$IMAGE_DIR/$f" -ot "$BUILDER" ]; then stale=1; fi
 done
+if [ $stale -eq 1 ] && [ -s "$IMAGE_DIR/vmlinuz" ] && head -n1 "$IMAGE_DIR/stamp" 2>/dev/null | grep -q '^custom '; then
+    stale=0   # your own kernel (build-image.sh --kernel): rebuilt only by the audit that made it
+fi
 if [ $stale -eq 1 ]; then
     log "guest image missing or stale in $IMAGE_DIR: building it"
     "$BUILDER" "$IMAGE_DIR" >&2 || die "build-image.sh failed"

@@ -18,7 +18,11 @@ let benchmarks: @Sendable () -> Void = {
     for scenario in Scenario.allCases {
         for kind in DriverKind.allCases {
             let box = RunnerBox()
-            let parameters = RingParameters()
+            let parameters: RingParameters = {
+                var p = RingParameters()
+                if scenario == .ringtest { p.batch = 1 }  // ringtest's default --batch 1
+                return p
+            }()
             Benchmark(
                 "\(scenario.rawValue) \(kind.rawValue)",
                 configuration: .init(

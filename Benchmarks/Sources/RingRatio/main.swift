@@ -12,16 +12,23 @@ struct Options {
     var rounds = 9
     var batchOperations = 1 << 18
     var latencyOperations = 1 << 16
+    var ringtestOperations = 1 << 20
+    /// tools/virtio/ringtest's `virtio_ring_0_9` (scripts/bench-ringtest builds it).
+    var ringtestBinary: String?
     var scenarios = Scenario.allCases
 }
 
 func usage(_ code: Int32 = 2) -> Never {
     print("""
         usage: ring-ratio [--rounds N] [--batch-ops N] [--latency-ops N] [--quick]
-                          [--scenario 1b|2b|1l|2l]...
+                          [--scenario 1b|2b|1l|2l|rt]... [--rt-ops N] [--ringtest-bin PATH]
           --rounds N       interleaved rounds per scenario (default 9; median reported)
           --batch-ops N    round trips per round in the batch scenarios (default 262144)
           --latency-ops N  round trips per round in the latency scenarios (default 65536)
+          --rt-ops N       buffers per round in the ringtest scenario (default 1048576)
+          --ringtest-bin P Linux tools/virtio/ringtest virtio_ring_0_9, run as a fifth
+                           contestant of the rt scenario (--run-cycles N, ring 256, batch 1,
+                           polling, guest on CPU 0, host on CPU 1; scripts/bench-ringtest)
           --quick          3 rounds, 1/8 of the operations (for development)
         """)
     exit(code)
@@ -40,16 +47,22 @@ func parse() -> Options {
         case "--rounds": o.rounds = int(a)
         case "--batch-ops": o.batchOperations = int(a)
         case "--latency-ops": o.latencyOperations = int(a)
+        case "--rt-ops": o.ringtestOperations = int(a)
+        case "--ringtest-bin":
+            guard let path = args.popFirst() else { usage() }
+            o.ringtestBinary = path
         case "--quick":
             o.rounds = 3
             o.batchOperations /= 8
             o.latencyOperations /= 8
+            o.ringtestOperations /= 8
         case "--scenario":
             switch args.popFirst() {
             case "1b": picked.append(.oneThreadBatch)
             case "2b": picked.append(.twoThreadBatch)
             case "1l": picked.append(.oneThreadLatency)
             case "2l": picked.append(.twoThreadLatency)
+            case "rt": picked.append(.ringtest)
             default: usage()
             }
         case "--help", "-h": usage(0)
@@ -100,17 +113,38 @@ struct Row {
     var ratios: [[Double]]  // per-round ratios: split h/t, packed h/t, packed/split (hardened)
     var best: [Double]
 }
+/// Runs the C ringtest once; wall nanoseconds (process start to exit), nil on failure.
+func runRingtest(_ path: String, cycles: Int) -> Double? {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = [
+        "--ring-size", "\(parameters.queueSize)", "--run-cycles", "\(cycles)", "--batch", "1",
+        "--guest-affinity", "\(parameters.driverCPU)", "--host-affinity", "\(parameters.deviceCPU)",
+    ]
+    let start = DispatchTime.now().uptimeNanoseconds
+    do { try p.run() } catch { return nil }
+    p.waitUntilExit()
+    let end = DispatchTime.now().uptimeNanoseconds
+    return p.terminationStatus == 0 ? Double(end - start) : nil
+}
+var ringtestC: [Double] = []  // ns per buffer, per round
+var ringtestRatios: [Double] = []  // split hardened ns / C ns, per round
+var ringtestSplit: [Double] = []
+
 var rows: [Row] = []
 for scenario in options.scenarios {
     if scenario.needsDeviceThread && cpus < 2 {
         print(pad(scenario.rawValue, 18) + "skipped: needs 2 CPUs")
         continue
     }
-    let ops = scenario == .oneThreadBatch || scenario == .twoThreadBatch
+    let ops = scenario == .ringtest ? options.ringtestOperations
+        : scenario == .oneThreadBatch || scenario == .twoThreadBatch
         ? options.batchOperations : options.latencyOperations
+    var scenarioParameters = parameters
+    if scenario == .ringtest { scenarioParameters.batch = 1 }  // ringtest's default --batch 1
     let runners: [any RingRunner]
     do {
-        runners = try kinds.map { try makeRunner($0, parameters: parameters) }
+        runners = try kinds.map { try makeRunner($0, parameters: scenarioParameters) }
     } catch {
         print("cannot set up the rings: \(error)")
         exit(1)
@@ -122,10 +156,24 @@ for scenario in options.scenarios {
         // Rotate who goes first, so drift in load hits every contestant alike.
         let order = (0..<kinds.count).map { (round + $0) % kinds.count }
         var perOp = Array(repeating: 0.0, count: kinds.count)
+        // The C ringtest (when given) goes first in odd rounds, last in even ones.
+        let withC = scenario == .ringtest ? options.ringtestBinary : nil
+        var cWall: Double?
+        if let binary = withC, round % 2 == 1 { cWall = runRingtest(binary, cycles: ops) }
         for i in order {
             let t = runners[i].run(scenario, operations: ops)
             perOp[i] = (scenario.needsDeviceThread ? t.wall : t.threadCPU) / Double(ops)
             ns[i].append(perOp[i])
+        }
+        if let binary = withC {
+            if round % 2 == 0 { cWall = runRingtest(binary, cycles: ops) }
+            guard let c = cWall else {
+                print("\(binary) failed")
+                exit(1)
+            }
+            ringtestC.append(c / Double(ops))
+            ringtestSplit.append(perOp[0])
+            ringtestRatios.append(perOp[0] / (c / Double(ops)))
         }
         ratios[0].append(perOp[1] / perOp[0])  // split: hardened speed / trusting speed
         ratios[1].append(perOp[3] / perOp[2])  // packed: hardened / trusting
@@ -154,6 +202,18 @@ for row in rows {
         line += pad("\(f(r, 3))x [\(f(row.ratios[k].min() ?? .nan, 3)) .. \(f(row.ratios[k].max() ?? .nan, 3))]", 30)
     }
     print(line + "  best-of: \(row.best.map { f($0, 3) }.joined(separator: " / "))")
+}
+if !ringtestC.isEmpty {
+    print("")
+    print(
+        "ringtest 0.9, ring \(parameters.queueSize), batch 1, polling, \(options.ringtestOperations) buffers per round:"
+            + " C virtio_ring_0_9 \(f(median(ringtestC), 1)) ns/buffer, split hardened \(f(median(ringtestSplit), 1))"
+            + " ns/buffer (medians)")
+    let r = median(ringtestRatios)
+    print(
+        "split hardened / C ns per buffer: \(f(r, 3))x [\(f(ringtestRatios.min() ?? .nan, 3)) .. "
+            + "\(f(ringtestRatios.max() ?? .nan, 3))], best-of \(f((ringtestSplit.min() ?? .nan) / (ringtestC.min() ?? .nan), 3))x"
+            + " (target <= 1.0x): \(r <= 1.0 ? "met" : "NOT met")")
 }
 print("")
 print("load average at end: \(loadAverage())")

@@ -27,8 +27,15 @@ public enum Scenario: String, CaseIterable, Sendable {
     case oneThreadLatency = "1-thread latency"
     /// One request in flight between the two pinned threads: post, spin until reaped.
     case twoThreadLatency = "2-thread latency"
+    /// What Linux's tools/virtio/ringtest `virtio_ring_0_9` does by default (issue 19):
+    /// guest and host thread busy-polling, one-descriptor buffers with no payload copies,
+    /// the whole ring in flight, the avail index published after every buffer and the used
+    /// index after every completion (batch 1). Build the runner with `batch = 1`.
+    case ringtest = "ringtest 0.9"
 
-    public var needsDeviceThread: Bool { self == .twoThreadBatch || self == .twoThreadLatency }
+    public var needsDeviceThread: Bool {
+        self == .twoThreadBatch || self == .twoThreadLatency || self == .ringtest
+    }
 }
 
 /// A driver plus the hardened device on one `RingPair`, with everything preallocated:
@@ -211,6 +218,8 @@ final class RingBench<D: BenchDriver, Q: DeviceRing & SendableMetatype> {
     let responses: UnsafeMutablePointer<BounceSlice>
     let freeSlots: UnsafeMutablePointer<Int>
     var freeSlotCount: Int
+    /// `ringtest`: one device-writable 64-byte buffer per descriptor (never copied).
+    let singles: UnsafeMutablePointer<Segment>
     let payload: UnsafeMutableRawBufferPointer
     let reply: UnsafeMutableRawBufferPointer
     /// Folds a byte of every reply, so the copies cannot be optimized away.
@@ -250,6 +259,11 @@ final class RingBench<D: BenchDriver, Q: DeviceRing & SendableMetatype> {
             freeSlots[slot] = slotCount - 1 - slot
         }
         freeSlotCount = slotCount
+        singles = .allocate(capacity: parameters.queueSize)
+        for i in 0..<parameters.queueSize {
+            guard let buffer = pool.allocate(64) else { fatalError("bounce pool too small") }
+            (singles + i).initialize(to: pool.segment(buffer, deviceWritable: true))
+        }
     }
 
     deinit {
@@ -258,6 +272,7 @@ final class RingBench<D: BenchDriver, Q: DeviceRing & SendableMetatype> {
         requests.deallocate()
         responses.deallocate()
         freeSlots.deallocate()
+        singles.deallocate()
         payload.deallocate()
         reply.deallocate()
     }
@@ -343,8 +358,35 @@ final class RingBench<D: BenchDriver, Q: DeviceRing & SendableMetatype> {
         }
     }
 
+    /// tools/virtio/ringtest main.c `run_guest` without `--sleep`: add while the ring has
+    /// room, reap whatever completed, repeat until neither made progress, then poll.
+    func ringtest(_ total: Int) {
+        var started = 0
+        var completed = 0
+        let ring = parameters.queueSize
+        while completed < total {
+            var progressed = true
+            while progressed {
+                progressed = false
+                if started < total && started - completed < ring {
+                    let i = started & (ring - 1)
+                    guard driver.post(UnsafeBufferPointer(start: singles + i, count: 1), token: UInt64(i))
+                    else { fatalError("\(kind): ring full with \(started - completed) in flight") }
+                    driver.publish()
+                    started += 1
+                    progressed = true
+                }
+                if driver.poll() != nil {
+                    completed += 1
+                    progressed = true
+                }
+            }
+        }
+    }
+
     func perform(_ scenario: Scenario, operations: Int) {
         switch scenario {
+        case .ringtest: ringtest(operations)
         case .oneThreadBatch: oneThreadBatch(operations)
         case .oneThreadLatency: oneThreadLatency(operations)
         case .twoThreadBatch: twoThreadBatch(operations)

@@ -54,15 +54,18 @@ public final class BlockRequestHandler: QueueHandler {
                 // Logged rate-limited (the first 8, then at powers of two): a driver that
                 // sends garbage in a loop must not flood the log (R6).
                 rejected += 1
+                device.counters.violation(violation.rule)
                 if rejectionLog.admit() {
                     device.onEvent(.requestRejected(queue: queueIndex, violation))
                 }
                 queue.complete(head: head, length: 0)
                 failed += 1
+                device.counters.failed.add(1, ordering: .relaxed)
             case .ready:
                 queue.complete(head: chain.head, length: process())
             }
             served += 1
+            device.counters.requests.add(1, ordering: .relaxed)
             count += 1
         }
         return count
@@ -80,6 +83,7 @@ public final class BlockRequestHandler: QueueHandler {
         let writable = chain.writableLength
         guard writable >= 1 else {
             failed += 1
+            device.counters.failed.add(1, ordering: .relaxed)
             return 0  // no status byte to report anything in
         }
         guard chain.readableLength >= UInt64(BlockProtocol.requestHeaderSize) else {
@@ -98,6 +102,7 @@ public final class BlockRequestHandler: QueueHandler {
         case .read:
             guard let offset = byteRange(sector: sector, length: dataIn) else { return finish(.ioError, written: 0) }
             let ok = transfer(chain.writable, from: 0, count: dataIn, fileOffset: offset, write: false)
+            if ok { device.counters.bytesRead.add(Int(truncatingIfNeeded: dataIn), ordering: .relaxed) }
             return ok ? finish(.ok, written: dataIn) : finish(.ioError, written: 0)
         case .write:
             guard !device.readOnly, let offset = byteRange(sector: sector, length: dataOut) else {
@@ -106,6 +111,7 @@ public final class BlockRequestHandler: QueueHandler {
             let ok = transfer(
                 chain.readable, from: UInt64(BlockProtocol.requestHeaderSize), count: dataOut, fileOffset: offset,
                 write: true)
+            if ok { device.counters.bytesWritten.add(Int(truncatingIfNeeded: dataOut), ordering: .relaxed) }
             return finish(ok ? .ok : .ioError, written: 0)
         case .flush:
             return finish(image.flush() ? .ok : .ioError, written: 0)
@@ -196,7 +202,10 @@ public final class BlockRequestHandler: QueueHandler {
 
     /// Writes the status into the last writable byte; returns the used length.
     func finish(_ status: BlockProtocol.Status, written: UInt64) -> UInt32 {
-        if status != .ok { failed += 1 }
+        if status != .ok {
+            failed += 1
+            device.counters.failed.add(1, ordering: .relaxed)
+        }
         let at = chain.writableLength - 1
         _ = forEachPiece(chain.writable, from: at, count: 1) { buffer, _ in
             buffer[0] = status.rawValue

@@ -51,15 +51,18 @@ public final class VirtioBlockDevice: VhostUserDevice {
     /// The settings it serves with.
     public let options: VirtioBlockDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
+    /// Requests, bytes, failures and violations served so far (for metrics and logs).
+    public let counters: BlockDeviceCounters
 
     /// A device serving `image` with `options` (check them first with
     /// `VirtioBlockDeviceOptions.validate()`).
     public init(
-        image: DeviceImage, options: VirtioBlockDeviceOptions,
+        image: DeviceImage, options: VirtioBlockDeviceOptions, counters: BlockDeviceCounters = BlockDeviceCounters(),
         onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in }
     ) {
         self.image = image
         self.options = options
+        self.counters = counters
         self.onEvent = onEvent
     }
 

@@ -26,6 +26,8 @@ public struct BlockQueueStatistics: Sendable, Equatable {
     public var spuriousNotifications: UInt64 = 0
     /// Requests posted again after a reconnect.
     public var resubmitted: UInt64 = 0
+    /// Times `wait` blocked on the call eventfd (0 under `WaitStrategy.poll`).
+    public var blocks: UInt64 = 0
 }
 
 /// One virtqueue of a `VirtioBlockDriver`: the synchronous hot path.
@@ -80,6 +82,8 @@ public final class BlockQueue {
         var deadlineBound = UInt64.max
         /// The supervisor's `epoch` this queue last found itself attached and healthy at.
         var settledEpoch: UInt64 = 0
+        /// How long `wait` polls before blocking (adapts under `.adaptive`).
+        var spin: AdaptiveSpin
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -104,7 +108,6 @@ public final class BlockQueue {
     let info: BlockInfo
     let requestTimeout: Double
     let timeoutNanoseconds: UInt64
-    let spinIterations: Int
     let ring: any DriverRing
     let pool: BouncePool
     let kickNotifier: Notifier
@@ -133,7 +136,6 @@ public final class BlockQueue {
         self.info = info
         self.requestTimeout = options.requestTimeout
         self.timeoutNanoseconds = UInt64(max(0, min(options.requestTimeout, 1e9)) * 1e9) + coarseClockSlack
-        self.spinIterations = options.spinIterations
         self.ring = ring
         self.pool = pool
         self.kickNotifier = kick
@@ -141,7 +143,7 @@ public final class BlockQueue {
         let n = Int(ring.queueSize)
         slotCount = n
         state = .allocate(capacity: 1)
-        state.initialize(to: State(freeCount: n))
+        state.initialize(to: State(freeCount: n, spin: AdaptiveSpin(options.wait)))
         slots = .allocate(capacity: n)
         slots.initialize(repeating: Slot(), count: n)
         freeSlots = .allocate(capacity: n)
@@ -492,10 +494,11 @@ public final class BlockQueue {
         }
     }
 
-    /// Waits for the next completion: spins briefly, then blocks on the call eventfd and
-    /// the control socket until the earliest request deadline (then: timeout, device
-    /// broken) or `until` (then: nil). Wake-ups without completions are counted and,
-    /// when they keep coming, backed off so a storm cannot burn the CPU (R5).
+    /// Waits for the next completion: polls for as long as the wait strategy says (by
+    /// time; `.poll` never stops), then blocks on the call eventfd and the control socket
+    /// until the earliest request deadline (then: timeout, device broken) or `until`
+    /// (then: nil). Wake-ups without completions are counted and, when they keep coming,
+    /// backed off so a storm cannot burn the CPU (R5).
     public func wait(until limit: Deadline = .distantFuture) -> BlockCompletion? {
         wait(until: limit, orWake: nil)
     }
@@ -505,6 +508,8 @@ public final class BlockQueue {
     @inline(__always)
     func wait(until limit: Deadline, orWake wake: Notifier?) -> BlockCompletion? {
         var spins = 0
+        var spinStart: UInt64 = 0
+        var spinning = state.pointee.spin.limit > 0
         while true {
             if let c = poll() { return c }
             if state.pointee.activeCount == 0 { return nil }
@@ -515,9 +520,10 @@ public final class BlockQueue {
             }
             // While spinning, look at the clock and the deadlines only every 64 polls.
             spins += 1
-            let spinning = spins <= spinIterations
             if spinning && spins & 63 != 0 { continue }
             let now = monotonicNanoseconds()
+            if spinStart == 0 { spinStart = now }
+            spinning = now &- spinStart < state.pointee.spin.limit
             var earliest = state.pointee.deadlineBound
             if now >= earliest {
                 earliest = earliestDeadline()
@@ -531,7 +537,11 @@ public final class BlockQueue {
             if spinning { continue }
             if ring.enableInterrupts() { continue }
             let until = Deadline(uptimeNanoseconds: min(earliest, limit.uptimeNanoseconds))
-            switch block(until: until, orWake: wake) {
+            state.pointee.statistics.blocks &+= 1
+            let woken = block(until: until, orWake: wake)
+            state.pointee.spin.noteBlock(
+                nanoseconds: monotonicNanoseconds() &- now, productive: woken == .notified)
+            switch woken {
             case .woken:
                 return nil
             case .notified:
@@ -549,7 +559,7 @@ public final class BlockQueue {
         }
     }
 
-    enum Wake {
+    enum Wake: Equatable {
         case notified, timedOut
         /// The control socket of connection `generation` is readable.
         case socket(generation: UInt32)

@@ -53,7 +53,11 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         public var reconnect = false
         /// How long to keep trying to reconnect.
         public var reconnectTimeout: Double = 10
-        /// Polls before blocking on the call eventfd.
+        /// How `wait` spends the time until a completion: `.adaptive` (default) polls for
+        /// a time that adapts, then blocks on the call eventfd; `.poll` never blocks;
+        /// `.spin(nanoseconds:)` polls that long; `.interrupts` blocks at once.
+        public var wait: WaitStrategy = .adaptive
+        /// Unused since `wait` (kept for source compatibility; was: polls before blocking).
         public var spinIterations = 256
         /// Use packed virtqueues when the back-end offers VIRTIO_F_RING_PACKED.
         public var packedRing = true

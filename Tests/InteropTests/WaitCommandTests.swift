@@ -1,0 +1,90 @@
+import Foundation
+import SharedMemory
+import Testing
+import VirtioBlock
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `--poll` and `--spin-us N` on both ends of a real vhost-user-blk connection (issue 19):
+/// `ringfence serve-blk` and `ringfence blk` in child processes, every pairing verifies.
+@Suite(.serialized)
+struct WaitCommandTests {
+    @Test(arguments: [["--poll"], ["--spin-us", "0"], ["--spin-us", "50"], []])
+    func everyWaitStrategyServesAndDrives(wait: [String]) throws {
+        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        let dir = "/tmp/rf-wait-\(getpid())-\(wait.joined())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(FileManager.default.createFile(atPath: dir + "/d.img", contents: Data(count: 4 << 20)))
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: binary)
+        server.arguments =
+            ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"] + wait
+        try server.run()
+        defer {
+            kill(server.processIdentifier, SIGTERM)
+            server.waitUntilExit()
+        }
+        let ready = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+        let r = try Interop.run([binary, "blk", "--socket", dir + "/s.sock"] + wait + ["verify", "--size", "1M"])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("verify OK: 1048576 bytes"), "\(r.output)")
+    }
+
+    @Test func pollAndSpinTogetherAreAUsageError() throws {
+        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        let r = try Interop.run([binary, "blk", "--socket", "/tmp/none.sock", "--poll", "--spin-us", "5", "info"])
+        #expect(r.status == 2, "\(r.output)")
+        #expect(r.output.contains("give --poll or --spin-us, not both"))
+    }
+
+    /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+    static func cpuSeconds(_ pid: Int32) -> Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return -1 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // After "pid (comm)": state is field 0, utime 11, stime 12 (clock ticks).
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return -1 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// The device side with a connected front-end that sends nothing: the default waits
+    /// on the kick eventfd (next to no CPU), `--poll` keeps polling the ring.
+    @Test func idleDeviceCostsNextToNoCPUUnlessPolling() throws {
+        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        let dir = "/tmp/rf-wait-idle-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(FileManager.default.createFile(atPath: dir + "/d.img", contents: Data(count: 1 << 20)))
+        func idleCPU(_ wait: [String]) throws -> Double {
+            let server = Process()
+            server.executableURL = URL(fileURLWithPath: binary)
+            server.arguments =
+                ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"] + wait
+            try server.run()
+            defer {
+                kill(server.processIdentifier, SIGTERM)
+                server.waitUntilExit()
+            }
+            let ready = Date().addingTimeInterval(10)
+            while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+            var options = VirtioBlockDriver.Options()
+            options.controlTimeout = 5
+            let disk = try VirtioBlockDriver.connect(socket: dir + "/s.sock", options: options)
+            defer { disk.close() }
+            _ = try disk.read(at: 0, count: 4096)
+            usleep(200_000)  // past any spin
+            let before = Self.cpuSeconds(server.processIdentifier)
+            usleep(2_000_000)
+            return Self.cpuSeconds(server.processIdentifier) - before
+        }
+        let adaptive = try idleCPU([])
+        let polling = try idleCPU(["--poll"])
+        #expect(adaptive >= 0 && adaptive < 0.1, "idle for 2 s with a front-end connected: \(adaptive) CPU s")
+        #expect(polling > 5 * max(adaptive, 0.01), "--poll keeps a CPU busy: \(polling) vs \(adaptive) CPU s")
+    }
+}
