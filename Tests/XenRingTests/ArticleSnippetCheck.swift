@@ -8,7 +8,7 @@ import XenRing
     let server = try spawnThread {
         let storage = MemoryStorage(sectors: 2048)  // 1 MiB in memory, the backend's
         guard let connection = try? XenBlkBackendConnection.accept(channel: back, storage: storage) else { return }
-        _ = connection.run(idleTimeout: 5)
+        _ = connection.run(idleTimeout: 60)
     }
     let disk = try AsyncXenBlkFrontend(XenBlkFrontendDevice.connect(channel: front))
     try await disk.write(sector: 8, bytes: [UInt8](repeating: 0x5a, count: 4096))

@@ -15,7 +15,11 @@ final class BackendThread: @unchecked Sendable {
     private(set) var refusals: [XenConnectError] = []
 
     /// Serves each channel in turn (one connection after the other, like the CLI).
-    init(channels: [UnixChannel], sectors: Int = 2048, attacks: [XenBackendAttack?] = [nil]) {
+    /// `idleTimeout`: seconds without a request before the backend ends the connection
+    /// (async tests pass more: their tasks share the pool with every other suite).
+    init(
+        channels: [UnixChannel], sectors: Int = 2048, attacks: [XenBackendAttack?] = [nil], idleTimeout: Double = 5
+    ) {
         storage = MemoryStorage(sectors: sectors)
         let box = UnsafeSendable((channels, attacks))
         thread = TestThread { [self] in
@@ -25,7 +29,7 @@ final class BackendThread: @unchecked Sendable {
                     let c = try XenBlkBackendConnection.accept(
                         channel: channel, storage: storage,
                         hooks: attacks[min(i, attacks.count - 1)].map(XenBackendAdversary.init))
-                    ends.append(c.run(idleTimeout: 5))
+                    ends.append(c.run(idleTimeout: idleTimeout))
                 } catch {
                     refusals.append(error)
                 }
@@ -43,10 +47,11 @@ struct UnsafeSendable<T>: @unchecked Sendable {
 
 /// A frontend connected to an in-process backend thread over a socketpair, with real
 /// eventfds and memfds: the full handshake and notification path.
-func connectedPair(attack: XenBackendAttack? = nil, sectors: Int = 2048) throws -> (XenBlkFrontendDevice, BackendThread)
-{
+func connectedPair(
+    attack: XenBackendAttack? = nil, sectors: Int = 2048, idleTimeout: Double = 5
+) throws -> (XenBlkFrontendDevice, BackendThread) {
     let (a, b) = try UnixChannel.pair()
-    let backend = BackendThread(channels: [b], sectors: sectors, attacks: [attack])
+    let backend = BackendThread(channels: [b], sectors: sectors, attacks: [attack], idleTimeout: idleTimeout)
     let device = try XenBlkFrontendDevice.connect(channel: a)
     return (device, backend)
 }
