@@ -12,6 +12,7 @@ enum AuditTarget: String, ExpressibleByArgument, CaseIterable {
     case linuxGuest = "linux-guest"
     case command
     case xenNet = "xen-net"
+    case payload
 }
 
 /// `ringfence audit`: aims the adversary catalogue at a driver and reports what it did.
@@ -23,10 +24,12 @@ struct AuditCommand: ParsableCommand {
             Targets: `self` (our VirtioBlock driver, each attack in a fresh child process), \
             `linux-guest` (Linux 6.1 virtio_blk in a QEMU TCG guest, see scripts/guest), \
             `command` (any program after `--`; `{socket}` in its arguments is replaced by the \
-            socket path, otherwise the path is appended). Markdown to stdout, progress to stderr.
+            socket path, otherwise the path is appended), `payload` (issue 18's payload lies \
+            against the plain driver and against VerifiedBlock over it; exit 1 if a row is not \
+            the expected one). Markdown to stdout, progress to stderr.
             """)
 
-    @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
+    @Option(help: "self, linux-guest, command, xen-net or payload.") var target: AuditTarget = .self
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("attack-after"), help: "Requests served correctly before each attack starts.")
@@ -49,10 +52,16 @@ struct AuditCommand: ParsableCommand {
             if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
             return
         }
+        if target == .payload {
+            let known = Set(Catalogue.payloadLies.map(\.name))
+            if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
+            return
+        }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
     }
 
     func run() throws {
+        if target == .payload { return try runPayload() }
         if list && target != .xenNet {
             for a in Catalogue.all {
                 print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)")
@@ -67,6 +76,7 @@ struct AuditCommand: ParsableCommand {
         case .linuxGuest: report = try auditor.runLinuxGuest(attacks, deadline: deadline ?? 60)
         case .command: report = auditor.runCommand(attacks, command: command, deadline: deadline ?? 30)
         case .xenNet: return try runXenNet()
+        case .payload: return try runPayload()
         }
         print(report.markdown, terminator: "")
         if let json { try report.json().write(to: URL(fileURLWithPath: json)) }
@@ -91,6 +101,39 @@ extension AuditCommand {
         print("# Xen netif audit\n")
         print(Auditor.xenNetMarkdown(records), terminator: "")
         if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
+    }
+}
+
+extension AuditCommand {
+    /// Both reports of `--target payload`, as `--json` writes them.
+    struct PayloadReports: Codable {
+        var plain: AuditReport
+        var verified: AuditReport
+    }
+
+    /// `--target payload`: each payload lie against the plain driver (expected: undetected
+    /// payload tampering) and against the verified layer (expected: contained, with the
+    /// violation that names the lie); exit 1 if a row is not the expected one.
+    func runPayload() throws {
+        let attacks = Catalogue.payloadLies.filter { only.isEmpty || only.contains($0.name) }
+        if list {
+            for a in attacks { print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)") }
+            return
+        }
+        let auditor = Auditor(after: attackAfter, imageDir: imageDir)
+        let reports = PayloadReports(
+            plain: auditor.runPayload(attacks, layer: .plain), verified: auditor.runPayload(attacks, layer: .verified))
+        print("## Payload lies against the plain driver\n")
+        print(reports.plain.markdown)
+        print("## Payload lies against the verified layer\n")
+        print(reports.verified.markdown, terminator: "")
+        if let json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try e.encode(reports).write(to: URL(fileURLWithPath: json))
+        }
+        let all = reports.plain.records + reports.verified.records
+        if all.contains(where: { $0.asExpected != true }) { throw ExitCode(1) }
     }
 }
 
