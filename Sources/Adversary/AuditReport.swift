@@ -8,6 +8,9 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     case unaffected
     /// Requests succeeded with wrong bytes (allowed by the threat model, but noted).
     case acceptedBadData = "silently accepted bad data"
+    /// Payload lies (issue 18) against a layer that cannot see them: every request
+    /// succeeded, the bytes were the back-end's lie (allowed by §1, reported as such).
+    case undetectedTampering = "undetected payload tampering"
     /// The target died of a signal.
     case crashed = "crashed with signal"
     /// The target did not finish before the deadline.
@@ -35,7 +38,7 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     public var isSafe: Bool {
         switch self {
         case .contained, .unaffected, .ioError, .clean: return true
-        case .acceptedBadData: return true  // allowed, reported
+        case .acceptedBadData, .undetectedTampering: return true  // allowed, reported
         default: return false
         }
     }

@@ -12,6 +12,7 @@ enum AuditTarget: String, ExpressibleByArgument, CaseIterable {
     case linuxGuest = "linux-guest"
     case command
     case xenNet = "xen-net"
+    case payload
 }
 
 enum AuditDevice: String, ExpressibleByArgument, CaseIterable {
@@ -31,10 +32,12 @@ struct AuditCommand: ParsableCommand {
             kernel, or your own with --kernel BZIMAGE and its modules from --modules DIR or \
             --modules-deb FILE; the report names the kernel and its CONFIG_VIRTIO*/SWIOTLB/... flags), \
             `command` (any program after `--`; `{socket}` in its arguments is replaced by the \
-            socket path, otherwise the path is appended). Markdown to stdout, progress to stderr.
+            socket path, otherwise the path is appended), `payload` (issue 18's payload lies \
+            against the plain driver and against VerifiedBlock over it; exit 1 if a row is not \
+            the expected one). Markdown to stdout, progress to stderr.
             """)
 
-    @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
+    @Option(help: "self, linux-guest, command, xen-net or payload.") var target: AuditTarget = .self
     @Option(help: "Device class whose catalogue runs: blk, fs (self, linux-guest) or net (self, command).")
     var device: AuditDevice = .blk
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
@@ -63,6 +66,10 @@ struct AuditCommand: ParsableCommand {
     var onlyNames: [String] { only.flatMap { $0.split(separator: ",").map(String.init) } }
 
     func validate() throws {
+        if guestKernel != nil && (device != .blk || target == .payload || target == .xenNet) {
+            throw ValidationError(
+                "--kernel, --modules, --modules-deb and --config audit virtio_blk (--device blk) only")
+        }
         if device == .net {
             guard target == .self || target == .command else {
                 throw ValidationError("--device net: targets self and command")
@@ -84,6 +91,11 @@ struct AuditCommand: ParsableCommand {
             if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
             return
         }
+        if target == .payload {
+            let known = Set(Catalogue.payloadLies.map(\.name))
+            if let bad = only.first(where: { !known.contains($0) }) { throw ValidationError("unknown attack \(bad)") }
+            return
+        }
         if device == .fs {
             if target == .command { throw ValidationError("--device fs audits self or linux-guest") }
             for n in only.flatMap({ $0.split(separator: ",") }) where FSCatalogue.attack(named: String(n)) == nil {
@@ -92,10 +104,6 @@ struct AuditCommand: ParsableCommand {
             return
         }
         if case .failure(let e) = Catalogue.select(only) { throw ValidationError(e.description) }
-        if guestKernel != nil && device == .fs {
-            throw ValidationError(
-                "--kernel, --modules, --modules-deb and --config audit virtio_blk (--device blk) only")
-        }
         if guestKernel != nil && target != .linuxGuest {
             throw ValidationError("--kernel, --modules, --modules-deb and --config need --target linux-guest")
         }
@@ -119,6 +127,9 @@ struct AuditCommand: ParsableCommand {
     }
 
     func run() throws {
+        if target == .payload { return try runPayload() }
+            return
+        }
         if device == .fs { return try runFS() }
         if device == .net { return try runNet() }
         if list && target != .xenNet {
@@ -135,6 +146,7 @@ struct AuditCommand: ParsableCommand {
         case .linuxGuest: report = try auditor.runLinuxGuest(attacks, deadline: deadline ?? 60)
         case .command: report = auditor.runCommand(attacks, command: command, deadline: deadline ?? 30)
         case .xenNet: return try runXenNet()
+        case .payload: return try runPayload()
         }
         print(report.markdown, terminator: "")
         if let json { try report.json().write(to: URL(fileURLWithPath: json)) }
@@ -221,6 +233,39 @@ struct AuditOneFSCommand: ParsableCommand {
         guard let a = FSCatalogue.attack(named: attack) else { throw ValidationError("unknown attack \(attack)") }
         let r = FSProbe.run(a, directory: dir)
         try JSONEncoder().encode(r).write(to: URL(fileURLWithPath: result))
+    }
+}
+
+extension AuditCommand {
+    /// Both reports of `--target payload`, as `--json` writes them.
+    struct PayloadReports: Codable {
+        var plain: AuditReport
+        var verified: AuditReport
+    }
+
+    /// `--target payload`: each payload lie against the plain driver (expected: undetected
+    /// payload tampering) and against the verified layer (expected: contained, with the
+    /// violation that names the lie); exit 1 if a row is not the expected one.
+    func runPayload() throws {
+        let attacks = Catalogue.payloadLies.filter { only.isEmpty || only.contains($0.name) }
+        if list {
+            for a in attacks { print("\(a.name)\t\(a.rule.rawValue)\t\(a.group.rawValue)\t\(a.summary)") }
+            return
+        }
+        let auditor = Auditor(after: attackAfter, imageDir: imageDir)
+        let reports = PayloadReports(
+            plain: auditor.runPayload(attacks, layer: .plain), verified: auditor.runPayload(attacks, layer: .verified))
+        print("## Payload lies against the plain driver\n")
+        print(reports.plain.markdown)
+        print("## Payload lies against the verified layer\n")
+        print(reports.verified.markdown, terminator: "")
+        if let json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try e.encode(reports).write(to: URL(fileURLWithPath: json))
+        }
+        let all = reports.plain.records + reports.verified.records
+        if all.contains(where: { $0.asExpected != true }) { throw ExitCode(1) }
     }
 }
 

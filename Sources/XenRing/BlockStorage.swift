@@ -1,11 +1,32 @@
+#if canImport(Glibc)
+public import Glibc
+#endif
+
 /// What a blkif backend serves: 512-byte sectors. Implementations are private to the
 /// backend process; the backend checks ranges before calling them (R3).
 public protocol BlockStorage: AnyObject {
     var sectorCount: UInt64 { get }
     func read(sector: UInt64, into buffer: UnsafeMutableRawPointer, bytes: Int) -> Bool
     func write(sector: UInt64, from buffer: UnsafeRawPointer, bytes: Int) -> Bool
+    /// Writes the pieces of `vectors` one after the other from `sector` (a request's
+    /// segments): one system call where the storage can (`DeviceImage`: `pwritev`).
+    /// Each piece is a whole number of sectors; `vectors` may be consumed.
+    func write(sector: UInt64, vectors: UnsafeMutableBufferPointer<iovec>) -> Bool
     func flush() -> Bool
     func discard(sector: UInt64, sectors: UInt64) -> Bool
+}
+
+extension BlockStorage {
+    /// One `write(sector:from:bytes:)` per piece.
+    public func write(sector: UInt64, vectors: UnsafeMutableBufferPointer<iovec>) -> Bool {
+        var position = sector
+        for v in vectors {
+            guard let base = v.iov_base else { continue }
+            guard write(sector: position, from: base, bytes: v.iov_len) else { return false }
+            position += UInt64(v.iov_len / 512)
+        }
+        return true
+    }
 }
 
 /// An in-memory disk (tests, benchmarks). A file-backed disk is `DeviceImage`

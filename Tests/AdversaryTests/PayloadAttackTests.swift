@@ -27,6 +27,13 @@ struct PayloadAttackTests {
         let r = PayloadProbe.run(attack, layer: .plain, directory: dir)
         #expect(r.signature == .wrongPayload, "\(attack.name): \(r.evidence)")
         #expect(PayloadProbe.expected(attack, layer: .plain).contains(r.signature))
+        // The audit's row (`ringfence audit --target payload`): reported, honestly, as
+        // undetected tampering, which is what the catalogue expects of this layer.
+        let row = r.payloadRecord(for: attack, layer: .plain)
+        #expect(row.outcome == .undetectedTampering)
+        #expect(row.outcome.rawValue == "undetected payload tampering")
+        #expect(row.asExpected == true)
+        #expect(row.evidence.hasPrefix("wrong payload: "), "\(row.evidence)")
     }
 
     @Test(arguments: Catalogue.payloadLies)
@@ -37,5 +44,36 @@ struct PayloadAttackTests {
         let expected = PayloadProbe.expected(attack, layer: .verified)
         #expect(expected.count == 1)
         #expect(expected.contains(r.signature), "\(attack.name): got \(r.signature): \(r.evidence)")
+        // The audit's row: contained, with the violation that names the lie.
+        let row = r.payloadRecord(for: attack, layer: .verified)
+        #expect(row.outcome == .contained)
+        #expect(row.asExpected == true)
+        #expect(row.evidence.hasPrefix("\(expected.first?.description ?? "?"): R3 "), "\(row.evidence)")
+    }
+
+    /// A row is only "as expected" for the outcome its layer must give: wrong bytes from
+    /// the verified layer, or a violation from the plain driver (which cannot see a
+    /// payload lie), are flagged.
+    @Test func theWrongOutcomeIsFlagged() throws {
+        let attack = try #require(Catalogue.payloadLies.first)
+        func result(_ s: Signature) -> ProbeResult {
+            ProbeResult(
+                signature: s, evidence: "x", seconds: 0, canaryFound: false, neighbourOK: true,
+                sharedBytesSearched: 0)
+        }
+        let leaked = result(.wrongPayload).payloadRecord(for: attack, layer: .verified)
+        #expect(leaked.outcome == .undetectedTampering)
+        #expect(leaked.asExpected == false)
+        let otherViolation = result(.violation("wrongBlock")).payloadRecord(for: attack, layer: .verified)
+        #expect(otherViolation.outcome == .contained)
+        #expect(otherViolation.asExpected == false)
+        let honest = result(.unaffected).payloadRecord(for: attack, layer: .plain)
+        #expect(honest.outcome == .unaffected)
+        #expect(honest.asExpected == false)
+        let report = AuditReport(target: "t", records: [leaked], seconds: 0).markdown
+        #expect(
+            report.contains(
+                "| 1 | `payload-flip-bit` | R3 | undetected payload tampering | 0.00 | wrong payload: x | **NO** |"))
+        #expect(report.contains("Unexpected: payload-flip-bit."))
     }
 }

@@ -69,6 +69,49 @@ struct AuditCommandTests {
         #expect(skipped.contains("Not applicable (skipped): packed-used-id-out-of-range."))
     }
 
+    /// Issue 18: `audit --target payload` runs the payload lies against the plain driver
+    /// (each row honestly "undetected payload tampering") and against the verified layer
+    /// (each row contained, with the violation that names the lie).
+    @Test func auditPayloadReportsBothLayers() throws {
+        let json = NSTemporaryDirectory() + "rf-audit-payload-\(getpid()).json"
+        defer { try? FileManager.default.removeItem(atPath: json) }
+        let r = try Interop.run([try Self.binary(), "audit", "--target", "payload", "--json", json])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("## Payload lies against the plain driver"))
+        #expect(r.output.contains("| 1 | `payload-flip-bit` | R3 | undetected payload tampering |"), "\(r.output)")
+        #expect(r.output.contains("6 attacks against the plain VirtioBlock driver in "))
+        #expect(r.output.contains(": 6 undetected payload tampering."))
+        #expect(r.output.contains("## Payload lies against the verified layer"))
+        #expect(r.output.contains("| 1 | `payload-flip-bit` | R3 | contained-with-error |"), "\(r.output)")
+        #expect(r.output.contains("6 attacks against VerifiedBlock over the VirtioBlock driver in "))
+        #expect(r.output.contains(": 6 contained-with-error."))
+        let data = try Data(contentsOf: URL(fileURLWithPath: json))
+        let object = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        let plain = try #require((object?["plain"] as? [String: Any])?["records"] as? [[String: Any]])
+        let verified = try #require((object?["verified"] as? [String: Any])?["records"] as? [[String: Any]])
+        let names = [
+            "payload-flip-bit", "payload-other-block", "payload-older-version", "payload-rollback",
+            "payload-write-dropped", "payload-torn-write",
+        ]
+        #expect(plain.map { $0["attack"] as? String } == names)
+        #expect(verified.map { $0["attack"] as? String } == names)
+        #expect(plain.allSatisfy { $0["outcome"] as? String == "undetected payload tampering" })
+        #expect(plain.allSatisfy { $0["asExpected"] as? Bool == true })
+        #expect(verified.allSatisfy { $0["outcome"] as? String == "contained-with-error" })
+        #expect(verified.allSatisfy { $0["asExpected"] as? Bool == true })
+        let violations = ["tagMismatch", "wrongBlock", "staleVersion", "rolledBackRoot", "writeNotStored", "tornWrite"]
+        for (row, v) in zip(verified, violations) {
+            let evidence = row["evidence"] as? String ?? ""
+            #expect(evidence.hasPrefix("violation \(v): R3 (validate before use): "), "\(evidence)")
+        }
+    }
+
+    @Test func auditPayloadRefusesAnUnknownAttack() throws {
+        let r = try Interop.run([try Self.binary(), "audit", "--target", "payload", "--only", "used-idx-jump"])
+        #expect(r.status != 0)
+        #expect(r.output.contains("unknown attack used-idx-jump"), "\(r.output)")
+    }
+
     @Test func serveBlkRefusesUnknownAttacks() throws {
         let r = try Interop.run([
             try Self.binary(), "serve-blk", "--socket", "/tmp/x.sock", "--image", "/tmp/x.img", "--attack", "nope",

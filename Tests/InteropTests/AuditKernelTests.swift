@@ -105,5 +105,12 @@ extension AuditCommandTests {
         let misuse = try Interop.run([try Self.binary(), "audit", "--kernel", notKernel])
         #expect(misuse.status != 0)
         #expect(misuse.output.contains("need --target linux-guest"), "\(misuse.output)")
+        for device in ["fs", "net"] {
+            let other = try Interop.run([
+                try Self.binary(), "audit", "--target", "linux-guest", "--device", device, "--kernel", notKernel,
+            ])
+            #expect(other.status == 2, "\(other.output)")
+            #expect(other.output.contains("audit virtio_blk (--device blk) only"), "\(other.output)")
+        }
     }
 }
