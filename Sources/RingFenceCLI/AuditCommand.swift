@@ -128,8 +128,6 @@ struct AuditCommand: ParsableCommand {
 
     func run() throws {
         if target == .payload { return try runPayload() }
-            return
-        }
         if device == .fs { return try runFS() }
         if device == .net { return try runNet() }
         if list && target != .xenNet {
