@@ -28,7 +28,9 @@ struct AuditCommand: ParsableCommand {
             Targets: `self` (our VirtioBlock driver, each attack in a fresh child process), \
             `linux-guest` (Linux 6.1 virtio_blk in a QEMU TCG guest, see scripts/guest), \
             `command` (any program after `--`; `{socket}` in its arguments is replaced by the \
-            socket path, otherwise the path is appended). Markdown to stdout, progress to stderr.
+            socket path, otherwise the path is appended). Markdown to stdout, progress to stderr. \
+            With `--device fs` the fs catalogue runs instead: `self` is our VirtioFS driver, \
+            `linux-guest` Linux 6.1 virtiofs (`--device fs --list` shows the attacks).
             """)
 
     @Option(help: "self, linux-guest, command or xen-net.") var target: AuditTarget = .self
