@@ -32,9 +32,12 @@ struct AuditCommand: ParsableCommand {
             kernel, or your own with --kernel BZIMAGE and its modules from --modules DIR or \
             --modules-deb FILE; the report names the kernel and its CONFIG_VIRTIO*/SWIOTLB/... flags), \
             `command` (any program after `--`; `{socket}` in its arguments is replaced by the \
-            socket path, otherwise the path is appended), `payload` (issue 18's payload lies \
-            against the plain driver and against VerifiedBlock over it; exit 1 if a row is not \
-            the expected one). Markdown to stdout, progress to stderr.
+            socket path, otherwise the path is appended), `xen-net` (the netif attacks, in \
+            process), `payload` (issue 18's payload lies against the plain driver and against \
+            VerifiedBlock over it; exit 1 if a row is not the expected one). Markdown to stdout, \
+            progress to stderr. `--device fs` runs the fs catalogue instead (`self`: our VirtioFS \
+            driver; `linux-guest`: Linux 6.1 virtiofs); `--device net` the virtio-net section \
+            (`self`: our VirtioNet driver; `command`: any driver program). `--list` shows a catalogue.
             """)
 
     @Option(help: "self, linux-guest, command, xen-net or payload.") var target: AuditTarget = .self

@@ -145,8 +145,11 @@ public struct FuseWriter: Sendable {
     }
 
     public mutating func put<T: FixedWidthInteger>(_ v: T) {
-        for i in 0..<MemoryLayout<T>.size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
     }
+
+    /// Empties the writer and keeps its storage (a reply buffer reused per request).
+    public mutating func removeAll() { bytes.removeAll(keepingCapacity: true) }
 
     public mutating func zeros(_ n: Int) { bytes.append(contentsOf: repeatElement(0, count: max(0, n))) }
 

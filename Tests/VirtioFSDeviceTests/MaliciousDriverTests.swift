@@ -49,6 +49,31 @@ struct MaliciousDriverTests {
         #expect(!fs.isBroken)
     }
 
+    /// One request buffer and one reply buffer are reused from request to request: a
+    /// reply that does not fit the room posted is ERANGE (the header alone), and requests
+    /// of every size, in any order, get exactly their own reply (nothing carried over).
+    @Test func repliesThatDoNotFitAreERangeAndReusedBuffersCarryNothingOver() throws {
+        let h = try FSDeviceHarness()
+        defer { h.shutdown() }
+        let long = String(repeating: "n", count: 255)
+        try Data("abc".utf8).write(to: URL(fileURLWithPath: "\(h.root)/\(long)"))
+        let fs = try h.connect()
+        defer { fs.close() }
+        let getattrIn = [UInt8](repeating: 0, count: 16)
+        #expect(throws: FSError.errno(ERANGE)) {
+            try fs.raw(.getattr, node: 1, args: getattrIn, replyLimit: FuseProtocol.attrOutSize - 1)
+        }
+        for _ in 0..<3 {
+            let node = try fs.rawLookup(1, Array(long.utf8))
+            #expect(try fs.getAttributes(node).size == 3)
+            #expect(try fs.raw(.getattr, node: node, args: getattrIn).count == FuseProtocol.attrOutSize)
+            #expect(throws: FSError.errno(ENOENT)) { try fs.rawLookup(1, Array("x".utf8)) }
+            #expect(try fs.statistics().blockSize > 0)
+            try fs.forget(node)
+        }
+        #expect(!fs.isBroken)
+    }
+
     @Test func renameOutOfTheDirectoryIsRefused() throws {
         let h = try FSDeviceHarness()
         defer { h.shutdown() }

@@ -22,6 +22,10 @@ public final class FSRequestHandler: QueueHandler {
     public private(set) var served = 0
     public private(set) var rejected = 0
     var rejectionLog = LogThrottle()
+    /// The private copy of the current request (header and arguments), and the reply
+    /// being built: both reused from request to request, so a GETATTR allocates nothing.
+    var request: [UInt8] = []
+    var out = FuseWriter(capacity: 4096)
 
     /// Largest header plus arguments copied for anything but WRITE (names, a symlink
     /// target, BATCH_FORGET's list).
@@ -62,6 +66,10 @@ public final class FSRequestHandler: QueueHandler {
         case none
         case error(Int32)
         case reply([UInt8])
+        /// GETATTR, SETATTR: `fuse_attr_out` built straight into the reply.
+        case attributes(FuseAttr)
+        /// LOOKUP, MKDIR, SYMLINK: `fuse_entry_out` built straight into the reply.
+        case entry(FuseEntryOut)
         /// READ: `count` data bytes already placed after the reply header.
         case data(Int)
     }
@@ -72,10 +80,15 @@ public final class FSRequestHandler: QueueHandler {
             rejected += 1
             return 0
         }
-        var first = [UInt8](repeating: 0, count: FuseProtocol.inHeaderSize)
-        first.withUnsafeMutableBytes { gather(chain.readable, at: 0, into: $0) }
-        var hr = FuseReader(first)
-        guard let header = FuseInHeader.decode(&hr) else { return 0 }
+        // The header is fetched once into the private buffer; the arguments are appended
+        // after it (never fetched twice), so the header parsed is the header checked.
+        resizeRequest(FuseProtocol.inHeaderSize)
+        request.withUnsafeMutableBytes { gather(chain.readable, at: 0, into: $0) }
+        let decoded: FuseInHeader? = {
+            var hr = FuseReader(request)
+            return FuseInHeader.decode(&hr)
+        }()
+        guard let header = decoded else { return 0 }
         let outcome: Outcome
         if header.length < UInt32(FuseProtocol.inHeaderSize) || UInt64(header.length) > readable {
             outcome = .error(EINVAL)
@@ -84,39 +97,62 @@ public final class FSRequestHandler: QueueHandler {
         } else if Int(header.length) > Self.maximumArguments {
             outcome = .error(EINVAL)
         } else {
-            var request = [UInt8](repeating: 0, count: Int(header.length))
-            request.withUnsafeMutableBytes { gather(chain.readable, at: 0, into: $0) }
-            // Only the private copy is parsed; its header is the one checked above.
+            resizeRequest(Int(header.length))
+            request.withUnsafeMutableBytes { all in
+                let arguments = UnsafeMutableRawBufferPointer(rebasing: all[FuseProtocol.inHeaderSize...])
+                gather(chain.readable, at: UInt64(FuseProtocol.inHeaderSize), into: arguments)
+            }
             outcome = dispatch(header, FuseReader(request, offset: FuseProtocol.inHeaderSize))
         }
         return reply(outcome, unique: header.unique)
+    }
+
+    /// Sets the request buffer's length to `count` (zeros) without giving up its storage.
+    func resizeRequest(_ count: Int) {
+        if request.count > count {
+            request.removeLast(request.count - count)
+        } else if request.count < count {
+            request.append(contentsOf: repeatElement(0, count: count - request.count))
+        }
     }
 
     /// Writes the reply header (and a body) into the writable part; returns the used
     /// length: exactly the reply's.
     func reply(_ outcome: Outcome, unique: UInt64) -> UInt32 {
         let room = chain.writableLength
-        var body: [UInt8] = []
+        var outcome = outcome
         var error: Int32 = 0
+        var bodyCount = 0
         var dataCount = 0
         switch outcome {
         case .none: return 0
         case .error(let e): error = -e
-        case .reply(let b): body = b
+        case .reply(let b): bodyCount = b.count
+        case .attributes: bodyCount = FuseProtocol.attrOutSize
+        case .entry: bodyCount = FuseProtocol.entryOutSize
         case .data(let n): dataCount = n
         }
         guard room >= UInt64(FuseProtocol.outHeaderSize) else { return 0 }
-        if UInt64(FuseProtocol.outHeaderSize + body.count + dataCount) > room {
+        if UInt64(FuseProtocol.outHeaderSize + bodyCount + dataCount) > room {
             // The driver posted too little room for this reply: the error fits.
-            body = []
+            outcome = .error(ERANGE)
+            bodyCount = 0
             dataCount = 0
             error = -ERANGE
         }
-        let length = FuseProtocol.outHeaderSize + body.count + dataCount
-        var w = FuseWriter(capacity: FuseProtocol.outHeaderSize + body.count)
-        FuseOutHeader(length: UInt32(length), error: error, unique: unique).encode(into: &w)
-        w.append(body)
-        scatter(w.bytes, at: 0)
+        let length = FuseProtocol.outHeaderSize + bodyCount + dataCount
+        // Built in the reused buffer: header, then the body encoded in place.
+        out.removeAll()
+        FuseOutHeader(length: UInt32(length), error: error, unique: unique).encode(into: &out)
+        switch outcome {
+        case .reply(let b): out.append(b)
+        case .attributes(let a):
+            out.zeros(16)  // attr_valid 0: the driver asks again (cache=none)
+            a.encode(into: &out)
+        case .entry(let e): e.encode(into: &out)
+        case .none, .error, .data: break
+        }
+        scatter(out.bytes, at: 0)
         return UInt32(length)
     }
 
@@ -257,21 +293,14 @@ public final class FSRequestHandler: QueueHandler {
 
     func entry(_ r: Result<FuseEntryOut, FSErrno>) -> Outcome {
         switch r {
-        case .success(let e):
-            var w = FuseWriter(capacity: FuseProtocol.entryOutSize)
-            e.encode(into: &w)
-            return .reply(w.bytes)
+        case .success(let e): return .entry(e)
         case .failure(let e): return .error(e.code)
         }
     }
 
     func attributes(_ r: Result<FuseAttr, FSErrno>) -> Outcome {
         switch r {
-        case .success(let a):
-            var w = FuseWriter(capacity: FuseProtocol.attrOutSize)
-            w.zeros(16)  // attr_valid 0: the driver asks again (cache=none)
-            a.encode(into: &w)
-            return .reply(w.bytes)
+        case .success(let a): return .attributes(a)
         case .failure(let e): return .error(e.code)
         }
     }
