@@ -212,7 +212,7 @@ extension AuditCommand {
         case .linuxGuest:
             report = try auditor.runLinuxGuest(
                 attacks, deadline: deadline ?? 60, repository: FileManager.default.currentDirectoryPath)
-        case .command, .xenNet: throw ValidationError("--device fs audits self or linux-guest")
+        case .command, .xenNet, .payload: throw ValidationError("--device fs audits self or linux-guest")
         }
         print(report.markdown, terminator: "")
         if let json { try report.json().write(to: URL(fileURLWithPath: json)) }
