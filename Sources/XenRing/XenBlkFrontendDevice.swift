@@ -56,18 +56,8 @@ public final class XenBlkFrontendDevice {
         let (node, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
         let info: XenBlkInfo
         do { info = try XenBlkInfo.validate(node) } catch { throw .violation(error) }
-        let table: SharedRegion
-        let frames: SharedRegion
-        let toBack: Notifier
-        let fromBack: Notifier
-        do {
-            table = try SharedRegion(name: "xen-grant-table", size: grantEntries * GrantLayout.entrySize)
-            frames = try SharedRegion(name: "xen-frames", size: frameCount * SharedRingLayout.pageSize)
-            toBack = try Notifier()
-            fromBack = try Notifier()
-        } catch { throw .setup("\(error)") }
-        let memory = GrantTableMemory(
-            entries: table.base, entryCount: grantEntries, frames: frames.base, frameCount: frameCount)
+        let shares = try FrontendShares(label: "xen", grantEntries: grantEntries, frameCount: frameCount)
+        let memory = shares.memory
         let issuer = GrantIssuer(memory: memory)
         let front = BlkFrontend(
             memory: BlkFrontendMemory(grants: memory), grants: issuer, capacitySectors: info.sectors)
@@ -76,19 +66,10 @@ public final class XenBlkFrontendDevice {
             "state": "\(XenbusState.initialised.rawValue)", "ring-ref": "\(ringRef)", "event-channel": "1",
             "protocol": "x86_64-abi", "grant-entries": "\(grantEntries)", "grant-frames": "\(frameCount)",
         ])
-        try channel.sendNode(
-            mine,
-            descriptors: [table.fileDescriptor, frames.fileDescriptor, toBack.fileDescriptor, fromBack.fileDescriptor],
-            until: deadline)
-        let (reply, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
-        let state: XenbusState
-        do { state = try reply.state() } catch { throw .violation(error) }
-        guard state == .connected else {
-            throw .violation(.xenHandshakeState(expected: XenbusState.connected.rawValue, got: state.rawValue))
-        }
+        try shares.announce(mine, on: channel, until: deadline)
         return XenBlkFrontendDevice(
-            info: info, front: front, events: EventChannel(incoming: fromBack, outgoing: toBack),
-            channel: channel, table: table, frames: frames)
+            info: info, front: front, events: shares.events,
+            channel: channel, table: shares.table, frames: shares.frames)
     }
 
     init(

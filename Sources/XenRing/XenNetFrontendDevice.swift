@@ -49,18 +49,8 @@ public final class XenNetFrontendDevice {
         let (node, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
         let info: XenNetInfo
         do { info = try XenNetInfo.validate(node) } catch { throw .violation(error) }
-        let table: SharedRegion
-        let frames: SharedRegion
-        let toBack: Notifier
-        let fromBack: Notifier
-        do {
-            table = try SharedRegion(name: "xen-net-grant-table", size: grantEntries * GrantLayout.entrySize)
-            frames = try SharedRegion(name: "xen-net-frames", size: frameCount * SharedRingLayout.pageSize)
-            toBack = try Notifier()
-            fromBack = try Notifier()
-        } catch { throw .setup("\(error)") }
-        let memory = GrantTableMemory(
-            entries: table.base, entryCount: grantEntries, frames: frames.base, frameCount: frameCount)
+        let shares = try FrontendShares(label: "xen-net", grantEntries: grantEntries, frameCount: frameCount)
+        let memory = shares.memory
         let issuer = GrantIssuer(memory: memory)
         let front = NetFrontend(memory: NetFrontendMemory(grants: memory), grants: issuer, rxPages: 128)
         guard let txRef = issuer.grant(frame: 0, readOnly: false), let rxRef = issuer.grant(frame: 1, readOnly: false)
@@ -71,19 +61,10 @@ public final class XenNetFrontendDevice {
             "feature-gso-tcpv4": info.gsoTCPv4 ? "1" : "0", "multi-queue-num-queues": "1", "protocol": "x86_64-abi",
             "grant-entries": "\(grantEntries)", "grant-frames": "\(frameCount)",
         ])
-        try channel.sendNode(
-            mine,
-            descriptors: [table.fileDescriptor, frames.fileDescriptor, toBack.fileDescriptor, fromBack.fileDescriptor],
-            until: deadline)
-        let (reply, _) = try channel.receiveNode(maxDescriptors: 0, until: deadline)
-        let state: XenbusState
-        do { state = try reply.state() } catch { throw .violation(error) }
-        guard state == .connected else {
-            throw .violation(.xenHandshakeState(expected: XenbusState.connected.rawValue, got: state.rawValue))
-        }
+        try shares.announce(mine, on: channel, until: deadline)
         let device = XenNetFrontendDevice(
-            info: info, front: front, events: EventChannel(incoming: fromBack, outgoing: toBack),
-            channel: channel, table: table, frames: frames)
+            info: info, front: front, events: shares.events,
+            channel: channel, table: shares.table, frames: shares.frames)
         device.front.refillRx()
         device.kick()
         return device
