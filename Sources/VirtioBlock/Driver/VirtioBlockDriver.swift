@@ -57,7 +57,8 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         /// a time that adapts, then blocks on the call eventfd; `.poll` never blocks;
         /// `.spin(nanoseconds:)` polls that long; `.interrupts` blocks at once.
         public var wait: WaitStrategy = .adaptive
-        /// Unused since `wait` (kept for source compatibility; was: polls before blocking).
+        /// Polls the async calls' I/O thread makes before it blocks (the synchronous
+        /// queues follow `wait` instead).
         public var spinIterations = 256
         /// Use packed virtqueues when the back-end offers VIRTIO_F_RING_PACKED.
         public var packedRing = true
