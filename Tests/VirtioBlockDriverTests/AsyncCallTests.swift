@@ -24,7 +24,7 @@ struct AsyncCallTests {
     /// the pool still runs a ticker while all 400 are parked (with reads that block, the
     /// ticker and the reads would wait for the request deadline). Released, every read
     /// returns its own block. Ordering, not timing: other suites share the pool.
-    @Test(.timeLimit(.minutes(2))) func awaitingReadsOnASilentDeviceDoNotStarveThePool() async throws {
+    @Test(.timeLimit(.minutes(5))) func awaitingReadsOnASilentDeviceDoNotStarveThePool() async throws {
         let backend = try MisbehavingBlockBackend()
         let disk = try attach(backend, timeout: 60)
         defer {
@@ -78,7 +78,7 @@ struct AsyncCallTests {
     /// Cancellation rule: the cancelled caller gets `CancellationError` at once; the request
     /// the device holds keeps its memory (bounce slice and landing buffer) until the device
     /// completes it late, and the device stays healthy.
-    @Test(.timeLimit(.minutes(1))) func cancelledReadReturnsAtOnceAndKeepsItsMemoryUntilTheLateCompletion()
+    @Test(.timeLimit(.minutes(5))) func cancelledReadReturnsAtOnceAndKeepsItsMemoryUntilTheLateCompletion()
         async throws
     {
         let backend = try MisbehavingBlockBackend()
@@ -110,7 +110,7 @@ struct AsyncCallTests {
 
     /// A cancelled request the device never completes: its memory stays held until the
     /// request deadline breaks the device (R5, R6), then is released with the failure.
-    @Test(.timeLimit(.minutes(1))) func cancelledReadTheDeviceNeverCompletesIsReleasedWhenTheDeviceBreaks()
+    @Test(.timeLimit(.minutes(5))) func cancelledReadTheDeviceNeverCompletesIsReleasedWhenTheDeviceBreaks()
         async throws
     {
         let backend = try MisbehavingBlockBackend()
