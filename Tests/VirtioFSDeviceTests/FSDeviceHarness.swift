@@ -15,7 +15,11 @@ final class FSDeviceHarness: @unchecked Sendable {
     let backend: Backend
     let finished = DispatchSemaphore(value: 0)
 
-    init(readOnly: Bool = false, maximumInodes: Int = 16384, maximumHandles: Int = 4096, queues: Int = 1) throws {
+    /// `hold`: the request queues are served through it (a device that answers late).
+    init(
+        readOnly: Bool = false, maximumInodes: Int = 16384, maximumHandles: Int = 4096, queues: Int = 1,
+        hold: HoldSwitch? = nil
+    ) throws {
         let tmp = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory()
         base = "\(tmp)/ringfence-fsdev-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         root = "\(base)/root"
@@ -30,11 +34,13 @@ final class FSDeviceHarness: @unchecked Sendable {
         options.maximumHandles = maximumHandles
         options.requestQueues = queues
         options.tag = "testfs"
-        device = try VirtioFSDevice(options: options)
+        let device = try VirtioFSDevice(options: options)
+        self.device = device
         var configuration = Backend.Configuration()
         configuration.pollInterval = 0.05
         configuration.queueTiming.idleTick = 0.2
-        backend = Backend(device: device, configuration: configuration)
+        backend = Backend(
+            device: hold.map { HoldingFSDevice(device, hold: $0) } ?? device, configuration: configuration)
         let listener = try UnixListener(path: socket)
         let backend = self.backend
         let finished = self.finished
@@ -44,10 +50,10 @@ final class FSDeviceHarness: @unchecked Sendable {
         }
     }
 
-    func connect(queues: Int = 1) throws -> VirtioFSDriver {
+    func connect(queues: Int = 1, requestTimeout: Double = 5) throws -> VirtioFSDriver {
         var o = VirtioFSDriver.Options()
         o.queues = queues
-        o.requestTimeout = 5
+        o.requestTimeout = requestTimeout
         return try VirtioFSDriver.connect(socket: socket, options: o)
     }
 

@@ -14,45 +14,61 @@ public typealias FSStatistics = FuseStatfs
 /// The FUSE operations, one request each. A returned `FSEntry` carries one lookup
 /// reference: `forget` it when done (the path calls do this themselves).
 extension VirtioFSDriver {
+    /// LOOKUP of `name` in directory `parent`; ENOENT for a negative entry.
     public func lookup(parent: UInt64, name: String) throws(FSError) -> FSEntry {
+        try perform(lookupRequest(parent: parent, name: name))
+    }
+
+    func lookupRequest(parent: UInt64, name: String) throws(FSError) -> FSRequest<FSEntry> {
         var w = FuseWriter()
         w.append(try Self.checkName(name))
         w.put(UInt8(0))
-        let body = try call(.lookup, nodeID: parent, args: w.bytes, replyLimit: FuseProtocol.entryOutSize)
-        let entry = try deviceCheck { () throws(FSViolation) -> FSEntry? in
-            var r = try FSReply.exact(body, FuseProtocol.entryOutSize, "LOOKUP")
-            return try FSReply.entry(&r, opcode: "LOOKUP", zeroMeansAbsent: true)
+        return FSRequest(.lookup, nodeID: parent, args: w.bytes, replyLimit: FuseProtocol.entryOutSize) {
+            (body) throws(FSError) in
+            let entry = try self.deviceCheck { () throws(FSViolation) -> FSEntry? in
+                var r = try FSReply.exact(body, FuseProtocol.entryOutSize, "LOOKUP")
+                return try FSReply.entry(&r, opcode: "LOOKUP", zeroMeansAbsent: true)
+            }
+            // nodeid 0: a negative entry, "not found" (never an inode).
+            guard let entry else { throw .errno(ENOENT) }
+            return try self.remember(entry)
         }
-        // nodeid 0: a negative entry, "not found" (never an inode).
-        guard let entry else { throw .errno(ENOENT) }
-        return try remember(entry)
     }
 
     /// Drops `count` lookup references of `nodeID` (sent in batches on the hiprio queue).
     public func forget(_ nodeID: UInt64, count: UInt64 = 1) throws(FSError) {
-        guard nodeID != FuseProtocol.rootNodeID, count > 0 else { return }
-        let flush = state.withLock { s -> Bool in
+        if noteForget(nodeID, count: count) { try flushForgets() }
+    }
+
+    /// Records a forget; true when a batch is due.
+    func noteForget(_ nodeID: UInt64, count: UInt64) -> Bool {
+        guard nodeID != FuseProtocol.rootNodeID, count > 0 else { return false }
+        return state.withLock { s -> Bool in
             if let k = s.known[nodeID] {
                 if k.lookups <= count { s.known[nodeID] = nil } else { s.known[nodeID] = (k.type, k.lookups - count) }
             }
             s.pendingForgets.append((nodeID, count))
             return s.pendingForgets.count >= max(1, options.forgetBatch)
         }
-        if flush { try flushForgets() }
     }
 
     /// Sends the pending forgets now: one FORGET, or a BATCH_FORGET.
     public func flushForgets() throws(FSError) {
+        guard let (opcode, nodeID, args) = takeForgets() else { return }
+        try post(opcode, nodeID: nodeID, args: args)
+    }
+
+    /// The pending forgets as one FORGET or BATCH_FORGET (nil: none pending).
+    func takeForgets() -> (FuseProtocol.Opcode, UInt64, [UInt8])? {
         let pending = state.withLock { s -> [(nodeID: UInt64, count: UInt64)] in
             defer { s.pendingForgets = [] }
             return s.pendingForgets
         }
-        guard !pending.isEmpty else { return }
+        guard !pending.isEmpty else { return nil }
         var w = FuseWriter()
         if pending.count == 1 {
             w.put(pending[0].count)
-            try post(.forget, nodeID: pending[0].nodeID, args: w.bytes)
-            return
+            return (.forget, pending[0].nodeID, w.bytes)
         }
         w.put(UInt32(pending.count))
         w.put(UInt32(0))
@@ -60,16 +76,22 @@ extension VirtioFSDriver {
             w.put(p.nodeID)
             w.put(p.count)
         }
-        try post(.batchForget, nodeID: 0, args: w.bytes)
+        return (.batchForget, 0, w.bytes)
     }
 
+    /// GETATTR of `nodeID` (through `handle` if given).
     public func getAttributes(_ nodeID: UInt64, handle: FSHandle? = nil) throws(FSError) -> FileAttributes {
+        try perform(getAttributesRequest(nodeID, handle: handle))
+    }
+
+    func getAttributesRequest(_ nodeID: UInt64, handle: FSHandle?) -> FSRequest<FileAttributes> {
         var w = FuseWriter()
         w.put(UInt32(handle == nil ? 0 : 1))  // FUSE_GETATTR_FH
         w.put(UInt32(0))
         w.put(handle?.fh ?? 0)
-        let body = try call(.getattr, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.attrOutSize)
-        return try attributesReply(body, nodeID: nodeID, opcode: "GETATTR")
+        return FSRequest(.getattr, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.attrOutSize) {
+            (body) throws(FSError) in try self.attributesReply(body, nodeID: nodeID, opcode: "GETATTR")
+        }
     }
 
     func attributesReply(_ body: ArraySlice<UInt8>, nodeID: UInt64, opcode: String) throws(FSError) -> FileAttributes {
@@ -95,8 +117,15 @@ extension VirtioFSDriver {
         }
     }
 
+    /// SETATTR: applies `changes` to `nodeID`; returns the attributes after.
     public func setAttributes(_ nodeID: UInt64, _ changes: AttributeChanges, handle: FSHandle? = nil)
         throws(FSError) -> FileAttributes
+    {
+        try perform(setAttributesRequest(nodeID, changes, handle: handle))
+    }
+
+    func setAttributesRequest(_ nodeID: UInt64, _ changes: AttributeChanges, handle: FSHandle?)
+        -> FSRequest<FileAttributes>
     {
         typealias V = FuseProtocol.SetattrValid
         var valid: UInt32 = 0
@@ -123,33 +152,41 @@ extension VirtioFSDriver {
         w.put(changes.uid ?? 0)
         w.put(changes.gid ?? 0)
         w.put(UInt32(0))
-        let body = try call(.setattr, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.attrOutSize)
-        return try attributesReply(body, nodeID: nodeID, opcode: "SETATTR")
+        return FSRequest(.setattr, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.attrOutSize) {
+            (body) throws(FSError) in try self.attributesReply(body, nodeID: nodeID, opcode: "SETATTR")
+        }
     }
 
     /// OPEN with `flags` (O_RDONLY, O_WRONLY, O_RDWR, O_APPEND, O_TRUNC).
     public func open(_ nodeID: UInt64, flags: Int32 = 0) throws(FSError) -> FSHandle {
-        try openReply(.open, nodeID: nodeID, flags: flags)
+        try perform(openRequest(.open, nodeID: nodeID, flags: flags))
     }
 
+    /// OPENDIR of `nodeID`.
     public func openDirectory(_ nodeID: UInt64) throws(FSError) -> FSHandle {
-        try openReply(.opendir, nodeID: nodeID, flags: O_RDONLY)
+        try perform(openRequest(.opendir, nodeID: nodeID, flags: O_RDONLY))
     }
 
-    func openReply(_ opcode: FuseProtocol.Opcode, nodeID: UInt64, flags: Int32) throws(FSError) -> FSHandle {
+    func openRequest(_ opcode: FuseProtocol.Opcode, nodeID: UInt64, flags: Int32) -> FSRequest<FSHandle> {
         var w = FuseWriter()
         w.put(UInt32(bitPattern: flags))
         w.put(UInt32(0))
-        let body = try call(opcode, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.openOutSize)
-        let fh = try deviceCheck { () throws(FSViolation) -> UInt64 in
-            var r = try FSReply.exact(body, FuseProtocol.openOutSize, "\(opcode)".uppercased())
-            return r.get(UInt64.self) ?? 0
+        return FSRequest(opcode, nodeID: nodeID, args: w.bytes, replyLimit: FuseProtocol.openOutSize) {
+            (body) throws(FSError) in
+            let fh = try self.deviceCheck { () throws(FSViolation) -> UInt64 in
+                var r = try FSReply.exact(body, FuseProtocol.openOutSize, "\(opcode)".uppercased())
+                return r.get(UInt64.self) ?? 0
+            }
+            return FSHandle(nodeID: nodeID, fh: fh)
         }
-        return FSHandle(nodeID: nodeID, fh: fh)
     }
 
     /// READ of at most `count` bytes (at most `info.maxRead`) at `offset`; fewer at the end.
     public func read(_ handle: FSHandle, at offset: UInt64, count: Int) throws(FSError) -> [UInt8] {
+        try perform(readRequest(handle, at: offset, count: count))
+    }
+
+    func readRequest(_ handle: FSHandle, at offset: UInt64, count: Int) throws(FSError) -> FSRequest<[UInt8]> {
         guard count >= 0, count <= info.maxRead else {
             throw .invalidRequest("read of \(count) bytes exceeds \(info.maxRead)")
         }
@@ -161,31 +198,38 @@ extension VirtioFSDriver {
         w.put(UInt64(0))
         w.put(UInt32(0))
         w.put(UInt32(0))
-        let body = try call(.read, nodeID: handle.nodeID, args: w.bytes, replyLimit: count)
         // The ring bounded the used length by the posted area, so body.count <= count.
-        return Array(body)
+        return FSRequest(.read, nodeID: handle.nodeID, args: w.bytes, replyLimit: count) { (body) throws(FSError) in
+            Array(body)
+        }
     }
 
     /// WRITE of `bytes` (at most `info.maxWrite`) at `offset`; returns the count written.
     public func write(_ handle: FSHandle, at offset: UInt64, bytes: UnsafeRawBufferPointer) throws(FSError) -> Int {
-        guard bytes.count <= info.maxWrite else {
-            throw .invalidRequest("write of \(bytes.count) bytes exceeds \(info.maxWrite)")
+        try perform(writeRequest(handle, at: offset, count: bytes.count), data: bytes)
+    }
+
+    /// WRITE's header and reply check; the data (`count` bytes) follows the arguments.
+    func writeRequest(_ handle: FSHandle, at offset: UInt64, count: Int) throws(FSError) -> FSRequest<Int> {
+        guard count <= info.maxWrite else {
+            throw .invalidRequest("write of \(count) bytes exceeds \(info.maxWrite)")
         }
         var w = FuseWriter(capacity: 40)
         w.put(handle.fh)
         w.put(offset)
-        w.put(UInt32(bytes.count))
+        w.put(UInt32(count))
         w.put(UInt32(0))
         w.put(UInt64(0))
         w.put(UInt32(0))
         w.put(UInt32(0))
-        let body = try call(
-            .write, nodeID: handle.nodeID, args: w.bytes, data: bytes, replyLimit: FuseProtocol.writeOutSize)
-        return try deviceCheck { () throws(FSViolation) -> Int in
-            var r = try FSReply.exact(body, FuseProtocol.writeOutSize, "WRITE")
-            let n = r.get(UInt32.self) ?? 0
-            guard Int(n) <= bytes.count else { throw .writeCount(sent: bytes.count, reported: n) }
-            return Int(n)
+        return FSRequest(.write, nodeID: handle.nodeID, args: w.bytes, replyLimit: FuseProtocol.writeOutSize) {
+            (body) throws(FSError) in
+            try self.deviceCheck { () throws(FSViolation) -> Int in
+                var r = try FSReply.exact(body, FuseProtocol.writeOutSize, "WRITE")
+                let n = r.get(UInt32.self) ?? 0
+                guard Int(n) <= count else { throw .writeCount(sent: count, reported: n) }
+                return Int(n)
+            }
         }
     }
 
@@ -194,36 +238,53 @@ extension VirtioFSDriver {
             .get()
     }
 
-    public func release(_ handle: FSHandle) throws(FSError) { try releaseCall(.release, handle) }
-    public func releaseDirectory(_ handle: FSHandle) throws(FSError) { try releaseCall(.releasedir, handle) }
+    /// RELEASE: closes an open file.
+    public func release(_ handle: FSHandle) throws(FSError) { try perform(releaseRequest(.release, handle)) }
+    /// RELEASEDIR: closes an open directory.
+    public func releaseDirectory(_ handle: FSHandle) throws(FSError) {
+        try perform(releaseRequest(.releasedir, handle))
+    }
 
-    func releaseCall(_ opcode: FuseProtocol.Opcode, _ handle: FSHandle) throws(FSError) {
+    func releaseRequest(_ opcode: FuseProtocol.Opcode, _ handle: FSHandle) -> FSRequest<Void> {
         var w = FuseWriter(capacity: 24)
         w.put(handle.fh)
         w.put(UInt32(0))
         w.put(UInt32(0))
         w.put(UInt64(0))
-        try empty(call(opcode, nodeID: handle.nodeID, args: w.bytes, replyLimit: 0), "\(opcode)")
+        return emptyRequest(opcode, nodeID: handle.nodeID, args: w.bytes)
     }
 
-    public func flush(_ handle: FSHandle) throws(FSError) {
+    /// FLUSH of an open file (on close).
+    public func flush(_ handle: FSHandle) throws(FSError) { try perform(flushRequest(handle)) }
+
+    func flushRequest(_ handle: FSHandle) -> FSRequest<Void> {
         var w = FuseWriter(capacity: 24)
         w.put(handle.fh)
         w.put(UInt64(0))
         w.put(UInt64(0))
-        try empty(call(.flush, nodeID: handle.nodeID, args: w.bytes, replyLimit: 0), "FLUSH")
+        return emptyRequest(.flush, nodeID: handle.nodeID, args: w.bytes)
     }
 
+    /// FSYNC of an open file (`dataOnly`: fdatasync).
     public func fsync(_ handle: FSHandle, dataOnly: Bool = false) throws(FSError) {
+        try perform(fsyncRequest(handle, dataOnly: dataOnly))
+    }
+
+    func fsyncRequest(_ handle: FSHandle, dataOnly: Bool) -> FSRequest<Void> {
         var w = FuseWriter(capacity: 16)
         w.put(handle.fh)
         w.put(UInt32(dataOnly ? 1 : 0))
         w.put(UInt32(0))
-        try empty(call(.fsync, nodeID: handle.nodeID, args: w.bytes, replyLimit: 0), "FSYNC")
+        return emptyRequest(.fsync, nodeID: handle.nodeID, args: w.bytes)
     }
 
-    func empty(_ body: ArraySlice<UInt8>, _ opcode: String) throws(FSError) {
-        _ = try deviceCheck { () throws(FSViolation) in try FSReply.exact(body, 0, opcode.uppercased()) }
+    /// A request whose answer has no body.
+    func emptyRequest(_ opcode: FuseProtocol.Opcode, nodeID: UInt64, args: [UInt8]) -> FSRequest<Void> {
+        FSRequest(opcode, nodeID: nodeID, args: args, replyLimit: 0) { (body) throws(FSError) in
+            _ = try self.deviceCheck { () throws(FSViolation) in
+                try FSReply.exact(body, 0, "\(opcode)".uppercased())
+            }
+        }
     }
 
     /// One READDIRPLUS of at most `size` bytes after the entry at `offset` (0: from the
@@ -232,6 +293,11 @@ extension VirtioFSDriver {
     public func readDirectoryPlus(_ handle: FSHandle, offset: UInt64, size: Int = 64 << 10, seen: inout Set<UInt64>)
         throws(FSError) -> (entries: [DirectoryEntry], next: UInt64?)
     {
+        let body = try perform(readDirectoryPlusRequest(handle, offset: offset, size: size))
+        return try directoryPlusReply(body, seen: &seen)
+    }
+
+    func readDirectoryPlusRequest(_ handle: FSHandle, offset: UInt64, size: Int) -> FSRequest<ArraySlice<UInt8>> {
         let size = max(4096, min(size, info.maxRead))
         var w = FuseWriter(capacity: 40)
         w.put(handle.fh)
@@ -241,7 +307,15 @@ extension VirtioFSDriver {
         w.put(UInt64(0))
         w.put(UInt32(0))
         w.put(UInt32(0))
-        let body = try call(.readdirplus, nodeID: handle.nodeID, args: w.bytes, replyLimit: size)
+        return FSRequest(.readdirplus, nodeID: handle.nodeID, args: w.bytes, replyLimit: size) {
+            (body) throws(FSError) in body
+        }
+    }
+
+    /// Checks a READDIRPLUS answer and takes the lookup reference of every entry.
+    func directoryPlusReply(_ body: ArraySlice<UInt8>, seen: inout Set<UInt64>)
+        throws(FSError) -> (entries: [DirectoryEntry], next: UInt64?)
+    {
         var listed = seen
         let (entries, last) = try deviceCheck { () throws(FSViolation) in
             let parsed = try FSReply.directoryPlus(body, seen: &listed)
@@ -257,6 +331,12 @@ extension VirtioFSDriver {
     public func create(parent: UInt64, name: String, permissions: UInt32 = 0o644, flags: Int32 = 2)
         throws(FSError) -> (FSEntry, FSHandle)
     {
+        try perform(createRequest(parent: parent, name: name, permissions: permissions, flags: flags))
+    }
+
+    func createRequest(parent: UInt64, name: String, permissions: UInt32, flags: Int32)
+        throws(FSError) -> FSRequest<(FSEntry, FSHandle)>
+    {
         var w = FuseWriter()
         w.put(UInt32(bitPattern: flags | O_CREAT))
         w.put(FuseProtocol.FileType.regular.rawValue | (permissions & 0o7777))
@@ -265,27 +345,38 @@ extension VirtioFSDriver {
         w.append(try Self.checkName(name))
         w.put(UInt8(0))
         let size = FuseProtocol.entryOutSize + FuseProtocol.openOutSize
-        let body = try call(.create, nodeID: parent, args: w.bytes, replyLimit: size)
-        let (entry, fh) = try deviceCheck { () throws(FSViolation) -> (FSEntry, UInt64) in
-            var r = try FSReply.exact(body, size, "CREATE")
-            guard let entry = try FSReply.entry(&r, opcode: "CREATE", zeroMeansAbsent: false) else {
-                throw .nodeIDInvalid(opcode: "CREATE", nodeID: 0)
+        return FSRequest(.create, nodeID: parent, args: w.bytes, replyLimit: size) { (body) throws(FSError) in
+            let (entry, fh) = try self.deviceCheck { () throws(FSViolation) -> (FSEntry, UInt64) in
+                var r = try FSReply.exact(body, size, "CREATE")
+                guard let entry = try FSReply.entry(&r, opcode: "CREATE", zeroMeansAbsent: false) else {
+                    throw .nodeIDInvalid(opcode: "CREATE", nodeID: 0)
+                }
+                return (entry, r.get(UInt64.self) ?? 0)
             }
-            return (entry, r.get(UInt64.self) ?? 0)
+            return (try self.remember(entry), FSHandle(nodeID: entry.nodeID, fh: fh))
         }
-        return (try remember(entry), FSHandle(nodeID: entry.nodeID, fh: fh))
     }
 
+    /// MKDIR `name` in `parent`.
     public func makeDirectory(parent: UInt64, name: String, permissions: UInt32 = 0o755) throws(FSError) -> FSEntry {
+        try perform(makeDirectoryRequest(parent: parent, name: name, permissions: permissions))
+    }
+
+    func makeDirectoryRequest(parent: UInt64, name: String, permissions: UInt32) throws(FSError) -> FSRequest<FSEntry> {
         var w = FuseWriter()
         w.put(FuseProtocol.FileType.directory.rawValue | (permissions & 0o7777))
         w.put(UInt32(0))
         w.append(try Self.checkName(name))
         w.put(UInt8(0))
-        return try entryCall(.mkdir, parent: parent, args: w.bytes)
+        return entryRequest(.mkdir, parent: parent, args: w.bytes)
     }
 
+    /// SYMLINK: `name` in `parent`, pointing at `target`.
     public func symlink(parent: UInt64, name: String, target: String) throws(FSError) -> FSEntry {
+        try perform(symlinkRequest(parent: parent, name: name, target: target))
+    }
+
+    func symlinkRequest(parent: UInt64, name: String, target: String) throws(FSError) -> FSRequest<FSEntry> {
         let t = Array(target.utf8)
         guard !t.isEmpty, t.count <= FuseProtocol.maximumLinkLength, !t.contains(0) else {
             throw .invalidRequest("symlink target of \(t.count) bytes")
@@ -295,40 +386,50 @@ extension VirtioFSDriver {
         w.put(UInt8(0))
         w.append(t)
         w.put(UInt8(0))
-        return try entryCall(.symlink, parent: parent, args: w.bytes)
+        return entryRequest(.symlink, parent: parent, args: w.bytes)
     }
 
-    func entryCall(_ opcode: FuseProtocol.Opcode, parent: UInt64, args: [UInt8]) throws(FSError) -> FSEntry {
+    func entryRequest(_ opcode: FuseProtocol.Opcode, parent: UInt64, args: [UInt8]) -> FSRequest<FSEntry> {
         let name = "\(opcode)".uppercased()
-        let body = try call(opcode, nodeID: parent, args: args, replyLimit: FuseProtocol.entryOutSize)
-        let entry = try deviceCheck { () throws(FSViolation) -> FSEntry in
-            var r = try FSReply.exact(body, FuseProtocol.entryOutSize, name)
-            guard let e = try FSReply.entry(&r, opcode: name, zeroMeansAbsent: false) else {
-                throw .nodeIDInvalid(opcode: name, nodeID: 0)
+        return FSRequest(opcode, nodeID: parent, args: args, replyLimit: FuseProtocol.entryOutSize) {
+            (body) throws(FSError) in
+            let entry = try self.deviceCheck { () throws(FSViolation) -> FSEntry in
+                var r = try FSReply.exact(body, FuseProtocol.entryOutSize, name)
+                guard let e = try FSReply.entry(&r, opcode: name, zeroMeansAbsent: false) else {
+                    throw .nodeIDInvalid(opcode: name, nodeID: 0)
+                }
+                return e
             }
-            return e
+            return try self.remember(entry)
         }
-        return try remember(entry)
     }
 
+    /// UNLINK of the file or symlink `name` in `parent`.
     public func unlink(parent: UInt64, name: String) throws(FSError) {
-        try nameCall(.unlink, parent: parent, name: name)
+        try perform(nameRequest(.unlink, parent: parent, name: name))
     }
 
+    /// RMDIR of the empty directory `name` in `parent`.
     public func removeDirectory(parent: UInt64, name: String) throws(FSError) {
-        try nameCall(.rmdir, parent: parent, name: name)
+        try perform(nameRequest(.rmdir, parent: parent, name: name))
     }
 
-    func nameCall(_ opcode: FuseProtocol.Opcode, parent: UInt64, name: String) throws(FSError) {
+    func nameRequest(_ opcode: FuseProtocol.Opcode, parent: UInt64, name: String) throws(FSError) -> FSRequest<Void> {
         var w = FuseWriter()
         w.append(try Self.checkName(name))
         w.put(UInt8(0))
-        try empty(call(opcode, nodeID: parent, args: w.bytes, replyLimit: 0), "\(opcode)")
+        return emptyRequest(opcode, nodeID: parent, args: w.bytes)
     }
 
     /// RENAME2 (`flags`: `FuseProtocol.RenameFlag`).
     public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String, flags: UInt32 = 0)
         throws(FSError)
+    {
+        try perform(renameRequest(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags))
+    }
+
+    func renameRequest(parent: UInt64, name: String, newParent: UInt64, newName: String, flags: UInt32)
+        throws(FSError) -> FSRequest<Void>
     {
         var w = FuseWriter()
         w.put(newParent)
@@ -338,22 +439,66 @@ extension VirtioFSDriver {
         w.put(UInt8(0))
         w.append(try Self.checkName(newName))
         w.put(UInt8(0))
-        try empty(call(.rename2, nodeID: parent, args: w.bytes, replyLimit: 0), "RENAME2")
+        return emptyRequest(.rename2, nodeID: parent, args: w.bytes)
     }
 
-    public func statistics() throws(FSError) -> FSStatistics {
-        let body = try call(.statfs, nodeID: FuseProtocol.rootNodeID, args: [], replyLimit: FuseProtocol.statfsOutSize)
-        return try deviceCheck { () throws(FSViolation) -> FuseStatfs in
-            var r = try FSReply.exact(body, FuseProtocol.statfsOutSize, "STATFS")
-            return FuseStatfs.decode(&r) ?? FuseStatfs()
+    /// STATFS of the file system.
+    public func statistics() throws(FSError) -> FSStatistics { try perform(statisticsRequest()) }
+
+    func statisticsRequest() -> FSRequest<FSStatistics> {
+        FSRequest(.statfs, nodeID: FuseProtocol.rootNodeID, args: [], replyLimit: FuseProtocol.statfsOutSize) {
+            (body) throws(FSError) in
+            try self.deviceCheck { () throws(FSViolation) -> FuseStatfs in
+                var r = try FSReply.exact(body, FuseProtocol.statfsOutSize, "STATFS")
+                return FuseStatfs.decode(&r) ?? FuseStatfs()
+            }
         }
     }
 
-    public func readLink(_ nodeID: UInt64) throws(FSError) -> String {
-        let body = try call(.readlink, nodeID: nodeID, args: [], replyLimit: FuseProtocol.maximumLinkLength)
-        return try deviceCheck { () throws(FSViolation) -> String in
-            guard !body.contains(0) else { throw .linkTarget(length: body.count) }
-            return String(decoding: body, as: UTF8.self)
+    /// READLINK: the target of the symlink `nodeID`.
+    public func readLink(_ nodeID: UInt64) throws(FSError) -> String { try perform(readLinkRequest(nodeID)) }
+
+    func readLinkRequest(_ nodeID: UInt64) -> FSRequest<String> {
+        FSRequest(.readlink, nodeID: nodeID, args: [], replyLimit: FuseProtocol.maximumLinkLength) {
+            (body) throws(FSError) in
+            try self.deviceCheck { () throws(FSViolation) -> String in
+                guard !body.contains(0) else { throw .linkTarget(length: body.count) }
+                return String(decoding: body, as: UTF8.self)
+            }
         }
+    }
+}
+
+/// One FUSE request as built by a call: what goes out and how its answer is checked.
+/// The synchronous calls run it on a request queue (`perform`), the async ones on the
+/// I/O thread; both check the answer with the same `parse`.
+struct FSRequest<Value> {
+    let opcode: FuseProtocol.Opcode
+    let nodeID: UInt64
+    let args: [UInt8]
+    /// Largest reply body accepted (bytes after `fuse_out_header`).
+    let replyLimit: Int
+    /// Checks the body (header already checked) and makes the call's value.
+    let parse: (ArraySlice<UInt8>) throws(FSError) -> Value
+
+    init(
+        _ opcode: FuseProtocol.Opcode, nodeID: UInt64, args: [UInt8], replyLimit: Int,
+        parse: @escaping (ArraySlice<UInt8>) throws(FSError) -> Value
+    ) {
+        self.opcode = opcode
+        self.nodeID = nodeID
+        self.args = args
+        self.replyLimit = replyLimit
+        self.parse = parse
+    }
+}
+
+extension VirtioFSDriver {
+    /// Runs `request` on a request queue (the synchronous path); `data` follows the
+    /// arguments (WRITE).
+    func perform<Value>(_ request: FSRequest<Value>, data: UnsafeRawBufferPointer? = nil) throws(FSError) -> Value {
+        let body = try call(
+            request.opcode, nodeID: request.nodeID, args: request.args, data: data, replyLimit: request.replyLimit)
+        return try request.parse(body)
     }
 }

@@ -74,6 +74,8 @@ public final class VirtioFSDriver: @unchecked Sendable {
         var pendingForgets: [(nodeID: UInt64, count: UInt64)] = []
     }
     let state = Locked(State())
+    /// The I/O thread behind the async calls (started by the first one).
+    let asyncEngine = Locked<FSAsyncSlot>(.none)
 
     public static func connect(socket path: String, options: Options = Options()) throws(FSError) -> VirtioFSDriver {
         let frontend: Frontend
@@ -214,6 +216,7 @@ public final class VirtioFSDriver: @unchecked Sendable {
             return !s.closed
         }
         guard first else { return }
+        stopAsyncEngine()
         if failure == nil { try? flushForgets() }
         frontend.close()
     }
