@@ -51,6 +51,11 @@ public final class AsyncXenBlkFrontend: Sendable {
         _ = try await perform(.flush, sector: 0, count: 0, bytes: nil)
     }
 
+    /// Posts requests from async code and delivers their completions as an `AsyncSequence`
+    /// (`XenBlkPipeline.completions`), for callers that keep many in flight. Runs on the
+    /// same I/O thread as the async calls.
+    public func pipeline() -> XenBlkPipeline { XenBlkPipeline(frontend: self) }
+
     /// Stops taking requests (those queued fail with `DeviceClosedError`); requests in
     /// flight finish or fail by their deadline, then the I/O thread ends and the frontend
     /// disconnects.
@@ -73,6 +78,109 @@ public final class AsyncXenBlkFrontend: Sendable {
         case .failure(.device(let e)): throw e
         case .failure(.closed): throw DeviceClosedError()
         }
+    }
+}
+
+/// Requests posted from async code; their completions come back, tagged, through
+/// `completions`, an `AsyncSequence` that ends after `finish()` once every request posted
+/// before it has completed.
+///
+/// ```swift
+/// let pipe = disk.pipeline()
+/// for i in 0..<32 { try pipe.read(sector: UInt64(i) * 8, count: 4096, tag: UInt64(i)) }
+/// pipe.finish()
+/// for await c in pipe.completions { use(c.tag, try c.result.get()) }
+/// ```
+///
+/// Posting never blocks nor suspends (requests wait in the engine while the ring is
+/// full). Cancellation of the consuming task does not cancel posted requests: each one
+/// completes (or fails with the device) and its bounce pages and landing buffer stay the
+/// engine's until then.
+public final class XenBlkPipeline: Sendable {
+    /// One completion: the tag given when posting, and the bytes read (empty for writes
+    /// and flushes) or the failure: a `XenBlkError`, or `DeviceClosedError` for a request
+    /// still queued when the frontend was closed.
+    public typealias Completion = IOCompletion<any Error>
+
+    /// A request posted after `finish()`.
+    public struct FinishedError: Error, Sendable, Equatable {}
+
+    /// Completions in the order the backend finished them.
+    public let completions: AsyncStream<Completion>
+    let continuation: AsyncStream<Completion>.Continuation
+    let frontend: AsyncXenBlkFrontend
+    /// Requests posted and not yet delivered, and whether `finish()` was called.
+    let accounting = Mutex<(outstanding: Int, finishing: Bool)>((0, false))
+
+    init(frontend: AsyncXenBlkFrontend) {
+        (completions, continuation) = AsyncStream.makeStream(of: Completion.self)
+        self.frontend = frontend
+    }
+
+    /// Posts a read of `count` bytes (a multiple of 512) at `sector`; the completion
+    /// carries the bytes.
+    ///
+    /// - Throws: `XenBlkError` (refused locally) or `FinishedError`.
+    public func read(sector: UInt64, count: Int, tag: UInt64) throws {
+        try frontend.check(sector: sector, count: count)
+        try post(.read, sector: sector, count: count, bytes: nil, tag: tag)
+    }
+
+    /// Posts a write of `bytes` (a multiple of 512, copied now) at `sector`.
+    public func write(sector: UInt64, bytes: [UInt8], tag: UInt64) throws {
+        guard !frontend.info.readOnly else { throw XenBlkError.status(.notSupported) }
+        try frontend.check(sector: sector, count: bytes.count)
+        try post(.write, sector: sector, count: bytes.count, bytes: bytes, tag: tag)
+    }
+
+    /// Posts BLKIF_OP_FLUSH_DISKCACHE.
+    public func flush(tag: UInt64) throws {
+        try post(.flush, sector: 0, count: 0, bytes: nil, tag: tag)
+    }
+
+    /// No more requests: `completions` ends once those posted have completed.
+    public func finish() {
+        let end = accounting.withLock { a -> Bool in
+            a.finishing = true
+            return a.outstanding == 0
+        }
+        if end { continuation.finish() }
+    }
+
+    func post(_ kind: IOKind, sector: UInt64, count: Int, bytes: [UInt8]?, tag: UInt64) throws(FinishedError) {
+        let refused = accounting.withLock { a -> Bool in
+            if a.finishing { return true }
+            a.outstanding += 1
+            return false
+        }
+        if refused { throw FinishedError() }
+        let op = IOOperation<XenBlkAsyncFailure>(
+            kind: kind, offset: sector &* UInt64(BlkifLayout.sectorSize), count: count,
+            delivery: .stream(tag: tag) { [self] c in
+                deliver(
+                    Completion(
+                        tag: c.tag,
+                        result: c.result.mapError { f -> any Error in
+                            switch f {
+                            case .device(let e): return e
+                            case .closed: return DeviceClosedError()
+                            }
+                        }))
+            })
+        if let bytes { op.fill(from: bytes) }
+        guard frontend.engine.enqueue(op) else {
+            deliver(Completion(tag: tag, result: .failure(DeviceClosedError())))
+            return
+        }
+    }
+
+    func deliver(_ completion: Completion) {
+        continuation.yield(completion)
+        let end = accounting.withLock { a -> Bool in
+            a.outstanding -= 1
+            return a.finishing && a.outstanding == 0
+        }
+        if end { continuation.finish() }
     }
 }
 

@@ -78,6 +78,49 @@ struct AsyncXenTests {
         disk.close()
         backend.join()
     }
+
+    /// The pipeline: 64 reads, writes and a flush posted without awaiting, every
+    /// completion delivered once through `completions` with its own tag and bytes; the
+    /// sequence ends after `finish()`; a post after it is refused; a pipeline on a closed
+    /// frontend delivers `DeviceClosedError`.
+    @Test(.timeLimit(.minutes(5))) func pipelineDeliversEveryCompletionOnceAsASequence() async throws {
+        let (device, backend) = try connectedPair(sectors: 4096, idleTimeout: 120)
+        device.timeout = 120
+        let disk = try AsyncXenBlkFrontend(device)
+        let writes = disk.pipeline()
+        for i in 0..<32 { try writes.write(sector: UInt64(i) * 8, bytes: page(UInt8(i)), tag: UInt64(1000 + i)) }
+        try writes.flush(tag: 2000)
+        writes.finish()
+        var written = Set<UInt64>()
+        for await c in writes.completions {
+            #expect(try c.result.get().isEmpty)
+            #expect(written.insert(c.tag).inserted)
+        }
+        #expect(written == Set((0..<32).map { UInt64(1000 + $0) } + [2000]))
+        let reads = disk.pipeline()
+        for i in 0..<64 { try reads.read(sector: UInt64(i % 32) * 8, count: 4096, tag: UInt64(i)) }
+        reads.finish()
+        #expect(throws: XenBlkPipeline.FinishedError()) { try reads.flush(tag: 99) }
+        var seen = Set<UInt64>()
+        for await c in reads.completions {
+            #expect(try c.result.get() == page(UInt8(c.tag % 32)))
+            #expect(seen.insert(c.tag).inserted)
+        }
+        #expect(seen == Set(0..<64))
+        #expect(disk.engine.held == 0)
+        disk.close()
+        let late = disk.pipeline()
+        try late.read(sector: 0, count: 4096, tag: 7)
+        late.finish()
+        var closed = 0
+        for await c in late.completions {
+            #expect(c.tag == 7)
+            #expect(throws: DeviceClosedError.self) { try c.result.get() }
+            closed += 1
+        }
+        #expect(closed == 1)
+        backend.join()
+    }
 }
 
 /// Polls `condition` every millisecond until it holds or `seconds` pass.
