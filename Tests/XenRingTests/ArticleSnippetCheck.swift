@@ -15,6 +15,15 @@ import XenRing
     let page = try await disk.read(sector: 8, count: 4096)
     try await disk.flush()
     #expect(page.allSatisfy { $0 == 0x5a })
+    let pipe = disk.pipeline()
+    for i in 0..<32 { try pipe.read(sector: UInt64(i) * 8, count: 4096, tag: UInt64(i)) }
+    pipe.finish()
+    var completed = 0
+    for await c in pipe.completions {
+        #expect(try c.result.get().count == 4096)
+        completed += 1
+    }
+    #expect(completed == 32)
     disk.close()  // Closing -> Closed once idle
     server.join()
 }
