@@ -256,6 +256,9 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     let pendingResumes = Atomic<Int>(0)
     /// Drives by callers' threads (the engine keeps an idle lease only while these move).
     let callerDrives = Atomic<Int>(0)
+    /// Completions reaped on awaiting callers' threads rather than the engine thread's.
+    package var reapedByCallers: Int { callerReaped.load(ordering: .relaxed) }
+    let callerReaped = Atomic<Int>(0)
     /// How long a parked engine (leased, callers driving) sleeps before it looks itself:
     /// request deadlines (R5) and an idle lease are acted on within this.
     static var parkNanoseconds: UInt64 { 2_000_000 }
@@ -363,6 +366,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             var progress = step()
             if progress == 0 && spin && !inFlight.isEmpty { progress = spinForCompletion() }
             if progress == 0 && !inFlight.isEmpty { transport.checkDeadlines() }
+            if progress > 0 { callerReaped.add(progress, ordering: .relaxed) }
             let busy = !inFlight.isEmpty
             // Drained for the budget, or a head that cannot be posted: the engine's call.
             let drained = !busy && (leaseHandled >= budget || pendingHead < pending.count)
