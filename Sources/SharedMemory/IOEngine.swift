@@ -51,6 +51,31 @@ package protocol IOTransport: AnyObject, SendableMetatype {
     var noRoomFailure: Failure { get }
     /// The engine stopped and nothing is in flight: the last call on its thread.
     func engineStopped()
+    /// Whether the awaiting callers' own (pool) threads may drive the queue between the
+    /// engine thread's turns: post, publish, poll, all non-blocking, one thread at a time
+    /// (the engine's drive token orders them), while the engine thread holds
+    /// `exclusively`. False (the default): only the engine thread touches the transport.
+    var callersMayDrive: Bool { get }
+    /// Whether a caller's thread may poll now: false while the transport needs work that
+    /// may block (a reconnect under way); the engine thread does that. Default: true.
+    var mayPollInline: Bool { get }
+    /// How long a caller's thread may poll for a completion before it hands the waiting
+    /// to the engine thread (the transport's wait strategy; 0: never). Default: 0.
+    var inlineSpinNanoseconds: UInt64 { get }
+    /// Acts on request deadlines (R5) without blocking, for drivers that never wait.
+    /// Default: nothing (the transport's `waitForCompletion` does it).
+    func checkDeadlines()
+}
+
+extension IOTransport {
+    /// Only the engine thread drives.
+    package var callersMayDrive: Bool { false }
+    /// Always.
+    package var mayPollInline: Bool { true }
+    /// Never spin on a caller's thread.
+    package var inlineSpinNanoseconds: UInt64 { 0 }
+    /// Nothing: `waitForCompletion` acts on deadlines.
+    package func checkDeadlines() {}
 }
 
 /// Where an operation's outcome goes.
@@ -80,11 +105,11 @@ public struct IOCompletion<Failure: Error & Sendable>: Sendable {
 /// once, but the memory a late completion lands in is never handed to anyone else.
 package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable {
     // @unchecked: `kind`, `offset`, `buffer`, `delivery` are immutable; the `engine...`
-    // fields are touched only by the engine thread; `cancelled` is atomic and `waiter`
+    // fields are touched only by the holder of the engine's drive token; `cancelled` is atomic and `waiter`
     // is under its mutex.
     /// What the engine hands the awaiting caller: done (the caller copies the bytes out of
     /// `buffer`, which the engine no longer touches), failed, or cancelled.
-    enum Outcome {
+    enum Outcome: Sendable {
         case done
         case failed(Failure)
         case cancelled
@@ -103,7 +128,7 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
     let delivery: IODelivery<Failure>
     let cancelled = Atomic<Bool>(false)
     let waiter = Mutex<Waiter>(.notInstalled)
-    /// Engine thread only: bytes cut into pieces so far, pieces in flight, first failure.
+    /// Drive-token holder only: bytes cut into pieces so far, pieces in flight, first failure.
     var engineCut = 0
     var engineOutstanding = 0
     var engineFailure: Failure?
@@ -164,8 +189,10 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
         }
     }
 
-    /// Engine thread: every piece is done; hands the outcome over (once).
-    func deliver() {
+    /// Drive-token holder: every piece is done; hands the outcome over (once).
+    /// `resuming` runs just before an awaiting caller is resumed (not for a caller that
+    /// was cancelled first, nor for a stream).
+    func deliver(resuming: () -> Void = {}) {
         switch delivery {
         case .stream(let tag, let sink):
             let result: Result<[UInt8], Failure>
@@ -184,22 +211,32 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
                 if case .waiting(let c) = w { return c }
                 return nil
             }
-            continuation?.resume(returning: result)
+            guard let continuation else { return }
+            resuming()
+            continuation.resume(returning: result)
         }
     }
 }
 
-/// Drives one `IOTransport` from a thread of its own. Callers enqueue operations (never
-/// blocking: a short lock, and an eventfd write only when the thread sleeps); the thread
-/// posts them, waits for completions and resumes the callers.
+/// Drives one `IOTransport` for awaiting callers. Callers enqueue operations (never
+/// blocking: a short lock). The transport is driven by whoever holds the engine's drive
+/// token, one at a time: the engine's own thread, or (when the transport allows it,
+/// `callersMayDrive`) the awaiting callers' threads, which post, publish and reap
+/// completions inline without ever blocking, so a busy device costs no thread hand-off per
+/// request. The engine thread holds the transport's exclusive access (`exclusively`, the
+/// lease) while callers drive, and is the waiter of last resort: it blocks on the device's
+/// eventfd whenever requests are in flight and no caller is about to look at the queue.
 package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
-    // @unchecked: `transport` is touched only by the engine thread; `inbox` is under its
-    // mutex; `wake` is an eventfd (thread-safe).
+    // @unchecked: `transport` and the `pending`/`inFlight`/`nextTag`/... fields are
+    // touched only by the holder of `token` (acquired and released with sequentially
+    // consistent atomics, which order those accesses between threads); `inbox` is under its
+    // mutex; `wake` is an eventfd (thread-safe); the rest are atomics.
     package typealias Operation = IOOperation<Transport.Failure>
 
     struct Inbox {
         var operations: [Operation] = []
-        /// The engine thread is (about to be) blocked: the next submitter signals `wake`.
+        /// The engine thread is (about to be) blocked on `wake` or on the device with the
+        /// token, or idle without the lease: the next submitter signals `wake`.
         var sleeping = false
         var stopping = false
     }
@@ -207,15 +244,32 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     let transport: Transport
     let wake: Notifier
     let inbox = Mutex<Inbox>(Inbox())
-    /// Completions handled per exclusive hold of a shared queue before the engine lets it
-    /// drain, so synchronous callers of the same queue get their turn.
+    /// Completions handled per lease (exclusive hold of a shared queue) before the engine
+    /// lets it drain and go, so synchronous callers of the same queue get their turn.
     let budget: Int
+    /// The drive token: its holder alone touches the transport and the engine's fields.
+    let token = Atomic<Bool>(false)
+    /// The engine thread holds `exclusively` (written only with the token held).
+    let leased = Atomic<Bool>(false)
+    /// Awaiting callers resumed (with an outcome) that have not yet looked at the queue on
+    /// their way out: while there are any, one of them will, so the engine need not wait.
+    let pendingResumes = Atomic<Int>(0)
+    /// Drives by callers' threads (the engine keeps an idle lease only while these move).
+    let callerDrives = Atomic<Int>(0)
+    /// Completions reaped on awaiting callers' threads rather than the engine thread's.
+    package var reapedByCallers: Int { callerReaped.load(ordering: .relaxed) }
+    let callerReaped = Atomic<Int>(0)
+    /// How long a parked engine (leased, callers driving) sleeps before it looks itself:
+    /// request deadlines (R5) and an idle lease are acted on within this.
+    static var parkNanoseconds: UInt64 { 2_000_000 }
 
-    package init(transport: Transport, budget: Int = 4096, spinIterations: Int = 512) throws(SystemError) {
+    /// `spinIterations` is ignored (kept for source compatibility): the engine thread
+    /// waits with the transport's wait (its wait strategy), callers' threads poll for
+    /// `inlineSpinNanoseconds`.
+    package init(transport: Transport, budget: Int = 4096, spinIterations: Int = 0) throws(SystemError) {
         self.transport = transport
         self.wake = try Notifier()
         self.budget = budget
-        self.spinIterations = spinIterations
         try spawnThread { [self] in run() }.detach()
     }
 
@@ -224,47 +278,122 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// cancellation rule.
     package var held: Int { heldCount.load(ordering: .relaxed) }
     let heldCount = Atomic<Int>(0)
-    /// Operations in the inbox (or a stop request): lets the thread look without the lock.
+    /// Operations in the inbox (or a stop request): lets drivers look without the lock.
     let queued = Atomic<Int>(0)
-    /// Polls of the transport before the thread sleeps (new work or a completion while
-    /// spinning costs no eventfd write and no wake-up).
-    let spinIterations: Int
 
-    /// Queues `operation`; false when the engine has stopped.
+    /// Queues `operation` and, when callers may drive, posts it from this thread if
+    /// nobody else is driving (never blocking); false when the engine has stopped.
     package func enqueue(_ operation: Operation) -> Bool {
+        submit(operation, spin: false)
+    }
+
+    func submit(_ operation: Operation, spin: Bool) -> Bool {
         let (accepted, signal) = inbox.withLock { s -> (Bool, Bool) in
             if s.stopping { return (false, false) }
             heldCount.add(1, ordering: .relaxed)
             s.operations.append(operation)
-            queued.add(1, ordering: .releasing)
+            queued.add(1, ordering: .sequentiallyConsistent)
             defer { s.sleeping = false }
             return (true, s.sleeping)
         }
         if signal { wake.signal() }
+        if accepted && transport.callersMayDrive { drive(spin: spin) }
         return accepted
     }
 
     /// Runs `operation` for an awaiting caller: suspends (never blocks) until its outcome;
     /// nil if the caller's task was cancelled (then it returns promptly).
     package func perform(_ operation: Operation) async -> Result<[UInt8], Transport.Failure>? {
-        await withTaskCancellationHandler {
+        let result = await withTaskCancellationHandler {
             await operation.outcome {
-                if !enqueue(operation) {
+                if !submit(operation, spin: true) {
                     operation.engineFailure = transport.closedFailure
-                    operation.deliver()
+                    operation.deliver(resuming: { pendingResumes.add(1, ordering: .sequentiallyConsistent) })
                 }
             }
         } onCancel: {
             operation.cancel()
         }
+        // A caller resumed with an outcome was counted; the last of them on its way out
+        // looks at the queue (or hands the waiting to the engine thread).
+        if result != nil && pendingResumes.subtract(1, ordering: .sequentiallyConsistent).newValue == 0
+            && transport.callersMayDrive
+        {
+            drive(spin: true)
+        }
+        return result
     }
 
     /// Stops taking operations; those queued fail with `closedFailure`, those in flight
     /// finish (or fail by their deadline), then the thread ends.
     package func stop() {
         inbox.withLock { $0.stopping = true }
-        queued.add(1, ordering: .releasing)
+        queued.add(1, ordering: .sequentiallyConsistent)
         wake.signal()
+    }
+
+    // MARK: the drive token
+
+    func tryAcquire() -> Bool {
+        token.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
+    }
+
+    func release() { token.store(false, ordering: .sequentiallyConsistent) }
+
+    /// Engine thread: callers hold the token only for a non-blocking turn.
+    func acquire() {
+        var tries = 0
+        while !tryAcquire() {
+            tries += 1
+            if tries & 63 == 0 { sched_yield() }
+        }
+    }
+
+    /// A caller's turn (its own thread, never blocking): posts what is queued, publishes,
+    /// reaps what completed and resumes its owners; with `spin`, when nothing completed,
+    /// polls for up to `inlineSpinNanoseconds`. Afterwards, if requests are in flight and
+    /// no resumed caller is left to look again, wakes the engine thread to wait for them.
+    func drive(spin: Bool) {
+        while true {
+            guard tryAcquire() else { return }  // the holder looks at the inbox after it
+            guard leased.load(ordering: .sequentiallyConsistent), transport.mayPollInline else {
+                // The engine thread (signalled by `submit`, or by this) does it.
+                release()
+                wake.signal()
+                return
+            }
+            callerDrives.add(1, ordering: .relaxed)
+            var progress = step()
+            if progress == 0 && spin && !inFlight.isEmpty { progress = spinForCompletion() }
+            if progress == 0 && !inFlight.isEmpty { transport.checkDeadlines() }
+            if progress > 0 { callerReaped.add(progress, ordering: .relaxed) }
+            let busy = !inFlight.isEmpty
+            // Drained for the budget, or a head that cannot be posted: the engine's call.
+            let drained = !busy && (leaseHandled >= budget || pendingHead < pending.count)
+            release()
+            if queued.load(ordering: .sequentiallyConsistent) != 0 { continue }
+            if (busy && pendingResumes.load(ordering: .sequentiallyConsistent) == 0) || drained { wake.signal() }
+            return
+        }
+    }
+
+    /// Token held: polls until a completion (then reaps it and any others) or the inline
+    /// spin is over or new work is queued. Returns the completions handled.
+    func spinForCompletion() -> Int {
+        let limit = transport.inlineSpinNanoseconds
+        guard limit > 0 else { return 0 }
+        let start = monotonicNanoseconds()
+        var polls = 0
+        while true {
+            if let c = transport.nextCompletion() {
+                complete(tag: c.tag, failure: c.failure)
+                return 1 + reap()
+            }
+            polls += 1
+            if polls & 31 == 0 {
+                if queued.load(ordering: .relaxed) != 0 || monotonicNanoseconds() &- start >= limit { return 0 }
+            }
+        }
     }
 
     // MARK: the engine thread
@@ -276,29 +405,116 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     var pendingHead = 0
     var inFlight: [UInt64: (Operation, Int)] = [:]
     var nextTag: UInt64 = 1
+    /// Completions handled in the current lease.
+    var leaseHandled = 0
 
     func run() {
         while true {
+            acquire()
             let stopping = absorb()
             if pendingHead == pending.count && inFlight.isEmpty {
                 if stopping {
+                    release()
                     transport.engineStopped()
                     return
                 }
-                if sleepIfIdle() { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
+                let idle = sleepIfIdle()
+                release()
+                if idle { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
                 continue
             }
-            transport.exclusively { busy() }
+            release()
+            transport.exclusively { session() }
         }
+    }
+
+    /// With the transport to itself (the lease): lets callers drive while they do, waits
+    /// for the device whenever nobody else will look, until nothing is in flight or pending
+    /// (or the budget is spent and what is in flight drained). Returns with the lease given
+    /// up and the token free.
+    func session() {
+        acquire()
+        leaseHandled = 0
+        leased.store(true, ordering: .sequentiallyConsistent)
+        var parkedDrives = -1
+        while true {
+            // Token held.
+            let progress = step()
+            if inFlight.isEmpty {
+                let idle = pendingHead == pending.count
+                if !idle && leaseHandled < budget {
+                    // Nothing in flight and the head cannot be posted: it never will be.
+                    failHead()
+                    continue
+                }
+                // Keep an idle lease while callers keep driving (their next request comes
+                // within microseconds); give it up after a quiet park.
+                let keep =
+                    idle && transport.callersMayDrive && !stopSeen && leaseHandled < budget
+                    && parkedDrives != callerDrives.load(ordering: .relaxed)
+                if !keep {
+                    leased.store(false, ordering: .sequentiallyConsistent)
+                    release()
+                    return
+                }
+            }
+            let callersLook =
+                transport.callersMayDrive && !stopSeen
+                && (inFlight.isEmpty || (progress > 0 && pendingResumes.load(ordering: .sequentiallyConsistent) > 0))
+            if callersLook {
+                // Park: callers drive; wake up when one hands the waiting over, or after a
+                // while to act on deadlines and on an idle lease.
+                release()
+                if queued.load(ordering: .sequentiallyConsistent) == 0 {
+                    parkedDrives = callerDrives.load(ordering: .relaxed)
+                    _ = EventWaiter.wait(for: wake, until: .after(nanoseconds: Self.parkNanoseconds))
+                }
+                acquire()
+                transport.checkDeadlines()
+                continue
+            }
+            parkedDrives = -1
+            if progress > 0 || queued.load(ordering: .sequentiallyConsistent) != 0 { continue }
+            // The waiter: block on the device (and `wake`) with the token.
+            if sleepIfIdle() {
+                transport.waitForCompletion(orWake: wake)
+                inbox.withLock { $0.sleeping = false }
+            }
+        }
+    }
+
+    /// Token held: moves the inbox into `pending`, posts what fits (unless the lease's
+    /// budget is spent), publishes, reaps every completion. Returns the completions handled.
+    func step() -> Int {
+        var handled = 0
+        while true {
+            _ = absorb()
+            if leaseHandled < budget { submitPending() }
+            transport.publish()
+            let n = reap()
+            handled += n
+            // Completions made room: post what waits for it.
+            if n == 0 || pendingHead == pending.count || leaseHandled >= budget { return handled }
+        }
+    }
+
+    /// Token held: handles every completion available now.
+    func reap() -> Int {
+        var n = 0
+        while let c = transport.nextCompletion() {
+            n += 1
+            complete(tag: c.tag, failure: c.failure)
+        }
+        return n
     }
 
     /// Moves the inbox into `pending`; true once the engine is stopping.
     func absorb() -> Bool {
-        if queued.load(ordering: .acquiring) == 0 { return stopSeen }
+        if queued.load(ordering: .sequentiallyConsistent) == 0 { return stopSeen }
         let stopping = inbox.withLock { s -> Bool in
             s.sleeping = false
             swap(&s.operations, &spare)
-            queued.store(0, ordering: .relaxed)
+            queued.store(0, ordering: .sequentiallyConsistent)
             return s.stopping
         }
         stopSeen = stopping
@@ -326,44 +542,6 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             guard s.operations.isEmpty && !s.stopping else { return false }
             s.sleeping = true
             return true
-        }
-    }
-
-    /// With the queue to itself: post, publish, collect, wait, until nothing is in flight
-    /// and nothing is pending (or the budget is spent and what is in flight drained).
-    func busy() {
-        var handled = 0
-        while true {
-            _ = absorb()
-            if handled < budget { submitPending() }
-            transport.publish()
-            var progress = false
-            while let c = transport.nextCompletion() {
-                progress = true
-                handled += 1
-                complete(tag: c.tag, failure: c.failure)
-            }
-            if progress { continue }
-            if inFlight.isEmpty {
-                if handled >= budget || pendingHead == pending.count { return }
-                // Nothing in flight and the head cannot be posted: it never will be.
-                failHead()
-                continue
-            }
-            // Spin first: under load the next completion or request comes within
-            // microseconds, and then nobody pays for an eventfd or a wake-up.
-            var spins = 0
-            while spins < spinIterations && queued.load(ordering: .relaxed) == 0 {
-                if let c = transport.nextCompletion() {
-                    handled += 1
-                    complete(tag: c.tag, failure: c.failure)
-                    progress = true
-                    break
-                }
-                spins += 1
-            }
-            if progress || queued.load(ordering: .relaxed) != 0 { continue }
-            if sleepIfIdle() { transport.waitForCompletion(orWake: wake) }
         }
     }
 
@@ -397,6 +575,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     }
 
     func complete(tag: UInt64, failure: Transport.Failure?) {
+        leaseHandled += 1
         guard let (op, _) = inFlight.removeValue(forKey: tag) else { return }
         op.engineOutstanding -= 1
         if let failure, op.engineFailure == nil { op.engineFailure = failure }
@@ -406,7 +585,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// Every piece of `op` is done (or was never posted): its memory goes back with it.
     func release(_ op: Operation) {
         heldCount.subtract(1, ordering: .relaxed)
-        op.deliver()
+        op.deliver(resuming: { pendingResumes.add(1, ordering: .sequentiallyConsistent) })
     }
 
     func failHead() {

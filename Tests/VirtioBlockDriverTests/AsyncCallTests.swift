@@ -53,6 +53,38 @@ struct AsyncCallTests {
         #expect(!disk.isBroken)
     }
 
+    /// The awaiting callers drive the queue themselves: 32 concurrent readers' completions
+    /// are reaped (and their owners resumed) on the callers' own threads, not only by the
+    /// engine thread, and every read returns its own block.
+    @Test(.timeLimit(.minutes(5))) func awaitingCallersReapCompletionsOnTheirOwnThreads() async throws {
+        let backend = try MisbehavingBlockBackend()
+        let disk = try attach(backend, timeout: 60)
+        defer {
+            disk.close()
+            backend.stop()
+        }
+        for i in 0..<64 { try await disk.write(at: UInt64(i) * 4096, bytes: blockPattern(i)) }
+        let engine = try disk.engine()
+        let before = engine.reapedByCallers
+        let correct = try await withThrowingTaskGroup(of: Int.self) { group in
+            for t in 0..<32 {
+                group.addTask {
+                    var ok = 0
+                    for r in 0..<50 {
+                        let i = (t * 7 + r) % 64
+                        if try await disk.read(at: UInt64(i) * 4096, count: 4096) == blockPattern(i) { ok += 1 }
+                    }
+                    return ok
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        #expect(correct == 32 * 50)
+        #expect(engine.reapedByCallers > before)
+        #expect(try await eventually { engine.held == 0 })
+        #expect(!disk.isBroken)
+    }
+
     /// Every request type through the async calls, and a read larger than one request.
     @Test func asyncCallsServeEveryRequestType() async throws {
         let backend = try MisbehavingBlockBackend()

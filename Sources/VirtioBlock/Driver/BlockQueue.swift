@@ -585,6 +585,17 @@ public final class BlockQueue {
         }
     }
 
+    /// The deadline check of `wait`, without waiting: for the async engine's callers, who
+    /// poll but never block (R5 acts on them as on a waiting thread).
+    func expireOverdue() {
+        guard state.pointee.activeCount > 0, !needsSettling else { return }
+        let now = monotonicNanoseconds()
+        guard now >= state.pointee.deadlineBound else { return }
+        let earliest = earliestDeadline()
+        state.pointee.deadlineBound = earliest
+        if now >= earliest { supervisor.fail(.timeout(milliseconds: UInt64(requestTimeout * 1000))) }
+    }
+
     func earliestDeadline() -> UInt64 {
         var earliest = UInt64.max
         for i in 0..<slotCount where slots[i].active && slots[i].deadline != 0 && slots[i].deadline < earliest {

@@ -75,7 +75,7 @@ extension VirtioBlockDriver {
                     queue: queues[0], region: region, lock: convenienceLock,
                     pieceBytes: max(info.blockSize, transferChunk / info.blockSize * info.blockSize))
                 do throws(SystemError) {
-                    let engine = try IOEngine(transport: transport, spinIterations: options.spinIterations)
+                    let engine = try IOEngine(transport: transport)
                     slot = .running(engine)
                     return engine
                 } catch {
@@ -240,4 +240,15 @@ final class BlockQueueTransport: IOTransport {
     var noRoomFailure: VirtioError { .busy }
 
     func engineStopped() {}
+
+    /// The awaiting callers' threads post and reap between the engine thread's turns.
+    var callersMayDrive: Bool { true }
+
+    /// Not while the device broke or a reconnect is under way: settling may block.
+    var mayPollInline: Bool { !queue.needsSettling }
+
+    /// The queue's wait strategy's current spin, at most 50 µs on a pool thread.
+    var inlineSpinNanoseconds: UInt64 { min(queue.state.pointee.spin.limit, 50_000) }
+
+    func checkDeadlines() { queue.expireOverdue() }
 }

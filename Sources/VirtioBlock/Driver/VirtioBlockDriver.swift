@@ -57,8 +57,10 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
         /// a time that adapts, then blocks on the call eventfd; `.poll` never blocks;
         /// `.spin(nanoseconds:)` polls that long; `.interrupts` blocks at once.
         public var wait: WaitStrategy = .adaptive
-        /// Polls the async calls' I/O thread makes before it blocks (the synchronous
-        /// queues follow `wait` instead).
+        /// Not read by the driver (kept for source compatibility): the synchronous queues
+        /// and the async calls both follow `wait` (the async I/O thread waits with the
+        /// queue's `wait`; awaiting callers' threads poll for the current spin of `wait`,
+        /// at most 50 µs, never blocking).
         public var spinIterations = 256
         /// Use packed virtqueues when the back-end offers VIRTIO_F_RING_PACKED.
         public var packedRing = true
