@@ -144,9 +144,11 @@ struct FSReadIntoTests {
             let h = try fs.open(e.nodeID)
             var bytes: [UInt8]
             if intoBuffer {
-                bytes = [UInt8](repeating: 0xee, count: 4096)
-                let n = try bytes.withUnsafeMutableBytes { (b) throws(FSError) in try fs.read(h, at: 0, into: b) }
-                bytes.removeLast(bytes.count - n)
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+                defer { buffer.deallocate() }
+                buffer.initializeMemory(as: UInt8.self, repeating: 0xee)
+                let n = try fs.read(h, at: 0, into: buffer)
+                bytes = Array(buffer[0..<n])
             } else {
                 bytes = try fs.read(h, at: 0, count: 4096)
             }
