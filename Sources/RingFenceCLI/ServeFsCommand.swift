@@ -42,6 +42,8 @@ struct ServeFsCommand: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
+    @OptionGroup var wait: WaitOptions
+
     @Option(help: "Misbehave: one attack of the fs catalogue (`ringfence audit --device fs --list`).")
     var attack: String?
 
@@ -99,7 +101,9 @@ struct ServeFsCommand: ParsableCommand {
         let served: any VhostUserDevice =
             attack.flatMap(FSCatalogue.attack(named:)).map { FSAdversaryDevice(inner: device, attack: $0) } ?? device
         if let attack { logger.notice("attack \(attack)") }
-        let backend = Backend(device: served, onEvent: onEvent)
+        var configuration = Backend.Configuration()
+        configuration.queueTiming.wait = wait.strategy
+        let backend = Backend(device: served, configuration: configuration, onEvent: onEvent)
         logger.info("serving \(dir) as tag \(tag)\(readonly ? " (read-only)" : ""), \(queues) request queue(s)")
         try startSignalWaiter(signals) { received in
             log.notice("signal \(received): shutting down")

@@ -120,3 +120,73 @@ struct FSAttackTests {
         #expect(Set(FSCatalogue.all.map(\.name)).count == FSCatalogue.all.count)
     }
 }
+
+/// `read(_:at:into:)` (READ straight into the caller's buffer, only the reply header
+/// copied privately) is held to every reply check the copying `read(_:at:count:)` is:
+/// each reply-header attack of the catalogue, aimed at READ, ends both the same way.
+@Suite(.serialized)
+struct FSReadIntoTests {
+    /// One READ of file "a" (one byte, "a") through a fresh driver: the outcome's case
+    /// name, whether the driver broke, and the bytes read.
+    static func readOnce(_ socket: String, intoBuffer: Bool) -> (outcome: String, broken: Bool, bytes: [UInt8]) {
+        var o = VirtioFSDriver.Options()
+        o.requestTimeout = 2
+        o.controlTimeout = 5
+        let fs: VirtioFSDriver
+        do throws(FSError) {
+            fs = try VirtioFSDriver.connect(socket: socket, options: o)
+        } catch {
+            return (FSAttackTests.caseName(error), true, [])
+        }
+        defer { fs.close() }
+        do throws(FSError) {
+            let e = try fs.lookup(parent: FuseProtocol.rootNodeID, name: "a")
+            let h = try fs.open(e.nodeID)
+            var bytes: [UInt8]
+            if intoBuffer {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+                defer { buffer.deallocate() }
+                buffer.initializeMemory(as: UInt8.self, repeating: 0xee)
+                let n = try fs.read(h, at: 0, into: buffer)
+                bytes = Array(buffer[0..<n])
+            } else {
+                bytes = try fs.read(h, at: 0, count: 4096)
+            }
+            return ("unaffected", fs.isBroken, bytes)
+        } catch {
+            return (FSAttackTests.caseName(error), fs.isBroken, [])
+        }
+    }
+
+    static let headerAttacks: [FSAttack] = FSCatalogue.all.filter {
+        switch $0.behaviour {
+        case .usedLengthDelta, .outLengthDelta, .uniqueOffset, .uniqueZero, .error, .errorWithBody: return true
+        default: return false
+        }
+    }.map {
+        FSAttack(
+            name: $0.name, rule: $0.rule, target: .opcode(.read), behaviour: $0.behaviour, summary: $0.summary,
+            expected: $0.expected)
+    }
+
+    @Test(arguments: headerAttacks)
+    func readIntoABufferIsCheckedAsACopiedRead(_ attack: FSAttack) throws {
+        let bed = try FSAttackBed(attack)
+        defer { bed.shutdown() }
+        let copied = Self.readOnce(bed.socket, intoBuffer: false)
+        let direct = Self.readOnce(bed.socket, intoBuffer: true)
+        #expect(copied.outcome != "unaffected", "\(attack.name): the copying read must notice")
+        #expect(direct.outcome == copied.outcome, "\(attack.name)")
+        #expect(direct.broken == copied.broken, "\(attack.name)")
+        #expect(direct.bytes.isEmpty)
+    }
+
+    @Test func readIntoABufferReadsWhatTheHostHasAndStopsAtTheEnd() throws {
+        let bed = try FSAttackBed(nil)
+        defer { bed.shutdown() }
+        let r = Self.readOnce(bed.socket, intoBuffer: true)
+        #expect(r.outcome == "unaffected")
+        #expect(!r.broken)
+        #expect(r.bytes == Array("a".utf8))
+    }
+}

@@ -2,6 +2,7 @@ import Foundation
 import SharedMemory
 import Testing
 import VirtioBlock
+import VirtioFS
 
 #if canImport(Glibc)
 import Glibc
@@ -85,6 +86,70 @@ struct WaitCommandTests {
         let adaptive = try idleCPU([])
         let polling = try idleCPU(["--poll"])
         #expect(adaptive >= 0 && adaptive < 0.1, "idle for 2 s with a front-end connected: \(adaptive) CPU s")
+        #expect(polling > 5 * max(adaptive, 0.01), "--poll keeps a CPU busy: \(polling) vs \(adaptive) CPU s")
+    }
+
+    /// `serve-fs --poll` / `--spin-us N`: every strategy serves our fs driver (a file put
+    /// and read back through `ringfence fs`).
+    @Test(arguments: [["--poll"], ["--spin-us", "0"], ["--spin-us", "50"], []])
+    func everyWaitStrategyServesFS(wait: [String]) throws {
+        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        let dir = "/tmp/rf-wait-fs-\(getpid())-\(wait.joined())"
+        try FileManager.default.createDirectory(atPath: dir + "/shared", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: binary)
+        server.arguments =
+            ["serve-fs", "--socket", dir + "/s.sock", "--dir", dir + "/shared", "--log-level", "error"] + wait
+        try server.run()
+        defer {
+            kill(server.processIdentifier, SIGTERM)
+            server.waitUntilExit()
+        }
+        let ready = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+        var options = VirtioFSDriver.Options()
+        options.controlTimeout = 5
+        let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
+        defer { fs.close() }
+        let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try fs.writeFile("f", bytes: data)
+        #expect(try fs.readFile("f") == data)
+        #expect(FileManager.default.contents(atPath: dir + "/shared/f") == Data(data))
+    }
+
+    /// serve-fs idle with a connected driver: the default costs next to no CPU, `--poll`
+    /// keeps polling the request queue.
+    @Test func idleFSDeviceCostsNextToNoCPUUnlessPolling() throws {
+        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        let dir = "/tmp/rf-wait-fs-idle-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir + "/shared", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func idleCPU(_ wait: [String]) throws -> Double {
+            let server = Process()
+            server.executableURL = URL(fileURLWithPath: binary)
+            server.arguments =
+                ["serve-fs", "--socket", dir + "/s.sock", "--dir", dir + "/shared", "--log-level", "error"] + wait
+            try server.run()
+            defer {
+                kill(server.processIdentifier, SIGTERM)
+                server.waitUntilExit()
+            }
+            let ready = Date().addingTimeInterval(10)
+            while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+            var options = VirtioFSDriver.Options()
+            options.controlTimeout = 5
+            let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
+            defer { fs.close() }
+            _ = try fs.stat("/")
+            usleep(200_000)  // past any spin
+            let before = Self.cpuSeconds(server.processIdentifier)
+            usleep(2_000_000)
+            return Self.cpuSeconds(server.processIdentifier) - before
+        }
+        let adaptive = try idleCPU([])
+        let polling = try idleCPU(["--poll"])
+        #expect(adaptive >= 0 && adaptive < 0.1, "idle for 2 s with a driver connected: \(adaptive) CPU s")
         #expect(polling > 5 * max(adaptive, 0.01), "--poll keeps a CPU busy: \(polling) vs \(adaptive) CPU s")
     }
 }

@@ -91,6 +91,44 @@ struct ServeFSTests {
         }
     }
 
+    /// `read(_:at:into:)` (the benchmark's read): 1 MiB chunks land in the caller's buffer
+    /// with the host's bytes, the last one short, past the end 0; a buffer above
+    /// `info.maxRead` is refused before anything is sent.
+    @Test func readIntoABufferMatchesTheHostFile() throws {
+        let h = try FSDeviceHarness()
+        defer { h.shutdown() }
+        let data = pattern(2 << 20 + 4321, seed: 5)
+        try Data(data).write(to: URL(fileURLWithPath: "\(h.root)/big"))
+        let fs = try h.connect()
+        defer { fs.close() }
+        #expect(fs.info.maxRead == 1 << 20)
+        let handle = try fs.withNode("big") { (e) throws(FSError) in try fs.open(e!.nodeID) }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var got: [UInt8] = []
+        var counts: [Int] = []
+        var shortTailUntouched = false
+        while true {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0xee)
+            let n = try fs.read(handle, at: UInt64(got.count), into: buffer)
+            counts.append(n)
+            if n > 0 && n < buffer.count { shortTailUntouched = buffer[n] == 0xee }
+            if n == 0 { break }
+            got += buffer[0..<n]
+        }
+        #expect(counts == [1 << 20, 1 << 20, 4321, 0])
+        #expect(got == data)
+        // Nothing past the count of a short read is written.
+        #expect(shortTailUntouched)
+        let tooBig = UnsafeMutableRawBufferPointer.allocate(byteCount: (1 << 20) + 1, alignment: 8)
+        defer { tooBig.deallocate() }
+        #expect(throws: FSError.invalidRequest("read of \((1 << 20) + 1) bytes exceeds \(1 << 20)")) {
+            _ = try fs.read(handle, at: 0, into: tooBig)
+        }
+        try fs.release(handle)
+        #expect(!fs.isBroken)
+    }
+
     @Test func reconnectingDriverFindsAFreshSession() throws {
         let h = try FSDeviceHarness()
         defer { h.shutdown() }

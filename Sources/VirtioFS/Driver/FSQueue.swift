@@ -33,7 +33,8 @@ final class FSQueue {
         self.spinIterations = spinIterations
     }
 
-    /// What came back: the used length and a private copy of that many reply bytes.
+    /// What came back: the used length and a private copy of that many reply bytes (with
+    /// `dataDestination`: of the reply header only; the rest went to the destination).
     struct Reply {
         let usedLength: UInt32
         let bytes: [UInt8]
@@ -41,10 +42,13 @@ final class FSQueue {
 
     /// Posts `request` (+ `data`) with `replyCapacity` device-writable bytes after it (0:
     /// a request without reply) and waits until `deadline`. `control` is the vhost-user
-    /// socket, watched for a hang-up while waiting.
+    /// socket, watched for a hang-up while waiting. With `dataDestination` (READ into the
+    /// caller's buffer), only the reply header is copied privately and the bytes after it
+    /// (at most the used length minus the header, at most the destination) are copied
+    /// once, straight into the destination: payload, never parsed.
     func exchange(
         request: [UInt8], data: UnsafeRawBufferPointer?, replyCapacity: Int, deadline: Deadline, control: Int32,
-        timeoutMilliseconds: UInt64
+        timeoutMilliseconds: UInt64, dataDestination: UnsafeMutableRawBufferPointer? = nil
     ) throws(FSError) -> Reply {
         guard !broken else { throw .disconnected("queue \(index) is broken") }
         let dataCount = data?.count ?? 0
@@ -80,6 +84,20 @@ final class FSQueue {
             }
             if let completion {
                 backoff.note(productive: true)
+                if let dataDestination {
+                    let header = min(Int(completion.length), FuseProtocol.outHeaderSize)
+                    var bytes = [UInt8](repeating: 0, count: header)
+                    bytes.withUnsafeMutableBytes {
+                        _ = pool.copyOut(slice, at: readable, validatedLength: header, to: $0)
+                    }
+                    if Int(completion.length) > header {
+                        _ = pool.copyOut(
+                            slice, at: readable + header, validatedLength: Int(completion.length) - header,
+                            to: dataDestination)
+                    }
+                    pool.free(slice)
+                    return Reply(usedLength: completion.length, bytes: bytes)
+                }
                 var bytes = [UInt8](repeating: 0, count: Int(completion.length))
                 bytes.withUnsafeMutableBytes {
                     _ = pool.copyOut(slice, at: readable, validatedLength: Int(completion.length), to: $0)

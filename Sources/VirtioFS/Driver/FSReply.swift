@@ -62,7 +62,17 @@ public enum FSReply {
         // The caller's copy holds the used length (found by FuzzFuseReplies: a shorter
         // copy trapped when the body was cut out).
         guard Int(usedLength) <= reply.count else { throw .replyTooShort(usedLength: UInt32(clamping: reply.count)) }
-        var r = FuseReader(reply)
+        let error = try checkHeader(prefix: reply, usedLength: usedLength, unique: unique)
+        if error != 0 { return (error, []) }
+        return (0, reply[FuseProtocol.outHeaderSize..<Int(usedLength)])
+    }
+
+    /// The same checks on a private copy of the reply header alone (`prefix`: at least
+    /// its 16 bytes when the used length has them), for a reply whose body went straight
+    /// into the caller's buffer (READ into a buffer). Returns the negated errno (0 on
+    /// success); the body is the used length minus the header.
+    public static func checkHeader(prefix: [UInt8], usedLength: UInt32, unique: UInt64) throws(FSViolation) -> Int32 {
+        var r = FuseReader(prefix)
         guard usedLength >= UInt32(FuseProtocol.outHeaderSize), let header = FuseOutHeader.decode(&r) else {
             throw .replyTooShort(usedLength: usedLength)
         }
@@ -75,9 +85,9 @@ public enum FSReply {
             guard header.length == UInt32(FuseProtocol.outHeaderSize) else {
                 throw .errorWithBody(length: header.length)
             }
-            return (header.error, [])
+            return header.error
         }
-        return (0, reply[FuseProtocol.outHeaderSize..<Int(usedLength)])
+        return 0
     }
 
     /// A fixed-size body must be exactly `size` bytes.

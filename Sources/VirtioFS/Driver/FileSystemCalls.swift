@@ -204,6 +204,29 @@ extension VirtioFSDriver {
         }
     }
 
+    /// READ of at most `buffer.count` bytes (at most `info.maxRead`) at `offset`, copied
+    /// once from the bounce buffer straight into `buffer` (no allocation); returns the
+    /// count read (fewer at the end of the file). The reply header is checked as every
+    /// reply's is; on an error the buffer's contents are unspecified.
+    public func read(_ handle: FSHandle, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer)
+        throws(FSError) -> Int
+    {
+        let count = buffer.count
+        guard count <= info.maxRead else {
+            throw .invalidRequest("read of \(count) bytes exceeds \(info.maxRead)")
+        }
+        var w = FuseWriter(capacity: 40)
+        w.put(handle.fh)
+        w.put(offset)
+        w.put(UInt32(count))
+        w.put(UInt32(0))
+        w.put(UInt64(0))
+        w.put(UInt32(0))
+        w.put(UInt32(0))
+        // The ring bounded the used length by the posted area, so the count is <= count.
+        return try call(.read, nodeID: handle.nodeID, args: w.bytes, replyLimit: count, into: buffer)
+    }
+
     /// WRITE of `bytes` (at most `info.maxWrite`) at `offset`; returns the count written.
     public func write(_ handle: FSHandle, at offset: UInt64, bytes: UnsafeRawBufferPointer) throws(FSError) -> Int {
         try perform(writeRequest(handle, at: offset, count: bytes.count), data: bytes)

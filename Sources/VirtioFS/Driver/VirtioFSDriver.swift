@@ -258,6 +258,25 @@ public final class VirtioFSDriver: @unchecked Sendable {
         _ opcode: FuseProtocol.Opcode, nodeID: UInt64, args: [UInt8], data: UnsafeRawBufferPointer? = nil,
         replyLimit: Int
     ) throws(FSError) -> ArraySlice<UInt8> {
+        try exchange(opcode, nodeID: nodeID, args: args, data: data, replyLimit: replyLimit, into: nil).body
+    }
+
+    /// A request whose reply body goes straight into `destination` (at least `replyLimit`
+    /// bytes): only the reply header is copied privately and checked as every reply's
+    /// is. Returns the body's length (0 ... `replyLimit`); the destination holds it.
+    func call(
+        _ opcode: FuseProtocol.Opcode, nodeID: UInt64, args: [UInt8], replyLimit: Int,
+        into destination: UnsafeMutableRawBufferPointer
+    ) throws(FSError) -> Int {
+        precondition(destination.count >= replyLimit)
+        return try exchange(opcode, nodeID: nodeID, args: args, data: nil, replyLimit: replyLimit, into: destination)
+            .count
+    }
+
+    func exchange(
+        _ opcode: FuseProtocol.Opcode, nodeID: UInt64, args: [UInt8], data: UnsafeRawBufferPointer?,
+        replyLimit: Int, into destination: UnsafeMutableRawBufferPointer?
+    ) throws(FSError) -> (body: ArraySlice<UInt8>, count: Int) {
         if let failure { throw failure }
         let unique = nextUnique.add(2, ordering: .relaxed).newValue
         var w = FuseWriter(capacity: FuseProtocol.inHeaderSize + args.count)
@@ -275,17 +294,24 @@ public final class VirtioFSDriver: @unchecked Sendable {
                 try queue.exchange(
                     request: w.bytes, data: data, replyCapacity: capacity,
                     deadline: .after(seconds: options.requestTimeout), control: control,
-                    timeoutMilliseconds: UInt64(options.requestTimeout * 1000))
+                    timeoutMilliseconds: UInt64(options.requestTimeout * 1000), dataDestination: destination)
             }
         } catch {
             if error.violationCause != nil || error.rule != nil || isDisconnect(error) { fail(error) }
             throw error
         }
+        if destination != nil {
+            let error = try deviceCheck { () throws(FSViolation) in
+                try FSReply.checkHeader(prefix: reply.bytes, usedLength: reply.usedLength, unique: unique)
+            }
+            if error != 0 { throw .errno(-error) }
+            return ([], Int(reply.usedLength) - FuseProtocol.outHeaderSize)
+        }
         let checked = try deviceCheck { () throws(FSViolation) in
             try FSReply.checkHeader(reply.bytes, usedLength: reply.usedLength, unique: unique)
         }
         if checked.error != 0 { throw .errno(-checked.error) }
-        return checked.body
+        return (checked.body, checked.body.count)
     }
 
     func isDisconnect(_ e: FSError) -> Bool {
