@@ -472,8 +472,8 @@ public final class NetFrontend {
     /// rsp_prod: frame `i` is copied into `buffer` at `i * stride`, at most `stride` bytes
     /// (`stride` 0: every frame into the whole of `buffer`, each over the last, for a
     /// caller that only looks at the metadata); its metadata goes to `results[i]`. Returns
-    /// how many frames were delivered (0: nothing published). Stops early when the next
-    /// frame's place would start past the end of `buffer`.
+    /// how many frames were delivered (0: nothing published, or a negative `stride`). A
+    /// place running past the end of `buffer` is cut there (the frame is `truncated`).
     ///
     /// Every rule of `nextReceived` is checked on every response. On a bad response in
     /// the middle of a batch the frames before it are returned (delivered: copied, their
@@ -490,9 +490,9 @@ public final class NetFrontend {
         let base = buffer.baseAddress
         let size = buffer.count
         var n = 0
+        var place = 0  // where frame n goes, at most `size` (no overflow for any stride)
         do {
             while n < limit && rxResponseConsumer != rxSnapshot {
-                let place = stride == 0 ? 0 : min(n &* stride, size)
                 let room = stride == 0 ? size : min(stride, size &- place)
                 let position = rxResponseConsumer
                 let word = SharedAccess.load64(rxSlot(position))  // one copy of the response (R2)
@@ -526,6 +526,7 @@ public final class NetFrontend {
                     (out + n).initialize(to: frame)
                 }
                 n &+= 1
+                if stride != 0 { place &+= room }
             }
         } catch {
             // Disabled already (R6): the frames before the bad one are delivered, the next
