@@ -307,8 +307,43 @@ public final class NetFrontend {
     /// when nothing new is published. Throws (for good, R6) on the first violation.
     public func nextTxCompletion() throws(XenViolation) -> NetTxCompletion? {
         if isBroken { throw stickyViolation() }
+        return try txCompletion(load: true)
+    }
+
+    /// Up to `results.count` validated tx completions in one call, on one load of
+    /// rsp_prod; returns how many (0: nothing new published). Every rule of
+    /// `nextTxCompletion` is checked on every response. On a bad response in the middle of
+    /// a batch the completions before it are returned, nothing after it is read, the
+    /// device is disabled at once (R6) and the next call throws the violation; a bad
+    /// first response throws now.
+    public func reapTxBatch(into results: UnsafeMutableBufferPointer<NetTxCompletion>) throws(XenViolation) -> Int {
+        if isBroken { throw stickyViolation() }
+        guard let out = results.baseAddress else { return 0 }
+        let limit = results.count
+        var n = 0
+        var load = true  // rsp_prod once per batch
+        do {
+            while n < limit, let done = try txCompletion(load: load) {
+                (out + n).initialize(to: done)
+                n &+= 1
+                load = false
+            }
+        } catch {
+            if n > 0 { return n }
+            throw error
+        }
+        return n
+    }
+
+    /// The next whole tx completion from the published responses; nil when the snapshot
+    /// is used up and `load` is false, or nothing new is published.
+    @inline(__always)
+    func txCompletion(load: Bool) throws(XenViolation) -> NetTxCompletion? {
+        var load = load
         while true {
             if txResponseConsumer == txSnapshot {
+                guard load else { return nil }
+                load = false
                 let producer = SharedAccess.load32Acquire(txRing + SharedRingLayout.responseProducer)
                 let delta = producer &- txResponseConsumer
                 if delta == 0 { return nil }
@@ -415,15 +450,98 @@ public final class NetFrontend {
     /// R6) on the first violation; the pages of the frame go back to the rx pool.
     public func nextReceived(into buffer: UnsafeMutableRawBufferPointer) throws(XenViolation) -> NetReceivedFrame? {
         if isBroken { throw stickyViolation() }
-        if rxResponseConsumer == rxSnapshot {
-            let producer = SharedAccess.load32Acquire(rxRing + SharedRingLayout.responseProducer)
-            let delta = producer &- rxResponseConsumer
-            if delta == 0 { return nil }
-            guard delta <= UInt32(truncatingIfNeeded: rxPosted) else {
-                throw rejectProducer(producer, consumer: rxResponseConsumer, inFlight: rxPosted)
-            }
-            rxSnapshot = producer
+        if rxResponseConsumer == rxSnapshot, try !snapshotRx() { return nil }
+        return try receiveFrame(into: buffer, first: SharedAccess.load64(rxSlot(rxResponseConsumer)))
+    }
+
+    /// Loads the rx rsp_prod once (acquire) and checks it against what is posted (R2, R3);
+    /// false when nothing new is published.
+    @inline(__always)
+    func snapshotRx() throws(XenViolation) -> Bool {
+        let producer = SharedAccess.load32Acquire(rxRing + SharedRingLayout.responseProducer)
+        let delta = producer &- rxResponseConsumer
+        if delta == 0 { return false }
+        guard delta <= UInt32(truncatingIfNeeded: rxPosted) else {
+            throw rejectProducer(producer, consumer: rxResponseConsumer, inFlight: rxPosted)
         }
+        rxSnapshot = producer
+        return true
+    }
+
+    /// Up to `results.count` validated received frames in one call, on one load of
+    /// rsp_prod: frame `i` is copied into `buffer` at `i * stride`, at most `stride` bytes
+    /// (`stride` 0: every frame into the whole of `buffer`, each over the last, for a
+    /// caller that only looks at the metadata); its metadata goes to `results[i]`. Returns
+    /// how many frames were delivered (0: nothing published, or a negative `stride`). A
+    /// place running past the end of `buffer` is cut there (the frame is `truncated`).
+    ///
+    /// Every rule of `nextReceived` is checked on every response. On a bad response in
+    /// the middle of a batch the frames before it are returned (delivered: copied, their
+    /// pages back in the pool), nothing after it is read, the device is disabled at once
+    /// (R6) and the next call throws the violation; a bad first frame throws now.
+    public func receiveBatch(
+        into buffer: UnsafeMutableRawBufferPointer, stride: Int, results: UnsafeMutableBufferPointer<NetReceivedFrame>
+    ) throws(XenViolation) -> Int {
+        if isBroken { throw stickyViolation() }
+        guard let out = results.baseAddress, stride >= 0 else { return 0 }
+        let limit = results.count
+        if rxResponseConsumer == rxSnapshot, try !snapshotRx() { return 0 }
+        let page = SharedRingLayout.pageSize
+        let base = buffer.baseAddress
+        let size = buffer.count
+        var n = 0
+        var place = 0  // where frame n goes, at most `size` (no overflow for any stride)
+        do {
+            while n < limit && rxResponseConsumer != rxSnapshot {
+                let room = stride == 0 ? size : min(stride, size &- place)
+                let position = rxResponseConsumer
+                let word = SharedAccess.load64(rxSlot(position))  // one copy of the response (R2)
+                let id = Int(position & rxMask)
+                let offset = Int(UInt16(truncatingIfNeeded: word >> 16))
+                let flags = UInt16(truncatingIfNeeded: word >> 32)
+                let rawStatus = Int16(bitPattern: UInt16(truncatingIfNeeded: word >> 48))
+                // The common frame (one slot, no extra info, data): the id answers its own
+                // position (so it is in range) and was posted, offset + size within the page.
+                // Anything else, including every violation, takes the general path with the
+                // same copy of the response.
+                if UInt16(truncatingIfNeeded: word) == UInt16(truncatingIfNeeded: id), rxShadow[id].active,
+                    flags & (NetFlags.rxMoreData | NetFlags.rxExtraInfo) == 0, rawStatus >= 0,
+                    offset &+ Int(rawStatus) <= page
+                {
+                    rxResponseConsumer = position &+ 1
+                    let frameNumber = try releaseRx(id)  // revoked before the page is read
+                    let bytes = Int(rawStatus)
+                    let copied = min(bytes, room)
+                    if copied > 0, let base {
+                        SharedAccess.copy(
+                            from: memory.grants.page(frameNumber) + offset, to: base + place, count: copied)
+                    }
+                    rxFrames.push(frameNumber)
+                    (out + n).initialize(
+                        to: NetReceivedFrame(
+                            length: copied, status: .okay, slots: 1, flags: flags, gso: nil, truncated: bytes > room))
+                } else {
+                    let frame = try receiveFrame(
+                        into: UnsafeMutableRawBufferPointer(start: base.map { $0 + place }, count: room), first: word)
+                    (out + n).initialize(to: frame)
+                }
+                n &+= 1
+                if stride != 0 { place &+= room }
+            }
+        } catch {
+            // Disabled already (R6): the frames before the bad one are delivered, the next
+            // call throws.
+            if n > 0 { return n }
+            throw error
+        }
+        return n
+    }
+
+    /// One whole frame from the published responses (at least one is), `first` the one
+    /// copy of the response at `rxResponseConsumer`: the body of `nextReceived`.
+    func receiveFrame(into buffer: UnsafeMutableRawBufferPointer, first: UInt64) throws(XenViolation)
+        -> NetReceivedFrame
+    {
         var length = 0
         var slots = 0
         var status = NetStatus.okay
@@ -431,14 +549,17 @@ public final class NetFrontend {
         var firstFlags: UInt16 = 0
         var gso: NetGSO?
         var more = true
+        var word = first
         while more {
-            // R5: a chain no longer than a frame may be, and within what was published.
-            guard slots < NetifLayout.maxSlotsPerFrame else {
-                throw disable(.xenNetChainTooLong(slots: slots + 1, limit: NetifLayout.maxSlotsPerFrame))
-            }
-            guard rxResponseConsumer != rxSnapshot else { throw disable(.xenNetChainIncomplete(slots: slots)) }
             let position = rxResponseConsumer
-            let word = SharedAccess.load64(rxSlot(position))  // one copy of the response (R2)
+            if slots > 0 {
+                // R5: a chain no longer than a frame may be, and within what was published.
+                guard slots < NetifLayout.maxSlotsPerFrame else {
+                    throw disable(.xenNetChainTooLong(slots: slots + 1, limit: NetifLayout.maxSlotsPerFrame))
+                }
+                guard position != rxSnapshot else { throw disable(.xenNetChainIncomplete(slots: slots)) }
+                word = SharedAccess.load64(rxSlot(position))  // one copy of the response (R2)
+            }
             rxResponseConsumer &+= 1
             let rawId = UInt16(truncatingIfNeeded: word)
             let offset = UInt16(truncatingIfNeeded: word >> 16)

@@ -70,6 +70,9 @@ public final class XenNetFrontendDevice {
         return device
     }
 
+    /// Private room for one batch of tx completions (`reapTx`).
+    let txBatch = UnsafeMutableBufferPointer<NetTxCompletion>.allocate(capacity: NetifLayout.txRingSize)
+
     init(
         info: XenNetInfo, front: NetFrontend, events: EventChannel, channel: UnixChannel, table: SharedRegion,
         frames: SharedRegion
@@ -81,6 +84,8 @@ public final class XenNetFrontendDevice {
         self.table = table
         self.frames = frames
     }
+
+    deinit { txBatch.deallocate() }
 
     public var violation: XenViolation? { front.violation }
 
@@ -116,16 +121,21 @@ public final class XenNetFrontendDevice {
         if notify && !events.notify() { _ = disable(.notifierBlocked(role: "event channel")) }
     }
 
-    /// Reaps every tx completion published so far; returns how many.
+    /// Reaps every tx completion published so far (in batches, `NetFrontend.reapTxBatch`);
+    /// returns how many. Completions before a bad response are counted, then it throws.
     @discardableResult
     public func reapTx() throws(XenNetError) -> Int {
         var n = 0
-        while let c = try call({ () throws(XenViolation) in try front.nextTxCompletion() }) {
-            n += 1
-            txCompleted += 1
-            if c.status != .okay { txFailed += 1 }
+        while true {
+            let got = try call({ () throws(XenViolation) in try front.reapTxBatch(into: txBatch) })
+            if got == 0 { return n }
+            for i in 0..<got where txBatch[i].status != .okay { txFailed += 1 }
+            n += got
+            txCompleted += got
+            if front.isBroken {
+                _ = try call({ () throws(XenViolation) in try front.reapTxBatch(into: txBatch) })  // throws
+            }
         }
-        return n
     }
 
     /// Waits until at least one tx completion arrives (R5: deadline, storms backed off).
@@ -172,6 +182,21 @@ public final class XenNetFrontendDevice {
     /// The next received frame if one is ready; never blocks. (`kick()` re-posts pages.)
     public func poll(into buffer: UnsafeMutableRawBufferPointer) throws(XenNetError) -> NetReceivedFrame? {
         try call({ () throws(XenViolation) in try front.nextReceived(into: buffer) })
+    }
+
+    /// The received frames ready now, up to `results.count`, in one call
+    /// (`NetFrontend.receiveBatch`: frame `i` into `buffer` at `i * stride`, `stride` 0
+    /// for all into the whole buffer); never blocks, returns how many (`kick()` re-posts
+    /// pages). After a bad response the frames before it are returned and the device is
+    /// disabled (R6, its in-flight tokens failed): the next call throws.
+    public func pollBatch(
+        into buffer: UnsafeMutableRawBufferPointer, stride: Int, results: UnsafeMutableBufferPointer<NetReceivedFrame>
+    ) throws(XenNetError) -> Int {
+        let n = try call({ () throws(XenViolation) in
+            try front.receiveBatch(into: buffer, stride: stride, results: results)
+        })
+        if front.isBroken, let v = front.violation { _ = disable(v) }
+        return n
     }
 
     /// Waits until the backend publishes a response on either ring, at most until
