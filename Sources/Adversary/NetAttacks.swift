@@ -216,7 +216,7 @@ public enum NetCatalogue {
             must: "refuse an id that is not in flight", [v("usedIdNotInFlight")], .idDuplicate),
         ring(
             "net-descriptor-rewritten-after-post",
-            "split ring: the posted receive descriptor's flags set to NEXT | WRITE and next to itself, then completed",
+            "split ring: the posted receive descriptor's flags set to NEXT + WRITE and next to itself, then completed",
             must: "never read a posted descriptor back (a packed ring has no next: served normally)", [.unaffected],
             .descriptorRewritten),
     ]
