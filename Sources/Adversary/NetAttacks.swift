@@ -524,9 +524,11 @@ public enum NetDriverProbe {
         }
     }
 
-    /// Serves `attack` on a socket pair in this process and probes it (on a packed ring
-    /// unless `packed` is false: the device offers both).
-    public static func run(_ attack: NetAttack, packed: Bool = true) -> Result {
+    /// Serves `attack` on a socket pair in this process and probes it, on a packed ring
+    /// or a split one (the device offers both); by default packed, except for a lie only
+    /// a split ring can carry (`net-descriptor-rewritten-after-post`).
+    public static func run(_ attack: NetAttack, packed: Bool? = nil) -> Result {
+        let packed = packed ?? (attack.behaviour != .ring(.descriptorRewritten))
         let start = monotonicNanoseconds()
         func done(_ s: Signature, _ evidence: String) -> Result {
             Result(
