@@ -23,6 +23,20 @@ enum NetBehaviour: Sendable, Hashable {
     case controlLate(seconds: Double)
     /// The call eventfd of receive queue 0 signalled in a loop for `seconds`, no work.
     case receiveStorm(seconds: Double)
+    /// Receive queue 0: a valid 60-byte frame whose completion lies about the ring.
+    case ring(NetRingLie)
+}
+
+/// What a ring attack on receive queue 0 does with a valid frame.
+enum NetRingLie: Sendable, Hashable {
+    /// The used id is queue size + 7.
+    case idOutOfRange
+    /// Two buffers taken, the first completed twice (the second entry names an id the
+    /// first has already returned), the second never.
+    case idDuplicate
+    /// Split ring: after the device has read the posted descriptor, its flags become
+    /// NEXT | WRITE and its next points to itself; then it is completed normally.
+    case descriptorRewritten
 }
 
 enum NetConfigLie: Sendable, Hashable {
@@ -40,6 +54,7 @@ public enum NetAttackGroup: String, Sendable, CaseIterable {
     case config = "net config space"
     case liveness = "liveness"
     case toctou = "time of check / time of use"
+    case ring = "net ring"
 }
 
 /// One named misbehaviour of a virtio-net device against a driver.
@@ -93,88 +108,117 @@ public enum NetCatalogue {
             expected: Set(expected), behaviour: .config(lie))
     }
 
-    public static let all: [NetAttack] = [
-        receive(
-            "net-num-buffers-zero", .r3, "a received frame claims num_buffers 0", must: "refuse num_buffers 0",
-            [v("numBuffersInvalid")], header: NetHeader(numBuffers: 0)),
-        receive(
-            "net-num-buffers-huge", .r3, "a received frame claims num_buffers 65535",
-            must: "refuse more buffers than were posted", [v("numBuffersInvalid")],
-            header: NetHeader(numBuffers: 65535)),
-        receive(
-            "net-num-buffers-beyond-posted", .r3, "num_buffers one more than the buffers posted",
-            must: "refuse more buffers than were posted", [v("numBuffersInvalid")],
-            header: NetHeader(numBuffers: 17)),
-        receive(
-            "net-used-len-below-header", .r3, "a receive buffer's used len is 11 (the header is 12)",
-            must: "refuse a used len shorter than the header", [v("usedLengthShorterThanHeader")], usedLength: 11),
-        receive(
-            "net-used-len-beyond-posted", .r3, "a receive buffer's used len is one more than the buffer posted",
-            must: "refuse a length above the posted size", [v("usedLengthTooLarge")], usedLength: beyondPosted),
-        receive(
-            "net-gso-garbage", .r3, "gso_type 0x7f on a frame (no GSO negotiated)",
-            must: "refuse offloads that were not negotiated", [v("headerInvalid")],
-            header: header { $0.gsoType = 0x7f }),
-        receive(
-            "net-gso-size-without-gso", .r3, "gso_size 1448 with gso_type NONE",
-            must: "refuse a gso_size without GSO", [v("headerInvalid")], header: header { $0.gsoSize = 1448 }),
-        receive(
-            "net-csum-start-beyond-frame", .r3, "NEEDS_CSUM with csum_start + csum_offset past the frame",
-            must: "refuse a checksum position outside the frame", [v("headerInvalid")],
-            header: header {
-                $0.flags = NetProtocol.HeaderFlag.needsCsum
-                $0.csumStart = 50
-                $0.csumOffset = 16
-            }),
-        receive(
-            "net-frame-beyond-mtu", .r3, "two merged 2 KiB buffers: a 4084-byte frame for MTU 1500",
-            must: "refuse frames longer than MTU + 18", [v("frameLengthInvalid")],
-            header: NetHeader(numBuffers: 2), frameLength: 2036, buffers: 2),
-        receive(
-            "net-frame-below-ethernet-header", .r3, "a 13-byte frame", must: "refuse frames shorter than 14 bytes",
-            [v("frameLengthInvalid")], frameLength: 13),
+    public static let all: [NetAttack] =
+        [
+            receive(
+                "net-num-buffers-zero", .r3, "a received frame claims num_buffers 0", must: "refuse num_buffers 0",
+                [v("numBuffersInvalid")], header: NetHeader(numBuffers: 0)),
+            receive(
+                "net-num-buffers-huge", .r3, "a received frame claims num_buffers 65535",
+                must: "refuse more buffers than were posted", [v("numBuffersInvalid")],
+                header: NetHeader(numBuffers: 65535)),
+            receive(
+                "net-num-buffers-beyond-posted", .r3, "num_buffers one more than the buffers posted",
+                must: "refuse more buffers than were posted", [v("numBuffersInvalid")],
+                header: NetHeader(numBuffers: 17)),
+            receive(
+                "net-used-len-below-header", .r3, "a receive buffer's used len is 11 (the header is 12)",
+                must: "refuse a used len shorter than the header", [v("usedLengthShorterThanHeader")], usedLength: 11),
+            receive(
+                "net-used-len-beyond-posted", .r3, "a receive buffer's used len is one more than the buffer posted",
+                must: "refuse a length above the posted size", [v("usedLengthTooLarge")], usedLength: beyondPosted),
+            receive(
+                "net-gso-garbage", .r3, "gso_type 0x7f on a frame (no GSO negotiated)",
+                must: "refuse offloads that were not negotiated", [v("headerInvalid")],
+                header: header { $0.gsoType = 0x7f }),
+            receive(
+                "net-gso-size-without-gso", .r3, "gso_size 1448 with gso_type NONE",
+                must: "refuse a gso_size without GSO", [v("headerInvalid")], header: header { $0.gsoSize = 1448 }),
+            receive(
+                "net-csum-start-beyond-frame", .r3, "NEEDS_CSUM with csum_start + csum_offset past the frame",
+                must: "refuse a checksum position outside the frame", [v("headerInvalid")],
+                header: header {
+                    $0.flags = NetProtocol.HeaderFlag.needsCsum
+                    $0.csumStart = 50
+                    $0.csumOffset = 16
+                }),
+            receive(
+                "net-frame-beyond-mtu", .r3, "two merged 2 KiB buffers: a 4084-byte frame for MTU 1500",
+                must: "refuse frames longer than MTU + 18", [v("frameLengthInvalid")],
+                header: NetHeader(numBuffers: 2), frameLength: 2036, buffers: 2),
+            receive(
+                "net-frame-below-ethernet-header", .r3, "a 13-byte frame", must: "refuse frames shorter than 14 bytes",
+                [v("frameLengthInvalid")], frameLength: 13),
+            NetAttack(
+                name: "net-header-toctou", group: .toctou, rule: .r2, hook: .thread,
+                summary: "num_buffers flipped between 1 and 0 by a thread after the frame is published",
+                expectation: "read the header once: either value, never a mix",
+                expected: [.unaffected, v("numBuffersInvalid")], behaviour: .headerFlip),
+            NetAttack(
+                name: "net-control-ack-never", group: .liveness, rule: .r5, hook: .completion,
+                summary: "control commands are never answered", expectation: "give up at the command's deadline",
+                expected: [.timeout], behaviour: .controlNever),
+            NetAttack(
+                name: "net-control-ack-garbage", group: .control, rule: .r3, hook: .completion,
+                summary: "control commands answered with ack 7",
+                expectation: "accept only OK; anything but ERR is a fault",
+                expected: [v("controlAckInvalid")], behaviour: .controlAck(7)),
+            NetAttack(
+                name: "net-control-ack-late", group: .liveness, rule: .r5, hook: .completion,
+                summary: "control commands answered OK after 1 s (the driver waits 0.5 s)",
+                expectation: "give up at the deadline; a late OK is not success", expected: [.timeout],
+                behaviour: .controlLate(seconds: 1)),
+            config(
+                "net-mac-multicast", "config MAC 01:00:5e:00:00:01", must: "refuse it and use a random local MAC",
+                [.unaffected], .mac([0x01, 0, 0x5e, 0, 0, 1])),
+            config(
+                "net-mac-zero", "config MAC 00:00:00:00:00:00", must: "refuse it and use a random local MAC",
+                [.unaffected], .mac([0, 0, 0, 0, 0, 0])),
+            config(
+                "net-mtu-flapping", "MTU 1500 at negotiation, 9000 on every later read",
+                must: "read once; a changed value on re-read is a fault", [v("configChanged")], .mtuFlapping),
+            config(
+                "net-mtu-below-minimum", "MTU 67", must: "refuse an MTU below 68", [v("configInvalid")], .mtu(67)),
+            config(
+                "net-max-pairs-zero", "max_virtqueue_pairs 0", must: "refuse 0", [v("configInvalid")], .maxPairs(0)),
+            config(
+                "net-max-pairs-huge", "max_virtqueue_pairs 65535", must: "refuse more than 0x8000",
+                [v("configInvalid")], .maxPairs(65535)),
+            config(
+                "net-status-unknown-bits", "status 0x81", must: "refuse unknown status bits", [v("configInvalid")],
+                .status(0x81)),
+            NetAttack(
+                name: "net-rx-storm", group: .liveness, rule: .r5, hook: .controlRequest,
+                summary: "the receive call eventfd signalled in a loop for 1 s with nothing completed",
+                expectation: "back off spurious wake-ups; traffic goes on", expected: [.unaffected],
+                behaviour: .receiveStorm(seconds: 1)),
+        ] + ringAttacks
+
+    static func ring(_ name: String, _ summary: String, must: String, _ expected: [Signature], _ lie: NetRingLie)
+        -> NetAttack
+    {
         NetAttack(
-            name: "net-header-toctou", group: .toctou, rule: .r2, hook: .thread,
-            summary: "num_buffers flipped between 1 and 0 by a thread after the frame is published",
-            expectation: "read the header once: either value, never a mix",
-            expected: [.unaffected, v("numBuffersInvalid")], behaviour: .headerFlip),
-        NetAttack(
-            name: "net-control-ack-never", group: .liveness, rule: .r5, hook: .completion,
-            summary: "control commands are never answered", expectation: "give up at the command's deadline",
-            expected: [.timeout], behaviour: .controlNever),
-        NetAttack(
-            name: "net-control-ack-garbage", group: .control, rule: .r3, hook: .completion,
-            summary: "control commands answered with ack 7", expectation: "accept only OK; anything but ERR is a fault",
-            expected: [v("controlAckInvalid")], behaviour: .controlAck(7)),
-        NetAttack(
-            name: "net-control-ack-late", group: .liveness, rule: .r5, hook: .completion,
-            summary: "control commands answered OK after 1 s (the driver waits 0.5 s)",
-            expectation: "give up at the deadline; a late OK is not success", expected: [.timeout],
-            behaviour: .controlLate(seconds: 1)),
-        config(
-            "net-mac-multicast", "config MAC 01:00:5e:00:00:01", must: "refuse it and use a random local MAC",
-            [.unaffected], .mac([0x01, 0, 0x5e, 0, 0, 1])),
-        config(
-            "net-mac-zero", "config MAC 00:00:00:00:00:00", must: "refuse it and use a random local MAC",
-            [.unaffected], .mac([0, 0, 0, 0, 0, 0])),
-        config(
-            "net-mtu-flapping", "MTU 1500 at negotiation, 9000 on every later read",
-            must: "read once; a changed value on re-read is a fault", [v("configChanged")], .mtuFlapping),
-        config(
-            "net-mtu-below-minimum", "MTU 67", must: "refuse an MTU below 68", [v("configInvalid")], .mtu(67)),
-        config(
-            "net-max-pairs-zero", "max_virtqueue_pairs 0", must: "refuse 0", [v("configInvalid")], .maxPairs(0)),
-        config(
-            "net-max-pairs-huge", "max_virtqueue_pairs 65535", must: "refuse more than 0x8000",
-            [v("configInvalid")], .maxPairs(65535)),
-        config(
-            "net-status-unknown-bits", "status 0x81", must: "refuse unknown status bits", [v("configInvalid")],
-            .status(0x81)),
-        NetAttack(
-            name: "net-rx-storm", group: .liveness, rule: .r5, hook: .controlRequest,
-            summary: "the receive call eventfd signalled in a loop for 1 s with nothing completed",
-            expectation: "back off spurious wake-ups; traffic goes on", expected: [.unaffected],
-            behaviour: .receiveStorm(seconds: 1)),
+            name: name, group: .ring, rule: .r3, hook: .completion, summary: summary, expectation: must,
+            expected: Set(expected), behaviour: .ring(lie))
+    }
+
+    /// Ring-level lies on the receive queue (split and packed), the ones DPDK's
+    /// virtio_user trusts: it indexes its per-descriptor state with the used id and walks
+    /// a finished chain's flags/next in the shared descriptor table.
+    public static let ringAttacks: [NetAttack] = [
+        ring(
+            "net-used-id-out-of-range",
+            "a valid frame completed with used id queue size + 7, a second valid frame (right id) behind it",
+            must: "refuse an id outside the ring", [v("usedIdOutOfRange")], .idOutOfRange),
+        ring(
+            "net-used-id-duplicate",
+            "two receive buffers taken; the first completed twice (the second entry's id is no longer in flight)",
+            must: "refuse an id that is not in flight", [v("usedIdNotInFlight")], .idDuplicate),
+        ring(
+            "net-descriptor-rewritten-after-post",
+            "split ring: the posted receive descriptor's flags set to NEXT + WRITE and next to itself, then completed",
+            must: "never read a posted descriptor back (a packed ring has no next: served normally)", [.unaffected],
+            .descriptorRewritten),
     ]
 
     public static func attack(named name: String) -> NetAttack? { all.first { $0.name == name } }
@@ -187,6 +231,11 @@ public final class NetAdversaryDevice: VhostUserDevice, @unchecked Sendable {
     public let attack: NetAttack
     let reads = Atomic<Int>(0)
     let stormStarted = Atomic<Bool>(false)
+    /// Receive queue 0's ring addresses as SET_VRING_ADDR announced them (ring attacks).
+    let receiveRing = Mutex<VringAddress?>(nil)
+    let rewrites = Atomic<Int>(0)
+    /// Posted descriptors `net-descriptor-rewritten-after-post` rewrote (0 on a packed ring).
+    public var rewrittenDescriptors: Int { rewrites.load(ordering: .relaxed) }
 
     /// Seconds after the receive queue first runs before a receive attack fires (a real
     /// driver such as testpmd flushes its queues when forwarding starts).
@@ -228,6 +277,13 @@ public final class NetAdversaryDevice: VhostUserDevice, @unchecked Sendable {
         switch attack.behaviour {
         case .receive, .headerFlip:
             if queue == 0 { return NetAdversaryReceive(attack.behaviour, real: real, delay: delay) }
+        case .ring(let lie):
+            if queue == 0 {
+                return NetAdversaryRing(
+                    lie, real: real, delay: delay, packed: features & FeatureBits.ringPacked != 0,
+                    ring: { [weak self] in self?.receiveRing.withLock { $0 } },
+                    rewrote: { [weak self] in _ = self?.rewrites.add(1, ordering: .relaxed) })
+            }
         case .controlNever, .controlAck, .controlLate:
             if queue == NetProtocol.controlQueue(pairs: inner.options.queuePairs) {
                 return NetAdversaryControl(attack.behaviour)
@@ -241,6 +297,9 @@ public final class NetAdversaryDevice: VhostUserDevice, @unchecked Sendable {
 
     /// The storm's thread writes the call fd the driver gave for receive queue 0.
     public func controlRequestReceived(_ request: Request, payload: [UInt8], descriptors: [Int32]) {
+        if request == .setVringAddr, let a = try? VringAddress.decode(payload), a.index == 0 {
+            receiveRing.withLock { $0 = a }
+        }
         guard case .receiveStorm(let seconds) = attack.behaviour, request == .setVringCall,
             payload.first == 0, let fd = descriptors.first, !stormStarted.exchange(true, ordering: .relaxed)
         else { return }
@@ -330,6 +389,95 @@ final class NetAdversaryReceive: QueueHandler {
     }
 }
 
+/// Receive queue 0: one valid frame whose completion lies about the ring, then the real
+/// handler.
+final class NetAdversaryRing: QueueHandler {
+    let lie: NetRingLie
+    let real: any QueueHandler
+    let delay: Double
+    let packed: Bool
+    let ring: () -> VringAddress?
+    let rewrote: () -> Void
+    var chain = DescriptorChain()
+    var second = DescriptorChain()
+    var fired = false
+    var firstServe: UInt64 = 0
+
+    init(
+        _ lie: NetRingLie, real: any QueueHandler, delay: Double, packed: Bool,
+        ring: @escaping () -> VringAddress?, rewrote: @escaping () -> Void
+    ) {
+        self.lie = lie
+        self.rewrote = rewrote
+        self.real = real
+        self.delay = delay
+        self.packed = packed
+        self.ring = ring
+    }
+
+    func attach(wake: QueueWake) { real.attach(wake: wake) }
+
+    func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int { real.stopping(queue, memory: memory) }
+
+    func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        guard !fired else { return try real.serve(queue, memory: memory, budget: budget) }
+        if firstServe == 0 { firstServe = monotonicNanoseconds() }
+        guard monotonicNanoseconds() - firstServe >= UInt64(delay * 1e9) else {
+            return try real.serve(queue, memory: memory, budget: budget)
+        }
+        guard case .ready = try queue.nextChain(into: &chain, memory: memory),
+            let length = Self.writeFrame(into: chain)
+        else { return 0 }
+        fired = true
+        let size = Int(queue.queueSize)
+        switch lie {
+        case .idOutOfRange:
+            queue.complete(head: UInt16(truncatingIfNeeded: size + 7), length: length)
+            // A valid frame right behind it: a driver that stops at the bad entry never sees it.
+            if case .ready = try queue.nextChain(into: &second, memory: memory),
+                let valid = Self.writeFrame(into: second)
+            {
+                queue.complete(head: second.head, length: valid)
+                return 2
+            }
+        case .idDuplicate:
+            // Two taken, so the packed ring's used slots stay within what was made available.
+            if case .ready = try queue.nextChain(into: &second, memory: memory) {
+                queue.complete(head: chain.head, length: length)
+                queue.complete(head: chain.head, length: length)
+                return 2
+            }
+            queue.complete(head: chain.head, length: length)
+        case .descriptorRewritten:
+            if !packed, let a = ring(), Int(chain.head) < size,
+                let table = try? memory.translateUser(a.descriptor, length: UInt64(16 * size)),
+                let base = table.baseAddress
+            {
+                let d = base + 16 * Int(chain.head)
+                SharedAccess.store16(d + 12, 0x0001 | 0x0002)  // NEXT | WRITE
+                SharedAccess.store16(d + 14, chain.head)
+                rewrote()
+            }
+            queue.complete(head: chain.head, length: length)
+        }
+        return 1
+    }
+
+    /// A header (num_buffers 1) and a 60-byte frame in the chain's first writable
+    /// buffer; the used length that covers them (nil: no room).
+    static func writeFrame(into chain: DescriptorChain) -> UInt32? {
+        guard let buffer = chain.writable.first?.buffer, let base = buffer.baseAddress else { return nil }
+        var bytes = NetHeader(numBuffers: 1).encoded
+        bytes += [0x02, 0, 0, 0, 0, 0x0b, 0x02, 0, 0, 0, 0, 0x0c, 0x88, 0xb5]
+        bytes += (0..<46).map { UInt8(truncatingIfNeeded: $0 | 0x02) }
+        guard bytes.count <= buffer.count else { return nil }
+        bytes.withUnsafeBytes { src in
+            if let s = src.baseAddress { base.copyMemory(from: s, byteCount: bytes.count) }
+        }
+        return UInt32(bytes.count)
+    }
+}
+
 /// The control queue answered badly.
 final class NetAdversaryControl: QueueHandler {
     let behaviour: NetBehaviour
@@ -376,8 +524,11 @@ public enum NetDriverProbe {
         }
     }
 
-    /// Serves `attack` on a socket pair in this process and probes it.
-    public static func run(_ attack: NetAttack) -> Result {
+    /// Serves `attack` on a socket pair in this process and probes it, on a packed ring
+    /// or a split one (the device offers both); by default packed, except for a lie only
+    /// a split ring can carry (`net-descriptor-rewritten-after-post`).
+    public static func run(_ attack: NetAttack, packed: Bool? = nil) -> Result {
+        let packed = packed ?? (attack.behaviour != .ring(.descriptorRewritten))
         let start = monotonicNanoseconds()
         func done(_ s: Signature, _ evidence: String) -> Result {
             Result(
@@ -414,6 +565,7 @@ public enum NetDriverProbe {
         options.controlTimeout = 5
         options.commandTimeout = 0.5
         options.partialChecksum = true
+        options.packedRing = packed
         let net: VirtioNetDriver
         do {
             net = try VirtioNetDriver.connect(channel: channels.0, options: options)
@@ -436,7 +588,11 @@ public enum NetDriverProbe {
             if r.received != 5 { return done(.timeout, "ping: \(r.received) of 5 frames came back") }
             if r.mismatched != 0 { return done(.wrongPayload, "ping: \(r.mismatched) wrong frames") }
             let mac = formatMAC(net.info.mac) + (net.info.macReplaced ? " (replaced)" : "")
-            return done(.unaffected, "5 of 5 frames intact; MAC \(mac); MTU \(net.info.mtu)")
+            let rewritten = device.rewrittenDescriptors
+            return done(
+                .unaffected,
+                "5 of 5 frames intact; MAC \(mac); MTU \(net.info.mtu)"
+                    + (rewritten > 0 ? "; \(rewritten) posted descriptor rewritten" : ""))
         } catch {
             return done(classify(error), error.description)
         }

@@ -109,7 +109,7 @@ public enum NetCommandAudit {
                 || l.contains("segmentation") || l.contains("abort") || l.contains("rx-packets")
                 || l.contains("rx-error") || l.contains("rx-nombuf") || l.contains("bad") || l.contains("mac")
                 || l.contains("rx_stat") || l.contains("guest-log") || l.contains("panic")
-                || l.contains("run-guest: fail"))
+                || l.contains("run-guest: fail") || l.contains("cookie") || l.contains("vring"))
                 && !l.contains("promiscuous") && !l.contains("allmulticast")
         }
         var seen = Set<String>()

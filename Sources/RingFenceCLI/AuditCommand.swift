@@ -37,11 +37,13 @@ struct AuditCommand: ParsableCommand {
             VerifiedBlock over it; exit 1 if a row is not the expected one). Markdown to stdout, \
             progress to stderr. `--device fs` runs the fs catalogue instead (`self`: our VirtioFS \
             driver; `linux-guest`: Linux 6.1 virtiofs); `--device net` the virtio-net section \
-            (`self`: our VirtioNet driver; `command`: any driver program). `--list` shows a catalogue.
+            (`self`: our VirtioNet driver; `linux-guest`: Linux 6.1 virtio_net through \
+            scripts/guest/net-audit.sh; `command`: any driver program). `--list` shows a catalogue.
             """)
 
     @Option(help: "self, linux-guest, command, xen-net or payload.") var target: AuditTarget = .self
-    @Option(help: "Device class whose catalogue runs: blk, fs (self, linux-guest) or net (self, command).")
+    @Option(
+        help: "Device class whose catalogue runs: blk, fs (self, linux-guest) or net (self, linux-guest, command).")
     var device: AuditDevice = .blk
     @Option(help: "Comma-separated attack names (default: the whole catalogue).") var only: [String] = []
     @Option(help: "Also write the report as JSON to this file.") var json: String?
@@ -74,8 +76,8 @@ struct AuditCommand: ParsableCommand {
                 "--kernel, --modules, --modules-deb and --config audit virtio_blk (--device blk) only")
         }
         if device == .net {
-            guard target == .self || target == .command else {
-                throw ValidationError("--device net: targets self and command")
+            guard target == .self || target == .command || target == .linuxGuest else {
+                throw ValidationError("--device net: targets self, linux-guest and command")
             }
             if target == .command && command.isEmpty && !list {
                 throw ValidationError("--target command needs a command after --")
@@ -181,6 +183,20 @@ extension AuditCommand {
             return
         }
         let attacks = onlyNames.isEmpty ? NetCatalogue.all : onlyNames.compactMap(NetCatalogue.attack(named:))
+        if target == .linuxGuest {
+            let seconds = deadline ?? 45
+            let guest = try Self.netGuestCommand(
+                repository: FileManager.default.currentDirectoryPath, imageDir: imageDir,
+                guestTimeout: Int(seconds.rounded(.up)) + 15)
+            let rows = NetCommandAudit.run(attacks, command: guest, seconds: seconds) { r in
+                FileHandle.standardError.write(Data("\(r.attack.name): \(r.effect)\n".utf8))
+            }
+            print(
+                NetCommandAudit.markdown(
+                    rows, title: "virtio-net adversary against Linux 6.1 virtio_net (QEMU TCG guest)", command: guest),
+                terminator: "")
+            return
+        }
         if target == .command {
             let rows = NetCommandAudit.run(attacks, command: command, seconds: deadline ?? 5) { r in
                 FileHandle.standardError.write(Data("\(r.attack.name): \(r.effect)\n".utf8))
@@ -195,6 +211,28 @@ extension AuditCommand {
         }
         print(markdown, terminator: "")
         if !contained { throw ExitCode(1) }
+    }
+
+    /// The modules `--device net --target linux-guest` loads in the guest, in order.
+    static let netGuestModules =
+        "virtio_ring,virtio,virtio_pci_legacy_dev,virtio_pci_modern_dev,virtio_pci,failover,net_failover,virtio_net"
+
+    /// The guest `--device net --target linux-guest` runs per attack (docs/audit-linux-6.1-net.md):
+    /// scripts/guest/run-guest.sh with net-audit.sh and a virtio-net-pci on `{socket}`.
+    static func netGuestCommand(repository: String, imageDir: String?, guestTimeout: Int) throws -> [String] {
+        let runGuest = repository + "/scripts/guest/run-guest.sh"
+        let script = repository + "/scripts/guest/net-audit.sh"
+        guard FileManager.default.fileExists(atPath: runGuest), FileManager.default.fileExists(atPath: script) else {
+            throw ValidationError("scripts/guest/run-guest.sh and net-audit.sh not found (run from the repository)")
+        }
+        var command = [
+            "/bin/bash", runGuest, "--script", script, "--modules", netGuestModules, "--timeout", "\(guestTimeout)",
+            "--qemu-arg", "-chardev", "--qemu-arg", "socket,id=c0,path={socket}",
+            "--qemu-arg", "-netdev", "--qemu-arg", "vhost-user,id=n0,chardev=c0",
+            "--qemu-arg", "-device", "--qemu-arg", "virtio-net-pci,netdev=n0,vectors=0,mac=52:54:00:00:00:0a",
+        ]
+        if let imageDir { command += ["--image-dir", URL(fileURLWithPath: imageDir).standardizedFileURL.path] }
+        return command
     }
 
     /// The fs catalogue (`FSCatalogue`) against our driver or Linux's virtiofs.

@@ -34,12 +34,24 @@ struct NetConnection: ParsableArguments {
     @Flag(name: .customLong("no-ctrl"), help: "Do not use the control queue (DPDK's vhost back-end leaves it to QEMU).")
     var noCtrl = false
 
+    @Flag(
+        help:
+            "Listen at --socket and wait for the back-end to connect (DPDK net_vhost with client=1) instead of connecting to it."
+    )
+    var listen = false
+
+    @Option(name: .customLong("accept-timeout"), help: "With --listen: seconds to wait for the back-end to connect.")
+    var acceptTimeout: Double = 30
+
     @Option(help: "Destination MAC of the frames sent.")
     var dst = "02:00:00:00:00:01"
 
     func validate() throws {
         guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
         guard parseMAC(dst) != nil else { throw ValidationError("--dst \(dst) is not aa:bb:cc:dd:ee:ff") }
+        guard acceptTimeout > 0, acceptTimeout <= 3600 else {
+            throw ValidationError("--accept-timeout must be in (0, 3600]")
+        }
     }
 
     var destination: [UInt8] { parseMAC(dst) ?? [2, 0, 0, 0, 0, 1] }
@@ -52,7 +64,12 @@ struct NetConnection: ParsableArguments {
         options.packedRing = !noPacked
         options.mergeableRxBuffers = !noMergeable
         options.controlQueue = !noCtrl
-        return try netOrExit { () throws(NetError) in try VirtioNetDriver.connect(socket: socket, options: options) }
+        options.acceptTimeout = acceptTimeout
+        return try netOrExit { () throws(NetError) in
+            listen
+                ? try VirtioNetDriver.listen(socket: socket, options: options)
+                : try VirtioNetDriver.connect(socket: socket, options: options)
+        }
     }
 }
 

@@ -168,4 +168,33 @@ struct AuditCommandTests {
         #expect(rows.first?["outcome"] as? String == "clean", "\(r.output)")
         #expect(rows.first?["evidence"] as? String == "I/O script passed; RF-SIZE 131072 512")
     }
+
+    /// `--device net --target linux-guest`: two receive attacks against Linux 6.1
+    /// virtio_net, each in its own guest (scripts/guest/net-audit.sh); the rows carry the
+    /// guest's own counters and kernel lines.
+    @Test(.enabled(if: Interop.qemuAvailable, "qemu-system-x86_64 is not installed: Linux guest audit skipped"))
+    func linuxGuestNetAuditOfTwoReceiveAttacks() throws {
+        #expect(try Interop.buildGuestImage())
+        let r = try Interop.run([
+            try Self.binary(), "audit", "--device", "net", "--target", "linux-guest", "--only",
+            "net-gso-garbage,net-used-len-below-header",
+        ])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("# virtio-net adversary against Linux 6.1 virtio_net (QEMU TCG guest)"))
+        #expect(r.output.contains("virtio-net-pci,netdev=n0,vectors=0"), "the command in the report")
+        let rows = r.output.split(separator: "\n").filter { $0.hasPrefix("| net-") }
+        #expect(rows.count == 2, "\(r.output)")
+        let gso = try #require(rows.first { $0.hasPrefix("| net-gso-garbage |") })
+        #expect(gso.contains("exited on its own with status 0"), "the guest powered off normally: \(gso)")
+        #expect(gso.contains("rx_frame_errors=1"), "\(gso)")
+        #expect(gso.contains("bad gso: type: 127"), "\(gso)")
+        let short = try #require(rows.first { $0.hasPrefix("| net-used-len-below-header |") })
+        #expect(short.contains("rx_length_errors=1"), "\(short)")
+    }
+
+    @Test func netAuditRefusesTheTargetsItDoesNotHave() throws {
+        let r = try Interop.run([try Self.binary(), "audit", "--device", "net", "--target", "xen-net"])
+        #expect(r.status == 2, "\(r.output)")
+        #expect(r.output.contains("--device net: targets self, linux-guest and command"), "\(r.output)")
+    }
 }

@@ -39,6 +39,8 @@ public final class VirtioNetDriver: @unchecked Sendable {
         public var partialChecksum = false
         /// Use packed virtqueues when the back-end offers VIRTIO_F_RING_PACKED.
         public var packedRing = true
+        /// In `listen(socket:)`: seconds to wait for the back-end to connect (R5).
+        public var acceptTimeout: Double = 30
         /// Called once with the first failure of the device (R6).
         public var onFailure: (@Sendable (NetError) -> Void)?
         public init() {}
@@ -71,6 +73,33 @@ public final class VirtioNetDriver: @unchecked Sendable {
         } catch {
             throw NetError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
         }
+        return try VirtioNetDriver(path: path, frontend: frontend, options: options)
+    }
+
+    /// Server mode (DPDK's `net_vhost` with `client=1`, QEMU's `server=off` back-ends):
+    /// listens at `path`, accepts one back-end within `options.acceptTimeout` seconds,
+    /// then the same negotiation as `connect(socket:)`, bounded by `controlTimeout`. The
+    /// socket is removed once a back-end is accepted (or the wait ends): a second peer
+    /// cannot connect. No back-end in time is `.timeout`; one that connects and goes away
+    /// or misbehaves fails as it would with `connect(socket:)`, its descriptor closed.
+    public static func listen(socket path: String, options: Options = Options()) throws(NetError) -> VirtioNetDriver {
+        guard options.acceptTimeout > 0, options.acceptTimeout <= 86400 else {
+            throw .invalidRequest("accept timeout must be in (0, 86400] seconds")
+        }
+        let channel: UnixChannel
+        do {
+            let listener = try UnixListener(path: path, backlog: 1)
+            // The listener (and its path) goes away after this accept: one back-end only.
+            channel = try listener.accept(until: .after(seconds: options.acceptTimeout))
+        } catch .timedOut {
+            throw .timeout(milliseconds: UInt64(options.acceptTimeout * 1000))
+        } catch .pathTooLong(let p) {
+            throw .invalidRequest("socket path too long: \(p)")
+        } catch {
+            throw .system(error.description)
+        }
+        let frontend = Frontend(channel: channel, replyTimeout: options.controlTimeout)
+        frontend.operationDeadline = .after(seconds: options.controlTimeout)
         return try VirtioNetDriver(path: path, frontend: frontend, options: options)
     }
 
