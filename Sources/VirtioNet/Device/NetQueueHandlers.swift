@@ -6,7 +6,7 @@ public import Virtqueue
 /// copied once into private scratch (R2) and checked (R3) before the fabric sees them; a
 /// chain that fails is completed with length 0 and counted, and the queue goes on.
 public final class NetTransmitHandler: QueueHandler {
-    static let batch = 64
+    static let batch = 32
     let device: VirtioNetDevice
     let pair: Int
     let features: UInt64
@@ -34,6 +34,10 @@ public final class NetTransmitHandler: QueueHandler {
     }
 
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        // At most one batch per call: the worker publishes used.idx after each, so the
+        // driver reclaims descriptors while we work on the next batch (a whole ring per
+        // publish leaves it waiting on a full ring).
+        let budget = min(budget, Self.batch)
         var count = 0
         var frames = 0
         var rejected = 0
