@@ -160,15 +160,19 @@ import Virtqueue
 
     /// The real device, its receive handler (queue 0) wrapped to count `serve` calls.
     final class CountingDevice: VhostUserDevice, @unchecked Sendable {
+        final class Calls: Sendable {
+            let count = Atomic<Int>(0)
+        }
+
         final class CountingReceive: QueueHandler {
             let inner: any QueueHandler
-            let calls: Atomic<Int>
-            init(_ inner: any QueueHandler, _ calls: Atomic<Int>) {
+            let calls: Calls
+            init(_ inner: any QueueHandler, _ calls: Calls) {
                 self.inner = inner
                 self.calls = calls
             }
             func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
-                calls.add(1, ordering: .relaxed)
+                calls.count.add(1, ordering: .relaxed)
                 return try inner.serve(queue, memory: memory, budget: budget)
             }
             func attach(wake: QueueWake) { inner.attach(wake: wake) }
@@ -177,7 +181,7 @@ import Virtqueue
         }
 
         let inner: VirtioNetDevice
-        let calls = Atomic<Int>(0)
+        let calls = Calls()
         init(_ inner: VirtioNetDevice) { self.inner = inner }
         var features: UInt64 { inner.features }
         var protocolFeatures: ProtocolFeatures { inner.protocolFeatures }
@@ -205,9 +209,9 @@ import Virtqueue
         let net = try VirtioNetDriver.connect(socket: fixture.socketPath)
         defer { net.close() }
         Thread.sleep(forTimeInterval: 0.3)  // past the first spins and blocks
-        let before = device.calls.load(ordering: .relaxed)
+        let before = device.calls.count.load(ordering: .relaxed)
         Thread.sleep(forTimeInterval: 0.5)
-        let during = device.calls.load(ordering: .relaxed) - before
+        let during = device.calls.count.load(ordering: .relaxed) - before
         // Blocked: a serve per idle tick (0.2 s) and the short spins after it. Polling:
         // one per sched_yield, hundreds of thousands.
         #expect(during < 1000, "\(during) serve calls in 0.5 s on an idle receive queue")
