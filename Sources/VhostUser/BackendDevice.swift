@@ -59,6 +59,13 @@ public protocol QueueHandler: AnyObject {
     /// The queue is stopping (on its thread): complete any chain still held; returns how
     /// many were completed (they are published before GET_VRING_BASE answers).
     func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int
+
+    /// Asked when `serve` found nothing to do and the avail ring still holds entries:
+    /// true (the default) when those entries are the handler's work, so the worker polls
+    /// again instead of blocking. A handler whose work arrives from elsewhere (net receive:
+    /// frames in its inbox, through its `QueueWake`) answers false while it has none, so
+    /// buffers the driver posted in advance do not keep its thread spinning.
+    func workIsAvailable(_ queue: any DeviceRing) -> Bool
 }
 
 extension VhostUserDevice {
@@ -75,6 +82,8 @@ extension QueueHandler {
     public func idle(_ queue: any DeviceRing, memory: GuestMemory) {}
     public func attach(wake: QueueWake) {}
     public func stopping(_ queue: any DeviceRing, memory: GuestMemory) -> Int { 0 }
+    /// The ring is the work.
+    public func workIsAvailable(_ queue: any DeviceRing) -> Bool { true }
 }
 
 /// Wakes a queue's thread from elsewhere (its `serve` then runs again): for work that

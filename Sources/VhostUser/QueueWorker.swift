@@ -137,7 +137,9 @@ final class QueueWorker: @unchecked Sendable {
                 continue
             }
             spinStart = 0
-            if queue.enableNotifications() {
+            // Entries already available are a reason to poll again only if they are the
+            // handler's work (a net receive queue with buffers but no frames blocks).
+            if queue.enableNotifications() && handler.workIsAvailable(queue) {
                 queue.disableNotifications()
                 continue
             }

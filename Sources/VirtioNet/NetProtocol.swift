@@ -149,6 +149,15 @@ public struct NetHeader: Sendable, Hashable {
         return b
     }
 
+    /// Whether the 12 private bytes at `p` carry no offload at all (flags, gso_type and
+    /// gso_size all 0): such a header passes `problem(frameLength:partialChecksum:)` for
+    /// any frame, and without partial checksums it is the only kind that does. The
+    /// per-frame fast path of a transmit queue.
+    @inline(__always)
+    public static func isPlain(bytes p: UnsafeRawPointer) -> Bool {
+        p.loadUnaligned(as: UInt16.self) == 0 && p.loadUnaligned(fromByteOffset: 4, as: UInt16.self) == 0
+    }
+
     /// Why this header may not come with a frame of `frameLength` bytes, given which
     /// offloads the receiver negotiated (`partialChecksum`: NEEDS_CSUM allowed; no GSO is
     /// ever negotiated here), or nil. The same check on both sides.

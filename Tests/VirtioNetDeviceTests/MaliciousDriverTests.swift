@@ -236,4 +236,50 @@ import RingTestSupport
         let bed = try Bed()
         #expect(try command(bed, [1, 0] + [UInt8](repeating: 0, count: 900)) == 1)
     }
+
+    // MARK: batching and idling (what the device benchmark leans on)
+
+    @Test func transmitServesOneBatchPerCallSoUsedIsPublishedPerBatch() throws {
+        let bed = try Bed(queueSize: 64)
+        for _ in 0..<40 { try bed.post(1, [(Self.header + Self.frame(60), false)]) }
+        #expect(try bed.serve(1) == 32, "one batch of 32 although the budget is 64")
+        #expect(try bed.completions(1).count == 32, "published before the rest is served")
+        #expect(try bed.serve(1) == 8)
+        #expect(bed.device.statistics.transmitted == 40)
+        #expect(bed.fabric.statistics.framesDelivered == 40)
+    }
+
+    @Test func receiveBuffersWithoutFramesAreNoWorkForTheQueueThread() throws {
+        let bed = try Bed()
+        try bed.post(0, [([UInt8](repeating: 0, count: 2048), true)])
+        #expect(!bed.rx.workIsAvailable(bed.pair.devices[0]), "buffers, empty inbox: the thread may block")
+        try loop(bed, length: 60)
+        #expect(bed.rx.workIsAvailable(bed.pair.devices[0]), "a frame waits for the buffer")
+        #expect(try bed.serve(0) == 1)
+        #expect(!bed.rx.workIsAvailable(bed.pair.devices[0]))
+        try bed.post(1, [(Self.header + Self.frame(60), false)])
+        #expect(bed.tx.workIsAvailable(bed.pair.devices[1]), "transmit: the ring is the work")
+    }
+
+    @Test func plainHeaderFastPathAgreesWithTheFullCheck() {
+        var bytes = [UInt8](repeating: 0, count: 12)
+        for flags: UInt8 in [0, 1, 2, 3, 0x80] {
+            for gso: UInt8 in [0, 1, 3, 4, 5, 0x80] {
+                for gsoSize: UInt16 in [0, 1, 0x100, 0xffff] {
+                    for other: UInt8 in [0, 0xff] {
+                        bytes[0] = flags
+                        bytes[1] = gso
+                        bytes[2] = other  // hdr_len
+                        bytes[4] = UInt8(gsoSize & 0xff)
+                        bytes[5] = UInt8(gsoSize >> 8)
+                        bytes[6] = other  // csum_start
+                        bytes[8] = other  // csum_offset
+                        let plain = bytes.withUnsafeBytes { NetHeader.isPlain(bytes: $0.baseAddress!) }
+                        let accepted = NetHeader(bytes).problem(frameLength: 60, partialChecksum: false) == nil
+                        #expect(plain == accepted, "flags \(flags) gso \(gso) size \(gsoSize) other \(other)")
+                    }
+                }
+            }
+        }
+    }
 }

@@ -29,6 +29,29 @@ enum ChainBytes {
         }
     }
 
+    /// Copies the first `count` readable bytes of `chain` once into private `into` (R2),
+    /// straight from its segment table (no slice). The caller checked
+    /// `count <= readableLength`.
+    @inline(__always)
+    static func gatherReadable(
+        _ chain: UnsafeMutablePointer<DescriptorChain>, count: Int, into: UnsafeMutableRawPointer
+    ) {
+        // Elements read in place through the pointer: a closure over the array
+        // (withUnsafeBufferPointer) costs a retain and a release per frame.
+        let readable = chain.pointee.firstWritable
+        var remaining = count
+        var done = 0
+        var i = 0
+        while remaining > 0 && i < readable {
+            let buffer = chain.pointee.segments[i].buffer
+            let n = min(buffer.count, remaining)
+            if let source = buffer.baseAddress { SharedAccess.copy(from: source, to: into + done, count: n) }
+            remaining -= n
+            done += n
+            i += 1
+        }
+    }
+
     /// Writes `count` private bytes to byte `offset` of `segments` (write-only: nothing is
     /// read back). Returns the bytes written (less when the segments end first).
     @inline(__always)

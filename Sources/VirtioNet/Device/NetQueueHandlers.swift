@@ -3,42 +3,54 @@ public import VhostUser
 public import Virtqueue
 
 /// Serves one transmit queue (the driver's frames out): each chain's header and frame are
-/// copied once into private scratch (R2) and checked (R3) before the fabric sees them; a
-/// chain that fails is completed with length 0 and counted, and the queue goes on.
+/// copied once, together, into private scratch (R2) and checked there (R3) before the
+/// fabric sees them (the sink too: it drops the private copy); a chain that fails is
+/// completed with length 0 and counted, and the queue goes on.
 public final class NetTransmitHandler: QueueHandler {
-    static let batch = 64
+    static let batch = 32
     let device: VirtioNetDevice
     let pair: Int
     let features: UInt64
-    let slotSize: Int
-    var chain = DescriptorChain()
+    /// Largest frame (without the header) a chain may carry.
+    let maximumFrame: Int
+    /// Bytes between two scratch slots: header and largest frame, rounded to a cache line.
+    let slotStride: Int
+    /// The chain being popped, behind a pointer: a stored `var` passed `inout` for every
+    /// frame would cost a dynamic exclusivity check each time.
+    let chain: UnsafeMutablePointer<DescriptorChain>
     let scratch: UnsafeMutableRawPointer
     let refs: UnsafeMutablePointer<FrameRef>
-    let header: UnsafeMutableRawPointer
     var rejectionLog = LogThrottle()
 
     init(device: VirtioNetDevice, pair: Int, features: UInt64) {
         self.device = device
         self.pair = pair
         self.features = features
-        slotSize = device.maximumFrame
-        scratch = .allocate(byteCount: Self.batch * slotSize, alignment: 64)
+        maximumFrame = device.maximumFrame
+        slotStride = (NetProtocol.headerSize + maximumFrame + 63) & ~63
+        chain = .allocate(capacity: 1)
+        chain.initialize(to: DescriptorChain())
+        scratch = .allocate(byteCount: Self.batch * slotStride, alignment: 64)
         refs = .allocate(capacity: Self.batch)
-        header = .allocate(byteCount: NetProtocol.headerSize, alignment: 8)
     }
 
     deinit {
+        chain.deinitialize(count: 1)
+        chain.deallocate()
         scratch.deallocate()
         refs.deallocate()
-        header.deallocate()
     }
 
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        // At most one batch per call: the worker publishes used.idx after each, so the
+        // driver reclaims descriptors while we work on the next batch (a whole ring per
+        // publish leaves it waiting on a full ring).
+        let budget = min(budget, Self.batch)
         var count = 0
         var frames = 0
         var rejected = 0
         while count < budget {
-            switch try queue.nextChain(into: &chain, memory: memory) {
+            switch try queue.nextChain(into: &chain.pointee, memory: memory) {
             case .empty:
                 break
             case .rejected(let head, let violation):
@@ -48,26 +60,23 @@ public final class NetTransmitHandler: QueueHandler {
                 count += 1
                 continue
             case .ready:
-                let slot = scratch + frames * slotSize
-                if let length = take(into: slot) {
-                    refs[frames] = FrameRef(base: UnsafeRawPointer(slot), length: length)
+                let slot = scratch + frames * slotStride
+                let length = take(into: slot)
+                if length >= 0 {
+                    refs[frames] = FrameRef(base: UnsafeRawPointer(slot + NetProtocol.headerSize), length: length)
                     frames += 1
                 } else {
                     rejected += 1
                 }
                 // The used length of a transmitted buffer means nothing: 0.
-                queue.complete(head: chain.head, length: 0)
+                queue.complete(head: chain.pointee.head, length: 0)
                 count += 1
-                if frames == Self.batch {
-                    device.fabric.forward(refs, count: frames, from: device.port, pair: pair)
-                    frames = 0
-                }
                 continue
             }
             break
         }
-        device.fabric.forward(refs, count: frames, from: device.port, pair: pair)
         if count > 0 {
+            device.fabric.forward(refs, count: frames, from: device.port, pair: pair)
             let sent = count - rejected
             device.count { s in
                 s.transmitted &+= UInt64(sent)
@@ -78,22 +87,24 @@ public final class NetTransmitHandler: QueueHandler {
         return count
     }
 
-    /// Copies and checks the frame in `chain`; its length, or nil to refuse it.
-    func take(into slot: UnsafeMutableRawPointer) -> Int? {
+    /// Copies the header and frame in `chain` once into `slot` (header first) and checks
+    /// them there; the frame's length, or -1 to refuse it.
+    @inline(__always)
+    func take(into slot: UnsafeMutableRawPointer) -> Int {
+        let c = chain
         // A transmit chain is device-readable only; header and frame may be split anywhere.
-        guard chain.writableLength == 0 else { return nil }
-        let total = chain.readableLength
+        guard c.pointee.writableLength == 0 else { return -1 }
+        let total = c.pointee.readableLength
         guard total >= UInt64(NetProtocol.headerSize + NetProtocol.ethernetHeaderSize),
-            total <= UInt64(NetProtocol.headerSize + slotSize)
-        else { return nil }
+            total <= UInt64(NetProtocol.headerSize + maximumFrame)
+        else { return -1 }
         let length = Int(total) - NetProtocol.headerSize
-        ChainBytes.gather(chain.readable, at: 0, count: NetProtocol.headerSize, into: header)
-        let h = NetHeader(bytes: header)
+        ChainBytes.gatherReadable(c, count: Int(total), into: slot)
         // No offload offered (CSUM, HOST_TSO*): any gso or NEEDS_CSUM is refused.
-        guard h.problem(frameLength: length, partialChecksum: false) == nil else { return nil }
-        if device.fabric.mode != .sink {
-            ChainBytes.gather(chain.readable, at: NetProtocol.headerSize, count: length, into: slot)
-        }
+        guard
+            NetHeader.isPlain(bytes: slot)
+                || NetHeader(bytes: slot).problem(frameLength: length, partialChecksum: false) == nil
+        else { return -1 }
         return length
     }
 }
@@ -129,6 +140,10 @@ public final class NetReceiveHandler: QueueHandler {
     deinit { header.deallocate() }
 
     public func attach(wake: QueueWake) { inbox.setWake(wake) }
+
+    /// Posted buffers are work only with frames to put in them (or a frame waiting for
+    /// more buffers): otherwise the thread blocks until the inbox's wake or a kick.
+    public func workIsAvailable(_ queue: any DeviceRing) -> Bool { heldCount > 0 || inbox.waiting > 0 }
 
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         let (first, waiting) = inbox.peek()
