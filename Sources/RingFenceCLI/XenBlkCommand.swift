@@ -43,6 +43,8 @@ struct ServeXenBlkCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Serve an in-memory disk of this many sectors.", visibility: .hidden))
     var memorySectors: Int?
 
+    @OptionGroup var wait: WaitOptions
+
     @Option(
         help: ArgumentHelp(
             "Serve Prometheus metrics at ADDR: a Unix socket path or 127.0.0.1:PORT (SIGUSR1 logs them too).",
@@ -103,8 +105,9 @@ struct ServeXenBlkCommand: ParsableCommand {
         var description: String { "\(path) is smaller than one 512-byte sector" }
     }
 
-    /// Serves one frontend; its counts reach `metrics` when it ends (requests, rejections by
-    /// rule, the violation that dropped it, or the refusal of its handshake).
+    /// Serves one frontend; its counts reach `metrics` while it is served (requests,
+    /// bytes, rejections by rule), then the violation that dropped it or the refusal of
+    /// its handshake.
     func serveOne(
         _ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?, metrics: ServerMetrics,
         number: Int
@@ -114,14 +117,10 @@ struct ServeXenBlkCommand: ParsableCommand {
         do {
             let connection = try XenBlkBackendConnection.accept(
                 channel: channel, storage: storage, hooks: attack.map(XenBackendAdversary.init))
-            let end = connection.run()
+            var live = XenBlkLiveCounts()
+            let end = connection.run(wait: wait.strategy) { live.push($0.backend, to: metrics, connection: number) }
+            live.push(connection.backend, to: metrics, connection: number, force: true)
             let b = connection.backend
-            metrics.add(
-                BlockDeviceStatistics(
-                    requests: b.servedRequests, failed: b.rejectedRequests,
-                    violations: Dictionary(uniqueKeysWithValues: b.rejectionsByRule.map { ($0.key.rawValue, $0.value) })
-                ),
-                connection: number)
             if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
@@ -130,6 +129,32 @@ struct ServeXenBlkCommand: ParsableCommand {
             metrics.refused(connection: number)
             print("serve-xen-blk: connection refused: \(error)")
         }
+    }
+}
+
+/// What a blkif backend counted that `ServerMetrics` has not seen yet: pushed from the
+/// serving thread at most every 10 ms (a scrape sees counts at most that old), and once
+/// more when the connection ends.
+struct XenBlkLiveCounts {
+    var pushed = BlockDeviceStatistics()
+    var lastPush: UInt64 = 0
+
+    mutating func push(_ b: BlkBackend, to metrics: ServerMetrics, connection: Int, force: Bool = false) {
+        let now = monotonicNanoseconds()
+        guard force || now &- lastPush >= 10_000_000 else { return }
+        lastPush = now
+        var delta = BlockDeviceStatistics(
+            requests: b.servedRequests - pushed.requests, bytesRead: b.bytesRead - pushed.bytesRead,
+            bytesWritten: b.bytesWritten - pushed.bytesWritten, failed: b.rejectedRequests - pushed.failed)
+        for (rule, n) in b.rejectionsByRule where n != pushed.violations[rule.rawValue, default: 0] {
+            delta.violations[rule.rawValue] = n - pushed.violations[rule.rawValue, default: 0]
+        }
+        guard delta != BlockDeviceStatistics() else { return }
+        pushed = BlockDeviceStatistics(
+            requests: b.servedRequests, bytesRead: b.bytesRead, bytesWritten: b.bytesWritten,
+            failed: b.rejectedRequests,
+            violations: Dictionary(uniqueKeysWithValues: b.rejectionsByRule.map { ($0.key.rawValue, $0.value) }))
+        metrics.add(delta, connection: connection)
     }
 }
 

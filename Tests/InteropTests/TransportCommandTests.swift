@@ -38,7 +38,8 @@ struct TransportCommandTests {
 
         deinit {
             if process.isRunning {
-                kill(process.processIdentifier, SIGTERM)
+                // SIGKILL: a child of the test process inherits its blocked SIGTERM.
+                kill(process.processIdentifier, SIGKILL)
                 process.waitUntilExit()
             }
             try? FileManager.default.removeItem(atPath: dir)
