@@ -3,7 +3,12 @@ import ArgumentParser
 import Foundation
 import RingFenceResults
 import SharedMemory
+import VirtioBlock
 import XenRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `ringfence serve-xen-net`: the hardened netif backend, every connection on its own
 /// thread; a frontend that corrupts a ring is dropped, the others go on.
@@ -36,6 +41,8 @@ struct ServeXenNetCommand: ParsableCommand {
     @Option(help: "Seconds without traffic before a connection is closed.")
     var idle: Double = 30
 
+    @OptionGroup var metricsOptions: MetricsOptions
+
     @Option(help: "Misbehave: \(XenNetBackendAttack.allCases.map(\.rawValue).joined(separator: ", ")).")
     var attack: String?
 
@@ -54,6 +61,23 @@ struct ServeXenNetCommand: ParsableCommand {
             throw ExitCode(1)
         }
         let attack = self.attack.flatMap(XenNetBackendAttack.init(rawValue:))
+        // SIGUSR1 (blocked before any thread exists) logs the metrics; INT and TERM keep
+        // their default action.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGUSR1)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let serverMetrics = ServerMetrics(server: "serve-xen-net")
+        let endpoint = try metricsOptions.start(serverMetrics) {
+            FileHandle.standardError.write(Data("serve-xen-net: \($0)\n".utf8))
+        }
+        defer { endpoint?.removeSocket() }
+        try startSignalWaiter(
+            signals,
+            onDump: {
+                FileHandle.standardError.write(Data("serve-xen-net: metrics (SIGUSR1):\n\(serverMetrics.text)".utf8))
+            }
+        ) { _ in }
         print("serve-xen-net: \(mode.rawValue) on \(socket)\(attack.map { " (attack \($0.rawValue))" } ?? "")")
         let hub = XenNetSwitch()
         let group = DispatchGroup()
@@ -67,7 +91,8 @@ struct ServeXenNetCommand: ParsableCommand {
             group.enter()
             Thread.detachNewThread { [group] in
                 defer { group.leave() }
-                Self.serveOne(channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack)
+                Self.serveOne(
+                    channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack, metrics: serverMetrics)
             }
         }
         group.wait()
@@ -75,18 +100,28 @@ struct ServeXenNetCommand: ParsableCommand {
 
     static func serveOne(
         _ channel: UnixChannel, mode: XenNetMode, hub: XenNetSwitch, idle: Double, number: Int,
-        attack: XenNetBackendAttack?
+        attack: XenNetBackendAttack?, metrics: ServerMetrics
     ) {
+        metrics.connected(number)
+        defer { metrics.disconnected() }
         do {
             let connection = try XenNetBackendConnection.accept(
                 channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
             let end = connection.run(idleTimeout: idle)
             let b = connection.backend
+            // Frames the frontend sent are its requests, their bytes what it wrote.
+            metrics.add(
+                BlockDeviceStatistics(
+                    requests: Int(clamping: b.txFrames), bytesWritten: Int(clamping: connection.bytesReceived),
+                    failed: Int(clamping: b.rejectedFrames)),
+                connection: number)
+            if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-net: connection \(number) \(end): \(b.txFrames) frames in (\(connection.bytesReceived) bytes), "
                     + "\(b.rxFrames) out, \(b.rejectedFrames) rejected, \(connection.port.dropped) dropped"
                     + (b.lastRejection.map { " (last: \($0))" } ?? ""))
         } catch {
+            metrics.refused(connection: number)
             print("serve-xen-net: connection \(number) refused: \(error)")
         }
     }
