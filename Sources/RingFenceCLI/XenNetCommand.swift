@@ -72,12 +72,10 @@ struct ServeXenNetCommand: ParsableCommand {
             FileHandle.standardError.write(Data("serve-xen-net: \($0)\n".utf8))
         }
         defer { endpoint?.removeSocket() }
-        try startSignalWaiter(
-            signals,
-            onDump: {
-                FileHandle.standardError.write(Data("serve-xen-net: metrics (SIGUSR1):\n\(serverMetrics.text)".utf8))
-            }
-        ) { _ in }
+        let dumpMetrics: @Sendable () -> Void = {
+            FileHandle.standardError.write(Data("serve-xen-net: metrics (SIGUSR1):\n\(serverMetrics.text)".utf8))
+        }
+        try startSignalWaiter(signals, onDump: dumpMetrics) { _ in }
         print("serve-xen-net: \(mode.rawValue) on \(socket)\(attack.map { " (attack \($0.rawValue))" } ?? "")")
         let hub = XenNetSwitch()
         let group = DispatchGroup()

@@ -216,6 +216,54 @@ struct MetricsTests {
         #expect(Self.value(text, "ringfence_reconnects_total{server=\"serve-xen-blk\"}") == 1)
     }
 
+    /// serve-net and serve-xen-net take the same --metrics: two frontends are two
+    /// connections and one reconnect; serve-xen-net counts the frames and bytes sent.
+    @Test(arguments: [
+        ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
+    ])
+    func netServersCountConnections(server arguments: [String]) throws {
+        let dir = "/tmp/rf-metrics-\(arguments[0])-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let name = arguments[0]
+        let server = try Self.start(
+            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
+        )
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        Self.waitFor { FileManager.default.fileExists(atPath: dir + "/s.sock") }
+        let client = name == "serve-net" ? "net" : "xen-net"
+        for _ in 0..<2 {
+            let r = try Interop.run([
+                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
+            ])
+            #expect(r.status == 0, "\(r.output)")
+        }
+        var text = ""
+        Self.waitFor {
+            text = Self.scrape(unix: dir + "/m.sock")
+            return Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1
+        }
+        #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
+        if name == "serve-xen-net" {
+            Self.waitFor {
+                text = Self.scrape(unix: dir + "/m.sock")
+                return Self.value(text, "ringfence_requests_total{server=\"serve-xen-net\",connection=\"2\"}") == 3
+            }
+            #expect(
+                Self.value(text, "ringfence_written_bytes_total{server=\"serve-xen-net\",connection=\"2\"}") == 300,
+                "\(text)")
+        }
+        kill(server.processIdentifier, SIGUSR1)
+        Self.waitFor {
+            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("metrics (SIGUSR1):")
+        }
+        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("metrics (SIGUSR1):") && log.contains("ringfence_reconnects_total"), "\(log)")
+    }
+
     @Test func metricsAreNeverServedBeyondTheLoopback() throws {
         for address in ["0.0.0.0:9100", "192.168.1.1:9100", "metrics"] {
             let r = try Interop.run([
