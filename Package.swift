@@ -23,6 +23,7 @@ let package = Package(
         .library(name: "Adversary", targets: ["Adversary"]),
         .library(name: "BlockBench", targets: ["BlockBench"]),
         .library(name: "VerifiedBlock", targets: ["VerifiedBlock"]),
+        .library(name: "RingFenceResults", targets: ["RingFenceResults"]),
         .executable(name: "ringfence", targets: ["RingFenceCLI"]),
     ],
     dependencies: [
@@ -110,6 +111,7 @@ let package = Package(
                 "Adversary",
                 "BlockBench",
                 "BlockImage",
+                "RingFenceResults",
                 "SharedMemory",
                 "Virtqueue",
                 "RingTestSupport",
@@ -127,6 +129,8 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // What `ringfence ... --json` prints: Codable types tools (and the tests) decode.
+        .target(name: "RingFenceResults", swiftSettings: strict),
         .target(
             name: "XenRing",
             dependencies: [
@@ -172,7 +176,7 @@ let package = Package(
             name: "XenRingTests",
             dependencies: [
                 "XenRing", "BlockImage", "SharedMemory", "CXenPeer", "RingTestSupport", "Adversary",
-                "BlockBench",
+                "BlockBench", "RingFenceResults",
             ],
             swiftSettings: strict
         ),
@@ -232,7 +236,10 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["VirtioBlock", "VirtioFS", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: [
+                "VirtioBlock", "VirtioFS", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory", "BlockBench",
+                "RingFenceResults",
+            ],
             swiftSettings: strict
         ),
     ]

@@ -77,18 +77,13 @@ struct BlkBench: ParsableCommand {
                 state.results.withLock { $0.append((histogram, r.requests, r.firstError)) }
             }
         }
+        let line = ProgressLine(json: json)
         while group.wait(timeout: .now() + 1) == .timedOut {
             let elapsed = Double(monotonicNanoseconds() - start) / 1e9
-            let ios = state.progress.completed
-            let iops = Double(ios) / elapsed
-            FileHandle.standardError.write(
-                Data(
-                    String(
-                        format: "\r[%4.0fs/%.0fs] %.0f IOPS, %.1f MiB/s   ", elapsed, runtime, iops,
-                        iops * Double(bsBytes) / 1_048_576
-                    ).utf8))
+            line.show(
+                ProgressLine.blockLine(elapsed: elapsed, runtime: runtime, ios: state.progress.completed, bs: bsBytes))
         }
-        FileHandle.standardError.write(Data("\r\u{1b}[K".utf8))
+        line.clear()
         let elapsed = Double(monotonicNanoseconds() - start) / 1e9
         var histogram = Histogram<UInt64>(
             highestTrackableValue: 120_000_000_000, numberOfSignificantValueDigits: .three)
@@ -99,25 +94,10 @@ struct BlkBench: ParsableCommand {
             total += n
             if firstError == nil { firstError = e }
         }
-        let iops = Double(total) / elapsed
-        let mib = iops * Double(bs.bytes) / 1_048_576
-        func us(_ ns: UInt64) -> Double { Double(ns) / 1000 }
-        let p50 = us(histogram.valueAtPercentile(50))
-        let p99 = us(histogram.valueAtPercentile(99))
-        let p999 = us(histogram.valueAtPercentile(99.9))
-        let mean = histogram.mean / 1000
-        if json {
-            let result = BlockBenchResult(
-                rw: rw.rawValue, bs: bs.bytes, iodepth: iodepth, queues: disk.queueCount, seconds: elapsed, ios: total,
-                latencies: histogram, error: firstError.map { "\($0)" })
-            print(result.json)
-        } else {
-            print(
-                "\(rw.rawValue): bs=\(bs.bytes) iodepth=\(iodepth) queues=\(disk.queueCount) runtime=\(String(format: "%.1f", elapsed))s"
-            )
-            print(String(format: "  IOPS=%.0f, BW=%.1fMiB/s, ios=%d", iops, mib, total))
-            print(String(format: "  lat (usec): mean=%.1f, p50=%.1f, p99=%.1f, p99.9=%.1f", mean, p50, p99, p999))
-        }
+        let result = BlockBenchResult(
+            rw: rw.rawValue, bs: bs.bytes, iodepth: iodepth, queues: disk.queueCount, seconds: elapsed, ios: total,
+            latencies: histogram, error: firstError.map { "\($0)" })
+        if json { print(result.json) } else { printBench(result) }
         if let firstError {
             FileHandle.standardError.write(Data("ringfence blk: error: \(firstError)\n".utf8))
             throw ExitCode(1)

@@ -242,7 +242,7 @@ struct BlkVerify: ParsableCommand {
             FileHandle.standardError.write(Data("ringfence blk: verify FAILED: first mismatch at byte \(i)\n".utf8))
             throw ExitCode(1)
         }
-        print("verify OK: \(total) bytes, seed \(seed), \(String(format: "%.1f", ms)) ms")
+        print("verify OK: \(total) bytes, seed \(seed), \(format(ms, 1)) ms")
     }
 }
 

@@ -71,7 +71,7 @@ struct DemoCommand: ParsableCommand {
         let total = Double(monotonicNanoseconds() &- start) / 1e9
         let failed = report.records.filter { $0.asExpected != true && $0.outcome != .notApplicable }
         print(
-            "demo: done in " + String(format: "%.1f", total) + " s; "
+            "demo: done in " + format(total, 1) + " s; "
                 + (failed.isEmpty
                     ? "every attack was contained as the catalogue expects."
                     : "\(failed.count) attack(s) ended otherwise than expected."))

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import RingFenceResults
 import VirtioFS
 
 /// `ringfence fs`: a thin shell over `VirtioFS.VirtioFSDriver`.
@@ -80,7 +81,9 @@ func permissionString(_ p: UInt32) -> String {
 }
 
 /// Progress on stderr, at most every 64 MiB or at the end.
+/// Progress of a large get/put (each 64 MiB), on a terminal only, as every progress line.
 final class FsProgress {
+    let line = ProgressLine(json: false)
     let total: Int
     let label: String
     var last = 0
@@ -89,7 +92,7 @@ final class FsProgress {
         self.label = label
     }
     func update(_ done: Int) {
-        guard done - last >= 64 << 20 || done == total else { return }
+        guard line.enabled, done - last >= 64 << 20 || done == total else { return }
         last = done
         let percent = total > 0 ? done * 100 / total : 100
         FileHandle.standardError.write(Data("\(label): \(done >> 20) MiB of \(total >> 20) MiB (\(percent)%)\n".utf8))
@@ -262,24 +265,29 @@ struct FsBenchCommand: ParsableCommand {
     @ParentCommand var fs: Fs
     @Option(help: "File to read (created with --size bytes when missing).") var file = "ringfence-bench.bin"
     @Option(help: "Size of the file when it is created.") var size: Size = Size(64 << 20)
-    @Option(help: "Seconds per measurement.") var seconds: Double = 2
+    @Option(help: "Seconds per measurement.") var runtime: Double = 2
     @Flag(help: "Print the result as JSON.") var json = false
 
     func validate() throws {
-        guard seconds > 0, seconds <= 600 else { throw ValidationError("--seconds must be in (0, 600]") }
+        guard runtime > 0, runtime <= 600 else { throw ValidationError("--runtime must be in (0, 600]") }
         guard size.bytes >= 1 << 20, size.bytes <= 1 << 32 else { throw ValidationError("--size must be 1M...4G") }
     }
 
     func run() throws {
         let d = try fs.open()
         defer { d.close() }
+        let progress = ProgressLine(json: json)
+        defer { progress.clear() }
         let r = try fsOrExit { () throws(FSError) in
-            try FSBench.run(d, path: file, fileSize: size.bytes, seconds: seconds) { step in
-                if !json { FileHandle.standardError.write(Data("bench: \(step)\n".utf8)) }
+            try FSBench.run(d, path: file, fileSize: size.bytes, seconds: runtime) { step in
+                progress.show("bench: \(step)")
             }
         }
         if json {
-            print(r.json)
+            printJSON(
+                FsBenchResult(
+                    statOps: r.statPerSecond, lookupOps: r.lookupPerSecond, randread4kOps: r.randomRead4KPerSecond,
+                    seqread1mMibS: r.sequentialReadMiBPerSecond, seconds: runtime))
         } else {
             print("stat:              \(format(r.statPerSecond, 0)) ops/s")
             print("lookup+forget:     \(format(r.lookupPerSecond, 0)) ops/s")

@@ -4,6 +4,7 @@ import Metrics
 import Prometheus
 import SharedMemory
 import Synchronization
+import VhostUser
 import VirtioBlock
 
 #if canImport(Glibc)
@@ -146,6 +147,40 @@ final class ServerMetrics: Sendable {
     var text: String {
         sync()
         return Self.registry.emitToString()
+    }
+}
+
+/// `--metrics ADDR`, the same option on every server; SIGUSR1 logs the same text.
+struct MetricsOptions: ParsableArguments {
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics at ADDR: a Unix socket path or 127.0.0.1:PORT (SIGUSR1 logs them too).",
+            valueName: "addr"))
+    var metrics: String?
+
+    func validate() throws {
+        if let metrics { _ = try MetricsAddress(parsing: metrics) }
+    }
+
+    /// The endpoint, when asked for; `log` is told where it listens.
+    func start(_ serverMetrics: ServerMetrics, log: (String) -> Void) throws -> MetricsEndpoint? {
+        guard let metrics else { return nil }
+        let endpoint = try MetricsEndpoint(try MetricsAddress(parsing: metrics), metrics: serverMetrics)
+        log("metrics on \(endpoint.bound)")
+        return endpoint
+    }
+}
+
+extension ServerMetrics {
+    /// What a vhost-user back-end's event means for the counters (serve-blk, serve-net, serve-fs).
+    func record(_ event: BackendEvent) {
+        switch event {
+        case .connected(let c): connected(c)
+        case .disconnected: disconnected()
+        case .rejected(let c, _, _): refused(connection: c)
+        case .queueFailed(_, let v): violation(v.rule)
+        default: break
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import RingFenceResults
 import SharedMemory
 import VirtioNet
 
@@ -108,17 +109,18 @@ struct NetSend: ParsableCommand {
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Option(help: "Frames to send.") var count = 1
-    @Option(help: "Frame size in bytes (14...MTU+18).") var size = 64
+    @Option(help: "Frame size in bytes (14...MTU+18).") var size: Size = Size(64)
 
     func run() throws {
         let net = try connection.open()
         defer { net.close() }
         let pair = net.pair(0)
-        let batch = NetFrameBatch(capacity: 1, frameCapacity: max(14, size))
+        let batch = NetFrameBatch(capacity: 1, frameCapacity: max(14, size.bytes))
         for seq in 0..<count {
             batch.removeAll()
             batch.append(
-                NetTraffic.frame(dst: connection.destination, src: net.info.mac, size: size, sequence: UInt64(seq)))
+                NetTraffic.frame(
+                    dst: connection.destination, src: net.info.mac, size: size.bytes, sequence: UInt64(seq)))
             let deadline = Deadline.after(seconds: connection.timeout)
             while try netOrExit({ () throws(NetError) in try pair.transmit(batch) }) == 0 {
                 guard pair.waitForTransmitRoom(until: deadline) else {
@@ -127,7 +129,7 @@ struct NetSend: ParsableCommand {
                 }
             }
         }
-        print("sent \(count) frame(s) of \(size) bytes from \(formatMAC(net.info.mac))")
+        print("sent \(count) frame(s) of \(size.bytes) bytes from \(formatMAC(net.info.mac))")
     }
 }
 
@@ -150,7 +152,7 @@ struct NetReceive: ParsableCommand {
             let n = try netOrExit { () throws(NetError) in try pair.receive(into: batch, limit: count - got) }
             for i in 0..<n {
                 let f = batch[i]
-                let head = f.prefix(32).map { String(format: "%02x", $0) }.joined()
+                let head = f.prefix(32).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
                 print("\(f.count) bytes \(formatMAC(Array(f[6..<12]))) > \(formatMAC(Array(f[0..<6]))): \(head)")
             }
             got += n
@@ -171,7 +173,7 @@ struct NetPing: ParsableCommand {
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Option(help: "Frames to exchange.") var count = 10
-    @Option(help: "Frame size in bytes.") var size = 64
+    @Option(help: "Frame size in bytes.") var size: Size = Size(64)
     @Option(help: "Seconds to wait for each frame.") var wait: Double = 2
     @Flag(help: "One line per frame.") var verbose = false
 
@@ -181,9 +183,10 @@ struct NetPing: ParsableCommand {
         let verbose = self.verbose
         let r = try netOrExit { () throws(NetError) in
             try NetTraffic.ping(
-                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size, count: count, timeout: wait
+                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size.bytes, count: count,
+                timeout: wait
             ) { seq, us in
-                if verbose { print("\(size) bytes: seq=\(seq) time=\(format(us, 1)) us") }
+                if verbose { print("\(size.bytes) bytes: seq=\(seq) time=\(format(us, 1)) us") }
             }
         }
         print(
@@ -201,34 +204,36 @@ struct NetBench: ParsableCommand {
     @Flag(help: "Transmit only.") var tx = false
     @Flag(help: "Receive only.") var rx = false
     @Flag(help: "Transmit and receive.") var both = false
-    @Option(help: "Frame size in bytes.") var size = 64
-    @Option(help: "Seconds to run.") var duration: Double = 10
+    @Option(help: "Frame size in bytes (64, 1500, 9k...).") var size: Size = Size(64)
+    @Option(help: "Seconds to run.") var runtime: Double = 10
     @Option(help: "Frames per transmit/receive call.") var batch = 32
     @Flag(help: "One JSON object at the end instead of text.") var json = false
 
     func validate() throws {
         guard [tx, rx, both].filter({ $0 }).count <= 1 else { throw ValidationError("one of --tx, --rx, --both") }
-        guard duration > 0, duration <= 3600 else { throw ValidationError("--duration in (0, 3600]") }
-        guard batch >= 1, batch <= 1024 else { throw ValidationError("--batch in 1...1024") }
+        guard runtime > 0, runtime <= 3600 else { throw ValidationError("--runtime must be in (0, 3600]") }
+        guard batch >= 1, batch <= 1024 else { throw ValidationError("--batch must be 1...1024") }
     }
 
     func run() throws {
         let net = try connection.open()
         defer { net.close() }
         let direction: NetTraffic.Direction = rx ? .rx : both ? .both : .tx
-        let json = self.json
+        let progress = ProgressLine(json: json)
         let r = try netOrExit { () throws(NetError) in
             try NetTraffic.bench(
-                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size, direction: direction,
-                seconds: duration, batchSize: batch
+                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size.bytes, direction: direction,
+                seconds: runtime, batchSize: batch
             ) { s in
-                if !json { print(line(s, prefix: "  ")) }
+                progress.show(line(s, prefix: ""))
             }
         }
+        progress.clear()
         if json {
-            print(
-                "{\"direction\":\"\(direction.rawValue)\",\"size\":\(size),\"seconds\":\(format(r.seconds, 3)),\"ring\":\"\(net.ringFormat.rawValue)\",\"tx_frames\":\(r.txFrames),\"rx_frames\":\(r.rxFrames),\"tx_mpps\":\(format(r.txMpps, 3)),\"rx_mpps\":\(format(r.rxMpps, 3)),\"tx_gbps\":\(format(r.txGbps, 3)),\"rx_gbps\":\(format(r.rxGbps, 3))}"
-            )
+            printJSON(
+                NetBenchResult(
+                    direction: direction.rawValue, size: size.bytes, ring: net.ringFormat.rawValue, depth: batch,
+                    seconds: r.seconds, txFrames: r.txFrames, rxFrames: r.rxFrames))
         } else {
             print(line(r, prefix: "total "))
         }

@@ -111,13 +111,7 @@ struct ServeBlkCommand: ParsableCommand {
         defer { endpoint?.removeSocket() }
         if let endpoint { logger.notice("metrics on \(endpoint.bound)") }
         let onEvent: @Sendable (BackendEvent) -> Void = { event in
-            switch event {
-            case .connected(let c): serverMetrics.connected(c)
-            case .disconnected: serverMetrics.disconnected()
-            case .rejected(let c, _, _): serverMetrics.refused(connection: c)
-            case .queueFailed(_, let v): serverMetrics.violation(v.rule)
-            default: break
-            }
+            serverMetrics.record(event)
             switch event {
             case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")

@@ -39,6 +39,8 @@ struct ServeFsCommand: ParsableCommand {
     @Option(name: .customLong("max-inodes"), help: "Inodes a driver may hold before LOOKUP answers ENFILE.")
     var maxInodes = 16384
 
+    @OptionGroup var metricsOptions: MetricsOptions
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -73,10 +75,15 @@ struct ServeFsCommand: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let serverMetrics = ServerMetrics(server: "serve-fs")
+        let endpoint = try metricsOptions.start(serverMetrics) { logger.notice("\($0)") }
+        defer { endpoint?.removeSocket() }
 
         let log = logger
         let onEvent: @Sendable (BackendEvent) -> Void = { event in
+            serverMetrics.record(event)
             switch event {
             case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")
@@ -105,7 +112,8 @@ struct ServeFsCommand: ParsableCommand {
         configuration.queueTiming.wait = wait.strategy
         let backend = Backend(device: served, configuration: configuration, onEvent: onEvent)
         logger.info("serving \(dir) as tag \(tag)\(readonly ? " (read-only)" : ""), \(queues) request queue(s)")
-        try startSignalWaiter(signals) { received in
+        let dumpMetrics: @Sendable () -> Void = { log.notice("metrics (SIGUSR1):\n\(serverMetrics.text)") }
+        try startSignalWaiter(signals, onDump: dumpMetrics) { received in
             log.notice("signal \(received): shutting down")
             backend.stop()
         }

@@ -57,6 +57,8 @@ struct ServeNetCommand: ParsableCommand {
     @Flag(name: .customLong("no-ctrl"), help: "Do not offer a control queue.")
     var noCtrl = false
 
+    @OptionGroup var metricsOptions: MetricsOptions
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -89,10 +91,15 @@ struct ServeNetCommand: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let serverMetrics = ServerMetrics(server: "serve-net")
+        let endpoint = try metricsOptions.start(serverMetrics) { logger.notice("\($0)") }
+        defer { endpoint?.removeSocket() }
 
         let log = logger
         let onEvent: @Sendable (BackendEvent) -> Void = { event in
+            serverMetrics.record(event)
             switch event {
             case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")
@@ -128,7 +135,8 @@ struct ServeNetCommand: ParsableCommand {
         }
         logger.info("\(mode.rawValue) of \(socket.count) port(s)\(tap == nil ? "" : " and a TAP")")
         let all = backends
-        try startSignalWaiter(signals) { received in
+        let dumpMetrics: @Sendable () -> Void = { log.notice("metrics (SIGUSR1):\n\(serverMetrics.text)") }
+        try startSignalWaiter(signals, onDump: dumpMetrics) { received in
             log.notice("signal \(received): shutting down")
             for b in all { b.stop() }
         }

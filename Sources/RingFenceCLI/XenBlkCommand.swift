@@ -3,6 +3,7 @@ import ArgumentParser
 import BlockBench
 import BlockImage
 import Foundation
+import RingFenceResults
 import SharedMemory
 import VerifiedBlock
 import VirtioBlock
@@ -41,6 +42,8 @@ struct ServeXenBlkCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("Serve an in-memory disk of this many sectors.", visibility: .hidden))
     var memorySectors: Int?
+
+    @OptionGroup var wait: WaitOptions
 
     @Option(
         help: ArgumentHelp(
@@ -102,8 +105,9 @@ struct ServeXenBlkCommand: ParsableCommand {
         var description: String { "\(path) is smaller than one 512-byte sector" }
     }
 
-    /// Serves one frontend; its counts reach `metrics` when it ends (requests, rejections by
-    /// rule, the violation that dropped it, or the refusal of its handshake).
+    /// Serves one frontend; its counts reach `metrics` while it is served (requests,
+    /// bytes, rejections by rule), then the violation that dropped it or the refusal of
+    /// its handshake.
     func serveOne(
         _ channel: UnixChannel, storage: any BlockStorage, attack: XenBackendAttack?, metrics: ServerMetrics,
         number: Int
@@ -113,14 +117,10 @@ struct ServeXenBlkCommand: ParsableCommand {
         do {
             let connection = try XenBlkBackendConnection.accept(
                 channel: channel, storage: storage, hooks: attack.map(XenBackendAdversary.init))
-            let end = connection.run()
+            var live = XenBlkLiveCounts()
+            let end = connection.run(wait: wait.strategy) { live.push($0.backend, to: metrics, connection: number) }
+            live.push(connection.backend, to: metrics, connection: number, force: true)
             let b = connection.backend
-            metrics.add(
-                BlockDeviceStatistics(
-                    requests: b.servedRequests, failed: b.rejectedRequests,
-                    violations: Dictionary(uniqueKeysWithValues: b.rejectionsByRule.map { ($0.key.rawValue, $0.value) })
-                ),
-                connection: number)
             if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-blk: connection \(end): \(b.servedRequests) requests, \(b.rejectedRequests) rejected"
@@ -132,48 +132,54 @@ struct ServeXenBlkCommand: ParsableCommand {
     }
 }
 
-/// `ringfence xen-blk`: the hardened blkif frontend, mirroring `blk`.
+/// What a blkif backend counted that `ServerMetrics` has not seen yet: pushed from the
+/// serving thread at most every 10 ms (a scrape sees counts at most that old), and once
+/// more when the connection ends.
+struct XenBlkLiveCounts {
+    var pushed = BlockDeviceStatistics()
+    var lastPush: UInt64 = 0
+
+    mutating func push(_ b: BlkBackend, to metrics: ServerMetrics, connection: Int, force: Bool = false) {
+        let now = monotonicNanoseconds()
+        guard force || now &- lastPush >= 10_000_000 else { return }
+        lastPush = now
+        var delta = BlockDeviceStatistics(
+            requests: b.servedRequests - pushed.requests, bytesRead: b.bytesRead - pushed.bytesRead,
+            bytesWritten: b.bytesWritten - pushed.bytesWritten, failed: b.rejectedRequests - pushed.failed)
+        for (rule, n) in b.rejectionsByRule where n != pushed.violations[rule.rawValue, default: 0] {
+            delta.violations[rule.rawValue] = n - pushed.violations[rule.rawValue, default: 0]
+        }
+        guard delta != BlockDeviceStatistics() else { return }
+        pushed = BlockDeviceStatistics(
+            requests: b.servedRequests, bytesRead: b.bytesRead, bytesWritten: b.bytesWritten,
+            failed: b.rejectedRequests,
+            violations: Dictionary(uniqueKeysWithValues: b.rejectionsByRule.map { ($0.key.rawValue, $0.value) }))
+        metrics.add(delta, connection: connection)
+    }
+}
+
+/// `ringfence xen-blk`: the hardened blkif frontend, in the shape of `blk` (the same
+/// subcommands, byte sizes and `--json`). Exit 0 ok, 1 device or violation error (one line
+/// naming the rule), 2 usage.
 struct XenBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xen-blk",
-        abstract: "Talk to a Xen-style blkif backend through the hardened frontend.",
+        abstract: "Talk to a Xen-style blkif backend (serve-xen-blk) through the hardened frontend.",
         discussion: """
-            Actions: info (capacity and features), read (hex dump of --count sectors at \
-            --sector), write (a --seed pattern), verify (write, read back, compare), bench \
-            (--depth requests of 4 KiB for --seconds), audit (send each malformed request of \
-            --attack, or all, each on a fresh connection, and report how the backend \
-            reacted). Exit status 1 on a mismatch or a failed audit; a misbehaving backend \
-            disables the device with a typed violation.
-            """)
+            Sizes and offsets are in bytes (4096, 4k, 16M), multiples of 512; transfers larger \
+            than one blkif request (11 pages, 44 KiB) are split internally. A misbehaving \
+            backend disables the device with a typed violation (exit 1).
 
-    enum Action: String, ExpressibleByArgument, CaseIterable { case info, read, write, verify, bench, audit, format }
+            Example:
+              ringfence xen-blk --socket /tmp/xen.sock bench --rw randread --bs 4k --iodepth 16 --json
+            """,
+        subcommands: [
+            XenBlkInfoCommand.self, XenBlkRead.self, XenBlkWrite.self, XenBlkVerify.self, XenBlkFlush.self,
+            XenBlkDiscard.self, XenBlkBench.self, XenBlkAudit.self, XenBlkFormat.self,
+        ])
 
     @Option(help: "Unix socket of the backend.")
     var socket: String
-
-    @Argument(help: "info | read | write | verify | bench | audit | format (verified mode)")
-    var action: Action
-
-    @OptionGroup(title: "Verified payload (docs/verified-block.md)")
-    var verified: VerifiedOptions
-
-    @Option(help: "First 512-byte sector.")
-    var sector: UInt64 = 0
-
-    @Option(help: "Sectors (read/write/verify; at most 88 per request).")
-    var count: Int = 8
-
-    @Option(help: "Pattern seed for write/verify.")
-    var seed: UInt8 = 1
-
-    @Option(help: "Seconds (bench).")
-    var seconds: Double = 3
-
-    @Option(help: "Requests in flight (bench, at most 32).")
-    var depth: Int = 16
-
-    @Flag(help: "Benchmark writes instead of reads.")
-    var writes = false
 
     @Option(
         help: ArgumentHelp(
@@ -181,121 +187,344 @@ struct XenBlkCommand: ParsableCommand {
                 + "closing."))
     var timeout: Double = 5
 
-    @Option(help: "audit: one of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
+    @OptionGroup var wait: WaitOptions
+
+    @OptionGroup(title: "Verified payload (docs/verified-block.md)")
+    var verified: VerifiedOptions
+
+    func validate() throws {
+        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+    }
+
+    /// Connects and runs the handshake, or exits 1 with the error.
+    func open() throws -> XenBlkFrontendDevice {
+        let device = try orExit("xen-blk") { () throws(XenConnectError) -> XenBlkFrontendDevice in
+            let deadline = Deadline.after(seconds: timeout)
+            let channel: UnixChannel
+            do throws(UnixChannel.Error) { channel = try UnixChannel.connect(path: socket, until: deadline) } catch {
+                throw .channel(error)
+            }
+            return try XenBlkFrontendDevice.connect(channel: channel, until: deadline)
+        }
+        device.timeout = timeout
+        device.wait = wait.strategy
+        return device
+    }
+
+    /// Runs `body` on the verified layer (`--key`/`--anchor` or `--root-hash`) over the frontend.
+    func withVerified(format: Bool = false, _ body: (VerifiedDisk) throws -> Void) throws {
+        let device = try open()
+        defer { device.disconnect() }
+        let disk = try verified.open(device, format: format)
+        defer { disk.close() }
+        try body(disk)
+    }
+
+    /// The largest transfer one blkif request carries.
+    static let chunk = BlkifLayout.maxSegments * 4096
+
+    /// Reads `count` bytes at byte `offset`, one blkif request per 44 KiB.
+    static func read(_ device: XenBlkFrontendDevice, offset: Int, count: Int) throws -> [UInt8] {
+        var data = [UInt8](repeating: 0, count: count)
+        try data.withUnsafeMutableBytes { all in
+            var done = 0
+            while done < count {
+                let n = min(chunk, count - done)
+                let sector = UInt64((offset + done) / BlkifLayout.sectorSize)
+                try orExit("xen-blk") { () throws(XenBlkError) in
+                    try device.read(sector: sector, into: UnsafeMutableRawBufferPointer(rebasing: all[done..<done + n]))
+                }
+                done += n
+            }
+        }
+        return data
+    }
+
+    /// Writes `data` at byte `offset`, one blkif request per 44 KiB.
+    static func write(_ device: XenBlkFrontendDevice, offset: Int, data: [UInt8]) throws {
+        try data.withUnsafeBytes { all in
+            var done = 0
+            while done < all.count {
+                let n = min(chunk, all.count - done)
+                let sector = UInt64((offset + done) / BlkifLayout.sectorSize)
+                try orExit("xen-blk") { () throws(XenBlkError) in
+                    try device.write(sector: sector, from: UnsafeRawBufferPointer(rebasing: all[done..<done + n]))
+                }
+                done += n
+            }
+        }
+    }
+}
+
+/// A byte range for the blkif frontend: offset and length in whole 512-byte sectors.
+func checkSectors(_ name: String, _ value: Int, positive: Bool = false) throws {
+    guard value % BlkifLayout.sectorSize == 0, !positive || value > 0 else {
+        throw ValidationError("--\(name) must be a\(positive ? " positive" : "") multiple of 512 bytes")
+    }
+}
+
+struct XenBlkInfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info", abstract: "Show the validated geometry (what the backend announced).")
+    @ParentCommand var blk: XenBlkCommand
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func run() throws {
+        if blk.verified.enabled { return try blk.withVerified { $0.info() } }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        let i = device.info
+        let r = XenBlkInfoResult(
+            capacity: i.sectors * 512, sectors: i.sectors, sectorSize: Int(i.sectorSize), readOnly: i.readOnly,
+            flush: i.flushCache, discard: i.discard, ringSlots: device.front.ringSize, maxTransfer: XenBlkCommand.chunk)
+        if json { return printJSON(r) }
+        print("capacity:      \(r.capacity) bytes (\(r.sectors) sectors)")
+        print("sector size:   \(r.sectorSize)")
+        print("ring:          \(r.ringSlots) slots")
+        print("max transfer:  \(r.maxTransfer) (larger transfers are split)")
+        print("read-only:     \(r.readOnly ? "yes" : "no")")
+        print("flush:         \(r.flush ? "yes" : "no")")
+        print("discard:       \(r.discard ? "yes" : "no")")
+    }
+}
+
+struct XenBlkRead: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "read", abstract: "Read a range to a file or stdout.")
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Bytes to read.") var length: Size
+    @Option(help: "Write the bytes here instead of stdout.") var output: String?
+
+    func validate() throws {
+        try checkSectors("offset", offset.bytes)
+        try checkSectors("length", length.bytes, positive: true)
+    }
+
+    func run() throws {
+        if blk.verified.enabled {
+            guard offset.bytes % 4096 == 0, length.bytes % 4096 == 0 else {
+                throw ValidationError("verified reads are whole 4 KiB blocks")
+            }
+            return try blk.withVerified {
+                try $0.read(block: UInt64(offset.bytes / 4096), count: length.bytes / 4096, output: output)
+            }
+        }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        let out: FileHandle
+        if let output {
+            guard FileManager.default.createFile(atPath: output, contents: nil),
+                let h = FileHandle(forWritingAtPath: output)
+            else {
+                FileHandle.standardError.write(Data("ringfence xen-blk: cannot create \(output)\n".utf8))
+                throw ExitCode(1)
+            }
+            out = h
+        } else {
+            out = FileHandle.standardOutput
+        }
+        var done = 0
+        while done < length.bytes {
+            let n = min(4 << 20, length.bytes - done)
+            out.write(Data(try XenBlkCommand.read(device, offset: offset.bytes + done, count: n)))
+            done += n
+        }
+    }
+}
+
+struct XenBlkWrite: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "write", abstract: "Write a file (or stdin) at an offset.")
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Read the bytes from this file instead of stdin.") var input: String?
+
+    func validate() throws { try checkSectors("offset", offset.bytes) }
+
+    func run() throws {
+        let data: Data
+        if let input {
+            guard let d = FileManager.default.contents(atPath: input) else {
+                throw ValidationError("cannot read \(input)")
+            }
+            data = d
+        } else {
+            data = FileHandle.standardInput.readDataToEndOfFile()
+        }
+        if blk.verified.enabled {
+            guard offset.bytes % 4096 == 0 else { throw ValidationError("verified writes are whole 4 KiB blocks") }
+            return try blk.withVerified { try $0.write(block: UInt64(offset.bytes / 4096), data: [UInt8](data)) }
+        }
+        guard data.count % BlkifLayout.sectorSize == 0, data.count > 0 else {
+            FileHandle.standardError.write(
+                Data("ringfence xen-blk: input of \(data.count) bytes is not a positive multiple of 512\n".utf8))
+            throw ExitCode(2)
+        }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        try XenBlkCommand.write(device, offset: offset.bytes, data: [UInt8](data))
+        print("wrote \(data.count) bytes at \(offset.bytes)")
+    }
+}
+
+struct XenBlkVerify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.")
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "Bytes to verify from offset 0.") var size: Size = Size(1 << 20)
+    @Option(help: "Pattern seed.") var seed: UInt64 = 1
+
+    func validate() throws { try checkSectors("size", size.bytes, positive: true) }
+
+    func run() throws {
+        if blk.verified.enabled {
+            return try blk.withVerified { try $0.verify(blocks: max(1, size.bytes / 4096), seed: seed) }
+        }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        let expected = pattern(seed: seed, offset: 0, count: size.bytes)
+        let start = monotonicNanoseconds()
+        try XenBlkCommand.write(device, offset: 0, data: expected)
+        if device.info.flushCache { try orExit("xen-blk") { () throws(XenBlkError) in try device.flush() } }
+        let back = try XenBlkCommand.read(device, offset: 0, count: size.bytes)
+        let ms = Double(monotonicNanoseconds() - start) / 1e6
+        if let i = zip(expected, back).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
+            FileHandle.standardError.write(Data("ringfence xen-blk: verify FAILED: first mismatch at byte \(i)\n".utf8))
+            throw ExitCode(1)
+        }
+        print("verify OK: \(size.bytes) bytes, seed \(seed), \(format(ms, 1)) ms")
+    }
+}
+
+struct XenBlkFlush: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the backend's write cache.")
+    @ParentCommand var blk: XenBlkCommand
+
+    func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("the verified layer flushes every write itself") }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        try orExit("xen-blk") { () throws(XenBlkError) in try device.flush() }
+        print("flushed")
+    }
+}
+
+struct XenBlkDiscard: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "discard", abstract: "Discard a range.")
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Bytes to discard.") var length: Size
+
+    func validate() throws {
+        try checkSectors("offset", offset.bytes)
+        try checkSectors("length", length.bytes, positive: true)
+    }
+
+    func run() throws {
+        guard !blk.verified.enabled else { throw ValidationError("discard bypasses the verified layer") }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        try orExit("xen-blk") { () throws(XenBlkError) in
+            try device.discard(sector: UInt64(offset.bytes / 512), sectors: UInt64(length.bytes / 512))
+        }
+        print("discarded \(length.bytes) bytes at \(offset.bytes)")
+    }
+}
+
+struct XenBlkBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.")
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "Pattern.") var rw: BenchMode = .randread
+    @Option(help: "Block size (512...44k, a multiple of 512).") var bs: Size = Size(4096)
+    @Option(help: "Requests in flight (1...32, the ring's slots).") var iodepth: Int = 16
+    @Option(help: "Seconds to run.") var runtime: Double = 10
+    @Option(help: "Bytes of the disk to cover (default: all of it).") var size: Size?
+    @Flag(help: "Print the result as JSON (fio's names: iops, bw in KiB/s, lat_ns percentiles).") var json = false
+
+    func validate() throws {
+        guard iodepth >= 1, iodepth <= BlkifLayout.ringSize else { throw ValidationError("--iodepth must be 1...32") }
+        guard runtime > 0, runtime <= 3600 else { throw ValidationError("--runtime must be in (0, 3600]") }
+        guard bs.bytes >= 512, bs.bytes <= XenBlkCommand.chunk, bs.bytes % 512 == 0 else {
+            throw ValidationError("--bs must be a multiple of 512 in 512...44k")
+        }
+    }
+
+    func run() throws {
+        if blk.verified.enabled {
+            guard rw == .randread || rw == .randwrite, bs.bytes == 4096 else {
+                throw ValidationError("verified bench runs --rw randread or randwrite with --bs 4k")
+            }
+            return try blk.withVerified { try $0.bench(write: rw == .randwrite, depth: iodepth, seconds: runtime) }
+        }
+        let device = try blk.open()
+        defer { device.disconnect() }
+        let capacity = Int(clamping: device.info.sectors * 512)
+        if rw != .read && rw != .randread && device.info.readOnly {
+            FileHandle.standardError.write(Data("ringfence xen-blk: error: the backend is read-only\n".utf8))
+            throw ExitCode(1)
+        }
+        let blocks = UInt64(min(size?.bytes ?? capacity, capacity) / bs.bytes)
+        guard blocks >= 1 else { throw ValidationError("the disk is smaller than --bs") }
+        var bench = BlockBench(
+            pattern: rw.pattern, blockSize: bs.bytes, depth: iodepth, seconds: runtime, blocks: blocks)
+        bench.recordsLatency = true
+        let progress = BlockBenchProgress()
+        let line = ProgressLine(json: json)
+        let r = line.during(runtime: runtime, bs: bs.bytes, progress: progress) {
+            bench.run(device, progress: progress)
+        }
+        let error = r.firstError.map { "\($0)" }
+        let result = BlockBenchResult(
+            rw: rw.rawValue, bs: bs.bytes, iodepth: iodepth, queues: 1, seconds: r.seconds, ios: r.requests,
+            latencies: r.latencies, error: error)
+        if json { print(result.json) } else { printBench(result) }
+        if let error {
+            FileHandle.standardError.write(Data("ringfence xen-blk: error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct XenBlkAudit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "audit",
+        abstract: "Send each malformed request, each on a fresh connection, and judge how the backend reacted.",
+        discussion: """
+            A bad request must be refused and the backend must keep serving; a corrupt ring \
+            must get the connection dropped. Exit 1 if any attack was not contained.
+
+            Example:
+              ringfence xen-blk --socket /tmp/xen.sock audit --attack segments-12
+            """)
+    @ParentCommand var blk: XenBlkCommand
+    @Option(help: "One of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
     var attack: String?
 
     func validate() throws {
-        guard count >= 1, count <= BlkifLayout.maxSegments * BlkifLayout.sectorsPerPage else {
-            throw ValidationError("--count must be in 1...88")
-        }
-        guard depth >= 1, depth <= 32 else { throw ValidationError("--depth must be in 1...32") }
-        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
-        guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
         if let attack, XenFrontendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
     }
 
     func run() throws {
-        if action == .audit { return try audit() }
-        let handshake = Deadline.after(seconds: timeout)
-        let channel = try UnixChannel.connect(path: socket, until: handshake)
-        let device = try XenBlkFrontendDevice.connect(channel: channel, until: handshake)
-        device.timeout = timeout
-        defer { device.disconnect() }
-        if verified.enabled || action == .format { return try runInVerifiedMode(device) }
-        let info = device.info
-        let bytes = count * BlkifLayout.sectorSize
-        switch action {
-        case .info:
-            print(
-                "sectors \(info.sectors) (\(info.sectors / 2048) MiB), sector-size \(info.sectorSize), "
-                    + "flush \(info.flushCache), discard \(info.discard), \(info.readOnly ? "read-only" : "read-write"), "
-                    + "ring \(device.front.ringSize) slots")
-        case .read:
-            var data = [UInt8](repeating: 0, count: bytes)
-            try data.withUnsafeMutableBytes { try device.read(sector: sector, into: $0) }
-            printHex(data, base: sector * 512)
-        case .write:
-            let data = pattern(bytes)
-            try data.withUnsafeBytes { try device.write(sector: sector, from: $0) }
-            print("wrote \(bytes) bytes at sector \(sector)")
-        case .verify:
-            let data = pattern(bytes)
-            try data.withUnsafeBytes { try device.write(sector: sector, from: $0) }
-            if info.flushCache { try device.flush() }
-            var back = [UInt8](repeating: 0, count: bytes)
-            try back.withUnsafeMutableBytes { try device.read(sector: sector, into: $0) }
-            guard back == data else {
-                print("verify: MISMATCH at sector \(sector)")
-                throw ExitCode(1)
-            }
-            print("verify: \(bytes) bytes at sector \(sector) read back intact")
-        case .bench:
-            let blockSectors = UInt64(4096 / BlkifLayout.sectorSize)
-            let bench = BlockBench(
-                pattern: writes ? .write : .read, blockSize: 4096, depth: depth, seconds: seconds,
-                blocks: info.sectors / blockSectors)
-            let r = bench.run(device)
-            if let error = r.firstError, r.errors == 0 { throw error }
-            print(
-                "xen-blk bench: \(writes ? "write" : "read") 4 KiB, depth \(depth): \(r.requests) requests in "
-                    + "\(format(r.seconds, 2)) s = \(format(r.requestsPerSecond, 0)) IOPS, "
-                    + "\(format(r.mebibytesPerSecond, 1)) MiB/s, \(r.errors) errors, "
-                    + "\(device.events.spuriousEvents) spurious events")
-            if r.errors > 0 { throw ExitCode(1) }
-        case .audit, .format:
-            break  // audit: handled before connecting; format: verified mode
-        }
-    }
-
-    /// Verified mode: the same actions through `VerifiedBlock` (blocks of 4 KiB: --sector
-    /// is rounded down to a block, --count sectors give the blocks).
-    func runInVerifiedMode(_ device: XenBlkFrontendDevice) throws {
-        guard verified.enabled else { throw ValidationError("format needs --key FILE and --anchor FILE") }
-        let disk = try verified.open(device, format: action == .format)
-        defer { disk.close() }
-        let block = sector / 8
-        let blocks = max(1, count / 8)
-        switch action {
-        case .format:
-            print("formatted: \(disk.blocks) verified blocks of 4096 bytes")
-            disk.info()
-        case .info: disk.info()
-        case .read:
-            let data = try runVerified { () throws(VerifiedBlockError) in try disk.read(block: block, count: blocks) }
-            printHex(data, base: block * 4096)
-        case .write: try disk.write(block: block, data: pattern(blocks * 4096))
-        case .verify: try disk.verify(blocks: blocks, seed: UInt64(seed))
-        case .bench: try disk.bench(write: writes, depth: depth, seconds: seconds)
-        case .audit: break
-        }
-    }
-
-    /// Each frontend attack on a fresh connection, judged by `Auditor`: a bad request must
-    /// be refused and the backend must keep serving; a corrupt ring must get the
-    /// connection dropped.
-    func audit() throws {
         let attacks = attack.flatMap(XenFrontendAttack.init(rawValue:)).map { [$0] } ?? XenFrontendAttack.allCases
-        let records = try Auditor.auditXenBackend(socket: socket, attacks: attacks, timeout: timeout) { print($0) }
+        let records = try Auditor.auditXenBackend(socket: blk.socket, attacks: attacks, timeout: blk.timeout) {
+            print($0)
+        }
         if records.contains(where: { !$0.isSafe }) { throw ExitCode(1) }
     }
+}
 
-    func pattern(_ n: Int) -> [UInt8] {
-        (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ Int(seed) &* 7 &+ $0 >> 9) }
-    }
+struct XenBlkFormat: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "format",
+        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).")
+    @ParentCommand var blk: XenBlkCommand
 
-    func printHex(_ data: [UInt8], base: UInt64) {
-        let hex = Array("0123456789abcdef")
-        var line = 0
-        while line < data.count {
-            var s = String(base + UInt64(line), radix: 16)
-            s = String(repeating: "0", count: max(0, 8 - s.count)) + s + " "
-            for b in data[line..<min(line + 16, data.count)] {
-                s.append(" ")
-                s.append(hex[Int(b >> 4)])
-                s.append(hex[Int(b & 15)])
-            }
-            print(s)
-            line += 16
+    func run() throws {
+        guard blk.verified.key != nil else { throw ValidationError("format needs --key FILE and --anchor FILE") }
+        try blk.withVerified(format: true) { disk in
+            print("formatted: \(disk.blocks) verified blocks of 4096 bytes")
+            disk.info()
         }
     }
 }

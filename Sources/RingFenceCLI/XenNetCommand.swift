@@ -1,8 +1,14 @@
 import Adversary
 import ArgumentParser
 import Foundation
+import RingFenceResults
 import SharedMemory
+import VirtioBlock
 import XenRing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `ringfence serve-xen-net`: the hardened netif backend, every connection on its own
 /// thread; a frontend that corrupts a ring is dropped, the others go on.
@@ -35,6 +41,8 @@ struct ServeXenNetCommand: ParsableCommand {
     @Option(help: "Seconds without traffic before a connection is closed.")
     var idle: Double = 30
 
+    @OptionGroup var metricsOptions: MetricsOptions
+
     @Option(help: "Misbehave: \(XenNetBackendAttack.allCases.map(\.rawValue).joined(separator: ", ")).")
     var attack: String?
 
@@ -53,6 +61,21 @@ struct ServeXenNetCommand: ParsableCommand {
             throw ExitCode(1)
         }
         let attack = self.attack.flatMap(XenNetBackendAttack.init(rawValue:))
+        // SIGUSR1 (blocked before any thread exists) logs the metrics; INT and TERM keep
+        // their default action.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGUSR1)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let serverMetrics = ServerMetrics(server: "serve-xen-net")
+        let endpoint = try metricsOptions.start(serverMetrics) {
+            FileHandle.standardError.write(Data("serve-xen-net: \($0)\n".utf8))
+        }
+        defer { endpoint?.removeSocket() }
+        let dumpMetrics: @Sendable () -> Void = {
+            FileHandle.standardError.write(Data("serve-xen-net: metrics (SIGUSR1):\n\(serverMetrics.text)".utf8))
+        }
+        try startSignalWaiter(signals, onDump: dumpMetrics) { _ in }
         print("serve-xen-net: \(mode.rawValue) on \(socket)\(attack.map { " (attack \($0.rawValue))" } ?? "")")
         let hub = XenNetSwitch()
         let group = DispatchGroup()
@@ -66,7 +89,8 @@ struct ServeXenNetCommand: ParsableCommand {
             group.enter()
             Thread.detachNewThread { [group] in
                 defer { group.leave() }
-                Self.serveOne(channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack)
+                Self.serveOne(
+                    channel, mode: netMode, hub: hub, idle: idle, number: n, attack: attack, metrics: serverMetrics)
             }
         }
         group.wait()
@@ -74,18 +98,28 @@ struct ServeXenNetCommand: ParsableCommand {
 
     static func serveOne(
         _ channel: UnixChannel, mode: XenNetMode, hub: XenNetSwitch, idle: Double, number: Int,
-        attack: XenNetBackendAttack?
+        attack: XenNetBackendAttack?, metrics: ServerMetrics
     ) {
+        metrics.connected(number)
+        defer { metrics.disconnected() }
         do {
             let connection = try XenNetBackendConnection.accept(
                 channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
             let end = connection.run(idleTimeout: idle)
             let b = connection.backend
+            // Frames the frontend sent are its requests, their bytes what it wrote.
+            metrics.add(
+                BlockDeviceStatistics(
+                    requests: Int(clamping: b.txFrames), bytesWritten: Int(clamping: connection.bytesReceived),
+                    failed: Int(clamping: b.rejectedFrames)),
+                connection: number)
+            if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-net: connection \(number) \(end): \(b.txFrames) frames in (\(connection.bytesReceived) bytes), "
                     + "\(b.rxFrames) out, \(b.rejectedFrames) rejected, \(connection.port.dropped) dropped"
                     + (b.lastRejection.map { " (last: \($0))" } ?? ""))
         } catch {
+            metrics.refused(connection: number)
             print("serve-xen-net: connection \(number) refused: \(error)")
         }
     }
@@ -125,14 +159,7 @@ struct XenNet: ParsableCommand {
 
 /// One line on stderr and exit 1 for a device or violation error.
 func orExit<T, E: Error>(_ body: () throws(E) -> T) throws -> T {
-    do { return try body() } catch {
-        FileHandle.standardError.write(Data("ringfence xen-net: error: \(error)\n".utf8))
-        throw ExitCode(1)
-    }
-}
-
-func jsonString(_ s: String) -> String {
-    "\"" + s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "'") + "\""
+    try orExit("xen-net", body)
 }
 
 struct XenNetInfoCommand: ParsableCommand {
@@ -146,10 +173,11 @@ struct XenNetInfoCommand: ParsableCommand {
         let i = device.info
         let f = device.front
         if json {
-            print(
-                "{\"mac\":\"\(i.macString)\",\"rx_copy\":true,\"sg\":\(i.scatterGather),\"gso_tcpv4\":\(i.gsoTCPv4),"
-                    + "\"max_queues\":\(i.maxQueues),\"tx_ring\":\(f.txRingSize),\"rx_ring\":\(f.rxRingSize),"
-                    + "\"rx_posted\":\(f.rxPosted),\"tx_pages\":\(f.availableTxPages)}")
+            printJSON(
+                XenNetInfoResult(
+                    mac: i.macString, rxCopy: true, sg: i.scatterGather, gsoTcpv4: i.gsoTCPv4,
+                    maxQueues: Int(i.maxQueues),
+                    txRing: f.txRingSize, rxRing: f.rxRingSize, rxPosted: f.rxPosted, txPages: f.availableTxPages))
         } else {
             print("mac:           \(i.macString)")
             print("features:      rx-copy, \(i.scatterGather ? "sg" : "no sg"), \(i.gsoTCPv4 ? "gso-tcpv4" : "no gso")")
@@ -192,7 +220,7 @@ struct XenNetPing: ParsableCommand {
         var buffer = [UInt8](repeating: 0, count: 65536)
         var received = 0
         var mismatched = 0
-        var rtts: [Double] = []
+        var rtts: [UInt64] = []
         for seq in 0..<count {
             let frame = pingFrame(to: device.info.mac, size: size.bytes, sequence: seq)
             let start = monotonicNanoseconds()
@@ -200,7 +228,8 @@ struct XenNetPing: ParsableCommand {
             let got = try orExit { () throws -> NetReceivedFrame? in
                 try buffer.withUnsafeMutableBytes { try device.receive(into: $0, until: .after(seconds: net.timeout)) }
             }
-            let us = Double(monotonicNanoseconds() - start) / 1000
+            let ns = monotonicNanoseconds() - start
+            let us = Double(ns) / 1000
             guard let got else {
                 if !json { print("seq \(seq): no reply within \(format(net.timeout, 1)) s") }
                 continue
@@ -208,21 +237,21 @@ struct XenNetPing: ParsableCommand {
             received += 1
             let ok = got.status == .okay && got.length == frame.count && Array(buffer[0..<got.length]) == frame
             if !ok { mismatched += 1 }
-            rtts.append(us)
+            rtts.append(ns)
             if !json {
                 print("\(got.length) bytes: seq \(seq) time \(format(us, 1)) us\(ok ? "" : " MISMATCH")")
             }
         }
-        let mean = rtts.isEmpty ? 0 : rtts.reduce(0, +) / Double(rtts.count)
+        let result = PingResult(
+            sent: count, received: received, mismatched: mismatched, size: size.bytes, latNs: LatencyNs(samples: rtts))
         if json {
-            print(
-                "{\"sent\":\(count),\"received\":\(received),\"mismatched\":\(mismatched),\"size\":\(size.bytes),"
-                    + "\"rtt_us\":{\"min\":\(format(rtts.min() ?? 0, 1)),\"mean\":\(format(mean, 1)),"
-                    + "\"max\":\(format(rtts.max() ?? 0, 1))}}")
+            printJSON(result)
         } else {
+            let lat = result.latNs
+            func us(_ ns: Double) -> String { format(ns / 1000, 1) }
             print(
                 "\(count) sent, \(received) received, \(mismatched) mismatched; rtt min/mean/max "
-                    + "\(format(rtts.min() ?? 0, 1))/\(format(mean, 1))/\(format(rtts.max() ?? 0, 1)) us")
+                    + "\(us(Double(lat?.min ?? 0)))/\(us(lat?.mean ?? 0))/\(us(Double(lat?.max ?? 0))) us")
         }
         if received < count || mismatched > 0 { throw ExitCode(1) }
     }
@@ -233,7 +262,7 @@ struct XenNetBench: ParsableCommand {
         commandName: "bench", abstract: "Send frames as fast as the ring allows; frames/s and MiB/s both ways.")
     @ParentCommand var net: XenNet
     @Option(help: "Frame size in bytes (14...65535; 1500, 9k, 64k...).") var size: Size = Size(1500)
-    @Option(help: "Seconds to run.") var seconds: Double = 5
+    @Option(help: "Seconds to run.") var runtime: Double = 5
     @Option(help: "Frames in flight on tx (1...128).") var depth: Int = 32
     @Flag(help: "Print the result as JSON.") var json = false
 
@@ -241,7 +270,7 @@ struct XenNetBench: ParsableCommand {
         guard size.bytes >= 14, size.bytes <= NetifLayout.maxFrameSize else {
             throw ValidationError("--size must be 14...65535")
         }
-        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+        guard runtime > 0, runtime <= 3600 else { throw ValidationError("--runtime must be in (0, 3600]") }
         guard depth >= 1, depth <= 128 else { throw ValidationError("--depth must be 1...128") }
     }
 
@@ -253,8 +282,9 @@ struct XenNetBench: ParsableCommand {
         let results = UnsafeMutableBufferPointer<NetReceivedFrame>.allocate(capacity: 64)
         defer { results.deallocate() }
         let start = monotonicNanoseconds()
-        let end = start &+ UInt64(seconds * 1e9)
+        let end = start &+ UInt64(runtime * 1e9)
         var nextProgress = start &+ 1_000_000_000
+        let progressLine = ProgressLine(json: json)
         var received = 0
         var token: UInt64 = 0
         var failure: (any Error)?
@@ -283,34 +313,30 @@ struct XenNetBench: ParsableCommand {
                 break loop
             }
             let now = monotonicNanoseconds()
-            if now >= nextProgress && !json {
+            if now >= nextProgress {
                 let elapsed = Double(now - start) / 1e9
                 let fps = Double(device.txCompleted) / elapsed
-                FileHandle.standardError.write(
-                    Data(
-                        "\r[\(format(elapsed, 0))s/\(format(seconds, 0))s] \(format(fps, 0)) frames/s, \(format(fps * Double(size.bytes) / 1_048_576, 1)) MiB/s   "
-                            .utf8))
+                progressLine.show(
+                    "[\(format(elapsed, 0))s/\(format(runtime, 0))s] \(format(fps, 0)) frames/s, "
+                        + "\(format(fps * Double(size.bytes) / 1_048_576, 1)) MiB/s")
                 nextProgress = now &+ 1_000_000_000
             }
         }
-        if !json { FileHandle.standardError.write(Data("\r\u{1b}[K".utf8)) }
+        progressLine.clear()
         let elapsed = Double(monotonicNanoseconds() - start) / 1e9
         let sent = device.txCompleted
-        let fps = Double(sent) / elapsed
-        let mib = fps * Double(size.bytes) / 1_048_576
-        let rxFps = Double(received) / elapsed
+        let result = NetBenchResult(
+            direction: "both", size: size.bytes, ring: "xen", depth: depth, seconds: elapsed, txFrames: UInt64(sent),
+            rxFrames: UInt64(received), txFailed: UInt64(device.txFailed), error: failure.map { "\($0)" })
         if json {
-            print(
-                "{\"size\":\(size.bytes),\"depth\":\(depth),\"seconds\":\(format(elapsed, 3)),\"tx_frames\":\(sent),"
-                    + "\"tx_failed\":\(device.txFailed),\"tx_fps\":\(format(fps, 1)),\"tx_mib_s\":\(format(mib, 2)),"
-                    + "\"rx_frames\":\(received),\"rx_fps\":\(format(rxFps, 1)),"
-                    + "\"spurious_events\":\(device.events.spuriousEvents),"
-                    + "\"error\":\(failure.map { jsonString("\($0)") } ?? "null")}")
+            printJSON(result)
         } else {
+            let mib = result.txMpps * 1e6 * Double(size.bytes) / 1_048_576
             print("xen-net bench: \(size.bytes)-byte frames, depth \(depth), \(format(elapsed, 2)) s")
             print(
-                "  tx: \(sent) frames = \(format(fps, 0)) frames/s, \(format(mib, 1)) MiB/s, \(device.txFailed) failed")
-            print("  rx: \(received) frames = \(format(rxFps, 0)) frames/s")
+                "  tx: \(sent) frames = \(format(result.txMpps * 1e6, 0)) frames/s, \(format(mib, 1)) MiB/s, "
+                    + "\(device.txFailed) failed")
+            print("  rx: \(received) frames = \(format(result.rxMpps * 1e6, 0)) frames/s")
         }
         if let failure {
             FileHandle.standardError.write(Data("ringfence xen-net: error: \(failure)\n".utf8))

@@ -39,6 +39,9 @@ public final class BlkBackend {
     /// Rejected requests by the rule each broke (for an operator's metrics).
     @exclusivity(unchecked) public private(set) var rejectionsByRule: [Rule: Int] = [:]
     @exclusivity(unchecked) public private(set) var servedRequests = 0
+    /// Bytes of successful reads and writes (for an operator's metrics).
+    @exclusivity(unchecked) public private(set) var bytesRead = 0
+    @exclusivity(unchecked) public private(set) var bytesWritten = 0
 
     /// A backend on the shared ring page `ring`, mapping grants with `mapper`, serving `storage`.
     public init(ring: UnsafeMutableRawPointer, mapper: GrantMapper, storage: any BlockStorage) {
@@ -114,7 +117,16 @@ public final class BlkBackend {
                 total += UInt64(last - first) + 1
             }
             try checkCapacity(id: id, sector: sector, sectors: total)
-            return try transfer(write: operation == BlkOperation.write.rawValue, count: Int(count), sector: sector)
+            let write = operation == BlkOperation.write.rawValue
+            let status = try transfer(write: write, count: Int(count), sector: sector)
+            if status == .okay {
+                if write {
+                    bytesWritten &+= Int(total) * BlkifLayout.sectorSize
+                } else {
+                    bytesRead &+= Int(total) * BlkifLayout.sectorSize
+                }
+            }
+            return status
         case .flush?:
             guard count == 0 else { throw .xenRequestSegmentCount(id: id, count: count) }
             return storage.flush() ? .okay : .error

@@ -109,39 +109,70 @@ public final class XenBlkBackendConnection {
     /// measured from the last request served, not from the last event: a frontend that
     /// keeps its event fd readable without posting work is still dropped on time, and its
     /// storm is backed off with the shared `WakeBackoff` policy like the frontend's (R5).
-    public func run(idleTimeout: Double = 30) -> End {
+    ///
+    /// `wait` is how an empty ring is waited on (issue 19): `.adaptive` polls for a time
+    /// that adapts and then blocks on the event channel (idle costs next to no CPU),
+    /// `.spin(nanoseconds:)` polls that long, `.poll` never blocks (it still notices a
+    /// hang-up and the idle timeout, once a millisecond). `observe` runs on this thread
+    /// after every batch served (live counters; `backend`'s counts are settled then).
+    public func run(
+        idleTimeout: Double = 30, wait: WaitStrategy = .adaptive, observe: ((XenBlkBackendConnection) -> Void)? = nil
+    ) -> End {
         let idleNanoseconds = UInt64(max(0.001, min(idleTimeout.isNaN ? 30 : idleTimeout, 3600)) * 1e9)
         var lastWork = monotonicNanoseconds()
-        var spins = 0
+        var spin = AdaptiveSpin(wait)
+        var spinStart: UInt64 = 0
+        var lastCheck = lastWork
         var woke = false
         while true {
             let n: Int
-            do { n = try backend.serve(budget: 32) } catch { return drop(error) }
+            do { n = try backend.serve(budget: 32) } catch {
+                observe?(self)
+                return drop(error)
+            }
             if woke {
                 events.noteWake(productive: n > 0)
                 woke = false
             }
             if n > 0 {
-                spins = 0
+                spinStart = 0
                 lastWork = monotonicNanoseconds()
                 hooks?.didServe(self, requests: n)
                 if backend.publishResponses() && !events.notify() {
+                    observe?(self)
                     return drop(.notifierBlocked(role: "event channel"))
+                }
+                observe?(self)
+                continue
+            }
+            let now = monotonicNanoseconds()
+            if spinStart == 0 { spinStart = now }
+            if now &- spinStart < spin.limit {
+                // Polling: a hang-up or Closing, and the idle timeout, still end the
+                // connection (looked at once a millisecond: a poll(2) costs more than a ring check).
+                if now &- lastCheck >= 1_000_000 {
+                    lastCheck = now
+                    if now &- lastWork >= idleNanoseconds { return .idle }
+                    if case .other = EventWaiter.wait(
+                        for: nil, orReadable: channel.fileDescriptor, until: Deadline(uptimeNanoseconds: 0))
+                    {
+                        return close()
+                    }
                 }
                 continue
             }
-            spins += 1
-            if spins < 64 { continue }  // brief spin, then block (2 cores: never spin forever)
             if backend.enableNotifications() { continue }
             let idleDeadline = Deadline(uptimeNanoseconds: lastWork &+ idleNanoseconds)
             if idleDeadline.hasPassed { return .idle }
             events.backoff.pause(until: idleDeadline)
+            let blockStart = monotonicNanoseconds()
             switch EventWaiter.wait(for: events.incoming, orReadable: channel.fileDescriptor, until: idleDeadline) {
             case .other: return close()
             case .notified: woke = true
             case .timedOut: break
             }
-            spins = 0
+            spin.noteBlock(nanoseconds: monotonicNanoseconds() &- blockStart, productive: woke)
+            spinStart = 0
         }
     }
 

@@ -39,6 +39,14 @@ public final class XenBlkFrontendDevice {
     public var timeout: Double = 5 {
         didSet { if !(timeout > 0 && timeout <= 3600) { timeout = 5 } }
     }
+    /// How a wait for completions is spent (issue 19): `.adaptive` (default) polls the
+    /// ring for a time that adapts, then blocks on the event channel; `.poll` never blocks
+    /// (the deadline still holds); `.spin(nanoseconds:)` polls that long; `.interrupts`
+    /// blocks at once.
+    public var wait: WaitStrategy = .adaptive {
+        didSet { spin = AdaptiveSpin(wait) }
+    }
+    @usableFromInline var spin = AdaptiveSpin(.adaptive)
     private var nextToken: UInt64 = 1
     /// Tokens failed by `failAll` after a violation, for callers that keep their own.
     public private(set) var failedTokens: [UInt64] = []
@@ -161,9 +169,10 @@ public final class XenBlkFrontendDevice {
                 woke = false
             }
             if !batch.isEmpty { return batch }
+            if let c = try spinForCompletion(until: deadline) { return [c] }
             if front.enableNotifications() { continue }
             try checkDeadline(deadline)
-            woke = events.wait(until: deadline)
+            woke = blockForEvent(until: deadline)
         }
     }
 
@@ -171,6 +180,28 @@ public final class XenBlkFrontendDevice {
     @inlinable @inline(__always)
     func nextCompletionOrDisable() throws(XenBlkError) -> BlkCompletion? {
         do { return try front.nextCompletion() } catch { throw .broken(disable(error)) }
+    }
+
+    /// Polls the ring for the current spin (`wait`); nil when the spin ended without a
+    /// completion. Under `.poll` it returns only with a completion or a passed deadline.
+    func spinForCompletion(until deadline: Deadline) throws(XenBlkError) -> BlkCompletion? {
+        let limit = spin.limit
+        if limit == 0 { return nil }
+        let start = monotonicNanoseconds()
+        while true {
+            if let c = try nextCompletionOrDisable() { return c }
+            let now = monotonicNanoseconds()
+            if now &- start >= limit { return nil }
+            if deadline.hasPassed { try checkDeadline(deadline) }
+        }
+    }
+
+    /// Blocks on the event channel until `deadline`; tells the adaptive spin how long it took.
+    func blockForEvent(until deadline: Deadline) -> Bool {
+        let start = monotonicNanoseconds()
+        let woke = events.wait(until: deadline)
+        spin.noteBlock(nanoseconds: monotonicNanoseconds() &- start, productive: woke)
+        return woke
     }
 
     /// A wait past its deadline disables the device (R5: the backend stopped answering).
@@ -245,13 +276,14 @@ extension XenBlkFrontendDevice {
             }
             if let completion { return completion }
             if front.inFlightCount == 0 { return nil }
-            if front.enableNotifications() { continue }
             // Read the clock only once waiting starts: per completion it would cost more
             // than the checks themselves.
             let until = deadline ?? .after(seconds: timeout)
             deadline = until
+            if let c = try spinForCompletion(until: until) { return c }
+            if front.enableNotifications() { continue }
             try checkDeadline(until)
-            woke = events.wait(until: until)
+            woke = blockForEvent(until: until)
         }
     }
 

@@ -172,6 +172,98 @@ struct MetricsTests {
         #expect(rejected >= connections - 1, "every audit connection was counted")
     }
 
+    /// serve-xen-blk counts while a frontend is connected (not only when it leaves), and
+    /// counts bytes: a scrape during a bench sees requests and bytes read; after it, the
+    /// bytes of a verify are exact.
+    @Test func serveXenBlkCountsLiveWithBytes() throws {
+        let dir = "/tmp/rf-metrics-xenlive-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let server = try Self.start(
+            ["serve-xen-blk", "--socket", dir + "/x.sock", "--memory-sectors", "8192", "--metrics", dir + "/m.sock"],
+            log: dir + "/log")
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        Self.waitFor { FileManager.default.fileExists(atPath: dir + "/x.sock") }
+        let bench = try Self.start(
+            ["xen-blk", "--socket", dir + "/x.sock", "bench", "--rw", "randread", "--runtime", "3"], log: dir + "/bench"
+        )
+        let c1 = "{server=\"serve-xen-blk\",connection=\"1\"}"
+        var during = ""
+        Self.waitFor {
+            during = Self.scrape(unix: dir + "/m.sock")
+            return (Self.value(during, "ringfence_read_bytes_total" + c1) ?? 0) > 0
+        }
+        #expect(bench.isRunning, "scraped while the frontend is connected")
+        #expect((Self.value(during, "ringfence_requests_total" + c1) ?? 0) > 0, "\(during)")
+        #expect((Self.value(during, "ringfence_read_bytes_total" + c1) ?? 0) % 4096 == 0)
+        bench.waitUntilExit()
+        #expect(bench.terminationStatus == 0)
+        let verify = try Interop.run([
+            try Self.binary(), "xen-blk", "--socket", dir + "/x.sock", "verify", "--size", "64k",
+        ])
+        #expect(verify.status == 0, "\(verify.output)")
+        Self.waitFor {
+            Self.value(Self.scrape(unix: dir + "/m.sock"), "ringfence_connections_total{server=\"serve-xen-blk\"}") == 2
+        }
+        let text = Self.scrape(unix: dir + "/m.sock")
+        let c2 = "{server=\"serve-xen-blk\",connection=\"2\"}"
+        #expect(Self.value(text, "ringfence_written_bytes_total" + c2) == 65536, "\(text)")
+        #expect(Self.value(text, "ringfence_read_bytes_total" + c2) == 65536)
+        #expect(Self.value(text, "ringfence_written_bytes_total" + c1) == 0)
+        #expect(Self.value(text, "ringfence_reconnects_total{server=\"serve-xen-blk\"}") == 1)
+    }
+
+    /// serve-net and serve-xen-net take the same --metrics: two frontends are two
+    /// connections and one reconnect; serve-xen-net counts the frames and bytes sent.
+    @Test(arguments: [
+        ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
+    ])
+    func netServersCountConnections(server arguments: [String]) throws {
+        let dir = "/tmp/rf-metrics-\(arguments[0])-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let name = arguments[0]
+        let server = try Self.start(
+            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
+        )
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        Self.waitFor { FileManager.default.fileExists(atPath: dir + "/s.sock") }
+        let client = name == "serve-net" ? "net" : "xen-net"
+        for _ in 0..<2 {
+            let r = try Interop.run([
+                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
+            ])
+            #expect(r.status == 0, "\(r.output)")
+        }
+        var text = ""
+        Self.waitFor {
+            text = Self.scrape(unix: dir + "/m.sock")
+            return Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1
+        }
+        #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
+        if name == "serve-xen-net" {
+            Self.waitFor {
+                text = Self.scrape(unix: dir + "/m.sock")
+                return Self.value(text, "ringfence_requests_total{server=\"serve-xen-net\",connection=\"2\"}") == 3
+            }
+            #expect(
+                Self.value(text, "ringfence_written_bytes_total{server=\"serve-xen-net\",connection=\"2\"}") == 300,
+                "\(text)")
+        }
+        kill(server.processIdentifier, SIGUSR1)
+        Self.waitFor {
+            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("metrics (SIGUSR1):")
+        }
+        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("metrics (SIGUSR1):") && log.contains("ringfence_reconnects_total"), "\(log)")
+    }
+
     @Test func metricsAreNeverServedBeyondTheLoopback() throws {
         for address in ["0.0.0.0:9100", "192.168.1.1:9100", "metrics"] {
             let r = try Interop.run([

@@ -136,12 +136,12 @@ struct VerifiedCommandTests {
         let format = try runRingfence(v + ["format"])
         #expect(format.status == 0, "\(format.stderr)")
         #expect(format.stdout.contains("formatted: 227 verified blocks"))
-        let verify = try runRingfence(v + ["verify", "--count", "88", "--seed", "5"])
+        let verify = try runRingfence(v + ["verify", "--size", "44k", "--seed", "5"])
         #expect(verify.status == 0, "\(verify.stderr)")
         #expect(verify.stdout.hasPrefix("verify OK (verified): 45056 bytes"))
         // Block 3 was written once (slot 0): an older version cannot be replayed, a flipped bit is caught.
         try flipByte(s.image, at: 4096 + 2 * 3 * 4608 + 4000)
-        let lie = try runRingfence(v + ["read", "--sector", "24", "--count", "8"])
+        let lie = try runRingfence(v + ["read", "--offset", "12k", "--length", "4k"])
         #expect(lie.status == 1)
         #expect(
             lie.stderr.contains("verified block 3: sealed data does not authenticate (tag mismatch)"), "\(lie.stderr)")
@@ -164,11 +164,13 @@ struct VerifiedCommandTests {
         let end = Deadline.after(seconds: 10)
         while !FileManager.default.fileExists(atPath: socket) && !end.hasPassed { usleep(10_000) }
         usleep(50_000)
-        let ok = try runRingfence(["xen-blk", "--socket", socket, "--root-hash", root, "verify", "--count", "88"])
+        let ok = try runRingfence(["xen-blk", "--socket", socket, "--root-hash", root, "verify", "--size", "44k"])
         #expect(ok.status == 0, "\(ok.stderr)")
         #expect(ok.stdout.contains("verify OK (verity): 45056 bytes"))
         try flipByte(s.image, at: 3 * 4096 + 1)
-        let lie = try runRingfence(["xen-blk", "--socket", socket, "--root-hash", root, "read", "--sector", "24"])
+        let lie = try runRingfence([
+            "xen-blk", "--socket", socket, "--root-hash", root, "read", "--offset", "12k", "--length", "4k",
+        ])
         #expect(lie.status == 1)
         #expect(lie.stderr.contains("verity: data block 3 at level 0 does not match its hash"), "\(lie.stderr)")
     }
