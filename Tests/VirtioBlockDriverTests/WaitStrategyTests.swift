@@ -62,7 +62,8 @@ struct WaitStrategyTests {
         func read(_ slot: Int) throws {
             try q.submitRead(
                 offset: UInt64(slot) * 512,
-                into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * 512..<(slot + 1) * 512]), tag: UInt64(slot))
+                into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * 512..<(slot + 1) * 512]), tag: UInt64(slot)
+            )
         }
         for slot in 0..<8 { try read(slot) }
         let served = backend.report.requestsServed
