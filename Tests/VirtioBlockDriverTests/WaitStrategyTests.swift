@@ -43,53 +43,6 @@ struct WaitStrategyTests {
         #expect(try run(strategy).completed >= 65)
     }
 
-    /// `poll` reaps before it publishes: reads submitted while completions are waiting go
-    /// out in one publish once none is left, not one publish per `poll` (issue 19: a kick
-    /// per request cost the hardened driver a fifth of the C poller's IOPS at iodepth 32).
-    @Test func pollPublishesOnceABatchIsReaped() throws {
-        let backend = try MisbehavingBlockBackend()
-        defer { backend.stop() }
-        backend.start()
-        var options = VirtioBlockDriver.Options()
-        options.requestTimeout = 2
-        options.controlTimeout = 1
-        options.wait = .poll
-        let disk = try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
-        defer { disk.close() }
-        let q = disk.queue(0)
-        let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 512, alignment: 512)
-        defer { buffers.deallocate() }
-        func read(_ slot: Int) throws {
-            try q.submitRead(
-                offset: UInt64(slot) * 512,
-                into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * 512..<(slot + 1) * 512]), tag: UInt64(slot)
-            )
-        }
-        for slot in 0..<8 { try read(slot) }
-        let served = backend.report.requestsServed
-        #expect(q.wait() != nil, "the first poll publishes all 8 (nothing could complete before)")
-        #expect(q.statistics.publishes == 1)
-        let deadline = monotonicNanoseconds() + 2_000_000_000
-        while backend.report.requestsServed < served + 8 && monotonicNanoseconds() < deadline { usleep(1000) }
-        #expect(backend.report.requestsServed == served + 8)
-        // 7 completions wait in the used ring: each poll returns one and publishes nothing.
-        for slot in 8..<15 {
-            try read(slot)
-            #expect(q.poll() != nil)
-        }
-        #expect(q.statistics.publishes == 1, "reads submitted while reaping stay private")
-        try read(15)
-        // Nothing left to reap: the next poll publishes the 8 new reads in one go.
-        var done = 0
-        while done < 8, let c = q.wait() {
-            if case .success = c.result { done += 1 }
-        }
-        #expect(done == 8)
-        #expect(q.statistics.publishes == 2)
-        #expect(q.statistics.completed == 16)
-        #expect(!disk.isBroken)
-    }
-
     @Test func adaptiveSpinGrowsWhenBlocksAreShortAndShrinksWhenLong() {
         var spin = AdaptiveSpin(.adaptive)
         #expect(spin.limit == AdaptiveSpin.initial)

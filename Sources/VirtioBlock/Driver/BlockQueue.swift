@@ -28,9 +28,6 @@ public struct BlockQueueStatistics: Sendable, Equatable {
     public var resubmitted: UInt64 = 0
     /// Times `wait` blocked on the call eventfd (0 under `WaitStrategy.poll`).
     public var blocks: UInt64 = 0
-    /// Times submitted requests were made visible to the device (one store of the ring's
-    /// index each, a kick when the device asks for one): `poll` publishes a batch at once.
-    public var publishes: UInt64 = 0
 }
 
 /// One virtqueue of a `VirtioBlockDriver`: the synchronous hot path.
@@ -87,9 +84,6 @@ public final class BlockQueue {
         var settledEpoch: UInt64 = 0
         /// How long `wait` polls before blocking (adapts under `.adaptive`).
         var spin: AdaptiveSpin
-        /// Requests posted since the last publish (`kick()`): `poll` reaps before it
-        /// publishes while some published request may still complete.
-        var unpublished = 0
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -274,7 +268,6 @@ public final class BlockQueue {
             throw error
         }
         state.pointee.activeCount += 1
-        state.pointee.unpublished += 1
         state.pointee.statistics.submitted &+= 1
     }
 
@@ -342,10 +335,6 @@ public final class BlockQueue {
     /// Publishes everything submitted and kicks the device if it wants it.
     @inline(__always)
     public func kick() {
-        if state.pointee.unpublished > 0 {
-            state.pointee.unpublished = 0
-            state.pointee.statistics.publishes &+= 1
-        }
         if ring.publish() {
             if !kickNotifier.signal() { supervisor.fail(.violation(.notifierBlocked(role: "kick"))) }
             state.pointee.statistics.kicks &+= 1
@@ -356,11 +345,6 @@ public final class BlockQueue {
 
     /// The next completion, or nil. Never blocks. After the device broke, hands back every
     /// request still in flight as a failure, one per call.
-    ///
-    /// Publishes what was submitted (`kick()`) when no completion is waiting: requests
-    /// submitted while a batch of completions is reaped go out together, with one kick at
-    /// most, as a C poller does; when every request in flight is still unpublished
-    /// (nothing can complete), it publishes first.
     public func poll() -> BlockCompletion? {
         if needsSettling {
             switch settle() {
@@ -369,14 +353,10 @@ public final class BlockQueue {
             case .reconnecting: return nil
             }
         }
-        if state.pointee.activeCount <= state.pointee.unpublished { kick() }
-        var completion: Completion?
+        kick()
+        let completion: Completion?
         do {
             completion = try ring.nextCompletion()
-            if completion == nil && state.pointee.unpublished > 0 {
-                kick()
-                completion = try ring.nextCompletion()
-            }
         } catch {
             supervisor.fail(.violation(error))
             return firstFailure()
