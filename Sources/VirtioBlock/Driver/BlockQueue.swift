@@ -89,6 +89,10 @@ public final class BlockQueue {
         var spin: AdaptiveSpin
         /// Requests posted since the last publish (`kick()`).
         var unpublished = 0
+        /// `poll` publishes once per batch of completions (`WaitStrategy.poll` only: a
+        /// queue that may block publishes at every call, so the device works while the
+        /// driver reaps instead of getting the batch just before the driver sleeps).
+        var publishesPerBatch = false
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -148,7 +152,8 @@ public final class BlockQueue {
         let n = Int(ring.queueSize)
         slotCount = n
         state = .allocate(capacity: 1)
-        state.initialize(to: State(freeCount: n, spin: AdaptiveSpin(options.wait)))
+        state.initialize(
+            to: State(freeCount: n, spin: AdaptiveSpin(options.wait), publishesPerBatch: options.wait == .poll))
         slots = .allocate(capacity: n)
         slots.initialize(repeating: Slot(), count: n)
         freeSlots = .allocate(capacity: n)
@@ -359,7 +364,8 @@ public final class BlockQueue {
     /// Publishes what was submitted (`kick()`) before it reads the device's index again,
     /// not while it returns completions seen at the last read: requests submitted while a
     /// batch of completions is reaped go out together, with one kick at most, as a C
-    /// poller does (split ring; the packed ring publishes at every call).
+    /// poller does. Only under `WaitStrategy.poll` and on the split ring: a queue that may
+    /// block, and the packed ring, publish at every call.
     public func poll() -> BlockCompletion? {
         if needsSettling {
             switch settle() {
@@ -368,7 +374,7 @@ public final class BlockQueue {
             case .reconnecting: return nil
             }
         }
-        if !ring.hasLoadedCompletions { kick() }
+        if !(state.pointee.publishesPerBatch && ring.hasLoadedCompletions) { kick() }
         let completion: Completion?
         do {
             completion = try ring.nextCompletion()
