@@ -39,10 +39,14 @@ let package = Package(
         ),
         // 4 KiB randread against real back-ends, two contestants interleaved: hardened vs
         // trusting driver (issue 3), or our device vs qsd (issue 4). scripts/bench-blk.
+        // The C busy-polling vhost-user-blk driver (R8: exists only here), the baseline of
+        // the wait strategies (issue 19): `blk-ratio wait`, scripts/bench-wait.
+        .target(name: "CBlkPoller", cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(
             name: "blk-ratio",
             dependencies: [
                 "TrustingBlock",
+                "CBlkPoller",
                 .product(name: "VirtioBlock", package: "RingFence"),
                 .product(name: "SharedMemory", package: "RingFence"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

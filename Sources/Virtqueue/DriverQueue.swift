@@ -290,6 +290,10 @@ public final class DriverQueue {
 
     // MARK: completions
 
+    /// Completions seen at the last load of used.idx and not yet returned.
+    @inline(__always)
+    public var hasLoadedCompletions: Bool { state.pointee.lastUsed != state.pointee.usedSnapshot }
+
     /// The next validated completion, or nil when the device has none for us now.
     /// used.idx is loaded once per batch (when everything of the previous load has been
     /// consumed); each used element is loaded once. Throws (and breaks the queue) on the

@@ -29,6 +29,11 @@ public protocol DriverRing: AnyObject {
     func publish() -> Bool
     /// The next validated completion, or nil. Throws (and breaks the queue) on a violation.
     func nextCompletion() throws(Violation) -> Completion?
+    /// True while completions seen at the last load of the device's index are still to be
+    /// returned: `nextCompletion()` returns one without reading the shared index again.
+    /// A driver publishes before that read, once per batch, as a C poller does (split;
+    /// always false on the packed ring, whose completions are found one by one).
+    var hasLoadedCompletions: Bool { get }
     @discardableResult
     func breakQueue(_ v: Violation) -> Violation
     func failAll() -> [UInt64]
@@ -53,6 +58,7 @@ extension DriverQueue: DriverRing {
 }
 
 extension PackedDriverQueue: DriverRing {
+    public var hasLoadedCompletions: Bool { false }
     /// Packed.
     public var format: RingFormat { .packed }
 }

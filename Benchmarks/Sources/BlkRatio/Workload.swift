@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CBlkPoller
 import Histogram
 import SharedMemory
 import TrustingBlock
@@ -11,6 +12,8 @@ enum DriverKind: String {
     case hardened, trusting
     /// The hardened driver's async calls from a task group (issue 20).
     case async
+    /// The C busy-polling driver (CBlkPoller), the wait strategies' baseline (issue 19).
+    case cpoller
 }
 
 /// One side of a comparison: a driver against a back-end socket.
@@ -18,6 +21,8 @@ struct Contestant {
     let label: String
     let driver: DriverKind
     let socket: String
+    /// The hardened driver's wait strategy (nil: the library's default, `.adaptive`).
+    var wait: WaitStrategy? = nil
 }
 
 struct Settings {
@@ -83,7 +88,8 @@ struct HardenedLoop: LoopDriver {
     func submit(offset: UInt64, slot: Int) -> String? {
         do {
             try queue.submitRead(
-                offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * blockSize..<(slot + 1) * blockSize]),
+                offset: offset,
+                into: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * blockSize..<(slot + 1) * blockSize]),
                 tag: UInt64(slot))
             return nil
         } catch {
@@ -181,6 +187,7 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         var options = VirtioBlockDriver.Options()
         options.queueSize = queueSize
         options.spinIterations = settings.spinIterations
+        if let wait = c.wait { options.wait = wait }
         let disk: VirtioBlockDriver
         do {
             disk = try VirtioBlockDriver.connect(socket: c.socket, options: options)
@@ -210,6 +217,8 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         r.requests = Int(s.completed)
         r.kicks = Int(s.kicks)
         return r
+    case .cpoller:
+        return cPollerRound(socket: c.socket, depth: depth, settings: settings, seconds: seconds, seed: seed)
     case .trusting:
         let device: TrustingBlockDevice
         do {
@@ -231,6 +240,27 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
     }
 }
 
+/// One round of the C busy-polling driver; its latencies go into the same histogram.
+func cPollerRound(socket: String, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
+    let capacity = 8 << 20
+    let latencies = UnsafeMutablePointer<UInt32>.allocate(capacity: capacity)
+    defer { latencies.deallocate() }
+    var out = cblk_result()
+    let rc = cblk_poll_run(
+        socket, Int32(depth), Int32(settings.blockSize), settings.warmup, seconds, seed, latencies, capacity, &out)
+    var r = RunResult()
+    if rc != 0 || out.error != 0 {
+        let message = withUnsafeBytes(of: out.message) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        r.error = "C poller: \(message)"
+    }
+    r.ios = Int(out.ios)
+    r.seconds = out.seconds
+    for i in 0..<Int(out.recorded) { _ = r.histogram.record(UInt64(latencies[i])) }
+    r.requests = Int(out.completed)
+    r.kicks = Int(out.kicks)
+    return r
+}
+
 /// Two contestants at one depth, interleaved: `rounds` rounds, each running A and B for
 /// runtime/rounds seconds, alternating which goes first (ABBA), so load drift hits both.
 struct PairResult {
@@ -241,7 +271,8 @@ struct PairResult {
     var ratio: Double { b.iops > 0 ? a.iops / b.iops : .nan }
 }
 
-func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Settings, log: (String) -> Void) -> PairResult {
+func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Settings, log: (String) -> Void) -> PairResult
+{
     var pair = PairResult()
     let seconds = settings.runtime / Double(settings.rounds)
     for round in 0..<settings.rounds {
@@ -264,6 +295,42 @@ func comparePair(_ a: Contestant, _ b: Contestant, depth: Int, settings: Setting
         if rb.iops > 0 { pair.roundRatios.append(ra.iops / rb.iops) }
     }
     return pair
+}
+
+/// Several contestants at one depth, interleaved: every round runs each for
+/// runtime/rounds seconds, the order rotated by one per round, so load drift hits all.
+struct GroupResult {
+    /// Per contestant: every round merged.
+    var merged: [RunResult]
+    /// Per round, per contestant: IOPS.
+    var roundIOPS: [[Double]] = []
+
+    /// Per round: contestant `i`'s IOPS / contestant `base`'s.
+    func roundRatios(_ i: Int, to base: Int) -> [Double] {
+        roundIOPS.compactMap { $0[base] > 0 ? $0[i] / $0[base] : nil }
+    }
+}
+
+func compareGroup(_ contestants: [Contestant], depth: Int, settings: Settings, log: (String) -> Void) -> GroupResult {
+    var group = GroupResult(merged: Array(repeating: RunResult(), count: contestants.count))
+    let seconds = settings.runtime / Double(settings.rounds)
+    for round in 0..<settings.rounds {
+        let seed = 0x2545_f491_4f6c_dd1d &+ UInt64(round)
+        var iops = [Double](repeating: 0, count: contestants.count)
+        for k in 0..<contestants.count {
+            let i = (k + round) % contestants.count
+            let c = contestants[i]
+            let r = runRound(c, depth: depth, settings: settings, seconds: seconds, seed: seed)
+            log(
+                "  round \(round + 1)/\(settings.rounds) \(c.label) depth \(depth): "
+                    + "\(Int(r.iops)) IOPS, p50 \(r.percentileMicroseconds(50)) us, p99 \(r.percentileMicroseconds(99)) us"
+                    + ", \(r.requests) requests, \(r.kicks) kicks" + (r.error.map { " ERROR \($0)" } ?? ""))
+            group.merged[i].merge(r)
+            iops[i] = r.iops
+        }
+        group.roundIOPS.append(iops)
+    }
+    return group
 }
 
 /// Reads `count` random blocks with both drivers, one at a time, and compares the bytes:
@@ -307,7 +374,8 @@ func crossCheck(socket: String, blockSize: Int, count: Int) -> String? {
             return "trusting read at \(o) failed"
         }
         guard c.status == 0, c.tag == UInt64(i) else { return "trusting read at \(o): status \(c.status)" }
-        let same = expected[i].withUnsafeBytes { e in e.baseAddress.map { memcmp($0, c.data, blockSize) == 0 } ?? false }
+        let same = expected[i].withUnsafeBytes { e in e.baseAddress.map { memcmp($0, c.data, blockSize) == 0 } ?? false
+        }
         guard same else { return "block at \(o) differs between the drivers" }
     }
     return nil

@@ -7,6 +7,10 @@
 //                                               synchronous queue API, one back-end, with a
 //                                               1 ms Task.sleep ticker on the pool (issue 20:
 //                                               >= 0.8x, ticker lateness p99 < 5 ms)
+//   blk-ratio wait --socket SOCKET             the hardened driver's wait strategies (poll,
+//                                               adaptive, interrupts) vs the C busy-polling
+//                                               driver, one back-end (issue 19: poll >= 1.0x,
+//                                               adaptive >= 0.9x at iodepth 1; >= 1.0x at 32)
 //   blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET
 //                                               the hardened driver against two back-ends
 //                                               (issue 4: serve-blk >= 1.0x qsd)
@@ -17,14 +21,16 @@
 import Foundation
 
 func usage(_ code: Int32 = 2) -> Never {
-    print("""
+    print(
+        """
         usage: blk-ratio drivers --backend NAME=SOCKET [--backend NAME=SOCKET]... [options]
                blk-ratio devices --device NAME=SOCKET --device NAME=SOCKET [options]
                blk-ratio async --socket SOCKET [options]   (async calls vs queue API)
+               blk-ratio wait --socket SOCKET [options]    (wait strategies vs the C poller)
                blk-ratio check --socket SOCKET   (both drivers read the same random blocks
                                                   and must return the same bytes)
                blk-ratio poll-cost --socket SOCKET   (ns per empty poll of each driver)
-               blk-ratio run --driver hardened|trusting --socket SOCKET [options]
+               blk-ratio run --driver hardened|trusting|cpoller --socket SOCKET [options]
                              (one contestant, one round per depth: for profilers)
           --depth N      iodepth (repeatable; default 1 and 32)
           --runtime S    measured seconds per contestant per point (default 10)
@@ -38,7 +44,10 @@ func usage(_ code: Int32 = 2) -> Never {
     exit(code)
 }
 
-enum Mode: String { case drivers, devices, run, check, async, pollCost = "poll-cost" }
+enum Mode: String {
+    case drivers, devices, run, check, async, wait
+    case pollCost = "poll-cost"
+}
 
 func parse() -> (Mode, Settings, [(String, String)]) {
     var args = CommandLine.arguments.dropFirst()
@@ -88,7 +97,7 @@ func parse() -> (Mode, Settings, [(String, String)]) {
     if !depths.isEmpty { settings.depths = depths }
     guard !targets.isEmpty, mode != .devices || targets.count == 2, mode != .run || targets.count == 1,
         mode != .check || targets.count == 1, mode != .pollCost || targets.count == 1,
-        mode != .async || targets.count == 1
+        mode != .async || targets.count == 1, mode != .wait || targets.count == 1
     else { usage() }
     if mode == .pollCost {
         guard let (h, t) = pollCost(socket: targets[0].1, polls: 2_000_000) else {
@@ -169,14 +178,17 @@ print("")
 var failed = false
 switch mode {
 case .drivers:
-    print("| back-end | iodepth | hardened IOPS | p50 µs | p99 µs | trusting IOPS | p50 µs | p99 µs | ratio h/t (totals) | median of rounds [range] |")
+    print(
+        "| back-end | iodepth | hardened IOPS | p50 µs | p99 µs | trusting IOPS | p50 µs | p99 µs | ratio h/t (totals) | median of rounds [range] |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, socket) in targets {
         for depth in settings.depths {
             log("\(name), iodepth \(depth) (load \(loadAverage())):")
             let p = comparePair(
                 Contestant(label: "hardened", driver: .hardened, socket: socket),
-                Contestant(label: "trusting", driver: .trusting, socket: socket), depth: depth, settings: settings, log: log)
+                Contestant(label: "trusting", driver: .trusting, socket: socket), depth: depth, settings: settings,
+                log: log)
             print("| \(name) | \(depth) | \(cells(p.a)) | \(cells(p.b)) | \(ratioCell(p)) |")
             for e in [p.a.error, p.b.error].compactMap({ $0 }) {
                 failed = true
@@ -187,7 +199,9 @@ case .drivers:
 case .devices:
     let (aName, aSocket) = targets[0]
     let (bName, bSocket) = targets[1]
-    print("| iodepth | \(aName) IOPS | p50 µs | p99 µs | \(bName) IOPS | p50 µs | p99 µs | ratio \(aName)/\(bName) (totals) | median of rounds [range] |")
+    print(
+        "| iodepth | \(aName) IOPS | p50 µs | p99 µs | \(bName) IOPS | p50 µs | p99 µs | ratio \(aName)/\(bName) (totals) | median of rounds [range] |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for depth in settings.depths {
         log("hardened driver, iodepth \(depth) (load \(loadAverage())):")
@@ -202,7 +216,9 @@ case .devices:
     }
 case .async:
     let socket = targets[0].1
-    print("| iodepth | async IOPS | p50 µs | p99 µs | queue API IOPS | p50 µs | p99 µs | ratio async/sync (totals) | median of rounds [range] | ticker lateness p50 / p99 / max ms, async | same, sync |")
+    print(
+        "| iodepth | async IOPS | p50 µs | p99 µs | queue API IOPS | p50 µs | p99 µs | ratio async/sync (totals) | median of rounds [range] | ticker lateness p50 / p99 / max ms, async | same, sync |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     func lateness(_ r: RunResult) -> String {
         guard let t = r.ticker else { return "n/a" }
@@ -220,6 +236,39 @@ case .async:
             log("error: \(e)")
         }
     }
+case .wait:
+    let socket = targets[0].1
+    let contestants = [
+        Contestant(label: "C poller", driver: .cpoller, socket: socket),
+        Contestant(label: "ours --poll", driver: .hardened, socket: socket, wait: .poll),
+        Contestant(label: "ours default", driver: .hardened, socket: socket, wait: .adaptive),
+        Contestant(label: "ours --spin-us 0", driver: .hardened, socket: socket, wait: .interrupts),
+    ]
+    print("| iodepth | driver | IOPS | p50 µs | p99 µs | vs C poller: median of rounds [range] | target |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for depth in settings.depths {
+        log("wait strategies vs the C poller, iodepth \(depth) (load \(loadAverage())):")
+        let g = compareGroup(contestants, depth: depth, settings: settings, log: log)
+        for (i, c) in contestants.enumerated() {
+            let rs = g.roundRatios(i, to: 0)
+            let ratio = rs.isEmpty ? "n/a" : "\(f(median(rs), 3))× [\(f(rs.min() ?? 0, 3)) .. \(f(rs.max() ?? 0, 3))]"
+            let target: String
+            switch (i, depth) {
+            case (0, _), (3, _): target = ""
+            case (1, 1): target = ">= 1.0×"
+            case (2, 1): target = ">= 0.9×"
+            default: target = ">= 1.0×"
+            }
+            let m = g.merged[i]
+            print(
+                "| \(depth) | \(c.label) | \(grouped(median(g.roundIOPS.map { $0[i] }))) | \(f(m.percentileMicroseconds(50))) | \(f(m.percentileMicroseconds(99))) | \(ratio) | \(target) |"
+            )
+            if let e = m.error {
+                failed = true
+                log("error: \(c.label): \(e)")
+            }
+        }
+    }
 case .check, .pollCost:
     break  // handled in parse()
 case .run:
@@ -232,7 +281,9 @@ case .run:
             Contestant(label: name, driver: driver, socket: socket), depth: depth, settings: settings,
             seconds: settings.runtime, seed: 0x2545_f491_4f6c_dd1d)
         print("| \(name) | \(depth) | \(cells(r)) |")
-        log("\(name) iodepth \(depth): \(r.requests) requests, \(r.kicks) kicks\(driver == .trusting ? ", \(r.sleeps) sleeps" : "")")
+        log(
+            "\(name) iodepth \(depth): \(r.requests) requests, \(r.kicks) kicks\(driver == .trusting ? ", \(r.sleeps) sleeps" : "")"
+        )
         if let e = r.error {
             failed = true
             log("error: \(e)")

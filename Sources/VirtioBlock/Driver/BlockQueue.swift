@@ -28,6 +28,9 @@ public struct BlockQueueStatistics: Sendable, Equatable {
     public var resubmitted: UInt64 = 0
     /// Times `wait` blocked on the call eventfd (0 under `WaitStrategy.poll`).
     public var blocks: UInt64 = 0
+    /// Times submitted requests were made visible to the device (one store of the ring's
+    /// index each, a kick when the device asks for one): `poll` publishes a batch at once.
+    public var publishes: UInt64 = 0
 }
 
 /// One virtqueue of a `VirtioBlockDriver`: the synchronous hot path.
@@ -84,6 +87,12 @@ public final class BlockQueue {
         var settledEpoch: UInt64 = 0
         /// How long `wait` polls before blocking (adapts under `.adaptive`).
         var spin: AdaptiveSpin
+        /// Requests posted since the last publish (`kick()`).
+        var unpublished = 0
+        /// `poll` publishes once per batch of completions (`WaitStrategy.poll` only: a
+        /// queue that may block publishes at every call, so the device works while the
+        /// driver reaps instead of getting the batch just before the driver sleeps).
+        var publishesPerBatch = false
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -143,7 +152,8 @@ public final class BlockQueue {
         let n = Int(ring.queueSize)
         slotCount = n
         state = .allocate(capacity: 1)
-        state.initialize(to: State(freeCount: n, spin: AdaptiveSpin(options.wait)))
+        state.initialize(
+            to: State(freeCount: n, spin: AdaptiveSpin(options.wait), publishesPerBatch: options.wait == .poll))
         slots = .allocate(capacity: n)
         slots.initialize(repeating: Slot(), count: n)
         freeSlots = .allocate(capacity: n)
@@ -268,6 +278,7 @@ public final class BlockQueue {
             throw error
         }
         state.pointee.activeCount += 1
+        state.pointee.unpublished += 1
         state.pointee.statistics.submitted &+= 1
     }
 
@@ -335,6 +346,10 @@ public final class BlockQueue {
     /// Publishes everything submitted and kicks the device if it wants it.
     @inline(__always)
     public func kick() {
+        if state.pointee.unpublished > 0 {
+            state.pointee.unpublished = 0
+            state.pointee.statistics.publishes &+= 1
+        }
         if ring.publish() {
             if !kickNotifier.signal() { supervisor.fail(.violation(.notifierBlocked(role: "kick"))) }
             state.pointee.statistics.kicks &+= 1
@@ -345,6 +360,12 @@ public final class BlockQueue {
 
     /// The next completion, or nil. Never blocks. After the device broke, hands back every
     /// request still in flight as a failure, one per call.
+    ///
+    /// Publishes what was submitted (`kick()`) before it reads the device's index again,
+    /// not while it returns completions seen at the last read: requests submitted while a
+    /// batch of completions is reaped go out together, with one kick at most, as a C
+    /// poller does. Only under `WaitStrategy.poll` and on the split ring: a queue that may
+    /// block, and the packed ring, publish at every call.
     public func poll() -> BlockCompletion? {
         if needsSettling {
             switch settle() {
@@ -353,7 +374,7 @@ public final class BlockQueue {
             case .reconnecting: return nil
             }
         }
-        kick()
+        if !(state.pointee.publishesPerBatch && ring.hasLoadedCompletions) { kick() }
         let completion: Completion?
         do {
             completion = try ring.nextCompletion()
