@@ -278,6 +278,10 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// cancellation rule.
     package var held: Int { heldCount.load(ordering: .relaxed) }
     let heldCount = Atomic<Int>(0)
+    /// Pieces handed to the device's ring so far (tests wait on it: a request counted in
+    /// `held` may still be queued here, not yet posted).
+    package var posted: Int { postedCount.load(ordering: .relaxed) }
+    let postedCount = Atomic<Int>(0)
     /// Operations in the inbox (or a stop request): lets drivers look without the lock.
     let queued = Atomic<Int>(0)
 
@@ -564,6 +568,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
                     break
                 }
                 nextTag &+= 1
+                postedCount.add(1, ordering: .relaxed)
                 inFlight[tag] = (op, op.engineCut)
                 op.engineOutstanding += 1
                 op.engineCut += whole ? 1 : length

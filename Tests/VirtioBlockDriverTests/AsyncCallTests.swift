@@ -123,9 +123,9 @@ struct AsyncCallTests {
         try await disk.write(at: 4096, bytes: blockPattern(2))
         let engine = try disk.engine()
         backend.holdRequests(true)
+        let postedBefore = engine.posted
         let task = Task { try await disk.read(at: 0, count: 4096) }
-        #expect(try await eventually { engine.held == 1 })
-        try await Task.sleep(for: .milliseconds(50))  // posted to the ring by now
+        #expect(try await eventually { engine.held == 1 && engine.posted == postedBefore + 1 })  // on the ring
         task.cancel()
         // Prompt: before the device answers (it holds the request) or its deadline (10 s).
         let result = await task.result
@@ -153,8 +153,10 @@ struct AsyncCallTests {
         }
         let engine = try disk.engine()
         backend.holdRequests(true)
+        let postedBefore = engine.posted
         let task = Task { try await disk.read(at: 0, count: 4096) }
-        #expect(try await eventually { engine.held == 1 })
+        // On the ring, not merely queued (a queued request that is cancelled is never posted).
+        #expect(try await eventually { engine.held == 1 && engine.posted == postedBefore + 1 })
         task.cancel()
         let result = await task.result
         #expect(throws: CancellationError.self) { try result.get() }
