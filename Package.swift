@@ -145,7 +145,7 @@ let package = Package(
         .target(
             name: "BlockBench",
             dependencies: [
-                "SharedMemory", "VirtioBlock", "XenRing",
+                "SharedMemory", "VirtioBlock", "XenRing", "RingFenceResults",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             swiftSettings: strict
@@ -238,7 +238,7 @@ let package = Package(
             name: "InteropTests",
             dependencies: [
                 "VirtioBlock", "VirtioFS", "VirtioNet", "VhostUser", "Virtqueue", "SharedMemory", "BlockBench",
-                "RingFenceResults",
+                "RingFenceResults", "RingTestSupport",
             ],
             swiftSettings: strict
         ),

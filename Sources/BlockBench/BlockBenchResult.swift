@@ -1,35 +1,14 @@
 import Foundation
 public import Histogram
+public import RingFenceResults
 
 /// A benchmark result for tools (`--json`), encoded from this type, never from strings
 /// (issue 19). Field names are fio's where the field means the same: `iops`, `bw` (KiB/s),
 /// `io_bytes`, `total_ios`, `runtime` (ms), `lat_ns` with fio's `percentile` keys.
 public struct BlockBenchResult: Codable, Sendable, Equatable {
-    /// Completion latency in nanoseconds, as fio's `lat_ns`.
-    public struct Latency: Codable, Sendable, Equatable {
-        public var min: UInt64
-        public var max: UInt64
-        public var mean: Double
-        /// "50.000000", "99.000000", "99.900000" → nanoseconds.
-        public var percentile: [String: UInt64]
-
-        public init(min: UInt64, max: UInt64, mean: Double, percentile: [String: UInt64]) {
-            self.min = min
-            self.max = max
-            self.mean = mean
-            self.percentile = percentile
-        }
-
-        /// From a histogram of nanoseconds.
-        public init(_ h: Histogram<UInt64>) {
-            self.init(
-                min: h.min, max: h.max, mean: h.mean,
-                percentile: Dictionary(
-                    uniqueKeysWithValues: [50.0, 90.0, 99.0, 99.9].map {
-                        (String(format: "%.6f", $0), h.valueAtPercentile($0))
-                    }))
-        }
-    }
+    /// Completion latency in nanoseconds, as fio's `lat_ns` (the one type every `--json`
+    /// uses, `RingFenceResults.LatencyNs`).
+    public typealias Latency = LatencyNs
 
     public var rw: String
     public var bs: Int
@@ -91,5 +70,17 @@ public struct BlockBenchResult: Codable, Sendable, Equatable {
         let e = JSONEncoder()
         e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return (try? e.encode(self)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+    }
+}
+
+extension LatencyNs {
+    /// From a histogram of nanoseconds.
+    public init(_ h: Histogram<UInt64>) {
+        self.init(
+            min: h.min, max: h.max, mean: h.mean,
+            percentile: Dictionary(
+                uniqueKeysWithValues: [50.0, 90.0, 99.0, 99.9].map {
+                    (String(format: "%.6f", $0), h.valueAtPercentile($0))
+                }))
     }
 }
