@@ -52,10 +52,10 @@ public final class MisbehavingBlockBackend: @unchecked Sendable {
     let image: DeviceImage
     let stopped = Atomic<Bool>(false)
     let holding = Atomic<Bool>(false)
-    let state = Mutex<Report>(Report())
+    let state = Locked<Report>(Report())
     /// The driver's shared memory as last announced (kept mapped for the leak probe).
-    let sharedRegions = Mutex<[GuestRegion]>([])
-    let backend = Mutex<Backend?>(nil)
+    let sharedRegions = Locked<[GuestRegion]>([])
+    let backend = Locked<Backend?>(nil)
 
     /// What the back-end observed (for assertions).
     public struct Report: Sendable {

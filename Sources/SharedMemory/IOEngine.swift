@@ -127,7 +127,7 @@ package final class IOOperation<Failure: Error & Sendable>: @unchecked Sendable 
     let buffer: UnsafeMutableRawBufferPointer
     let delivery: IODelivery<Failure>
     let cancelled = Atomic<Bool>(false)
-    let waiter = Mutex<Waiter>(.notInstalled)
+    let waiter = Locked<Waiter>(.notInstalled)
     /// Drive-token holder only: bytes cut into pieces so far, pieces in flight, first failure.
     var engineCut = 0
     var engineOutstanding = 0
@@ -243,7 +243,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
 
     let transport: Transport
     let wake: Notifier
-    let inbox = Mutex<Inbox>(Inbox())
+    let inbox = Locked<Inbox>(Inbox())
     /// Completions handled per lease (exclusive hold of a shared queue) before the engine
     /// lets it drain and go, so synchronous callers of the same queue get their turn.
     let budget: Int

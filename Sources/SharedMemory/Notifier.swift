@@ -159,7 +159,7 @@ final class NotifierWatchdog: @unchecked Sendable {
     private struct Entry {
         weak var notifier: Notifier?
     }
-    private let members = Mutex<[ObjectIdentifier: Entry]>([:])
+    private let members = Locked<[ObjectIdentifier: Entry]>([:])
     private let started = Atomic<Bool>(false)
 
     func register(_ notifier: Notifier) {

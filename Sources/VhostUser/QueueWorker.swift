@@ -8,7 +8,7 @@ import Virtqueue
 /// The call eventfd of one vring. QEMU replaces it while the queue runs (MSI-X vector
 /// changes, masking), so the worker reads it under a lock each time it signals.
 final class CallSlot: Sendable {
-    private let notifier = Mutex<Notifier?>(nil)
+    private let notifier = Locked<Notifier?>(nil)
 
     func replace(with new: Notifier?) { notifier.withLock { $0 = new } }
 

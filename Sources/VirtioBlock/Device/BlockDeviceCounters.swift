@@ -10,7 +10,7 @@ public final class BlockDeviceCounters: Sendable {
     let bytesWritten = Atomic<Int>(0)
     let failed = Atomic<Int>(0)
     /// Rejected chains by rule (the queue goes on; rare, so a lock is fine).
-    let violations = Mutex<[Rule: Int]>([:])
+    let violations = Locked<[Rule: Int]>([:])
 
     public init() {}
 

@@ -122,7 +122,7 @@ public final class BlockPipeline: Sendable {
     let engine: IOEngine<BlockQueueTransport>
     let info: BlockInfo
     /// Requests posted and not yet delivered, and whether `finish()` was called.
-    let accounting = Mutex<(outstanding: Int, finishing: Bool)>((0, false))
+    let accounting = Locked<(outstanding: Int, finishing: Bool)>((0, false))
 
     init(device: VirtioBlockDriver, engine: IOEngine<BlockQueueTransport>) {
         (completions, continuation) = AsyncStream.makeStream(of: Completion.self)

@@ -104,7 +104,7 @@ public final class VirtioBlockDriver: ControlPlane, @unchecked Sendable {
     /// in flight (a class, so the engine holds it without holding the device).
     let convenienceLock = Locked<Int>(0)
     /// The async calls' engine on queue 0, started by the first of them.
-    let asyncEngine = Mutex<AsyncEngineSlot>(.none)
+    let asyncEngine = Locked<AsyncEngineSlot>(.none)
 
     /// Connects, negotiates, validates the config and sets up the queues.
     public static func connect(socket path: String, options: Options = Options()) throws(VirtioError)

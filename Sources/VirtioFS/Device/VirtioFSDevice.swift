@@ -1,5 +1,6 @@
 public import VhostUser
 import Virtqueue
+import SharedMemory
 
 /// Settings of a served virtio-fs device.
 public struct VirtioFSDeviceOptions: Sendable {
