@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 /// Helpers to run the real peers: the `ringfence` binary and a QEMU TCG Linux guest
@@ -156,8 +157,7 @@ struct LinuxGuestBlockTests {
         server.standardError = logHandle
         try server.run()
         defer { if server.isRunning { server.terminate() } }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        ListeningSocket.wait(socket, seconds: 10)
         #expect(FileManager.default.fileExists(atPath: socket), "serve-blk listens")
 
         let first = try Interop.bootGuest(
@@ -233,8 +233,7 @@ struct LinuxGuestBlockTests {
         server.standardError = logHandle
         try server.run()
         defer { if server.isRunning { server.terminate() } }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        ListeningSocket.wait(socket, seconds: 10)
         #expect(FileManager.default.fileExists(atPath: socket), "serve-blk listens")
 
         let script = """

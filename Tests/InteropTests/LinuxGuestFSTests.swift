@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 /// The real Linux 6.1 `virtiofs` driver in a QEMU TCG guest against `ringfence serve-fs`:
@@ -65,8 +66,7 @@ struct LinuxGuestFSTests {
         server.standardError = logHandle
         try server.run()
         defer { if server.isRunning { server.terminate() } }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        ListeningSocket.wait(socket, seconds: 10)
         #expect(FileManager.default.fileExists(atPath: socket), "serve-fs listens")
 
         let scriptPath = "\(work)/fs.sh"

@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 /// The real Linux 6.1 `virtio_net` driver in two QEMU TCG guests, both on one
@@ -133,8 +134,7 @@ struct LinuxGuestNetTests {
         server.standardError = logHandle
         try server.run()
         defer { if server.isRunning { server.terminate() } }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        ListeningSocket.wait(socket, seconds: 10)
         #expect(try Interop.run([NetTapTests.ip, "link", "set", tap, "netns", namespace]).status == 0)
         #expect(
             try Interop.run([

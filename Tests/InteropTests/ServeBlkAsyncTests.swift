@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 import VirtioBlock
 
@@ -24,8 +25,7 @@ import VirtioBlock
             kill(server.processIdentifier, SIGTERM)
             server.waitUntilExit()
         }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
         let disk = try VirtioBlockDriver.connect(socket: dir + "/s.sock")
         defer { disk.close() }
         func block(_ i: Int) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) } }

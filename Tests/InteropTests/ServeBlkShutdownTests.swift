@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 /// `ringfence serve-blk` as a process: SIGINT and SIGTERM end it cleanly (exit 0, socket
@@ -21,8 +22,7 @@ import Testing
                 "serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error",
             ]
             try server.run()
-            let ready = Date().addingTimeInterval(10)
-            while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+            ListeningSocket.wait(dir + "/s.sock", seconds: 10)
             kill(server.processIdentifier, signal)
             server.waitUntilExit()
             #expect(server.terminationReason == .exit && server.terminationStatus == 0)

@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 /// `ringfence serve-fs` as a user runs it, with `ringfence fs` as the client: a read-only
@@ -20,8 +21,7 @@ struct ServeFsCommandTests {
         server.standardError = FileHandle.nullDevice
         try server.run()
         defer { if server.isRunning { server.terminate() } }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(20_000) }
+        ListeningSocket.wait(socket, seconds: 10)
 
         let cat = try ringfence(["fs", "--socket", socket, "cat", "f"])
         #expect(cat.status == 0)

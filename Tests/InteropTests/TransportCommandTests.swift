@@ -1,6 +1,7 @@
 import BlockBench
 import Foundation
 import RingFenceResults
+import RingTestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -32,8 +33,7 @@ struct TransportCommandTests {
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
-            let ready = Date().addingTimeInterval(10)
-            while !FileManager.default.fileExists(atPath: socket) && Date() < ready { usleep(5_000) }
+            ListeningSocket.wait(socket, seconds: 10)
         }
 
         deinit {

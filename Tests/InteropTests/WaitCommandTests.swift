@@ -29,8 +29,7 @@ struct WaitCommandTests {
             kill(server.processIdentifier, SIGTERM)
             server.waitUntilExit()
         }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
         let r = try Interop.run([binary, "blk", "--socket", dir + "/s.sock"] + wait + ["verify", "--size", "1M"])
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("verify OK: 1048576 bytes"), "\(r.output)")
@@ -61,8 +60,7 @@ struct WaitCommandTests {
                 kill(server.processIdentifier, SIGTERM)
                 server.waitUntilExit()
             }
-            let ready = Date().addingTimeInterval(10)
-            while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+            ListeningSocket.wait(dir + "/s.sock", seconds: 10)
             var options = VirtioBlockDriver.Options()
             options.controlTimeout = 5
             let disk = try VirtioBlockDriver.connect(socket: dir + "/s.sock", options: options)
@@ -97,8 +95,7 @@ struct WaitCommandTests {
             kill(server.processIdentifier, SIGTERM)
             server.waitUntilExit()
         }
-        let ready = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
         var options = VirtioFSDriver.Options()
         options.controlTimeout = 5
         let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
@@ -126,8 +123,7 @@ struct WaitCommandTests {
                 kill(server.processIdentifier, SIGTERM)
                 server.waitUntilExit()
             }
-            let ready = Date().addingTimeInterval(10)
-            while !FileManager.default.fileExists(atPath: dir + "/s.sock") && Date() < ready { usleep(5_000) }
+            ListeningSocket.wait(dir + "/s.sock", seconds: 10)
             var options = VirtioFSDriver.Options()
             options.controlTimeout = 5
             let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
