@@ -3,6 +3,11 @@
 // The trusting baseline lives only in this benchmark package (R8). Usage (in Benchmarks/):
 //   swift build -c release --product xen-bench
 //   .build/release/xen-bench [--seconds S] [--rounds N] [--depth D] [--write] [--only hardened|trusting]
+//                            [--wait interrupts|adaptive|poll]
+// The trusting C frontend blocks on the event channel (poll(2)) whenever the ring is empty, so
+// the like-for-like comparison, and the default, runs the hardened frontend with the same wait
+// (`--wait interrupts`); `adaptive` (the library's default) and `poll` spin first and are
+// not a comparison of the two frontends' per-request cost.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -41,6 +46,7 @@ var rounds = 10
 var depth = 16
 var write = false
 var only: String?  // "hardened" or "trusting": one side only, for profiling
+var wait = WaitStrategy.spin(nanoseconds: 0)  // interrupts only, as the trusting C frontend waits
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     switch a {
@@ -56,6 +62,14 @@ while !arguments.isEmpty {
     case "--write": write = true
     case "--only":
         only = arguments.first
+        arguments = Array(arguments.dropFirst())
+    case "--wait":
+        switch arguments.first {
+        case "interrupts": wait = .spin(nanoseconds: 0)
+        case "adaptive": wait = .adaptive
+        case "poll": wait = .poll
+        default: fail("--wait takes interrupts, adaptive or poll")
+        }
         arguments = Array(arguments.dropFirst())
     default: fail("unknown argument \(a)")
     }
@@ -92,7 +106,7 @@ func connect() -> XenBlkFrontendDevice {
 }
 
 print(
-    "xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
+    "xen-bench: 4 KiB \(write ? "writes" : "reads"), depth \(depth), hardened wait \(wait), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
 )
 var ratios: [Double] = []
 var hardenedTotal = 0.0
@@ -113,6 +127,7 @@ var requestsTrusting = 0
 /// xen-blk bench` runs).
 @MainActor func runHardened() -> BlockBenchReport<XenBlkError> {
     let device = connect()
+    device.wait = wait
     defer { device.disconnect() }
     do {
         let cpu = threadCPUSeconds()
