@@ -143,6 +143,11 @@ struct NetSend: ParsableCommand {
                 }
             }
         }
+        // Sent means taken by the device: closing earlier could leave frames on the ring.
+        guard pair.waitUntilTransmitted(until: .after(seconds: connection.timeout)) else {
+            FileHandle.standardError.write(Data("ringfence net: error: the device did not take every frame\n".utf8))
+            throw ExitCode(1)
+        }
         print("sent \(count) frame(s) of \(size.bytes) bytes from \(formatMAC(net.info.mac))")
     }
 }
