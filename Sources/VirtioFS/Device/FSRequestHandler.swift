@@ -380,7 +380,11 @@ public final class FSRequestHandler: QueueHandler {
         }
         guard UInt64(headerEnd) + UInt64(size) <= UInt64(h.length), Int(size) <= device.options.maximumTransfer,
             offset <= UInt64(Int64.max) - UInt64(size)
-        else { return .error(EINVAL) }
+        else {
+            // More data claimed than carried, beyond the transfer limit, or past the largest offset.
+            device.counters.violation(.r3)
+            return .error(EINVAL)
+        }
         return device.state.withLock { s -> Outcome in
             guard s.initialized else { return .error(EIO) }
             if s.directory.readOnly { return .error(EROFS) }
