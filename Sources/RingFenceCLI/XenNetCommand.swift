@@ -105,14 +105,14 @@ struct ServeXenNetCommand: ParsableCommand {
         do {
             let connection = try XenNetBackendConnection.accept(
                 channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
-            let end = connection.run(idleTimeout: idle)
+            // Counts reach the metrics while the frontend is served: at most every 10 ms
+            // while frames flow, at once when the rings go quiet, and at the end.
+            var live = LiveCounts()
+            let end = connection.run(idleTimeout: idle) { c, quiet in
+                live.push(c.counterValues, to: metrics, connection: number, force: quiet)
+            }
+            live.push(connection.counterValues, to: metrics, connection: number, force: true)
             let b = connection.backend
-            // tx: the frames the frontend sent; rx: those it received.
-            metrics.add(
-                .net(
-                    txFrames: b.txFrames, txBytes: connection.bytesReceived, rxFrames: b.rxFrames, rxBytes: b.rxBytes,
-                    rxDropped: connection.port.dropped, violations: b.rejectionsByRule),
-                connection: number)
             if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-net: connection \(number) \(end): \(b.txFrames) frames in (\(connection.bytesReceived) bytes), "
@@ -367,5 +367,34 @@ struct XenNetBench: ParsableCommand {
             throw ExitCode(1)
         }
         if device.txFailed > 0 { throw ExitCode(1) }
+    }
+}
+
+extension XenNetBackendConnection {
+    /// tx: the frames the frontend sent; rx: those it received (serve-net's names).
+    var counterValues: CounterValues {
+        .net(
+            txFrames: backend.txFrames, txBytes: bytesReceived, rxFrames: backend.rxFrames, rxBytes: backend.rxBytes,
+            rxDropped: port.dropped, violations: backend.rejectionsByRule)
+    }
+}
+
+/// What a connection counted that `ServerMetrics` has not seen yet, pushed from the
+/// serving thread at most every 10 ms (or when forced).
+struct LiveCounts {
+    var pushed: CounterValues = [:]
+    var lastPush: UInt64 = 0
+
+    mutating func push(_ now: @autoclosure () -> CounterValues, to metrics: ServerMetrics, connection: Int, force: Bool)
+    {
+        let time = monotonicNanoseconds()
+        guard force || time &- lastPush >= 10_000_000 else { return }
+        lastPush = time
+        let values = now()
+        var delta: CounterValues = [:]
+        for (key, n) in values where n != pushed[key, default: 0] { delta[key] = n - pushed[key, default: 0] }
+        guard !delta.isEmpty else { return }
+        pushed = values
+        metrics.add(delta, connection: connection)
     }
 }

@@ -287,6 +287,46 @@ struct MetricsTests {
         #expect(log.contains("ringfence_tx_bytes_total\(c2) 1000"), "\(log)")
     }
 
+    /// Both net servers count while a front-end is connected, not only when it leaves: a
+    /// scrape during a 2-second bench of 1500-byte frames sees frames, and exactly 1500
+    /// bytes for each (frames and bytes move to the counters together).
+    @Test(arguments: [
+        ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
+    ])
+    func netServersCountLive(server arguments: [String]) throws {
+        let dir = "/tmp/rf-metrics-live-\(arguments[0])-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let name = arguments[0]
+        let server = try Self.start(
+            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
+        )
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let client =
+            name == "serve-net"
+            ? ["net", "--socket", dir + "/s.sock", "bench", "--both"]
+            : ["xen-net", "--socket", dir + "/s.sock", "bench"]
+        let bench = try Self.start(client + ["--size", "1500", "--runtime", "2"], log: dir + "/bench")
+        defer {
+            if bench.isRunning { kill(bench.processIdentifier, SIGKILL) }
+            bench.waitUntilExit()
+        }
+        let c1 = "{server=\"\(name)\",connection=\"1\"}"
+        var during = ""
+        Self.waitFor {
+            during = Self.scrape(unix: dir + "/m.sock")
+            return (Self.value(during, "ringfence_tx_frames_total" + c1) ?? 0) > 0
+        }
+        #expect(bench.isRunning, "scraped while the front-end is connected")
+        let frames = try #require(Self.value(during, "ringfence_tx_frames_total" + c1), "\(during)")
+        #expect(frames > 0)
+        #expect(Self.value(during, "ringfence_tx_bytes_total" + c1) == frames * 1500, "\(during)")
+    }
+
     /// serve-net with two sockets: connections are numbered across both, each counted on
     /// its own device (a frame sent through the second socket is not the first's).
     @Test func serveNetNumbersConnectionsAcrossSockets() throws {
