@@ -129,9 +129,8 @@ final class ServerMetrics: Sendable {
     }()
 
     struct Port {
-        /// The label of the connection being served, and its number at the back-end.
+        /// The label of the connection being served.
         var connection: Int?
-        var backendConnection: Int?
         var baseline: CounterValues = [:]
     }
 
@@ -180,13 +179,12 @@ final class ServerMetrics: Sendable {
     /// nil): counts it (a reconnect after the first) and starts its counters. Returns
     /// its label.
     @discardableResult
-    func connected(_ connection: Int? = nil, port: Int = 0, backendConnection: Int? = nil) -> Int {
+    func connected(_ connection: Int? = nil, port: Int = 0) -> Int {
         sync()
         let label = state.withLock { s -> Int in
             s.connections += 1
             let label = connection ?? s.connections
             s.ports[port].connection = label
-            s.ports[port].backendConnection = backendConnection
             if let source = sources[port] { s.ports[port].baseline = source() }
             Counter(label: "ringfence_connections_total", dimensions: [("server", server)]).increment()
             if s.connections > 1 {
@@ -281,7 +279,7 @@ extension ServerMetrics {
     /// serve-net, serve-fs): connections are numbered across the server's ports.
     func record(_ event: BackendEvent, port: Int = 0) {
         switch event {
-        case .connected(let c): connected(port: port, backendConnection: c)
+        case .connected: connected(port: port)
         case .disconnected: disconnected(port: port)
         case .rejected:
             if let c = state.withLock({ $0.ports[port].connection }) { refused(connection: c) }
