@@ -20,11 +20,16 @@ final class BenchState: Sendable {
 
 struct BlkBench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.")
+        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.",
+        discussion: helpDiscussion(
+            "Like fio: --rw, --bs, --iodepth, --runtime; a progress line each second on a terminal; --json with fio's names.",
+            examples: "ringfence blk --socket blk.sock bench --rw randread --bs 4k --iodepth 32",
+            "ringfence blk --socket blk.sock --poll bench --iodepth 1 --runtime 5",
+            "ringfence blk --socket blk.sock bench --rw write --bs 1M --json"))
     @ParentCommand var blk: Blk
-    @Option var rw: BenchMode = .randread
-    @Option var bs: Size = Size(4096)
-    @Option var iodepth: Int = 1
+    @Option(help: "Pattern.") var rw: BenchMode = .randread
+    @Option(help: "Block size in bytes (512, 4k, 1M...).") var bs: Size = Size(4096)
+    @Option(help: "Requests in flight per queue.") var iodepth: Int = 1
     @Option(help: "Seconds to run.") var runtime: Double = 10
     @Option(help: "Bytes of the disk to cover (default: all of it).") var size: Size?
     @Flag(help: "Print the result as JSON (fio's names: iops, bw in KiB/s, lat_ns percentiles).") var json = false

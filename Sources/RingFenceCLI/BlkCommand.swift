@@ -12,6 +12,11 @@ struct Blk: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blk",
         abstract: "Talk to a vhost-user-blk back-end with the hardened virtio-blk driver.",
+        discussion: helpDiscussion(
+            "The back-end is qemu-storage-daemon, SPDK, `ringfence serve-blk` or any vhost-user-blk device. Sizes and offsets are in bytes (4096, 4k, 16M); transfers larger than the device allows are split internally. Exit 0 ok, 1 on a device error or a broken rule (one line naming it), 2 on a usage error.",
+            examples: "ringfence serve-blk --socket blk.sock --image disk.img &",
+            "ringfence blk --socket blk.sock verify --size 16M",
+            "ringfence blk --socket blk.sock bench --rw randread --bs 4k --iodepth 32"),
         subcommands: [
             BlkInfo.self, BlkRead.self, BlkWrite.self, BlkVerify.self, BlkFlush.self, BlkDiscard.self,
             BlkWriteZeroes.self, BlkBench.self, BlkFormat.self,
@@ -100,7 +105,11 @@ struct Size: ExpressibleByArgument {
 }
 
 struct BlkInfo: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated geometry.")
+    static let configuration = CommandConfiguration(
+        commandName: "info", abstract: "Show the validated geometry.",
+        discussion: helpDiscussion(
+            "Capacity, block size, queues, features and limits, after the driver checked them.",
+            examples: "ringfence blk --socket blk.sock info", "ringfence blk --socket blk.sock --queues 4 info"))
     @ParentCommand var blk: Blk
 
     func run() throws {
@@ -125,10 +134,15 @@ struct BlkInfo: ParsableCommand {
 }
 
 struct BlkRead: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "read", abstract: "Read a range to a file or stdout.")
+    static let configuration = CommandConfiguration(
+        commandName: "read", abstract: "Read a range to a file or stdout.",
+        discussion: helpDiscussion(
+            "Offset and length in bytes, any alignment the device allows.",
+            examples: "ringfence blk --socket blk.sock read --offset 0 --length 4k | xxd",
+            "ringfence blk --socket blk.sock read --offset 1M --length 4k --output o"))
     @ParentCommand var blk: Blk
-    @Option var offset: Size
-    @Option var length: Size
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Bytes (4k, 16M...).") var length: Size
     @Option(help: "Write the bytes here instead of stdout.") var output: String?
 
     func run() throws {
@@ -168,9 +182,13 @@ struct BlkRead: ParsableCommand {
 
 struct BlkWrite: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "write", abstract: "Write a file (or stdin) at an offset.")
+        commandName: "write", abstract: "Write a file (or stdin) at an offset.",
+        discussion: helpDiscussion(
+            "The whole input is written, split into requests the device accepts.",
+            examples: "ringfence blk --socket blk.sock write --offset 0 --input in.bin",
+            "ringfence blk --socket blk.sock write --offset 4k < in.bin"))
     @ParentCommand var blk: Blk
-    @Option var offset: Size
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
     @Option(help: "Read the bytes from this file instead of stdin.") var input: String?
 
     func run() throws {
@@ -218,10 +236,13 @@ func pattern(seed: UInt64, offset: Int, count: Int) -> [UInt8] {
 
 struct BlkVerify: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.")
+        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.",
+        discussion: helpDiscussion(
+            "Exit 1 on the first byte that differs.", examples: "ringfence blk --socket blk.sock verify",
+            "ringfence blk --socket blk.sock verify --size 16M --seed 7"))
     @ParentCommand var blk: Blk
-    @Option(help: "Bytes to verify from offset 0 (default 1M).") var size: Size = Size(1 << 20)
-    @Option var seed: UInt64 = 1
+    @Option(help: "Bytes to verify from offset 0.") var size: Size = Size(1 << 20)
+    @Option(help: "Pattern seed.") var seed: UInt64 = 1
 
     func run() throws {
         if blk.verified.enabled {
@@ -247,7 +268,11 @@ struct BlkVerify: ParsableCommand {
 }
 
 struct BlkFlush: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the device's write cache.")
+    static let configuration = CommandConfiguration(
+        commandName: "flush", abstract: "Flush the device's write cache.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence blk --socket blk.sock flush", "ringfence blk --socket blk.sock --timeout 30 flush")
+    )
     @ParentCommand var blk: Blk
     func run() throws {
         if blk.verified.enabled {
@@ -264,10 +289,15 @@ struct BlkFlush: ParsableCommand {
 }
 
 struct BlkDiscard: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "discard", abstract: "Discard a range.")
+    static let configuration = CommandConfiguration(
+        commandName: "discard", abstract: "Discard a range.",
+        discussion: helpDiscussion(
+            "The device must offer VIRTIO_BLK_F_DISCARD.",
+            examples: "ringfence blk --socket blk.sock discard --offset 0 --length 16M",
+            "ringfence blk --socket blk.sock discard --offset 1M --length 4k"))
     @ParentCommand var blk: Blk
-    @Option var offset: Size
-    @Option var length: Size
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Bytes (4k, 16M...).") var length: Size
     func run() throws {
         guard !blk.verified.enabled else { throw ValidationError("discard bypasses the verified layer") }
         let disk = try blk.open()
@@ -278,10 +308,15 @@ struct BlkDiscard: ParsableCommand {
 }
 
 struct BlkWriteZeroes: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "write-zeroes", abstract: "Write zeroes over a range.")
+    static let configuration = CommandConfiguration(
+        commandName: "write-zeroes", abstract: "Write zeroes over a range.",
+        discussion: helpDiscussion(
+            "The device must offer VIRTIO_BLK_F_WRITE_ZEROES.",
+            examples: "ringfence blk --socket blk.sock write-zeroes --offset 0 --length 16M",
+            "ringfence blk --socket blk.sock write-zeroes --offset 0 --length 1M --unmap"))
     @ParentCommand var blk: Blk
-    @Option var offset: Size
-    @Option var length: Size
+    @Option(help: "Byte offset (4k, 1M...).") var offset: Size
+    @Option(help: "Bytes (4k, 16M...).") var length: Size
     @Flag(help: "Allow the device to unmap the range.") var unmap = false
     func run() throws {
         guard !blk.verified.enabled else { throw ValidationError("write-zeroes bypasses the verified layer") }
@@ -296,9 +331,10 @@ struct BlkWriteZeroes: ParsableCommand {
 
 extension RingFence {
     /// Usage errors exit 2 (the convention of `ringfence blk`), not ArgumentParser's 64.
+    /// `ringfence CMD SUB --help` answers with SUB's help (`subcommandHelpRequest`).
     static func main() {
         do {
-            var command = try parseAsRoot(nil)
+            var command = try parseAsRoot(subcommandHelpRequest(Array(CommandLine.arguments.dropFirst())))
             try command.run()
         } catch {
             let code = exitCode(for: error)
@@ -325,7 +361,10 @@ extension Blk {
 struct BlkFormat: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "format",
-        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).")
+        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).",
+        discussion: helpDiscussion(
+            "See docs/verified-block.md.", examples: "ringfence blk --socket blk.sock --key k --anchor a format",
+            "ringfence blk --socket blk.sock --key k --anchor a verify --size 16M"))
     @ParentCommand var blk: Blk
 
     func run() throws {

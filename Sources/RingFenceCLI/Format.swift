@@ -15,3 +15,9 @@ func format(_ value: Double, _ decimals: Int) -> String {
     }
     return s
 }
+
+/// The discussion of a transport command's `--help` (one shape for all, issue 19): what
+/// to know, then runnable examples, each one line (at most 78 columns, so it never wraps).
+func helpDiscussion(_ text: String, examples: String...) -> String {
+    (text.isEmpty ? "" : text + "\n\n") + "Examples:\n" + examples.map { "  " + $0 }.joined(separator: "\n")
+}

@@ -9,6 +9,10 @@ struct Fs: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fs",
         abstract: "Use a vhost-user-fs back-end (virtiofsd, serve-fs) with the hardened virtio-fs driver.",
+        discussion: helpDiscussion(
+            "The back-end is virtiofsd, `ringfence serve-fs` or any vhost-user-fs device. Paths are in the shared directory; sizes in bytes (4k, 16M). Exit 0 ok, 1 on a device or file error or a broken rule (one line naming it), 2 on a usage error.",
+            examples: "ringfence serve-fs --socket fs.sock --dir /srv/share &", "ringfence fs --socket fs.sock ls -l /",
+            "ringfence fs --socket fs.sock put local.bin /remote.bin"),
         subcommands: [
             FsLs.self, FsStat.self, FsCat.self, FsGet.self, FsPut.self, FsMkdir.self, FsRm.self, FsMv.self,
             FsTree.self, FsBenchCommand.self,
@@ -100,7 +104,10 @@ final class FsProgress {
 }
 
 struct FsLs: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a directory.")
+    static let configuration = CommandConfiguration(
+        commandName: "ls", abstract: "List a directory.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock ls", "ringfence fs --socket fs.sock ls -l /dir"))
     @ParentCommand var fs: Fs
     @Argument var path = "/"
     @Flag(name: .shortAndLong, help: "Type, permissions and size too.") var long = false
@@ -121,7 +128,10 @@ struct FsLs: ParsableCommand {
 }
 
 struct FsStat: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "stat", abstract: "Show a file's attributes.")
+    static let configuration = CommandConfiguration(
+        commandName: "stat", abstract: "Show a file's attributes.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock stat /file", "ringfence fs --socket fs.sock stat /dir"))
     @ParentCommand var fs: Fs
     @Argument var path: String
 
@@ -140,7 +150,11 @@ struct FsStat: ParsableCommand {
 }
 
 struct FsCat: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "cat", abstract: "Print a file to stdout.")
+    static let configuration = CommandConfiguration(
+        commandName: "cat", abstract: "Print a file to stdout.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock cat /etc/hostname",
+            "ringfence fs --socket fs.sock cat /file > local.bin"))
     @ParentCommand var fs: Fs
     @Argument var path: String
 
@@ -153,7 +167,11 @@ struct FsCat: ParsableCommand {
 }
 
 struct FsGet: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "get", abstract: "Copy a file to the local disk.")
+    static let configuration = CommandConfiguration(
+        commandName: "get", abstract: "Copy a file to the local disk.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock get /remote.bin local.bin",
+            "ringfence fs --socket fs.sock get /dir/file copy"))
     @ParentCommand var fs: Fs
     @Argument(help: "Path in the shared directory.") var remote: String
     @Argument(help: "Local file to write.") var local: String
@@ -172,7 +190,11 @@ struct FsGet: ParsableCommand {
 }
 
 struct FsPut: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "put", abstract: "Copy a local file in.")
+    static let configuration = CommandConfiguration(
+        commandName: "put", abstract: "Copy a local file in.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock put local.bin /remote.bin",
+            "ringfence fs --socket fs.sock put notes.txt /dir/notes.txt"))
     @ParentCommand var fs: Fs
     @Argument(help: "Local file to read.") var local: String
     @Argument(help: "Path in the shared directory.") var remote: String
@@ -190,7 +212,10 @@ struct FsPut: ParsableCommand {
 }
 
 struct FsMkdir: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "mkdir", abstract: "Create a directory.")
+    static let configuration = CommandConfiguration(
+        commandName: "mkdir", abstract: "Create a directory.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock mkdir /dir", "ringfence fs --socket fs.sock mkdir /dir/sub"))
     @ParentCommand var fs: Fs
     @Argument var path: String
 
@@ -203,7 +228,9 @@ struct FsMkdir: ParsableCommand {
 
 struct FsRm: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "rm", abstract: "Remove a file, symlink or empty directory.")
+        commandName: "rm", abstract: "Remove a file, symlink or empty directory.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock rm /remote.bin", "ringfence fs --socket fs.sock rm /dir/sub"))
     @ParentCommand var fs: Fs
     @Argument var path: String
 
@@ -215,7 +242,11 @@ struct FsRm: ParsableCommand {
 }
 
 struct FsMv: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "mv", abstract: "Rename (RENAME2).")
+    static let configuration = CommandConfiguration(
+        commandName: "mv", abstract: "Rename (RENAME2).",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock mv /a /b",
+            "ringfence fs --socket fs.sock mv --no-replace /a /b"))
     @ParentCommand var fs: Fs
     @Argument var from: String
     @Argument var to: String
@@ -231,7 +262,10 @@ struct FsMv: ParsableCommand {
 }
 
 struct FsTree: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "tree", abstract: "List a directory recursively.")
+    static let configuration = CommandConfiguration(
+        commandName: "tree", abstract: "List a directory recursively.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence fs --socket fs.sock tree", "ringfence fs --socket fs.sock tree --depth 2 /dir"))
     @ParentCommand var fs: Fs
     @Argument var path = "/"
     @Option(help: "Deepest level shown.") var depth = 16
@@ -261,7 +295,11 @@ struct FsTree: ParsableCommand {
 struct FsBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "stat and lookup ops/s, 4 KiB random reads, 1 MiB sequential reads of one file.")
+        abstract: "stat and lookup ops/s, 4 KiB random reads, 1 MiB sequential reads of one file.",
+        discussion: helpDiscussion(
+            "The file is made with --size bytes when missing; each measurement runs --runtime seconds.",
+            examples: "ringfence fs --socket fs.sock bench",
+            "ringfence fs --socket fs.sock bench --size 16M --runtime 5 --json"))
     @ParentCommand var fs: Fs
     @Option(help: "File to read (created with --size bytes when missing).") var file = "ringfence-bench.bin"
     @Option(help: "Size of the file when it is created.") var size: Size = Size(64 << 20)

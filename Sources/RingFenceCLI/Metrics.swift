@@ -6,6 +6,8 @@ import SharedMemory
 import Synchronization
 import VhostUser
 import VirtioBlock
+import VirtioFS
+import VirtioNet
 
 #if canImport(Glibc)
 import Glibc
@@ -48,10 +50,76 @@ enum MetricsAddress: Equatable, CustomStringConvertible {
     }
 }
 
+/// One counter of a connection, beyond its `server` and `connection` labels: the
+/// metric's name and any further labels (`rule`, `class`).
+struct CounterKey: Hashable, Sendable {
+    var name: String
+    var labels: [String]
+
+    init(_ name: String, _ labels: (String, String)...) {
+        self.name = name
+        self.labels = labels.flatMap { [$0.0, $0.1] }
+    }
+
+    var pairs: [(String, String)] {
+        stride(from: 0, to: labels.count - 1, by: 2).map { (labels[$0], labels[$0 + 1]) }
+    }
+
+    var order: String { ([name] + labels).joined(separator: "\u{0}") }
+}
+
+/// Counts by counter, as a live source reports them (totals since it was made).
+typealias CounterValues = [CounterKey: Int]
+
+extension CounterValues {
+    /// The counters of a block server (serve-blk, serve-xen-blk).
+    init(_ d: BlockDeviceStatistics) {
+        self = [
+            CounterKey("ringfence_requests_total"): d.requests,
+            CounterKey("ringfence_read_bytes_total"): d.bytesRead,
+            CounterKey("ringfence_written_bytes_total"): d.bytesWritten,
+            CounterKey("ringfence_failed_requests_total"): d.failed,
+        ]
+        for (rule, n) in d.violations { self[CounterKey("ringfence_violations_total", ("rule", rule))] = n }
+    }
+
+    /// The counters of a net server: frames and bytes each way, as the front-end names its
+    /// queues (tx: it transmitted them, rx: it received them), and frames dropped for want
+    /// of receive buffers.
+    static func net(
+        txFrames: Int, txBytes: Int, rxFrames: Int, rxBytes: Int, rxDropped: Int, violations: [String: Int]
+    ) -> CounterValues {
+        var v: CounterValues = [
+            CounterKey("ringfence_tx_frames_total"): txFrames, CounterKey("ringfence_tx_bytes_total"): txBytes,
+            CounterKey("ringfence_rx_frames_total"): rxFrames, CounterKey("ringfence_rx_bytes_total"): rxBytes,
+            CounterKey("ringfence_rx_dropped_frames_total"): rxDropped,
+        ]
+        for (rule, n) in violations { v[CounterKey("ringfence_violations_total", ("rule", rule))] = n }
+        return v
+    }
+
+    /// The counters of serve-fs: requests by class, file bytes read and written, failures.
+    init(_ d: FSDeviceStatistics) {
+        self = [
+            CounterKey("ringfence_read_bytes_total"): d.bytesRead,
+            CounterKey("ringfence_written_bytes_total"): d.bytesWritten,
+            CounterKey("ringfence_failed_requests_total"): d.failed,
+        ]
+        for kind in FSRequestClass.allCases {
+            self[CounterKey("ringfence_requests_total", ("class", kind.rawValue))] = d.requests[kind, default: 0]
+        }
+        for (rule, n) in d.violations { self[CounterKey("ringfence_violations_total", ("rule", rule))] = n }
+    }
+}
+
 /// The counters a server operator reads (issue 19), through swift-metrics into a Prometheus
-/// registry: per connection, requests, bytes, failed requests, violations by rule and
-/// refusals; per server, connections and reconnects. `text` is the exposition format that
-/// `--metrics` serves and SIGUSR1 logs.
+/// registry: per connection, what the server's kind counts (requests and bytes for block,
+/// frames and bytes each way for net, requests by class and bytes for fs), violations by
+/// rule and refusals; per server, connections and reconnects. `text` is the exposition
+/// format that `--metrics` serves and SIGUSR1 logs.
+///
+/// A server with several sockets (serve-net) has one port per socket, each with its own
+/// live source; connections are numbered across all of them, in the order they came.
 final class ServerMetrics: Sendable {
     /// swift-metrics can be bootstrapped once per process.
     static let registry: PrometheusCollectorRegistry = {
@@ -60,51 +128,83 @@ final class ServerMetrics: Sendable {
         return registry
     }()
 
-    struct State {
+    struct Port {
+        /// The label of the connection being served.
         var connection: Int?
-        var baseline = BlockDeviceStatistics()
+        var baseline: CounterValues = [:]
+    }
+
+    struct State {
+        var ports: [Port]
         var connections = 0
     }
-    let state = Mutex(State())
+    let state: Mutex<State>
     let server: String
-    /// A live source of counts (serve-blk's device); nil when the caller adds them itself.
-    let source: BlockDeviceCounters?
+    /// Live sources of counts, one per port (nil when the caller adds them itself).
+    let sources: [(@Sendable () -> CounterValues)?]
+    /// Counters every connection shows from its start, at zero until something is counted.
+    let zeros: [CounterKey]
 
-    init(server: String, source: BlockDeviceCounters? = nil) {
+    static let blockCounters = [
+        "ringfence_requests_total", "ringfence_read_bytes_total", "ringfence_written_bytes_total",
+        "ringfence_failed_requests_total",
+    ].map { CounterKey($0) }
+    static let netCounters = [
+        "ringfence_tx_frames_total", "ringfence_tx_bytes_total", "ringfence_rx_frames_total",
+        "ringfence_rx_bytes_total", "ringfence_rx_dropped_frames_total",
+    ].map { CounterKey($0) }
+    static let fsCounters = Array(CounterValues(FSDeviceStatistics()).keys)
+
+    init(server: String, zeros: [CounterKey] = blockCounters, sources: [(@Sendable () -> CounterValues)?] = [nil]) {
         _ = Self.registry
         self.server = server
-        self.source = source
+        self.zeros = zeros.sorted { $0.order < $1.order }
+        let sources = sources.isEmpty ? [nil] : sources
+        self.sources = sources
+        state = Mutex(State(ports: Array(repeating: Port(), count: sources.count)))
         Counter(label: "ringfence_connections_total", dimensions: [("server", server)]).increment(by: 0)
         Counter(label: "ringfence_reconnects_total", dimensions: [("server", server)]).increment(by: 0)
+    }
+
+    /// serve-blk: its device's counters.
+    convenience init(server: String, source: BlockDeviceCounters) {
+        self.init(server: server, sources: [{ CounterValues(source.snapshot) }])
     }
 
     func dimensions(_ connection: Int, _ extra: [(String, String)] = []) -> [(String, String)] {
         [("server", server), ("connection", "\(connection)")] + extra
     }
 
-    /// A front-end connected: counts it (a reconnect after the first) and starts its counters.
-    func connected(_ connection: Int) {
+    /// A front-end connected to `port` (labelled `connection`, or the next number when
+    /// nil): counts it (a reconnect after the first) and starts its counters. Returns
+    /// its label.
+    @discardableResult
+    func connected(_ connection: Int? = nil, port: Int = 0) -> Int {
         sync()
-        state.withLock { s in
+        let label = state.withLock { s -> Int in
             s.connections += 1
-            s.connection = connection
-            if let source { s.baseline = source.snapshot }
+            let label = connection ?? s.connections
+            s.ports[port].connection = label
+            if let source = sources[port] { s.ports[port].baseline = source() }
             Counter(label: "ringfence_connections_total", dimensions: [("server", server)]).increment()
             if s.connections > 1 {
                 Counter(label: "ringfence_reconnects_total", dimensions: [("server", server)]).increment()
             }
+            return label
         }
-        add(BlockDeviceStatistics(), connection: connection)
+        add([:], connection: label)
+        return label
     }
 
-    func disconnected() {
+    func disconnected(port: Int = 0) {
         sync()
-        state.withLock { $0.connection = nil }
+        state.withLock { $0.ports[port].connection = nil }
     }
 
-    /// The current connection (or `connection`) broke a rule: a queue failed, a ring was dropped.
-    func violation(_ rule: Rule, connection: Int? = nil) {
-        guard let c = connection ?? state.withLock({ $0.connection }) else { return }
+    /// The current connection of `port` (or `connection`) broke a rule: a queue failed, a
+    /// ring was dropped.
+    func violation(_ rule: Rule, connection: Int? = nil, port: Int = 0) {
+        guard let c = connection ?? state.withLock({ $0.ports[port].connection }) else { return }
         Counter(label: "ringfence_violations_total", dimensions: dimensions(c, [("rule", rule.rawValue)])).increment()
     }
 
@@ -113,34 +213,37 @@ final class ServerMetrics: Sendable {
         Counter(label: "ringfence_refusals_total", dimensions: dimensions(connection)).increment()
     }
 
-    /// Adds counts to a connection's counters (created at zero, so a scrape shows them).
-    func add(_ d: BlockDeviceStatistics, connection c: Int) {
-        Counter(label: "ringfence_requests_total", dimensions: dimensions(c)).increment(by: Int64(d.requests))
-        Counter(label: "ringfence_read_bytes_total", dimensions: dimensions(c)).increment(by: Int64(d.bytesRead))
-        Counter(label: "ringfence_written_bytes_total", dimensions: dimensions(c)).increment(by: Int64(d.bytesWritten))
-        Counter(label: "ringfence_failed_requests_total", dimensions: dimensions(c)).increment(by: Int64(d.failed))
+    /// Adds counts to a connection's counters (the server's zeros created first, so a
+    /// scrape shows them).
+    func add(_ values: CounterValues, connection c: Int) {
+        for key in zeros where values[key] == nil {
+            Counter(label: key.name, dimensions: dimensions(c, key.pairs)).increment(by: 0)
+        }
         Counter(label: "ringfence_refusals_total", dimensions: dimensions(c)).increment(by: 0)
-        for (rule, n) in d.violations.sorted(by: { $0.key < $1.key }) {
-            Counter(label: "ringfence_violations_total", dimensions: dimensions(c, [("rule", rule)]))
-                .increment(by: Int64(n))
+        for (key, n) in values.sorted(by: { $0.key.order < $1.key.order }) {
+            Counter(label: key.name, dimensions: dimensions(c, key.pairs)).increment(by: Int64(n))
         }
     }
 
-    /// Moves what the live source counted since the last sync to the current connection.
+    func add(_ d: BlockDeviceStatistics, connection c: Int) { add(CounterValues(d), connection: c) }
+
+    /// Moves what the live sources counted since the last sync to their current connections.
     func sync() {
-        guard let source else { return }
-        let (connection, delta): (Int?, BlockDeviceStatistics) = state.withLock { s in
-            let now = source.snapshot
-            var d = BlockDeviceStatistics(
-                requests: now.requests - s.baseline.requests, bytesRead: now.bytesRead - s.baseline.bytesRead,
-                bytesWritten: now.bytesWritten - s.baseline.bytesWritten, failed: now.failed - s.baseline.failed)
-            for (rule, n) in now.violations where n != s.baseline.violations[rule, default: 0] {
-                d.violations[rule] = n - s.baseline.violations[rule, default: 0]
+        let deltas: [(Int, CounterValues)] = state.withLock { s in
+            var result: [(Int, CounterValues)] = []
+            for (i, source) in sources.enumerated() {
+                guard let source else { continue }
+                let now = source()
+                var d: CounterValues = [:]
+                for (key, n) in now where n != s.ports[i].baseline[key, default: 0] {
+                    d[key] = n - s.ports[i].baseline[key, default: 0]
+                }
+                s.ports[i].baseline = now
+                if let c = s.ports[i].connection, !d.isEmpty { result.append((c, d)) }
             }
-            s.baseline = now
-            return (s.connection, d)
+            return result
         }
-        if let connection { add(delta, connection: connection) }
+        for (c, d) in deltas { add(d, connection: c) }
     }
 
     /// The Prometheus text exposition of every counter.
@@ -172,13 +275,15 @@ struct MetricsOptions: ParsableArguments {
 }
 
 extension ServerMetrics {
-    /// What a vhost-user back-end's event means for the counters (serve-blk, serve-net, serve-fs).
-    func record(_ event: BackendEvent) {
+    /// What a vhost-user back-end's event means for the counters of `port` (serve-blk,
+    /// serve-net, serve-fs): connections are numbered across the server's ports.
+    func record(_ event: BackendEvent, port: Int = 0) {
         switch event {
-        case .connected(let c): connected(c)
-        case .disconnected: disconnected()
-        case .rejected(let c, _, _): refused(connection: c)
-        case .queueFailed(_, let v): violation(v.rule)
+        case .connected: connected(port: port)
+        case .disconnected: disconnected(port: port)
+        case .rejected:
+            if let c = state.withLock({ $0.ports[port].connection }) { refused(connection: c) }
+        case .queueFailed(_, let v): violation(v.rule, port: port)
         default: break
         }
     }
@@ -299,5 +404,22 @@ final class MetricsEndpoint: Sendable {
             if n <= 0 { return }
             sent += n
         }
+    }
+}
+
+/// A device a metrics source reads, made after the metrics (it needs their event handler).
+final class LateBound<Value: Sendable>: Sendable {
+    let value = Mutex<Value?>(nil)
+    func set(_ v: Value) { value.withLock { $0 = v } }
+    var current: Value? { value.withLock { $0 } }
+}
+
+extension VirtioNetDevice {
+    var counterValues: CounterValues {
+        let s = statistics
+        return .net(
+            txFrames: Int(clamping: s.transmitted), txBytes: Int(clamping: s.transmittedBytes),
+            rxFrames: Int(clamping: s.received), rxBytes: Int(clamping: s.receivedBytes),
+            rxDropped: Int(clamping: s.receiveDropped), violations: s.violations.mapValues { Int(clamping: $0) })
     }
 }

@@ -10,6 +10,11 @@ struct Net: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "net",
         abstract: "Talk to a vhost-user-net back-end with the hardened virtio-net driver.",
+        discussion: helpDiscussion(
+            "The back-end is `ringfence serve-net`, DPDK's vhost PMD (testpmd), QEMU's vhost-user-net or any vhost-user-net device. Frame sizes are in bytes (64, 1500, 9k). Exit 0 ok, 1 on a device error or a broken rule (one line naming it), 2 on a usage error.",
+            examples: "ringfence serve-net --socket net.sock --loopback &",
+            "ringfence net --socket net.sock ping --count 10 --size 1500",
+            "ringfence net --socket net.sock bench --both --size 64 --runtime 5"),
         subcommands: [NetInfoCommand.self, NetSend.self, NetReceive.self, NetPing.self, NetBench.self])
 
     @OptionGroup var connection: NetConnection
@@ -85,7 +90,11 @@ func netOrExit<T>(_ body: () throws(NetError) -> T) throws -> T {
 }
 
 struct NetInfoCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated config.")
+    static let configuration = CommandConfiguration(
+        commandName: "info", abstract: "Show the validated config.",
+        discussion: helpDiscussion(
+            "MAC, MTU, status, queue pairs and features, after the driver checked them.",
+            examples: "ringfence net --socket net.sock info", "ringfence net --socket net.sock --no-packed info"))
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
 
@@ -105,7 +114,12 @@ struct NetInfoCommand: ParsableCommand {
 }
 
 struct NetSend: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "send", abstract: "Send test frames.")
+    static let configuration = CommandConfiguration(
+        commandName: "send", abstract: "Send test frames.",
+        discussion: helpDiscussion(
+            "Frames from this driver's MAC to --dst (broadcast with ff:ff:ff:ff:ff:ff).",
+            examples: "ringfence net --socket net.sock send --count 10 --size 1500",
+            "ringfence net --socket net.sock --dst ff:ff:ff:ff:ff:ff send"))
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Option(help: "Frames to send.") var count = 1
@@ -129,12 +143,21 @@ struct NetSend: ParsableCommand {
                 }
             }
         }
+        // Sent means taken by the device: closing earlier could leave frames on the ring.
+        guard pair.waitUntilTransmitted(until: .after(seconds: connection.timeout)) else {
+            FileHandle.standardError.write(Data("ringfence net: error: the device did not take every frame\n".utf8))
+            throw ExitCode(1)
+        }
         print("sent \(count) frame(s) of \(size.bytes) bytes from \(formatMAC(net.info.mac))")
     }
 }
 
 struct NetReceive: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "receive", abstract: "Receive frames and show them.")
+    static let configuration = CommandConfiguration(
+        commandName: "receive", abstract: "Receive frames and show them.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence net --socket net.sock receive --count 5",
+            "ringfence net --socket net.sock receive --count 100 --wait 30"))
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Option(help: "Frames to wait for.") var count = 1
@@ -169,7 +192,10 @@ struct NetPing: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ping",
         abstract: "Exchange frames with a peer that returns them (serve-net --loopback, testpmd macswap).",
-        discussion: "Every byte of every frame that comes back is verified (the MACs may come back swapped).")
+        discussion: helpDiscussion(
+            "Every byte of every frame that comes back is verified (the MACs may come back swapped).",
+            examples: "ringfence net --socket net.sock ping",
+            "ringfence net --socket net.sock ping --count 100 --size 9k"))
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Option(help: "Frames to exchange.") var count = 10
@@ -198,7 +224,11 @@ struct NetPing: ParsableCommand {
 
 struct NetBench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "testpmd-like throughput: Mpps and Gbit/s, each second and in all.")
+        commandName: "bench", abstract: "testpmd-like throughput: Mpps and Gbit/s, each second and in all.",
+        discussion: helpDiscussion(
+            "Like testpmd: Mpps and Gbit/s each second on a terminal and in all; --json at the end. --batch is frames per call (testpmd's --burst), not frames in flight: the ring bounds those.",
+            examples: "ringfence net --socket net.sock bench --both --size 64 --runtime 5",
+            "ringfence net --socket net.sock bench --tx --size 1500 --batch 64 --json"))
     @ParentCommand var net: Net
     var connection: NetConnection { net.connection }
     @Flag(help: "Transmit only.") var tx = false
@@ -206,8 +236,11 @@ struct NetBench: ParsableCommand {
     @Flag(help: "Transmit and receive.") var both = false
     @Option(help: "Frame size in bytes (64, 1500, 9k...).") var size: Size = Size(64)
     @Option(help: "Seconds to run.") var runtime: Double = 10
-    @Option(help: "Frames per transmit/receive call.") var batch = 32
-    @Flag(help: "One JSON object at the end instead of text.") var json = false
+    @Option(
+        help:
+            "Frames per transmit or receive call (a burst, like testpmd --burst; the ring bounds how many are outstanding)."
+    ) var batch = 32
+    @Flag(help: "Print the result as JSON.") var json = false
 
     func validate() throws {
         guard [tx, rx, both].filter({ $0 }).count <= 1 else { throw ValidationError("one of --tx, --rx, --both") }

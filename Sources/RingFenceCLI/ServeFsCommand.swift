@@ -77,7 +77,10 @@ struct ServeFsCommand: ParsableCommand {
         sigaddset(&signals, SIGTERM)
         sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
-        let serverMetrics = ServerMetrics(server: "serve-fs")
+        let served = LateBound<VirtioFSDevice>()
+        let serverMetrics = ServerMetrics(
+            server: "serve-fs", zeros: ServerMetrics.fsCounters,
+            sources: [{ served.current.map { CounterValues($0.statistics) } ?? [:] }])
         let endpoint = try metricsOptions.start(serverMetrics) { logger.notice("\($0)") }
         defer { endpoint?.removeSocket() }
 
@@ -104,13 +107,14 @@ struct ServeFsCommand: ParsableCommand {
             logger.error("\(error)")
             throw ExitCode(1)
         }
+        served.set(device)
         // With --attack: the same device, misbehaving through the hooks.
-        let served: any VhostUserDevice =
+        let serving: any VhostUserDevice =
             attack.flatMap(FSCatalogue.attack(named:)).map { FSAdversaryDevice(inner: device, attack: $0) } ?? device
         if let attack { logger.notice("attack \(attack)") }
         var configuration = Backend.Configuration()
         configuration.queueTiming.wait = wait.strategy
-        let backend = Backend(device: served, configuration: configuration, onEvent: onEvent)
+        let backend = Backend(device: serving, configuration: configuration, onEvent: onEvent)
         logger.info("serving \(dir) as tag \(tag)\(readonly ? " (read-only)" : ""), \(queues) request queue(s)")
         let dumpMetrics: @Sendable () -> Void = { log.notice("metrics (SIGUSR1):\n\(serverMetrics.text)") }
         try startSignalWaiter(signals, onDump: dumpMetrics) { received in

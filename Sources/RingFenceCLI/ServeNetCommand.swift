@@ -93,13 +93,17 @@ struct ServeNetCommand: ParsableCommand {
         sigaddset(&signals, SIGTERM)
         sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
-        let serverMetrics = ServerMetrics(server: "serve-net")
+        // One port of the metrics per socket, each reading its device's counters.
+        let devices = socket.map { _ in LateBound<VirtioNetDevice>() }
+        let serverMetrics = ServerMetrics(
+            server: "serve-net", zeros: ServerMetrics.netCounters,
+            sources: devices.map { d in { d.current?.counterValues ?? [:] } })
         let endpoint = try metricsOptions.start(serverMetrics) { logger.notice("\($0)") }
         defer { endpoint?.removeSocket() }
 
         let log = logger
-        let onEvent: @Sendable (BackendEvent) -> Void = { event in
-            serverMetrics.record(event)
+        let onEvent: @Sendable (BackendEvent, Int) -> Void = { event, port in
+            serverMetrics.record(event, port: port)
             switch event {
             case .queueFailed, .queueNotRestarted, .rejected, .requestRejected:
                 log.warning("\(event)")
@@ -118,9 +122,11 @@ struct ServeNetCommand: ParsableCommand {
         configuration.maximumQueueSize = queueSize
         var backends: [Backend] = []
         var listeners: [UnixListener] = []
-        for path in socket {
-            let device = VirtioNetDevice(fabric: fabric, options: options, onEvent: onEvent)
-            backends.append(Backend(device: device, configuration: configuration, onEvent: onEvent))
+        for (port, path) in socket.enumerated() {
+            let portEvent: @Sendable (BackendEvent) -> Void = { onEvent($0, port) }
+            let device = VirtioNetDevice(fabric: fabric, options: options, onEvent: portEvent)
+            devices[port].set(device)
+            backends.append(Backend(device: device, configuration: configuration, onEvent: portEvent))
             listeners.append(try UnixListener(path: path))
             logger.info("\(path): port with MAC \(formatMAC(device.mac)), MTU \(mtu), \(queuePairs) queue pair(s)")
         }

@@ -165,20 +165,17 @@ struct XenBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xen-blk",
         abstract: "Talk to a Xen-style blkif backend (serve-xen-blk) through the hardened frontend.",
-        discussion: """
-            Sizes and offsets are in bytes (4096, 4k, 16M), multiples of 512; transfers larger \
-            than one blkif request (11 pages, 44 KiB) are split internally. A misbehaving \
-            backend disables the device with a typed violation (exit 1).
-
-            Example:
-              ringfence xen-blk --socket /tmp/xen.sock bench --rw randread --bs 4k --iodepth 16 --json
-            """,
+        discussion: helpDiscussion(
+            "The back-end is `ringfence serve-xen-blk` (Xen's blkif protocol over an emulated PV ring). Sizes and offsets are in bytes (4096, 4k, 16M), multiples of 512; transfers larger than one blkif request (11 pages, 44 KiB) are split internally. Exit 0 ok, 1 on a device error or a broken rule (one line naming it), 2 on a usage error.",
+            examples: "ringfence serve-xen-blk --socket x.sock --image disk.img &",
+            "ringfence xen-blk --socket x.sock verify --size 16M",
+            "ringfence xen-blk --socket x.sock bench --rw randread --bs 4k --iodepth 16"),
         subcommands: [
             XenBlkInfoCommand.self, XenBlkRead.self, XenBlkWrite.self, XenBlkVerify.self, XenBlkFlush.self,
             XenBlkDiscard.self, XenBlkBench.self, XenBlkAudit.self, XenBlkFormat.self,
         ])
 
-    @Option(help: "Unix socket of the backend.")
+    @Option(help: "Path of the back-end's Unix socket.")
     var socket: String
 
     @Option(
@@ -265,7 +262,10 @@ func checkSectors(_ name: String, _ value: Int, positive: Bool = false) throws {
 
 struct XenBlkInfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "info", abstract: "Show the validated geometry (what the backend announced).")
+        commandName: "info", abstract: "Show the validated geometry (what the backend announced).",
+        discussion: helpDiscussion(
+            "Capacity, sector size, ring slots and the largest request, after the frontend checked them.",
+            examples: "ringfence xen-blk --socket x.sock info", "ringfence xen-blk --socket x.sock info --json"))
     @ParentCommand var blk: XenBlkCommand
     @Flag(help: "Print the result as JSON.") var json = false
 
@@ -289,10 +289,15 @@ struct XenBlkInfoCommand: ParsableCommand {
 }
 
 struct XenBlkRead: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "read", abstract: "Read a range to a file or stdout.")
+    static let configuration = CommandConfiguration(
+        commandName: "read", abstract: "Read a range to a file or stdout.",
+        discussion: helpDiscussion(
+            "Offset and length in bytes, multiples of 512.",
+            examples: "ringfence xen-blk --socket x.sock read --offset 0 --length 4k | xxd",
+            "ringfence xen-blk --socket x.sock read --offset 1M --length 4k --output o"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "Byte offset (4k, 1M...).") var offset: Size
-    @Option(help: "Bytes to read.") var length: Size
+    @Option(help: "Bytes (4k, 16M...).") var length: Size
     @Option(help: "Write the bytes here instead of stdout.") var output: String?
 
     func validate() throws {
@@ -334,7 +339,11 @@ struct XenBlkRead: ParsableCommand {
 
 struct XenBlkWrite: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "write", abstract: "Write a file (or stdin) at an offset.")
+        commandName: "write", abstract: "Write a file (or stdin) at an offset.",
+        discussion: helpDiscussion(
+            "The input's length must be a multiple of 512.",
+            examples: "ringfence xen-blk --socket x.sock write --offset 0 --input in.bin",
+            "ringfence xen-blk --socket x.sock write --offset 4k < in.bin"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "Byte offset (4k, 1M...).") var offset: Size
     @Option(help: "Read the bytes from this file instead of stdin.") var input: String?
@@ -369,7 +378,10 @@ struct XenBlkWrite: ParsableCommand {
 
 struct XenBlkVerify: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.")
+        commandName: "verify", abstract: "Write a seeded pattern, read it back, compare.",
+        discussion: helpDiscussion(
+            "Exit 1 on the first byte that differs.", examples: "ringfence xen-blk --socket x.sock verify",
+            "ringfence xen-blk --socket x.sock verify --size 16M --seed 7"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "Bytes to verify from offset 0.") var size: Size = Size(1 << 20)
     @Option(help: "Pattern seed.") var seed: UInt64 = 1
@@ -397,7 +409,11 @@ struct XenBlkVerify: ParsableCommand {
 }
 
 struct XenBlkFlush: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "flush", abstract: "Flush the backend's write cache.")
+    static let configuration = CommandConfiguration(
+        commandName: "flush", abstract: "Flush the backend's write cache.",
+        discussion: helpDiscussion(
+            "", examples: "ringfence xen-blk --socket x.sock flush",
+            "ringfence xen-blk --socket x.sock --timeout 30 flush"))
     @ParentCommand var blk: XenBlkCommand
 
     func run() throws {
@@ -410,10 +426,15 @@ struct XenBlkFlush: ParsableCommand {
 }
 
 struct XenBlkDiscard: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "discard", abstract: "Discard a range.")
+    static let configuration = CommandConfiguration(
+        commandName: "discard", abstract: "Discard a range.",
+        discussion: helpDiscussion(
+            "Offset and length in bytes, multiples of 512.",
+            examples: "ringfence xen-blk --socket x.sock discard --offset 0 --length 16M",
+            "ringfence xen-blk --socket x.sock discard --offset 1M --length 4k"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "Byte offset (4k, 1M...).") var offset: Size
-    @Option(help: "Bytes to discard.") var length: Size
+    @Option(help: "Bytes (4k, 16M...).") var length: Size
 
     func validate() throws {
         try checkSectors("offset", offset.bytes)
@@ -433,10 +454,15 @@ struct XenBlkDiscard: ParsableCommand {
 
 struct XenBlkBench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.")
+        commandName: "bench", abstract: "fio-like benchmark: IOPS, MiB/s, latency percentiles.",
+        discussion: helpDiscussion(
+            "Like fio: --rw, --bs, --iodepth, --runtime; a progress line each second on a terminal; --json with fio's names.",
+            examples: "ringfence xen-blk --socket x.sock bench --rw randread --bs 4k --iodepth 16",
+            "ringfence xen-blk --socket x.sock --poll bench --iodepth 1 --runtime 5",
+            "ringfence xen-blk --socket x.sock bench --rw write --bs 44k --json"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "Pattern.") var rw: BenchMode = .randread
-    @Option(help: "Block size (512...44k, a multiple of 512).") var bs: Size = Size(4096)
+    @Option(help: "Block size in bytes (512...44k, a multiple of 512).") var bs: Size = Size(4096)
     @Option(help: "Requests in flight (1...32, the ring's slots).") var iodepth: Int = 16
     @Option(help: "Seconds to run.") var runtime: Double = 10
     @Option(help: "Bytes of the disk to cover (default: all of it).") var size: Size?
@@ -490,13 +516,10 @@ struct XenBlkAudit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "audit",
         abstract: "Send each malformed request, each on a fresh connection, and judge how the backend reacted.",
-        discussion: """
-            A bad request must be refused and the backend must keep serving; a corrupt ring \
-            must get the connection dropped. Exit 1 if any attack was not contained.
-
-            Example:
-              ringfence xen-blk --socket /tmp/xen.sock audit --attack segments-12
-            """)
+        discussion: helpDiscussion(
+            "Each attack runs on a fresh connection; the report says how the backend reacted. Exit 1 if a backend accepted what it should have refused.",
+            examples: "ringfence xen-blk --socket x.sock audit",
+            "ringfence xen-blk --socket x.sock audit --attack segments-12"))
     @ParentCommand var blk: XenBlkCommand
     @Option(help: "One of \(XenFrontendAttack.allCases.map(\.rawValue).joined(separator: ", ")) (default: all).")
     var attack: String?
@@ -517,7 +540,10 @@ struct XenBlkAudit: ParsableCommand {
 struct XenBlkFormat: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "format",
-        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).")
+        abstract: "Format the device as a verified device (needs --key and --anchor; makes the key if missing).",
+        discussion: helpDiscussion(
+            "See docs/verified-block.md.", examples: "ringfence xen-blk --socket x.sock --key k --anchor a format",
+            "ringfence xen-blk --socket x.sock --key k --anchor a verify --size 16M"))
     @ParentCommand var blk: XenBlkCommand
 
     func run() throws {

@@ -67,7 +67,7 @@ struct ServeXenNetCommand: ParsableCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGUSR1)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
-        let serverMetrics = ServerMetrics(server: "serve-xen-net")
+        let serverMetrics = ServerMetrics(server: "serve-xen-net", zeros: ServerMetrics.netCounters)
         let endpoint = try metricsOptions.start(serverMetrics) {
             FileHandle.standardError.write(Data("serve-xen-net: \($0)\n".utf8))
         }
@@ -105,14 +105,14 @@ struct ServeXenNetCommand: ParsableCommand {
         do {
             let connection = try XenNetBackendConnection.accept(
                 channel: channel, mode: mode, hub: hub, hooks: attack.map(XenNetBackendAdversary.init))
-            let end = connection.run(idleTimeout: idle)
+            // Counts reach the metrics while the frontend is served: at most every 10 ms
+            // while frames flow, at once when the rings go quiet, and at the end.
+            var live = LiveCounts()
+            let end = connection.run(idleTimeout: idle) { c, quiet in
+                live.push(c.counterValues, to: metrics, connection: number, force: quiet)
+            }
+            live.push(connection.counterValues, to: metrics, connection: number, force: true)
             let b = connection.backend
-            // Frames the frontend sent are its requests, their bytes what it wrote.
-            metrics.add(
-                BlockDeviceStatistics(
-                    requests: Int(clamping: b.txFrames), bytesWritten: Int(clamping: connection.bytesReceived),
-                    failed: Int(clamping: b.rejectedFrames)),
-                connection: number)
             if case .dropped(let v) = end { metrics.violation(v.rule, connection: number) }
             print(
                 "serve-xen-net: connection \(number) \(end): \(b.txFrames) frames in (\(connection.bytesReceived) bytes), "
@@ -131,9 +131,14 @@ struct XenNet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xen-net",
         abstract: "Talk to a Xen-style netif backend through the hardened netfront.",
+        discussion: helpDiscussion(
+            "The back-end is `ringfence serve-xen-net` (Xen's netif protocol over emulated PV rings). Frame sizes are in bytes (64, 1500, 9k, 64k). Exit 0 ok, 1 on a device error or a broken rule (one line naming it), 2 on a usage error.",
+            examples: "ringfence serve-xen-net --socket xnet.sock --loopback &",
+            "ringfence xen-net --socket xnet.sock ping --count 10 --size 1500",
+            "ringfence xen-net --socket xnet.sock bench --size 64 --iodepth 64"),
         subcommands: [XenNetInfoCommand.self, XenNetPing.self, XenNetBench.self])
 
-    @Option(help: "Unix socket of the backend.")
+    @Option(help: "Path of the back-end's Unix socket.")
     var socket: String
 
     @Option(help: ArgumentHelp("Deadline in seconds for connecting and for each wait."))
@@ -163,7 +168,11 @@ func orExit<T, E: Error>(_ body: () throws(E) -> T) throws -> T {
 }
 
 struct XenNetInfoCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "info", abstract: "Show the validated handshake.")
+    static let configuration = CommandConfiguration(
+        commandName: "info", abstract: "Show the validated handshake.",
+        discussion: helpDiscussion(
+            "MAC, features and ring sizes from the handshake, after the frontend checked them.",
+            examples: "ringfence xen-net --socket xnet.sock info", "ringfence xen-net --socket xnet.sock info --json"))
     @ParentCommand var net: XenNet
     @Flag(help: "Print the result as JSON.") var json = false
 
@@ -201,7 +210,10 @@ func pingFrame(to mac: [UInt8], size: Int, sequence: Int) -> [UInt8] {
 
 struct XenNetPing: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "ping", abstract: "Send frames and check each comes back byte for byte (loopback backend).")
+        commandName: "ping", abstract: "Send frames and check each comes back byte for byte (loopback backend).",
+        discussion: helpDiscussion(
+            "", examples: "ringfence xen-net --socket xnet.sock ping",
+            "ringfence xen-net --socket xnet.sock ping --count 100 --size 9k --json"))
     @ParentCommand var net: XenNet
     @Option(help: "Frames to send.") var count: Int = 4
     @Option(help: "Frame size in bytes (14...65535; 4k etc. allowed).") var size: Size = Size(64)
@@ -259,19 +271,31 @@ struct XenNetPing: ParsableCommand {
 
 struct XenNetBench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Send frames as fast as the ring allows; frames/s and MiB/s both ways.")
+        commandName: "bench", abstract: "Send frames as fast as the ring allows; frames/s and MiB/s both ways.",
+        discussion: helpDiscussion(
+            "Frames/s and MiB/s each second on a terminal and in all; --json at the end.",
+            examples: "ringfence xen-net --socket xnet.sock bench",
+            "ringfence xen-net --socket xnet.sock bench --size 9k --runtime 10 --json"))
     @ParentCommand var net: XenNet
     @Option(help: "Frame size in bytes (14...65535; 1500, 9k, 64k...).") var size: Size = Size(1500)
     @Option(help: "Seconds to run.") var runtime: Double = 5
-    @Option(help: "Frames in flight on tx (1...128).") var depth: Int = 32
+    @Option(help: "Frames in flight on tx (1...128; default 32).") var iodepth: Int?
+    /// The spelling before `--iodepth` (issue 19), still accepted.
+    @Option(name: .customLong("depth"), help: .hidden) var oldDepth: Int?
     @Flag(help: "Print the result as JSON.") var json = false
 
+    /// Frames in flight: --iodepth, or the old --depth, 32 by default.
+    var depth: Int { iodepth ?? oldDepth ?? 32 }
+
     func validate() throws {
+        if iodepth != nil && oldDepth != nil {
+            throw ValidationError("--depth is the old spelling of --iodepth: give one")
+        }
         guard size.bytes >= 14, size.bytes <= NetifLayout.maxFrameSize else {
             throw ValidationError("--size must be 14...65535")
         }
         guard runtime > 0, runtime <= 3600 else { throw ValidationError("--runtime must be in (0, 3600]") }
-        guard depth >= 1, depth <= 128 else { throw ValidationError("--depth must be 1...128") }
+        guard depth >= 1, depth <= 128 else { throw ValidationError("--iodepth must be 1...128") }
     }
 
     func run() throws {
@@ -343,5 +367,34 @@ struct XenNetBench: ParsableCommand {
             throw ExitCode(1)
         }
         if device.txFailed > 0 { throw ExitCode(1) }
+    }
+}
+
+extension XenNetBackendConnection {
+    /// tx: the frames the frontend sent; rx: those it received (serve-net's names).
+    var counterValues: CounterValues {
+        .net(
+            txFrames: backend.txFrames, txBytes: bytesReceived, rxFrames: backend.rxFrames, rxBytes: backend.rxBytes,
+            rxDropped: port.dropped, violations: backend.rejectionsByRule)
+    }
+}
+
+/// What a connection counted that `ServerMetrics` has not seen yet, pushed from the
+/// serving thread at most every 10 ms (or when forced).
+struct LiveCounts {
+    var pushed: CounterValues = [:]
+    var lastPush: UInt64 = 0
+
+    mutating func push(_ now: @autoclosure () -> CounterValues, to metrics: ServerMetrics, connection: Int, force: Bool)
+    {
+        let time = monotonicNanoseconds()
+        guard force || time &- lastPush >= 10_000_000 else { return }
+        lastPush = time
+        let values = now()
+        var delta: CounterValues = [:]
+        for (key, n) in values where n != pushed[key, default: 0] { delta[key] = n - pushed[key, default: 0] }
+        guard !delta.isEmpty else { return }
+        pushed = values
+        metrics.add(delta, connection: connection)
     }
 }

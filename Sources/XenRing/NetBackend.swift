@@ -68,6 +68,10 @@ public final class NetBackend {
     @exclusivity(unchecked) public private(set) var lastRejection: XenViolation?
     @exclusivity(unchecked) public private(set) var txFrames = 0
     @exclusivity(unchecked) public private(set) var rxFrames = 0
+    /// Bytes of the frames sent into rx pages.
+    @exclusivity(unchecked) public private(set) var rxBytes = 0
+    /// Rejected frames by the rule they broke ("R3": n).
+    @exclusivity(unchecked) public private(set) var rejectionsByRule: [String: Int] = [:]
 
     public init(txRing: UnsafeMutableRawPointer, rxRing: UnsafeMutableRawPointer, mapper: GrantMapper) {
         self.txRing = txRing
@@ -107,6 +111,7 @@ public final class NetBackend {
                 txFrames += 1
             } catch {
                 rejectedFrames += 1
+                rejectionsByRule[error.rule.rawValue, default: 0] += 1
                 lastRejection = error
                 status = .error
             }
@@ -285,10 +290,12 @@ public final class NetBackend {
         }
         if let failure {
             rejectedFrames += 1
+            rejectionsByRule[failure.rule.rawValue, default: 0] += 1
             lastRejection = failure
             return .failed(failure)
         }
         rxFrames += 1
+        rxBytes += count
         return .sent(slots: Int(needed))
     }
 

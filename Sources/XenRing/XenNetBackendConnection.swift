@@ -195,8 +195,12 @@ public final class XenNetBackendConnection {
 
     /// Serves until the frontend closes, hangs up, does no work for `idleTimeout` seconds,
     /// or corrupts a ring (dropped). Wake-ups without work are backed off with the shared
-    /// `WakeBackoff` policy (R5), as for blkif.
-    public func run(idleTimeout: Double = 30) -> End {
+    /// `WakeBackoff` policy (R5), as for blkif. `observe` runs on this thread after every
+    /// productive pass (`idle` false) and once each time the rings go quiet (`idle` true):
+    /// live counters, with `backend`'s and this connection's counts settled then.
+    public func run(idleTimeout: Double = 30, observe: ((XenNetBackendConnection, _ idle: Bool) -> Void)? = nil) -> End
+    {
+        var observedIdle = true
         let idleNanoseconds = UInt64(max(0.001, min(idleTimeout.isNaN ? 30 : idleTimeout, 3600)) * 1e9)
         var lastWork = monotonicNanoseconds()
         var spins = 0
@@ -240,10 +244,16 @@ public final class XenNetBackendConnection {
                 if backend.publishResponses() && !events.notify() {
                     return drop(.notifierBlocked(role: "event channel"))
                 }
+                observe?(self, false)
+                observedIdle = false
                 continue
             }
             spins += 1
             if spins < 64 { continue }
+            if !observedIdle {
+                observe?(self, true)
+                observedIdle = true
+            }
             if backend.enableNotifications() { continue }
             let idleDeadline = Deadline(uptimeNanoseconds: lastWork &+ idleNanoseconds)
             if idleDeadline.hasPassed { return .idle }

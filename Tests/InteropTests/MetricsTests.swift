@@ -1,4 +1,5 @@
 import Foundation
+import RingTestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -216,12 +217,15 @@ struct MetricsTests {
         #expect(Self.value(text, "ringfence_reconnects_total{server=\"serve-xen-blk\"}") == 1)
     }
 
-    /// serve-net and serve-xen-net take the same --metrics: two frontends are two
-    /// connections and one reconnect; serve-xen-net counts the frames and bytes sent.
+    /// serve-net and serve-xen-net take the same --metrics and count the same way: per
+    /// connection, the frames and bytes the front-end transmitted (tx) and received (rx).
+    /// A ping of 3 frames of 100 bytes on a loopback is 3 frames and 300 bytes each way; a
+    /// second front-end sending 5 frames of 200 bytes is the second connection (one
+    /// reconnect) with 5 frames and 1000 bytes on tx.
     @Test(arguments: [
         ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
     ])
-    func netServersCountConnections(server arguments: [String]) throws {
+    func netServersCountFramesAndBytesEachWay(server arguments: [String]) throws {
         let dir = "/tmp/rf-metrics-\(arguments[0])-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -233,35 +237,192 @@ struct MetricsTests {
             if server.isRunning { kill(server.processIdentifier, SIGKILL) }
             server.waitUntilExit()
         }
-        Self.waitFor { FileManager.default.fileExists(atPath: dir + "/s.sock") }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
         let client = name == "serve-net" ? "net" : "xen-net"
-        for _ in 0..<2 {
+        let ping = try Interop.run([
+            try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
+        ])
+        #expect(ping.status == 0, "\(ping.output)")
+        let c1 = "{server=\"\(name)\",connection=\"1\"}"
+        let c2 = "{server=\"\(name)\",connection=\"2\"}"
+        var text = ""
+        // serve-xen-net adds a connection's counts when it ends (the frontend's close).
+        Self.waitFor {
+            text = Self.scrape(unix: dir + "/m.sock")
+            return Self.value(text, "ringfence_rx_frames_total" + c1) == 3
+        }
+        #expect(Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "\(text)")
+        #expect(Self.value(text, "ringfence_tx_bytes_total" + c1) == 300)
+        #expect(Self.value(text, "ringfence_rx_frames_total" + c1) == 3)
+        #expect(Self.value(text, "ringfence_rx_bytes_total" + c1) == 300)
+        #expect(Self.value(text, "ringfence_rx_dropped_frames_total" + c1) == 0)
+        #expect(Self.value(text, "ringfence_refusals_total" + c1) == 0)
+        #expect(!text.contains("ringfence_violations_total{server=\"\(name)\""), "no rule broken: \(text)")
+        #expect(text.contains("# TYPE ringfence_tx_frames_total counter"))
+        if name == "serve-net" {
+            let send = try Interop.run([
+                try Self.binary(), client, "--socket", dir + "/s.sock", "send", "--count", "5", "--size", "200",
+            ])
+            #expect(send.status == 0, "\(send.output)")
+        } else {
+            let bench = try Interop.run([
+                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "5", "--size", "200",
+            ])
+            #expect(bench.status == 0, "\(bench.output)")
+        }
+        Self.waitFor {
+            text = Self.scrape(unix: dir + "/m.sock")
+            return Self.value(text, "ringfence_tx_frames_total" + c2) == 5
+        }
+        #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
+        #expect(Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1)
+        #expect(Self.value(text, "ringfence_tx_bytes_total" + c2) == 1000)
+        #expect(Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "the first connection's counts stay its own")
+        kill(server.processIdentifier, SIGUSR1)
+        Self.waitFor {
+            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("ringfence_tx_bytes_total")
+        }
+        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("metrics (SIGUSR1):"), "\(log)")
+        #expect(log.contains("ringfence_tx_bytes_total\(c2) 1000"), "\(log)")
+    }
+
+    /// Both net servers count while a front-end is connected, not only when it leaves: a
+    /// scrape during a 2-second bench of 1500-byte frames sees frames, and exactly 1500
+    /// bytes for each (frames and bytes move to the counters together).
+    @Test(arguments: [
+        ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
+    ])
+    func netServersCountLive(server arguments: [String]) throws {
+        let dir = "/tmp/rf-metrics-live-\(arguments[0])-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let name = arguments[0]
+        let server = try Self.start(
+            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
+        )
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let client =
+            name == "serve-net"
+            ? ["net", "--socket", dir + "/s.sock", "bench", "--both"]
+            : ["xen-net", "--socket", dir + "/s.sock", "bench"]
+        let bench = try Self.start(client + ["--size", "1500", "--runtime", "2"], log: dir + "/bench")
+        defer {
+            if bench.isRunning { kill(bench.processIdentifier, SIGKILL) }
+            bench.waitUntilExit()
+        }
+        let c1 = "{server=\"\(name)\",connection=\"1\"}"
+        var during = ""
+        Self.waitFor {
+            during = Self.scrape(unix: dir + "/m.sock")
+            return (Self.value(during, "ringfence_tx_frames_total" + c1) ?? 0) > 0
+        }
+        #expect(bench.isRunning, "scraped while the front-end is connected")
+        let frames = try #require(Self.value(during, "ringfence_tx_frames_total" + c1), "\(during)")
+        #expect(frames > 0)
+        #expect(Self.value(during, "ringfence_tx_bytes_total" + c1) == frames * 1500, "\(during)")
+    }
+
+    /// serve-net with two sockets: connections are numbered across both, each counted on
+    /// its own device (a frame sent through the second socket is not the first's).
+    @Test func serveNetNumbersConnectionsAcrossSockets() throws {
+        let dir = "/tmp/rf-metrics-net2-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let server = try Self.start(
+            [
+                "serve-net", "--socket", dir + "/a.sock", "--socket", dir + "/b.sock", "--sink", "--metrics",
+                dir + "/m.sock",
+            ], log: dir + "/log")
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        ListeningSocket.wait(dir + "/a.sock", seconds: 10)
+        ListeningSocket.wait(dir + "/b.sock", seconds: 10)
+        for (socket, count) in [("a", 2), ("b", 7)] {
             let r = try Interop.run([
-                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
+                try Self.binary(), "net", "--socket", dir + "/\(socket).sock", "send", "--count", "\(count)", "--size",
+                "64",
             ])
             #expect(r.status == 0, "\(r.output)")
         }
         var text = ""
         Self.waitFor {
             text = Self.scrape(unix: dir + "/m.sock")
-            return Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1
+            return Self.value(text, "ringfence_tx_frames_total{server=\"serve-net\",connection=\"2\"}") == 7
         }
-        #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
-        if name == "serve-xen-net" {
-            Self.waitFor {
-                text = Self.scrape(unix: dir + "/m.sock")
-                return Self.value(text, "ringfence_requests_total{server=\"serve-xen-net\",connection=\"2\"}") == 3
+        #expect(Self.value(text, "ringfence_tx_frames_total{server=\"serve-net\",connection=\"1\"}") == 2, "\(text)")
+        #expect(Self.value(text, "ringfence_tx_bytes_total{server=\"serve-net\",connection=\"2\"}") == 7 * 64)
+        #expect(Self.value(text, "ringfence_connections_total{server=\"serve-net\"}") == 2)
+    }
+
+    /// serve-fs counts requests by opcode class and the file bytes moved: a put of a
+    /// 60000-byte file is one WRITE of 60000 bytes, a get of it reads exactly 60000 bytes;
+    /// each connection starts with one INIT (class session); nothing fails.
+    @Test func serveFsCountsRequestsByClassAndBytes() throws {
+        let dir = "/tmp/rf-metrics-fs-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir + "/share", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let data = Data((0..<60000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        try data.write(to: URL(fileURLWithPath: dir + "/local.bin"))
+        let server = try Self.start(
+            ["serve-fs", "--socket", dir + "/f.sock", "--dir", dir + "/share", "--metrics", "127.0.0.1:0"],
+            log: dir + "/log")
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        var port: UInt16?
+        Self.waitFor {
+            let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+            if let r = log.range(of: "metrics on 127.0.0.1:") {
+                port = UInt16(log[r.upperBound...].prefix { $0.isNumber })
             }
-            #expect(
-                Self.value(text, "ringfence_written_bytes_total{server=\"serve-xen-net\",connection=\"2\"}") == 300,
-                "\(text)")
+            return port != nil
         }
+        let bound = try #require(port, "serve-fs did not say where its metrics are")
+        ListeningSocket.wait(dir + "/f.sock", seconds: 10)
+        let fs = [try Self.binary(), "fs", "--socket", dir + "/f.sock"]
+        let put = try Interop.run(fs + ["put", dir + "/local.bin", "/a.bin"])
+        #expect(put.status == 0, "\(put.output)")
+        let get = try Interop.run(fs + ["get", "/a.bin", dir + "/back.bin"])
+        #expect(get.status == 0, "\(get.output)")
+        #expect(FileManager.default.contents(atPath: dir + "/back.bin") == data)
+        var text = ""
+        Self.waitFor {
+            text = Self.scrape(port: bound)
+            return Self.value(text, "ringfence_read_bytes_total{server=\"serve-fs\",connection=\"2\"}") == 60000
+        }
+        func value(_ name: String, _ connection: Int, _ kind: String? = nil) -> Int? {
+            let labels = "server=\"serve-fs\",connection=\"\(connection)\"" + (kind.map { ",class=\"\($0)\"" } ?? "")
+            return Self.value(text, "\(name){\(labels)}")
+        }
+        #expect(value("ringfence_written_bytes_total", 1) == 60000, "\(text)")
+        #expect(value("ringfence_read_bytes_total", 1) == 0)
+        #expect(value("ringfence_requests_total", 1, "write") == 1)
+        #expect(value("ringfence_requests_total", 1, "read") == 0)
+        #expect(value("ringfence_read_bytes_total", 2) == 60000)
+        #expect(value("ringfence_written_bytes_total", 2) == 0)
+        #expect(value("ringfence_requests_total", 2, "write") == 0)
+        #expect((value("ringfence_requests_total", 2, "read") ?? 0) >= 1)
+        for c in [1, 2] {
+            #expect(value("ringfence_requests_total", c, "session") == 1, "one INIT per connection")
+            #expect(value("ringfence_requests_total", c, "other") == 0)
+            #expect(value("ringfence_failed_requests_total", c) == 0)
+            #expect(value("ringfence_refusals_total", c) == 0)
+        }
+        #expect(Self.value(text, "ringfence_reconnects_total{server=\"serve-fs\"}") == 1)
         kill(server.processIdentifier, SIGUSR1)
         Self.waitFor {
-            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("metrics (SIGUSR1):")
+            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("ringfence_read_bytes_total")
         }
         let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
-        #expect(log.contains("metrics (SIGUSR1):") && log.contains("ringfence_reconnects_total"), "\(log)")
+        #expect(log.contains("ringfence_written_bytes_total{server=\"serve-fs\",connection=\"1\"} 60000"), "\(log)")
     }
 
     @Test func metricsAreNeverServedBeyondTheLoopback() throws {

@@ -180,5 +180,11 @@ struct MaliciousDriverTests {
         }
         #expect((try FileManager.default.attributesOfItem(atPath: "\(h.root)/f")[.size] as? Int) == 0)
         #expect(!fs.isBroken)
+        // What serve-fs --metrics shows: four failed requests, the two lying WRITEs under R3.
+        let s = h.device.statistics
+        #expect(s.failed == 4, "\(s)")
+        #expect(s.violations == ["R3": 2], "\(s)")
+        #expect(s.requests[.write] == 2 && s.bytesWritten == 0, "\(s)")
+        #expect(s.requests[.session] == 1, "one INIT")
     }
 }

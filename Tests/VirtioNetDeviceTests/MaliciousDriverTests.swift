@@ -74,6 +74,8 @@ import RingTestSupport
         #expect(try bed.serve(1) == 1)
         #expect(try bed.completions(1).map(\.length) == [0], "transmit used len is 0")
         #expect(bed.device.statistics.transmitted == 1)
+        #expect(bed.device.statistics.transmittedBytes == 60, "the frame, not its virtio-net header")
+        #expect(bed.device.statistics.violations.isEmpty)
         #expect(bed.fabric.statistics.framesDelivered == 1)
     }
 
@@ -112,7 +114,9 @@ import RingTestSupport
         #expect(try bed.serve(1) == 2, "\(name)")
         #expect(try bed.completions(1).map(\.length) == [0, 0])
         #expect(bed.device.statistics.transmitRejected == 1, "\(name)")
+        #expect(bed.device.statistics.violations == ["R3": 1], "counted under its rule for --metrics")
         #expect(bed.device.statistics.transmitted == 1)
+        #expect(bed.device.statistics.transmittedBytes == 60, "the good frame's bytes only")
         #expect(bed.fabric.statistics.framesDelivered == 1, "only the good frame")
         #expect(bed.fabric.statistics.framesRejected == 1)
     }
@@ -122,6 +126,7 @@ import RingTestSupport
         try bed.post(1, [(Self.header + Self.frame(60), false), ([0, 0], true)])
         #expect(try bed.serve(1) == 1)
         #expect(bed.device.statistics.transmitRejected == 1)
+        #expect(bed.device.statistics.violations == ["R3": 1])
         #expect(bed.fabric.statistics.framesDelivered == 0)
     }
 
@@ -173,7 +178,9 @@ import RingTestSupport
         #expect(try bed.serve(0) == 2)
         #expect(try bed.completions(0).map(\.length) == [0, 72])
         #expect(bed.device.statistics.receiveRejected == 1)
+        #expect(bed.device.statistics.violations == ["R3": 1], "a readable receive buffer breaks R3")
         #expect(bed.device.statistics.received == 1)
+        #expect(bed.device.statistics.receivedBytes == 60)
     }
 
     @Test func tooSmallBufferWithoutMergeableDropsTheFrameAndKeepsTheBuffer() throws {

@@ -44,6 +44,7 @@ public final class FSRequestHandler: QueueHandler {
                 return count
             case .rejected(let head, let violation):
                 rejected += 1
+                device.counters.violation(violation.rule)
                 if rejectionLog.admit() { device.onEvent(.requestRejected(queue: queueIndex, violation)) }
                 queue.complete(head: head, length: 0)
             case .ready:
@@ -78,6 +79,8 @@ public final class FSRequestHandler: QueueHandler {
         let readable = chain.readableLength
         guard readable >= UInt64(FuseProtocol.inHeaderSize) else {
             rejected += 1
+            device.counters.violation(.r3)
+            device.counters.request(.other, read: 0, written: 0, failed: true)
             return 0
         }
         // The header is fetched once into the private buffer; the arguments are appended
@@ -90,11 +93,14 @@ public final class FSRequestHandler: QueueHandler {
         }()
         guard let header = decoded else { return 0 }
         let outcome: Outcome
+        written = 0
         if header.length < UInt32(FuseProtocol.inHeaderSize) || UInt64(header.length) > readable {
+            device.counters.violation(.r3)
             outcome = .error(EINVAL)
         } else if header.opcode == FuseProtocol.Opcode.write.rawValue {
             outcome = write(header)
         } else if Int(header.length) > Self.maximumArguments {
+            device.counters.violation(.r3)
             outcome = .error(EINVAL)
         } else {
             resizeRequest(Int(header.length))
@@ -104,8 +110,17 @@ public final class FSRequestHandler: QueueHandler {
             }
             outcome = dispatch(header, FuseReader(request, offset: FuseProtocol.inHeaderSize))
         }
-        return reply(outcome, unique: header.unique)
+        let length = reply(outcome, unique: header.unique)
+        device.counters.request(
+            FSRequestClass(opcode: header.opcode), read: repliedData, written: written, failed: repliedError)
+        return length
     }
+
+    /// What the last reply held, for the counters: READ data bytes, and whether it was an error.
+    var repliedData = 0
+    var repliedError = false
+    /// File bytes the last WRITE put into the file.
+    var written = 0
 
     /// Sets the request buffer's length to `count` (zeros) without giving up its storage.
     func resizeRequest(_ count: Int) {
@@ -124,6 +139,8 @@ public final class FSRequestHandler: QueueHandler {
         var error: Int32 = 0
         var bodyCount = 0
         var dataCount = 0
+        repliedData = 0
+        repliedError = false
         switch outcome {
         case .none: return 0
         case .error(let e): error = -e
@@ -141,6 +158,8 @@ public final class FSRequestHandler: QueueHandler {
             error = -ERANGE
         }
         let length = FuseProtocol.outHeaderSize + bodyCount + dataCount
+        repliedData = dataCount
+        repliedError = error != 0
         // Built in the reused buffer: header, then the body encoded in place.
         out.removeAll()
         FuseOutHeader(length: UInt32(length), error: error, unique: unique).encode(into: &out)
@@ -361,7 +380,11 @@ public final class FSRequestHandler: QueueHandler {
         }
         guard UInt64(headerEnd) + UInt64(size) <= UInt64(h.length), Int(size) <= device.options.maximumTransfer,
             offset <= UInt64(Int64.max) - UInt64(size)
-        else { return .error(EINVAL) }
+        else {
+            // More data claimed than carried, beyond the transfer limit, or past the largest offset.
+            device.counters.violation(.r3)
+            return .error(EINVAL)
+        }
         return device.state.withLock { s -> Outcome in
             guard s.initialized else { return .error(EIO) }
             if s.directory.readOnly { return .error(EROFS) }
@@ -378,11 +401,15 @@ public final class FSRequestHandler: QueueHandler {
             while done < Int(size) {
                 let n = pwritev(fd, vectors, Int32(min(vectors.count, 1024)), off_t(offset) + off_t(done))
                 if n < 0 && errno == EINTR { continue }
-                if n < 0 { return done > 0 ? .reply(writeOut(done)) : .error(errno) }
+                if n < 0 {
+                    written = done
+                    return done > 0 ? .reply(writeOut(done)) : .error(errno)
+                }
                 if n == 0 { break }
                 done += n
                 dropFront(&vectors, n)
             }
+            written = done
             return .reply(writeOut(done))
         }
     }

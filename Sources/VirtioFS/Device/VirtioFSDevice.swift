@@ -48,6 +48,7 @@ public final class VirtioFSDevice: VhostUserDevice, @unchecked Sendable {
     public let options: VirtioFSDeviceOptions
     let onEvent: @Sendable (BackendEvent) -> Void
     let state: Locked<FSSession>
+    let counters = FSDeviceCounters()
 
     public init(options: VirtioFSDeviceOptions, onEvent: @escaping @Sendable (BackendEvent) -> Void = { _ in })
         throws(FSError)
@@ -89,6 +90,10 @@ public final class VirtioFSDevice: VhostUserDevice, @unchecked Sendable {
             s.initialized = false
         }
     }
+
+    /// Requests by class, file bytes read and written, failures and violations by rule,
+    /// since the device was made (every connection; `ringfence serve-fs --metrics`).
+    public var statistics: FSDeviceStatistics { counters.state.withLock { $0 } }
 
     /// Inodes and handles the driver holds now (for tests and logs).
     public var held: (inodes: Int, handles: Int) {

@@ -49,6 +49,7 @@ public final class NetTransmitHandler: QueueHandler {
         var count = 0
         var frames = 0
         var rejected = 0
+        var bytes = 0
         while count < budget {
             switch try queue.nextChain(into: &chain.pointee, memory: memory) {
             case .empty:
@@ -56,6 +57,7 @@ public final class NetTransmitHandler: QueueHandler {
             case .rejected(let head, let violation):
                 queue.complete(head: head, length: 0)
                 rejected += 1
+                device.count { $0.violations[violation.rule.rawValue, default: 0] &+= 1 }
                 if rejectionLog.admit() { device.onEvent(.requestRejected(queue: 2 * pair + 1, violation)) }
                 count += 1
                 continue
@@ -65,8 +67,10 @@ public final class NetTransmitHandler: QueueHandler {
                 if length >= 0 {
                     refs[frames] = FrameRef(base: UnsafeRawPointer(slot + NetProtocol.headerSize), length: length)
                     frames += 1
+                    bytes += length
                 } else {
                     rejected += 1
+                    device.count { $0.violations[Rule.r3.rawValue, default: 0] &+= 1 }
                 }
                 // The used length of a transmitted buffer means nothing: 0.
                 queue.complete(head: chain.pointee.head, length: 0)
@@ -80,6 +84,7 @@ public final class NetTransmitHandler: QueueHandler {
             let sent = count - rejected
             device.count { s in
                 s.transmitted &+= UInt64(sent)
+                s.transmittedBytes &+= UInt64(bytes)
                 s.transmitRejected &+= UInt64(rejected)
             }
             device.fabric.rejected(rejected)
@@ -151,6 +156,7 @@ public final class NetReceiveHandler: QueueHandler {
         var consumed = 0
         var completed = 0
         var delivered = 0
+        var deliveredBytes = 0
         var dropped = 0
         var rejected = 0
         let limit = min(Self.maximumBuffers, Int(queue.queueSize))
@@ -176,6 +182,7 @@ public final class NetReceiveHandler: QueueHandler {
                     queue.complete(head: head, length: 0)
                     completed += 1
                     rejected += 1
+                    device.count { $0.violations[violation.rule.rawValue, default: 0] &+= 1 }
                     if rejectionLog.admit() { device.onEvent(.requestRejected(queue: 2 * pair, violation)) }
                 case .ready:
                     let c = held[heldCount]
@@ -184,6 +191,7 @@ public final class NetReceiveHandler: QueueHandler {
                         queue.complete(head: c.head, length: 0)
                         completed += 1
                         rejected += 1
+                        device.count { $0.violations[Rule.r3.rawValue, default: 0] &+= 1 }
                         continue
                     }
                     heldCount += 1
@@ -198,6 +206,7 @@ public final class NetReceiveHandler: QueueHandler {
             write(frame, buffers: heldCount, to: queue)
             completed += heldCount
             delivered += 1
+            deliveredBytes += frame.count
             heldCount = 0
             heldCapacity = 0
         }
@@ -205,6 +214,7 @@ public final class NetReceiveHandler: QueueHandler {
         if consumed > 0 {
             device.count { s in
                 s.received &+= UInt64(delivered)
+                s.receivedBytes &+= UInt64(deliveredBytes)
                 s.receiveDropped &+= UInt64(dropped)
                 s.receiveRejected &+= UInt64(rejected)
             }

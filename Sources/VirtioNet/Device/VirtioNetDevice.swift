@@ -38,16 +38,23 @@ public struct VirtioNetDeviceOptions: Sendable {
 public struct NetDeviceStatistics: Sendable, Equatable {
     /// Frames the driver transmitted that passed the checks.
     public var transmitted: UInt64 = 0
+    /// Bytes of those frames (Ethernet header on, virtio-net header off).
+    public var transmittedBytes: UInt64 = 0
     /// Transmit chains refused (header, length, layout), each completed with length 0.
     public var transmitRejected: UInt64 = 0
     /// Frames written into the driver's receive buffers.
     public var received: UInt64 = 0
+    /// Bytes of those frames (Ethernet header on, virtio-net header off).
+    public var receivedBytes: UInt64 = 0
     /// Frames dropped on the receive side (no or too small buffers).
     public var receiveDropped: UInt64 = 0
     /// Receive chains refused (unwritable, malformed), completed with length 0.
     public var receiveRejected: UInt64 = 0
     public var controlCommands: UInt64 = 0
     public var controlRefused: UInt64 = 0
+    /// Chains refused on either queue, by the rule they broke ("R3": n): a malformed
+    /// transmit header or length, or a buffer of the wrong direction, is R3.
+    public var violations: [String: UInt64] = [:]
 }
 
 /// A virtio-net device model (virtio 1.x §5.1) for `VhostUser.Backend`, hardened against

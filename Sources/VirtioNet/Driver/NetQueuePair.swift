@@ -367,6 +367,18 @@ public final class NetQueuePair {
         return wait(tx, txCall, until: deadline, spin: spin)
     }
 
+    /// Blocks until the device has consumed every frame posted (the transmit ring is
+    /// empty again), or `deadline` (false). A driver that closes right after `transmit`
+    /// may otherwise leave frames on the ring that the device never takes.
+    public func waitUntilTransmitted(until deadline: Deadline, spin: Int = 64) -> Bool {
+        while transmitRoom < slotCount {
+            guard wait(tx, txCall, until: deadline, spin: spin), !deadline.hasPassed else {
+                return transmitRoom == slotCount
+            }
+        }
+        return true
+    }
+
     func wait(_ ring: any DriverRing, _ call: Notifier, until deadline: Deadline, spin: Int) -> Bool {
         var spins = 0
         while !supervisor.isBroken {
