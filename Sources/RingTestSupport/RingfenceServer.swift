@@ -78,19 +78,13 @@ public final class RingfenceServer {
     deinit { stop() }
 
     /// What a server costs while idle behind a connected front-end, with the default wait
-    /// strategy and with `--poll`.
-    public struct IdleLoads: Sendable {
-        public var adaptive: ProcessLoad
-        public var polling: ProcessLoad
-    }
-
-    /// For the default strategy and `--poll`: starts `ringfence arguments (+ --poll)`
+    /// strategy and with `--poll`: for each, starts `ringfence arguments (+ --poll)`
     /// serving on `socket`, lets `frontEnd` connect and make one request (it returns how to
     /// disconnect, done after the measurement), waits 200 ms (past any spin), and watches
     /// the server for 2 s.
     public static func idleLoads(
         _ arguments: [String], socket: String, frontEnd: () throws -> () -> Void
-    ) throws -> IdleLoads {
+    ) throws -> (adaptive: ProcessLoad, polling: ProcessLoad) {
         func idleLoad(_ wait: [String]) throws -> ProcessLoad {
             let server = try RingfenceServer(arguments + wait, socket: socket)
             defer { server.stop() }
@@ -99,6 +93,6 @@ public final class RingfenceServer {
             usleep(200_000)  // past any spin
             return ProcessLoad.measure(server.pid, seconds: 2)
         }
-        return IdleLoads(adaptive: try idleLoad([]), polling: try idleLoad(["--poll"]))
+        return (try idleLoad([]), try idleLoad(["--poll"]))
     }
 }
