@@ -22,14 +22,19 @@ public func ringfenceBinary() -> String? {
 /// the tests that drive one (wait strategies, idle CPU, a back-end that dies). Its output
 /// goes to /dev/null; `stop()` (or deinit) ends it and removes the socket.
 public final class RingfenceServer {
+    /// The server's process.
     public let process: ChildProcess
     /// The socket the server was told to serve on.
     public let socket: String
     private var stopped = false
 
+    /// Why a server did not start.
     public enum StartError: Error, CustomStringConvertible {
+        /// No `ringfence` executable next to the tests.
         case notBuilt
+        /// Nothing listened on the socket within 30 s.
         case notListening(String)
+        /// The server ended before it listened.
         case exited(ChildProcess.Exit)
         public var description: String {
             switch self {
@@ -62,6 +67,7 @@ public final class RingfenceServer {
         }
     }
 
+    /// The server's process id.
     public var pid: Int32 { process.pid }
 
     /// SIGTERM, up to 5 s for an orderly exit, then SIGKILL; reaps and removes the socket.

@@ -151,6 +151,27 @@ struct AsyncNetTests {
         #expect(net.failure == nil)
     }
 
+    /// Answers to our own control requests (GET_CONFIG) make the control socket readable
+    /// too: the I/O thread looks under the control lock, after the answer was read, and
+    /// takes none of them for the back-end speaking unasked.
+    @Test(.timeLimit(.minutes(2))) func answersToOurOwnRequestsBreakNothing() async throws {
+        let fixture = try NetFixture(mode: .loopback)
+        defer { fixture.shutdown() }
+        let net = try Self.connect(fixture)
+        defer { net.close() }
+        let port = try AsyncNetQueuePair(net)
+        defer { port.close() }
+        let mac = net.info.mac
+        let parked = Task { try await port.receive() }
+        #expect(try await eventually { port.waitingReceivers == 1 })
+        for _ in 0..<300 { #expect(try net.recheckConfig()) }
+        #expect(net.failure == nil)
+        #expect(port.waitingReceivers == 1)
+        let frame = testFrame(dst: mac, src: mac, length: 90, seed: 3)
+        try await port.send(frame)
+        #expect(try await parked.value == frame)
+    }
+
     /// A back-end that sends on the control socket unasked breaks the device (R3): parked
     /// receivers fail with the control-protocol violation.
     @Test(.timeLimit(.minutes(2))) func backEndSpeakingUnaskedBreaksTheDevice() async throws {
