@@ -208,7 +208,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VirtioNetDriverTests",
-            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory"],
+            dependencies: ["VirtioNet", "VhostUser", "Virtqueue", "SharedMemory", "RingTestSupport"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -1,5 +1,4 @@
 public import SharedMemory
-import Synchronization
 
 /// A connected blkif frontend for async code: every call suspends, none blocks a thread.
 ///
@@ -107,13 +106,11 @@ public final class XenBlkPipeline: Sendable {
 
     /// Completions in the order the backend finished them.
     public let completions: AsyncStream<Completion>
-    let continuation: AsyncStream<Completion>.Continuation
+    let bookkeeping = PipelineCompletions<any Error>()
     let frontend: AsyncXenBlkFrontend
-    /// Requests posted and not yet delivered, and whether `finish()` was called.
-    let accounting = Mutex<(outstanding: Int, finishing: Bool)>((0, false))
 
     init(frontend: AsyncXenBlkFrontend) {
-        (completions, continuation) = AsyncStream.makeStream(of: Completion.self)
+        completions = bookkeeping.stream
         self.frontend = frontend
     }
 
@@ -139,25 +136,14 @@ public final class XenBlkPipeline: Sendable {
     }
 
     /// No more requests: `completions` ends once those posted have completed.
-    public func finish() {
-        let end = accounting.withLock { a -> Bool in
-            a.finishing = true
-            return a.outstanding == 0
-        }
-        if end { continuation.finish() }
-    }
+    public func finish() { bookkeeping.finish() }
 
     func post(_ kind: IOKind, sector: UInt64, count: Int, bytes: [UInt8]?, tag: UInt64) throws(FinishedError) {
-        let refused = accounting.withLock { a -> Bool in
-            if a.finishing { return true }
-            a.outstanding += 1
-            return false
-        }
-        if refused { throw FinishedError() }
+        guard bookkeeping.admit() else { throw FinishedError() }
         let op = IOOperation<XenBlkAsyncFailure>(
             kind: kind, offset: sector &* UInt64(BlkifLayout.sectorSize), count: count,
             delivery: .stream(tag: tag) { [self] c in
-                deliver(
+                bookkeeping.deliver(
                     Completion(
                         tag: c.tag,
                         result: c.result.mapError { f -> any Error in
@@ -169,18 +155,9 @@ public final class XenBlkPipeline: Sendable {
             })
         if let bytes { op.fill(from: bytes) }
         guard frontend.engine.enqueue(op) else {
-            deliver(Completion(tag: tag, result: .failure(DeviceClosedError())))
+            bookkeeping.deliver(Completion(tag: tag, result: .failure(DeviceClosedError())))
             return
         }
-    }
-
-    func deliver(_ completion: Completion) {
-        continuation.yield(completion)
-        let end = accounting.withLock { a -> Bool in
-            a.outstanding -= 1
-            return a.finishing && a.outstanding == 0
-        }
-        if end { continuation.finish() }
     }
 }
 

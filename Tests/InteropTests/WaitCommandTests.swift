@@ -13,23 +13,33 @@ import Glibc
 /// `ringfence serve-blk` and `ringfence blk` in child processes, every pairing verifies.
 @Suite(.serialized)
 struct WaitCommandTests {
+    /// A fresh directory under /tmp for one test's socket, with a zeroed `d.img` of `image`
+    /// bytes or a `shared/` directory.
+    static func directory(_ name: String, image: Int = 0, shared: Bool = false) throws -> String {
+        let dir = "/tmp/\(name)-\(getpid())"
+        try FileManager.default.createDirectory(
+            atPath: shared ? dir + "/shared" : dir, withIntermediateDirectories: true)
+        if image > 0 {
+            #expect(FileManager.default.createFile(atPath: dir + "/d.img", contents: Data(count: image)))
+        }
+        return dir
+    }
+
+    static func serveBlk(_ dir: String) -> [String] {
+        ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"]
+    }
+
+    static func serveFS(_ dir: String) -> [String] {
+        ["serve-fs", "--socket", dir + "/s.sock", "--dir", dir + "/shared", "--log-level", "error"]
+    }
+
     @Test(arguments: [["--poll"], ["--spin-us", "0"], ["--spin-us", "50"], []])
     func everyWaitStrategyServesAndDrives(wait: [String]) throws {
         let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
-        let dir = "/tmp/rf-wait-\(getpid())-\(wait.joined())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Self.directory("rf-wait-\(wait.joined())", image: 4 << 20)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        #expect(FileManager.default.createFile(atPath: dir + "/d.img", contents: Data(count: 4 << 20)))
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: binary)
-        server.arguments =
-            ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"] + wait
-        try server.run()
-        defer {
-            kill(server.processIdentifier, SIGTERM)
-            server.waitUntilExit()
-        }
-        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let server = try RingfenceServer(Self.serveBlk(dir) + wait, socket: dir + "/s.sock")
+        defer { server.stop() }
         let r = try Interop.run([binary, "blk", "--socket", dir + "/s.sock"] + wait + ["verify", "--size", "1M"])
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("verify OK: 1048576 bytes"), "\(r.output)")
@@ -45,32 +55,15 @@ struct WaitCommandTests {
     /// The device side with a connected front-end that sends nothing: the default waits
     /// on the kick eventfd (next to no CPU), `--poll` keeps polling the ring.
     @Test func idleDeviceCostsNextToNoCPUUnlessPolling() throws {
-        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
-        let dir = "/tmp/rf-wait-idle-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Self.directory("rf-wait-idle", image: 1 << 20)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        #expect(FileManager.default.createFile(atPath: dir + "/d.img", contents: Data(count: 1 << 20)))
-        func idleLoad(_ wait: [String]) throws -> ProcessLoad {
-            let server = Process()
-            server.executableURL = URL(fileURLWithPath: binary)
-            server.arguments =
-                ["serve-blk", "--socket", dir + "/s.sock", "--image", dir + "/d.img", "--log-level", "error"] + wait
-            try server.run()
-            defer {
-                kill(server.processIdentifier, SIGTERM)
-                server.waitUntilExit()
-            }
-            ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let (adaptive, polling) = try RingfenceServer.idleLoads(Self.serveBlk(dir), socket: dir + "/s.sock") {
             var options = VirtioBlockDriver.Options()
             options.controlTimeout = 5
             let disk = try VirtioBlockDriver.connect(socket: dir + "/s.sock", options: options)
-            defer { disk.close() }
             _ = try disk.read(at: 0, count: 4096)
-            usleep(200_000)  // past any spin
-            return ProcessLoad.measure(server.processIdentifier, seconds: 2)
+            return disk.close
         }
-        let adaptive = try idleLoad([])
-        let polling = try idleLoad(["--poll"])
         #expect(
             adaptive.cpuSeconds >= 0 && adaptive.cpuSeconds < 0.1,
             "idle for 2 s with a front-end connected: \(adaptive.cpuSeconds) CPU s")
@@ -82,20 +75,10 @@ struct WaitCommandTests {
     /// and read back through `ringfence fs`).
     @Test(arguments: [["--poll"], ["--spin-us", "0"], ["--spin-us", "50"], []])
     func everyWaitStrategyServesFS(wait: [String]) throws {
-        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
-        let dir = "/tmp/rf-wait-fs-\(getpid())-\(wait.joined())"
-        try FileManager.default.createDirectory(atPath: dir + "/shared", withIntermediateDirectories: true)
+        let dir = try Self.directory("rf-wait-fs-\(wait.joined())", shared: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: binary)
-        server.arguments =
-            ["serve-fs", "--socket", dir + "/s.sock", "--dir", dir + "/shared", "--log-level", "error"] + wait
-        try server.run()
-        defer {
-            kill(server.processIdentifier, SIGTERM)
-            server.waitUntilExit()
-        }
-        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let server = try RingfenceServer(Self.serveFS(dir) + wait, socket: dir + "/s.sock")
+        defer { server.stop() }
         var options = VirtioFSDriver.Options()
         options.controlTimeout = 5
         let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
@@ -109,31 +92,15 @@ struct WaitCommandTests {
     /// serve-fs idle with a connected driver: the default costs next to no CPU, `--poll`
     /// keeps polling the request queue.
     @Test func idleFSDeviceCostsNextToNoCPUUnlessPolling() throws {
-        let binary = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
-        let dir = "/tmp/rf-wait-fs-idle-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir + "/shared", withIntermediateDirectories: true)
+        let dir = try Self.directory("rf-wait-fs-idle", shared: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        func idleLoad(_ wait: [String]) throws -> ProcessLoad {
-            let server = Process()
-            server.executableURL = URL(fileURLWithPath: binary)
-            server.arguments =
-                ["serve-fs", "--socket", dir + "/s.sock", "--dir", dir + "/shared", "--log-level", "error"] + wait
-            try server.run()
-            defer {
-                kill(server.processIdentifier, SIGTERM)
-                server.waitUntilExit()
-            }
-            ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        let (adaptive, polling) = try RingfenceServer.idleLoads(Self.serveFS(dir), socket: dir + "/s.sock") {
             var options = VirtioFSDriver.Options()
             options.controlTimeout = 5
             let fs = try VirtioFSDriver.connect(socket: dir + "/s.sock", options: options)
-            defer { fs.close() }
             _ = try fs.stat("/")
-            usleep(200_000)  // past any spin
-            return ProcessLoad.measure(server.processIdentifier, seconds: 2)
+            return fs.close
         }
-        let adaptive = try idleLoad([])
-        let polling = try idleLoad(["--poll"])
         #expect(
             adaptive.cpuSeconds >= 0 && adaptive.cpuSeconds < 0.1,
             "idle for 2 s with a driver connected: \(adaptive.cpuSeconds) CPU s")

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import RingTestSupport
 import SharedMemory
 import Testing
 @testable import XenRing

@@ -8,20 +8,6 @@ import SharedMemory
 import Testing
 @testable import XenRing
 
-/// The `ringfence` executable SwiftPM built next to this test bundle.
-func ringfenceBinary() -> String? {
-    let me = currentExecutablePath()
-    guard let slash = me.lastIndex(of: "/") else { return nil }
-    var dir = String(me[..<slash])
-    for _ in 0..<3 {
-        let candidate = dir + "/ringfence"
-        if access(candidate, X_OK) == 0 { return candidate }
-        guard let s = dir.lastIndex(of: "/") else { break }
-        dir = String(dir[..<s])
-    }
-    return nil
-}
-
 /// Real cross-process runs: `ringfence serve-xen-blk` in a child process maps our sealed
 /// memfds and eventfds (passed over a Unix socket) and serves, honestly or not.
 @Suite(.serialized) struct TwoProcessXenTests {

@@ -11,26 +11,18 @@ import XenRing
 /// serve-blk's WaitCommandTests: every pairing verifies, an idle backend costs next to no CPU
 /// unless it polls.
 @Suite(.serialized) struct XenWaitCommandTests {
-    static func serve(_ wait: [String]) throws -> (ChildProcess, String) {
-        let exe = try #require(ringfenceBinary(), "ringfence must be built next to the tests")
-        let socket = "/tmp/ringfence-xwait-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        let null = open("/dev/null", O_WRONLY)
-        defer { close(null) }
-        let server = try ChildProcess(
-            executable: exe, arguments: ["serve-xen-blk", "--socket", socket, "--memory-sectors", "4096"] + wait,
-            stdout: null)
-        for _ in 0..<500 where access(socket, F_OK) != 0 { usleep(10_000) }
-        return (server, socket)
+    static func socket() -> String { "/tmp/ringfence-xwait-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
+
+    static func serve(_ socket: String) -> [String] {
+        ["serve-xen-blk", "--socket", socket, "--memory-sectors", "4096"]
     }
 
     @Test(arguments: [["--poll"], ["--spin-us", "0"], ["--spin-us", "50"], []])
     func everyWaitStrategyServesAndDrives(wait: [String]) throws {
         let exe = try #require(ringfenceBinary(), "ringfence must be built next to the tests")
-        let (server, socket) = try Self.serve(wait)
-        defer {
-            _ = server.kill()
-            unlink(socket)
-        }
+        let socket = Self.socket()
+        let server = try RingfenceServer(Self.serve(socket) + wait, socket: socket)
+        defer { server.stop() }
         let null = open("/dev/null", O_WRONLY)
         defer { close(null) }
         let client = try ChildProcess(
@@ -42,23 +34,15 @@ import XenRing
     /// A connected frontend that sends nothing: the default blocks on the event channel
     /// (next to no CPU), `--poll` keeps polling the ring.
     @Test func idleBackendCostsNextToNoCPUUnlessPolling() throws {
-        func idleLoad(_ wait: [String]) throws -> ProcessLoad {
-            let (server, socket) = try Self.serve(wait)
-            defer {
-                _ = server.kill()
-                unlink(socket)
-            }
+        let socket = Self.socket()
+        let (adaptive, polling) = try RingfenceServer.idleLoads(Self.serve(socket), socket: socket) {
             let deadline = Deadline.after(seconds: 10)
             let device = try XenBlkFrontendDevice.connect(
                 channel: try UnixChannel.connect(path: socket, until: deadline), until: deadline)
-            defer { device.disconnect() }
             var page = [UInt8](repeating: 0, count: 4096)
             try page.withUnsafeMutableBytes { try device.read(sector: 0, into: $0) }
-            usleep(200_000)  // past any spin
-            return ProcessLoad.measure(server.pid, seconds: 2)
+            return device.disconnect
         }
-        let adaptive = try idleLoad([])
-        let polling = try idleLoad(["--poll"])
         #expect(
             adaptive.cpuSeconds >= 0 && adaptive.cpuSeconds < 0.1,
             "idle for 2 s with a frontend connected: \(adaptive.cpuSeconds) CPU s")

@@ -118,14 +118,12 @@ public final class BlockPipeline: Sendable {
 
     /// Completions in the order the device finished them.
     public let completions: AsyncStream<Completion>
-    let continuation: AsyncStream<Completion>.Continuation
+    let bookkeeping = PipelineCompletions<VirtioError>()
     let engine: IOEngine<BlockQueueTransport>
     let info: BlockInfo
-    /// Requests posted and not yet delivered, and whether `finish()` was called.
-    let accounting = Locked<(outstanding: Int, finishing: Bool)>((0, false))
 
     init(device: VirtioBlockDriver, engine: IOEngine<BlockQueueTransport>) {
-        (completions, continuation) = AsyncStream.makeStream(of: Completion.self)
+        completions = bookkeeping.stream
         self.engine = engine
         self.info = device.info
     }
@@ -151,38 +149,18 @@ public final class BlockPipeline: Sendable {
     }
 
     /// No more requests: `completions` ends once those posted have completed.
-    public func finish() {
-        let end = accounting.withLock { a -> Bool in
-            a.finishing = true
-            return a.outstanding == 0
-        }
-        if end { continuation.finish() }
-    }
+    public func finish() { bookkeeping.finish() }
 
     func post(_ kind: IOKind, offset: UInt64, count: Int, bytes: [UInt8]?, tag: UInt64) throws(VirtioError) {
-        let refused = accounting.withLock { a -> Bool in
-            if a.finishing { return true }
-            a.outstanding += 1
-            return false
-        }
-        if refused { throw .invalidRequest("the pipeline was finished") }
+        guard bookkeeping.admit() else { throw .invalidRequest("the pipeline was finished") }
         let op = IOOperation<VirtioError>(
             kind: kind, offset: offset, count: count,
-            delivery: .stream(tag: tag) { [self] c in deliver(c) })
+            delivery: .stream(tag: tag) { [self] c in bookkeeping.deliver(c) })
         if let bytes { op.fill(from: bytes) }
         guard engine.enqueue(op) else {
-            deliver(IOCompletion(tag: tag, result: .failure(.disconnected("the device is closed"))))
+            bookkeeping.deliver(IOCompletion(tag: tag, result: .failure(.disconnected("the device is closed"))))
             return
         }
-    }
-
-    func deliver(_ completion: Completion) {
-        continuation.yield(completion)
-        let end = accounting.withLock { a -> Bool in
-            a.outstanding -= 1
-            return a.finishing && a.outstanding == 0
-        }
-        if end { continuation.finish() }
     }
 }
 

@@ -27,6 +27,11 @@ import Synchronization
 /// bounce slot is the pair's and is reused only after the device completed it). A
 /// cancelled receive takes no frame: the frame goes to the next receiver. The first
 /// violation breaks the device (R6): every waiting and later call fails with it.
+///
+/// The thread also watches the vhost-user control socket: when the back-end dies or
+/// closes it, every waiting and later call fails at once with
+/// `NetError.disconnected("back-end closed the vhost-user socket")` (and the device is
+/// broken); a message the back-end sends unasked is a control-protocol violation.
 public final class AsyncNetQueuePair: @unchecked Sendable {
     // @unchecked: `pair`, `batch`, `outgoing` and `driver` are touched only by the I/O
     // thread (and by init before it starts); everything shared is under `shared`, and
@@ -204,7 +209,9 @@ public final class AsyncNetQueuePair: @unchecked Sendable {
                 failAll(NetError.disconnected("the queue pair was closed"))
                 return
             }
-            if let failure = driver.failure {
+            // Failed (the device, or this pair: the driver closed under it): the thread
+            // only waits for close().
+            if let failure = driver.failure ?? shared.withLock({ $0.failure }) {
                 failAll(failure)
                 if !sleep(rx: false, tx: false) { return }
                 continue
@@ -313,20 +320,28 @@ public final class AsyncNetQueuePair: @unchecked Sendable {
             pair.tx.disableInterrupts()
             return !shared.withLock { $0.stopping }
         }
+        // The control socket too, until the pair has failed (a closed socket stays
+        // readable): the back-end dying wakes the thread, which fails every waiting call.
+        let watchControl = driver.failure == nil && shared.withLock { $0.failure == nil }
         var fds = (
             pollfd(fd: wake.fileDescriptor, events: Int16(POLLIN), revents: 0),
             pollfd(fd: rx ? pair.rxCall.fileDescriptor : -1, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: tx ? pair.txCall.fileDescriptor : -1, events: Int16(POLLIN), revents: 0)
+            pollfd(fd: tx ? pair.txCall.fileDescriptor : -1, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: watchControl ? driver.controlDescriptor : -1, events: Int16(POLLIN), revents: 0)
         )
         var r: Int32
         repeat {
             r = withUnsafeMutableBytes(of: &fds) { raw in
-                poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 3, -1)
+                poll(raw.baseAddress?.assumingMemoryBound(to: pollfd.self), 4, -1)
             }
         } while r < 0 && errno == EINTR
         shared.withLock { $0.sleeping = false }
         pair.rx.disableInterrupts()
         pair.tx.disableInterrupts()
+        if fds.3.revents != 0, let failure = driver.controlSocketSignalled() {
+            failAll(failure)
+            return true
+        }
         if fds.0.revents != 0 { wake.drain() }
         var notified = false
         if fds.1.revents != 0 { notified = pair.rxCall.drain() > 0 || notified }

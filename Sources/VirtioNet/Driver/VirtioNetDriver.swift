@@ -311,6 +311,33 @@ public final class VirtioNetDriver: @unchecked Sendable {
         }
     }
 
+    // MARK: control-socket watch
+
+    /// The vhost-user control socket, for an I/O thread that blocks on it
+    /// (`AsyncNetQueuePair`): the back-end may only answer there, so readable means it
+    /// hung up or spoke unasked. Valid while this driver lives (`close()` shuts the socket
+    /// down; the descriptor is closed only when the driver goes away).
+    var controlDescriptor: Int32 { frontend.channel.channel.fileDescriptor }
+
+    /// The control socket became readable while a thread waited on it. Looks (a peek,
+    /// never a read) under the control lock, so an answer to our own request, which is
+    /// read there, is not taken for the back-end's doing. A hang-up breaks the device with
+    /// `.disconnected`, an unasked message with a control-protocol violation (R3, R6).
+    /// Returns the failure the waiter must act on: the device's, or `.disconnected` when
+    /// this driver was closed; nil when nothing is there after all.
+    func controlSocketSignalled() -> NetError? {
+        let state = controlLock.withLock { _ -> UnixChannel.PeerState? in
+            closed.load(ordering: .acquiring) ? nil : UnixChannel.peerState(of: controlDescriptor)
+        }
+        switch state {
+        case nil: return .disconnected("the driver was closed")
+        case .quiet?: return nil
+        case .spoke?:
+            return supervisor.fail(.deviceViolation(.controlProtocol("unsolicited message on the vhost-user socket")))
+        case .hungUp?: return supervisor.fail(.disconnected("back-end closed the vhost-user socket"))
+        }
+    }
+
     // MARK: control queue
 
     /// VIRTIO_NET_CTRL_RX_PROMISC.
