@@ -178,9 +178,14 @@ func closedLoop<D: LoopDriver>(
     var last = t0
     var completed = 0
     while outstanding > 0, var c = driver.next() {
-        let now = monotonicNanoseconds()
+        var now = monotonicNanoseconds()
         last = now
         while true {
+            // A `poll` past the batch may return a request submitted after `now` was read.
+            if started[c.slot] > now {
+                now = monotonicNanoseconds()
+                last = now
+            }
             outstanding -= 1
             completed += 1
             if !c.ok {
