@@ -193,7 +193,8 @@ func closedLoop<D: LoopDriver>(
             } else {
                 if now >= measureFrom && now < end {
                     if recorded < capacity {
-                        latencies[recorded] = UInt32(truncatingIfNeeded: min(now &- started[c.slot], UInt64(UInt32.max)))
+                        latencies[recorded] = UInt32(
+                            truncatingIfNeeded: min(now &- started[c.slot], UInt64(UInt32.max)))
                         recorded += 1
                     }
                     result.ios += 1

@@ -89,6 +89,9 @@ public final class BlockQueue {
         var spin: AdaptiveSpin
         /// Requests posted since the last publish.
         var unpublished = 0
+        /// `poll` publishes at the latest once this many requests wait unpublished:
+        /// `publishBatchLimit`, or 1 (every request) under `.interrupts`.
+        var publishLimit = BlockQueue.publishBatchLimit
     }
 
     /// Where the device stands for this queue, as its slow path (`settle`) sees it.
@@ -104,7 +107,10 @@ public final class BlockQueue {
     /// `poll` publishes once per batch of completions, and at the latest once this many
     /// submitted requests wait unpublished (`DriverRing.nextCompletion(publishingAfter:)`):
     /// a long batch still feeds a device that went idle, and a driver about to sleep has
-    /// given the device most of its batch already.
+    /// given the device most of its batch already. Under `WaitStrategy.interrupts` the
+    /// limit is 1 (every request is published at the next `poll`): that queue sleeps right
+    /// after the batch, and a batch held back reached qsd just before it slept, a wake-up
+    /// per batch (0.92-1.43M against 1.77-1.82M IOPS at iodepth 32, docs/benchmarks.md).
     public static let publishBatchLimit = 8
 
     /// Status sentinel: a device that never writes the status leaves this (invalid) value.
@@ -155,7 +161,9 @@ public final class BlockQueue {
         slotCount = n
         state = .allocate(capacity: 1)
         state.initialize(
-            to: State(freeCount: n, spin: AdaptiveSpin(options.wait)))
+            to: State(
+                freeCount: n, spin: AdaptiveSpin(options.wait),
+                publishLimit: options.wait == .interrupts ? 1 : Self.publishBatchLimit))
         slots = .allocate(capacity: n)
         slots.initialize(repeating: Slot(), count: n)
         freeSlots = .allocate(capacity: n)
@@ -393,8 +401,9 @@ public final class BlockQueue {
     /// returns completions seen at the last read (and at the latest once
     /// `publishBatchLimit` requests wait): requests submitted while a batch of completions
     /// is reaped go out together, with one kick at most, as a C poller does. Every wait
-    /// strategy (the packed ring publishes at every call). A `poll` that returns nil has
-    /// published everything, so `wait` never blocks on a request the device cannot see.
+    /// strategy but `.interrupts`, which publishes every request at the next call (the
+    /// packed ring publishes at every call). A `poll` that returns nil has published
+    /// everything, so `wait` never blocks on a request the device cannot see.
     public func poll() -> BlockCompletion? {
         if needsSettling {
             switch settle() {
@@ -406,7 +415,8 @@ public final class BlockQueue {
         var publication = Publication.none
         let completion: Completion?
         do {
-            completion = try ring.nextCompletion(publishingAfter: Self.publishBatchLimit, publication: &publication)
+            completion = try ring.nextCompletion(
+                publishingAfter: state.pointee.publishLimit, publication: &publication)
         } catch {
             supervisor.fail(.violation(error))
             return firstFailure()
