@@ -290,9 +290,20 @@ public final class DriverQueue {
 
     // MARK: completions
 
-    /// Completions seen at the last load of used.idx and not yet returned.
+    /// `nextCompletion()`, publishing first when used.idx is about to be loaded again (the
+    /// batch seen at the last load is reaped) or `limit` added requests wait unpublished:
+    /// one publish (a release store, a full fence, a load of avail_event) per batch of
+    /// completions instead of one per request (`DriverRing`).
     @inline(__always)
-    public var hasLoadedCompletions: Bool { state.pointee.lastUsed != state.pointee.usedSnapshot }
+    public func nextCompletion(publishingAfter limit: Int, publication: inout Publication) throws(Violation)
+        -> Completion?
+    {
+        let pending = state.pointee.availIndex &- state.pointee.publishedIndex
+        if pending != 0 && (state.pointee.lastUsed == state.pointee.usedSnapshot || Int(pending) >= limit) {
+            publication = publish() ? .publishedKick : .published
+        }
+        return try nextCompletion()
+    }
 
     /// The next validated completion, or nil when the device has none for us now.
     /// used.idx is loaded once per batch (when everything of the previous load has been

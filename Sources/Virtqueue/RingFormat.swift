@@ -29,11 +29,15 @@ public protocol DriverRing: AnyObject {
     func publish() -> Bool
     /// The next validated completion, or nil. Throws (and breaks the queue) on a violation.
     func nextCompletion() throws(Violation) -> Completion?
-    /// True while completions seen at the last load of the device's index are still to be
-    /// returned: `nextCompletion()` returns one without reading the shared index again.
-    /// A driver publishes before that read, once per batch, as a C poller does (split;
-    /// always false on the packed ring, whose completions are found one by one).
-    var hasLoadedCompletions: Bool { get }
+    /// `nextCompletion()` with the publishes batched (issue 19): what was added is published
+    /// first (as `publish()`) when the next completion needs a new load of the device's
+    /// index, i.e. once the batch seen at the last load is reaped (as a C poller publishes
+    /// once per read of `used.idx`), or when `limit` added requests wait unpublished (so a
+    /// long batch still feeds a device that went idle). `publication` says what happened.
+    /// Split: one load of used.idx per batch; packed: completions are found one by one,
+    /// so it publishes at every call.
+    func nextCompletion(publishingAfter limit: Int, publication: inout Publication) throws(Violation)
+        -> Completion?
     @discardableResult
     func breakQueue(_ v: Violation) -> Violation
     func failAll() -> [UInt64]
@@ -57,8 +61,26 @@ extension DriverQueue: DriverRing {
     public var format: RingFormat { .split }
 }
 
+/// What a batched `nextCompletion(publishingAfter:publication:)` did before it reaped.
+public enum Publication: Sendable, Equatable {
+    /// Nothing was published (nothing added, or the batch is still being reaped).
+    case none
+    /// Added requests were made visible; the device did not ask for a kick.
+    case published
+    /// Added requests were made visible and the device asked for a kick.
+    case publishedKick
+}
+
 extension PackedDriverQueue: DriverRing {
-    public var hasLoadedCompletions: Bool { false }
+    /// Publishes at every call (no batch index on the packed ring), then `nextCompletion()`.
+    @inline(__always)
+    public func nextCompletion(publishingAfter limit: Int, publication: inout Publication) throws(Violation)
+        -> Completion?
+    {
+        if state.pointee.pending.isPending { publication = publish() ? .publishedKick : .published }
+        return try nextCompletion()
+    }
+
     /// Packed.
     public var format: RingFormat { .packed }
 }

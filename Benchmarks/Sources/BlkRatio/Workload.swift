@@ -38,6 +38,8 @@ struct Settings {
     var spinIterations = VirtioBlockDriver.Options().spinIterations
     /// Run the pool ticker beside synchronous rounds too (async mode).
     var ticker = false
+    /// The hardened driver's wait strategy in `run` mode (nil: the library's default).
+    var wait: WaitStrategy?
 }
 
 /// What one contestant did in one round (or, merged, over all rounds).
@@ -76,6 +78,8 @@ protocol LoopDriver {
     func submit(offset: UInt64, slot: Int) -> String?
     /// Waits for the next completion: its slot and whether the device said OK.
     func next() -> (slot: Int, ok: Bool)?
+    /// The next completion if one is ready now (never blocks).
+    func poll() -> (slot: Int, ok: Bool)?
 }
 
 /// The library's hardened driver, used as `ringfence blk bench` uses it: reads land in a
@@ -102,6 +106,12 @@ struct HardenedLoop: LoopDriver {
         if case .failure = c.result { return (Int(truncatingIfNeeded: c.tag), false) }
         return (Int(truncatingIfNeeded: c.tag), true)
     }
+
+    func poll() -> (slot: Int, ok: Bool)? {
+        guard let c = queue.poll() else { return nil }
+        if case .failure = c.result { return (Int(truncatingIfNeeded: c.tag), false) }
+        return (Int(truncatingIfNeeded: c.tag), true)
+    }
 }
 
 /// The baseline: the device writes straight into the shared slot buffer, which the
@@ -118,16 +128,32 @@ struct TrustingLoop: LoopDriver {
         guard let c = device.wait() else { return nil }
         return (Int(truncatingIfNeeded: c.tag), c.status == 0)
     }
+
+    func poll() -> (slot: Int, ok: Bool)? {
+        guard let c = device.poll() else { return nil }
+        return (Int(truncatingIfNeeded: c.tag), c.status == 0)
+    }
 }
 
 /// fio's randread with a closed loop of `depth`: the same xorshift offsets and the same
 /// bookkeeping as `ringfence blk bench`. Completions before `warmup` seconds are not
 /// counted; then `seconds` are measured (by completion time), then the loop drains.
+///
+/// The bookkeeping is the C poller's (`cblk_poll_run`), so the harness costs every
+/// contestant the same: the clock is read once per submission and once per batch of
+/// completions (one `next()`, then every completion `poll()` has ready at once), and
+/// latencies go into a preallocated array that fills the histogram after the round.
 func closedLoop<D: LoopDriver>(
     _ driver: D, depth: Int, blockSize: Int, blocks: UInt64, warmup: Double, seconds: Double, seed: UInt64
 ) -> RunResult {
     var result = RunResult()
-    var started = [UInt64](repeating: 0, count: depth)
+    let started = UnsafeMutablePointer<UInt64>.allocate(capacity: depth)
+    started.initialize(repeating: 0, count: depth)
+    defer { started.deallocate() }
+    let capacity = latencyCapacity
+    let latencies = UnsafeMutablePointer<UInt32>.allocate(capacity: capacity)
+    defer { latencies.deallocate() }
+    var recorded = 0
     var rng = seed | 1
     let t0 = monotonicNanoseconds()
     let measureFrom = t0 + UInt64(warmup * 1e9)
@@ -151,33 +177,50 @@ func closedLoop<D: LoopDriver>(
     }
     var last = t0
     var completed = 0
-    while outstanding > 0, let c = driver.next() {
-        outstanding -= 1
-        completed += 1
-        let now = monotonicNanoseconds()
+    while outstanding > 0, var c = driver.next() {
+        var now = monotonicNanoseconds()
         last = now
-        if !c.ok {
-            if result.error == nil { result.error = "device returned an error status" }
-            continue
-        }
-        if now >= measureFrom && now < end {
-            _ = result.histogram.record(now - started[c.slot])
-            result.ios += 1
-        }
-        if now < end && result.error == nil {
-            if let e = submit(c.slot) {
-                result.error = e
-                continue
+        while true {
+            // A `poll` past the batch may return a request submitted after `now` was read.
+            if started[c.slot] > now {
+                now = monotonicNanoseconds()
+                last = now
             }
-            outstanding += 1
+            outstanding -= 1
+            completed += 1
+            if !c.ok {
+                if result.error == nil { result.error = "device returned an error status" }
+            } else {
+                if now >= measureFrom && now < end {
+                    if recorded < capacity {
+                        latencies[recorded] = UInt32(
+                            truncatingIfNeeded: min(now &- started[c.slot], UInt64(UInt32.max)))
+                        recorded += 1
+                    }
+                    result.ios += 1
+                }
+                if now < end && result.error == nil {
+                    if let e = submit(c.slot) {
+                        result.error = e
+                    } else {
+                        outstanding += 1
+                    }
+                }
+            }
+            guard outstanding > 0, let more = driver.poll() else { break }
+            c = more
         }
     }
+    for i in 0..<recorded { _ = result.histogram.record(UInt64(latencies[i])) }
     if outstanding > 0 && result.error == nil { result.error = "lost \(outstanding) requests" }
     result.requests = completed
     let measuredEnd = min(last, end)
     result.seconds = measuredEnd > measureFrom ? Double(measuredEnd - measureFrom) / 1e9 : 0
     return result
 }
+
+/// Latencies one round keeps (the C poller's capacity too); later ones count, unrecorded.
+let latencyCapacity = 8 << 20
 
 /// Connects the contestant's driver, runs one round, disconnects.
 func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
@@ -242,7 +285,7 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
 
 /// One round of the C busy-polling driver; its latencies go into the same histogram.
 func cPollerRound(socket: String, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
-    let capacity = 8 << 20
+    let capacity = latencyCapacity
     let latencies = UnsafeMutablePointer<UInt32>.allocate(capacity: capacity)
     defer { latencies.deallocate() }
     var out = cblk_result()

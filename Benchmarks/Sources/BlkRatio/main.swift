@@ -19,6 +19,7 @@
 // seconds and disconnects, for each contestant in turn, alternating which goes first.
 // The back-ends are started by scripts/bench-blk (or by hand).
 import Foundation
+import SharedMemory
 
 func usage(_ code: Int32 = 2) -> Never {
     print(
@@ -31,7 +32,9 @@ func usage(_ code: Int32 = 2) -> Never {
                                                   and must return the same bytes)
                blk-ratio poll-cost --socket SOCKET   (ns per empty poll of each driver)
                blk-ratio run --driver hardened|trusting|cpoller --socket SOCKET [options]
-                             (one contestant, one round per depth: for profilers)
+                             [--wait poll|adaptive|interrupts]
+                             (one contestant, one round per depth: for profilers;
+                             --wait: the hardened driver's strategy, default adaptive)
           --depth N      iodepth (repeatable; default 1 and 32)
           --runtime S    measured seconds per contestant per point (default 10)
           --rounds N     interleaved rounds the runtime is split into (default 5)
@@ -58,6 +61,7 @@ func parse() -> (Mode, Settings, [(String, String)]) {
     var targets: [(String, String)] = []
     var depths: [Int] = []
     var driver = DriverKind.hardened
+    var wait: WaitStrategy?
     func value() -> String {
         guard let v = args.popFirst() else { usage() }
         return v
@@ -76,6 +80,13 @@ func parse() -> (Mode, Settings, [(String, String)]) {
             guard let d = DriverKind(rawValue: value()) else { usage() }
             driver = d
         case "--socket": targets.append((driver.rawValue, value()))
+        case "--wait":
+            switch value() {
+            case "poll": wait = .poll
+            case "adaptive": wait = .adaptive
+            case "interrupts": wait = .interrupts
+            default: usage()
+            }
         case "--depth": depths.append(Int(positive(value())))
         case "--runtime": settings.runtime = positive(value())
         case "--rounds": settings.rounds = Int(positive(value()))
@@ -116,6 +127,7 @@ func parse() -> (Mode, Settings, [(String, String)]) {
         exit(0)
     }
     if mode == .run { targets = [(driver.rawValue, targets[0].1)] }
+    settings.wait = wait
     if mode == .async {
         settings.ticker = true
         if depths.isEmpty { settings.depths = [32] }
@@ -278,7 +290,8 @@ case .run:
     print("|---|---:|---:|---:|---:|")
     for depth in settings.depths {
         let r = runRound(
-            Contestant(label: name, driver: driver, socket: socket), depth: depth, settings: settings,
+            Contestant(label: name, driver: driver, socket: socket, wait: settings.wait), depth: depth,
+            settings: settings,
             seconds: settings.runtime, seed: 0x2545_f491_4f6c_dd1d)
         print("| \(name) | \(depth) | \(cells(r)) |")
         log(
