@@ -48,26 +48,30 @@ struct ChainWalker {
 
     /// Walks `entries` descriptors of `table` from `start`: by `next` links or in order, as
     /// `F` says, each visited at most once per table (R5). An indirect descriptor met
-    /// outside an indirect table switches the walk to its table. Returns why the chain is
-    /// malformed, if it is.
+    /// outside an indirect table switches the walk to its table. `first`: the start
+    /// descriptor's address, length and flags, already loaded by the caller (never loaded
+    /// again, R2). Returns why the chain is malformed, if it is.
     @inline(__always)
     mutating func walk<F: DescriptorTableFormat>(
         _: F.Type, table: UnsafeMutableRawPointer, entries: Int, from start: Int, inIndirect: Bool,
-        into chain: inout DescriptorChain, memory: GuestMemory
+        first: LoadedDescriptor? = nil, into chain: inout DescriptorChain, memory: GuestMemory
     ) -> Violation? {
         var table = table
         var entries = entries
         var index = start
         var visited = 0
         var inIndirect = inIndirect
+        var preloaded = first
         while true {
             visited += 1
             guard visited <= entries else { return .chainTooLong(head: head, limit: entries) }
             let d = table + index * Self.descriptorSize
             // One load per field, into locals; never looked at again (R2).
-            let untrustedAddress = SharedAccess.load64Unaligned(d + SplitLayout.descAddr)
-            let untrustedLength = SharedAccess.load32Unaligned(d + SplitLayout.descLen)
-            let untrustedFlags = SharedAccess.load16Unaligned(d + F.flagsOffset)
+            let loaded = preloaded ?? LoadedDescriptor(F.self, at: d)
+            preloaded = nil
+            let untrustedAddress = loaded.address
+            let untrustedLength = loaded.length
+            let untrustedFlags = loaded.flags
             if untrustedFlags & Self.flagIndirect != 0 {
                 guard !inIndirect else { return .nestedIndirect(head: head) }
                 switch indirectTable(
@@ -123,6 +127,29 @@ struct ChainWalker {
                 PackedTableFormat.self, table: t.base, entries: t.entries, from: 0, inIndirect: true, into: &chain,
                 memory: memory)
         }
+    }
+
+    /// A chain of one direct descriptor (neither NEXT nor INDIRECT: what a net driver
+    /// posts per frame), without a walk: the checks `buffer` makes of a chain's only
+    /// buffer, on values the caller loaded once (R2). One translation when the buffer lies
+    /// in one region; otherwise (unmapped, straddling, overflowing) `buffer`'s own path,
+    /// which gives the same answer a walk would. Returns why the chain is malformed.
+    @inline(__always)
+    static func single(
+        head: UInt16, name: UInt16, address: UInt64, length untrustedLength: UInt32, writable: Bool,
+        features: RingFeatures, indirectLimit: Int, into chain: inout DescriptorChain, memory: GuestMemory
+    ) -> Violation? {
+        let length = UInt64(untrustedLength)
+        if let piece = try? memory.translate(address, length: length) {
+            chain.setSingle(
+                head: head, ChainSegment(buffer: piece, guestAddress: address, deviceWritable: writable),
+                length: length)
+            return nil
+        }
+        chain.reset(head: head)
+        var walker = ChainWalker(head: name, features: features, indirectLimit: indirectLimit)
+        return walker.buffer(
+            address: address, length: untrustedLength, writable: writable, into: &chain, memory: memory)
     }
 
     /// Checks an INDIRECT descriptor and translates its whole table once (R3, R5, R7).
@@ -188,6 +215,28 @@ struct ChainWalker {
             chain.firstWritable = chain.segments.count
         }
         return nil
+    }
+}
+
+/// A descriptor's address, length and flags, each loaded once (R2).
+struct LoadedDescriptor {
+    let address: UInt64
+    let length: UInt32
+    let flags: UInt16
+
+    @inline(__always)
+    init(address: UInt64, length: UInt32, flags: UInt16) {
+        self.address = address
+        self.length = length
+        self.flags = flags
+    }
+
+    /// Loads the three fields of the descriptor at `d`, in format `F`.
+    @inline(__always)
+    init<F: DescriptorTableFormat>(_: F.Type, at d: UnsafeMutableRawPointer) {
+        address = SharedAccess.load64Unaligned(d + SplitLayout.descAddr)
+        length = SharedAccess.load32Unaligned(d + SplitLayout.descLen)
+        flags = SharedAccess.load16Unaligned(d + F.flagsOffset)
     }
 }
 

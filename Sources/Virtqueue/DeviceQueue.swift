@@ -27,6 +27,29 @@ public struct DescriptorChain: @unchecked Sendable {
     /// An empty chain to pop into.
     public init() { segments.reserveCapacity(16) }
 
+    /// The chain is one buffer of `length` bytes: `segment`. Replaces the one segment in
+    /// place when there was one (a net queue's every chain), cheaper than reset + append.
+    @inline(__always)
+    mutating func setSingle(head: UInt16, _ segment: ChainSegment, length: UInt64) {
+        self.head = head
+        if segments.count == 1 {
+            segments[0] = segment
+        } else {
+            while !segments.isEmpty { segments.removeLast() }
+            segments.append(segment)
+        }
+        if segment.deviceWritable {
+            firstWritable = 0
+            readableLength = 0
+            writableLength = length
+        } else {
+            firstWritable = 1
+            readableLength = length
+            writableLength = 0
+        }
+    }
+
+    @inline(__always)
     mutating func reset(head: UInt16) {
         self.head = head
         // One or a few segments: removeLast keeps the storage and is far cheaper per chain
@@ -193,14 +216,22 @@ public final class DeviceQueue {
         }
         state.pointee.lastAvail = lastAvail &+ 1
         let head = untrustedHead
-        chain.reset(head: head)
-        var walker = ChainWalker(head: head, features: features, indirectLimit: indirectLimit)
-        if let rejection = walker.walk(
-            SplitTableFormat.self, table: descriptors, entries: tableSize, from: Int(head), inIndirect: false,
-            into: &chain, memory: memory)
-        {
-            return .rejected(head: head, rejection)
+        // The head descriptor, loaded once: alone (the common case) it needs no walk.
+        let first = LoadedDescriptor(SplitTableFormat.self, at: descriptors + Int(head) * SplitLayout.descriptorSize)
+        let rejection: Violation?
+        if first.flags & (SplitLayout.flagNext | SplitLayout.flagIndirect) == 0 {
+            rejection = ChainWalker.single(
+                head: head, name: head, address: first.address, length: first.length,
+                writable: first.flags & SplitLayout.flagWrite != 0, features: features, indirectLimit: indirectLimit,
+                into: &chain, memory: memory)
+        } else {
+            chain.reset(head: head)
+            var walker = ChainWalker(head: head, features: features, indirectLimit: indirectLimit)
+            rejection = walker.walk(
+                SplitTableFormat.self, table: descriptors, entries: tableSize, from: Int(head), inIndirect: false,
+                first: first, into: &chain, memory: memory)
         }
+        if let rejection { return .rejected(head: head, rejection) }
         return .ready
     }
 

@@ -42,6 +42,15 @@ public final class NetTransmitHandler: QueueHandler {
     }
 
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        // The ring's concrete type, once per batch: its calls are then direct (no witness
+        // table per frame).
+        if let q = queue as? PackedDeviceQueue { return try serveBatch(q, memory: memory, budget: budget) }
+        if let q = queue as? DeviceQueue { return try serveBatch(q, memory: memory, budget: budget) }
+        return try serveBatch(queue, memory: memory, budget: budget)
+    }
+
+    @inline(__always)
+    func serveBatch<Ring: DeviceRing>(_ queue: Ring, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         // At most one batch per call: the worker publishes used.idx after each, so the
         // driver reclaims descriptors while we work on the next batch (a whole ring per
         // publish leaves it waiting on a full ring).
