@@ -80,8 +80,9 @@ public struct NetFrontendMemory: @unchecked Sendable {
 ///   a tx page holds its frame and zeroes only (zeroed past the payload on reuse); an rx
 ///   page is zeroed whenever its audience changes (before the first grant of each
 ///   `NetFrontend`, i.e. of each connection) and otherwise holds only what this
-///   connection's backend wrote (see `refillRx`); a grant the backend still maps is
-///   quarantined.
+///   connection's backend wrote (see `refillRx`); rx pages stay granted across posts
+///   (persistent rx grants) and are revoked by `failAll`; a grant the backend still maps
+///   when we revoke it is quarantined.
 ///
 /// Not thread-safe: one owner at a time.
 public final class NetFrontend {
@@ -127,7 +128,7 @@ public final class NetFrontend {
     /// The grant ref each rx page holds while it is granted (.max: not granted). An rx page
     /// is granted once, before its first post, and stays granted to this connection's
     /// backend across its posts (persistent, as blkfront's persistent grants): it is
-    /// revoked only by `failAll` (or the end of the connection). See `refillRx` for why
+    /// revoked only by `failAll` (the end of the connection takes the memory away). See `refillRx` for why
     /// that is safe. Refs come from one contiguous block claimed at init, so they do not
     /// share cache lines with the tx grants we write and revoke per frame.
     let rxRef: UnsafeMutablePointer<UInt32>
@@ -633,8 +634,8 @@ public final class NetFrontend {
         rxRing + SharedRingLayout.headerSize + Int(position & rxMask) * NetifLayout.rxSlotSize
     }
 
-    /// Checks an rx response id (in range, posted, answering its own position) and revokes
-    /// its grant before the page is read (XSA-396 order); returns the page's frame.
+    /// Checks an rx response id (in range, posted, answering its own position) and frees
+    /// its slot; returns the page's frame (still granted: persistent rx grants, `refillRx`).
     func takeRxSlot(id rawId: UInt16, position: UInt32) throws(XenViolation) -> UInt32 {
         guard Int(rawId) < rxRingSize else {
             throw disable(.xenResponseIdOutOfRange(id: UInt64(rawId), ringSize: rxRingSize))
