@@ -92,11 +92,33 @@ public final class GrantIssuer {
     @inline(__always)
     public func grant(frame: UInt32, readOnly: Bool) -> UInt32? {
         guard let ref = free.pop() else { return nil }
+        grant(ref: ref, frame: frame, readOnly: readOnly)
+        return ref
+    }
+
+    /// Takes `count` free refs without granting anything (fewer if fewer are free): the
+    /// lowest ones, a contiguous block when the table is fresh, so they share cache lines
+    /// with each other and not with the refs handed out later. The caller keeps them
+    /// (private), grants with `grant(ref:frame:readOnly:)` and revokes with `endAccess`.
+    func claim(count: Int) -> [UInt32] {
+        var all: [UInt32] = []
+        while let ref = free.pop() { all.append(ref) }
+        let taken = Set(all.sorted().prefix(max(0, count)))
+        for ref in all.reversed() where !taken.contains(ref) { free.push(ref) }  // same order as before
+        return taken.sorted(by: >)  // popLast hands out the lowest first
+    }
+
+    /// One free ref without granting anything.
+    func claim() -> UInt32? { free.pop() }
+
+    /// Grants `frame` with a ref the caller holds (claimed): the whole entry is
+    /// rewritten, flags last.
+    @inline(__always)
+    func grant(ref: UInt32, frame: UInt32, readOnly: Bool) {
         let e = memory.entries + Int(ref) * GrantLayout.entrySize
         e.storeBytes(of: backendDomain, toByteOffset: GrantLayout.domid, as: UInt16.self)
         e.storeBytes(of: frame, toByteOffset: GrantLayout.frame, as: UInt32.self)
         memory.flagsAtomic(ref).store(Self.expectedFlags(readOnly: readOnly), ordering: .releasing)
-        return ref
     }
 
     /// Revokes `ref`: one atomic compare-exchange from exactly the flags we wrote to 0.

@@ -80,8 +80,9 @@ public struct NetFrontendMemory: @unchecked Sendable {
 ///   a tx page holds its frame and zeroes only (zeroed past the payload on reuse); an rx
 ///   page is zeroed whenever its audience changes (before the first grant of each
 ///   `NetFrontend`, i.e. of each connection) and otherwise holds only what this
-///   connection's backend wrote (see `refillRx`); a grant the backend still maps is
-///   quarantined.
+///   connection's backend wrote (see `refillRx`); rx pages stay granted across posts
+///   (persistent rx grants) and are revoked by `failAll`; a grant the backend still maps
+///   when we revoke it is quarantined.
 ///
 /// Not thread-safe: one owner at a time.
 public final class NetFrontend {
@@ -115,17 +116,29 @@ public final class NetFrontend {
     /// The tables own their memory; the hot path indexes their base pointers (a field
     /// access then touches that field, not a copy of the whole element).
     let tables:
-        (tx: PrivateTable<TxShadow>, rx: PrivateTable<RxShadow>, dirty: PrivateTable<Int>, zeroed: PrivateTable<Bool>)
+        (
+            tx: PrivateTable<TxShadow>, rx: PrivateTable<RxShadow>, dirty: PrivateTable<Int>,
+            zeroed: PrivateTable<Bool>, rxRef: PrivateTable<UInt32>
+        )
     let txShadow: UnsafeMutablePointer<TxShadow>
     let rxShadow: UnsafeMutablePointer<RxShadow>
     let freeTxIds: PrivateStack<UInt16>
     let txFrames: PrivateStack<UInt32>
-    let rxFrames: PrivateStack<UInt32>
+    let rxFrames: PrivateQueue<UInt32>
+    /// The grant ref each rx page holds while it is granted (.max: not granted). An rx page
+    /// is granted once, before its first post, and stays granted to this connection's
+    /// backend across its posts (persistent, as blkfront's persistent grants): it is
+    /// revoked only by `failAll` (the end of the connection takes the memory away). See `refillRx` for why
+    /// that is safe. Refs come from one contiguous block claimed at init, so they do not
+    /// share cache lines with the tx grants we write and revoke per frame.
+    let rxRef: UnsafeMutablePointer<UInt32>
     /// Bytes of each tx page that may be non-zero (private): a page is zeroed beyond the
     /// payload up to here on reuse, so it never holds more than the frame it carries.
     let txDirty: UnsafeMutablePointer<Int>
     /// rx pages zeroed once before their first grant.
     let rxZeroed: UnsafeMutablePointer<Bool>
+    /// Refs claimed at init for the rx pages' first grants (private, popped from the end).
+    @exclusivity(unchecked) var rxRefBlock: [UInt32]
     @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
 
     @exclusivity(unchecked) var txRequestProducer: UInt32 = 0
@@ -176,19 +189,22 @@ public final class NetFrontend {
             PrivateTable(repeating: RxShadow(), count: NetifLayout.rxRingSize),
             // Unknown contents at first: the first use zeroes the whole page past the payload.
             PrivateTable(repeating: SharedRingLayout.pageSize, count: memory.grants.frameCount),
-            PrivateTable(repeating: false, count: memory.grants.frameCount)
+            PrivateTable(repeating: false, count: memory.grants.frameCount),
+            PrivateTable(repeating: UInt32.max, count: memory.grants.frameCount)
         )
         txShadow = tables.tx.base
         rxShadow = tables.rx.base
         txDirty = tables.dirty.base
         rxZeroed = tables.zeroed.base
+        rxRef = tables.rxRef.base
         freeTxIds = PrivateStack(capacity: NetifLayout.txRingSize)
         for id in (0..<NetifLayout.txRingSize).reversed() { freeTxIds.push(UInt16(id)) }
         var pages = (0..<memory.grants.frameCount).map { UInt32($0) }
         pages.removeAll { $0 == memory.txRingFrame || $0 == memory.rxRingFrame }
         let rxCount = min(NetifLayout.rxRingSize, max(0, min(rxPages ?? pages.count / 2, pages.count)))
-        rxFrames = PrivateStack(capacity: rxCount)
-        for frame in pages.prefix(rxCount).reversed() { rxFrames.push(frame) }
+        rxFrames = PrivateQueue(capacity: rxCount)
+        for frame in pages.prefix(rxCount) { rxFrames.push(frame) }
+        rxRefBlock = grants.claim(count: rxCount)
         let tx = pages.dropFirst(rxCount).prefix(NetifLayout.txRingSize)
         txFrames = PrivateStack(capacity: tx.count)
         for frame in tx.reversed() { txFrames.push(frame) }
@@ -403,24 +419,41 @@ public final class NetFrontend {
     public func refillRx() -> Int {
         guard !isBroken else { return 0 }
         var posted = 0
-        while rxPosted < rxRingSize, grants.available > 0, let frameNumber = rxFrames.pop() {
+        while rxPosted < rxRingSize, let frameNumber = rxFrames.pop() {
             let id = Int(rxRequestProducer & rxMask)
-            // R7: an rx page's audience is this frontend's backend, and only it. The page is
-            // zeroed before this frontend first grants it (so nothing of an earlier
-            // connection or backend on the same memory survives, `rxZeroed` is per
-            // instance), rx and tx pages are disjoint pools fixed at init, we never write
-            // an rx page after zeroing it, and a disabled frontend grants nothing. So on
-            // reuse the page can only hold bytes this same backend wrote itself: re-zeroing
-            // hides nothing from anyone (and costs ~35 ns of frontend CPU per frame, a
-            // fifth of a 64-byte echo; docs/xen.md "Netif", zeroing).
-            if !rxZeroed[Int(frameNumber)] {
-                memory.grants.page(frameNumber).initializeMemory(
-                    as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)
-                rxZeroed[Int(frameNumber)] = true
-            }
-            guard let ref = grants.grant(frame: frameNumber, readOnly: false) else {
-                rxFrames.push(frameNumber)
-                break
+            var ref = rxRef[Int(frameNumber)]
+            if ref == .max {
+                // First post of the page in this frontend (or after `failAll` revoked it):
+                // zeroed, then granted writable, and it stays granted. Why that is safe
+                // (docs/xen.md "Netif", persistent rx grants):
+                // - R7, audience: an rx page's audience is this frontend's backend, and only
+                //   it. The page is zeroed before this frontend first grants it (nothing of
+                //   an earlier connection or backend on the same memory survives,
+                //   `rxZeroed` is per instance), rx and tx pages are disjoint pools fixed at
+                //   init, we never write an rx page after zeroing it, and a disabled
+                //   frontend grants nothing. So the page only ever holds zeroes and bytes
+                //   this same backend wrote itself: nothing private, ever.
+                // - R2, a page the backend may write at any time: a response is loaded once
+                //   (one 8-byte copy), its id, offset and length validated on that private
+                //   copy, the page chosen from our private shadow by position (never from
+                //   anything the backend wrote), and its bytes copied exactly once into the
+                //   caller's buffer; the page is never read again. A backend rewriting it
+                //   during or after the copy only changes bytes it could have sent anyway.
+                // - XSA-396: the page never leaves this backend's audience while granted, so
+                //   a mapping it keeps cannot see anything else; `failAll` revokes every rx
+                //   grant and quarantines a page still mapped.
+                if !rxZeroed[Int(frameNumber)] {
+                    memory.grants.page(frameNumber).initializeMemory(
+                        as: UInt8.self, repeating: 0, count: SharedRingLayout.pageSize)
+                    rxZeroed[Int(frameNumber)] = true
+                }
+                guard let claimed = rxRefBlock.popLast() ?? grants.claim() else {
+                    rxFrames.push(frameNumber)
+                    break
+                }
+                ref = claimed
+                rxRef[Int(frameNumber)] = claimed
+                grants.grant(ref: ref, frame: frameNumber, readOnly: false)
             }
             let slot = rxRing + SharedRingLayout.headerSize + id * NetifLayout.rxSlotSize
             SharedAccess.store64(slot, UInt64(id) | UInt64(ref) << 32)
@@ -509,13 +542,13 @@ public final class NetFrontend {
                     offset &+ Int(rawStatus) <= page
                 {
                     rxResponseConsumer = position &+ 1
-                    let frameNumber = try releaseRx(id)  // revoked before the page is read
+                    let frameNumber = releaseRx(id)  // still granted: copied once, never read again
                     let bytes = Int(rawStatus)
                     let copied = min(bytes, room)
-                    if copied > 0, let base {
-                        SharedAccess.copy(
-                            from: memory.grants.page(frameNumber) + offset, to: base + place, count: copied)
-                    }
+                    let page = memory.grants.page(frameNumber)
+                    if hooked { hooks?.willCopyRx(position: position, page: page) }
+                    // The length and offset are the private copy's; the page is read once.
+                    if copied > 0, let base { SharedAccess.copy(from: page + offset, to: base + place, count: copied) }
                     rxFrames.push(frameNumber)
                     (out + n).initialize(
                         to: NetReceivedFrame(
@@ -580,10 +613,10 @@ public final class NetFrontend {
                 let bytes = Int(rawStatus)
                 let room = max(0, buffer.count - length)
                 if bytes > room { truncated = true }
+                let page = memory.grants.page(frameNumber)
+                if hooked { hooks?.willCopyRx(position: position, page: page) }
                 if let base = buffer.baseAddress, room > 0, status == .okay {
-                    SharedAccess.copy(
-                        from: memory.grants.page(frameNumber) + Int(offset), to: base + length,
-                        count: min(bytes, room))
+                    SharedAccess.copy(from: page + Int(offset), to: base + length, count: min(bytes, room))
                 }
                 length += min(bytes, room)
             }
@@ -601,8 +634,8 @@ public final class NetFrontend {
         rxRing + SharedRingLayout.headerSize + Int(position & rxMask) * NetifLayout.rxSlotSize
     }
 
-    /// Checks an rx response id (in range, posted, answering its own position) and revokes
-    /// its grant before the page is read (XSA-396 order); returns the page's frame.
+    /// Checks an rx response id (in range, posted, answering its own position) and frees
+    /// its slot; returns the page's frame (still granted: persistent rx grants, `refillRx`).
     func takeRxSlot(id rawId: UInt16, position: UInt32) throws(XenViolation) -> UInt32 {
         guard Int(rawId) < rxRingSize else {
             throw disable(.xenResponseIdOutOfRange(id: UInt64(rawId), ringSize: rxRingSize))
@@ -611,16 +644,16 @@ public final class NetFrontend {
         guard rxShadow[id].active else { throw disable(.xenResponseIdNotInFlight(id: UInt64(rawId))) }
         let expected = UInt16(truncatingIfNeeded: position & rxMask)
         guard rawId == expected else { throw disable(.xenNetRxIdOutOfOrder(id: rawId, expected: expected)) }
-        return try releaseRx(id)
+        return releaseRx(id)
     }
 
-    /// Ends the rx grant of `id` and frees its slot; the page's frame, or the violation if
-    /// the backend still maps it (page quarantined).
-    func releaseRx(_ id: Int) throws(XenViolation) -> UInt32 {
+    /// Frees the rx slot `id`; its page's frame. The page stays granted (persistent rx
+    /// grants, `refillRx`): the caller copies what it needs out of it once, then pools it.
+    @inline(__always)
+    func releaseRx(_ id: Int) -> UInt32 {
         let shadow = rxShadow[id]
         rxShadow[id] = RxShadow()
         rxPosted -= 1
-        if !endGrant(shadow.ref, frame: shadow.frame, readOnly: false) { throw stickyViolation() }
         return shadow.frame
     }
 
@@ -641,7 +674,7 @@ public final class NetFrontend {
             rxResponseConsumer &+= 1
             let id = Int(position & rxMask)
             guard rxShadow[id].active else { throw disable(.xenResponseIdNotInFlight(id: UInt64(id))) }
-            rxFrames.push(try releaseRx(id))
+            rxFrames.push(releaseRx(id))
             let type = UInt8(truncatingIfNeeded: word)
             let flags = UInt8(truncatingIfNeeded: word >> 8)
             guard type == NetExtraType.gso.rawValue || type == NetExtraType.hash.rawValue else {
@@ -716,8 +749,14 @@ public final class NetFrontend {
         txSlotsInFlight = 0
         txExtrasInFlight = 0
         framesInFlight = 0
-        for id in 0..<rxRingSize where rxShadow[id].active {
-            if let frame = try? releaseRx(id) { rxFrames.push(frame) }
+        for id in 0..<rxRingSize where rxShadow[id].active { rxFrames.push(releaseRx(id)) }
+        // Every rx page is in the pool now: revoke the grants they keep (persistent); a page
+        // the backend still maps is quarantined (never pooled again, R7).
+        for _ in 0..<rxFrames.count {
+            guard let frame = rxFrames.pop() else { break }
+            let ref = rxRef[Int(frame)]
+            rxRef[Int(frame)] = .max
+            if endGrant(ref, frame: frame, readOnly: false) { rxFrames.push(frame) }
         }
         return tokens
     }

@@ -54,9 +54,14 @@ public protocol XenNetFrontendHooks: AnyObject {
     func willPostTx(_ slot: UnsafeMutableRawPointer, isExtra: Bool, frontend: NetFrontend)
     /// The tx req_prod about to be published; returns the value to publish.
     func willPublishTx(requestProducer: UInt32) -> UInt32
+    /// The rx response at `position` was loaded once and validated, and `page` (still
+    /// granted to the backend, persistent rx grants) is about to be copied out: where a
+    /// test plays a backend rewriting the response slot and the page at the worst moment.
+    func willCopyRx(position: UInt32, page: UnsafeMutableRawPointer)
 }
 
 extension XenNetFrontendHooks {
     public func willPostTx(_ slot: UnsafeMutableRawPointer, isExtra: Bool, frontend: NetFrontend) {}
     public func willPublishTx(requestProducer: UInt32) -> UInt32 { requestProducer }
+    public func willCopyRx(position: UInt32, page: UnsafeMutableRawPointer) {}
 }

@@ -54,3 +54,43 @@ final class PrivateStack<Element> {
         return (base + count).move()
     }
 }
+
+/// A bounded FIFO queue (the rx page pool: pages come back in the order they were
+/// posted, so consecutive ring positions keep consecutive pages and grant refs) in
+/// private memory.
+final class PrivateQueue<Element> {
+    let base: UnsafeMutablePointer<Element>
+    let capacity: Int
+    @exclusivity(unchecked) private(set) var count = 0
+    @exclusivity(unchecked) private var head = 0
+
+    init(capacity: Int) {
+        self.capacity = max(0, capacity)
+        base = .allocate(capacity: max(1, capacity))
+    }
+
+    deinit {
+        for i in 0..<count { (base + (head + i) % max(1, capacity)).deinitialize(count: 1) }
+        base.deallocate()
+    }
+
+    /// At the tail; dropped when full (cannot happen for a pool sized to its pages).
+    @inline(__always)
+    func push(_ value: Element) {
+        guard count < capacity else { return }
+        var tail = head &+ count
+        if tail >= capacity { tail &-= capacity }
+        (base + tail).initialize(to: value)
+        count &+= 1
+    }
+
+    @inline(__always)
+    func pop() -> Element? {
+        guard count > 0 else { return nil }
+        let value = (base + head).move()
+        head &+= 1
+        if head == capacity { head = 0 }
+        count &-= 1
+        return value
+    }
+}

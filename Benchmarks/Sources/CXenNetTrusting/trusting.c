@@ -1,4 +1,8 @@
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
+#include <sched.h>
 #include <errno.h>
 #include <poll.h>
 #include <stddef.h>
@@ -123,4 +127,11 @@ long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t
         if (!more_tx && !more_rx && !wait_event(env->evt_from_peer, timeout_ms)) return -1;
     }
     return (long)received;
+}
+
+int xen_net_bench_pin(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set) == 0 ? 0 : errno;
 }

@@ -4,6 +4,9 @@
 // in this benchmark package (R8). Usage (in Benchmarks/):
 //   swift build -c release --product xen-net-bench
 //   .build/release/xen-net-bench [--seconds S] [--rounds N] [--depth D] [--size BYTES]... [--only hardened|trusting]
+//                                [--no-pin]
+// The frontend (either) runs pinned to CPU 0 and the backend process to CPU 1 unless
+// --no-pin: the scheduler then cannot stack them on one core for part of a round.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,16 +33,23 @@ func serveBackend(socket: String) -> Never {
 }
 
 var arguments = Array(CommandLine.arguments.dropFirst())
-if arguments.first == "backend", arguments.count == 2 { serveBackend(socket: arguments[1]) }
+if arguments.first == "backend", arguments.count == 3 {
+    if arguments[2] == "pin" { _ = xen_net_bench_pin(1) }
+    serveBackend(socket: arguments[1])
+}
 var seconds = 1.0
 var rounds = 6
 var depth = 32
 var sizes: [Int] = []
 var only: String?  // "hardened" or "trusting": one side only, for profiling
+var pin = true
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     let value = arguments.first ?? ""
     switch a {
+    case "--no-pin":
+        pin = false
+        continue
     case "--seconds": seconds = Double(value) ?? seconds
     case "--rounds": rounds = Int(value) ?? rounds
     case "--depth": depth = Int(value) ?? depth
@@ -79,7 +89,10 @@ nonisolated(unsafe) var framesTrusting = 0
 
 let socket = "/tmp/xen-net-bench-\(getpid()).sock"
 let child: ChildProcess
-do { child = try ChildProcess(executable: currentExecutablePath(), arguments: ["backend", socket]) } catch {
+if pin, xen_net_bench_pin(0) != 0 { fail("cannot pin to CPU 0") }
+do {
+    child = try ChildProcess(executable: currentExecutablePath(), arguments: ["backend", socket, pin ? "pin" : "-"])
+} catch {
     fail("spawn: \(error)")
 }
 backendChild = child
@@ -182,7 +195,8 @@ func connect() -> XenNetFrontendDevice {
 
 print(
     "xen-net-bench: frames of \(sizes.map(String.init).joined(separator: ", ")) bytes echoed by a loopback netback, "
-        + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)")
+        + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
+        + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned"))
 if let only {
     for size in sizes {
         for _ in 1...rounds {

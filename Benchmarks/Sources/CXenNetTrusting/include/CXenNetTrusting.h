@@ -31,6 +31,10 @@ long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t
                           uint32_t rx_slots, const uint32_t *tx_refs, uint32_t tx_frame, uint32_t depth,
                           uint32_t size, uint64_t frames, uint8_t *out, int timeout_ms);
 
+/// Pins the calling thread to one CPU (0-based), for the benchmark harness (both
+/// frontends run on the same pinned thread). Returns 0 or an errno value.
+int xen_net_bench_pin(int cpu);
+
 #ifdef __cplusplus
 }
 #endif
