@@ -83,6 +83,26 @@ struct MetricsTests {
         while !what() && Date() < end { usleep(10_000) }
     }
 
+    /// Starts the server command `arguments` with `--socket DIR/s.sock --metrics DIR/m.sock`
+    /// in a fresh directory, waits until it listens, runs `body` with the directory and the server, then
+    /// kills the server and removes the directory.
+    static func withServer(
+        _ arguments: [String], tag: String, _ body: (_ dir: String, _ server: Process) throws -> Void
+    ) throws {
+        let dir = "/tmp/rf-metrics-\(tag)-\(arguments[0])-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let server = try start(
+            [arguments[0], "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(),
+            log: dir + "/log")
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
+            server.waitUntilExit()
+        }
+        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
+        try body(dir, server)
+    }
+
     static func start(_ arguments: [String], log: String) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try binary())
@@ -226,65 +246,58 @@ struct MetricsTests {
         ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
     ])
     func netServersCountFramesAndBytesEachWay(server arguments: [String]) throws {
-        let dir = "/tmp/rf-metrics-\(arguments[0])-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
         let name = arguments[0]
-        let server = try Self.start(
-            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
-        )
-        defer {
-            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
-            server.waitUntilExit()
-        }
-        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
-        let client = name == "serve-net" ? "net" : "xen-net"
-        let ping = try Interop.run([
-            try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
-        ])
-        #expect(ping.status == 0, "\(ping.output)")
-        let c1 = "{server=\"\(name)\",connection=\"1\"}"
-        let c2 = "{server=\"\(name)\",connection=\"2\"}"
-        var text = ""
-        // serve-xen-net adds a connection's counts when it ends (the frontend's close).
-        Self.waitFor {
-            text = Self.scrape(unix: dir + "/m.sock")
-            return Self.value(text, "ringfence_rx_frames_total" + c1) == 3
-        }
-        #expect(Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "\(text)")
-        #expect(Self.value(text, "ringfence_tx_bytes_total" + c1) == 300)
-        #expect(Self.value(text, "ringfence_rx_frames_total" + c1) == 3)
-        #expect(Self.value(text, "ringfence_rx_bytes_total" + c1) == 300)
-        #expect(Self.value(text, "ringfence_rx_dropped_frames_total" + c1) == 0)
-        #expect(Self.value(text, "ringfence_refusals_total" + c1) == 0)
-        #expect(!text.contains("ringfence_violations_total{server=\"\(name)\""), "no rule broken: \(text)")
-        #expect(text.contains("# TYPE ringfence_tx_frames_total counter"))
-        if name == "serve-net" {
-            let send = try Interop.run([
-                try Self.binary(), client, "--socket", dir + "/s.sock", "send", "--count", "5", "--size", "200",
+        try Self.withServer(arguments, tag: "net") { dir, server in
+            let client = name == "serve-net" ? "net" : "xen-net"
+            let ping = try Interop.run([
+                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "3", "--size", "100",
             ])
-            #expect(send.status == 0, "\(send.output)")
-        } else {
-            let bench = try Interop.run([
-                try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "5", "--size", "200",
-            ])
-            #expect(bench.status == 0, "\(bench.output)")
+            #expect(ping.status == 0, "\(ping.output)")
+            let c1 = "{server=\"\(name)\",connection=\"1\"}"
+            let c2 = "{server=\"\(name)\",connection=\"2\"}"
+            var text = ""
+            // serve-xen-net adds a connection's counts when it ends (the frontend's close).
+            Self.waitFor {
+                text = Self.scrape(unix: dir + "/m.sock")
+                return Self.value(text, "ringfence_rx_frames_total" + c1) == 3
+            }
+            #expect(Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "\(text)")
+            #expect(Self.value(text, "ringfence_tx_bytes_total" + c1) == 300)
+            #expect(Self.value(text, "ringfence_rx_frames_total" + c1) == 3)
+            #expect(Self.value(text, "ringfence_rx_bytes_total" + c1) == 300)
+            #expect(Self.value(text, "ringfence_rx_dropped_frames_total" + c1) == 0)
+            #expect(Self.value(text, "ringfence_refusals_total" + c1) == 0)
+            #expect(!text.contains("ringfence_violations_total{server=\"\(name)\""), "no rule broken: \(text)")
+            #expect(text.contains("# TYPE ringfence_tx_frames_total counter"))
+            if name == "serve-net" {
+                let send = try Interop.run([
+                    try Self.binary(), client, "--socket", dir + "/s.sock", "send", "--count", "5", "--size", "200",
+                ])
+                #expect(send.status == 0, "\(send.output)")
+            } else {
+                let bench = try Interop.run([
+                    try Self.binary(), client, "--socket", dir + "/s.sock", "ping", "--count", "5", "--size", "200",
+                ])
+                #expect(bench.status == 0, "\(bench.output)")
+            }
+            Self.waitFor {
+                text = Self.scrape(unix: dir + "/m.sock")
+                return Self.value(text, "ringfence_tx_frames_total" + c2) == 5
+            }
+            #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
+            #expect(Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1)
+            #expect(Self.value(text, "ringfence_tx_bytes_total" + c2) == 1000)
+            #expect(
+                Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "the first connection's counts stay its own")
+            kill(server.processIdentifier, SIGUSR1)
+            Self.waitFor {
+                ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains(
+                    "ringfence_tx_bytes_total")
+            }
+            let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+            #expect(log.contains("metrics (SIGUSR1):"), "\(log)")
+            #expect(log.contains("ringfence_tx_bytes_total\(c2) 1000"), "\(log)")
         }
-        Self.waitFor {
-            text = Self.scrape(unix: dir + "/m.sock")
-            return Self.value(text, "ringfence_tx_frames_total" + c2) == 5
-        }
-        #expect(Self.value(text, "ringfence_connections_total{server=\"\(name)\"}") == 2, "\(text)")
-        #expect(Self.value(text, "ringfence_reconnects_total{server=\"\(name)\"}") == 1)
-        #expect(Self.value(text, "ringfence_tx_bytes_total" + c2) == 1000)
-        #expect(Self.value(text, "ringfence_tx_frames_total" + c1) == 3, "the first connection's counts stay its own")
-        kill(server.processIdentifier, SIGUSR1)
-        Self.waitFor {
-            ((try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? "").contains("ringfence_tx_bytes_total")
-        }
-        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
-        #expect(log.contains("metrics (SIGUSR1):"), "\(log)")
-        #expect(log.contains("ringfence_tx_bytes_total\(c2) 1000"), "\(log)")
     }
 
     /// Both net servers count while a front-end is connected, not only when it leaves: a
@@ -294,37 +307,28 @@ struct MetricsTests {
         ["serve-net", "--loopback"], ["serve-xen-net", "--loopback"],
     ])
     func netServersCountLive(server arguments: [String]) throws {
-        let dir = "/tmp/rf-metrics-live-\(arguments[0])-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
         let name = arguments[0]
-        let server = try Self.start(
-            [name, "--socket", dir + "/s.sock", "--metrics", dir + "/m.sock"] + arguments.dropFirst(), log: dir + "/log"
-        )
-        defer {
-            if server.isRunning { kill(server.processIdentifier, SIGKILL) }
-            server.waitUntilExit()
+        try Self.withServer(arguments, tag: "live") { dir, _ in
+            let client =
+                name == "serve-net"
+                ? ["net", "--socket", dir + "/s.sock", "bench", "--both"]
+                : ["xen-net", "--socket", dir + "/s.sock", "bench"]
+            let bench = try Self.start(client + ["--size", "1500", "--runtime", "2"], log: dir + "/bench")
+            defer {
+                if bench.isRunning { kill(bench.processIdentifier, SIGKILL) }
+                bench.waitUntilExit()
+            }
+            let c1 = "{server=\"\(name)\",connection=\"1\"}"
+            var during = ""
+            Self.waitFor {
+                during = Self.scrape(unix: dir + "/m.sock")
+                return (Self.value(during, "ringfence_tx_frames_total" + c1) ?? 0) > 0
+            }
+            #expect(bench.isRunning, "scraped while the front-end is connected")
+            let frames = try #require(Self.value(during, "ringfence_tx_frames_total" + c1), "\(during)")
+            #expect(frames > 0)
+            #expect(Self.value(during, "ringfence_tx_bytes_total" + c1) == frames * 1500, "\(during)")
         }
-        ListeningSocket.wait(dir + "/s.sock", seconds: 10)
-        let client =
-            name == "serve-net"
-            ? ["net", "--socket", dir + "/s.sock", "bench", "--both"]
-            : ["xen-net", "--socket", dir + "/s.sock", "bench"]
-        let bench = try Self.start(client + ["--size", "1500", "--runtime", "2"], log: dir + "/bench")
-        defer {
-            if bench.isRunning { kill(bench.processIdentifier, SIGKILL) }
-            bench.waitUntilExit()
-        }
-        let c1 = "{server=\"\(name)\",connection=\"1\"}"
-        var during = ""
-        Self.waitFor {
-            during = Self.scrape(unix: dir + "/m.sock")
-            return (Self.value(during, "ringfence_tx_frames_total" + c1) ?? 0) > 0
-        }
-        #expect(bench.isRunning, "scraped while the front-end is connected")
-        let frames = try #require(Self.value(during, "ringfence_tx_frames_total" + c1), "\(during)")
-        #expect(frames > 0)
-        #expect(Self.value(during, "ringfence_tx_bytes_total" + c1) == frames * 1500, "\(during)")
     }
 
     /// serve-net with two sockets: connections are numbered across both, each counted on
