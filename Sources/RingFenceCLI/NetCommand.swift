@@ -37,8 +37,18 @@ struct NetConnection: ParsableArguments {
     @Flag(name: .customLong("no-mergeable"), help: "Do not use mergeable receive buffers.")
     var noMergeable = false
 
-    @Flag(name: .customLong("no-ctrl"), help: "Do not use the control queue (DPDK's vhost back-end leaves it to QEMU).")
+    @Flag(
+        name: .customLong("no-ctrl"),
+        help:
+            "Give the back-end no control queue (DPDK's vhost back-end leaves it to QEMU); with --queues > 1 the driver keeps it private and enables the pairs with SET_VRING_ENABLE."
+    )
     var noCtrl = false
+
+    @Option(
+        help:
+            "Queue pairs wanted, 1...16 (fewer if the back-end's GET_QUEUE_NUM or max_virtqueue_pairs says so); ping verifies frames on every pair in turn, send, receive and bench use pair 0."
+    )
+    var queues = 1
 
     @Flag(
         help:
@@ -54,6 +64,7 @@ struct NetConnection: ParsableArguments {
 
     func validate() throws {
         guard timeout > 0, timeout <= 3600 else { throw ValidationError("--timeout must be in (0, 3600]") }
+        guard queues >= 1, queues <= 16 else { throw ValidationError("--queues must be 1...16") }
         guard parseMAC(dst) != nil else { throw ValidationError("--dst \(dst) is not aa:bb:cc:dd:ee:ff") }
         guard acceptTimeout > 0, acceptTimeout <= 3600 else {
             throw ValidationError("--accept-timeout must be in (0, 3600]")
@@ -65,6 +76,7 @@ struct NetConnection: ParsableArguments {
     func open() throws -> VirtioNetDriver {
         var options = VirtioNetDriver.Options()
         options.queueSize = queueSize
+        options.queuePairs = queues
         options.controlTimeout = timeout
         options.commandTimeout = timeout
         options.packedRing = !noPacked
@@ -108,7 +120,9 @@ struct NetInfoCommand: ParsableCommand {
         print("queue pairs: \(i.queuePairs) of \(i.maximumQueuePairs)")
         print("ring:        \(net.ringFormat.rawValue)")
         print("rx buffers:  \(i.mergeableRxBuffers ? "mergeable (2048 bytes)" : "one per frame")")
-        print("control:     \(i.hasControlQueue ? "yes" : "no")")
+        print(
+            "control:     \(i.hasControlQueue ? "yes" : i.controlQueueIsPrivate ? "private (pairs enabled with SET_VRING_ENABLE)" : "no")"
+        )
         print("features:    0x\(String(i.features, radix: 16))")
     }
 }
@@ -193,7 +207,7 @@ struct NetPing: ParsableCommand {
         commandName: "ping",
         abstract: "Exchange frames with a peer that returns them (serve-net --loopback, testpmd macswap).",
         discussion: helpDiscussion(
-            "Every byte of every frame that comes back is verified (the MACs may come back swapped).",
+            "Every byte of every frame that comes back is verified (the MACs may come back swapped). With --queues N, --count frames on each pair in turn, one line per pair.",
             examples: "ringfence net --socket net.sock ping",
             "ringfence net --socket net.sock ping --count 100 --size 9k"))
     @ParentCommand var net: Net
@@ -207,18 +221,26 @@ struct NetPing: ParsableCommand {
         let net = try connection.open()
         defer { net.close() }
         let verbose = self.verbose
-        let r = try netOrExit { () throws(NetError) in
-            try NetTraffic.ping(
-                net.pair(0), mac: net.info.mac, dst: connection.destination, size: size.bytes, count: count,
-                timeout: wait
-            ) { seq, us in
-                if verbose { print("\(size.bytes) bytes: seq=\(seq) time=\(format(us, 1)) us") }
+        let pairs = net.queuePairCount
+        var failed = false
+        // Each queue pair in turn: a peer that forwards per queue (testpmd with --rxq/--txq)
+        // returns a pair's frames on that pair.
+        for p in 0..<pairs {
+            let r = try netOrExit { () throws(NetError) in
+                try NetTraffic.ping(
+                    net.pair(p), mac: net.info.mac, dst: connection.destination, size: size.bytes, count: count,
+                    timeout: wait
+                ) { seq, us in
+                    if verbose { print("\(size.bytes) bytes: seq=\(seq) time=\(format(us, 1)) us") }
+                }
             }
+            print(
+                (pairs > 1 ? "pair \(p): " : "")
+                    + "\(r.sent) sent, \(r.received) returned intact, \(r.mismatched) wrong; rtt min/avg/max \(format(r.minimumMicroseconds, 1))/\(format(r.averageMicroseconds, 1))/\(format(r.maximumMicroseconds, 1)) us"
+            )
+            if r.received != count || r.mismatched != 0 { failed = true }
         }
-        print(
-            "\(r.sent) sent, \(r.received) returned intact, \(r.mismatched) wrong; rtt min/avg/max \(format(r.minimumMicroseconds, 1))/\(format(r.averageMicroseconds, 1))/\(format(r.maximumMicroseconds, 1)) us"
-        )
-        if r.received != count || r.mismatched != 0 { throw ExitCode(1) }
+        if failed { throw ExitCode(1) }
     }
 }
 

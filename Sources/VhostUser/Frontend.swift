@@ -38,6 +38,10 @@ public final class Frontend: @unchecked Sendable {
     public private(set) var protocolFeatures: ProtocolFeatures = []
     /// GET_QUEUE_NUM, clamped to 1...maximumQueues (1 without MQ).
     public private(set) var queueCount = 1
+    /// GET_QUEUE_NUM exactly as the back-end answered it (nil without MQ), for a device
+    /// class that bounds it further (virtio-net: 1...0x8000 queue pairs). Recorded before
+    /// `handshake()` refuses a 0.
+    public private(set) var reportedQueueCount: UInt64?
 
     /// A front-end on a connected `channel`; each reply must come within `replyTimeout` seconds.
     public init(channel: UnixChannel, replyTimeout: Double = 5) {
@@ -91,6 +95,7 @@ public final class Frontend: @unchecked Sendable {
         protocolFeatures = chosen  // acks are requested from here on
         if chosen.contains(.multiQueue) {
             let n = try u64Request(.getQueueNum)
+            reportedQueueCount = n
             guard n >= 1 else { throw .invalidPayload("GET_QUEUE_NUM returned 0") }
             queueCount = Int(min(n, UInt64(Self.maximumQueues)))
         } else {

@@ -102,5 +102,22 @@ final class Testpmd: @unchecked Sendable {
         return (rx, tx)
     }
 
+    /// Per forwarding stream (testpmd prints them when a port has more than one queue):
+    /// RX queue -> (RX-packets, TX-packets) of "Forward Stats for RX Port= P/Queue= Q".
+    static func streamCounters(_ output: String) -> [Int: (rx: Int, tx: Int)] {
+        var result: [Int: (rx: Int, tx: Int)] = [:]
+        let marker = "Forward Stats for RX Port= "
+        for chunk in output.components(separatedBy: marker).dropFirst() {
+            guard let q = chunk.range(of: "/Queue= ") else { continue }
+            let queue = Int(chunk[q.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
+            func value(_ key: String) -> Int? {
+                guard let r = chunk.range(of: key) else { return nil }
+                return Int(chunk[r.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
+            }
+            if let queue, let rx = value("RX-packets:"), let tx = value("TX-packets:") { result[queue] = (rx, tx) }
+        }
+        return result
+    }
+
     deinit { stop() }
 }

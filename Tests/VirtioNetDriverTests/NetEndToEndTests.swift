@@ -96,6 +96,33 @@ import Virtqueue
         #expect(fixture.devices[0].statistics.controlCommands >= 4)
     }
 
+    /// `controlQueue = false` with two pairs (what DPDK's vhost back-end needs): CTRL_VQ
+    /// and MQ are acked, but the control queue is never set up with the device and no
+    /// command is sent; both pairs are enabled with SET_VRING_ENABLE and carry traffic.
+    @Test func privateControlQueueEnablesBothPairsWithoutACommand() throws {
+        var device = VirtioNetDeviceOptions()
+        device.queuePairs = 2
+        let fixture = try NetFixture(mode: .loopback, options: device)
+        defer { fixture.shutdown() }
+        var options = VirtioNetDriver.Options()
+        options.queuePairs = 2
+        options.queueSize = 32
+        options.controlQueue = false
+        let net = try VirtioNetDriver.connect(socket: fixture.socketPath, options: options)
+        defer { net.close() }
+        #expect(net.queuePairCount == 2)
+        #expect(net.info.maximumQueuePairs == 2)
+        #expect(net.info.controlQueueIsPrivate && !net.info.hasControlQueue)
+        #expect(net.info.features & (NetProtocol.Feature.mq | NetProtocol.Feature.ctrlVQ) != 0)
+        for p in 0..<2 {
+            let f = testFrame(dst: [2, 0, 0, 0, 0, 1], src: net.info.mac, length: 100, seed: p)
+            #expect(try net.pair(p).send(f))
+            #expect(try receiveFrames(net.pair(p), count: 1, frameCapacity: net.info.maximumFrame) == [f])
+        }
+        #expect(fixture.devices[0].statistics.controlCommands == 0)
+        #expect(!fixture.eventLog.contains { $0.contains("queue 4 started") }, "\(fixture.eventLog)")
+    }
+
     @Test func switchForwardsBetweenTwoFrontEndsAndLearns() throws {
         let fixture = try NetFixture(mode: .switch, sockets: 3)
         defer { fixture.shutdown() }

@@ -48,17 +48,26 @@ public struct NetInfo: Sendable, Equatable {
     /// The raw config as the device served it (for display only, never for decisions).
     public let rawConfig: NetConfig?
 
+    /// CTRL_VQ is acked but the control queue is ours alone: never set up with the
+    /// back-end, no command sent on it (QEMU and DPDK's virtio_user keep it from a
+    /// vhost-user back-end the same way). Queue pairs are switched on with
+    /// VHOST_USER_SET_VRING_ENABLE instead of VQ_PAIRS_SET.
+    public let controlQueueIsPrivate: Bool
+
     public var mergeableRxBuffers: Bool { features & NetProtocol.Feature.mergeableRxBuffers != 0 }
-    public var hasControlQueue: Bool { features & NetProtocol.Feature.ctrlVQ != 0 }
+    /// The back-end serves our control queue (CTRL_VQ acked and the queue not kept private).
+    public var hasControlQueue: Bool { features & NetProtocol.Feature.ctrlVQ != 0 && !controlQueueIsPrivate }
     /// Received frames may carry NEEDS_CSUM (VIRTIO_NET_F_GUEST_CSUM).
     public var partialChecksum: Bool { features & NetProtocol.Feature.guestCsum != 0 }
 
     /// Validates `config` (nil: the back-end has no config space) against the acked
     /// `features`. `backendQueues` is GET_QUEUE_NUM (queue pairs, as QEMU and DPDK read
-    /// it), `queueLimit` the front-end's clamp of it.
+    /// it), `queueLimit` the front-end's clamp of it. Without a config space and with MQ
+    /// acked, max_virtqueue_pairs is GET_QUEUE_NUM (as QEMU models it for a vhost-user
+    /// back-end). `privateControlQueue`: CTRL_VQ is acked but kept from the back-end.
     public static func validate(
         _ config: NetConfig?, features: UInt64, backendQueues: Int, queueLimit: Int = Int.max, requestedPairs: Int,
-        random: () -> UInt64 = { UInt64.random(in: 0...UInt64.max) }
+        privateControlQueue: Bool = false, random: () -> UInt64 = { UInt64.random(in: 0...UInt64.max) }
     ) throws(NetViolation) -> NetInfo {
         typealias F = NetProtocol.Feature
         if let problem = NetFeatures.dependencyProblem(features) { throw .featureDependency(problem) }
@@ -75,7 +84,12 @@ public struct NetInfo: Sendable, Equatable {
             mtu = Int(c.mtu)
         }
         var maxPairs = 1
-        if features & F.mq != 0 {
+        if features & F.mq != 0 && config == nil {
+            guard backendQueues >= 1, backendQueues <= NetProtocol.maximumQueuePairs else {
+                throw .queueCountInvalid(reported: UInt64(max(0, backendQueues)))
+            }
+            maxPairs = backendQueues
+        } else if features & F.mq != 0 {
             let n = Int(c.maxVirtqueuePairs)
             guard config != nil, n >= 1, n <= NetProtocol.maximumQueuePairs else {
                 throw .configInvalid(field: "max_virtqueue_pairs", value: UInt64(c.maxVirtqueuePairs))
@@ -96,7 +110,8 @@ public struct NetInfo: Sendable, Equatable {
         let pairs = max(1, min(maxPairs, backendQueues, requestedPairs))
         return NetInfo(
             mac: mac, macReplaced: replaced, mtu: mtu, maximumQueuePairs: maxPairs, queuePairs: pairs,
-            linkUp: linkUp, features: features, rawConfig: config)
+            linkUp: linkUp, features: features, rawConfig: config,
+            controlQueueIsPrivate: privateControlQueue && features & F.ctrlVQ != 0)
     }
 
     /// Re-reads of the config must match what was validated: MAC (when it was the

@@ -27,6 +27,9 @@ public enum NetViolation: RuleViolation, Equatable {
     case featureDependency(String)
     /// The vhost-user back-end broke the control protocol (bad reply, wrong size, fds).
     case controlProtocol(String)
+    /// VHOST_USER_GET_QUEUE_NUM (queue pairs, as QEMU and DPDK read it for net) outside
+    /// 1...0x8000, the most virtio-net can address.
+    case queueCountInvalid(reported: UInt64)
 
     public var rule: Rule { .r3 }
 
@@ -54,6 +57,8 @@ public enum NetViolation: RuleViolation, Equatable {
             return "virtio-net features: \(what)"
         case .controlProtocol(let what):
             return "vhost-user back-end: \(what)"
+        case .queueCountInvalid(let n):
+            return "vhost-user GET_QUEUE_NUM \(n) is not in 1...\(NetProtocol.maximumQueuePairs) queue pairs"
         }
     }
 }

@@ -22,7 +22,8 @@ import Synchronization
 /// timeout breaks the whole device (R6). There is no reconnect: a new driver connects.
 public final class VirtioNetDriver: @unchecked Sendable {
     public struct Options: Sendable {
-        /// Queue pairs wanted (clamped to what the device offers; more than 1 needs MQ).
+        /// Queue pairs wanted, 1...16 (clamped to what the device offers: GET_QUEUE_NUM
+        /// and max_virtqueue_pairs; more than 1 needs VIRTIO_NET_F_MQ).
         public var queuePairs = 1
         public var queueSize = 256
         /// Deadline of each vhost-user control-plane operation (connect with negotiation
@@ -32,8 +33,11 @@ public final class VirtioNetDriver: @unchecked Sendable {
         public var commandTimeout: Double = 1
         /// Use mergeable receive buffers when offered (2 KiB buffers, frames merged).
         public var mergeableRxBuffers = true
-        /// Use the control queue when offered (a vhost-user back-end such as DPDK's
-        /// offers CTRL_VQ but leaves that queue to QEMU: off there).
+        /// Give the control queue to the back-end when it offers CTRL_VQ. Off for a
+        /// vhost-user back-end such as DPDK's, which offers CTRL_VQ but leaves that queue to
+        /// QEMU: then no control queue is set up with it; with `queuePairs` > 1 and MQ
+        /// offered, CTRL_VQ and MQ are acked and the control queue stays private to this
+        /// driver (as QEMU keeps it), the pairs switched on with SET_VRING_ENABLE.
         public var controlQueue = true
         /// Accept NEEDS_CSUM frames (VIRTIO_NET_F_GUEST_CSUM): csum_start/offset are checked.
         public var partialChecksum = false
@@ -195,25 +199,34 @@ public final class VirtioNetDriver: @unchecked Sendable {
                         mmapOffset: 0)
                 ],
                 descriptors: [region.fileDescriptor])
+            // Every ring is set up first, then enabled (as QEMU's vhost_net_start does):
+            // with PROTOCOL_FEATURES acked rings start disabled, and DPDK's vhost starts
+            // the device once the first pair is enabled, with every ring already known.
+            var indices: [Int] = []
             for p in 0..<info.queuePairs {
                 try attach(queue: 2 * p, as: 2 * p, kick: notifiers[p][0], call: notifiers[p][1], format: format)
                 try attach(
                     queue: 2 * p + 1, as: 2 * p + 1, kick: notifiers[p][2], call: notifiers[p][3], format: format)
+                indices += [2 * p, 2 * p + 1]
             }
             if let control {
                 // The control queue's index is 2 * max_virtqueue_pairs; its ring is the one
                 // laid out after the pairs we use.
+                let index = NetProtocol.controlQueue(pairs: info.maximumQueuePairs)
                 try attach(
-                    queue: 2 * info.queuePairs, as: NetProtocol.controlQueue(pairs: info.maximumQueuePairs),
-                    kick: control.kick, call: control.call, format: format)
+                    queue: 2 * info.queuePairs, as: index, kick: control.kick, call: control.call, format: format)
+                indices.append(index)
             }
+            // Only the pairs we use are enabled; with a private control queue this is what
+            // VQ_PAIRS_SET would have asked for (rings beyond them are never announced).
+            for index in indices { try frontend.setQueueEnabled(index: index, true) }
             try frontend.sync()
         } catch {
             throw NetError(error, replyTimeoutMilliseconds: UInt64(options.controlTimeout * 1000))
         }
         frontend.operationDeadline = .distantFuture
         for p in pairs { p.refill() }
-        if info.queuePairs > 1 {
+        if info.queuePairs > 1 && control != nil {
             var pairsLE = [UInt8](repeating: 0, count: 2)
             NetProtocol.put(UInt16(info.queuePairs), into: &pairsLE, at: 0)
             try command(
@@ -228,7 +241,17 @@ public final class VirtioNetDriver: @unchecked Sendable {
         typealias F = NetProtocol.Feature
         let timeoutMs = UInt64(options.controlTimeout * 1000)
         do {
-            let offered = try frontend.handshake()
+            let offered: UInt64
+            do {
+                offered = try frontend.handshake()
+            } catch {
+                if frontend.reportedQueueCount == 0 { throw NetError.deviceViolation(.queueCountInvalid(reported: 0)) }
+                throw error
+            }
+            // GET_QUEUE_NUM is the back-end's word: bounded like max_virtqueue_pairs (R3).
+            if let n = frontend.reportedQueueCount, n > UInt64(NetProtocol.maximumQueuePairs) {
+                throw NetError.deviceViolation(.queueCountInvalid(reported: n))
+            }
             var raw: NetConfig?
             if frontend.protocolFeatures.contains(.config) {
                 raw = NetConfig.decode(try frontend.getConfig(size: NetConfig.size))
@@ -236,18 +259,32 @@ public final class VirtioNetDriver: @unchecked Sendable {
             var wanted = wantedFeatures
             if options.packedRing { wanted |= FeatureBits.ringPacked }
             if !options.mergeableRxBuffers { wanted &= ~F.mergeableRxBuffers }
-            if !options.controlQueue { wanted &= ~F.ctrlVQ }
+            // A control queue kept from the back-end: CTRL_VQ is acked only for MQ (the
+            // spec's dependency), so every other feature that needs it stays unasked.
+            let privateControl =
+                !options.controlQueue && options.queuePairs > 1 && frontend.queueCount > 1
+                && offered & (F.ctrlVQ | F.mq) == F.ctrlVQ | F.mq
+            if privateControl {
+                wanted &= ~(F.needingControlQueue & ~F.mq)
+            } else if !options.controlQueue {
+                wanted &= ~F.ctrlVQ
+            }
             if !options.partialChecksum { wanted &= ~F.guestCsum }
             if options.queuePairs == 1 { wanted &= ~F.mq }
-            // Config fields without a config space cannot be used.
-            if raw == nil { wanted &= ~(F.mac | F.mtu | F.status | F.mq | F.guestAnnounce) }
+            // Config fields without a config space cannot be used; max_virtqueue_pairs is
+            // then GET_QUEUE_NUM, but only with the control queue ours (the back-end's
+            // control queue index would be 2 * a value it never told us).
+            if raw == nil { wanted &= ~(F.mac | F.mtu | F.status | F.guestAnnounce | (privateControl ? 0 : F.mq)) }
             let selected = NetFeatures.select(offered: offered, wanted: wanted)
             let acked = try frontend.setFeatures(selected)
             let info: NetInfo
             do {
+                // GET_QUEUE_NUM as answered (bounded above), not the front-end's clamp: DPDK
+                // 22.11 answers 128 whatever its queues= says.
+                let backendQueues = frontend.reportedQueueCount.map { Int($0) } ?? frontend.queueCount
                 info = try NetInfo.validate(
-                    raw, features: acked, backendQueues: frontend.queueCount, queueLimit: Frontend.maximumQueues,
-                    requestedPairs: options.queuePairs)
+                    raw, features: acked, backendQueues: backendQueues,
+                    requestedPairs: options.queuePairs, privateControlQueue: privateControl)
             } catch {
                 throw NetError.deviceViolation(error)
             }
@@ -276,7 +313,6 @@ public final class VirtioNetDriver: @unchecked Sendable {
             avail: Self.userBase + UInt64(r.availOffset), used: Self.userBase + UInt64(r.usedOffset),
             kick: kick.fileDescriptor, call: call.fileDescriptor,
             base: format == .packed ? PackedLayout.encodeBase(avail: 0, availWrap: true, used: 0, usedWrap: true) : 0)
-        try frontend.setQueueEnabled(index: index, true)
     }
 
     // MARK: state
@@ -357,7 +393,11 @@ public final class VirtioNetDriver: @unchecked Sendable {
 
     /// Sends one control command and waits for its ack within `controlTimeout` (R5).
     public func command(_ cls: UInt8, _ cmd: UInt8, payload: [UInt8], what: String) throws(NetError) {
-        guard let control else { throw .unsupported("VIRTIO_NET_F_CTRL_VQ") }
+        guard let control else {
+            throw .unsupported(
+                info.controlQueueIsPrivate
+                    ? "control commands (the control queue is kept from this back-end)" : "VIRTIO_NET_F_CTRL_VQ")
+        }
         try controlLock.withLock { (_: inout Int) throws(NetError) in
             try control.run(cls, cmd, payload: payload, what: what)
         }
