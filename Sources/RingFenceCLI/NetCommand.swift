@@ -14,7 +14,8 @@ struct Net: ParsableCommand {
             "The back-end is `ringfence serve-net`, DPDK's vhost PMD (testpmd), QEMU's vhost-user-net or any vhost-user-net device. Frame sizes are in bytes (64, 1500, 9k). Exit 0 ok, 1 on a device error or a broken rule (one line naming it), 2 on a usage error.",
             examples: "ringfence serve-net --socket net.sock --loopback &",
             "ringfence net --socket net.sock ping --count 10 --size 1500",
-            "ringfence net --socket net.sock bench --both --size 64 --runtime 5"),
+            "ringfence net --socket net.sock bench --both --size 64 --runtime 5",
+            "ringfence net --socket vhost.sock --no-ctrl --queues 2 ping --count 10"),
         subcommands: [NetInfoCommand.self, NetSend.self, NetReceive.self, NetPing.self, NetBench.self])
 
     @OptionGroup var connection: NetConnection

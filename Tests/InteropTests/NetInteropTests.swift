@@ -200,6 +200,9 @@ struct NetInteropTests {
             vdev: "net_vhost0,iface=\(socket),queues=2,client=1", mode: "macswap", extra: ["--rxq=2", "--txq=2"])
         defer { testpmd.stop() }
         let bin = try #require(Interop.ringfenceBinary, "build the ringfence binary first (swift build)")
+        // Forwarding first (testpmd drops frames until it runs); DPDK's client retries the
+        // connect each second until our listener is there.
+        #expect(testpmd.waitFor("Press enter to exit"), "\(testpmd.log)")
         let r = try Interop.run([
             bin, "net", "--socket", socket, "--listen", "--no-ctrl", "--queues", "2", "ping", "--count", "50", "--size",
             "300",
