@@ -281,7 +281,7 @@ public final class VirtioNetDriver: @unchecked Sendable {
             do {
                 // GET_QUEUE_NUM as answered (bounded above), not the front-end's clamp: DPDK
                 // 22.11 answers 128 whatever its queues= says.
-                let backendQueues = frontend.reportedQueueCount.map { Int($0) } ?? frontend.queueCount
+                let backendQueues = frontend.reportedQueueCount.map { Int(clamping: $0) } ?? frontend.queueCount
                 info = try NetInfo.validate(
                     raw, features: acked, backendQueues: backendQueues,
                     requestedPairs: options.queuePairs, privateControlQueue: privateControl)
