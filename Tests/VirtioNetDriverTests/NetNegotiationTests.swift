@@ -46,6 +46,20 @@ import VirtioNet
         }
     }
 
+    /// No config space (DPDK's vhost) with MQ acked: max_virtqueue_pairs is GET_QUEUE_NUM,
+    /// bounded to 1...0x8000; the control queue kept private is not the back-end's.
+    @Test func withoutAConfigSpacePairsComeFromGetQueueNum() throws {
+        let info = try NetInfo.validate(
+            nil, features: F.mq | F.ctrlVQ, backendQueues: 128, requestedPairs: 2, privateControlQueue: true)
+        #expect(info.maximumQueuePairs == 128 && info.queuePairs == 2)
+        #expect(info.controlQueueIsPrivate && !info.hasControlQueue)
+        for bad in [0, 0x8001] {
+            #expect(throws: NetViolation.queueCountInvalid(reported: UInt64(bad))) {
+                _ = try NetInfo.validate(nil, features: F.mq | F.ctrlVQ, backendQueues: bad, requestedPairs: 2)
+            }
+        }
+    }
+
     @Test func headerChecksAreExact() {
         var h = NetHeader()
         #expect(h.problem(frameLength: 60, partialChecksum: false) == nil)
