@@ -16,10 +16,11 @@ struct ServeBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-blk",
         abstract: "Serve a file as a hardened vhost-user-blk device.",
-        discussion: """
-            Listens on --socket and serves one vhost-user front-end (QEMU, or `ringfence blk`) \
-            at a time, until SIGINT or SIGTERM; the socket is removed on exit.
-            """)
+        discussion: helpDiscussion(
+            "Listens on --socket and serves one vhost-user front-end (QEMU, or `ringfence blk`) at a time, until SIGINT or SIGTERM; the socket is removed on exit.",
+            examples: "ringfence serve-blk --socket blk.sock --image disk.img",
+            "ringfence serve-blk --socket blk.sock --image disk.img --queues 4 --poll",
+            "ringfence serve-blk --socket b.sock --image disk.img --metrics 127.0.0.1:9100"))
 
     @Option(help: "Unix socket path to listen on.")
     var socket: String

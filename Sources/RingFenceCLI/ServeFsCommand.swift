@@ -15,11 +15,10 @@ struct ServeFsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-fs",
         abstract: "Serve a directory as a hardened vhost-user-fs (virtio-fs) device.",
-        discussion: """
-            Listens on --socket and serves one front-end (QEMU's vhost-user-fs-pci, or \
-            `ringfence fs`) at a time, until SIGINT or SIGTERM; the socket is removed on exit. \
-            Nothing the driver sends reaches outside --dir.
-            """)
+        discussion: helpDiscussion(
+            "Listens on --socket and serves one front-end (QEMU's vhost-user-fs-pci, or `ringfence fs`) at a time, until SIGINT or SIGTERM; the socket is removed on exit. Nothing the driver sends reaches outside --dir.",
+            examples: "ringfence serve-fs --socket fs.sock --dir shared",
+            "ringfence serve-fs --socket fs.sock --dir shared --readonly --tag docs"))
 
     @Option(help: "Unix socket path to listen on.")
     var socket: String

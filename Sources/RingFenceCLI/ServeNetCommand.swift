@@ -14,12 +14,11 @@ struct ServeNetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-net",
         abstract: "Serve hardened vhost-user-net devices: a learning switch, a loopback or a sink.",
-        discussion: """
-            One device per --socket, each serving one front-end (QEMU, DPDK's virtio_user, \
-            `ringfence net`) at a time, until SIGINT or SIGTERM; the sockets are removed on exit. \
-            --switch forwards between the front-ends of every socket (an L2 learning switch), \
-            --loopback returns each frame to its sender, --sink counts and drops.
-            """)
+        discussion: helpDiscussion(
+            "One device per --socket, each serving one front-end (QEMU, DPDK's virtio_user, `ringfence net`) at a time, until SIGINT or SIGTERM; the sockets are removed on exit. --switch forwards between the front-ends of every socket (an L2 learning switch), --loopback returns each frame to its sender, --sink counts and drops.",
+            examples: "ringfence serve-net --socket net.sock --loopback",
+            "ringfence serve-net --socket a.sock --socket b.sock --switch",
+            "ringfence serve-net --socket net.sock --sink --queue-pairs 2"))
 
     @Option(help: "Unix socket path to listen on (repeat for more ports).")
     var socket: [String]

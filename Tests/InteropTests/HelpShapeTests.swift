@@ -12,6 +12,8 @@ import Glibc
 @Suite(.enabled(if: ringfenceBuilt, "the ringfence executable is not built"))
 struct HelpShapeTests {
     static let transports = ["blk", "xen-blk", "net", "fs", "xen-net"]
+    /// The servers: no subcommands, the same shape.
+    static let servers = ["serve-blk", "serve-net", "serve-fs", "serve-xen-blk", "serve-xen-net"]
 
     /// An option as `--help` lists it: its long name and its description.
     struct Option: Equatable {
@@ -83,6 +85,11 @@ struct HelpShapeTests {
                 result.append(try help([command, sub]))
             }
         }
+        for server in servers {
+            let h = try help([server])
+            #expect(h.subcommands.isEmpty, "\(server) has subcommands")
+            result.append(h)
+        }
         return result
     }
 
@@ -99,7 +106,8 @@ struct HelpShapeTests {
 
     @Test func everyTransportCommandHasAnAbstractExamplesAndDescribedOptions() throws {
         let all = try Self.all()
-        #expect(all.count > 30, "walked \(all.map { $0.path.joined(separator: " ") })")
+        #expect(all.count > 40, "walked \(all.map { $0.path.joined(separator: " ") })")
+        #expect(Set(all.map { $0.path[0] }) == Set(Self.transports + Self.servers))
         for h in all {
             let name = h.path.joined(separator: " ")
             #expect(!h.abstract.isEmpty, "\(name): no abstract")
@@ -131,10 +139,11 @@ struct HelpShapeTests {
         let dir = "/tmp/rf-help-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let inputs = ["in.bin", "local.bin", "notes.txt"]
-        for file in inputs {
+        let inputs = ["in.bin", "local.bin", "notes.txt", "disk.img", "shared"]
+        for file in inputs where file != "shared" {
             #expect(FileManager.default.createFile(atPath: "\(dir)/\(file)", contents: Data(count: 4096)))
         }
+        try FileManager.default.createDirectory(atPath: "\(dir)/shared", withIntermediateDirectories: true)
         for h in try Self.all() {
             let block = h.discussion.drop { $0 != "Examples:" }.dropFirst().prefix { !$0.isEmpty }
             for line in block {
@@ -144,10 +153,23 @@ struct HelpShapeTests {
                 if let end = words.firstIndex(where: { ["|", "<", ">", "&"].contains($0) }) {
                     words = Array(words[..<end])
                 }
-                if let socket = words.firstIndex(of: "--socket"), socket + 1 < words.count {
-                    words[socket + 1] = "/nonexistent/ringfence-help.sock"
+                // Every socket (a server may listen on several) and every metrics
+                // endpoint points where nothing can be bound or reached.
+                for i in words.indices.dropLast() where words[i] == "--socket" {
+                    words[i + 1] = "/nonexistent/ringfence-help.sock"
+                }
+                if let metrics = words.firstIndex(of: "--metrics"), metrics + 1 < words.count {
+                    words[metrics + 1] = "\(dir)/metrics.sock"
                 }
                 words = words.map { inputs.contains($0) ? "\(dir)/\($0)" : $0 }
+                if Self.servers.contains(h.path[0]) {
+                    // A server that does not fail would serve forever: bounded, it is
+                    // killed (exit 137) and the expectation names it.
+                    let r = try ringfence(Array(words.dropFirst()), timeout: 20)
+                    #expect(r.status == 1, "\(line): exit \(r.status): \(r.stderr)")
+                    #expect(!r.stderr.isEmpty, "\(line): failed without saying why")
+                    continue
+                }
                 let r = try ringfence(Array(words.dropFirst()), stdin: Data(count: 4096))
                 #expect(r.status == 1, "\(line): exit \(r.status): \(r.stderr)")
             }
