@@ -57,7 +57,9 @@ struct ServeXenBlkCommand: ParsableCommand {
         if let attack, XenBackendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
     }
 
-    func run() throws {
+    func run() throws { try orExitServing("serve-xen-blk") { try serve() } }
+
+    private func serve() throws {
         let storage: any BlockStorage
         if let image {
             let file = try DeviceImage(path: image)

@@ -167,7 +167,10 @@ struct HelpShapeTests {
                     // killed (exit 137) and the expectation names it.
                     let r = try ringfence(Array(words.dropFirst()), timeout: 20)
                     #expect(r.status == 1, "\(line): exit \(r.status): \(r.stderr)")
-                    #expect(!r.stderr.isEmpty, "\(line): failed without saying why")
+                    // One line naming the command, as the transport commands do.
+                    #expect(
+                        r.stderr.split(separator: "\n").contains { $0.hasPrefix("ringfence \(h.path[0]): error: ") },
+                        "\(line): \(r.stderr)")
                     continue
                 }
                 let r = try ringfence(Array(words.dropFirst()), stdin: Data(count: 4096))
@@ -193,6 +196,30 @@ struct HelpShapeTests {
         for (description, spellings) in names where spellings.count > 1 {
             Issue.record("\"\(description)\" is spelled \(spellings.sorted().map { "--" + $0 })")
         }
+    }
+
+    /// A server's bad option value is a usage error of that server (exit 2, its own usage
+    /// line), found before anything is bound; a failure to serve is one line naming it, exit 1.
+    @Test func serversSayWhatFailedAsTheTransportCommandsDo() throws {
+        let usage: [[String]] = [
+            ["serve-blk", "--socket", "/tmp/rf-none.sock", "--image", "/etc/hostname", "--queues", "0"],
+            ["serve-net", "--socket", "/tmp/rf-none.sock", "--sink", "--mtu", "10"],
+            ["serve-fs", "--socket", "/tmp/rf-none.sock", "--dir", "/tmp", "--queues", "0"],
+            ["serve-xen-net", "--socket", "/tmp/rf-none.sock", "--idle", "0"],
+        ]
+        for arguments in usage {
+            let r = try ringfence(arguments, timeout: 20)
+            #expect(r.status == 2, "\(arguments): \(r.stderr)")
+            #expect(r.stderr.contains("Usage: ringfence \(arguments[0]) "), "\(arguments): \(r.stderr)")
+        }
+        let missing = try ringfence(
+            ["serve-fs", "--socket", "/tmp/rf-none.sock", "--dir", "/nonexistent/dir"], timeout: 20)
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("ringfence serve-fs: error: open(/nonexistent/dir)"), "\(missing.stderr)")
+        let image = try ringfence(
+            ["serve-blk", "--socket", "/tmp/rf-none.sock", "--image", "/nonexistent/img"], timeout: 20)
+        #expect(image.status == 1)
+        #expect(image.stderr.contains("ringfence serve-blk: error: open(/nonexistent/img)"), "\(image.stderr)")
     }
 
     /// The old spellings stay accepted, hidden: `xen-net bench --depth` is `--iodepth`.
