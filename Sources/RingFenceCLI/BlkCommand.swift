@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Histogram
+import RingFenceResults
 import SharedMemory
 import VerifiedBlock
 import VirtioBlock
@@ -109,27 +110,36 @@ struct BlkInfo: ParsableCommand {
         commandName: "info", abstract: "Show the validated geometry.",
         discussion: helpDiscussion(
             "Capacity, block size, queues, features and limits, after the driver checked them.",
-            examples: "ringfence blk --socket blk.sock info", "ringfence blk --socket blk.sock --queues 4 info"))
+            examples: "ringfence blk --socket blk.sock info", "ringfence blk --socket blk.sock --queues 4 info",
+            "ringfence blk --socket blk.sock info --json"))
     @ParentCommand var blk: Blk
+    @Flag(help: "Print the result as JSON.") var json = false
 
     func run() throws {
         if blk.verified.enabled { return try blk.withVerified { $0.info() } }
         let disk = try blk.open()
         defer { disk.close() }
         let i = disk.info
-        let id = (try? disk.identify()) ?? "-"
-        print("capacity:      \(i.capacityBytes) bytes (\(i.capacityBytes / 512) sectors)")
-        print("block size:    \(i.blockSize)")
-        print("queues:        \(i.queueCount) (device offers \(i.rawConfig.numQueues))")
-        print("seg max:       \(i.segmentsPerRequest)")
-        print("size max:      \(i.segmentSizeMax == 0 ? "unlimited" : "\(i.segmentSizeMax)")")
-        print("max transfer:  \(i.maxTransfer)")
-        print("read-only:     \(i.readOnly ? "yes" : "no")")
-        print("flush:         \(i.supportsFlush ? "yes" : "no")")
-        print("discard:       \(i.supportsDiscard ? "yes (max \(i.maxDiscardBytes) bytes)" : "no")")
-        print("write zeroes:  \(i.supportsWriteZeroes ? "yes (max \(i.maxWriteZeroesBytes) bytes)" : "no")")
-        print("features:      0x\(String(i.features, radix: 16))")
-        print("serial:        \(id)")
+        let r = BlkInfoResult(
+            capacity: i.capacityBytes, blockSize: i.blockSize, queues: i.queueCount,
+            deviceQueues: Int(i.rawConfig.numQueues), segMax: i.segmentsPerRequest, sizeMax: i.segmentSizeMax,
+            maxTransfer: i.maxTransfer, readOnly: i.readOnly, flush: i.supportsFlush, discard: i.supportsDiscard,
+            maxDiscard: i.supportsDiscard ? UInt64(i.maxDiscardBytes) : 0, writeZeroes: i.supportsWriteZeroes,
+            maxWriteZeroes: i.supportsWriteZeroes ? UInt64(i.maxWriteZeroesBytes) : 0, features: i.features,
+            serial: try? disk.identify())
+        if json { return printJSON(r) }
+        print("capacity:      \(r.capacity) bytes (\(r.sectors) sectors)")
+        print("block size:    \(r.blockSize)")
+        print("queues:        \(r.queues) (device offers \(r.deviceQueues))")
+        print("seg max:       \(r.segMax)")
+        print("size max:      \(r.sizeMax == 0 ? "unlimited" : "\(r.sizeMax)")")
+        print("max transfer:  \(r.maxTransfer)")
+        print("read-only:     \(r.readOnly ? "yes" : "no")")
+        print("flush:         \(r.flush ? "yes" : "no")")
+        print("discard:       \(r.discard ? "yes (max \(r.maxDiscard) bytes)" : "no")")
+        print("write zeroes:  \(r.writeZeroes ? "yes (max \(r.maxWriteZeroes) bytes)" : "no")")
+        print("features:      0x\(String(r.features, radix: 16))")
+        print("serial:        \(r.serial ?? "-")")
     }
 }
 

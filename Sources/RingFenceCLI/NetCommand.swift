@@ -107,24 +107,32 @@ struct NetInfoCommand: ParsableCommand {
         commandName: "info", abstract: "Show the validated config.",
         discussion: helpDiscussion(
             "MAC, MTU, status, queue pairs and features, after the driver checked them.",
-            examples: "ringfence net --socket net.sock info", "ringfence net --socket net.sock --no-packed info"))
+            examples: "ringfence net --socket net.sock info", "ringfence net --socket net.sock --no-packed info",
+            "ringfence net --socket net.sock info --json"))
     @ParentCommand var net: Net
+    @Flag(help: "Print the result as JSON.") var json = false
     var connection: NetConnection { net.connection }
 
     func run() throws {
         let net = try connection.open()
         defer { net.close() }
         let i = net.info
-        print("mac:         \(formatMAC(i.mac))\(i.macReplaced ? " (random: the device offered none usable)" : "")")
-        print("mtu:         \(i.mtu) (frames up to \(i.maximumFrame) bytes)")
-        print("link:        \(i.linkUp ? "up" : "down")")
-        print("queue pairs: \(i.queuePairs) of \(i.maximumQueuePairs)")
-        print("ring:        \(net.ringFormat.rawValue)")
-        print("rx buffers:  \(i.mergeableRxBuffers ? "mergeable (2048 bytes)" : "one per frame")")
+        let r = NetInfoResult(
+            mac: formatMAC(i.mac), macReplaced: i.macReplaced, mtu: i.mtu, maxFrame: i.maximumFrame, linkUp: i.linkUp,
+            queuePairs: i.queuePairs, maxQueuePairs: i.maximumQueuePairs, ring: net.ringFormat.rawValue,
+            mergeableRxBuffers: i.mergeableRxBuffers, controlQueue: i.hasControlQueue,
+            controlQueuePrivate: i.controlQueueIsPrivate, features: i.features)
+        if json { return printJSON(r) }
+        print("mac:         \(r.mac)\(r.macReplaced ? " (random: the device offered none usable)" : "")")
+        print("mtu:         \(r.mtu) (frames up to \(r.maxFrame) bytes)")
+        print("link:        \(r.linkUp ? "up" : "down")")
+        print("queue pairs: \(r.queuePairs) of \(r.maxQueuePairs)")
+        print("ring:        \(r.ring)")
+        print("rx buffers:  \(r.mergeableRxBuffers ? "mergeable (2048 bytes)" : "one per frame")")
         print(
-            "control:     \(i.hasControlQueue ? "yes" : i.controlQueueIsPrivate ? "private (pairs enabled with SET_VRING_ENABLE)" : "no")"
+            "control:     \(r.controlQueue ? "yes" : r.controlQueuePrivate ? "private (pairs enabled with SET_VRING_ENABLE)" : "no")"
         )
-        print("features:    0x\(String(i.features, radix: 16))")
+        print("features:    0x\(String(r.features, radix: 16))")
     }
 }
 

@@ -17,6 +17,18 @@ func orExit<T, E: Error>(_ command: String, _ body: () throws(E) -> T) throws ->
     }
 }
 
+/// `orExit` for a server: a failure to start or serve (the socket cannot be bound, the
+/// image cannot be opened) is one line naming the command, exit 1; usage errors and
+/// exit codes the server chose pass through.
+func orExitServing(_ command: String, _ body: () throws -> Void) throws {
+    do { try body() } catch let code as ExitCode { throw code } catch let usage as ValidationError {
+        throw usage
+    } catch {
+        FileHandle.standardError.write(Data("ringfence \(command): error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
 /// The encoder of every `--json`: one line, keys sorted (stable for tools and diffs).
 func jsonLine<T: Encodable>(_ value: T) -> String {
     let e = JSONEncoder()

@@ -16,10 +16,11 @@ struct ServeBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-blk",
         abstract: "Serve a file as a hardened vhost-user-blk device.",
-        discussion: """
-            Listens on --socket and serves one vhost-user front-end (QEMU, or `ringfence blk`) \
-            at a time, until SIGINT or SIGTERM; the socket is removed on exit.
-            """)
+        discussion: helpDiscussion(
+            "Listens on --socket and serves one vhost-user front-end (QEMU, or `ringfence blk`) at a time, until SIGINT or SIGTERM; the socket is removed on exit.",
+            examples: "ringfence serve-blk --socket blk.sock --image disk.img",
+            "ringfence serve-blk --socket blk.sock --image disk.img --queues 4 --poll",
+            "ringfence serve-blk --socket b.sock --image disk.img --metrics 127.0.0.1:9100"))
 
     @Option(help: "Unix socket path to listen on.")
     var socket: String
@@ -73,17 +74,8 @@ struct ServeBlkCommand: ParsableCommand {
 
     @OptionGroup var wait: WaitOptions
 
-    func validate() throws {
-        if let metrics { _ = try MetricsAddress(parsing: metrics) }
-        if let attack, Catalogue.attack(named: attack) == nil {
-            throw ValidationError("unknown attack '\(attack)'; `ringfence audit --list` shows the catalogue")
-        }
-        if let attackAfter, attackAfter < 0 { throw ValidationError("--attack-after must be >= 0") }
-    }
-
-    func run() throws {
-        var logger = Logger(label: "ringfence.serve-blk")
-        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+    /// The device's options from the command line, validated in `validate()` (exit 2).
+    private var deviceOptions: VirtioBlockDeviceOptions {
         var options = VirtioBlockDeviceOptions()
         options.readOnly = readonly
         options.queueCount = queues
@@ -92,7 +84,24 @@ struct ServeBlkCommand: ParsableCommand {
         options.serial = serial
         options.direct = direct
         options.packedRing = !noPacked
-        if let problem = options.validate() { throw ValidationError(problem) }
+        return options
+    }
+
+    func validate() throws {
+        if let problem = deviceOptions.validate() { throw ValidationError(problem) }
+        if let metrics { _ = try MetricsAddress(parsing: metrics) }
+        if let attack, Catalogue.attack(named: attack) == nil {
+            throw ValidationError("unknown attack '\(attack)'; `ringfence audit --list` shows the catalogue")
+        }
+        if let attackAfter, attackAfter < 0 { throw ValidationError("--attack-after must be >= 0") }
+    }
+
+    func run() throws { try orExitServing("serve-blk") { try serve() } }
+
+    private func serve() throws {
+        var logger = Logger(label: "ringfence.serve-blk")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let options = deviceOptions
 
         // Block the signals before any thread exists, so every thread inherits the mask and
         // only the waiter below receives them (clean shutdown, socket removed).

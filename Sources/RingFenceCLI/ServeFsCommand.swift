@@ -15,11 +15,10 @@ struct ServeFsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-fs",
         abstract: "Serve a directory as a hardened vhost-user-fs (virtio-fs) device.",
-        discussion: """
-            Listens on --socket and serves one front-end (QEMU's vhost-user-fs-pci, or \
-            `ringfence fs`) at a time, until SIGINT or SIGTERM; the socket is removed on exit. \
-            Nothing the driver sends reaches outside --dir.
-            """)
+        discussion: helpDiscussion(
+            "Listens on --socket and serves one front-end (QEMU's vhost-user-fs-pci, or `ringfence fs`) at a time, until SIGINT or SIGTERM; the socket is removed on exit. Nothing the driver sends reaches outside --dir.",
+            examples: "ringfence serve-fs --socket fs.sock --dir shared",
+            "ringfence serve-fs --socket fs.sock --dir shared --readonly --tag docs"))
 
     @Option(help: "Unix socket path to listen on.")
     var socket: String
@@ -49,21 +48,29 @@ struct ServeFsCommand: ParsableCommand {
     @Option(help: "Misbehave: one attack of the fs catalogue (`ringfence audit --device fs --list`).")
     var attack: String?
 
-    func validate() throws {
-        if let attack, FSCatalogue.attack(named: attack) == nil {
-            throw ValidationError("unknown fs attack '\(attack)'; `ringfence audit --device fs --list` shows them")
-        }
-    }
-
-    func run() throws {
-        var logger = Logger(label: "ringfence.serve-fs")
-        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+    /// The device's options from the command line, validated in `validate()` (exit 2).
+    private var deviceOptions: VirtioFSDeviceOptions {
         var options = VirtioFSDeviceOptions(directory: dir)
         options.readOnly = readonly
         options.requestQueues = queues
         options.tag = tag
         options.maximumInodes = maxInodes
-        if let problem = options.validate() { throw ValidationError(problem) }
+        return options
+    }
+
+    func validate() throws {
+        if let problem = deviceOptions.validate() { throw ValidationError(problem) }
+        if let attack, FSCatalogue.attack(named: attack) == nil {
+            throw ValidationError("unknown fs attack '\(attack)'; `ringfence audit --device fs --list` shows them")
+        }
+    }
+
+    func run() throws { try orExitServing("serve-fs") { try serve() } }
+
+    private func serve() throws {
+        var logger = Logger(label: "ringfence.serve-fs")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let options = deviceOptions
         // Every inode is an O_PATH descriptor: allow as many as the hard limit permits.
         var limit = rlimit()
         if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
@@ -100,13 +107,7 @@ struct ServeFsCommand: ParsableCommand {
                 log.info("\(event)")
             }
         }
-        let device: VirtioFSDevice
-        do {
-            device = try VirtioFSDevice(options: options, onEvent: onEvent)
-        } catch {
-            logger.error("\(error)")
-            throw ExitCode(1)
-        }
+        let device = try VirtioFSDevice(options: options, onEvent: onEvent)
         served.set(device)
         // With --attack: the same device, misbehaving through the hooks.
         let serving: any VhostUserDevice =

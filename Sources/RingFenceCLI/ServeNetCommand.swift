@@ -14,12 +14,11 @@ struct ServeNetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-net",
         abstract: "Serve hardened vhost-user-net devices: a learning switch, a loopback or a sink.",
-        discussion: """
-            One device per --socket, each serving one front-end (QEMU, DPDK's virtio_user, \
-            `ringfence net`) at a time, until SIGINT or SIGTERM; the sockets are removed on exit. \
-            --switch forwards between the front-ends of every socket (an L2 learning switch), \
-            --loopback returns each frame to its sender, --sink counts and drops.
-            """)
+        discussion: helpDiscussion(
+            "One device per --socket, each serving one front-end (QEMU, DPDK's virtio_user, `ringfence net`) at a time, until SIGINT or SIGTERM; the sockets are removed on exit. --switch forwards between the front-ends of every socket (an L2 learning switch), --loopback returns each frame to its sender, --sink counts and drops.",
+            examples: "ringfence serve-net --socket net.sock --loopback",
+            "ringfence serve-net --socket a.sock --socket b.sock --switch",
+            "ringfence serve-net --socket net.sock --sink --queue-pairs 2"))
 
     @Option(help: "Unix socket path to listen on (repeat for more ports).")
     var socket: [String]
@@ -64,19 +63,8 @@ struct ServeNetCommand: ParsableCommand {
 
     var mode: NetFabricMode { loopback ? .loopback : sink ? .sink : .switch }
 
-    func validate() throws {
-        guard !socket.isEmpty else { throw ValidationError("at least one --socket") }
-        guard [`switch`, loopback, sink].filter({ $0 }).count == 1 else {
-            throw ValidationError("exactly one of --switch, --loopback, --sink")
-        }
-        if tap != nil && !`switch` { throw ValidationError("--tap needs --switch") }
-        if mac != nil && socket.count > 1 { throw ValidationError("--mac needs a single --socket") }
-        if let mac, parseMAC(mac) == nil { throw ValidationError("--mac \(mac) is not aa:bb:cc:dd:ee:ff") }
-    }
-
-    func run() throws {
-        var logger = Logger(label: "ringfence.serve-net")
-        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+    /// The device's options from the command line, validated in `validate()` (exit 2).
+    private var deviceOptions: VirtioNetDeviceOptions {
         var options = VirtioNetDeviceOptions()
         options.mac = mac.flatMap(parseMAC)
         options.mtu = mtu
@@ -85,7 +73,33 @@ struct ServeNetCommand: ParsableCommand {
         options.packedRing = !noPacked
         options.mergeableRxBuffers = !noMergeable
         options.controlQueue = !noCtrl
-        if let problem = options.validate() { throw ValidationError(problem) }
+        return options
+    }
+
+    func validate() throws {
+        guard !socket.isEmpty else { throw ValidationError("at least one --socket") }
+        guard [`switch`, loopback, sink].filter({ $0 }).count == 1 else {
+            throw ValidationError("exactly one of --switch, --loopback, --sink")
+        }
+        if tap != nil && !`switch` { throw ValidationError("--tap needs --switch") }
+        if mac != nil && socket.count > 1 { throw ValidationError("--mac needs a single --socket") }
+        if let mac, parseMAC(mac) == nil { throw ValidationError("--mac \(mac) is not aa:bb:cc:dd:ee:ff") }
+        if let problem = deviceOptions.validate() { throw ValidationError(problem) }
+    }
+
+    /// The TAP could not be opened or created (no CAP_NET_ADMIN, a bad name): exit 1.
+    struct TapFailed: Error, CustomStringConvertible {
+        let name: String
+        let error: any Error
+        var description: String { "--tap \(name): \(error)" }
+    }
+
+    func run() throws { try orExitServing("serve-net") { try serve() } }
+
+    private func serve() throws {
+        var logger = Logger(label: "ringfence.serve-net")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let options = deviceOptions
 
         var signals = sigset_t()
         sigemptyset(&signals)
@@ -135,7 +149,7 @@ struct ServeNetCommand: ParsableCommand {
             do {
                 tapPort = try NetTap(name: tap, fabric: fabric, mtu: mtu)
             } catch {
-                throw ValidationError("--tap \(tap): \(error)")
+                throw TapFailed(name: tap, error: error)
             }
             logger.info("TAP \(tap) is a port of the switch")
         }

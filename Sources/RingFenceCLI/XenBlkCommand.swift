@@ -19,13 +19,12 @@ struct ServeXenBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-xen-blk",
         abstract: "Serve a disk image to Xen-style blkif frontends over an emulated PV ring.",
-        discussion: """
-            Listens on a Unix socket; each connection runs the xenstore-like handshake, maps \
-            the frontend's grant table and frames (sealed memfds), and serves blkif requests \
-            until the frontend closes. --attack makes this backend misbehave (for audits).
-            """)
+        discussion: helpDiscussion(
+            "Listens on a Unix socket; each connection runs the xenstore-like handshake, maps the frontend's grant table and frames (sealed memfds), and serves blkif requests until the frontend closes. --attack makes this backend misbehave (for audits).",
+            examples: "ringfence serve-xen-blk --socket x.sock --image disk.img",
+            "ringfence serve-xen-blk --socket x.sock --image disk.img --connections 1"))
 
-    @Option(help: "Unix socket to listen on.")
+    @Option(help: "Unix socket path to listen on.")
     var socket: String?
 
     @Option(help: "Disk image (its size, in 512-byte sectors, is the capacity).")
@@ -58,7 +57,9 @@ struct ServeXenBlkCommand: ParsableCommand {
         if let attack, XenBackendAttack(rawValue: attack) == nil { throw ValidationError("unknown attack \(attack)") }
     }
 
-    func run() throws {
+    func run() throws { try orExitServing("serve-xen-blk") { try serve() } }
+
+    private func serve() throws {
         let storage: any BlockStorage
         if let image {
             let file = try DeviceImage(path: image)

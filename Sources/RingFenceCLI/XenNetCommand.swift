@@ -16,20 +16,17 @@ struct ServeXenNetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-xen-net",
         abstract: "Serve Xen-style netif frontends over emulated PV rings.",
-        discussion: """
-            Listens on a Unix socket; each connection runs the xenstore-like handshake, maps \
-            the frontend's grant table and frames (sealed memfds) and serves its tx and rx \
-            rings: --loopback sends every frame back, --switch forwards between the \
-            connected frontends (learning source MACs), --sink drops them. --attack makes \
-            this backend misbehave (for audits).
-            """)
+        discussion: helpDiscussion(
+            "Listens on a Unix socket; each connection runs the xenstore-like handshake, maps the frontend's grant table and frames (sealed memfds) and serves its tx and rx rings: --loopback sends every frame back, --switch forwards between the connected frontends (learning source MACs), --sink drops them. --attack makes this backend misbehave (for audits).",
+            examples: "ringfence serve-xen-net --socket xnet.sock --loopback",
+            "ringfence serve-xen-net --socket xnet.sock --switch --metrics 127.0.0.1:9101"))
 
     enum Mode: String, EnumerableFlag {
         case loopback, `switch`, sink
         var netMode: XenNetMode { XenNetMode(rawValue: rawValue) ?? .loopback }
     }
 
-    @Option(help: "Unix socket to listen on.")
+    @Option(help: "Unix socket path to listen on.")
     var socket: String
 
     @Flag(help: "Where frames go.")

@@ -36,6 +36,147 @@ public struct LatencyNs: Codable, Sendable, Equatable {
     }
 }
 
+/// `ringfence blk info --json`: the geometry after the driver validated it.
+public struct BlkInfoResult: Codable, Sendable, Equatable {
+    /// Bytes.
+    public var capacity: UInt64
+    /// 512-byte sectors.
+    public var sectors: UInt64
+    public var blockSize: Int
+    /// Queues in use.
+    public var queues: Int
+    /// num_queues as the device announced it (display only).
+    public var deviceQueues: Int
+    public var segMax: Int
+    /// Bytes; 0 = no limit.
+    public var sizeMax: Int
+    /// Bytes one request carries (larger transfers are split).
+    public var maxTransfer: Int
+    public var readOnly: Bool
+    public var flush: Bool
+    public var discard: Bool
+    /// Bytes; 0 without discard.
+    public var maxDiscard: UInt64
+    public var writeZeroes: Bool
+    /// Bytes; 0 without write zeroes.
+    public var maxWriteZeroes: UInt64
+    /// Negotiated feature bits.
+    public var features: UInt64
+    /// GET_ID, or null when the device has none.
+    public var serial: String?
+
+    enum CodingKeys: String, CodingKey {
+        case capacity, sectors, queues, flush, discard, features, serial
+        case blockSize = "block_size"
+        case deviceQueues = "device_queues"
+        case segMax = "seg_max"
+        case sizeMax = "size_max"
+        case maxTransfer = "max_transfer"
+        case readOnly = "read_only"
+        case maxDiscard = "max_discard"
+        case writeZeroes = "write_zeroes"
+        case maxWriteZeroes = "max_write_zeroes"
+    }
+
+    public init(
+        capacity: UInt64, blockSize: Int, queues: Int, deviceQueues: Int, segMax: Int, sizeMax: Int, maxTransfer: Int,
+        readOnly: Bool, flush: Bool, discard: Bool, maxDiscard: UInt64, writeZeroes: Bool, maxWriteZeroes: UInt64,
+        features: UInt64, serial: String?
+    ) {
+        self.capacity = capacity
+        self.sectors = capacity / 512
+        self.blockSize = blockSize
+        self.queues = queues
+        self.deviceQueues = deviceQueues
+        self.segMax = segMax
+        self.sizeMax = sizeMax
+        self.maxTransfer = maxTransfer
+        self.readOnly = readOnly
+        self.flush = flush
+        self.discard = discard
+        self.maxDiscard = maxDiscard
+        self.writeZeroes = writeZeroes
+        self.maxWriteZeroes = maxWriteZeroes
+        self.features = features
+        self.serial = serial
+    }
+
+    // Every key is always present: `serial` as null when the device has none.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(capacity, forKey: .capacity)
+        try c.encode(sectors, forKey: .sectors)
+        try c.encode(blockSize, forKey: .blockSize)
+        try c.encode(queues, forKey: .queues)
+        try c.encode(deviceQueues, forKey: .deviceQueues)
+        try c.encode(segMax, forKey: .segMax)
+        try c.encode(sizeMax, forKey: .sizeMax)
+        try c.encode(maxTransfer, forKey: .maxTransfer)
+        try c.encode(readOnly, forKey: .readOnly)
+        try c.encode(flush, forKey: .flush)
+        try c.encode(discard, forKey: .discard)
+        try c.encode(maxDiscard, forKey: .maxDiscard)
+        try c.encode(writeZeroes, forKey: .writeZeroes)
+        try c.encode(maxWriteZeroes, forKey: .maxWriteZeroes)
+        try c.encode(features, forKey: .features)
+        try c.encode(serial, forKey: .serial)
+    }
+}
+
+/// `ringfence net info --json`: the config after the driver validated it.
+public struct NetInfoResult: Codable, Sendable, Equatable {
+    /// aa:bb:cc:dd:ee:ff.
+    public var mac: String
+    /// The device offered no usable MAC: `mac` is a random, locally administered one.
+    public var macReplaced: Bool
+    public var mtu: Int
+    /// The largest frame either side may send, bytes.
+    public var maxFrame: Int
+    public var linkUp: Bool
+    /// Queue pairs in use.
+    public var queuePairs: Int
+    public var maxQueuePairs: Int
+    /// "split" or "packed".
+    public var ring: String
+    public var mergeableRxBuffers: Bool
+    public var controlQueue: Bool
+    /// CTRL_VQ acked for multiqueue but the control queue kept inside the driver (a
+    /// back-end without a config space, as DPDK's vhost): pairs enabled with SET_VRING_ENABLE.
+    public var controlQueuePrivate: Bool
+    /// Negotiated feature bits.
+    public var features: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case mac, mtu, ring, features
+        case controlQueuePrivate = "control_queue_private"
+        case macReplaced = "mac_replaced"
+        case maxFrame = "max_frame"
+        case linkUp = "link_up"
+        case queuePairs = "queue_pairs"
+        case maxQueuePairs = "max_queue_pairs"
+        case mergeableRxBuffers = "mergeable_rx_buffers"
+        case controlQueue = "control_queue"
+    }
+
+    public init(
+        mac: String, macReplaced: Bool, mtu: Int, maxFrame: Int, linkUp: Bool, queuePairs: Int, maxQueuePairs: Int,
+        ring: String, mergeableRxBuffers: Bool, controlQueue: Bool, controlQueuePrivate: Bool, features: UInt64
+    ) {
+        self.mac = mac
+        self.macReplaced = macReplaced
+        self.mtu = mtu
+        self.maxFrame = maxFrame
+        self.linkUp = linkUp
+        self.queuePairs = queuePairs
+        self.maxQueuePairs = maxQueuePairs
+        self.ring = ring
+        self.mergeableRxBuffers = mergeableRxBuffers
+        self.controlQueue = controlQueue
+        self.controlQueuePrivate = controlQueuePrivate
+        self.features = features
+    }
+}
+
 /// `ringfence xen-blk info --json`.
 public struct XenBlkInfoResult: Codable, Sendable, Equatable {
     /// Bytes.

@@ -1,4 +1,5 @@
 import Foundation
+import RingFenceResults
 import Testing
 
 /// `ringfence blk` end to end against qsd: exit codes and output, as a user sees them.
@@ -8,13 +9,20 @@ struct CommandResult {
     let stderr: String
 }
 
-func ringfence(_ arguments: [String], stdin: Data? = nil) throws -> CommandResult {
+/// Runs the built `ringfence`; with `timeout`, killed after that many seconds (exit 137),
+/// for a command that might otherwise run forever.
+func ringfence(_ arguments: [String], stdin: Data? = nil, timeout: Int? = nil) throws -> CommandResult {
     let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent()
     let binary = root.appendingPathComponent(".build/debug/ringfence")
     let p = Process()
-    p.executableURL = binary
-    p.arguments = arguments
+    if let timeout {
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
+        p.arguments = ["--signal=KILL", "\(timeout)", binary.path] + arguments
+    } else {
+        p.executableURL = binary
+        p.arguments = arguments
+    }
     let out = Pipe()
     let err = Pipe()
     p.standardOutput = out
@@ -54,6 +62,15 @@ struct BlkCommandTests {
         let info = try ringfence(s + ["info"])
         #expect(info.status == 0)
         #expect(info.stdout.contains("capacity:      4194304 bytes"))
+        // --json: BlkInfoResult, every key present (qsd's GET_ID answer or null).
+        let json = try ringfence(s + ["info", "--json"])
+        #expect(json.status == 0, "\(json.stderr)")
+        let i = try JSONDecoder().decode(BlkInfoResult.self, from: Data(json.stdout.utf8))
+        #expect(i.capacity == 4 << 20 && i.sectors == 8192 && i.blockSize == 512 && i.queues == 1)
+        #expect(i.maxTransfer > 0 && i.segMax > 0 && !i.readOnly && i.flush)
+        for key in ["capacity", "block_size", "device_queues", "seg_max", "size_max", "max_transfer", "serial"] {
+            #expect(json.stdout.contains("\"\(key)\":"), "no \(key) in \(json.stdout)")
+        }
         let verify = try ringfence(s + ["--queues", "2", "verify", "--size", "2M", "--seed", "9"])
         #expect(verify.status == 0, "\(verify.stderr)")
         #expect(verify.stdout.hasPrefix("verify OK: 2097152 bytes"))

@@ -12,6 +12,8 @@ import Glibc
 @Suite(.enabled(if: ringfenceBuilt, "the ringfence executable is not built"))
 struct HelpShapeTests {
     static let transports = ["blk", "xen-blk", "net", "fs", "xen-net"]
+    /// The servers: no subcommands, the same shape.
+    static let servers = ["serve-blk", "serve-net", "serve-fs", "serve-xen-blk", "serve-xen-net"]
 
     /// An option as `--help` lists it: its long name and its description.
     struct Option: Equatable {
@@ -83,6 +85,11 @@ struct HelpShapeTests {
                 result.append(try help([command, sub]))
             }
         }
+        for server in servers {
+            let h = try help([server])
+            #expect(h.subcommands.isEmpty, "\(server) has subcommands")
+            result.append(h)
+        }
         return result
     }
 
@@ -99,7 +106,8 @@ struct HelpShapeTests {
 
     @Test func everyTransportCommandHasAnAbstractExamplesAndDescribedOptions() throws {
         let all = try Self.all()
-        #expect(all.count > 30, "walked \(all.map { $0.path.joined(separator: " ") })")
+        #expect(all.count > 40, "walked \(all.map { $0.path.joined(separator: " ") })")
+        #expect(Set(all.map { $0.path[0] }) == Set(Self.transports + Self.servers))
         for h in all {
             let name = h.path.joined(separator: " ")
             #expect(!h.abstract.isEmpty, "\(name): no abstract")
@@ -131,10 +139,11 @@ struct HelpShapeTests {
         let dir = "/tmp/rf-help-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let inputs = ["in.bin", "local.bin", "notes.txt"]
-        for file in inputs {
+        let inputs = ["in.bin", "local.bin", "notes.txt", "disk.img", "shared"]
+        for file in inputs where file != "shared" {
             #expect(FileManager.default.createFile(atPath: "\(dir)/\(file)", contents: Data(count: 4096)))
         }
+        try FileManager.default.createDirectory(atPath: "\(dir)/shared", withIntermediateDirectories: true)
         for h in try Self.all() {
             let block = h.discussion.drop { $0 != "Examples:" }.dropFirst().prefix { !$0.isEmpty }
             for line in block {
@@ -144,10 +153,26 @@ struct HelpShapeTests {
                 if let end = words.firstIndex(where: { ["|", "<", ">", "&"].contains($0) }) {
                     words = Array(words[..<end])
                 }
-                if let socket = words.firstIndex(of: "--socket"), socket + 1 < words.count {
-                    words[socket + 1] = "/nonexistent/ringfence-help.sock"
+                // Every socket (a server may listen on several) and every metrics
+                // endpoint points where nothing can be bound or reached.
+                for i in words.indices.dropLast() where words[i] == "--socket" {
+                    words[i + 1] = "/nonexistent/ringfence-help.sock"
+                }
+                if let metrics = words.firstIndex(of: "--metrics"), metrics + 1 < words.count {
+                    words[metrics + 1] = "\(dir)/metrics.sock"
                 }
                 words = words.map { inputs.contains($0) ? "\(dir)/\($0)" : $0 }
+                if Self.servers.contains(h.path[0]) {
+                    // A server that does not fail would serve forever: bounded, it is
+                    // killed (exit 137) and the expectation names it.
+                    let r = try ringfence(Array(words.dropFirst()), timeout: 20)
+                    #expect(r.status == 1, "\(line): exit \(r.status): \(r.stderr)")
+                    // One line naming the command, as the transport commands do.
+                    #expect(
+                        r.stderr.split(separator: "\n").contains { $0.hasPrefix("ringfence \(h.path[0]): error: ") },
+                        "\(line): \(r.stderr)")
+                    continue
+                }
                 let r = try ringfence(Array(words.dropFirst()), stdin: Data(count: 4096))
                 #expect(r.status == 1, "\(line): exit \(r.status): \(r.stderr)")
             }
@@ -171,6 +196,30 @@ struct HelpShapeTests {
         for (description, spellings) in names where spellings.count > 1 {
             Issue.record("\"\(description)\" is spelled \(spellings.sorted().map { "--" + $0 })")
         }
+    }
+
+    /// A server's bad option value is a usage error of that server (exit 2, its own usage
+    /// line), found before anything is bound; a failure to serve is one line naming it, exit 1.
+    @Test func serversSayWhatFailedAsTheTransportCommandsDo() throws {
+        let usage: [[String]] = [
+            ["serve-blk", "--socket", "/tmp/rf-none.sock", "--image", "/etc/hostname", "--queues", "0"],
+            ["serve-net", "--socket", "/tmp/rf-none.sock", "--sink", "--mtu", "10"],
+            ["serve-fs", "--socket", "/tmp/rf-none.sock", "--dir", "/tmp", "--queues", "0"],
+            ["serve-xen-net", "--socket", "/tmp/rf-none.sock", "--idle", "0"],
+        ]
+        for arguments in usage {
+            let r = try ringfence(arguments, timeout: 20)
+            #expect(r.status == 2, "\(arguments): \(r.stderr)")
+            #expect(r.stderr.contains("Usage: ringfence \(arguments[0]) "), "\(arguments): \(r.stderr)")
+        }
+        let missing = try ringfence(
+            ["serve-fs", "--socket", "/tmp/rf-none.sock", "--dir", "/nonexistent/dir"], timeout: 20)
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("ringfence serve-fs: error: open(/nonexistent/dir)"), "\(missing.stderr)")
+        let image = try ringfence(
+            ["serve-blk", "--socket", "/tmp/rf-none.sock", "--image", "/nonexistent/img"], timeout: 20)
+        #expect(image.status == 1)
+        #expect(image.stderr.contains("ringfence serve-blk: error: open(/nonexistent/img)"), "\(image.stderr)")
     }
 
     /// The old spellings stay accepted, hidden: `xen-net bench --depth` is `--iodepth`.

@@ -123,6 +123,11 @@ struct TransportCommandTests {
         let server = try Server(
             { ["serve-net", "--socket", $0, "--loopback", "--log-level", "error"] }, name: "net")
         let s = ["net", "--socket", server.socket]
+        let info = try ringfence(s + ["info", "--json"])
+        #expect(info.status == 0, "\(info.stderr)")
+        let i = try Self.decode(NetInfoResult.self, info.stdout)
+        #expect(i.mtu == 1500 && i.maxFrame == 1518 && i.linkUp && i.queuePairs == 1 && i.ring == "packed")
+        #expect(i.mac.split(separator: ":").count == 6 && i.mergeableRxBuffers)
         let ping = try ringfence(s + ["ping", "--count", "3", "--size", "1k"])
         #expect(ping.status == 0, "\(ping.stderr)")
         #expect(ping.stdout.hasPrefix("3 sent, 3 returned intact"), "\(ping.stdout)")
