@@ -180,7 +180,8 @@ public enum Catalogue {
         a(
             "vandal-descriptors", .vandalism, .r1, .completion, .scribbleDescriptors,
             "fills the descriptor table with 0xff after popping each chain",
-            must: "never read descriptors back (private shadow state)", [.unaffected]),
+            must: "never use a descriptor read back (private shadow state; a post rewrites what differs)", [.unaffected]
+        ),
         a(
             "vandal-avail", .vandalism, .r1, .completion, .scribbleAvail,
             "overwrites the consumed avail ring entry with 0xffff",

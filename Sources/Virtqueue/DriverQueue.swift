@@ -70,7 +70,9 @@ public struct DriverRingMemory: @unchecked Sendable {
 /// The hardened driver side of a split virtqueue ("do not read from descriptor ring").
 ///
 /// - R1: every descriptor, free-list link and avail entry lives in private shadow state;
-///   shared memory is only written. Chains are freed by walking the shadow.
+///   no value loaded from shared memory reaches them. Chains are freed by walking the
+///   shadow. A post compares each shared descriptor with what it must hold and stores the
+///   halves that differ (`setDescriptor`): the load decides only whether to store.
 /// - R2: used.idx is loaded once per batch, each used element once.
 /// - R3: the index delta is bounded by the in-flight count, the id must be an in-flight
 ///   head, the length at most the chain's device-writable bytes.
@@ -111,6 +113,8 @@ public final class DriverQueue {
         /// Completions report length 0 whatever the device wrote (see `usedLengthIgnored`).
         var usedLengthIgnored = false
         var health = QueueHealth()
+        /// Halves of shared descriptors stored because they differed (`setDescriptor`).
+        var descriptorStores: UInt64 = 0
     }
 
     /// The ring's memory.
@@ -137,6 +141,11 @@ public final class DriverQueue {
     public var inFlightCount: Int { state.pointee.inFlightCount }
     /// Next used element to consume.
     public var lastUsed: UInt16 { state.pointee.lastUsed }
+
+    /// Halves (8 bytes) of shared descriptors stored so far: a post stores only the halves
+    /// that differ from what the descriptor must hold (a chain reposted unchanged stores
+    /// none; one the device scribbled on is rewritten).
+    public var descriptorStores: UInt64 { state.pointee.descriptorStores }
 
     /// The device's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
@@ -256,22 +265,31 @@ public final class DriverQueue {
         try segments.withUnsafeBufferPointer { (p) throws(SubmitError) in try add(p, token: token) }
     }
 
+    /// Records a descriptor in the shadow and makes the shared one hold it.
+    ///
+    /// The shared descriptor is compared with what it must hold, as two 64-bit halves, and
+    /// each half that differs is stored: a chain reposted on the same descriptors (a
+    /// slot's request again, as every closed loop does) leaves their cache lines clean,
+    /// so the device does not miss on them and the driver takes no ownership of them
+    /// (R1 still holds: what is loaded only decides whether to store; it never reaches
+    /// the shadow or anything else. A device that scribbled on the table gets its bytes
+    /// overwritten at the next post, as before.) The shared `next` of a chain's last
+    /// descriptor is 0 (the device ignores it without NEXT); the shadow keeps the free
+    /// list's link there, which would otherwise change the descriptor at every post.
     @inline(__always)
     func setDescriptor(_ index: UInt16, address: UInt64, length: UInt32, flags: UInt16, next: UInt16) {
         shadow[slot(index)] = ShadowDescriptor(address: address, length: length, flags: flags, next: next)
-        Self.writeDescriptor(
-            memory.descriptors + slot(index) * SplitLayout.descriptorSize, address: address,
-            length: length, flags: flags, next: next)
-    }
-
-    @inline(__always)
-    static func writeDescriptor(
-        _ p: UnsafeMutableRawPointer, address: UInt64, length: UInt32, flags: UInt16, next: UInt16
-    ) {
-        SharedAccess.store64(p + SplitLayout.descAddr, address)
-        SharedAccess.store32(p + SplitLayout.descLen, length)
-        SharedAccess.store16(p + SplitLayout.descFlags, flags)
-        SharedAccess.store16(p + SplitLayout.descNext, next)
+        let p = memory.descriptors + slot(index) * SplitLayout.descriptorSize
+        let sharedNext = flags & SplitLayout.flagNext != 0 ? next : 0
+        let tail = UInt64(length) | UInt64(flags) << 32 | UInt64(sharedNext) << 48
+        if SharedAccess.load64(p + SplitLayout.descAddr) != address {
+            SharedAccess.store64(p + SplitLayout.descAddr, address)
+            state.pointee.descriptorStores &+= 1
+        }
+        if SharedAccess.load64(p + SplitLayout.descLen) != tail {
+            SharedAccess.store64(p + SplitLayout.descLen, tail)
+            state.pointee.descriptorStores &+= 1
+        }
     }
 
     /// Makes every added request visible (release store of avail.idx) and says whether the

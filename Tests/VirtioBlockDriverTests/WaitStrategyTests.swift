@@ -43,6 +43,41 @@ struct WaitStrategyTests {
         #expect(try run(strategy).completed >= 65)
     }
 
+    /// A request's data starts at a cache line of the bounce pool, 64 bytes after its
+    /// header (`BlockQueue.dataOffset`): the copy-out runs on aligned lines and the
+    /// header's line holds nothing else. Seen from the device: a held write's bytes in the
+    /// shared memory.
+    @Test func requestDataStartsOnTheCacheLineAfterItsHeader() throws {
+        let backend = try MisbehavingBlockBackend()
+        defer { backend.stop() }
+        backend.start()
+        var options = VirtioBlockDriver.Options()
+        options.requestTimeout = 5
+        options.controlTimeout = 1
+        let disk = try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
+        defer { disk.close() }
+        let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        let queue = disk.queue(0)
+        let source = UnsafeMutableRawBufferPointer.allocate(byteCount: pattern.count, alignment: 64)
+        defer { source.deallocate() }
+        source.copyBytes(from: pattern)
+        backend.holdRequests(true)
+        try queue.submitWrite(offset: 8 * 512, from: UnsafeRawBufferPointer(source), tag: 9)
+        queue.kick()
+        let shared = backend.snapshotSharedMemory()
+        let found = (0...(shared.count - pattern.count)).first {
+            shared[$0] == 3 && Array(shared[$0..<$0 + 4096]) == pattern
+        }
+        let data = try #require(found)
+        #expect(data % 64 == 0)
+        // The header 64 bytes before it: VIRTIO_BLK_T_OUT (1), ioprio 0, sector 8.
+        let header = Array(shared[(data - 64)..<(data - 48)])
+        #expect(header == [1, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0])
+        backend.holdRequests(false)
+        #expect(queue.wait(until: .after(seconds: 5))?.tag == 9)
+        #expect(try disk.read(at: 8 * 512, count: 4096) == pattern)
+    }
+
     /// A queue of a connected driver whose reads land in 512-byte slices of `buffers`.
     struct Bed {
         let backend: MisbehavingBlockBackend

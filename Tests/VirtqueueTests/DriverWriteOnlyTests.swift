@@ -119,6 +119,59 @@ import Virtqueue
         #expect(driver.freeCount == 8 && !driver.isBroken)
     }
 
+    /// The 16 bytes of shared descriptor `i`, as the device would load them.
+    static func sharedDescriptor(_ a: RingAttacker, _ i: Int) -> [UInt64] {
+        let d = a.descriptors + i * SplitLayout.descriptorSize
+        return [SharedAccess.load64(d), SharedAccess.load64(d + 8)]
+    }
+
+    /// A chain reposted on the same descriptors stores nothing (the descriptor cache lines
+    /// stay clean); a descriptor the device scribbled on is compared, found different and
+    /// rewritten, so the device reads exactly the chain posted (R1: what is loaded only
+    /// decides whether to store).
+    @Test func repostedChainStoresOnlyTheDescriptorHalvesThatDiffer() throws {
+        let pair = try RingPair(queueSize: 8)
+        let driver = pair.driver
+        let a = RingAttacker(pair)
+        let buffer = try #require(pair.pool.allocate(16 + 64 + 1))
+        let segments = [
+            pair.pool.segment(buffer, offset: 0, length: 16, deviceWritable: false),
+            pair.pool.segment(buffer, offset: 16, length: 64, deviceWritable: true),
+            pair.pool.segment(buffer, offset: 80, length: 1, deviceWritable: true),
+        ]
+        let expected: [[UInt64]] = [
+            [segments[0].address, 16 | UInt64(SplitLayout.flagNext) << 32 | 1 << 48],
+            [segments[1].address, 64 | UInt64(SplitLayout.flagNext | SplitLayout.flagWrite) << 32 | 2 << 48],
+            // The last descriptor's shared next is 0 (the shadow keeps the free link, 3).
+            [segments[2].address, 1 | UInt64(SplitLayout.flagWrite) << 32],
+        ]
+        var chain = DescriptorChain()
+        func roundTrip(token: UInt64) throws {
+            #expect(try driver.add(segments, token: token) == 0)
+            _ = driver.publish()
+            #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready)
+            #expect(chain.head == 0 && chain.segments.count == 3)
+            #expect((0..<3).map { Self.sharedDescriptor(a, $0) } == expected)
+            pair.device.complete(head: 0, length: 65)
+            _ = pair.device.publishUsed()
+            #expect(try driver.nextCompletion()?.token == token)
+        }
+        try roundTrip(token: 1)
+        #expect(driver.descriptorStores == 6)  // a fresh (zeroed) table: every half
+        for t in 2..<6 { try roundTrip(token: UInt64(t)) }
+        #expect(driver.descriptorStores == 6)  // the same chain four times: nothing stored
+        // The device scribbles on the middle descriptor's length and the last one's address.
+        a.writeDescriptor(1, address: segments[1].address, length: 0xFFFF_FFFF, flags: 0xFFFF, next: 7)
+        a.writeDescriptor(2, address: 0xdead_0000, length: 1, flags: SplitLayout.flagWrite, next: 0)
+        try roundTrip(token: 6)
+        #expect(driver.descriptorStores == 8)  // exactly the two halves that differed
+        // A vandal that fills the whole table with 0xff: every half is rewritten.
+        RingAttacker.scribble(a.descriptors, count: SplitLayout.descriptorTableSize(8), seed: 0xff)
+        try roundTrip(token: 7)
+        #expect(driver.descriptorStores == 14)
+        #expect(!driver.isBroken && driver.freeCount == 8)
+    }
+
     @Test func driverNeverReadsAvailIndexBack() throws {
         // A device that rewinds or advances avail.idx cannot make the driver re-post or skip
         // entries: the next publish writes the driver's private index again.
