@@ -40,7 +40,9 @@ package protocol IOTransport: AnyObject, SendableMetatype {
     func nextCompletion() -> (tag: UInt64, failure: Failure?)?
     var inFlight: Int { get }
     /// Blocks until a completion may be ready, `wake` was signalled, or a request deadline
-    /// acted (the transport breaks the device then, R5).
+    /// acted (the transport breaks the device then, R5); returning early (nothing done) is
+    /// allowed, and a transport that polls instead of blocking must return within a few
+    /// milliseconds (the engine's executor runs jobs queued from other threads meanwhile).
     func waitForCompletion(orWake wake: Notifier)
     /// Runs `body` with the queue to itself (a queue shared with synchronous callers takes
     /// their lock). `body` returns only with nothing in flight.
@@ -294,6 +296,9 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// Completions reaped on awaiting callers' threads rather than the engine thread's.
     package var reapedByCallers: Int { callerReaped.load(ordering: .relaxed) }
     let callerReaped = Atomic<Int>(0)
+    /// The engine thread as a `TaskExecutor`: tasks that prefer it run between the
+    /// engine's turns at the device, and their requests are posted and reaped there.
+    package let executor: DeviceExecutor
     /// How long a parked engine (leased, callers driving) sleeps before it looks itself:
     /// request deadlines (R5) and an idle lease are acted on within this.
     static var parkNanoseconds: UInt64 { 2_000_000 }
@@ -305,6 +310,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         self.transport = transport
         self.wake = try Notifier()
         self.budget = budget
+        self.executor = DeviceExecutor(wake: wake)
         try spawnThread { [self] in run() }.detach()
     }
 
@@ -336,7 +342,9 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             return (true, s.sleeping)
         }
         if signal { wake.signal() }
-        if accepted && transport.callersMayDrive { drive(spin: spin) }
+        // On the engine thread (a task preferring its executor), the engine posts it after
+        // the current batch of jobs.
+        if accepted && transport.callersMayDrive && !executor.isCurrent { drive(spin: spin) }
         return accepted
     }
 
@@ -361,7 +369,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         // A caller resumed with an outcome was counted; the last of them on its way out
         // looks at the queue (or hands the waiting to the engine thread).
         if result != nil && pendingResumes.subtract(1, ordering: .sequentiallyConsistent).newValue == 0
-            && transport.callersMayDrive
+            && transport.callersMayDrive && !executor.isCurrent
         {
             drive(spin: true)
         }
@@ -468,16 +476,21 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     var leaseHandled = 0
 
     func run() {
+        executor.attach()
         while true {
+            // Jobs first: the device waits for what they post.
+            executor.runJobs()
             acquire()
             let stopping = absorb()
             if pendingHead == pending.count && inFlight.isEmpty {
                 if stopping {
                     release()
                     transport.engineStopped()
+                    // Jobs queued from now on run on the global concurrent executor.
+                    executor.close()
                     return
                 }
-                let idle = sleepIfIdle()
+                let idle = executor.mayBlock() && sleepIfIdle()
                 release()
                 if idle { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
                 continue
@@ -499,6 +512,14 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         while true {
             // Token held.
             let progress = step()
+            if executor.hasJobs {
+                // Tasks on the engine's executor, resumed by what `step` reaped (or queued
+                // from other threads): run them, then post what they asked for.
+                release()
+                executor.runJobs()
+                acquire()
+                continue
+            }
             if inFlight.isEmpty {
                 let idle = pendingHead == pending.count
                 if !idle && leaseHandled < budget {
@@ -524,7 +545,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
                 // Park: callers drive; wake up when one hands the waiting over, or after a
                 // while to act on deadlines and on an idle lease.
                 release()
-                if queued.load(ordering: .sequentiallyConsistent) == 0 {
+                if queued.load(ordering: .sequentiallyConsistent) == 0 && executor.mayBlock() {
                     parkedDrives = callerDrives.load(ordering: .relaxed)
                     _ = EventWaiter.wait(for: wake, until: .after(nanoseconds: Self.parkNanoseconds))
                 }
@@ -535,7 +556,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             parkedDrives = -1
             if progress > 0 || queued.load(ordering: .sequentiallyConsistent) != 0 { continue }
             // The waiter: block on the device (and `wake`) with the token.
-            if sleepIfIdle() {
+            if executor.mayBlock() && sleepIfIdle() {
                 transport.waitForCompletion(orWake: wake)
                 inbox.withLock { $0.sleeping = false }
             }
