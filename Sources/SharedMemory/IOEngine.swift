@@ -114,7 +114,9 @@ package class IOOperationCore: @unchecked Sendable {
     // @unchecked: `kind`, `offset`, `buffer` are immutable; the `engine...` fields are
     // touched only by the holder of the engine's drive token; `cancelled` and `waiter` are
     // atomic; `continuation` is written before `waiter` becomes `waiting` (releasing) and
-    // read only by whoever moves it from `waiting` to `over` (acquiring), once.
+    // read only by whoever moves it from `waiting` to `over` (acquiring), once; `readResult`
+    // is set in `init` and taken once, by whoever receives the outcome (after that exchange,
+    // or on the drive-token holder's thread for a stream).
     /// What the engine hands the awaiting caller: done (the caller copies the bytes out of
     /// `buffer`, which the engine no longer touches), failed, or cancelled.
     enum Outcome: Sendable {
@@ -146,17 +148,31 @@ package class IOOperationCore: @unchecked Sendable {
     var engineOutstanding = 0
     var engineFailure: (any Error & Sendable)?
 
+    /// A read's result: `buffer` is this array's storage, so the bytes land where the caller
+    /// gets them (one copy, bounce slice to array, and no second allocation). Sound because
+    /// the operation holds the only reference and never mutates the array through Swift
+    /// (the storage neither moves nor is copied) until the engine is done with `buffer` and
+    /// the caller takes it (`takeResult`); a cancelled caller never takes it, and the array
+    /// lives as long as the operation, after a late completion too.
+    var readResult: [UInt8]?
+
     init(kind: IOKind, offset: UInt64, count: Int, streams: Bool) {
         self.kind = kind
         self.offset = offset
         self.streams = streams
-        buffer = .allocate(byteCount: max(count, 0), alignment: 64)
-        // A read's bytes are returned only once the device filled all of them; writes are
-        // filled by `fill`; GET_ID may come back short, so its buffer starts zeroed.
-        if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+        if kind == .read {
+            // A read's bytes are returned only once the device filled all of them.
+            var array = [UInt8](unsafeUninitializedCapacity: max(count, 0)) { _, n in n = max(count, 0) }
+            buffer = array.withUnsafeMutableBytes { $0 }
+            readResult = array
+        } else {
+            buffer = .allocate(byteCount: max(count, 0), alignment: 64)
+            // Writes are filled by `fill`; GET_ID may come back short, so it starts zeroed.
+            if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+        }
     }
 
-    deinit { buffer.deallocate() }
+    deinit { if kind != .read { buffer.deallocate() } }
 
     /// Write data, copied in before the operation is queued.
     package func fill(from bytes: [UInt8]) {
@@ -168,8 +184,17 @@ package class IOOperationCore: @unchecked Sendable {
     /// Units the engine cuts: bytes, or one for a request without data range.
     var total: Int { kind == .flush || kind == .identify ? 1 : buffer.count }
 
-    /// The bytes a completed operation hands back: a read's (or GET_ID's) buffer, else none.
-    var resultBytes: [UInt8] { kind == .read || kind == .identify ? [UInt8](UnsafeRawBufferPointer(buffer)) : [] }
+    /// The bytes a completed operation hands back (once): a read's array, GET_ID's buffer,
+    /// else none.
+    func takeResult() -> [UInt8] {
+        switch kind {
+        case .read:
+            defer { readResult = nil }
+            return readResult ?? []
+        case .identify: return [UInt8](UnsafeRawBufferPointer(buffer))
+        case .write, .flush: return []
+        }
+    }
 
     /// The caller's task was cancelled: resumes it (with nil) now. The pieces already
     /// posted stay the engine's until the device completes them.
@@ -205,7 +230,7 @@ package class IOOperationCore: @unchecked Sendable {
         switch outcome {
         case .cancelled: return nil
         case .failed(let failure): return .failure(failure)
-        case .done: return .success(resultBytes)
+        case .done: return .success(takeResult())
         }
     }
 
@@ -249,7 +274,7 @@ package final class IOOperation<Failure: Error & Sendable>: IOOperationCore, @un
             // Only the transport's `Failure` is ever stored (`IOEngine`).
             result = .failure(failure as! Failure)
         } else {
-            result = .success(resultBytes)
+            result = .success(takeResult())
         }
         sink(IOCompletion(tag: tag, result: result))
     }
@@ -333,6 +358,14 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     }
 
     func submit(_ operation: IOOperationCore, spin: Bool) -> Bool {
+        if executor.isCurrent && transport.callersMayDrive && leased.load(ordering: .sequentiallyConsistent)
+            && transport.mayPollInline && tryAcquire()
+        {
+            // A task on the engine's executor, between the engine's turns, with the lease
+            // held: post at once (no inbox), so the device works on it while the batch's
+            // other jobs run (posting only after the batch left the device idle meanwhile).
+            return postFromExecutor(operation)
+        }
         let (accepted, signal) = inbox.withLock { s -> (Bool, Bool) in
             if s.stopping { return (false, false) }
             heldCount.add(1, ordering: .relaxed)
@@ -346,6 +379,23 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         // the current batch of jobs.
         if accepted && transport.callersMayDrive && !executor.isCurrent { drive(spin: spin) }
         return accepted
+    }
+
+    /// Engine thread running a job, token held: queues `operation` behind what is pending,
+    /// posts what fits and publishes. False (token given back) once the engine is stopping.
+    func postFromExecutor(_ operation: IOOperationCore) -> Bool {
+        defer { release() }
+        _ = absorb()  // a stop request too
+        if stopSeen { return false }
+        heldCount.add(1, ordering: .relaxed)
+        if pendingHead > 0 && pendingHead == pending.count {
+            pending.removeAll(keepingCapacity: true)
+            pendingHead = 0
+        }
+        pending.append(operation)
+        if leaseHandled < budget { submitPending() }
+        transport.publish()
+        return true
     }
 
     /// Runs `operation` for an awaiting caller: suspends (never blocks) until its outcome;
