@@ -82,7 +82,10 @@ struct AsyncExecutorTests {
         for _ in 0..<20 {
             try await Task.sleep(for: .milliseconds(5))  // long enough for the thread to sleep
             Task(executorPreference: executor) { if executor.isCurrent { ran.add() } }
-            #expect(try await eventually(within: 5) { ran.count > 0 })
+            guard try await eventually(within: 5, { ran.count > 0 }) else {
+                Issue.record("a job queued on the idle executor did not run")
+                return
+            }
             ran.value.store(0, ordering: .relaxed)
         }
     }
@@ -122,9 +125,9 @@ struct AsyncExecutorTests {
             }
             #expect(try await eventually(within: 10) { ticks.count >= 50 })
             #expect(engine.held == 400)  // every read still parked while the ticker ran
+            backend.holdRequests(false)
             stop.add()
             await ticker.value
-            backend.holdRequests(false)
             var correct = 0
             for try await ok in group where ok { correct += 1 }
             #expect(correct == 400)
@@ -162,7 +165,10 @@ struct AsyncExecutorTests {
         }
         #expect(try await eventually { reads.count >= 2000 })
         disk.close()
-        #expect(try await eventually(within: 20) { ended.count == 200 })
+        guard try await eventually(within: 20, { ended.count == 200 }) else {
+            Issue.record("\(200 - ended.count) tasks on the closed device's executor never ended")
+            return
+        }
         for task in tasks { #expect(await task.value == .disconnected("the device is closed")) }
         let late = await Task(executorPreference: executor) { executor.isCurrent }.value
         #expect(!late)
