@@ -136,12 +136,13 @@ struct AsyncExecutorTests {
         #expect(!disk.isBroken)
     }
 
-    /// Shutdown with jobs pending: 200 tasks on the executor loop on reads; `close()` while
-    /// they run. Every task ends (its next read fails as disconnected), none is lost; a
-    /// task that prefers the closed device's executor still runs, on the global executor.
+    /// Shutdown under load: 200 tasks on the executor loop on reads; `close()` while they
+    /// run. Every task ends: its next read fails as disconnected, or, for a request the
+    /// back-end had when it stopped, by the request deadline (2 s here); a task that prefers
+    /// the closed device's executor still runs, on the global executor.
     @Test(.timeLimit(.minutes(2))) func closingWithTasksOnTheExecutorLosesNone() async throws {
         let backend = try MisbehavingBlockBackend()
-        let disk = try attach(backend, timeout: 10)
+        let disk = try attach(backend, timeout: 2)
         defer { backend.stop() }
         let executor = try disk.executor()
         let reads = Counter()
@@ -169,7 +170,10 @@ struct AsyncExecutorTests {
             Issue.record("\(200 - ended.count) tasks on the closed device's executor never ended")
             return
         }
-        for task in tasks { #expect(await task.value == .disconnected("the device is closed")) }
+        for task in tasks {
+            let error = await task.value
+            #expect(error == .disconnected("the device is closed") || error == .timeout(milliseconds: 2000))
+        }
         let late = await Task(executorPreference: executor) { executor.isCurrent }.value
         #expect(!late)
         #expect(executor.jobsForwarded > 0)

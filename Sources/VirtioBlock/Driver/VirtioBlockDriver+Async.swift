@@ -246,9 +246,12 @@ final class BlockQueueTransport: IOTransport {
 
     /// Bounded by `pollBound`: with `WaitStrategy.poll` the queue's wait never blocks (so
     /// never sees `wake`); jobs queued on the engine's executor from other threads wait at
-    /// most this long.
+    /// most this long. Not while the queue needs settling (a reconnect under way, a broken
+    /// or closed device): its wait settles it and acts on the request deadlines there,
+    /// which a bounded wait returning early would skip forever.
     func waitForCompletion(orWake wake: Notifier) {
-        stashed = queue.wait(until: .after(nanoseconds: Self.pollBound), orWake: wake)
+        let limit: Deadline = queue.needsSettling ? .distantFuture : .after(nanoseconds: Self.pollBound)
+        stashed = queue.wait(until: limit, orWake: wake)
     }
 
     static var pollBound: UInt64 { 2_000_000 }
