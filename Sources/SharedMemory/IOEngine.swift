@@ -40,7 +40,9 @@ package protocol IOTransport: AnyObject, SendableMetatype {
     func nextCompletion() -> (tag: UInt64, failure: Failure?)?
     var inFlight: Int { get }
     /// Blocks until a completion may be ready, `wake` was signalled, or a request deadline
-    /// acted (the transport breaks the device then, R5).
+    /// acted (the transport breaks the device then, R5); returning early (nothing done) is
+    /// allowed, and a transport that polls instead of blocking must return within a few
+    /// milliseconds (the engine's executor runs jobs queued from other threads meanwhile).
     func waitForCompletion(orWake wake: Notifier)
     /// Runs `body` with the queue to itself (a queue shared with synchronous callers takes
     /// their lock). `body` returns only with nothing in flight.
@@ -112,7 +114,9 @@ package class IOOperationCore: @unchecked Sendable {
     // @unchecked: `kind`, `offset`, `buffer` are immutable; the `engine...` fields are
     // touched only by the holder of the engine's drive token; `cancelled` and `waiter` are
     // atomic; `continuation` is written before `waiter` becomes `waiting` (releasing) and
-    // read only by whoever moves it from `waiting` to `over` (acquiring), once.
+    // read only by whoever moves it from `waiting` to `over` (acquiring), once; `readResult`
+    // is set in `init` and taken once, by whoever receives the outcome (after that exchange,
+    // or on the drive-token holder's thread for a stream).
     /// What the engine hands the awaiting caller: done (the caller copies the bytes out of
     /// `buffer`, which the engine no longer touches), failed, or cancelled.
     enum Outcome: Sendable {
@@ -144,17 +148,31 @@ package class IOOperationCore: @unchecked Sendable {
     var engineOutstanding = 0
     var engineFailure: (any Error & Sendable)?
 
+    /// A read's result: `buffer` is this array's storage, so the bytes land where the caller
+    /// gets them (one copy, bounce slice to array, and no second allocation). Sound because
+    /// the operation holds the only reference and never mutates the array through Swift
+    /// (the storage neither moves nor is copied) until the engine is done with `buffer` and
+    /// the caller takes it (`takeResult`); a cancelled caller never takes it, and the array
+    /// lives as long as the operation, after a late completion too.
+    var readResult: [UInt8]?
+
     init(kind: IOKind, offset: UInt64, count: Int, streams: Bool) {
         self.kind = kind
         self.offset = offset
         self.streams = streams
-        buffer = .allocate(byteCount: max(count, 0), alignment: 64)
-        // A read's bytes are returned only once the device filled all of them; writes are
-        // filled by `fill`; GET_ID may come back short, so its buffer starts zeroed.
-        if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+        if kind == .read {
+            // A read's bytes are returned only once the device filled all of them.
+            var array = [UInt8](unsafeUninitializedCapacity: max(count, 0)) { _, n in n = max(count, 0) }
+            buffer = array.withUnsafeMutableBytes { $0 }
+            readResult = array
+        } else {
+            buffer = .allocate(byteCount: max(count, 0), alignment: 64)
+            // Writes are filled by `fill`; GET_ID may come back short, so it starts zeroed.
+            if kind == .identify { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+        }
     }
 
-    deinit { buffer.deallocate() }
+    deinit { if kind != .read { buffer.deallocate() } }
 
     /// Write data, copied in before the operation is queued.
     package func fill(from bytes: [UInt8]) {
@@ -166,8 +184,17 @@ package class IOOperationCore: @unchecked Sendable {
     /// Units the engine cuts: bytes, or one for a request without data range.
     var total: Int { kind == .flush || kind == .identify ? 1 : buffer.count }
 
-    /// The bytes a completed operation hands back: a read's (or GET_ID's) buffer, else none.
-    var resultBytes: [UInt8] { kind == .read || kind == .identify ? [UInt8](UnsafeRawBufferPointer(buffer)) : [] }
+    /// The bytes a completed operation hands back (once): a read's array, GET_ID's buffer,
+    /// else none.
+    func takeResult() -> [UInt8] {
+        switch kind {
+        case .read:
+            defer { readResult = nil }
+            return readResult ?? []
+        case .identify: return [UInt8](UnsafeRawBufferPointer(buffer))
+        case .write, .flush: return []
+        }
+    }
 
     /// The caller's task was cancelled: resumes it (with nil) now. The pieces already
     /// posted stay the engine's until the device completes them.
@@ -203,7 +230,7 @@ package class IOOperationCore: @unchecked Sendable {
         switch outcome {
         case .cancelled: return nil
         case .failed(let failure): return .failure(failure)
-        case .done: return .success(resultBytes)
+        case .done: return .success(takeResult())
         }
     }
 
@@ -247,7 +274,7 @@ package final class IOOperation<Failure: Error & Sendable>: IOOperationCore, @un
             // Only the transport's `Failure` is ever stored (`IOEngine`).
             result = .failure(failure as! Failure)
         } else {
-            result = .success(resultBytes)
+            result = .success(takeResult())
         }
         sink(IOCompletion(tag: tag, result: result))
     }
@@ -294,6 +321,9 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     /// Completions reaped on awaiting callers' threads rather than the engine thread's.
     package var reapedByCallers: Int { callerReaped.load(ordering: .relaxed) }
     let callerReaped = Atomic<Int>(0)
+    /// The engine thread as a `TaskExecutor`: tasks that prefer it run between the
+    /// engine's turns at the device, and their requests are posted and reaped there.
+    package let executor: DeviceExecutor
     /// How long a parked engine (leased, callers driving) sleeps before it looks itself:
     /// request deadlines (R5) and an idle lease are acted on within this.
     static var parkNanoseconds: UInt64 { 2_000_000 }
@@ -305,6 +335,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         self.transport = transport
         self.wake = try Notifier()
         self.budget = budget
+        self.executor = DeviceExecutor(wake: wake)
         try spawnThread { [self] in run() }.detach()
     }
 
@@ -327,6 +358,14 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     }
 
     func submit(_ operation: IOOperationCore, spin: Bool) -> Bool {
+        if executor.isCurrent && transport.callersMayDrive && leased.load(ordering: .sequentiallyConsistent)
+            && transport.mayPollInline && tryAcquire()
+        {
+            // A task on the engine's executor, between the engine's turns, with the lease
+            // held: post at once (no inbox), so the device works on it while the batch's
+            // other jobs run (posting only after the batch left the device idle meanwhile).
+            return postFromExecutor(operation)
+        }
         let (accepted, signal) = inbox.withLock { s -> (Bool, Bool) in
             if s.stopping { return (false, false) }
             heldCount.add(1, ordering: .relaxed)
@@ -336,8 +375,27 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             return (true, s.sleeping)
         }
         if signal { wake.signal() }
-        if accepted && transport.callersMayDrive { drive(spin: spin) }
+        // On the engine thread (a task preferring its executor), the engine posts it after
+        // the current batch of jobs.
+        if accepted && transport.callersMayDrive && !executor.isCurrent { drive(spin: spin) }
         return accepted
+    }
+
+    /// Engine thread running a job, token held: queues `operation` behind what is pending,
+    /// posts what fits and publishes. False (token given back) once the engine is stopping.
+    func postFromExecutor(_ operation: IOOperationCore) -> Bool {
+        defer { release() }
+        _ = absorb()  // a stop request too
+        if stopSeen { return false }
+        heldCount.add(1, ordering: .relaxed)
+        if pendingHead > 0 && pendingHead == pending.count {
+            pending.removeAll(keepingCapacity: true)
+            pendingHead = 0
+        }
+        pending.append(operation)
+        if leaseHandled < budget { submitPending() }
+        transport.publish()
+        return true
     }
 
     /// Runs `operation` for an awaiting caller: suspends (never blocks) until its outcome;
@@ -361,7 +419,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         // A caller resumed with an outcome was counted; the last of them on its way out
         // looks at the queue (or hands the waiting to the engine thread).
         if result != nil && pendingResumes.subtract(1, ordering: .sequentiallyConsistent).newValue == 0
-            && transport.callersMayDrive
+            && transport.callersMayDrive && !executor.isCurrent
         {
             drive(spin: true)
         }
@@ -468,16 +526,21 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
     var leaseHandled = 0
 
     func run() {
+        executor.attach()
         while true {
+            // Jobs first: the device waits for what they post.
+            executor.runJobs()
             acquire()
             let stopping = absorb()
             if pendingHead == pending.count && inFlight.isEmpty {
                 if stopping {
                     release()
                     transport.engineStopped()
+                    // Jobs queued from now on run on the global concurrent executor.
+                    executor.close()
                     return
                 }
-                let idle = sleepIfIdle()
+                let idle = executor.mayBlock() && sleepIfIdle()
                 release()
                 if idle { _ = EventWaiter.wait(for: wake, until: .distantFuture) }
                 continue
@@ -499,6 +562,14 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
         while true {
             // Token held.
             let progress = step()
+            if executor.hasJobs {
+                // Tasks on the engine's executor, resumed by what `step` reaped (or queued
+                // from other threads): run them, then post what they asked for.
+                release()
+                executor.runJobs()
+                acquire()
+                continue
+            }
             if inFlight.isEmpty {
                 let idle = pendingHead == pending.count
                 if !idle && leaseHandled < budget {
@@ -524,7 +595,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
                 // Park: callers drive; wake up when one hands the waiting over, or after a
                 // while to act on deadlines and on an idle lease.
                 release()
-                if queued.load(ordering: .sequentiallyConsistent) == 0 {
+                if queued.load(ordering: .sequentiallyConsistent) == 0 && executor.mayBlock() {
                     parkedDrives = callerDrives.load(ordering: .relaxed)
                     _ = EventWaiter.wait(for: wake, until: .after(nanoseconds: Self.parkNanoseconds))
                 }
@@ -535,7 +606,7 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             parkedDrives = -1
             if progress > 0 || queued.load(ordering: .sequentiallyConsistent) != 0 { continue }
             // The waiter: block on the device (and `wake`) with the token.
-            if sleepIfIdle() {
+            if executor.mayBlock() && sleepIfIdle() {
                 transport.waitForCompletion(orWake: wake)
                 inbox.withLock { $0.sleeping = false }
             }

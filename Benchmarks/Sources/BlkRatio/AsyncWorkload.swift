@@ -37,15 +37,35 @@ func blockOn<T: Sendable>(_ body: @escaping @Sendable () async -> T) -> T {
 }
 
 /// `depth` child tasks, each an `await disk.read` loop over the same xorshift offsets as
-/// `closedLoop`, and the ticker beside them.
-func asyncRound(disk: VirtioBlockDriver, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
+/// `closedLoop`, and the ticker beside them. `onDeviceExecutor`: the tasks and the ticker
+/// prefer the device's executor (they run on its I/O thread; the ticker then measures how
+/// promptly that thread runs a job queued from elsewhere, the sleep's timer).
+func asyncRound(
+    disk: VirtioBlockDriver, depth: Int, settings: Settings, seconds: Double, seed: UInt64, onDeviceExecutor: Bool
+) -> RunResult {
+    let executor: DeviceExecutor?
+    do {
+        executor = onDeviceExecutor ? try disk.executor() : nil
+    } catch {
+        return RunResult(error: "executor: \(error)")
+    }
+    return blockOn {
+        await withTaskExecutorPreference(executor) {
+            await asyncTasks(disk: disk, depth: depth, settings: settings, seconds: seconds, seed: seed)
+        }
+    }
+}
+
+func asyncTasks(disk: VirtioBlockDriver, depth: Int, settings: Settings, seconds: Double, seed: UInt64) async
+    -> RunResult
+{
     let blockSize = settings.blockSize
     let blocks = disk.info.capacityBytes / UInt64(blockSize)
     guard blocks > 0 else { return RunResult(error: "disk smaller than one block") }
     let t0 = monotonicNanoseconds()
     let measureFrom = t0 + UInt64(settings.warmup * 1e9)
     let end = measureFrom + UInt64(seconds * 1e9)
-    return blockOn {
+    do {
         async let ticker = tickerLateness(from: measureFrom, until: end)
         var result = await withTaskGroup(of: RunResult.self) { group in
             for slot in 0..<depth {

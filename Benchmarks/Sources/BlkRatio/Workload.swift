@@ -10,8 +10,10 @@ import VirtioBlock
 /// Which driver a contestant uses.
 enum DriverKind: String {
     case hardened, trusting
-    /// The hardened driver's async calls from a task group (issue 20).
+    /// The hardened driver's async calls from a task group (issue 20), on the pool.
     case async
+    /// The same, the tasks preferring the device's executor (its I/O thread).
+    case asyncExecutor = "async-executor"
     /// The C busy-polling driver (CBlkPoller), the wait strategies' baseline (issue 19).
     case cpoller
 }
@@ -226,7 +228,7 @@ let latencyCapacity = 8 << 20
 func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, seed: UInt64) -> RunResult {
     let queueSize = min(1024, max(128, 1 << (Int.bitWidth - (depth * 3 - 1).leadingZeroBitCount)))
     switch c.driver {
-    case .hardened, .async:
+    case .hardened, .async, .asyncExecutor:
         var options = VirtioBlockDriver.Options()
         options.queueSize = queueSize
         options.spinIterations = settings.spinIterations
@@ -243,8 +245,10 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: settings.blockSize * depth, alignment: 4096)
         defer { buffers.deallocate() }
         buffers.initializeMemory(as: UInt8.self, repeating: 0x5a)
-        if c.driver == .async {
-            var r = asyncRound(disk: disk, depth: depth, settings: settings, seconds: seconds, seed: seed)
+        if c.driver == .async || c.driver == .asyncExecutor {
+            var r = asyncRound(
+                disk: disk, depth: depth, settings: settings, seconds: seconds, seed: seed,
+                onDeviceExecutor: c.driver == .asyncExecutor)
             let s = disk.queue(0).statistics  // the engine is idle once every read returned
             r.kicks = Int(s.kicks)
             r.sleeps = Int(s.spuriousNotifications)

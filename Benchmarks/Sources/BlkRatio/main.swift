@@ -3,9 +3,10 @@
 //   blk-ratio drivers --backend NAME=SOCKET...   hardened VirtioBlockDriver vs the trusting
 //                                               baseline, against each back-end (issue 3:
 //                                               hardened >= 0.95x trusting IOPS)
-//   blk-ratio async --socket SOCKET             async reads from a task group vs the
+//   blk-ratio async --socket SOCKET             async reads from a task group (on the
+//                                               pool, and on the device's executor) vs the
 //                                               synchronous queue API, one back-end, with a
-//                                               1 ms Task.sleep ticker on the pool (issue 20:
+//                                               1 ms Task.sleep ticker beside them (issue 20:
 //                                               >= 0.8x, ticker lateness p99 < 5 ms)
 //   blk-ratio wait --socket SOCKET             the hardened driver's wait strategies (poll,
 //                                               adaptive, interrupts) vs the C busy-polling
@@ -31,7 +32,7 @@ func usage(_ code: Int32 = 2) -> Never {
                blk-ratio check --socket SOCKET   (both drivers read the same random blocks
                                                   and must return the same bytes)
                blk-ratio poll-cost --socket SOCKET   (ns per empty poll of each driver)
-               blk-ratio run --driver hardened|trusting|cpoller --socket SOCKET [options]
+               blk-ratio run --driver hardened|trusting|cpoller|async|async-executor --socket SOCKET [options]
                              [--wait poll|adaptive|interrupts]
                              (one contestant, one round per depth: for profilers;
                              --wait: the hardened driver's strategy, default adaptive)
@@ -228,10 +229,16 @@ case .devices:
     }
 case .async:
     let socket = targets[0].1
+    // The queue API first: every ratio is against it, round by round.
+    let contestants = [
+        Contestant(label: "queue API", driver: .hardened, socket: socket),
+        Contestant(label: "async, default pool", driver: .async, socket: socket),
+        Contestant(label: "async, device executor", driver: .asyncExecutor, socket: socket),
+    ]
     print(
-        "| iodepth | async IOPS | p50 µs | p99 µs | queue API IOPS | p50 µs | p99 µs | ratio async/sync (totals) | median of rounds [range] | ticker lateness p50 / p99 / max ms, async | same, sync |"
+        "| iodepth | driver | IOPS | p50 µs | p99 µs | vs queue API (totals) | median of rounds [range] | ticker lateness p50 / p99 / max ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     func lateness(_ r: RunResult) -> String {
         guard let t = r.ticker else { return "n/a" }
         func ms(_ p: Double) -> String { f(Double(t.valueAtPercentile(p)) / 1e6, 2) }
@@ -239,13 +246,23 @@ case .async:
     }
     for depth in settings.depths {
         log("async vs queue API, iodepth \(depth) (load \(loadAverage())):")
-        let p = comparePair(
-            Contestant(label: "async", driver: .async, socket: socket),
-            Contestant(label: "queue", driver: .hardened, socket: socket), depth: depth, settings: settings, log: log)
-        print("| \(depth) | \(cells(p.a)) | \(cells(p.b)) | \(ratioCell(p)) | \(lateness(p.a)) | \(lateness(p.b)) |")
-        for e in [p.a.error, p.b.error].compactMap({ $0 }) {
-            failed = true
-            log("error: \(e)")
+        let g = compareGroup(contestants, depth: depth, settings: settings, log: log)
+        let base = g.merged[0]
+        for (i, c) in contestants.enumerated() {
+            let m = g.merged[i]
+            var ratio = "1"
+            var rounds = ""
+            if i > 0 {
+                let rs = g.roundRatios(i, to: 0)
+                ratio = base.iops > 0 ? "\(f(m.iops / base.iops, 3))×" : "n/a"
+                rounds = rs.isEmpty ? "n/a" : "\(f(median(rs), 3))× [\(f(rs.min() ?? 0, 3)) .. \(f(rs.max() ?? 0, 3))]"
+            }
+            print(
+                "| \(depth) | \(c.label) | \(cells(m)) | \(ratio) | \(rounds) | \(lateness(m)) |")
+            if let e = m.error {
+                failed = true
+                log("error: \(c.label): \(e)")
+            }
         }
     }
 case .wait:

@@ -1,11 +1,12 @@
 public import SharedMemory
 import Synchronization
 
-/// The async engine's state on a device: not started, running, or stopped by `close()`.
+/// The async engine's state on a device: not started, running, or stopped by `close()`
+/// (keeping the engine's executor, which tasks may still prefer, as long as the device).
 enum AsyncEngineSlot {
     case none
     case running(IOEngine<BlockQueueTransport>)
-    case closed
+    case closed(DeviceExecutor?)
 }
 
 // MARK: async calls (suspend; completions resume them from the device's I/O thread)
@@ -49,6 +50,35 @@ extension VirtioBlockDriver {
         return String(decoding: id.prefix(while: { $0 != 0 }), as: UTF8.self)
     }
 
+    /// The device's I/O thread as a `TaskExecutor`: tasks that prefer it
+    /// (`withTaskExecutorPreference`, `Task(executorPreference:)`,
+    /// `group.addTask(executorPreference:)`) run on the thread that posts their requests
+    /// and reaps their completions, so a completed read resumes its task with no thread
+    /// hand-off. Starts the I/O thread, as the first async call does.
+    ///
+    /// ```swift
+    /// let executor = try disk.executor()
+    /// try await withThrowingTaskGroup(of: Void.self) { group in
+    ///     for i in 0..<32 {
+    ///         group.addTask(executorPreference: executor) {
+    ///             _ = try await disk.read(at: UInt64(i) * 4096, count: 4096)
+    ///         }
+    ///     }
+    ///     try await group.waitForAll()
+    /// }
+    /// ```
+    ///
+    /// One thread runs every such task and the device's queue 0: a task on it must not
+    /// block (no synchronous call of this device: the thread may hold queue 0's lock, and
+    /// the call would wait for itself). Tasks without the preference are unaffected. After
+    /// `close()`, tasks that still prefer it run on the global concurrent executor.
+    ///
+    /// - Throws: `VirtioError.disconnected` once the device is closed, `.system` if the
+    ///   thread cannot be started.
+    public func executor() throws(VirtioError) -> DeviceExecutor {
+        try engine().executor
+    }
+
     /// Posts requests from async code and delivers their completions as an `AsyncSequence`
     /// (`BlockPipeline.completions`), for callers that keep many in flight. Runs on the
     /// same I/O thread and queue as the async calls.
@@ -89,9 +119,16 @@ extension VirtioBlockDriver {
     /// by their deadline, then the I/O thread ends.
     func stopAsyncEngine() {
         let engine = asyncEngine.withLock { slot -> IOEngine<BlockQueueTransport>? in
-            defer { slot = .closed }
-            if case .running(let engine) = slot { return engine }
-            return nil
+            switch slot {
+            case .running(let engine):
+                slot = .closed(engine.executor)
+                return engine
+            case .none:
+                slot = .closed(nil)
+                return nil
+            case .closed:
+                return nil
+            }
         }
         engine?.stop()
     }
@@ -207,9 +244,17 @@ final class BlockQueueTransport: IOTransport {
 
     var inFlight: Int { queue.inFlight }
 
+    /// Bounded by `pollBound`: with `WaitStrategy.poll` the queue's wait never blocks (so
+    /// never sees `wake`); jobs queued on the engine's executor from other threads wait at
+    /// most this long. Not while the queue needs settling (a reconnect under way, a broken
+    /// or closed device): its wait settles it and acts on the request deadlines there,
+    /// which a bounded wait returning early would skip forever.
     func waitForCompletion(orWake wake: Notifier) {
-        stashed = queue.wait(until: .distantFuture, orWake: wake)
+        let limit: Deadline = queue.needsSettling ? .distantFuture : .after(nanoseconds: Self.pollBound)
+        stashed = queue.wait(until: limit, orWake: wake)
     }
+
+    static var pollBound: UInt64 { 2_000_000 }
 
     func exclusively(_ body: () -> Void) { lock.withLock { _ in body() } }
 
