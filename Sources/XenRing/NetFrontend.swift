@@ -80,9 +80,10 @@ public struct NetFrontendMemory: @unchecked Sendable {
 ///   a tx page holds its frame and zeroes only (zeroed past the payload on reuse); an rx
 ///   page is zeroed whenever its audience changes (before the first grant of each
 ///   `NetFrontend`, i.e. of each connection) and otherwise holds only what this
-///   connection's backend wrote (see `refillRx`); rx pages stay granted across posts
-///   (persistent rx grants) and are revoked by `failAll`; a grant the backend still maps
-///   when we revoke it is quarantined.
+///   connection's backend wrote (see `refillRx`); rx and tx pages stay granted across
+///   uses (persistent grants, `refillRx`, `txGrant`) and are revoked by `failAll`; a tx
+///   grant the backend still maps (or whose flags it changed) when its frame completes,
+///   or any grant it still maps when we revoke it, is quarantined.
 ///
 /// Not thread-safe: one owner at a time.
 public final class NetFrontend {
@@ -118,20 +119,21 @@ public final class NetFrontend {
     let tables:
         (
             tx: PrivateTable<TxShadow>, rx: PrivateTable<RxShadow>, dirty: PrivateTable<Int>,
-            zeroed: PrivateTable<Bool>, rxRef: PrivateTable<UInt32>
+            zeroed: PrivateTable<Bool>, pageRef: PrivateTable<UInt32>
         )
     let txShadow: UnsafeMutablePointer<TxShadow>
     let rxShadow: UnsafeMutablePointer<RxShadow>
     let freeTxIds: PrivateStack<UInt16>
     let txFrames: PrivateStack<UInt32>
     let rxFrames: PrivateQueue<UInt32>
-    /// The grant ref each rx page holds while it is granted (.max: not granted). An rx page
-    /// is granted once, before its first post, and stays granted to this connection's
-    /// backend across its posts (persistent, as blkfront's persistent grants): it is
-    /// revoked only by `failAll` (the end of the connection takes the memory away). See `refillRx` for why
-    /// that is safe. Refs come from one contiguous block claimed at init, so they do not
-    /// share cache lines with the tx grants we write and revoke per frame.
-    let rxRef: UnsafeMutablePointer<UInt32>
+    /// The grant ref each bounce page (rx or tx) holds while it is granted (.max: not
+    /// granted). A page is granted once, before its first use (rx pages writable, tx pages
+    /// read-only), and stays granted to this connection's backend across its uses
+    /// (persistent, as blkfront's persistent grants): it is revoked only by `failAll` (the
+    /// end of the connection takes the memory away). See `refillRx` and `txGrant` for why
+    /// that is safe. Refs come from two contiguous blocks claimed at init (rx, then tx), so
+    /// a page's entry shares its cache line only with pages of its own ring.
+    let pageRef: UnsafeMutablePointer<UInt32>
     /// Bytes of each tx page that may be non-zero (private): a page is zeroed beyond the
     /// payload up to here on reuse, so it never holds more than the frame it carries.
     let txDirty: UnsafeMutablePointer<Int>
@@ -139,6 +141,8 @@ public final class NetFrontend {
     let rxZeroed: UnsafeMutablePointer<Bool>
     /// Refs claimed at init for the rx pages' first grants (private, popped from the end).
     @exclusivity(unchecked) var rxRefBlock: [UInt32]
+    /// Refs claimed at init for the tx pages' first grants (private, popped from the end).
+    @exclusivity(unchecked) var txRefBlock: [UInt32]
     @exclusivity(unchecked) public private(set) var quarantinedFrames: [UInt32] = []
 
     @exclusivity(unchecked) var txRequestProducer: UInt32 = 0
@@ -196,7 +200,7 @@ public final class NetFrontend {
         rxShadow = tables.rx.base
         txDirty = tables.dirty.base
         rxZeroed = tables.zeroed.base
-        rxRef = tables.rxRef.base
+        pageRef = tables.pageRef.base
         freeTxIds = PrivateStack(capacity: NetifLayout.txRingSize)
         for id in (0..<NetifLayout.txRingSize).reversed() { freeTxIds.push(UInt16(id)) }
         var pages = (0..<memory.grants.frameCount).map { UInt32($0) }
@@ -206,6 +210,7 @@ public final class NetFrontend {
         for frame in pages.prefix(rxCount) { rxFrames.push(frame) }
         rxRefBlock = grants.claim(count: rxCount)
         let tx = pages.dropFirst(rxCount).prefix(NetifLayout.txRingSize)
+        txRefBlock = grants.claim(count: tx.count)
         txFrames = PrivateStack(capacity: tx.count)
         for frame in tx.reversed() { txFrames.push(frame) }
     }
@@ -228,7 +233,8 @@ public final class NetFrontend {
         let slots = (count + page - 1) / page
         let extras = gso == nil ? 0 : 1
         guard txSlotsInFlight + slots + extras <= txRingSize, freeTxIds.count >= slots else { throw .full }
-        guard txFrames.count >= slots, grants.available >= slots else { throw .noBounceSpace }
+        // Each slot needs a page, and a ref if its page is not granted yet.
+        guard txFrames.count >= slots, grants.available &+ txRefBlock.count >= slots else { throw .noBounceSpace }
         if slots == 1 && extras == 0 {
             postSingle(source, count: count, token: token)
             return
@@ -245,7 +251,7 @@ public final class NetFrontend {
             let dirty = txDirty[Int(frameNumber)]
             if dirty > bytes { (bounce + bytes).initializeMemory(as: UInt8.self, repeating: 0, count: dirty - bytes) }
             txDirty[Int(frameNumber)] = bytes
-            let ref = grants.grant(frame: frameNumber, readOnly: true) ?? 0  // counted above
+            let ref = txGrant(frameNumber)
             if s == 0 { head = id }
             var flags: UInt16 = s < slots - 1 ? NetFlags.txMoreData : 0
             if s == 0 && extras > 0 { flags |= NetFlags.txExtraInfo }
@@ -271,12 +277,69 @@ public final class NetFrontend {
         let dirty = txDirty[Int(frameNumber)]
         if dirty > count { (bounce + count).initializeMemory(as: UInt8.self, repeating: 0, count: dirty &- count) }
         txDirty[Int(frameNumber)] = count
-        let ref = grants.grant(frame: frameNumber, readOnly: true) ?? 0
+        let ref = txGrant(frameNumber)
         writeTxRequest(ref: ref, offset: 0, flags: 0, id: id, size: UInt16(truncatingIfNeeded: count))
         txShadow[Int(id)] = TxShadow(
             token: token, head: id, ref: ref, frame: frameNumber, active: true, remaining: 1, status: .okay)
         txSlotsInFlight &+= 1
         framesInFlight &+= 1
+    }
+
+    /// The ref of a tx page: its persistent read-only grant, made on the page's first use.
+    /// Why a tx page may stay granted across frames (docs/xen.md "Netif", persistent tx
+    /// grants), as for rx pages (`refillRx`):
+    /// - R7, audience: a tx page only ever holds zeroes and frames sent to this backend
+    ///   (each frame is copied in whole and the page zeroed past it, `txDirty`); tx and rx
+    ///   pools are disjoint and fixed at init, every page of a new `NetFrontend` (a new
+    ///   connection) is zeroed past the payload on its first use, and a disabled frontend
+    ///   grants nothing. Reading the page at any time shows the backend nothing it was not
+    ///   sent or is not about to be sent.
+    /// - The grant is read-only: the backend cannot write the page (and we never read it
+    ///   back, R1).
+    /// - XSA-396: at each completion the entry's flags are loaded once (`checkTxGrant`): a
+    ///   page the backend still maps (GTF_reading) or flags it scribbled quarantine the
+    ///   page and disable the device, as the compare-exchange revocation did; `failAll`
+    ///   revokes every tx grant with the compare-exchange and quarantines a page still
+    ///   mapped.
+    @inline(__always)
+    func txGrant(_ frameNumber: UInt32) -> UInt32 {
+        let ref = pageRef[Int(frameNumber)]
+        return ref != .max ? ref : grantTxPage(frameNumber)
+    }
+
+    /// First use of a tx page (or first after `failAll` revoked it): granted read-only
+    /// with a ref of the tx block (or a free one; `submit` counted them).
+    @inline(never)
+    func grantTxPage(_ frameNumber: UInt32) -> UInt32 {
+        guard let ref = txRefBlock.popLast() ?? grants.claim() else { return 0 }  // counted in `submit`
+        grants.grant(ref: ref, frame: frameNumber, readOnly: true)
+        pageRef[Int(frameNumber)] = ref
+        return ref
+    }
+
+    /// A tx page's grant at its completion: the flags must be exactly the read-only grant
+    /// we wrote, with no mapping pinned (one load, no compare-exchange: the grant stays).
+    /// Otherwise the ref and page are quarantined for good and the device disabled (R7,
+    /// XSA-396). False on failure.
+    @inline(__always)
+    func checkTxGrant(_ ref: UInt32, frame: UInt32) -> Bool {
+        let found = grants.memory.flagsAtomic(ref).load(ordering: .acquiring)
+        if found == GrantLayout.permitAccess | GrantLayout.readOnly { return true }
+        return quarantineTx(ref, frame: frame, found: found)
+    }
+
+    @inline(never)
+    func quarantineTx(_ ref: UInt32, frame: UInt32, found: UInt16) -> Bool {
+        grants.quarantine(ref)
+        pageRef[Int(frame)] = .max
+        quarantinedFrames.append(frame)
+        if found & (GrantLayout.reading | GrantLayout.writing) != 0 {
+            _ = disable(.xenGrantStillMapped(ref: ref, flags: found))
+        } else {
+            _ = disable(
+                .xenGrantFlagsScribbled(ref: ref, expected: GrantIssuer.expectedFlags(readOnly: true), found: found))
+        }
+        return false
     }
 
     /// One tx request, stored whole into the next slot (R1).
@@ -393,8 +456,8 @@ public final class NetFrontend {
             txSlotsInFlight -= 1
             let ref = txShadow[id].ref
             let frameNumber = txShadow[id].frame
-            txShadow[id].ref = .max
-            if !endGrant(ref, frame: frameNumber, readOnly: true) { throw stickyViolation() }
+            txShadow[id].ref = .max  // the page is back (still granted, persistent)
+            if !checkTxGrant(ref, frame: frameNumber) { throw stickyViolation() }
             txFrames.push(frameNumber)
             let head = Int(txShadow[id].head)
             if status != .okay && txShadow[head].status == .okay { txShadow[head].status = status }
@@ -421,7 +484,7 @@ public final class NetFrontend {
         var posted = 0
         while rxPosted < rxRingSize, let frameNumber = rxFrames.pop() {
             let id = Int(rxRequestProducer & rxMask)
-            var ref = rxRef[Int(frameNumber)]
+            var ref = pageRef[Int(frameNumber)]
             if ref == .max {
                 // First post of the page in this frontend (or after `failAll` revoked it):
                 // zeroed, then granted writable, and it stays granted. Why that is safe
@@ -452,7 +515,7 @@ public final class NetFrontend {
                     break
                 }
                 ref = claimed
-                rxRef[Int(frameNumber)] = claimed
+                pageRef[Int(frameNumber)] = claimed
                 grants.grant(ref: ref, frame: frameNumber, readOnly: false)
             }
             let slot = rxRing + SharedRingLayout.headerSize + id * NetifLayout.rxSlotSize
@@ -734,13 +797,22 @@ public final class NetFrontend {
     }
 
     /// Hands back the tokens of every frame in flight (after a violation or a timeout),
-    /// revoking all grants, tx and rx; pages still mapped stay quarantined.
+    /// revoking all grants, tx and rx (persistent: pooled pages are granted too); pages
+    /// still mapped stay quarantined.
     public func failAll() -> [UInt64] {
         var tokens: [UInt64] = []
         for id in 0..<txRingSize where txShadow[id].ref != .max || txShadow[id].remaining > 0 {
             let s = txShadow[id]
-            if s.ref != .max && endGrant(s.ref, frame: s.frame, readOnly: true) { txFrames.push(s.frame) }
+            if s.ref != .max { txFrames.push(s.frame) }  // revoked below with the pool
             if s.remaining > 0 { tokens.append(s.token) }
+        }
+        // Every tx page not quarantined is in the pool now: revoke the grants they keep.
+        var pooled: [UInt32] = []
+        while let frame = txFrames.pop() { pooled.append(frame) }
+        for frame in pooled.reversed() {  // the stack's order kept
+            let ref = pageRef[Int(frame)]
+            pageRef[Int(frame)] = .max
+            if endGrant(ref, frame: frame, readOnly: true) { txFrames.push(frame) }
         }
         for id in 0..<txRingSize where txShadow[id].active || txShadow[id].remaining > 0 {
             txShadow[id] = TxShadow()
@@ -754,8 +826,8 @@ public final class NetFrontend {
         // the backend still maps is quarantined (never pooled again, R7).
         for _ in 0..<rxFrames.count {
             guard let frame = rxFrames.pop() else { break }
-            let ref = rxRef[Int(frame)]
-            rxRef[Int(frame)] = .max
+            let ref = pageRef[Int(frame)]
+            pageRef[Int(frame)] = .max
             if endGrant(ref, frame: frame, readOnly: false) { rxFrames.push(frame) }
         }
         return tokens

@@ -149,3 +149,116 @@ final class RewritingBackend: XenNetFrontendHooks {
         for i in UInt32(2)..<4 { #expect(flags(pair, pair.rxRequestRef(i)) == GrantLayout.permitAccess) }
     }
 }
+
+/// Persistent tx grants (docs/xen.md "Netif", persistent tx grants): a tx page is granted
+/// read-only once and stays granted to this connection's backend across frames; each
+/// completion loads the entry's flags once (no compare-exchange) and quarantines a page
+/// the backend still maps or whose flags it changed, as the per-frame revocation did;
+/// `failAll` revokes every tx grant.
+@Suite struct NetPersistentTxGrantTests {
+    func flags(_ pair: NetPair, _ ref: UInt32) -> UInt16 {
+        pair.memory.entries.load(fromByteOffset: Int(ref) * GrantLayout.entrySize, as: UInt16.self)
+    }
+
+    /// One frame of `size` bytes of `byte` submitted, served by the honest backend and
+    /// completed; returns the ref its request carried.
+    func echo(_ pair: NetPair, size: Int, byte: UInt8, index: UInt32) throws -> UInt32 {
+        pair.delivered = []
+        try [UInt8](repeating: byte, count: size).withUnsafeBytes { try pair.front.submit(frame: $0, token: 1) }
+        _ = pair.front.publishTx()
+        let ref = pair.txRequestRef(index)
+        try pair.serveTx()
+        #expect(try pair.front.nextTxCompletion() == NetTxCompletion(token: 1, status: .okay))
+        return ref
+    }
+
+    /// A page keeps its ref and its read-only grant across frames; no ref is taken from
+    /// or given back to the issuer per frame; the page holds the last frame and zeroes.
+    @Test func txPagesStayGrantedAcrossFrames() throws {
+        let pair = try NetPair()
+        let first = try echo(pair, size: 1500, byte: 0xa1, index: 0)
+        let readOnly = GrantLayout.permitAccess | GrantLayout.readOnly
+        #expect(flags(pair, first) == readOnly)
+        let available = pair.issuer.available
+        let second = try echo(pair, size: 100, byte: 0xb2, index: 1)
+        #expect(second == first)  // the same page (last in, first out), the same grant
+        #expect(flags(pair, second) == readOnly)
+        #expect(pair.issuer.available == available)
+        #expect(pair.delivered == [[UInt8](repeating: 0xb2, count: 100)])
+        let page = UnsafeRawBufferPointer(start: pair.memory.page(pair.memory.grantedFrame(first)), count: 4096)
+        #expect(page[0..<100].allSatisfy { $0 == 0xb2 } && page[100...].allSatisfy { $0 == 0 })
+        #expect(pair.issuer.quarantined.isEmpty && !pair.front.isBroken)
+    }
+
+    /// The backend leaves the page mapped when it answers: caught at that completion
+    /// (xenGrantStillMapped, the flags found), the page quarantined and never reused.
+    @Test func txPageStillMappedAtCompletionIsQuarantined() throws {
+        let pair = try NetPair()
+        let ref = try echo(pair, size: 60, byte: 1, index: 0)
+        try [UInt8](repeating: 2, count: 60).withUnsafeBytes { try pair.front.submit(frame: $0, token: 2) }
+        _ = pair.front.publishTx()
+        #expect(pair.txRequestRef(1) == ref)
+        _ = try pair.back.mapper.map(ref, write: false)  // kept mapped
+        pair.writeTxResponse(slot: 1, id: pair.txSlot(1).load(fromByteOffset: 8, as: UInt16.self), status: 0)
+        pair.setTxResponseProducer(2)
+        let found = GrantLayout.permitAccess | GrantLayout.readOnly | GrantLayout.reading
+        #expect(throws: XenViolation.xenGrantStillMapped(ref: ref, flags: found)) {
+            try pair.front.nextTxCompletion()
+        }
+        #expect(pair.issuer.quarantined == [ref])
+        #expect(pair.front.quarantinedFrames == [pair.memory.grantedFrame(ref)])
+        #expect(pair.front.availableTxPages == 63)  // of 64: the page is out of the pool
+        #expect(flags(pair, ref) == found)  // left alone: never revoked, never reused
+        #expect(pair.front.failAll() == [2])
+        #expect(flags(pair, ref) == found && pair.front.availableTxPages == 63)
+    }
+
+    /// The backend rewrote the entry's flags (here: the read-only bit cleared) before it
+    /// answered: quarantined at completion (xenGrantFlagsScribbled).
+    @Test func txGrantFlagsChangedByBackendAreQuarantinedAtCompletion() throws {
+        let pair = try NetPair()
+        let ref = try echo(pair, size: 60, byte: 1, index: 0)
+        try [UInt8](repeating: 2, count: 60).withUnsafeBytes { try pair.front.submit(frame: $0, token: 2) }
+        _ = pair.front.publishTx()
+        pair.memory.entries.storeBytes(
+            of: GrantLayout.permitAccess, toByteOffset: Int(ref) * GrantLayout.entrySize, as: UInt16.self)
+        try pair.serveTx()
+        let v = XenViolation.xenGrantFlagsScribbled(
+            ref: ref, expected: GrantLayout.permitAccess | GrantLayout.readOnly, found: GrantLayout.permitAccess)
+        #expect(throws: v) { try pair.front.nextTxCompletion() }
+        #expect(pair.issuer.quarantined == [ref] && pair.front.violation == v)
+    }
+
+    /// `failAll` revokes the grant of every tx page, pooled or in flight; one the backend
+    /// still maps is quarantined; a frontend not disabled grants its pages afresh.
+    @Test func failAllRevokesEveryTxGrant() throws {
+        let pair = try NetPair()
+        _ = try echo(pair, size: 60, byte: 1, index: 0)
+        for token in UInt64(2)...4 {
+            try [UInt8](repeating: 2, count: 60).withUnsafeBytes { try pair.front.submit(frame: $0, token: token) }
+        }
+        _ = pair.front.publishTx()
+        let inFlight = (UInt32(1)...3).map { pair.txRequestRef($0) }
+        _ = try pair.back.mapper.map(inFlight[1], write: false)  // kept mapped
+        let granted = (0..<512).compactMap { ref -> UInt32? in
+            flags(pair, UInt32(ref)) & GrantLayout.readOnly != 0 ? UInt32(ref) : nil
+        }
+        #expect(Set(inFlight).isSubset(of: Set(granted)) && granted.count == 3)
+        #expect(pair.front.failAll().sorted() == [2, 3, 4])
+        for ref in granted where ref != inFlight[1] { #expect(flags(pair, ref) == 0) }
+        let found = GrantLayout.permitAccess | GrantLayout.readOnly | GrantLayout.reading
+        #expect(flags(pair, inFlight[1]) == found)
+        #expect(pair.issuer.quarantined == [inFlight[1]])
+        #expect(pair.front.violation == .xenGrantStillMapped(ref: inFlight[1], flags: found))
+    }
+
+    @Test func txPagesRevokedByFailAllAreGrantedAgainBeforeReuse() throws {
+        let pair = try NetPair()
+        let ref = try echo(pair, size: 60, byte: 1, index: 0)
+        #expect(pair.front.failAll() == [])
+        #expect(flags(pair, ref) == 0 && !pair.front.isBroken)
+        let again = try echo(pair, size: 60, byte: 2, index: 1)
+        #expect(flags(pair, again) == GrantLayout.permitAccess | GrantLayout.readOnly)
+        #expect(pair.delivered == [[UInt8](repeating: 2, count: 60)])
+    }
+}

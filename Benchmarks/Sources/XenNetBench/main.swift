@@ -7,6 +7,9 @@
 //                                [--no-pin]
 // The frontend (either) runs pinned to CPU 0 and the backend process to CPU 1 unless
 // --no-pin: the scheduler then cannot stack them on one core for part of a round.
+// Besides the ratios it prints each side's frontend CPU per frame and how often per 1000
+// frames the frontend thread and the backend's serving thread went to sleep (voluntary
+// context switches: getrusage(RUSAGE_THREAD), /proc/PID/status), for both frontends.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -82,6 +85,29 @@ func processCPUSeconds() -> Double {
     getrusage(RUSAGE_SELF.rawValue, &u)
     return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
 }
+/// Times this thread (the frontend) went to sleep: its voluntary context switches.
+func frontendSleeps() -> Int {
+    var u = rusage()
+    getrusage(1, &u)  // RUSAGE_THREAD (needs _GNU_SOURCE, not imported)
+    return u.ru_nvcsw
+}
+
+/// Times the backend's serving thread (its main thread) went to sleep, from
+/// /proc/PID/status (voluntary_ctxt_switches of that one task).
+func backendSleeps() -> Int {
+    guard let f = fopen("/proc/\(backendChild?.pid ?? 0)/status", "r") else { return 0 }
+    defer { fclose(f) }
+    var line = [CChar](repeating: 0, count: 256)
+    while fgets(&line, 256, f) != nil {
+        let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if text.hasPrefix("voluntary_ctxt_switches:") {
+            return Int(String(text.dropFirst(24).filter(\.isNumber))) ?? 0
+        }
+    }
+    return 0
+}
+nonisolated(unsafe) var sleepsHardened = (frontend: 0, backend: 0)
+nonisolated(unsafe) var sleepsTrusting = (frontend: 0, backend: 0)
 nonisolated(unsafe) var cpuHardened = 0.0
 nonisolated(unsafe) var cpuTrusting = 0.0
 nonisolated(unsafe) var framesHardened = 0
@@ -124,6 +150,7 @@ func connect() -> XenNetFrontendDevice {
     var received = 0
     let depth = depth  // locals: a global in the loop costs a dynamic exclusivity check each time
     let cpu = processCPUSeconds()
+    let (slept, backendSlept) = (frontendSleeps(), backendSleeps())
     let start = monotonicNanoseconds()
     let end = start &+ UInt64(seconds * 1e9)
     do throws(XenNetError) {
@@ -152,6 +179,8 @@ func connect() -> XenNetFrontendDevice {
     } catch { fail("hardened: \(error)") }
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuHardened += processCPUSeconds() - cpu
+    sleepsHardened.frontend += frontendSleeps() - slept
+    sleepsHardened.backend += backendSleeps() - backendSlept
     framesHardened += received
     return (Double(received) / elapsed, received)
 }
@@ -182,12 +211,15 @@ func connect() -> XenNetFrontendDevice {
     let out = UnsafeMutablePointer<UInt8>.allocate(capacity: 65536)
     defer { out.deallocate() }
     let cpu = processCPUSeconds()
+    let (slept, backendSlept) = (frontendSleeps(), backendSleeps())
     let start = monotonicNanoseconds()
     let n = xen_net_trusting_run(
         &env, rxRefs, rxFrame, UInt32(rxSlots), txRefs, txFrame, UInt32(depth), UInt32(size), UInt64(frames), out,
         5000)
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuTrusting += processCPUSeconds() - cpu
+    sleepsTrusting.frontend += frontendSleeps() - slept
+    sleepsTrusting.backend += backendSleeps() - backendSlept
     framesTrusting += n
     guard n == frames else { fail("trusting C run: \(n) of \(frames) frames") }
     return Double(n) / elapsed
@@ -219,6 +251,7 @@ if let only {
 for size in sizes {
     var ratios: [Double] = []
     (cpuHardened, cpuTrusting, framesHardened, framesTrusting) = (0, 0, 0, 0)
+    (sleepsHardened, sleepsTrusting) = ((0, 0), (0, 0))
     var hardenedTotal = 0.0
     var trustingTotal = 0.0
     for round in 1...rounds {
@@ -247,6 +280,12 @@ for size in sizes {
     print(
         "\(size) B frontend CPU per frame: hardened \(fmt(usHardened, 3)) us, trusting \(fmt(usTrusting, 3)) us "
             + "(ratio \(fmt(usTrusting / usHardened, 3)))")
+    func per1000(_ n: Int, _ frames: Int) -> String { fmt(Double(n) * 1000 / Double(max(1, frames)), 1) }
+    print(
+        "\(size) B sleeps per 1000 frames: frontend hardened \(per1000(sleepsHardened.frontend, framesHardened)), "
+            + "trusting \(per1000(sleepsTrusting.frontend, framesTrusting)); backend serving hardened "
+            + "\(per1000(sleepsHardened.backend, framesHardened)), trusting \(per1000(sleepsTrusting.backend, framesTrusting))"
+    )
     let sorted = ratios.sorted()
     print(
         "\(size) B median ratio hardened/trusting: \(fmt(sorted[sorted.count / 2], 3)) (mean frames/s hardened "
