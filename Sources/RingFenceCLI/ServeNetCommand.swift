@@ -56,6 +56,9 @@ struct ServeNetCommand: ParsableCommand {
     @Flag(name: .customLong("no-ctrl"), help: "Do not offer a control queue.")
     var noCtrl = false
 
+    @Flag(name: .customLong("no-in-order"), help: "Do not offer VIRTIO_F_IN_ORDER.")
+    var noInOrder = false
+
     @OptionGroup var metricsOptions: MetricsOptions
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
@@ -73,6 +76,7 @@ struct ServeNetCommand: ParsableCommand {
         options.packedRing = !noPacked
         options.mergeableRxBuffers = !noMergeable
         options.controlQueue = !noCtrl
+        options.inOrder = !noInOrder
         return options
     }
 

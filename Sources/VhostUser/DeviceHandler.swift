@@ -209,7 +209,8 @@ public final class DeviceHandler: VhostUserBackendHandler {
     private func makeQueue(address a: VringAddress, size: Int, base: UInt32) throws(Refusal) -> any DeviceRing {
         let features = RingFeatures(
             eventIndex: ackedFeatures & FeatureBits.ringEventIndex != 0,
-            indirectDescriptors: ackedFeatures & FeatureBits.ringIndirectDescriptors != 0)
+            indirectDescriptors: ackedFeatures & FeatureBits.ringIndirectDescriptors != 0,
+            inOrder: ackedFeatures & FeatureBits.inOrder != 0)
         do {
             if packed {
                 return try PackedDeviceQueue(

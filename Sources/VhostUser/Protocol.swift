@@ -139,6 +139,8 @@ public enum FeatureBits {
     public static let accessPlatform: UInt64 = 1 << 33
     /// VIRTIO_F_RING_PACKED.
     public static let ringPacked: UInt64 = 1 << 34
+    /// VIRTIO_F_IN_ORDER: the device uses buffers in the order they were made available.
+    public static let inOrder: UInt64 = 1 << 35
 }
 
 /// VHOST_USER_PROTOCOL_F_* bits.

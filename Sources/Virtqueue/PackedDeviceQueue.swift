@@ -32,6 +32,12 @@ public final class PackedDeviceQueue {
         var outstanding = 0
         /// The first used descriptor's flags since the last publish, held back.
         var pending = DeferredFlags()
+        /// With VIRTIO_F_IN_ORDER: buffers completed unwritten since the last used
+        /// descriptor, not yet written (`completeUnwritten`): the run's first slot, its
+        /// last buffer id, and the slots it spans (0: no run).
+        var runStart = RingPosition(slot: 0, wrap: true)
+        var runID: UInt16 = 0
+        var runSlots = 0
         var health = QueueHealth()
     }
 
@@ -211,15 +217,52 @@ public final class PackedDeviceQueue {
         return .ready
     }
 
+    /// Forgets buffer `id`'s chain; the slots it took (1 for an id not in flight).
+    @inline(__always)
+    func release(_ id: UInt16) -> Int {
+        guard Int(id) < size, chainSlots[Int(id)] != 0 else { return 1 }
+        let slots = Int(chainSlots[Int(id)])
+        chainSlots[Int(id)] = 0
+        state.pointee.outstanding -= slots
+        return slots
+    }
+
     /// Records that buffer `id` is done with `length` bytes written: one used descriptor,
     /// then the used position skips the chain's slots. Visible at `publishUsed()`.
     public func complete(head id: UInt16, length: UInt32) {
-        var slots = 1
-        if Int(id) < size, chainSlots[Int(id)] != 0 {
-            slots = Int(chainSlots[Int(id)])
-            chainSlots[Int(id)] = 0
-            state.pointee.outstanding -= slots
-        }
+        if state.pointee.runSlots > 0 { writeRun() }
+        writeUsed(id, length: length, slots: release(id))
+    }
+
+    /// `complete(head: id, length: 0)`, but with VIRTIO_F_IN_ORDER a run of such buffers
+    /// gets one used descriptor, at the run's first slot with its last buffer id (virtio
+    /// 1.2 §2.8.20: the driver frees every buffer up to that id), written when another
+    /// completion or `publishUsed()` ends the run. Only for buffers whose used length the
+    /// driver ignores: a driver's receive path may read every used descriptor.
+    public func completeUnwritten(head id: UInt16) {
+        guard features.inOrder else { return complete(head: id, length: 0) }
+        let slots = release(id)
+        if state.pointee.runSlots == 0 { state.pointee.runStart = state.pointee.used }
+        state.pointee.runID = id
+        state.pointee.runSlots += slots
+        state.pointee.used.advance(by: slots, size: size)
+    }
+
+    /// Writes the pending run's one used descriptor.
+    func writeRun() {
+        let slots = state.pointee.runSlots
+        state.pointee.runSlots = 0
+        let start = state.pointee.runStart
+        let d = descriptor(Int(start.slot))
+        SharedAccess.store32(d + PackedLayout.descLen, 0)
+        SharedAccess.store16(d + PackedLayout.descID, state.pointee.runID)
+        state.pointee.pending.write(
+            PackedLayout.usedMarker(wrap: start.wrap), slot: start.slot, ring: ring, slots: slots)
+    }
+
+    /// One used descriptor for buffer `id` at the used position, which moves on by `slots`.
+    @inline(__always)
+    func writeUsed(_ id: UInt16, length: UInt32, slots: Int) {
         let used = state.pointee.used
         let d = descriptor(Int(used.slot))
         SharedAccess.store32(d + PackedLayout.descLen, length)
@@ -233,6 +276,7 @@ public final class PackedDeviceQueue {
     /// area is read once, as one 32-bit snapshot, after a full fence; garbage there
     /// breaks the queue (R3) but the interrupt is still sent.
     public func publishUsed() -> Bool {
+        if state.pointee.runSlots > 0 { writeRun() }
         guard let moved = state.pointee.pending.publish(ring: ring) else { return false }
         let used = state.pointee.used
         switch PackedEvents.peerWants(

@@ -95,6 +95,10 @@ public protocol DeviceRing: AnyObject {
     /// Pops the next available chain into `chain` (`chain.head` is what `complete` takes).
     func nextChain(into chain: inout DescriptorChain, memory: GuestMemory) throws(Violation) -> ChainFetch
     func complete(head: UInt16, length: UInt32)
+    /// `complete(head:length: 0)` for a buffer the device did not write and whose used
+    /// length the driver ignores (a transmitted frame): with VIRTIO_F_IN_ORDER a packed
+    /// queue writes one used descriptor for a run of them, as the spec allows.
+    func completeUnwritten(head: UInt16)
     /// Publishes completions; true if the driver wants an interrupt.
     func publishUsed() -> Bool
     func disableNotifications()
@@ -104,6 +108,11 @@ public protocol DeviceRing: AnyObject {
     /// What GET_VRING_BASE reports: the next avail index (split), or QEMU's packed
     /// encoding with the wrap counters (packed).
     var vringBase: UInt32 { get }
+}
+
+extension DeviceRing {
+    /// One used entry per buffer (what a split queue always does).
+    public func completeUnwritten(head: UInt16) { complete(head: head, length: 0) }
 }
 
 extension DeviceQueue: DeviceRing {

@@ -105,11 +105,16 @@ public struct RingFeatures: Sendable, Equatable {
     public var eventIndex: Bool
     /// VIRTIO_RING_F_INDIRECT_DESC.
     public var indirectDescriptors: Bool
+    /// VIRTIO_F_IN_ORDER: buffers are used in the order they were made available, so a
+    /// packed device queue may write one used descriptor for a run of unwritten buffers
+    /// (`completeUnwritten`).
+    public var inOrder: Bool
 
     /// The features negotiated.
-    public init(eventIndex: Bool = false, indirectDescriptors: Bool = false) {
+    public init(eventIndex: Bool = false, indirectDescriptors: Bool = false, inOrder: Bool = false) {
         self.eventIndex = eventIndex
         self.indirectDescriptors = indirectDescriptors
+        self.inOrder = inOrder
     }
 }
 

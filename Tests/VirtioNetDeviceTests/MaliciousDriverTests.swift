@@ -20,11 +20,11 @@ import RingTestSupport
         let control: any QueueHandler
         let wake: Notifier
 
-        init(mergeable: Bool = true, queueSize: Int = 16) throws {
+        init(mergeable: Bool = true, queueSize: Int = 16, inOrder: Bool = false) throws {
             var options = VirtioNetDeviceOptions()
             options.queueSize = queueSize
             device = VirtioNetDevice(fabric: fabric, options: options)
-            pair = try RingPair(queueCount: 3, queueSize: queueSize)
+            pair = try RingPair(queueCount: 3, queueSize: queueSize, features: RingFeatures(inOrder: inOrder))
             var features = device.features
             if !mergeable { features &= ~NetProtocol.Feature.mergeableRxBuffers }
             rx = device.makeQueueHandler(queue: 0, features: features)
@@ -288,5 +288,69 @@ import RingTestSupport
                 }
             }
         }
+    }
+
+    // MARK: VIRTIO_F_IN_ORDER
+
+    @Test func inOrderIsOfferedUnlessTurnedOff() {
+        #expect(VirtioNetDevice(fabric: NetFabric(mode: .sink), options: .init()).features & FeatureBits.inOrder != 0)
+        var options = VirtioNetDeviceOptions()
+        options.inOrder = false
+        #expect(VirtioNetDevice(fabric: NetFabric(mode: .sink), options: options).features & FeatureBits.inOrder == 0)
+    }
+
+    /// A refused receive buffer behind one held for a waiting frame: with IN_ORDER the
+    /// held one is given back first (empty), so buffers are used in the order posted;
+    /// the frame then fills the buffers after them.
+    @Test(arguments: [false, true])
+    func refusedReceiveBufferBehindAHeldOneKeepsThePostedOrderWithInOrder(inOrder: Bool) throws {
+        let bed = try Bed(inOrder: inOrder)
+        try loop(bed, length: 1000)
+        let held = try bed.post(0, [([UInt8](repeating: 0, count: 256), true)])
+        let refused = try bed.post(0, [([1, 2, 3], false), ([UInt8](repeating: 0, count: 256), true)])
+        var rest: [UInt16] = []
+        for _ in 0..<4 { rest.append(try bed.post(0, [([UInt8](repeating: 0, count: 256), true)])) }
+        _ = try bed.serve(0)
+        let c = try bed.completions(0)
+        if inOrder {
+            #expect(c.map(\.head) == [held, refused] + rest, "every buffer in the order posted")
+            #expect(c.map(\.length) == [0, 0, 256, 256, 256, 244])
+        } else {
+            #expect(c.map(\.head) == [refused, held] + rest.prefix(3), "the refused one first, the held one used")
+            #expect(c.map(\.length) == [0, 256, 256, 256, 244])
+        }
+        #expect(bed.device.statistics.received == 1, "the frame is delivered either way")
+        #expect(bed.device.statistics.receiveRejected == 1, "only the refused buffer counts as refused")
+        #expect(bed.device.statistics.violations == ["R3": 1])
+    }
+
+    /// On a packed ring with IN_ORDER the transmit queue completes its batch unwritten:
+    /// one used descriptor for the batch, at its first slot, with its last buffer id.
+    @Test func inOrderPackedTransmitBatchGetsOneUsedDescriptor() throws {
+        let fabric = NetFabric(mode: .sink)
+        let device = VirtioNetDevice(fabric: fabric, options: .init())
+        let p = try PackedRingPair(queueCount: 2, queueSize: 16, features: RingFeatures(inOrder: true))
+        let tx = device.makeQueueHandler(queue: 1, features: device.features)
+        var ids: [UInt16] = []
+        for n in 0..<5 {
+            let bytes = n == 2 ? [0, 0, 0] : Self.header + Self.frame(60)  // one refused chain in the batch
+            let slice = try #require(p.pools[1].allocate(bytes.count))
+            bytes.withUnsafeBytes { p.pools[1].copyIn(slice, from: $0) }
+            ids.append(try p.drivers[1].add([p.pools[1].segment(slice, deviceWritable: false)], token: UInt64(n)))
+        }
+        _ = p.drivers[1].publish()
+        #expect(try tx.serve(p.devices[1], memory: p.memory, budget: 16) == 5)
+        _ = p.devices[1].publishUsed()
+        let used = PackedLayout.usedMarker(wrap: true)
+        let first = p.descriptor(0, queue: 1)
+        #expect(first.load(fromByteOffset: PackedLayout.descFlags, as: UInt16.self) == used)
+        #expect(first.load(fromByteOffset: PackedLayout.descID, as: UInt16.self) == ids[4], "the batch's last id")
+        for slot in 1..<5 {
+            let flags = p.descriptor(slot, queue: 1).load(fromByteOffset: PackedLayout.descFlags, as: UInt16.self)
+            #expect(flags == PackedLayout.availableMarker(wrap: true), "slot \(slot) not written")
+        }
+        #expect(p.devices[1].usedIndex == 5)
+        #expect(device.statistics.transmitted == 4)
+        #expect(device.statistics.transmitRejected == 1)
     }
 }

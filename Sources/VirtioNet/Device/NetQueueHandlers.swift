@@ -64,7 +64,7 @@ public final class NetTransmitHandler: QueueHandler {
             case .empty:
                 break
             case .rejected(let head, let violation):
-                queue.complete(head: head, length: 0)
+                queue.completeUnwritten(head: head)
                 rejected += 1
                 device.count { $0.violations[violation.rule.rawValue, default: 0] &+= 1 }
                 if rejectionLog.admit() { device.onEvent(.requestRejected(queue: 2 * pair + 1, violation)) }
@@ -81,8 +81,9 @@ public final class NetTransmitHandler: QueueHandler {
                     rejected += 1
                     device.count { $0.violations[Rule.r3.rawValue, default: 0] &+= 1 }
                 }
-                // The used length of a transmitted buffer means nothing: 0.
-                queue.complete(head: chain.pointee.head, length: 0)
+                // The used length of a transmitted buffer means nothing: 0 (with IN_ORDER a
+                // packed ring writes one used descriptor per batch).
+                queue.completeUnwritten(head: chain.pointee.head)
                 count += 1
                 continue
             }
@@ -188,6 +189,7 @@ public final class NetReceiveHandler: QueueHandler {
                 case .empty:
                     break frames
                 case .rejected(let head, let violation):
+                    completed += returnHeldBeforeRejecting(queue)
                     queue.complete(head: head, length: 0)
                     completed += 1
                     rejected += 1
@@ -197,6 +199,7 @@ public final class NetReceiveHandler: QueueHandler {
                     let c = held[heldCount]
                     // A receive buffer is device-writable only.
                     guard c.readableLength == 0, c.writableLength > 0 else {
+                        completed += returnHeldBeforeRejecting(queue)
                         queue.complete(head: c.head, length: 0)
                         completed += 1
                         rejected += 1
@@ -229,6 +232,18 @@ public final class NetReceiveHandler: QueueHandler {
             }
         }
         return completed
+    }
+
+    /// With VIRTIO_F_IN_ORDER buffers are used in the order they were posted, so before a
+    /// refused buffer is completed the ones held for the waiting frame are given back
+    /// first, empty (the frame waits for the buffers after them). Returns how many.
+    func returnHeldBeforeRejecting(_ queue: any DeviceRing) -> Int {
+        guard queue.features.inOrder else { return 0 }
+        let n = heldCount
+        for i in 0..<n { queue.complete(head: held[i].head, length: 0) }
+        heldCount = 0
+        heldCapacity = 0
+        return n
     }
 
     /// Header (num_buffers = `buffers`) and frame across the held chains; each completed

@@ -14,6 +14,10 @@ public struct VirtioNetDeviceOptions: Sendable {
     public var packedRing = true
     public var mergeableRxBuffers = true
     public var controlQueue = true
+    /// Offer VIRTIO_F_IN_ORDER (buffers used in the order posted, as DPDK's vhost offers
+    /// it): a driver that acks it may reclaim transmit buffers without reading each used
+    /// entry, and a packed transmit queue gets one used descriptor per batch.
+    public var inOrder = true
     /// Frames each receive queue holds for its driver before dropping.
     public var inboxFrames = 1024
 
@@ -99,6 +103,7 @@ public final class VirtioNetDevice: VhostUserDevice {
             | F.status
         if options.packedRing { f |= FeatureBits.ringPacked }
         if options.mergeableRxBuffers { f |= F.mergeableRxBuffers }
+        if options.inOrder { f |= FeatureBits.inOrder }
         if options.controlQueue {
             f |= F.ctrlVQ | F.ctrlRx | F.ctrlMACAddr
             if options.queuePairs > 1 { f |= F.mq }
