@@ -605,10 +605,13 @@ package final class IOEngine<Transport: IOTransport>: @unchecked Sendable {
             }
             parkedDrives = -1
             if progress > 0 || queued.load(ordering: .sequentiallyConsistent) != 0 { continue }
-            // The waiter: block on the device (and `wake`) with the token.
-            if executor.mayBlock() && sleepIfIdle() {
-                transport.waitForCompletion(orWake: wake)
-                inbox.withLock { $0.sleeping = false }
+            // The waiter: block on the device (and `wake`) with the token. Stopping with
+            // requests in flight, too: nothing new comes, and the device's wait is what acts
+            // on their deadlines once it is closed (R5); skipping it would spin forever.
+            if executor.mayBlock() {
+                let sleeping = sleepIfIdle()
+                if sleeping || stopSeen { transport.waitForCompletion(orWake: wake) }
+                if sleeping { inbox.withLock { $0.sleeping = false } }
             }
         }
     }
