@@ -1,14 +1,7 @@
-import Synchronization
+import RingTestSupport
 import Testing
 
 @testable import SharedMemory
-
-/// A count tasks share.
-final class JobCount: Sendable {
-    let value = Atomic<Int>(0)
-    func add() { value.add(1, ordering: .relaxed) }
-    var count: Int { value.load(ordering: .relaxed) }
-}
 
 /// Issue 20: a `DeviceExecutor` whose thread ends with jobs still queued loses none.
 @Suite("device executor: shutdown with jobs pending", .serialized)
@@ -18,8 +11,8 @@ struct AsyncExecutorCloseTests {
     /// a task started afterwards. (With the pending jobs dropped instead, none runs.)
     @Test(.timeLimit(.minutes(1))) func closingHandsEveryPendingJobToTheGlobalExecutor() async throws {
         let executor = DeviceExecutor(wake: try Notifier())
-        let ran = JobCount()
-        let onThread = JobCount()
+        let ran = SharedCounter()
+        let onThread = SharedCounter()
         for _ in 0..<300 {
             Task(executorPreference: executor) {
                 if executor.isCurrent { onThread.add() }
@@ -39,7 +32,7 @@ struct AsyncExecutorCloseTests {
         #expect(onThread.count == 0)
         #expect(executor.jobsForwarded >= 300)
         #expect(executor.jobsRun == 0)
-        let late = JobCount()
+        let late = SharedCounter()
         Task(executorPreference: executor) { late.add() }
         while late.count == 0 && ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(1)) }
         #expect(late.count == 1)

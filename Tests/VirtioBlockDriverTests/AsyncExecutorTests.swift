@@ -1,32 +1,13 @@
 import RingTestSupport
 import SharedMemory
-import Synchronization
 import Testing
 @testable import VirtioBlock
-
-/// A counter tasks share.
-final class Counter: Sendable {
-    let value = Atomic<Int>(0)
-    func add() { value.add(1, ordering: .relaxed) }
-    var count: Int { value.load(ordering: .relaxed) }
-}
 
 /// Issue 20: the device's I/O thread as a `TaskExecutor` (`VirtioBlockDriver.executor()`),
 /// against the real device behind `MisbehavingBlockBackend` (its hold switch: a device that
 /// answers nothing until released).
 @Suite("the device's executor: tasks on the I/O thread", .serialized)
 struct AsyncExecutorTests {
-    func connect(_ backend: MisbehavingBlockBackend, timeout: Double, wait: WaitStrategy) throws(VirtioError)
-        -> VirtioBlockDriver
-    {
-        backend.start()
-        var options = VirtioBlockDriver.Options()
-        options.requestTimeout = timeout
-        options.controlTimeout = 1
-        options.wait = wait
-        return try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
-    }
-
     /// 32 tasks preferring the executor read 50 blocks each: after every `await` the task
     /// runs on the device's thread, every read returns its own block, and no completion is
     /// reaped on a pool thread (the executor's thread posts and reaps them all).
@@ -78,7 +59,7 @@ struct AsyncExecutorTests {
         }
         _ = try await disk.read(at: 0, count: 4096)
         let executor = try disk.executor()
-        let ran = Counter()
+        let ran = SharedCounter()
         for _ in 0..<20 {
             try await Task.sleep(for: .milliseconds(5))  // long enough for the thread to sleep
             Task(executorPreference: executor) { if executor.isCurrent { ran.add() } }
@@ -86,7 +67,7 @@ struct AsyncExecutorTests {
                 Issue.record("a job queued on the idle executor did not run")
                 return
             }
-            ran.value.store(0, ordering: .relaxed)
+            ran.reset()
         }
     }
 
@@ -98,7 +79,7 @@ struct AsyncExecutorTests {
     @Test(.timeLimit(.minutes(5)), arguments: [WaitStrategy.adaptive, .poll])
     func hundredsOfParkedTasksDoNotStarveTheExecutor(wait: WaitStrategy) async throws {
         let backend = try MisbehavingBlockBackend()
-        let disk = try connect(backend, timeout: 60, wait: wait)
+        let disk = try attach(backend, timeout: 60, wait: wait)
         defer {
             disk.close()
             backend.stop()
@@ -107,8 +88,8 @@ struct AsyncExecutorTests {
         let engine = try disk.engine()
         let executor = try disk.executor()
         backend.holdRequests(true)
-        let ticks = Counter()
-        let stop = Counter()
+        let ticks = SharedCounter()
+        let stop = SharedCounter()
         try await withThrowingTaskGroup(of: Bool.self) { group in
             for r in 0..<400 {
                 group.addTask(executorPreference: executor) {
@@ -145,8 +126,8 @@ struct AsyncExecutorTests {
         let disk = try attach(backend, timeout: 2)
         defer { backend.stop() }
         let executor = try disk.executor()
-        let reads = Counter()
-        let ended = Counter()
+        let reads = SharedCounter()
+        let ended = SharedCounter()
         var tasks: [Task<VirtioError?, Never>] = []
         for t in 0..<200 {
             tasks.append(

@@ -30,14 +30,15 @@ final class Neighbour {
     }
 }
 
-func attach(_ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1) throws(VirtioError)
-    -> VirtioBlockDriver
-{
+func attach(
+    _ backend: MisbehavingBlockBackend, timeout: Double = 2, queues: Int = 1, wait: WaitStrategy? = nil
+) throws(VirtioError) -> VirtioBlockDriver {
     backend.start()
     var options = VirtioBlockDriver.Options()
     options.requestTimeout = timeout
     options.controlTimeout = 1
     options.queues = queues
+    if let wait { options.wait = wait }
     return try VirtioBlockDriver.connect(channel: backend.driverChannel, options: options)
 }
 
