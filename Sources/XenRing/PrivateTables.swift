@@ -53,6 +53,14 @@ final class PrivateStack<Element> {
         count -= 1
         return (base + count).move()
     }
+
+    /// `pop` for a caller that counted first (`count > 0`, checked by it, e.g. once per
+    /// batch in `NetFrontend.submitBatch`).
+    @inline(__always)
+    func popCounted() -> Element {
+        count &-= 1
+        return (base + count).move()
+    }
 }
 
 /// A bounded FIFO queue (the rx page pool: pages come back in the order they were
