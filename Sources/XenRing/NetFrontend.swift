@@ -577,7 +577,11 @@ public final class NetFrontend {
     public func refillRx() -> Int {
         guard !isBroken else { return 0 }
         var posted = 0
-        while rxPosted < rxRingSize, let frameNumber = rxFrames.pop() {
+        // Counted once: each post takes one pooled page and one ring slot, and nothing in
+        // the loop gives either back (the one exit that returns a page stops the loop).
+        let count = min(rxRingSize &- rxPosted, rxFrames.count)
+        while posted < count {
+            let frameNumber = rxFrames.popCounted()
             let id = Int(rxRequestProducer & rxMask)
             var ref = pageRef[Int(frameNumber)]
             if ref == .max {

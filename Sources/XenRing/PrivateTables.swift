@@ -101,4 +101,15 @@ final class PrivateQueue<Element> {
         count &-= 1
         return value
     }
+
+    /// `pop` for a caller that counted first (`count > 0`, checked by it, e.g. once per
+    /// batch in `NetFrontend.refillRx`).
+    @inline(__always)
+    func popCounted() -> Element {
+        let value = (base + head).move()
+        head &+= 1
+        if head == capacity { head = 0 }
+        count &-= 1
+        return value
+    }
 }
