@@ -526,7 +526,9 @@ public final class NetFrontend {
                     if !checkTxGrant(ref, frame: frameNumber) { throw stickyViolation() }
                     txFrames.push(frameNumber)
                     let done = NetTxCompletion(token: shadow.pointee.token, status: shadow.pointee.status)
-                    shadow.pointee = TxShadow()
+                    // Free: not active, no ref, nothing remaining (what `failAll` and the
+                    // checks above look at); the next post rewrites the whole entry.
+                    shadow.pointee.remaining = 0
                     freeTxIds.push(rawId)
                     framesInFlight &-= 1
                     return done
