@@ -285,6 +285,80 @@ public final class NetFrontend {
         framesInFlight &+= 1
     }
 
+    /// Posts up to `frames.count` frames in one call, frame `i` with token
+    /// `firstToken &+ i`, each exactly as `submit(frame:token:)` posts it (bounced, zeroed
+    /// past the payload, persistent read-only grant); returns how many were posted.
+    /// `publishTx()` makes them visible. It stops at the first frame that does not fit (ring
+    /// slots, tx ids, bounce pages or grant refs used up): the count so far is returned, 0
+    /// if none fit (never `.full` or `.noBounceSpace`). A frame of invalid length throws if
+    /// it is the first, else the count before it is returned (the next call, starting at
+    /// it, throws). A disabled device throws `.broken`.
+    public func submitBatch(_ frames: UnsafeBufferPointer<UnsafeRawBufferPointer>, firstToken: UInt64)
+        throws(NetSubmitError) -> Int
+    {
+        if isBroken { throw .broken(stickyViolation()) }
+        let total = frames.count
+        guard let list = frames.baseAddress else { return 0 }
+        var n = 0
+        while n < total {
+            if !hooked {
+                // One-slot frames (1...4096 bytes, no extra info): their resources are
+                // counted once for the run instead of once per frame. Sound because each
+                // such frame takes exactly one ring slot, one tx id, one bounce page and at
+                // most one ref (for a page not granted yet), and nothing gives any of them
+                // back or takes any other until this loop ends: one owner, no completion is
+                // reaped here, and a violation cannot happen on the tx post path. (With a
+                // hook set every frame takes `submit`'s path, hook calls and all.)
+                var room = min(
+                    txRingSize &- txSlotsInFlight, freeTxIds.count, txFrames.count,
+                    grants.available &+ txRefBlock.count)
+                while n < total, room > 0 {
+                    let frame = list[n]
+                    let count = frame.count
+                    guard count > 0, count <= SharedRingLayout.pageSize, let source = frame.baseAddress else { break }
+                    postSingleCounted(source, count: count, token: firstToken &+ UInt64(truncatingIfNeeded: n))
+                    n &+= 1
+                    room &-= 1
+                }
+                if n == total { break }
+            }
+            // Everything else (chains, a full ring, a bad length, hooks): `submit`'s checks.
+            do { try submit(frame: list[n], token: firstToken &+ UInt64(truncatingIfNeeded: n)) } catch {
+                if case .broken = error { throw error }
+                if n > 0 { return n }
+                if case .invalidLength = error { throw error }
+                return 0
+            }
+            n &+= 1
+        }
+        return n
+    }
+
+    /// `postSingle` with every resource counted by the caller (`submitBatch`) and no hook
+    /// set: pops without re-testing, the slot stored directly.
+    @inline(__always)
+    func postSingleCounted(_ source: UnsafeRawPointer, count: Int, token: UInt64) {
+        let id = freeTxIds.popCounted()
+        let frameNumber = txFrames.popCounted()
+        let bounce = memory.grants.page(frameNumber)
+        bounce.copyMemory(from: source, byteCount: count)
+        let dirtySlot = txDirty + Int(frameNumber)
+        let dirty = dirtySlot.pointee
+        if dirty > count { (bounce + count).initializeMemory(as: UInt8.self, repeating: 0, count: dirty &- count) }
+        dirtySlot.pointee = count
+        let ref = txGrant(frameNumber)
+        let producer = txRequestProducer
+        let slot = txRing + SharedRingLayout.headerSize + Int(producer & txMask) * NetifLayout.txSlotSize
+        SharedAccess.store32(slot, ref)
+        SharedAccess.store32(slot + 4, 0)  // offset 0, flags 0
+        SharedAccess.store32(slot + 8, UInt32(id) | UInt32(truncatingIfNeeded: count) << 16)
+        txRequestProducer = producer &+ 1
+        txShadow[Int(id)] = TxShadow(
+            token: token, head: id, ref: ref, frame: frameNumber, active: true, remaining: 1, status: .okay)
+        txSlotsInFlight &+= 1
+        framesInFlight &+= 1
+    }
+
     /// The ref of a tx page: its persistent read-only grant, made on the page's first use.
     /// Why a tx page may stay granted across frames (docs/xen.md "Netif", persistent tx
     /// grants), as for rx pages (`refillRx`):
@@ -437,6 +511,29 @@ public final class NetFrontend {
             txResponseConsumer &+= 1
             let rawId = UInt16(truncatingIfNeeded: word)
             let rawStatus = Int16(bitPattern: UInt16(truncatingIfNeeded: word >> 16))
+            // The common completion: OKAY for the head of a frame in flight whose last
+            // unanswered slot it is (a one-slot frame, or a chain answered head last). The
+            // same checks and state changes as the general path below, without its chain
+            // bookkeeping; anything else, every violation included, takes the general path.
+            if rawStatus == NetStatus.okay.rawValue, Int(rawId) < txRingSize {
+                let shadow = txShadow + Int(rawId)
+                if shadow.pointee.active, shadow.pointee.head == rawId, shadow.pointee.remaining == 1 {
+                    let ref = shadow.pointee.ref
+                    let frameNumber = shadow.pointee.frame
+                    shadow.pointee.active = false
+                    shadow.pointee.ref = .max  // the page is back (still granted, persistent)
+                    txSlotsInFlight &-= 1
+                    if !checkTxGrant(ref, frame: frameNumber) { throw stickyViolation() }
+                    txFrames.push(frameNumber)
+                    let done = NetTxCompletion(token: shadow.pointee.token, status: shadow.pointee.status)
+                    // Free: not active, no ref, nothing remaining (what `failAll` and the
+                    // checks above look at); the next post rewrites the whole entry.
+                    shadow.pointee.remaining = 0
+                    freeTxIds.push(rawId)
+                    framesInFlight &-= 1
+                    return done
+                }
+            }
             if rawStatus == NetStatus.null.rawValue {
                 // The answer to an extra-info slot: only as many as we posted.
                 guard txExtrasInFlight > 0 else { throw disable(.xenNetUnexpectedNullResponse(position: position)) }
@@ -482,7 +579,11 @@ public final class NetFrontend {
     public func refillRx() -> Int {
         guard !isBroken else { return 0 }
         var posted = 0
-        while rxPosted < rxRingSize, let frameNumber = rxFrames.pop() {
+        // Counted once: each post takes one pooled page and one ring slot, and nothing in
+        // the loop gives either back (the one exit that returns a page stops the loop).
+        let count = min(rxRingSize &- rxPosted, rxFrames.count)
+        while posted < count {
+            let frameNumber = rxFrames.popCounted()
             let id = Int(rxRequestProducer & rxMask)
             var ref = pageRef[Int(frameNumber)]
             if ref == .max {
@@ -522,8 +623,8 @@ public final class NetFrontend {
             SharedAccess.store64(slot, UInt64(id) | UInt64(ref) << 32)
             rxShadow[id] = RxShadow(ref: ref, frame: frameNumber, active: true)
             rxRequestProducer &+= 1
-            rxPosted += 1
-            posted += 1
+            rxPosted &+= 1  // < rxRingSize
+            posted &+= 1
         }
         return posted
     }
@@ -716,7 +817,7 @@ public final class NetFrontend {
     func releaseRx(_ id: Int) -> UInt32 {
         let shadow = rxShadow[id]
         rxShadow[id] = RxShadow()
-        rxPosted -= 1
+        rxPosted &-= 1  // >= 1: the slot was active
         return shadow.frame
     }
 

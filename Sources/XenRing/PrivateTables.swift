@@ -53,6 +53,14 @@ final class PrivateStack<Element> {
         count -= 1
         return (base + count).move()
     }
+
+    /// `pop` for a caller that counted first (`count > 0`, checked by it, e.g. once per
+    /// batch in `NetFrontend.submitBatch`).
+    @inline(__always)
+    func popCounted() -> Element {
+        count &-= 1
+        return (base + count).move()
+    }
 }
 
 /// A bounded FIFO queue (the rx page pool: pages come back in the order they were
@@ -87,6 +95,17 @@ final class PrivateQueue<Element> {
     @inline(__always)
     func pop() -> Element? {
         guard count > 0 else { return nil }
+        let value = (base + head).move()
+        head &+= 1
+        if head == capacity { head = 0 }
+        count &-= 1
+        return value
+    }
+
+    /// `pop` for a caller that counted first (`count > 0`, checked by it, e.g. once per
+    /// batch in `NetFrontend.refillRx`).
+    @inline(__always)
+    func popCounted() -> Element {
         let value = (base + head).move()
         head &+= 1
         if head == capacity { head = 0 }

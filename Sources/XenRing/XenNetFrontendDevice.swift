@@ -98,6 +98,18 @@ public final class XenNetFrontendDevice {
         }
     }
 
+    /// Posts up to `frames.count` frames (bounced now, frame `i` with token
+    /// `firstToken &+ i`; `NetFrontend.submitBatch`); returns how many, 0 when the ring or
+    /// the bounce pages are full. `kick()` publishes them.
+    public func submitBatch(_ frames: UnsafeBufferPointer<UnsafeRawBufferPointer>, firstToken: UInt64)
+        throws(XenNetError) -> Int
+    {
+        do { return try front.submitBatch(frames, firstToken: firstToken) } catch {
+            if case .broken(let v) = error { throw .broken(v) }
+            throw .submit(error)
+        }
+    }
+
     /// Sends one frame, reaping completions (waiting, within the deadline) while the ring
     /// or the bounce pages are full.
     public func send(_ frame: UnsafeRawBufferPointer, token: UInt64 = 0) throws(XenNetError) {
