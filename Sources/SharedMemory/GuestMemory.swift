@@ -55,6 +55,43 @@ public enum RegionTableError: Error, Equatable, Sendable, CustomStringConvertibl
     }
 }
 
+/// One region's guest-address bounds and local base, as plain values: a batch of
+/// translations that mostly land in the region the previous one did (DPDK's
+/// `vhost_iova_to_vva` keeps the last region for the same reason) checks them here first,
+/// with the same bounds test `GuestMemory.translate` makes, and asks `GuestMemory` only on
+/// a miss. Valid only while the `GuestMemory` it came from is (hold it for the batch, never
+/// across a memory-table change).
+@frozen
+public struct RegionWindow {
+    public let start: UInt64
+    public let size: UInt64
+    public let base: UnsafeMutableRawPointer?
+
+    /// The empty window: translates nothing.
+    @inlinable
+    public init() {
+        start = 0
+        size = 0
+        base = nil
+    }
+
+    init(start: UInt64, size: UInt64, base: UnsafeMutableRawPointer) {
+        self.start = start
+        self.size = size
+        self.base = base
+    }
+
+    /// `[address, address+length)` in local memory if this region holds all of it, else
+    /// nil. `length == 0` still requires `address` inside the region; no overflow is
+    /// possible (the region's end was checked at insertion).
+    @inlinable @inline(__always)
+    public func translate(_ address: UInt64, length: UInt64) -> UnsafeMutableRawBufferPointer? {
+        let offset = address &- start
+        guard offset < size, length <= size &- offset, let base else { return nil }
+        return UnsafeMutableRawBufferPointer(start: base + Int(offset), count: Int(length))
+    }
+}
+
 /// The table of shared regions, and the one checked way to turn a foreign address into
 /// a pointer (`vm-memory`'s discipline): no code indexes shared memory with an address
 /// the peer supplied except through `translate`.
@@ -143,6 +180,15 @@ public struct GuestMemory: Sendable {
                 start: r.mapping.base + Int(address - first), count: Int(min(length, room)))
         }
         throw .unmapped(address: address, length: length)
+    }
+
+    /// The region holding guest address `address`, as a `RegionWindow` (an empty window,
+    /// which holds nothing, when no region does).
+    public func window(containing address: UInt64) -> RegionWindow {
+        for r in regions where address >= r.guestAddress && address - r.guestAddress < r.size {
+            return RegionWindow(start: r.guestAddress, size: r.size, base: r.mapping.base)
+        }
+        return RegionWindow()
     }
 
     /// Converts a user address to the guest address of the same byte.

@@ -101,6 +101,14 @@ public enum SharedAccess {
         p.loadUnaligned(as: UInt64.self)
     }
 
+    /// Orders the relaxed loads before it before every load after it: one acquire for a
+    /// group of flags loaded relaxed (the packed device's batch of four), instead of one
+    /// per load.
+    @inline(__always)
+    public static func acquireFence() {
+        atomicMemoryFence(ordering: .acquiring)
+    }
+
     /// The full fence between "publish my index" and "read whether the peer sleeps";
     /// without it a wake-up can be lost (store-load reordering).
     @inline(__always)

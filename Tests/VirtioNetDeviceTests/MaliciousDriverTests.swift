@@ -121,6 +121,52 @@ import RingTestSupport
         #expect(bed.fabric.statistics.framesRejected == 1)
     }
 
+    /// On a packed ring the transmit queue pops runs of single-descriptor chains together
+    /// (`PackedDeviceQueue.nextBuffers`): every hostile frame in a run is still refused
+    /// and counted, a writable single buffer too, a walked chain between runs is served
+    /// by `nextChain`, and only the good frames are forwarded; every buffer comes back.
+    @Test(arguments: [false, true])
+    func packedTransmitRunsRefuseEachHostileFrame(inOrder: Bool) throws {
+        let fabric = NetFabric(mode: .sink)
+        let device = VirtioNetDevice(fabric: fabric, options: .init())
+        let p = try PackedRingPair(queueCount: 2, queueSize: 32, features: RingFeatures(inOrder: inOrder))
+        let tx = device.makeQueueHandler(queue: 1, features: device.features)
+        let pool = p.pools[1]
+        func post(_ pieces: [(bytes: [UInt8], writable: Bool)]) throws {
+            var segments: [Segment] = []
+            for piece in pieces {
+                let slice = try #require(pool.allocate(piece.bytes.count))
+                piece.bytes.withUnsafeBytes { pool.copyIn(slice, from: $0) }
+                segments.append(pool.segment(slice, deviceWritable: piece.writable))
+            }
+            _ = try p.drivers[1].add(segments, token: 0)
+        }
+        let good = Self.header + Self.frame(60)
+        var slots = 0
+        for (_, bytes) in Self.hostile {  // each hostile frame between two good ones
+            try post([(good, false)])
+            try post([(bytes, false)])
+            slots += 2
+        }
+        try post([(good, true)])  // a writable single buffer
+        try post([(Array(good[0..<20]), false), (Array(good[20...]), false)])  // walked
+        try post([(good, false)])
+        slots += 4
+        _ = p.drivers[1].publish()
+        #expect(try tx.serve(p.devices[1], memory: p.memory, budget: 32) == 17)
+        _ = p.devices[1].publishUsed()
+        #expect(device.statistics.transmitted == 9)
+        #expect(device.statistics.transmittedBytes == 9 * 60)
+        #expect(device.statistics.transmitRejected == 8)
+        #expect(device.statistics.violations == ["R3": 8])
+        #expect(p.devices[1].usedIndex == UInt16(slots))
+        if !inOrder {
+            var reclaimed = 0
+            while try p.drivers[1].nextCompletion() != nil { reclaimed += 1 }
+            #expect(reclaimed == 17, "every buffer back")
+        }
+    }
+
     @Test func writableDescriptorInATransmitChainIsRefused() throws {
         let bed = try Bed()
         try bed.post(1, [(Self.header + Self.frame(60), false), ([0, 0], true)])

@@ -20,6 +20,8 @@ public final class NetTransmitHandler: QueueHandler {
     let chain: UnsafeMutablePointer<DescriptorChain>
     let scratch: UnsafeMutableRawPointer
     let refs: UnsafeMutablePointer<FrameRef>
+    /// Buffers a packed ring popped in one `nextBuffers` call.
+    let popped: UnsafeMutablePointer<PoppedBuffer>
     var rejectionLog = LogThrottle()
 
     init(device: VirtioNetDevice, pair: Int, features: UInt64) {
@@ -32,6 +34,7 @@ public final class NetTransmitHandler: QueueHandler {
         chain.initialize(to: DescriptorChain())
         scratch = .allocate(byteCount: Self.batch * slotStride, alignment: 64)
         refs = .allocate(capacity: Self.batch)
+        popped = .allocate(capacity: Self.batch)
     }
 
     deinit {
@@ -39,12 +42,13 @@ public final class NetTransmitHandler: QueueHandler {
         chain.deallocate()
         scratch.deallocate()
         refs.deallocate()
+        popped.deallocate()
     }
 
     public func serve(_ queue: any DeviceRing, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
         // The ring's concrete type, once per batch: its calls are then direct (no witness
         // table per frame).
-        if let q = queue as? PackedDeviceQueue { return try serveBatch(q, memory: memory, budget: budget) }
+        if let q = queue as? PackedDeviceQueue { return try servePacked(q, memory: memory, budget: budget) }
         if let q = queue as? DeviceQueue { return try serveBatch(q, memory: memory, budget: budget) }
         return try serveBatch(queue, memory: memory, budget: budget)
     }
@@ -55,51 +59,116 @@ public final class NetTransmitHandler: QueueHandler {
         // driver reclaims descriptors while we work on the next batch (a whole ring per
         // publish leaves it waiting on a full ring).
         let budget = min(budget, Self.batch)
+        var batch = Batch()
+        while batch.count < budget {
+            guard try serveChain(queue, memory: memory, batch: &batch) else { break }
+        }
+        finish(batch)
+        return batch.count
+    }
+
+    /// A packed ring: runs of chains of one direct descriptor (every frame DPDK's and
+    /// Linux's drivers post) are popped several at a time (`nextBuffers`) and copied
+    /// straight from their one buffer; the slot a run stops at goes through `nextChain`
+    /// (a walked chain, a buffer outside one region, a violation, or nothing).
+    @inline(__always)
+    func servePacked(_ queue: PackedDeviceQueue, memory: GuestMemory, budget: Int) throws(Violation) -> Int {
+        let budget = min(budget, Self.batch)
+        var batch = Batch()
+        while batch.count < budget {
+            let n = try queue.nextBuffers(into: popped, capacity: budget - batch.count, memory: memory)
+            for i in 0..<n {
+                let slot = scratch + batch.frames * slotStride
+                let length = take(popped[i], into: slot)
+                accept(length, slot: slot, batch: &batch)
+            }
+            // Transmitted buffers' used length means nothing: 0 (with IN_ORDER one used
+            // descriptor per batch).
+            queue.completeUnwritten(popped, count: n)
+            batch.count += n
+            // Buffers popped before a violation are served; the broken queue throws next time.
+            guard batch.count < budget, !queue.isBroken else { break }
+            guard try serveChain(queue, memory: memory, batch: &batch) else { break }
+        }
+        finish(batch)
+        return batch.count
+    }
+
+    /// One transmit call's running totals.
+    struct Batch {
         var count = 0
         var frames = 0
         var rejected = 0
         var bytes = 0
-        while count < budget {
-            switch try queue.nextChain(into: &chain.pointee, memory: memory) {
-            case .empty:
-                break
-            case .rejected(let head, let violation):
-                queue.completeUnwritten(head: head)
-                rejected += 1
-                device.count { $0.violations[violation.rule.rawValue, default: 0] &+= 1 }
-                if rejectionLog.admit() { device.onEvent(.requestRejected(queue: 2 * pair + 1, violation)) }
-                count += 1
-                continue
-            case .ready:
-                let slot = scratch + frames * slotStride
-                let length = take(into: slot)
-                if length >= 0 {
-                    refs[frames] = FrameRef(base: UnsafeRawPointer(slot + NetProtocol.headerSize), length: length)
-                    frames += 1
-                    bytes += length
-                } else {
-                    rejected += 1
-                    device.count { $0.violations[Rule.r3.rawValue, default: 0] &+= 1 }
-                }
-                // The used length of a transmitted buffer means nothing: 0 (with IN_ORDER a
-                // packed ring writes one used descriptor per batch).
-                queue.completeUnwritten(head: chain.pointee.head)
-                count += 1
-                continue
-            }
-            break
+    }
+
+    /// Pops and serves one chain through `nextChain`; false when the ring had none.
+    @inline(__always)
+    func serveChain<Ring: DeviceRing>(_ queue: Ring, memory: GuestMemory, batch: inout Batch) throws(Violation)
+        -> Bool
+    {
+        switch try queue.nextChain(into: &chain.pointee, memory: memory) {
+        case .empty:
+            return false
+        case .rejected(let head, let violation):
+            queue.completeUnwritten(head: head)
+            batch.rejected += 1
+            device.count { $0.violations[violation.rule.rawValue, default: 0] &+= 1 }
+            if rejectionLog.admit() { device.onEvent(.requestRejected(queue: 2 * pair + 1, violation)) }
+        case .ready:
+            let slot = scratch + batch.frames * slotStride
+            accept(take(into: slot), slot: slot, batch: &batch)
+            // The used length of a transmitted buffer means nothing: 0 (with IN_ORDER a
+            // packed ring writes one used descriptor per batch).
+            queue.completeUnwritten(head: chain.pointee.head)
         }
-        if count > 0 {
-            device.fabric.forward(refs, count: frames, from: device.port, pair: pair)
-            let sent = count - rejected
-            device.count { s in
-                s.transmitted &+= UInt64(sent)
-                s.transmittedBytes &+= UInt64(bytes)
-                s.transmitRejected &+= UInt64(rejected)
-            }
-            device.fabric.rejected(rejected)
+        batch.count += 1
+        return true
+    }
+
+    /// Counts a frame `take` copied into `slot` (`length` >= 0) or refused (-1).
+    @inline(__always)
+    func accept(_ length: Int, slot: UnsafeMutableRawPointer, batch: inout Batch) {
+        if length >= 0 {
+            refs[batch.frames] = FrameRef(base: UnsafeRawPointer(slot + NetProtocol.headerSize), length: length)
+            batch.frames += 1
+            batch.bytes += length
+        } else {
+            batch.rejected += 1
+            device.count { $0.violations[Rule.r3.rawValue, default: 0] &+= 1 }
         }
-        return count
+    }
+
+    /// Hands the call's frames to the fabric and counts them.
+    @inline(__always)
+    func finish(_ batch: Batch) {
+        guard batch.count > 0 else { return }
+        device.fabric.forward(refs, count: batch.frames, from: device.port, pair: pair)
+        let sent = batch.count - batch.rejected
+        device.count { s in
+            s.transmitted &+= UInt64(sent)
+            s.transmittedBytes &+= UInt64(batch.bytes)
+            s.transmitRejected &+= UInt64(batch.rejected)
+        }
+        device.fabric.rejected(batch.rejected)
+    }
+
+    /// `take(into:)` for a buffer `nextBuffers` popped (the chain's one segment): the same
+    /// checks, one copy.
+    @inline(__always)
+    func take(_ buffer: PoppedBuffer, into slot: UnsafeMutableRawPointer) -> Int {
+        guard !buffer.deviceWritable, let source = buffer.bytes.baseAddress else { return -1 }
+        let total = buffer.bytes.count
+        guard total >= NetProtocol.headerSize + NetProtocol.ethernetHeaderSize,
+            total <= NetProtocol.headerSize + maximumFrame
+        else { return -1 }
+        let length = total - NetProtocol.headerSize
+        SharedAccess.copy(from: source, to: slot, count: total)
+        guard
+            NetHeader.isPlain(bytes: slot)
+                || NetHeader(bytes: slot).problem(frameLength: length, partialChecksum: false) == nil
+        else { return -1 }
+        return length
     }
 
     /// Copies the header and frame in `chain` once into `slot` (header first) and checks
