@@ -301,12 +301,12 @@ public final class PackedDeviceQueue {
                 let untrustedLength = SharedAccess.load32(e + PackedLayout.descLen)
                 let untrustedID = SharedAccess.load16(e + PackedLayout.descID)
                 let length = UInt64(untrustedLength)
-                var bytes = window.translate(untrustedAddress, length: length)
-                if bytes == nil {
+                var translated = window.translate(untrustedAddress, length: length)
+                if translated == nil {
                     window = memory.window(containing: untrustedAddress)
-                    bytes = window.translate(untrustedAddress, length: length)
-                    guard bytes != nil else { break batches }
+                    translated = window.translate(untrustedAddress, length: length)
                 }
+                guard let bytes = translated else { break batches }
                 guard Int(untrustedID) < size else {
                     violation = fail(.packedBufferIdOutOfRange(id: untrustedID, queueSize: queueSize))
                     break batches
@@ -319,7 +319,7 @@ public final class PackedDeviceQueue {
                 slots[Int(id)] = 1
                 (out + n).initialize(
                     to: PoppedBuffer(
-                        id: id, bytes: bytes.unsafelyUnwrapped,
+                        id: id, bytes: bytes,
                         deviceWritable: writeBits >> k & 1 != 0))
                 n += 1
                 position.advance(by: 1, size: size)
