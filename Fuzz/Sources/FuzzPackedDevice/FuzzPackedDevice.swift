@@ -7,7 +7,9 @@ import Virtqueue
 /// descriptor ring (flags often carrying the available mark, addresses often inside the
 /// region), the driver area and a spare area indirect tables may point into.
 /// Checked: no trap, every segment lies inside the shared region, ids handed out are in
-/// range, a chain never has more segments than ring + table allow, a throw means broken.
+/// range, a chain never has more segments than ring + table allow, a throw means broken;
+/// runs popped with `nextBuffers` (mixed with `nextChain` as the fuzzer picks): at most the
+/// capacity, ids in range and distinct, buffers inside the region.
 nonisolated(unsafe) let pair = try? PackedRingPair(
     queueSize: 16, features: RingFeatures(eventIndex: true, indirectDescriptors: true),
     indirectEntries: 0, bounceBytesPerQueue: 1 << 14)
@@ -36,13 +38,38 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         pair.writeDescriptor(i, address: address, length: length, id: UInt16(input.byte() % 20), flags: flags)
     }
     input.copy(into: pair.driverArea(), count: 4)
+    // Per step, bit k of `choices`: pop a run with `nextBuffers` (capacity from `sizes`)
+    // instead of one chain with `nextChain`, as serve-net's transmit handler does.
+    let choices: UInt64 = input.integer()
+    let sizes: UInt64 = input.integer()
     let spare = pair.layout.queues[0].bounceOffset
     input.copy(into: base + spare, count: min(input.remaining, 4096))
     let low = UInt(bitPattern: base)
     let high = low + UInt(pair.region.size)
     var chain = DescriptorChain()
-    for _ in 0..<40 {
+    let popped = UnsafeMutablePointer<PoppedBuffer>.allocate(capacity: 8)
+    defer { popped.deallocate() }
+    for step in 0..<40 {
         do {
+            if choices >> (step % 64) & 1 == 1 {
+                let capacity = Int(sizes >> (3 * (step % 21)) & 7) + 1
+                let n = try device.nextBuffers(into: popped, capacity: capacity, memory: pair.memory)
+                fuzzCheck(n >= 0 && n <= capacity, "popped \(n) of at most \(capacity)")
+                for i in 0..<n {
+                    let b = popped[i]
+                    fuzzCheck(b.id < 16, "popped id \(b.id) out of range")
+                    let start = UInt(bitPattern: b.bytes.baseAddress)
+                    fuzzCheck(
+                        b.bytes.count == 0 || (start >= low && start + UInt(b.bytes.count) <= high),
+                        "popped buffer outside the region")
+                    for j in 0..<i { fuzzCheck(popped[j].id != b.id, "id \(b.id) popped twice in one run") }
+                }
+                if n > 0 {
+                    device.completeUnwritten(popped, count: n)
+                    _ = device.publishUsed()
+                    continue
+                }
+            }
             switch try device.nextChain(into: &chain, memory: pair.memory) {
             case .empty: return 0
             case .rejected(let id, _):
