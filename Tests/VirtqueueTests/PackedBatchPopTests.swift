@@ -238,11 +238,7 @@ import Virtqueue
         var chain = DescriptorChain()
         while out.count < 64 {
             do {
-                switch try q.nextChain(into: &chain, memory: memory) {
-                case .empty: return out
-                case .rejected(let id, let v): out.append(.rejected(id: id, v))
-                case .ready: out.append(event(chain))
-                }
+                guard try nextChainEvent(q, memory, &chain, into: &out) else { return out }
             } catch {
                 out.append(.broken(error))
                 return out
@@ -265,11 +261,7 @@ import Virtqueue
                             writable: b.deviceWritable))
                 }
                 if q.isBroken { continue }  // the next pop throws
-                switch try q.nextChain(into: &chain, memory: memory) {
-                case .empty: return out
-                case .rejected(let id, let v): out.append(.rejected(id: id, v))
-                case .ready: out.append(event(chain))
-                }
+                guard try nextChainEvent(q, memory, &chain, into: &out) else { return out }
             } catch {
                 out.append(.broken(error))
                 return out
@@ -278,23 +270,22 @@ import Virtqueue
         return out
     }
 
+    /// One `nextChain` call recorded in `out`; false when the ring was empty.
+    static func nextChainEvent(
+        _ q: PackedDeviceQueue, _ memory: GuestMemory, _ chain: inout DescriptorChain, into out: inout [Event]
+    ) throws(Violation) -> Bool {
+        switch try q.nextChain(into: &chain, memory: memory) {
+        case .empty: return false
+        case .rejected(let id, let v): out.append(.rejected(id: id, v))
+        case .ready: out.append(event(chain))
+        }
+        return true
+    }
+
     /// A one-segment chain as the buffer `nextBuffers` would give; longer ones by shape.
     static func event(_ chain: DescriptorChain) -> Event {
         guard chain.segments.count == 1 else { return .chain(id: chain.head, segments: chain.segments.count) }
         let s = chain.segments[0]
         return .buffer(id: chain.head, address: s.guestAddress, length: s.buffer.count, writable: s.deviceWritable)
-    }
-
-    /// A small seeded generator (SplitMix64), so a failing round can be replayed.
-    struct SplitMix {
-        var state: UInt64
-        init(seed: UInt64) { state = seed }
-        mutating func next() -> UInt64 {
-            state &+= 0x9e37_79b9_7f4a_7c15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-            z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-            return z ^ (z >> 31)
-        }
     }
 }
