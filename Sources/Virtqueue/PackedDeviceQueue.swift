@@ -341,13 +341,9 @@ public final class PackedDeviceQueue {
             for i in 0..<count { complete(head: buffers[i].id, length: 0) }
             return
         }
-        let s = state
         var released = 0
         for i in 0..<count { released += release(buffers[i].id) }
-        if s.pointee.runSlots == 0 { s.pointee.runStart = s.pointee.used }
-        s.pointee.runID = buffers[count - 1].id
-        s.pointee.runSlots += released
-        s.pointee.used.advance(by: released, size: size)
+        extendRun(last: buffers[count - 1].id, slots: released)
     }
 
     /// Forgets buffer `id`'s chain; the slots it took (1 for an id not in flight).
@@ -374,7 +370,13 @@ public final class PackedDeviceQueue {
     /// driver ignores: a driver's receive path may read every used descriptor.
     public func completeUnwritten(head id: UInt16) {
         guard features.inOrder else { return complete(head: id, length: 0) }
-        let slots = release(id)
+        extendRun(last: id, slots: release(id))
+    }
+
+    /// Adds `slots` ring slots, ending with buffer `id`, to the pending in-order run (one
+    /// used descriptor, written by `writeRun`).
+    @inline(__always)
+    func extendRun(last id: UInt16, slots: Int) {
         if state.pointee.runSlots == 0 { state.pointee.runStart = state.pointee.used }
         state.pointee.runID = id
         state.pointee.runSlots += slots
