@@ -46,7 +46,10 @@ public struct FuzzInput {
 @inline(never)
 public func fuzzCheck(_ condition: Bool, _ message: @autoclosure () -> String) {
     if !condition {
-        print("fuzz check failed: \(message())")
+        // Straight to fd 2: stdout is a file under scripts/fuzz, and abort() would drop its
+        // buffer with the message in it.
+        let line = "fuzz check failed: \(message())\n"
+        _ = line.withCString { write(2, $0, strlen($0)) }
         abort()
     }
 }
