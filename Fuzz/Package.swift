@@ -75,6 +75,7 @@ let package = Package(
         fuzzTarget("FuzzPackedDriver", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzPackedDevice", ["RingTestSupport", "SharedMemory", "Virtqueue"]),
         fuzzTarget("FuzzFuseReplies", ["VirtioFS"]),
-        fuzzTarget("FuzzFSRequests", ["RingTestSupport", "SharedMemory", "VhostUser", "VirtioFS", "Virtqueue"]),
+        fuzzTarget(
+            "FuzzFSRequests", ["CRingFence", "RingTestSupport", "SharedMemory", "VhostUser", "VirtioFS", "Virtqueue"]),
     ]
 )

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <dirent.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -73,6 +74,11 @@ extern const uint64_t RF_RESOLVE_NO_MAGICLINKS;
 extern const uint64_t RF_RESOLVE_NO_SYMLINKS;
 extern const int RF_O_PATH;
 extern const int RF_O_NOFOLLOW;
+/// The name of a directory entry `readdir` returned, read in place (NUL-terminated, at most
+/// NAME_MAX bytes). A dirent record is only as long as its name, so taking the 256-byte
+/// `d_name` array by value (as Swift does for `entry.pointee.d_name`) reads past the end of
+/// the C library's buffer when the entry is the last one in it.
+const char *rf_dirent_name(const struct dirent *entry);
 extern const int RF_O_DIRECTORY;
 extern const int RF_O_NOATIME;
 extern const int RF_AT_EMPTY_PATH;

@@ -27,10 +27,24 @@ final class HostDirectory {
         let inode: UInt64
     }
 
-    enum Handle {
-        case file(descriptor: Int32, node: UInt64)
-        /// A snapshot of the names at OPENDIR ("." and ".." left out); offsets are indices.
-        case directory(names: [[UInt8]], node: UInt64)
+    /// An open file or directory. A struct rather than an enum with payloads: in such an
+    /// enum Swift keeps the case in the spare bits of the names array's pointer, which
+    /// LeakSanitizer cannot follow, so the fuzzer reported every held snapshot as a leak.
+    struct Handle {
+        let node: UInt64
+        /// The open file's descriptor; nil for a directory.
+        let descriptor: Int32?
+        /// A directory's names at OPENDIR ("." and ".." left out; offsets are indices);
+        /// nil for a file.
+        let names: [[UInt8]]?
+
+        static func file(descriptor: Int32, node: UInt64) -> Handle {
+            Handle(node: node, descriptor: descriptor, names: nil)
+        }
+
+        static func directory(names: [[UInt8]], node: UInt64) -> Handle {
+            Handle(node: node, descriptor: nil, names: names)
+        }
     }
 
     let rootDescriptor: Int32
@@ -89,7 +103,7 @@ final class HostDirectory {
     }
 
     func closeHandle(_ h: Handle) {
-        if case .file(let fd, _) = h { close(fd) }
+        if let fd = h.descriptor { close(fd) }
     }
 
     var inodeCount: Int { inodes.count }
@@ -291,7 +305,10 @@ final class HostDirectory {
         var names: [[UInt8]] = []
         // readdir's buffer is the C library's private memory, not shared memory.
         while names.count < maximumDirectoryEntries, let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in Array(raw.prefix(while: { $0 != 0 })) }
+            // The name is read in place: copying the whole `d_name` array reads past the
+            // end of the buffer when a short entry is the last in it.
+            guard let p = rf_dirent_name(entry) else { continue }
+            let name = Array(UnsafeRawBufferPointer(start: p, count: strlen(p)))
             if name == [0x2e] || name == [0x2e, 0x2e] { continue }
             names.append(name)
         }
@@ -304,13 +321,13 @@ final class HostDirectory {
     }
 
     func fileDescriptor(_ fh: UInt64) -> Result<Int32, FSErrno> {
-        guard case .file(let fd, _)? = handles[fh] else { return .failure(FSErrno(EBADF)) }
+        guard let fd = handles[fh]?.descriptor else { return .failure(FSErrno(EBADF)) }
         return .success(fd)
     }
 
     func directoryNames(_ fh: UInt64) -> Result<(names: [[UInt8]], node: UInt64), FSErrno> {
-        guard case .directory(let names, let node)? = handles[fh] else { return .failure(FSErrno(EBADF)) }
-        return .success((names, node))
+        guard let h = handles[fh], let names = h.names else { return .failure(FSErrno(EBADF)) }
+        return .success((names, h.node))
     }
 
     // MARK: changes
