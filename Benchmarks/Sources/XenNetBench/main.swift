@@ -174,23 +174,19 @@ func connect() -> XenNetFrontendDevice {
     do throws(XenNetError) {
         var token: UInt64 = 0
         while monotonicNanoseconds() < end {
-            let room = depth - device.front.txFramesInFlight
-            if room > 0 {
-                // Up to `depth` frames posted in one call (each bounced and granted as by `submit`).
-                let posted = try device.submitBatch(UnsafeBufferPointer(rebasing: list[0..<room]), firstToken: token)
-                token &+= UInt64(posted)
+            // One pass in the overlapping order (`exchange`): tx completions reaped, up to
+            // `depth` frames posted (each bounced and granted as by `submit`) and the
+            // backend kicked, then the echoes copied out (each over the last, as the C loop
+            // does) while the backend works on the frames just posted.
+            let pass = try device.exchange(
+                sending: UnsafeBufferPointer(list), firstToken: token, inFlightLimit: depth, into: out, stride: 0,
+                results: results)
+            token &+= UInt64(pass.sent)
+            for f in results[0..<pass.received] where f.status != .okay || f.length != size {
+                fail("hardened: bad echo \(f)")
             }
-            device.kick()
-            var progressed = try device.reapTx() > 0
-            while true {
-                // A batch of echoes, each copied out (into the same buffer, as the C loop does).
-                let n = try device.pollBatch(into: out, stride: 0, results: results)
-                if n == 0 { break }
-                for f in results[0..<n] where f.status != .okay || f.length != size { fail("hardened: bad echo \(f)") }
-                received += n
-                progressed = true
-            }
-            if !progressed { try device.waitForWork(until: .after(seconds: 5)) }
+            received += pass.received
+            if !pass.progressed { try device.waitForWork(until: .after(seconds: 5)) }
         }
     } catch { fail("hardened: \(error)") }
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
