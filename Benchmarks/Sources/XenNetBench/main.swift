@@ -4,9 +4,13 @@
 // in this benchmark package (R8). Usage (in Benchmarks/):
 //   swift build -c release --product xen-net-bench
 //   .build/release/xen-net-bench [--seconds S] [--rounds N] [--depth D] [--size BYTES]... [--only hardened|trusting]
-//                                [--no-pin]
+//                                [--no-pin] [--lockstep]
 // The frontend (either) runs pinned to CPU 0 and the backend process to CPU 1 unless
 // --no-pin: the scheduler then cannot stack them on one core for part of a round.
+// Both frontends post and kick before they copy the received frames out, so the backend
+// works meanwhile (the hardened one through `XenNetFrontendDevice.exchange`); --lockstep
+// runs both in the order before (post, reap, copy out, and only the next pass posts), for
+// comparison.
 // Besides the ratios it prints each side's frontend CPU per frame, the backend's serving
 // thread's CPU per frame (/proc/PID/task/PID/schedstat) and how often per 1000 frames the
 // frontend thread and the backend's serving thread went to sleep (voluntary context
@@ -47,12 +51,16 @@ var depth = 32
 var sizes: [Int] = []
 var only: String?  // "hardened" or "trusting": one side only, for profiling
 var pin = true
+var lockstep = false
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     let value = arguments.first ?? ""
     switch a {
     case "--no-pin":
         pin = false
+        continue
+    case "--lockstep":
+        lockstep = true
         continue
     case "--seconds": seconds = Double(value) ?? seconds
     case "--rounds": rounds = Int(value) ?? rounds
@@ -173,7 +181,25 @@ func connect() -> XenNetFrontendDevice {
     let end = start &+ UInt64(seconds * 1e9)
     do throws(XenNetError) {
         var token: UInt64 = 0
-        while monotonicNanoseconds() < end {
+        while lockstep && monotonicNanoseconds() < end {
+            // The order before `exchange` (for --lockstep only): post and kick, reap, copy out.
+            let room = depth - device.front.txFramesInFlight
+            if room > 0 {
+                let posted = try device.submitBatch(UnsafeBufferPointer(rebasing: list[0..<room]), firstToken: token)
+                token &+= UInt64(posted)
+            }
+            device.kick()
+            var progressed = try device.reapTx() > 0
+            while true {
+                let n = try device.pollBatch(into: out, stride: 0, results: results)
+                if n == 0 { break }
+                for f in results[0..<n] where f.status != .okay || f.length != size { fail("hardened: bad echo \(f)") }
+                received += n
+                progressed = true
+            }
+            if !progressed { try device.waitForWork(until: .after(seconds: 5)) }
+        }
+        while !lockstep && monotonicNanoseconds() < end {
             // One pass in the overlapping order (`exchange`): tx completions reaped, up to
             // `depth` frames posted (each bounced and granted as by `submit`) and the
             // backend kicked, then the echoes copied out (each over the last, as the C loop
@@ -229,7 +255,7 @@ func connect() -> XenNetFrontendDevice {
     let start = monotonicNanoseconds()
     let n = xen_net_trusting_run(
         &env, rxRefs, rxFrame, UInt32(rxSlots), txRefs, txFrame, UInt32(depth), UInt32(size), UInt64(frames), out,
-        5000)
+        5000, lockstep ? 1 : 0)
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuTrusting += processCPUSeconds() - cpu
     sleepsTrusting.frontend += frontendSleeps() - slept
@@ -243,7 +269,8 @@ func connect() -> XenNetFrontendDevice {
 print(
     "xen-net-bench: frames of \(sizes.map(String.init).joined(separator: ", ")) bytes echoed by a loopback netback, "
         + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
-        + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned"))
+        + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned")
+        + (lockstep ? ", lock-step loops (--lockstep)" : ""))
 if let only {
     for size in sizes {
         for _ in 1...rounds {
