@@ -143,7 +143,9 @@ import Testing
             device.disconnect()
             backend.join()
         }
-        let sent = (0..<100).map { ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0) }
+        let sent = (0..<100).map {
+            ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0)
+        }
         let (received, _, error) = run(device, sent, limit: 16)
         let expected = XenViolation.xenNetRxOffsetBeyondPage(id: 19, offset: 4090, size: 64)
         #expect(error == .broken(expected))
