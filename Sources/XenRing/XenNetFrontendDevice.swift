@@ -246,11 +246,12 @@ public final class XenNetFrontendDevice {
     /// its frame was copied out: the pages whose responses arrived but are not copied yet
     /// are not in the pool the kick posts from (R7), so the backend never gets a page that
     /// is still being read. A bad tx completion throws before anything is posted (the
-    /// frames of this call stay the caller's: `sent` is 0); a bad rx response in the middle
-    /// of the receive phase returns the frames before it (copied, `received`), disables the
-    /// device with the frames in flight failed (`failedTokens`), and the next call throws
-    /// the violation. A frame of invalid length throws `.submit(.invalidLength)` if it is
-    /// the first to post, as `submitBatch` does.
+    /// frames of this call stay the caller's: `sent` is 0); a bad rx response in the receive
+    /// phase disables the device with every frame in flight failed (`failedTokens`, this
+    /// call's among them) and, in the middle of a batch, returns the frames before it
+    /// (copied, `received`) so that the next call throws the violation, or throws it now
+    /// when it is the first. A frame of invalid length throws `.submit(.invalidLength)` if
+    /// it is the first to post, as `submitBatch` does.
     public func exchange(
         sending frames: UnsafeBufferPointer<UnsafeRawBufferPointer>, firstToken: UInt64, inFlightLimit: Int,
         into buffer: UnsafeMutableRawBufferPointer, stride: Int, results: UnsafeMutableBufferPointer<NetReceivedFrame>
