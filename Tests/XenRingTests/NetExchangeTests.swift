@@ -16,9 +16,9 @@ import Testing
 
     /// Runs exchange passes (at most `limit` frames in flight) until every frame came back
     /// or a call throws; returns the frames received in order, how many passes both posted
-    /// and received, and the error if one was thrown.
+    /// and received, the error if one was thrown, and how many frames the calls posted.
     func run(_ device: XenNetFrontendDevice, _ sent: [[UInt8]], limit: Int = 8) -> (
-        received: [[UInt8]], overlapped: Int, error: XenNetError?
+        received: [[UInt8]], overlapped: Int, error: XenNetError?, posted: Int
     ) {
         let stride = 9100
         let results = UnsafeMutableBufferPointer<NetReceivedFrame>.allocate(capacity: 4)
@@ -54,8 +54,8 @@ import Testing
                 if !pass.progressed { try device.waitForWork(until: deadline) }
             }
             try device.reapTx()
-        } catch { return (received, overlapped, error) }
-        return (received, overlapped, nil)
+        } catch { return (received, overlapped, error, next) }
+        return (received, overlapped, nil, next)
     }
 
     /// Every frame comes back byte for byte and in order; passes post and receive in the
@@ -68,7 +68,7 @@ import Testing
             backend.join()
         }
         let sent = frames(300)
-        let (received, overlapped, error) = run(device, sent)
+        let (received, overlapped, error, _) = run(device, sent)
         #expect(error == nil)
         #expect(received == sent)
         #expect(overlapped > 0)
@@ -114,7 +114,7 @@ import Testing
         let watch = RepostWatch { [weak device] in device }
         device.front.hooks = watch
         let sent = frames(200)
-        let (received, _, error) = run(device, sent, limit: 32)
+        let (received, _, error, _) = run(device, sent, limit: 32)
         #expect(error == nil && received == sent)
         #expect(watch.copies >= 200)
         #expect(watch.repostedWhileCopying == 0)
@@ -146,7 +146,7 @@ import Testing
         let sent = (0..<100).map {
             ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0)
         }
-        let (received, _, error) = run(device, sent, limit: 16)
+        let (received, _, error, posted) = run(device, sent, limit: 16)
         let expected = XenViolation.xenNetRxOffsetBeyondPage(id: 19, offset: 4090, size: 64)
         #expect(error == .broken(expected))
         #expect(device.violation == expected)
@@ -154,7 +154,6 @@ import Testing
         let failed = device.failedTokens
         #expect(Set(failed).count == failed.count)
         // Tokens are 0..<posted in order: those completed, then those failed, none missing.
-        let posted = device.txCompleted + failed.count
         #expect(posted >= 20)
         #expect(failed.sorted() == (device.txCompleted..<posted).map { UInt64($0) })
         #expect(throws: XenNetError.broken(expected)) {
@@ -163,5 +162,49 @@ import Testing
                 into: UnsafeMutableRawBufferPointer(start: nil, count: 0), stride: 0,
                 results: UnsafeMutableBufferPointer(start: nil, count: 0))
         }
+    }
+
+    /// The backend answers the 20th frame's tx slot with status 77: the pass that meets it
+    /// throws the exact violation before posting anything (R6: nothing more is read from
+    /// that backend, echoes it published in the same batch included), and nothing is lost:
+    /// the frames received before it are byte for byte the first ones sent, in order, the 19
+    /// completions before it are counted, and every other frame posted is handed back in
+    /// `failedTokens`.
+    final class BadTxStatus: XenNetBackendHooks {
+        var responses = 0
+        var badId: UInt16?
+
+        func willRespondTx(_ response: inout NetTxResponseFields) -> Int {
+            responses += 1
+            if responses == 20 {
+                badId = response.id
+                response.status = 77
+            }
+            return 1
+        }
+    }
+
+    @Test func hostileTxCompletionIsTypedAndLosesNothing() throws {
+        let (front, back) = try UnixChannel.pair()
+        let hooks = BadTxStatus()
+        let backend = NetBackendThreads(channels: [back], hooks: hooks)
+        let device = try XenNetFrontendDevice.connect(channel: front)
+        defer {
+            device.disconnect()
+            backend.join()
+        }
+        let sent = (0..<100).map {
+            ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0)
+        }
+        let (received, _, error, posted) = run(device, sent, limit: 16)
+        let id = try #require(hooks.badId)
+        let expected = XenViolation.xenNetStatusUnknown(ring: "tx", id: id, status: 77)
+        #expect(error == .broken(expected))
+        #expect(device.violation == expected)
+        #expect(received.count < sent.count && received == Array(sent.prefix(received.count)))
+        let failed = device.failedTokens
+        #expect(device.txCompleted == 19)
+        #expect(posted >= 20)
+        #expect(failed.sorted() == (19..<posted).map { UInt64($0) })
     }
 }
