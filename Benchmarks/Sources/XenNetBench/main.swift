@@ -11,7 +11,7 @@
 // works meanwhile (the hardened one through `XenNetFrontendDevice.exchange`); --lockstep
 // runs both in the order before (post, reap, copy out, and only the next pass posts), for
 // comparison. --post-max N: at most N frames posted (and kicked) per pass, in both loops
-// (default: the depth).
+// (default: the depth; not with --lockstep, whose loops post up to the depth).
 // Besides the ratios it prints each side's frontend CPU per frame, the backend's serving
 // thread's CPU per frame (/proc/PID/task/PID/schedstat) and how often per 1000 frames the
 // frontend thread and the backend's serving thread went to sleep (voluntary context
@@ -260,7 +260,7 @@ func connect() -> XenNetFrontendDevice {
     let start = monotonicNanoseconds()
     let n = xen_net_trusting_run(
         &env, rxRefs, rxFrame, UInt32(rxSlots), txRefs, txFrame, UInt32(depth), UInt32(size), UInt64(frames), out,
-        5000, lockstep ? 1 : 0, UInt32(postMax))
+        5000, lockstep ? 1 : 0, UInt32(lockstep ? depth : postMax))
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuTrusting += processCPUSeconds() - cpu
     sleepsTrusting.frontend += frontendSleeps() - slept
@@ -276,7 +276,7 @@ print(
         + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
         + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned")
         + (lockstep ? ", lock-step loops (--lockstep)" : "")
-        + (postMax < depth ? ", at most \(postMax) posted a pass" : ""))
+        + (postMax < depth && !lockstep ? ", at most \(postMax) posted a pass" : ""))
 if let only {
     for size in sizes {
         for _ in 1...rounds {
