@@ -302,8 +302,13 @@ struct XenNetBench: ParsableCommand {
         var buffer = [UInt8](repeating: 0, count: 65536)
         let results = UnsafeMutableBufferPointer<NetReceivedFrame>.allocate(capacity: 64)
         defer { results.deallocate() }
+        // The frame in memory of its own, so every entry of `list` may point at it for the run.
+        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: frame.count, alignment: 64)
+        defer { bytes.deallocate() }
+        frame.withUnsafeBytes { bytes.copyMemory(from: $0) }
         let list = UnsafeMutableBufferPointer<UnsafeRawBufferPointer>.allocate(capacity: depth)
         defer { list.deallocate() }
+        list.initialize(repeating: UnsafeRawBufferPointer(bytes))
         let start = monotonicNanoseconds()
         let end = start &+ UInt64(runtime * 1e9)
         var nextProgress = start &+ 1_000_000_000
@@ -313,27 +318,17 @@ struct XenNetBench: ParsableCommand {
         var failure: (any Error)?
         loop: while monotonicNanoseconds() < end {
             do {
-                let room = depth - device.front.txFramesInFlight
-                if room > 0 {
-                    // Up to `depth` frames posted in one call (each bounced and granted as by `submit`).
-                    let posted = try frame.withUnsafeBytes { bytes in
-                        list.initialize(repeating: bytes)
-                        return try device.submitBatch(UnsafeBufferPointer(rebasing: list[0..<room]), firstToken: token)
-                    }
-                    token &+= UInt64(posted)
+                // One pass in the overlapping order (`exchange`): tx completions reaped, up to
+                // `depth` frames in flight posted and the backend kicked, then a batch of echoes
+                // validated and copied out (each over the last) while the backend works.
+                let pass = try buffer.withUnsafeMutableBytes { out in
+                    try device.exchange(
+                        sending: UnsafeBufferPointer(list), firstToken: token, inFlightLimit: depth, into: out,
+                        stride: 0, results: results)
                 }
-                device.kick()
-                var progressed = try device.reapTx() > 0
-                while true {
-                    // A batch of echoes validated and copied out per call (each over the last).
-                    let n = try buffer.withUnsafeMutableBytes {
-                        try device.pollBatch(into: $0, stride: 0, results: results)
-                    }
-                    if n == 0 { break }
-                    received += n
-                    progressed = true
-                }
-                if !progressed { try device.waitForWork(until: .after(seconds: net.timeout)) }
+                token &+= UInt64(pass.sent)
+                received += pass.received
+                if !pass.progressed { try device.waitForWork(until: .after(seconds: net.timeout)) }
             } catch {
                 failure = error
                 break loop

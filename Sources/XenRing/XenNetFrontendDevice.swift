@@ -14,6 +14,26 @@ public enum XenNetError: Error, Equatable, CustomStringConvertible {
     }
 }
 
+/// What one `XenNetFrontendDevice.exchange` pass did.
+public struct NetExchange: Sendable, Equatable {
+    /// Tx completions reaped (counted in `txCompleted`, failed ones in `txFailed`).
+    public let reaped: Int
+    /// Frames posted: the first `sent` of the ones given, with tokens `firstToken ..<
+    /// firstToken + sent`.
+    public let sent: Int
+    /// Frames received: `results[0..<received]`.
+    public let received: Int
+
+    public init(reaped: Int, sent: Int, received: Int) {
+        self.reaped = reaped
+        self.sent = sent
+        self.received = received
+    }
+
+    /// Something was reaped, sent or received: call again before waiting.
+    public var progressed: Bool { reaped > 0 || sent > 0 || received > 0 }
+}
+
 /// A connected netif frontend: handshake, shared memory, one event channel for both
 /// rings, and the hardened `NetFrontend`, with sends and deadline-bounded receives.
 ///
@@ -209,6 +229,40 @@ public final class XenNetFrontendDevice {
         })
         if front.isBroken, let v = front.violation { _ = disable(v) }
         return n
+    }
+
+    /// One pass of a send-and-receive loop in the order that keeps the backend busy (as
+    /// Linux's netfront under NAPI: the backend is never left waiting for the frontend's
+    /// copy-out): the tx completions published so far are reaped (`reapTx`), up to
+    /// `frames.count` frames are posted while fewer than `inFlightLimit` are in flight
+    /// (`submitBatch`, frame `i` with token `firstToken &+ i`), both rings are published and
+    /// the backend notified (`kick`: the rx pages copied out by earlier calls are posted
+    /// again), and only then are the received frames copied out (`pollBatch`: up to
+    /// `results.count`, frame `i` into `buffer` at `i * stride`), while the backend works on
+    /// what was just posted. Never blocks: when nothing was reaped, sent or received
+    /// (`NetExchange.progressed` false), wait with `waitForWork` before the next call.
+    ///
+    /// Every check of the calls it is made of holds. An rx page is posted again only after
+    /// its frame was copied out: the pages whose responses arrived but are not copied yet
+    /// are not in the pool the kick posts from (R7), so the backend never gets a page that
+    /// is still being read. A bad tx completion throws before anything is posted (the
+    /// frames of this call stay the caller's: `sent` is 0); a bad rx response in the receive
+    /// phase disables the device with every frame in flight failed (`failedTokens`, this
+    /// call's among them) and, in the middle of a batch, returns the frames before it
+    /// (copied, `received`) so that the next call throws the violation, or throws it now
+    /// when it is the first. A frame of invalid length throws `.submit(.invalidLength)` if
+    /// it is the first to post, as `submitBatch` does.
+    public func exchange(
+        sending frames: UnsafeBufferPointer<UnsafeRawBufferPointer>, firstToken: UInt64, inFlightLimit: Int,
+        into buffer: UnsafeMutableRawBufferPointer, stride: Int, results: UnsafeMutableBufferPointer<NetReceivedFrame>
+    ) throws(XenNetError) -> NetExchange {
+        let reaped = try reapTx()
+        let room = min(frames.count, inFlightLimit &- front.txFramesInFlight)
+        var sent = 0
+        if room > 0 { sent = try submitBatch(UnsafeBufferPointer(rebasing: frames[0..<room]), firstToken: firstToken) }
+        kick()
+        let received = try pollBatch(into: buffer, stride: stride, results: results)
+        return NetExchange(reaped: reaped, sent: sent, received: received)
     }
 
     /// Waits until the backend publishes a response on either ring, at most until

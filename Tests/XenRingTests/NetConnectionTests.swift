@@ -18,13 +18,17 @@ final class NetBackendThreads: @unchecked Sendable {
     /// Wake-ups without work each connection counted (and backed off).
     var spuriousEvents: [Int: UInt64] { lock.withLock { $0.2 } }
 
-    init(channels: [UnixChannel], mode: XenNetMode = .loopback, info: XenNetInfo = XenNetInfo(), idle: Double = 5) {
+    init(
+        channels: [UnixChannel], mode: XenNetMode = .loopback, info: XenNetInfo = XenNetInfo(), idle: Double = 5,
+        hooks: (any XenNetBackendHooks)? = nil
+    ) {
         for (i, channel) in channels.enumerated() {
-            let box = UnsafeSendable(channel)
+            let box = UnsafeSendable((channel, hooks))
             threads.append(
                 TestThread { [self] in
                     do throws(XenConnectError) {
-                        let c = try XenNetBackendConnection.accept(channel: box.value, mode: mode, hub: hub, info: info)
+                        let c = try XenNetBackendConnection.accept(
+                            channel: box.value.0, mode: mode, hub: hub, info: info, hooks: box.value.1)
                         let end = c.run(idleTimeout: idle)
                         lock.withLock {
                             $0.0[i] = end

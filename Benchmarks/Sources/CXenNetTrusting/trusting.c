@@ -44,7 +44,7 @@ static void grant(const struct xen_net_trusting_env *env, uint32_t ref, uint32_t
 
 long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t *rx_refs, uint32_t rx_frame,
                           uint32_t rx_slots, const uint32_t *tx_refs, uint32_t tx_frame, uint32_t depth,
-                          uint32_t size, uint64_t frames, uint8_t *out, int timeout_ms) {
+                          uint32_t size, uint64_t frames, uint8_t *out, int timeout_ms, int lockstep, uint32_t post_max) {
     netif_tx_sring_t *txs = env->tx_sring;
     netif_rx_sring_t *rxs = env->rx_sring;
     netif_tx_front_ring_t tx;
@@ -72,27 +72,39 @@ long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t
     uint64_t sent = 0, received = 0;
     uint8_t data[PAGE];
     memset(data, 0x5a, size);
+    /* The loop order overlaps with the backend (as the hardened loop's `exchange` and
+     * Linux's netfront under NAPI): tx completions first, then the next tx frames posted
+     * and the backend kicked, and only then the received frames copied out (and their rx
+     * pages re-posted, each after its own copy) while the backend works on the new batch.
+     * At most `post_max` frames are posted per pass.
+     * `lockstep`: the order before (post, tx completions, copy-out; the next frames wait
+     * for the next pass), for comparison only. */
+#define POST_TX()                                                                            \
+    do {                                                                                     \
+        uint32_t posted = 0;                                                                 \
+        while (nfree > 0 && sent < frames && posted < post_max) {                            \
+            uint16_t id = free_ids[--nfree];                                                 \
+            /* the frame comes from the caller's memory, as for the hardened side */        \
+            memcpy(frames_base + (size_t)(tx_frame + id) * PAGE, data, size);                \
+            grant(env, tx_refs[id], tx_frame + id, 1);                                       \
+            netif_tx_request_t *t = RING_GET_REQUEST(&tx, tx.req_prod_pvt++);                \
+            t->gref = tx_refs[id];                                                           \
+            t->offset = 0;                                                                   \
+            t->flags = 0;                                                                    \
+            t->id = id;                                                                      \
+            t->size = (uint16_t)size;                                                        \
+            sent++;                                                                          \
+            posted++;                                                                        \
+        }                                                                                    \
+        if (posted) {                                                                        \
+            RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&tx, notify);                                \
+            if (notify) kick(env->evt_to_peer);                                              \
+            if (!lockstep) progressed = 1; /* as `exchange`: another pass before waiting */  \
+        }                                                                                    \
+    } while (0)
     while (received < frames) {
-        int posted = 0;
-        while (nfree > 0 && sent < frames) {
-            uint16_t id = free_ids[--nfree];
-            /* the frame comes from the caller's memory, as for the hardened side */
-            memcpy(frames_base + (size_t)(tx_frame + id) * PAGE, data, size);
-            grant(env, tx_refs[id], tx_frame + id, 1);
-            netif_tx_request_t *t = RING_GET_REQUEST(&tx, tx.req_prod_pvt++);
-            t->gref = tx_refs[id];
-            t->offset = 0;
-            t->flags = 0;
-            t->id = id;
-            t->size = (uint16_t)size;
-            sent++;
-            posted = 1;
-        }
-        if (posted) {
-            RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&tx, notify);
-            if (notify) kick(env->evt_to_peer);
-        }
         int progressed = 0;
+        if (lockstep) POST_TX();
         RING_IDX rp = tx.sring->rsp_prod;
         xen_rmb();
         while (tx.rsp_cons != rp) {
@@ -102,6 +114,7 @@ long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t
             free_ids[nfree++] = t->id;
             progressed = 1;
         }
+        if (!lockstep) POST_TX();
         rp = rx.sring->rsp_prod;
         xen_rmb();
         int reposted = 0;
@@ -126,6 +139,7 @@ long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t
         RING_FINAL_CHECK_FOR_RESPONSES(&rx, more_rx);
         if (!more_tx && !more_rx && !wait_event(env->evt_from_peer, timeout_ms)) return -1;
     }
+#undef POST_TX
     return (long)received;
 }
 

@@ -4,9 +4,14 @@
 // in this benchmark package (R8). Usage (in Benchmarks/):
 //   swift build -c release --product xen-net-bench
 //   .build/release/xen-net-bench [--seconds S] [--rounds N] [--depth D] [--size BYTES]... [--only hardened|trusting]
-//                                [--no-pin]
+//                                [--no-pin] [--lockstep] [--post-max N]
 // The frontend (either) runs pinned to CPU 0 and the backend process to CPU 1 unless
 // --no-pin: the scheduler then cannot stack them on one core for part of a round.
+// Both frontends post and kick before they copy the received frames out, so the backend
+// works meanwhile (the hardened one through `XenNetFrontendDevice.exchange`); --lockstep
+// runs both in the order before (post, reap, copy out, and only the next pass posts), for
+// comparison. --post-max N: at most N frames posted (and kicked) per pass, in both loops
+// (default: the depth; not with --lockstep, whose loops post up to the depth).
 // Besides the ratios it prints each side's frontend CPU per frame, the backend's serving
 // thread's CPU per frame (/proc/PID/task/PID/schedstat) and how often per 1000 frames the
 // frontend thread and the backend's serving thread went to sleep (voluntary context
@@ -47,6 +52,8 @@ var depth = 32
 var sizes: [Int] = []
 var only: String?  // "hardened" or "trusting": one side only, for profiling
 var pin = true
+var lockstep = false
+var postMax = 0
 while !arguments.isEmpty {
     let a = arguments.removeFirst()
     let value = arguments.first ?? ""
@@ -54,16 +61,21 @@ while !arguments.isEmpty {
     case "--no-pin":
         pin = false
         continue
+    case "--lockstep":
+        lockstep = true
+        continue
     case "--seconds": seconds = Double(value) ?? seconds
     case "--rounds": rounds = Int(value) ?? rounds
     case "--depth": depth = Int(value) ?? depth
     case "--size": sizes.append(Int(value) ?? 64)
     case "--only": only = value
+    case "--post-max": postMax = Int(value) ?? postMax
     default: fail("unknown argument \(a)")
     }
     arguments = Array(arguments.dropFirst())
 }
 depth = max(1, min(depth, 32))
+postMax = postMax <= 0 ? depth : min(postMax, depth)
 if sizes.isEmpty { sizes = [64, 1500] }
 sizes = sizes.map { max(14, min($0, 4096)) }
 
@@ -166,6 +178,7 @@ func connect() -> XenNetFrontendDevice {
     list.initialize(repeating: bytes)
     var received = 0
     let depth = depth  // locals: a global in the loop costs a dynamic exclusivity check each time
+    let chunk = UnsafeBufferPointer(rebasing: list[0..<postMax])
     let cpu = processCPUSeconds()
     let (slept, backendSlept) = (frontendSleeps(), backendSleeps())
     let backendRan = backendRunNanoseconds()
@@ -173,17 +186,16 @@ func connect() -> XenNetFrontendDevice {
     let end = start &+ UInt64(seconds * 1e9)
     do throws(XenNetError) {
         var token: UInt64 = 0
-        while monotonicNanoseconds() < end {
+        while lockstep && monotonicNanoseconds() < end {
+            // The order before `exchange` (for --lockstep only): post and kick, reap, copy out.
             let room = depth - device.front.txFramesInFlight
             if room > 0 {
-                // Up to `depth` frames posted in one call (each bounced and granted as by `submit`).
                 let posted = try device.submitBatch(UnsafeBufferPointer(rebasing: list[0..<room]), firstToken: token)
                 token &+= UInt64(posted)
             }
             device.kick()
             var progressed = try device.reapTx() > 0
             while true {
-                // A batch of echoes, each copied out (into the same buffer, as the C loop does).
                 let n = try device.pollBatch(into: out, stride: 0, results: results)
                 if n == 0 { break }
                 for f in results[0..<n] where f.status != .okay || f.length != size { fail("hardened: bad echo \(f)") }
@@ -191,6 +203,21 @@ func connect() -> XenNetFrontendDevice {
                 progressed = true
             }
             if !progressed { try device.waitForWork(until: .after(seconds: 5)) }
+        }
+        while !lockstep && monotonicNanoseconds() < end {
+            // One pass in the overlapping order (`exchange`): tx completions reaped, up to
+            // `depth` frames posted (each bounced and granted as by `submit`) and the
+            // backend kicked, then the echoes copied out (each over the last, as the C loop
+            // does) while the backend works on the frames just posted.
+            let pass = try device.exchange(
+                sending: chunk, firstToken: token, inFlightLimit: depth, into: out, stride: 0,
+                results: results)
+            token &+= UInt64(pass.sent)
+            for f in results[0..<pass.received] where f.status != .okay || f.length != size {
+                fail("hardened: bad echo \(f)")
+            }
+            received += pass.received
+            if !pass.progressed { try device.waitForWork(until: .after(seconds: 5)) }
         }
     } catch { fail("hardened: \(error)") }
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
@@ -233,7 +260,7 @@ func connect() -> XenNetFrontendDevice {
     let start = monotonicNanoseconds()
     let n = xen_net_trusting_run(
         &env, rxRefs, rxFrame, UInt32(rxSlots), txRefs, txFrame, UInt32(depth), UInt32(size), UInt64(frames), out,
-        5000)
+        5000, lockstep ? 1 : 0, UInt32(lockstep ? depth : postMax))
     let elapsed = Double(monotonicNanoseconds() - start) / 1e9
     cpuTrusting += processCPUSeconds() - cpu
     sleepsTrusting.frontend += frontendSleeps() - slept
@@ -247,7 +274,9 @@ func connect() -> XenNetFrontendDevice {
 print(
     "xen-net-bench: frames of \(sizes.map(String.init).joined(separator: ", ")) bytes echoed by a loopback netback, "
         + "depth \(depth), \(fmt(seconds, 1)) s per run, \(rounds) rounds; backend pid \(child.pid)"
-        + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned"))
+        + (pin ? ", frontend on CPU 0, backend on CPU 1" : ", not pinned")
+        + (lockstep ? ", lock-step loops (--lockstep)" : "")
+        + (postMax < depth && !lockstep ? ", at most \(postMax) posted a pass" : ""))
 if let only {
     for size in sizes {
         for _ in 1...rounds {

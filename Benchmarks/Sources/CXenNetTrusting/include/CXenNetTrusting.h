@@ -25,11 +25,15 @@ struct xen_net_trusting_env {
 /// `rx_refs[i]` of frame `rx_frame + i`), then keeps `depth` frames of `size` bytes (at
 /// most 4096, one slot each, copied from a private buffer into the page of `tx_frame + k`,
 /// granted as `tx_refs[k]`) in flight on tx
-/// until `frames` frames have come back on rx (loopback backend), copying each out.
-/// Returns frames received, -1 on a timeout.
+/// until `frames` frames have come back on rx (loopback backend), copying each out. Each
+/// pass takes the tx completions, posts and kicks, then copies the received frames out
+/// (the backend works meanwhile), at most `post_max` frames posted a pass; `lockstep` non-zero posts first and copies out before
+/// the next post (the order before, for comparison). Returns frames received, -1 on a
+/// timeout.
 long xen_net_trusting_run(const struct xen_net_trusting_env *env, const uint32_t *rx_refs, uint32_t rx_frame,
                           uint32_t rx_slots, const uint32_t *tx_refs, uint32_t tx_frame, uint32_t depth,
-                          uint32_t size, uint64_t frames, uint8_t *out, int timeout_ms);
+                          uint32_t size, uint64_t frames, uint8_t *out, int timeout_ms, int lockstep,
+                          uint32_t post_max);
 
 /// Pins the calling thread to one CPU (0-based), for the benchmark harness (both
 /// frontends run on the same pinned thread). Returns 0 or an errno value.
