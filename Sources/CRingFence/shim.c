@@ -166,3 +166,5 @@ int rf_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint6
 int rf_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags) {
     return renameat2(olddirfd, oldpath, newdirfd, newpath, flags);
 }
+
+struct rf_split_probe rf_split_driver_probe;

@@ -81,6 +81,11 @@ extern const int RF_AT_REMOVEDIR;
 extern const unsigned int RF_RENAME_NOREPLACE;
 extern const unsigned int RF_RENAME_EXCHANGE;
 
+// Latency split of the block driver's closed loop (benchmarks only; see rf_split_probe.h).
+#include "rf_split_probe.h"
+extern struct rf_split_probe rf_split_driver_probe;
+static inline struct rf_split_probe *rf_split_driver(void) { return &rf_split_driver_probe; }
+
 #ifdef __cplusplus
 }
 #endif
