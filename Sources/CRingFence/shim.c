@@ -37,6 +37,9 @@ ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value) {
     return n;
 }
 int rf_gettid(void) { return (int)syscall(SYS_gettid); }
+int rf_unshare_files(void) { return unshare(CLONE_FILES); }
+int rf_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+int rf_pidfd_getfd(int pidfd, int fd) { return (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0); }
 
 #define RF_MAX_FDS 16
 
