@@ -194,6 +194,23 @@ import Testing
         n = nil
         #expect(n == nil)
         #expect(Self.eventually { !Self.eventfdIDs(thread: tid).contains(notifierID) })
+        // Nothing else the process had open when the thread left the shared table stays
+        // open in its copy (this process's stdio, sockets, pipes): only eventfds (the
+        // notifiers' copies) and its pidfd.
+        var kinds = Set<String>()
+        if let d = opendir("/proc/self/task/\(tid)/fd") {
+            defer { closedir(d) }
+            while let e = readdir(d) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) {
+                    String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+                }
+                guard Int(name) != nil else { continue }
+                var target = [CChar](repeating: 0, count: 256)
+                let k = readlink("/proc/self/task/\(tid)/fd/\(name)", &target, 255)
+                if k > 0 { kinds.insert(String(decoding: target[..<k].map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
+            }
+        }
+        #expect(kinds.subtracting(["anon_inode:[eventfd]", "anon_inode:[pidfd]"]).isEmpty, "\(kinds)")
     }
 
     @Test func wellBehavedSaturationIsNotTampering() throws {

@@ -32,8 +32,8 @@ extern const int RF_EFD_CLOEXEC;
 /// O_NONBLOCK (which a peer holding the same open file description can clear). Returns 8,
 /// or -1 with errno (EAGAIN: counter 0; EOPNOTSUPP: kernel older than 5.12).
 ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value);
-/// unshare(CLONE_FILES): the calling thread gets its own copy of the descriptor table.
-/// 0 or -1 (errno set).
+/// unshare(CLONE_FILES), then closes every descriptor of the copy: the calling thread gets
+/// a descriptor table of its own, empty. 0, or -1 (errno set) with the table still shared.
 int rf_unshare_files(void);
 /// pidfd_open(2) (no glibc wrapper before 2.36). A descriptor or -1 (errno set).
 int rf_pidfd_open(int pid);
