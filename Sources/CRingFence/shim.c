@@ -12,6 +12,7 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <sys/resource.h>
 #include <linux/openat2.h>
 #include <stdio.h>
 
@@ -37,6 +38,19 @@ ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value) {
     return n;
 }
 int rf_gettid(void) { return (int)syscall(SYS_gettid); }
+int rf_unshare_files(void) {
+    if (unshare(CLONE_FILES)) return -1;
+    // The new table holds a copy of every descriptor the process had open: close them
+    // all, or this thread would keep the process's sockets, pipes and files open.
+    if (syscall(SYS_close_range, 0u, ~0u, 0u) == 0) return 0;
+    // Before Linux 5.9: every number below the limit (once per process).
+    struct rlimit r;
+    long top = getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY ? (long)r.rlim_cur : 1L << 20;
+    for (long fd = 0; fd < top; fd++) close((int)fd);
+    return 0;
+}
+int rf_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+int rf_pidfd_getfd(int pidfd, int fd) { return (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0); }
 
 #define RF_MAX_FDS 16
 
@@ -168,3 +182,5 @@ int rf_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *ne
 }
 
 const char *rf_dirent_name(const struct dirent *entry) { return entry->d_name; }
+
+struct rf_split_probe rf_split_driver_probe;

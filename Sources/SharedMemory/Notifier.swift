@@ -26,6 +26,10 @@ public final class Notifier: @unchecked Sendable {
     let rescues = Atomic<UInt64>(0)
     /// The watchdog's last look at `writes` (watchdog thread only).
     nonisolated(unsafe) var lastSeenWrite: UInt64 = 0
+    /// Tells notifiers apart for the watchdog's copies of their descriptors (an object's
+    /// address can be reused by the next notifier).
+    let serial = Notifier.serials.wrappingAdd(1, ordering: .relaxed).newValue
+    static let serials = Atomic<UInt64>(0)
 
     /// Creates a new eventfd.
     public init() throws(SystemError) {
@@ -116,12 +120,14 @@ public final class Notifier: @unchecked Sendable {
     /// Called by the watchdog each tick: a write that was in progress at the last tick and
     /// still is has blocked (no eventfd write takes a tick otherwise). Draining the counter
     /// is what lets it finish.
-    func watchdogTick() {
+    /// `descriptor`: the watchdog's own copy of `fileDescriptor` (the same open file
+    /// description; see `NotifierWatchdog`).
+    func watchdogTick(descriptor: Int32) {
         let now = writes.load(ordering: .relaxed)
         defer { lastSeenWrite = now }
-        guard now & 1 == 1, now == lastSeenWrite, Self.writeWouldBlock(fileDescriptor) else { return }
+        guard now & 1 == 1, now == lastSeenWrite, Self.writeWouldBlock(descriptor) else { return }
         rescues.wrappingAdd(1, ordering: .relaxed)
-        _ = drain()
+        _ = Self.drain(descriptor: descriptor)
     }
 
     /// Whether a write of 1 would block now: the counter is saturated (read from
@@ -130,7 +136,7 @@ public final class Notifier: @unchecked Sendable {
     /// never saturates the counter. The flags are not consulted: a peer can set O_NONBLOCK
     /// again once our write blocked, which does not wake it. Without /proc: assume it would.
     static func writeWouldBlock(_ fd: Int32) -> Bool {
-        let info = open("/proc/self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
+        let info = open("/proc/thread-self/fdinfo/\(fd)", O_RDONLY | O_CLOEXEC)
         guard info >= 0 else { return true }
         defer { close(info) }
         var buffer = [UInt8](repeating: 0, count: 512)
@@ -150,8 +156,19 @@ public final class Notifier: @unchecked Sendable {
 /// One thread per process that frees `signal()` calls blocked by a peer (see `Notifier`).
 /// Started with the first notifier; it looks every `tick`, and its work per tick is one
 /// atomic load per notifier (fdinfo is read only for a write seen in progress twice).
+///
+/// The thread keeps a descriptor table of its own (`unshare(CLONE_FILES)`) holding copies
+/// of the notifiers' descriptors (`pidfd_getfd`, fetched at its first tick after a notifier
+/// registers, closed at the first tick after it is gone). A thread that shared the
+/// process's table would make every system call on a descriptor in the process take and
+/// drop a reference on its file (the kernel skips that only while one thread uses the
+/// table): about 40 ns more per kick's eventfd write on the driver's CPU, measured
+/// (docs/benchmarks.md, issue 19 session 6), on a line the peer's CPU touches too. Where
+/// the kernel refuses either call, the thread shares the table and uses the descriptors
+/// as they are, as before.
 final class NotifierWatchdog: @unchecked Sendable {
-    // @unchecked Sendable: its members are in a Mutex, `started` is atomic.
+    // @unchecked Sendable: its members are in a Mutex, `started` and `ownTable` are
+    // atomic; `copies` belongs to the watchdog thread.
     static let shared = NotifierWatchdog()
     /// A blocked write is freed within two ticks.
     static let tickNanoseconds: UInt64 = 20_000_000
@@ -161,6 +178,10 @@ final class NotifierWatchdog: @unchecked Sendable {
     }
     private let members = Locked<[ObjectIdentifier: Entry]>([:])
     private let started = Atomic<Bool>(false)
+    /// Whether the thread runs on a descriptor table of its own (tests read it).
+    let ownTable = Atomic<Bool>(false)
+    /// The watchdog thread's id once it runs (tests read it), else 0.
+    let threadID = Atomic<Int32>(0)
 
     func register(_ notifier: Notifier) {
         members.withLock { $0[ObjectIdentifier(notifier)] = Entry(notifier: notifier) }
@@ -168,6 +189,9 @@ final class NotifierWatchdog: @unchecked Sendable {
             started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         {
             // Without the thread, blocked writes are not freed; everything else still works.
+            #if RINGFENCE_SPLIT_PROBE
+            if getenv("RINGFENCE_NO_WATCHDOG") != nil { return }
+            #endif
             if let thread = try? spawnThread({ [self] in run() }) {
                 thread.detach()
             } else {
@@ -180,16 +204,61 @@ final class NotifierWatchdog: @unchecked Sendable {
         _ = members.withLock { $0.removeValue(forKey: ObjectIdentifier(notifier)) }
     }
 
+    /// Moves the thread to a descriptor table of its own, if the kernel can also copy the
+    /// notifiers' descriptors into it; returns the pidfd to copy them through, or -1
+    /// (the table stays shared).
+    private func leaveSharedTable() -> Int32 {
+        // Probe both calls in the shared table first: once unshared, the thread could not
+        // go back if pidfd_getfd turned out refused.
+        let probe = rf_pidfd_open(getpid())
+        guard probe >= 0 else { return -1 }
+        let copy = rf_pidfd_getfd(probe, probe)
+        closeDescriptor(probe)
+        guard copy >= 0 else { return -1 }
+        closeDescriptor(copy)
+        guard rf_unshare_files() == 0 else { return -1 }
+        let pidfd = rf_pidfd_open(getpid())
+        if pidfd >= 0 { ownTable.store(true, ordering: .releasing) }
+        return pidfd
+    }
+
     private func run() {
+        threadID.store(rf_gettid(), ordering: .releasing)
+        let pidfd = leaveSharedTable()
+        // The thread's copies by notifier serial (own table only).
+        var copies: [UInt64: Int32] = [:]
         var snapshot: [Notifier] = []
+        var live = Set<UInt64>()
         while true {
             sleepNanoseconds(Self.tickNanoseconds)
             snapshot.removeAll(keepingCapacity: true)
             members.withLock { m in
                 for entry in m.values { if let n = entry.notifier { snapshot.append(n) } }
             }
-            for n in snapshot { n.watchdogTick() }
+            if pidfd < 0 {
+                for n in snapshot { n.watchdogTick(descriptor: n.fileDescriptor) }
+                snapshot.removeAll(keepingCapacity: true)
+                continue
+            }
+            live.removeAll(keepingCapacity: true)
+            for n in snapshot {
+                live.insert(n.serial)
+                // The snapshot holds the notifier, so its descriptor is still open.
+                var copy = copies[n.serial] ?? -1
+                if copy < 0 {
+                    copy = rf_pidfd_getfd(pidfd, n.fileDescriptor)
+                    if copy < 0 { continue }  // out of descriptors: tried again next tick
+                    copies[n.serial] = copy
+                }
+                n.watchdogTick(descriptor: copy)
+            }
             snapshot.removeAll(keepingCapacity: true)
+            if copies.count > live.count {
+                for (serial, copy) in copies where !live.contains(serial) {
+                    closeDescriptor(copy)
+                    copies[serial] = nil
+                }
+            }
         }
     }
 }

@@ -140,6 +140,79 @@ import Testing
         #expect(n.drain() == 1)  // and no notification was stolen
     }
 
+    /// The eventfd-id (Linux's fdinfo) of descriptor `fd` of this process.
+    static func eventfdID(_ fd: Int32) -> Int? { eventfdID(file: "/proc/self/fdinfo/\(fd)") }
+
+    static func eventfdID(file: String) -> Int? {
+        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("eventfd-id:") {
+            return Int(line.dropFirst("eventfd-id:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
+    /// The eventfd-ids of every eventfd in the descriptor table of thread `tid`.
+    static func eventfdIDs(thread tid: Int32) -> Set<Int> {
+        let dir = "/proc/self/task/\(tid)/fdinfo"
+        var ids = Set<Int>()
+        guard let d = opendir(dir) else { return ids }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if Int(name) != nil, let id = eventfdID(file: "\(dir)/\(name)") { ids.insert(id) }
+        }
+        return ids
+    }
+
+    /// Polls `condition` every 5 ms for up to 2 s.
+    static func eventually(_ condition: () -> Bool) -> Bool {
+        for _ in 0..<400 {
+            if condition() { return true }
+            usleep(5_000)
+        }
+        return condition()
+    }
+
+    /// The watchdog thread keeps a descriptor table of its own (issue 19 session 6: a
+    /// thread sharing the table costs every eventfd write a file reference taken and
+    /// dropped), with a copy of each notifier's descriptor fetched at its next tick and
+    /// closed once the notifier is gone; a descriptor the process opens otherwise is not
+    /// in it.
+    @Test func watchdogKeepsItsOwnDescriptorTableWithCopiesOfTheNotifiers() throws {
+        var n: Notifier? = try Notifier()
+        let watchdog = NotifierWatchdog.shared
+        #expect(Self.eventually { watchdog.threadID.load(ordering: .acquiring) != 0 })
+        #expect(Self.eventually { watchdog.ownTable.load(ordering: .acquiring) })
+        let tid = watchdog.threadID.load(ordering: .acquiring)
+        let plain = rf_eventfd(0, RF_EFD_CLOEXEC)  // not a notifier: never copied
+        #expect(plain >= 0)
+        defer { close(plain) }
+        let notifierID = try #require(Self.eventfdID(n!.fileDescriptor))
+        let plainID = try #require(Self.eventfdID(plain))
+        #expect(Self.eventually { Self.eventfdIDs(thread: tid).contains(notifierID) })
+        #expect(!Self.eventfdIDs(thread: tid).contains(plainID))
+        n = nil
+        #expect(n == nil)
+        #expect(Self.eventually { !Self.eventfdIDs(thread: tid).contains(notifierID) })
+        // Nothing else the process had open when the thread left the shared table stays
+        // open in its copy (this process's stdio, sockets, pipes): only eventfds (the
+        // notifiers' copies) and its pidfd.
+        var kinds = Set<String>()
+        if let d = opendir("/proc/self/task/\(tid)/fd") {
+            defer { closedir(d) }
+            while let e = readdir(d) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) {
+                    String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+                }
+                guard Int(name) != nil else { continue }
+                var target = [CChar](repeating: 0, count: 256)
+                let k = readlink("/proc/self/task/\(tid)/fd/\(name)", &target, 255)
+                if k > 0 { kinds.insert(String(decoding: target[..<k].map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
+            }
+        }
+        #expect(kinds.subtracting(["anon_inode:[eventfd]", "anon_inode:[pidfd]"]).isEmpty, "\(kinds)")
+    }
+
     @Test func wellBehavedSaturationIsNotTampering() throws {
         let n = try Notifier()
         var full: UInt64 = 0xFFFF_FFFF_FFFF_FFFE

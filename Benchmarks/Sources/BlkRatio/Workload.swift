@@ -56,6 +56,10 @@ struct RunResult {
     var sleeps = 0
     /// Lateness of a 1 ms `Task.sleep` ticker on the pool during the round (async mode).
     var ticker: Histogram<UInt64>?
+    #if RINGFENCE_SPLIT_PROBE
+    /// The latency split of the measured window (one round; not merged).
+    var split: SplitProbe.Report?
+    #endif
 
     var iops: Double { seconds > 0 ? Double(ios) / seconds : 0 }
     func percentileMicroseconds(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
@@ -179,9 +183,21 @@ func closedLoop<D: LoopDriver>(
     }
     var last = t0
     var completed = 0
+    #if RINGFENCE_SPLIT_PROBE
+    var probe = 0  // 0 before the window, 1 in it, 2 after
+    #endif
     while outstanding > 0, var c = driver.next() {
         var now = monotonicNanoseconds()
         last = now
+        #if RINGFENCE_SPLIT_PROBE
+        if probe == 0 && now >= measureFrom && now < end {
+            SplitProbe.arm()
+            probe = 1
+        } else if probe == 1 && now >= end {
+            SplitProbe.disarm()
+            probe = 2
+        }
+        #endif
         while true {
             // A `poll` past the batch may return a request submitted after `now` was read.
             if started[c.slot] > now {
@@ -214,6 +230,10 @@ func closedLoop<D: LoopDriver>(
         }
     }
     for i in 0..<recorded { _ = result.histogram.record(UInt64(latencies[i])) }
+    #if RINGFENCE_SPLIT_PROBE
+    if probe == 1 { SplitProbe.disarm() }
+    if probe > 0 { result.split = SplitProbe.report() }
+    #endif
     if outstanding > 0 && result.error == nil { result.error = "lost \(outstanding) requests" }
     result.requests = completed
     let measuredEnd = min(last, end)
@@ -265,6 +285,9 @@ func runRound(_ c: Contestant, depth: Int, settings: Settings, seconds: Double, 
         r.kicks = Int(s.kicks)
         return r
     case .cpoller:
+        #if RINGFENCE_SPLIT_PROBE
+        if getenv("BLK_RATIO_NOTIFIER") != nil { _ = try? Notifier() }
+        #endif
         return cPollerRound(socket: c.socket, depth: depth, settings: settings, seconds: seconds, seed: seed)
     case .trusting:
         let device: TrustingBlockDevice
@@ -305,8 +328,51 @@ func cPollerRound(socket: String, depth: Int, settings: Settings, seconds: Doubl
     for i in 0..<Int(out.recorded) { _ = r.histogram.record(UInt64(latencies[i])) }
     r.requests = Int(out.completed)
     r.kicks = Int(out.kicks)
+    #if RINGFENCE_SPLIT_PROBE
+    r.split = splitReport(&out.split)
+    #endif
     return r
 }
+
+#if RINGFENCE_SPLIT_PROBE
+/// The C poller's split in the library's report type.
+func splitReport(_ p: inout cblk_split_probe) -> SplitProbe.Report {
+    func part(_ q: inout cblk_split_part) -> SplitProbe.Part {
+        SplitProbe.Part(
+            sumTicks: q.sum, count: q.count,
+            histogram: withUnsafeBytes(of: &q.hist) { Array($0.bindMemory(to: UInt32.self)) })
+    }
+    var r = SplitProbe.Report()
+    r.turnaround = part(&p.turnaround)
+    r.write = part(&p.write)
+    r.device = part(&p.device)
+    let ns = Double(p.ns1 &- p.ns0)
+    r.ticksPerNanosecond = ns > 0 ? Double(p.tsc1 &- p.tsc0) / ns : 1
+    r.bucketTicks = 1 << Int(CBLK_SPLIT_SHIFT)
+    return r
+}
+
+/// "turnaround mean/p50/p90/p99 ns, write ..., device ...": one line per round.
+func describe(_ r: SplitProbe.Report) -> String {
+    func ns(_ ticks: Double) -> Int { Int((ticks / r.ticksPerNanosecond).rounded()) }
+    func one(_ name: String, _ p: SplitProbe.Part) -> String {
+        guard p.count > 0 else { return "\(name) n/a" }
+        func percentile(_ q: Double) -> Int {
+            let target = UInt64((Double(p.count) * q).rounded(.up))
+            var seen: UInt64 = 0
+            for (i, n) in p.histogram.enumerated() {
+                seen += UInt64(n)
+                if seen >= target { return ns(Double((i + 1) * r.bucketTicks)) }
+            }
+            return -1
+        }
+        return "\(name) mean \(ns(Double(p.sumTicks) / Double(p.count))) p50 \(percentile(0.5)) "
+            + "p90 \(percentile(0.9)) p99 \(percentile(0.99))"
+    }
+    return "split ns: " + one("turnaround", r.turnaround) + "; " + one("write", r.write) + "; "
+        + one("device", r.device) + " (n \(r.device.count))"
+}
+#endif
 
 /// Two contestants at one depth, interleaved: `rounds` rounds, each running A and B for
 /// runtime/rounds seconds, alternating which goes first (ABBA), so load drift hits both.
@@ -372,6 +438,9 @@ func compareGroup(_ contestants: [Contestant], depth: Int, settings: Settings, l
                 "  round \(round + 1)/\(settings.rounds) \(c.label) depth \(depth): "
                     + "\(Int(r.iops)) IOPS, p50 \(r.percentileMicroseconds(50)) us, p99 \(r.percentileMicroseconds(99)) us"
                     + ", \(r.requests) requests, \(r.kicks) kicks" + (r.error.map { " ERROR \($0)" } ?? ""))
+            #if RINGFENCE_SPLIT_PROBE
+            if let split = r.split { log("    \(c.label) \(describe(split))") }
+            #endif
             group.merged[i].merge(r)
             iops[i] = r.iops
         }

@@ -314,6 +314,9 @@ case .run:
         log(
             "\(name) iodepth \(depth): \(r.requests) requests, \(r.kicks) kicks\(driver == .trusting ? ", \(r.sleeps) sleeps" : "")"
         )
+        #if RINGFENCE_SPLIT_PROBE
+        if let split = r.split { log("\(name) \(describe(split))") }
+        #endif
         if let e = r.error {
             failed = true
             log("error: \(e)")

@@ -275,10 +275,16 @@ int cblk_poll_run(const char *socket_path, int depth, int block_size, double war
             uint16_t event = *avail_event;
             if ((uint16_t)(avail_idx - event - 1) < (uint16_t)(avail_idx - kicked_idx)) {
                 uint64_t one = 1;
+#ifdef RINGFENCE_SPLIT_PROBE
+                cblk_split_kick_begin(&out->split);
+#endif
                 if (write(kick, &one, 8) != 8) {
                     fail(out, "kick");
                     break;
                 }
+#ifdef RINGFENCE_SPLIT_PROBE
+                cblk_split_kicked(&out->split);
+#endif
                 out->kicks++;
             }
             kicked_idx = avail_idx;
@@ -291,8 +297,15 @@ int cblk_poll_run(const char *socket_path, int depth, int block_size, double war
             }
             continue;
         }
+#ifdef RINGFENCE_SPLIT_PROBE
+        cblk_split_seen(&out->split);
+#endif
         uint64_t now = now_ns();
         last = now;
+#ifdef RINGFENCE_SPLIT_PROBE
+        if (!out->split.armed && now >= measure_from && now < end && !out->split.tsc1) cblk_split_arm(&out->split);
+        if (out->split.armed && now >= end) cblk_split_disarm(&out->split);
+#endif
         while (last_used != used_idx) {
             uint32_t slot = used->ring[last_used % n].id / 3;
             last_used++;

@@ -33,6 +33,14 @@ extern const int RF_EFD_CLOEXEC;
 /// O_NONBLOCK (which a peer holding the same open file description can clear). Returns 8,
 /// or -1 with errno (EAGAIN: counter 0; EOPNOTSUPP: kernel older than 5.12).
 ssize_t rf_eventfd_read_nowait(int fd, uint64_t *value);
+/// unshare(CLONE_FILES), then closes every descriptor of the copy: the calling thread gets
+/// a descriptor table of its own, empty. 0, or -1 (errno set) with the table still shared.
+int rf_unshare_files(void);
+/// pidfd_open(2) (no glibc wrapper before 2.36). A descriptor or -1 (errno set).
+int rf_pidfd_open(int pid);
+/// pidfd_getfd(2): a copy of descriptor `fd` of the process behind `pidfd` in the calling
+/// thread's table (close-on-exec). A descriptor or -1 (errno set).
+int rf_pidfd_getfd(int pidfd, int fd);
 
 /// Sends `len` bytes and `nfds` descriptors (SCM_RIGHTS) with MSG_NOSIGNAL | MSG_DONTWAIT:
 /// fails with EAGAIN instead of blocking when the peer does not read (the caller waits
@@ -86,6 +94,11 @@ extern const int RF_AT_SYMLINK_NOFOLLOW;
 extern const int RF_AT_REMOVEDIR;
 extern const unsigned int RF_RENAME_NOREPLACE;
 extern const unsigned int RF_RENAME_EXCHANGE;
+
+// Latency split of the block driver's closed loop (benchmarks only; see rf_split_probe.h).
+#include "rf_split_probe.h"
+extern struct rf_split_probe rf_split_driver_probe;
+static inline struct rf_split_probe *rf_split_driver(void) { return &rf_split_driver_probe; }
 
 #ifdef __cplusplus
 }

@@ -393,6 +393,10 @@ public final class BlockQueue {
 
     /// The device asked for a notification of what was just published.
     func signalKick() {
+        #if RINGFENCE_SPLIT_PROBE
+        SplitProbe.kickBegin()
+        defer { SplitProbe.kicked() }
+        #endif
         if !kickNotifier.signal() { supervisor.fail(.violation(.notifierBlocked(role: "kick"))) }
         state.pointee.statistics.kicks &+= 1
     }
@@ -434,6 +438,9 @@ public final class BlockQueue {
             if publication == .publishedKick { signalKick() }
         }
         guard let completion else { return nil }
+        #if RINGFENCE_SPLIT_PROBE
+        SplitProbe.seen()
+        #endif
         if let c = finish(completion) { return c }
         return firstFailure()
     }

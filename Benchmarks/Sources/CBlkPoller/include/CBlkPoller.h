@@ -7,6 +7,8 @@
 #define CBLKPOLLER_H
 #include <stddef.h>
 #include <stdint.h>
+
+#include "cblk_split_probe.h"
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -24,6 +26,9 @@ struct cblk_result {
     /// Non-zero on failure; `message` says why.
     int error;
     char message[160];
+    /// The latency split over the measured window (all zero unless poller.c was built with
+    /// -DRINGFENCE_SPLIT_PROBE).
+    struct cblk_split_probe split;
 };
 
 /// Connects to the vhost-user-blk back-end at `socket` (one queue of the smallest power
