@@ -158,7 +158,8 @@ import Testing
         guard let d = opendir(dir) else { return ids }
         defer { closedir(d) }
         while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let p = rf_dirent_name(e) else { continue }
+            let name = String(cString: p)
             if Int(name) != nil, let id = eventfdID(file: "\(dir)/\(name)") { ids.insert(id) }
         }
         return ids
@@ -182,6 +183,17 @@ import Testing
         var n: Notifier? = try Notifier()
         let watchdog = NotifierWatchdog.shared
         #expect(Self.eventually { watchdog.threadID.load(ordering: .acquiring) != 0 })
+        // Where the kernel (before 5.6) or a seccomp policy refuses pidfd_getfd, the thread
+        // stays on the shared table, as before: that is the fallback, checked instead.
+        let pidfd = rf_pidfd_open(getpid())
+        let copy = pidfd >= 0 ? rf_pidfd_getfd(pidfd, pidfd) : -1
+        for fd in [pidfd, copy] where fd >= 0 { close(fd) }
+        guard copy >= 0 else {
+            usleep(100_000)
+            let own = watchdog.ownTable.load(ordering: .acquiring)
+            #expect(!own)
+            return
+        }
         #expect(Self.eventually { watchdog.ownTable.load(ordering: .acquiring) })
         let tid = watchdog.threadID.load(ordering: .acquiring)
         let plain = rf_eventfd(0, RF_EFD_CLOEXEC)  // not a notifier: never copied
@@ -201,9 +213,8 @@ import Testing
         if let d = opendir("/proc/self/task/\(tid)/fd") {
             defer { closedir(d) }
             while let e = readdir(d) {
-                let name = withUnsafeBytes(of: e.pointee.d_name) {
-                    String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
-                }
+                guard let p = rf_dirent_name(e) else { continue }
+                let name = String(cString: p)
                 guard Int(name) != nil else { continue }
                 var target = [CChar](repeating: 0, count: 256)
                 let k = readlink("/proc/self/task/\(tid)/fd/\(name)", &target, 255)
