@@ -329,29 +329,12 @@ func cPollerRound(socket: String, depth: Int, settings: Settings, seconds: Doubl
     r.requests = Int(out.completed)
     r.kicks = Int(out.kicks)
     #if RINGFENCE_SPLIT_PROBE
-    r.split = splitReport(&out.split)
+    r.split = withUnsafePointer(to: &out.split) { SplitProbe.report(of: $0) }
     #endif
     return r
 }
 
 #if RINGFENCE_SPLIT_PROBE
-/// The C poller's split in the library's report type.
-func splitReport(_ p: inout cblk_split_probe) -> SplitProbe.Report {
-    func part(_ q: inout cblk_split_part) -> SplitProbe.Part {
-        SplitProbe.Part(
-            sumTicks: q.sum, count: q.count,
-            histogram: withUnsafeBytes(of: &q.hist) { Array($0.bindMemory(to: UInt32.self)) })
-    }
-    var r = SplitProbe.Report()
-    r.turnaround = part(&p.turnaround)
-    r.write = part(&p.write)
-    r.device = part(&p.device)
-    let ns = Double(p.ns1 &- p.ns0)
-    r.ticksPerNanosecond = ns > 0 ? Double(p.tsc1 &- p.tsc0) / ns : 1
-    r.bucketTicks = 1 << Int(CBLK_SPLIT_SHIFT)
-    return r
-}
-
 /// "turnaround mean/p50/p90/p99 ns, write ..., device ...": one line per round.
 func describe(_ r: SplitProbe.Report) -> String {
     func ns(_ ticks: Double) -> Int { Int((ticks / r.ticksPerNanosecond).rounded()) }

@@ -276,14 +276,14 @@ int cblk_poll_run(const char *socket_path, int depth, int block_size, double war
             if ((uint16_t)(avail_idx - event - 1) < (uint16_t)(avail_idx - kicked_idx)) {
                 uint64_t one = 1;
 #ifdef RINGFENCE_SPLIT_PROBE
-                cblk_split_kick_begin(&out->split);
+                rf_split_kick_begin(&out->split);
 #endif
                 if (write(kick, &one, 8) != 8) {
                     fail(out, "kick");
                     break;
                 }
 #ifdef RINGFENCE_SPLIT_PROBE
-                cblk_split_kicked(&out->split);
+                rf_split_kicked(&out->split);
 #endif
                 out->kicks++;
             }
@@ -298,13 +298,13 @@ int cblk_poll_run(const char *socket_path, int depth, int block_size, double war
             continue;
         }
 #ifdef RINGFENCE_SPLIT_PROBE
-        cblk_split_seen(&out->split);
+        rf_split_seen(&out->split);
 #endif
         uint64_t now = now_ns();
         last = now;
 #ifdef RINGFENCE_SPLIT_PROBE
-        if (!out->split.armed && now >= measure_from && now < end && !out->split.tsc1) cblk_split_arm(&out->split);
-        if (out->split.armed && now >= end) cblk_split_disarm(&out->split);
+        if (!out->split.armed && now >= measure_from && now < end && !out->split.tsc1) rf_split_arm(&out->split);
+        if (out->split.armed && now >= end) rf_split_disarm(&out->split);
 #endif
         while (last_used != used_idx) {
             uint32_t slot = used->ring[last_used % n].id / 3;

@@ -3,7 +3,7 @@
 // the write itself counted apart) and the device's part (from that kick's return to
 // seeing the used index move). Timestamps from the TSC; sums and histograms in fixed
 // arrays, no allocation. Compiled into a driver only with -DRINGFENCE_SPLIT_PROBE; the
-// C busy-polling baseline in Benchmarks/ includes the same logic from its own copy.
+// C busy-polling baseline in Benchmarks/ includes this file through a symlink.
 #ifndef RF_SPLIT_PROBE_H
 #define RF_SPLIT_PROBE_H
 #include <stdint.h>

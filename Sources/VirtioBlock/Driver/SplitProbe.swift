@@ -30,7 +30,7 @@ public enum SplitProbe {
 
     /// Clears the probe and starts recording.
     public static func arm() {
-        let p = rf_split_driver()!
+        guard let p = rf_split_driver() else { return }
         p.pointee = rf_split_probe()
         rf_split_arm(p)
     }
@@ -38,19 +38,27 @@ public enum SplitProbe {
     /// Stops recording (the report covers arm to disarm).
     public static func disarm() { rf_split_disarm(rf_split_driver()) }
 
+    /// This driver's probe.
     public static func report() -> Report {
-        let p = rf_split_driver()!
-        var r = Report()
-        func part(_ q: UnsafeMutablePointer<rf_split_part>) -> Part {
+        guard let p = rf_split_driver() else { return Report() }
+        return report(of: UnsafeRawPointer(p))
+    }
+
+    /// Any `struct rf_split_probe` (`rf_split_probe.h`; the C poller in Benchmarks/ keeps
+    /// one in its result), read into a report.
+    public static func report(of probe: UnsafeRawPointer) -> Report {
+        var p = probe.load(as: rf_split_probe.self)
+        func part(_ q: inout rf_split_part) -> Part {
             Part(
-                sumTicks: q.pointee.sum, count: q.pointee.count,
-                histogram: withUnsafeBytes(of: &q.pointee.hist) { Array($0.bindMemory(to: UInt32.self)) })
+                sumTicks: q.sum, count: q.count,
+                histogram: withUnsafeBytes(of: &q.hist) { Array($0.bindMemory(to: UInt32.self)) })
         }
-        withUnsafeMutablePointer(to: &p.pointee.turnaround) { r.turnaround = part($0) }
-        withUnsafeMutablePointer(to: &p.pointee.write) { r.write = part($0) }
-        withUnsafeMutablePointer(to: &p.pointee.device) { r.device = part($0) }
-        let ns = Double(p.pointee.ns1 &- p.pointee.ns0)
-        r.ticksPerNanosecond = ns > 0 ? Double(p.pointee.tsc1 &- p.pointee.tsc0) / ns : 1
+        var r = Report()
+        r.turnaround = part(&p.turnaround)
+        r.write = part(&p.write)
+        r.device = part(&p.device)
+        let ns = Double(p.ns1 &- p.ns0)
+        r.ticksPerNanosecond = ns > 0 ? Double(p.tsc1 &- p.tsc0) / ns : 1
         r.bucketTicks = 1 << Int(RF_SPLIT_SHIFT)
         return r
     }

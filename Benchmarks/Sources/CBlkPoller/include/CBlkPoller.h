@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "cblk_split_probe.h"
+#include "rf_split_probe.h"  // the root's CRingFence header, through a symlink
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -28,7 +28,7 @@ struct cblk_result {
     char message[160];
     /// The latency split over the measured window (all zero unless poller.c was built with
     /// -DRINGFENCE_SPLIT_PROBE).
-    struct cblk_split_probe split;
+    struct rf_split_probe split;
 };
 
 /// Connects to the vhost-user-blk back-end at `socket` (one queue of the smallest power

@@ -1,0 +1,1 @@
+../../../../Sources/CRingFence/include/rf_split_probe.h
