@@ -44,8 +44,9 @@ final class NetBackendThreads: @unchecked Sendable {
     func join() { for t in threads { t.join() } }
 }
 
-func connectedNet(_ count: Int = 1, mode: XenNetMode = .loopback) throws -> ([XenNetFrontendDevice], NetBackendThreads)
-{
+func connectedNet(
+    _ count: Int = 1, mode: XenNetMode = .loopback, hooks: (any XenNetBackendHooks)? = nil
+) throws -> ([XenNetFrontendDevice], NetBackendThreads) {
     var fronts: [UnixChannel] = []
     var backs: [UnixChannel] = []
     for _ in 0..<count {
@@ -53,7 +54,7 @@ func connectedNet(_ count: Int = 1, mode: XenNetMode = .loopback) throws -> ([Xe
         fronts.append(a)
         backs.append(b)
     }
-    let backend = NetBackendThreads(channels: backs, mode: mode)
+    let backend = NetBackendThreads(channels: backs, mode: mode, hooks: hooks)
     return (try fronts.map { try XenNetFrontendDevice.connect(channel: $0) }, backend)
 }
 

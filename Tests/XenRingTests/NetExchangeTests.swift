@@ -7,6 +7,11 @@ import Testing
 /// kicks, and only then copies the received frames out (the backend works meanwhile),
 /// against a real netback connection on its own thread.
 @Suite struct NetExchangeTests {
+    /// `count` frames of 64 bytes (one slot each), the hostile tests' traffic.
+    func smallFrames(_ count: Int) -> [[UInt8]] {
+        (0..<count).map { ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0) }
+    }
+
     /// Frames of many sizes (one slot and chains), `count` of them.
     func frames(_ count: Int) -> [[UInt8]] {
         (0..<count).map { i in
@@ -136,16 +141,13 @@ import Testing
     }
 
     @Test func hostileRxResponseDuringTheOverlapIsTypedAndLosesNothing() throws {
-        let (front, back) = try UnixChannel.pair()
-        let backend = NetBackendThreads(channels: [back], hooks: BadRxOffset())
-        let device = try XenNetFrontendDevice.connect(channel: front)
+        let (devices, backend) = try connectedNet(hooks: BadRxOffset())
+        let device = devices[0]
         defer {
             device.disconnect()
             backend.join()
         }
-        let sent = (0..<100).map {
-            ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0)
-        }
+        let sent = smallFrames(100)
         let (received, _, error, posted) = run(device, sent, limit: 16)
         let expected = XenViolation.xenNetRxOffsetBeyondPage(id: 19, offset: 4090, size: 64)
         #expect(error == .broken(expected))
@@ -185,17 +187,14 @@ import Testing
     }
 
     @Test func hostileTxCompletionIsTypedAndLosesNothing() throws {
-        let (front, back) = try UnixChannel.pair()
         let hooks = BadTxStatus()
-        let backend = NetBackendThreads(channels: [back], hooks: hooks)
-        let device = try XenNetFrontendDevice.connect(channel: front)
+        let (devices, backend) = try connectedNet(hooks: hooks)
+        let device = devices[0]
         defer {
             device.disconnect()
             backend.join()
         }
-        let sent = (0..<100).map {
-            ethernet(dst: [0, 0x16, 0x3e, 0, 0, 1], src: [2, 0, 0, 0, 0, 1], payload: 50, seed: $0)
-        }
+        let sent = smallFrames(100)
         let (received, _, error, posted) = run(device, sent, limit: 16)
         let id = try #require(hooks.badId)
         let expected = XenViolation.xenNetStatusUnknown(ring: "tx", id: id, status: 77)
