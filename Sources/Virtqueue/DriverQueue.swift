@@ -115,6 +115,8 @@ public final class DriverQueue {
         var health = QueueHealth()
         /// Halves of shared descriptors stored because they differed (`setDescriptor`).
         var descriptorStores: UInt64 = 0
+        /// Avail entries stored because they differed (`add`).
+        var availEntryStores: UInt64 = 0
     }
 
     /// The ring's memory.
@@ -146,6 +148,10 @@ public final class DriverQueue {
     /// that differ from what the descriptor must hold (a chain reposted unchanged stores
     /// none; one the device scribbled on is rewritten).
     public var descriptorStores: UInt64 { state.pointee.descriptorStores }
+
+    /// Avail ring entries stored so far: like the descriptors, an entry is stored only
+    /// when it differs from the head being posted (what is loaded decides nothing else).
+    public var availEntryStores: UInt64 { state.pointee.availEntryStores }
 
     /// The device's first violation; the queue is broken from then on (R6).
     public var violation: Violation? { state.pointee.health.violation }
@@ -252,9 +258,15 @@ public final class DriverQueue {
         inFlight.post(head, token: token, writable: writable, count: needed)
         state.pointee.inFlightCount += 1
 
+        // The avail entry as the descriptors: stored only when it differs. A closed loop
+        // reposts the same heads, so after the first lap the entries' lines stay clean and
+        // the device reads them from its own cache; only the index's line moves.
         let availIndex = state.pointee.availIndex
-        SharedAccess.store16(
-            memory.avail + SplitLayout.availEntryOffset(Int(availIndex & mask)), head)
+        let entry = memory.avail + SplitLayout.availEntryOffset(Int(availIndex & mask))
+        if SharedAccess.load16(entry) != head {
+            SharedAccess.store16(entry, head)
+            state.pointee.availEntryStores &+= 1
+        }
         state.pointee.availIndex = availIndex &+ 1
         return head
     }

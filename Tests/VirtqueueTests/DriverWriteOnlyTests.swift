@@ -172,6 +172,53 @@ import Virtqueue
         #expect(!driver.isBroken && driver.freeCount == 8)
     }
 
+    /// An avail entry is stored only when it differs from the head posted: laps of a
+    /// closed loop on the same head leave the entries' lines clean, and an entry the device
+    /// scribbled on is found different and rewritten, so the device pops exactly the head
+    /// posted (R1: what is loaded only decides whether to store).
+    @Test func availEntriesAreStoredOnlyWhenTheyDiffer() throws {
+        let pair = try RingPair(queueSize: 8)
+        let driver = pair.driver
+        let a = RingAttacker(pair)
+        let buffer = try #require(pair.pool.allocate(16 + 64 + 1))
+        let segments = [
+            pair.pool.segment(buffer, offset: 0, length: 16, deviceWritable: false),
+            pair.pool.segment(buffer, offset: 16, length: 64, deviceWritable: true),
+        ]
+        var chain = DescriptorChain()
+        func roundTrip(token: UInt64) throws -> UInt16 {
+            let head = try driver.add(segments, token: token)
+            _ = driver.publish()
+            #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready)
+            #expect(chain.head == head)
+            pair.device.complete(head: chain.head, length: 64)
+            _ = pair.device.publishUsed()
+            #expect(try driver.nextCompletion()?.token == token)
+            return head
+        }
+        // Two laps and a half of the ring, always on head 0: the zeroed ring already holds
+        // 0 in every entry, so nothing is stored.
+        for t in 0..<20 { #expect(try roundTrip(token: UInt64(t)) == 0) }
+        #expect(driver.availEntryStores == 0)
+        // The device writes 5 into the next entry (20 % 8): rewritten, and only it.
+        a.setAvailEntry(slot: 4, head: 5)
+        #expect(try roundTrip(token: 20) == 0)
+        #expect(driver.availEntryStores == 1)
+        for t in 21..<29 { _ = try roundTrip(token: UInt64(t)) }
+        #expect(driver.availEntryStores == 1)
+        // Another head (two chains in flight, the second on descriptors 2-3) is stored.
+        try driver.add(segments, token: 100)
+        let second = try driver.add(segments, token: 101)
+        #expect(second == 2)
+        _ = driver.publish()
+        #expect(driver.availEntryStores == 2)
+        for expected: UInt16 in [0, 2] {
+            #expect(try pair.device.nextChain(into: &chain, memory: pair.memory) == .ready)
+            #expect(chain.head == expected)
+        }
+        #expect(!driver.isBroken)
+    }
+
     @Test func driverNeverReadsAvailIndexBack() throws {
         // A device that rewinds or advances avail.idx cannot make the driver re-post or skip
         // entries: the next publish writes the driver's private index again.
