@@ -88,6 +88,10 @@ public final class DeviceExecutor: TaskExecutor, @unchecked Sendable {
     /// Whether the calling thread is this executor's.
     package var isCurrent: Bool { owner.load(ordering: .relaxed) == UInt(pthread_self()) }
 
+    /// Whether the device's I/O thread has ended (`close()`): every job enqueued from now on
+    /// runs on the global concurrent executor.
+    package var isClosed: Bool { remote.withLock { $0.closed } }
+
     func forward(_ job: UnownedJob) {
         forwardedCount.add(1, ordering: .relaxed)
         globalConcurrentExecutor.enqueue(job)
