@@ -125,20 +125,27 @@ import Virtqueue
         return [SharedAccess.load64(d), SharedAccess.load64(d + 8)]
     }
 
+    /// A ring of 8 and one chain in a bounce slice: a 16-byte readable header, then
+    /// writable pieces of `writable` bytes each, back to back.
+    static func repostBed(writable: [Int]) throws -> (RingPair, RingAttacker, [Segment]) {
+        let pair = try RingPair(queueSize: 8)
+        let buffer = try #require(pair.pool.allocate(16 + writable.reduce(0, +)))
+        var segments = [pair.pool.segment(buffer, offset: 0, length: 16, deviceWritable: false)]
+        var offset = 16
+        for n in writable {
+            segments.append(pair.pool.segment(buffer, offset: offset, length: n, deviceWritable: true))
+            offset += n
+        }
+        return (pair, RingAttacker(pair), segments)
+    }
+
     /// A chain reposted on the same descriptors stores nothing (the descriptor cache lines
     /// stay clean); a descriptor the device scribbled on is compared, found different and
     /// rewritten, so the device reads exactly the chain posted (R1: what is loaded only
     /// decides whether to store).
     @Test func repostedChainStoresOnlyTheDescriptorHalvesThatDiffer() throws {
-        let pair = try RingPair(queueSize: 8)
+        let (pair, a, segments) = try Self.repostBed(writable: [64, 1])
         let driver = pair.driver
-        let a = RingAttacker(pair)
-        let buffer = try #require(pair.pool.allocate(16 + 64 + 1))
-        let segments = [
-            pair.pool.segment(buffer, offset: 0, length: 16, deviceWritable: false),
-            pair.pool.segment(buffer, offset: 16, length: 64, deviceWritable: true),
-            pair.pool.segment(buffer, offset: 80, length: 1, deviceWritable: true),
-        ]
         let expected: [[UInt64]] = [
             [segments[0].address, 16 | UInt64(SplitLayout.flagNext) << 32 | 1 << 48],
             [segments[1].address, 64 | UInt64(SplitLayout.flagNext | SplitLayout.flagWrite) << 32 | 2 << 48],
@@ -177,14 +184,8 @@ import Virtqueue
     /// scribbled on is found different and rewritten, so the device pops exactly the head
     /// posted (R1: what is loaded only decides whether to store).
     @Test func availEntriesAreStoredOnlyWhenTheyDiffer() throws {
-        let pair = try RingPair(queueSize: 8)
+        let (pair, a, segments) = try Self.repostBed(writable: [64])
         let driver = pair.driver
-        let a = RingAttacker(pair)
-        let buffer = try #require(pair.pool.allocate(16 + 64 + 1))
-        let segments = [
-            pair.pool.segment(buffer, offset: 0, length: 16, deviceWritable: false),
-            pair.pool.segment(buffer, offset: 16, length: 64, deviceWritable: true),
-        ]
         var chain = DescriptorChain()
         func roundTrip(token: UInt64) throws -> UInt16 {
             let head = try driver.add(segments, token: token)
